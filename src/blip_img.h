@@ -1,0 +1,49 @@
+/* blip_img: decode any photo with libvips and preprocess it exactly as BLIP
+ * does: PIL convert("RGB"), PIL bicubic squash to SxS (no crop), /255,
+ * CLIP mean/std normalization, CHW float32.
+ *
+ * Every failure (unsupported, truncated, corrupt, too large, unreadable,
+ * over the time budget) returns a BLIP_E* code with a message; nothing
+ * aborts the process, leaks memory or leaks a file descriptor.
+ * Call blip_img_init() once per process before any threads start. */
+#ifndef BLIP_IMG_H
+#define BLIP_IMG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+  int size;               /* output side S (config image_size) */
+  int autorotate;         /* apply EXIF orientation (photo libraries: 1; benchmarks: 0) */
+  int shrink_on_load;     /* fast inexact path for big JPEGs (off wherever recall is measured) */
+  int64_t max_pixels;     /* decompression-bomb guard on width*height */
+  int64_t max_file_bytes; /* refuse larger files */
+  double time_budget_s;   /* per-image decode+preprocess budget */
+} blip_img_opts;
+
+typedef struct {
+  int width, height;     /* as stored in the file, before orientation */
+  int orientation;       /* EXIF orientation 1..8 (1 when absent) */
+  char taken_at[20];     /* EXIF DateTimeOriginal "YYYY-MM-DDTHH:MM:SS", or "" when none */
+} blip_img_meta;
+
+/* Defaults: size 384, autorotate on, exact path, 250 Mpx, 1 GiB, 60 s. */
+void blip_img_opts_default(blip_img_opts *o);
+
+/* Start libvips once (idempotent, thread-safe after the first call). */
+int blip_img_init(void);
+
+/* Decode a file and preprocess it into out[3*S*S] (CHW, normalized).
+ * rgb (may be NULL) receives the SxS 8-bit RGB image before normalization.
+ * meta (may be NULL) receives the metadata. */
+int blip_img_load_file(const char *path, const blip_img_opts *o, float *out, uint8_t *rgb, blip_img_meta *meta);
+int blip_img_load_buffer(const void *buf, size_t len, const blip_img_opts *o, float *out, uint8_t *rgb,
+                         blip_img_meta *meta);
+
+/* PIL-exact bicubic resize of packed 8-bit RGB (w x h) to (ow x oh). */
+int blip_img_resize_rgb(const uint8_t *src, int w, int h, uint8_t *dst, int ow, int oh);
+
+/* ((rgb/255) - mean)/std in float32, HWC u8 -> CHW f32, exactly as upstream. */
+void blip_img_normalize(const uint8_t *rgb, int s, float *out);
+
+#endif

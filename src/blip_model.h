@@ -1,0 +1,63 @@
+/* blip_model: BLIP retrieval model (BlipForImageTextRetrieval) inference.
+ *
+ * An opaque context holding the geometry, the tokenizer and the weights.
+ * F32 safetensors are used in place from the mmap; F16/BF16 files are
+ * widened to f32 at load. Forward passes are batched and reentrant for
+ * different contexts; one context must not be used from two threads at
+ * once (it owns scratch buffers). Threads: blip_k_set_threads().
+ *
+ * Shapes: T = cfg.v_tokens, Dv = cfg.v_hidden, Dt = cfg.t_hidden,
+ * E = cfg.embed_dim, S = cfg.image_size. */
+#ifndef BLIP_MODEL_H
+#define BLIP_MODEL_H
+
+#include <stdint.h>
+
+#include "blip_cfg.h"
+#include "blip_tok.h"
+
+typedef struct blip_model blip_model;
+
+typedef enum { BLIP_PREC_F32 = 0, BLIP_PREC_BF16 = 1, BLIP_PREC_INT8 = 2 } blip_prec;
+
+typedef struct {
+  blip_prec precision;   /* compute precision of the linear layers */
+  const char *weights;   /* weights file; NULL = DIR/model.safetensors */
+} blip_model_opts;
+
+/* ITM's first token: the paper's [ENC] (default) or HF's [CLS]. */
+typedef enum { BLIP_ITM_ENC = 0, BLIP_ITM_CLS = 1 } blip_itm_first;
+
+/* DIR holds config.json, model.safetensors and vocab.txt. opts may be NULL. */
+int blip_model_load(const char *dir, const blip_model_opts *opts, blip_model **out);
+/* Random weights at a given geometry, no tokenizer (benchmarks, real-geometry tests). */
+int blip_model_random(const blip_cfg *cfg, const blip_model_opts *opts, uint64_t seed, blip_model **out);
+void blip_model_free(blip_model *m);
+
+const blip_cfg *blip_model_cfg(const blip_model *m);
+const blip_tok *blip_model_tok(const blip_model *m); /* NULL for random models */
+blip_prec blip_model_precision(const blip_model *m);
+/* 16 hex digits identifying config + weights bytes; stable across runs. */
+const char *blip_model_fingerprint(const blip_model *m);
+
+/* pixels [n,3,S,S] -> embeds [n,T,Dv] (may be NULL), feat [n,E] L2-normalized (may be NULL). */
+int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, float *feat);
+
+/* Unimodal text encoder. ids/mask [n,L] (mask 1 = real token); embeds [n,L,Dt]
+ * (may be NULL; padded rows computed as upstream does), feat [n,E] L2-normalized (may be NULL). */
+int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int n, int L, float *embeds, float *feat);
+
+/* Image-text matching of one caption against k images.
+ * ids: the caption's len real tokens ([CLS] ... [SEP], no padding); ids[0] is
+ * replaced per `first`. images[i]: embeds [T,Dv] of candidate i (vision output).
+ * logits [k,2] = [no-match, match]; cls [k,Dt] (may be NULL) = position-0 output.
+ * fast != 0 uses the reassociated cross-attention (no image K/V projection). */
+int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *const *images, int k,
+                   blip_itm_first first, int fast, float *logits, float *cls);
+
+/* Tokenize for retrieval: [CLS] .. [SEP] truncated to max_len, padded with 0.
+ * mask gets 1 for real tokens. *n_real = real count, *truncated = 1 if cut. */
+int blip_model_tokenize(const blip_model *m, const char *text, int max_len, int32_t *ids, int32_t *mask,
+                        int *n_real, int *truncated);
+
+#endif
