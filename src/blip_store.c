@@ -1,0 +1,1248 @@
+/* blip_store: see blip_store.h.
+ *
+ * Design note.
+ * - SQLite is the source of truth. Every change of the set of (id, feature)
+ *   pairs bumps meta.generation inside the same transaction. vectors.faiss
+ *   starts with a header carrying the generation it mirrors; a cache whose
+ *   generation differs is stale and is rebuilt from SQLite (readers build an
+ *   exact Flat index in memory, the writer builds the kind the size calls for
+ *   and saves it by temp file + fsync + rename, so a reader only ever sees a
+ *   whole file). The writer keeps its in-memory index in step with each
+ *   commit and writes the file once at flush/close, not per batch: a crash
+ *   leaves a stale cache, never a wrong one.
+ * - tokens.bin: 64-byte header (format, T, Dv, stride) then one record per
+ *   id at HDR + id*stride. A record = {id, fingerprint} tag + payload, so a
+ *   reader can tell a record that belongs to the row from a hole or from an
+ *   uncommitted leftover. Write order: records are pwrite()n and fdatasync()ed
+ *   before the transaction inserting their rows (has_tokens=1) commits.
+ *   Ids come from AUTOINCREMENT: a committed id is never reused, so a
+ *   committed record is never rewritten (a changed file gets a new row and
+ *   id); ids of a rolled-back transaction are reused by the next one, which
+ *   overwrites the leftovers. The writer truncates the file past the highest
+ *   id ever committed at open, and punches holes for deleted ids.
+ * - FAISS kinds (measured by benchmarks/bench_faiss.c): IDMap2(FlatIP) below
+ *   IVF_MIN vectors, "IVF{nlist},Flat" with IVF's own ids above (IDMap2 over
+ *   IVF corrupts ids on remove_ids in 1.7.3). FAISS 1.7.3 has no per-search
+ *   parameters, so filtered search is exact over SQLite features for small
+ *   allow sets and over-fetch + filter for large ones; a result is always
+ *   checked against the allow set, so nothing outside it can leak.
+ * - Schema migrations are embedded below (text identical to schema/NNN_*.sql,
+ *   checked by tests/test_store.c) and applied at open in one transaction,
+ *   versioned by PRAGMA user_version. */
+#include "blip_store.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <faiss/c_api/AutoTune_c.h>
+#include <faiss/c_api/IndexIVF_c.h>
+#include <faiss/c_api/Index_c.h>
+#include <faiss/c_api/error_c.h>
+#include <faiss/c_api/impl/AuxIndexStructures_c.h>
+#include <faiss/c_api/index_factory_c.h>
+#include <faiss/c_api/index_io_c.h>
+
+#include "blip_err.h"
+
+/* ---- embedded schema (must equal schema/NNN_*.sql byte for byte) ---- */
+
+static const char *const SCHEMA[] = {
+    /* schema/001_init.sql */
+    "-- 001_init: images and index metadata. Source of truth of a blipsearch index.\n"
+    "-- feat is the L2-normalized image feature (embed_dim little-endian float32).\n"
+    "-- has_tokens = 1 once the row's record in tokens.bin was written and synced.\n"
+    "CREATE TABLE images (\n"
+    "  id          INTEGER PRIMARY KEY AUTOINCREMENT,\n"
+    "  path        TEXT NOT NULL UNIQUE,\n"
+    "  size        INTEGER NOT NULL,\n"
+    "  mtime_ns    INTEGER NOT NULL,\n"
+    "  fingerprint INTEGER NOT NULL,\n"
+    "  width       INTEGER,\n"
+    "  height      INTEGER,\n"
+    "  orientation INTEGER,\n"
+    "  taken_at    TEXT,\n"
+    "  state       TEXT NOT NULL CHECK (state IN ('ok', 'error')),\n"
+    "  error       TEXT,\n"
+    "  feat        BLOB,\n"
+    "  has_tokens  INTEGER NOT NULL DEFAULT 0,\n"
+    "  indexed_at  INTEGER NOT NULL\n"
+    ");\n"
+    "CREATE INDEX images_fingerprint ON images(fingerprint);\n"
+    "CREATE TABLE meta (\n"
+    "  key   TEXT PRIMARY KEY,\n"
+    "  value TEXT NOT NULL\n"
+    ");\n",
+};
+#define NSCHEMA ((int)(sizeof SCHEMA / sizeof SCHEMA[0]))
+
+int blip_store_schema_count(void) { return NSCHEMA; }
+const char *blip_store_schema_sql(int v) { return v >= 1 && v <= NSCHEMA ? SCHEMA[v - 1] : NULL; }
+
+/* ---- constants ---- */
+
+#define TOK_MAGIC "BLIPTOK1"
+#define TOK_HDR 64  /* header bytes before record 0 */
+#define TAG_BYTES 16 /* {int64 id, uint64 fingerprint} at the start of a record */
+#define FX_MAGIC "BLIPFX01"
+#define IVF_MIN 100000   /* default: Flat below, IVF at or above (see bench_faiss.c) */
+#define ALLOW_EXACT 4096 /* filtered search: exact dot products up to this many ids */
+
+enum { M_MODEL, M_PRECISION, M_PREPROCESS, M_EMBED_DIM, M_V_TOKENS, M_V_HIDDEN, M_TOKENS, NMETA };
+static const char *const META_KEYS[NMETA] = {"model", "precision", "preprocess", "embed_dim",
+                                             "v_tokens", "v_hidden", "tokens"};
+static const char *const TOK_NAMES[] = {"none", "int8", "f16"};
+
+struct blip_store {
+  char *dir;
+  sqlite3 *db;
+  int write, lock_fd;
+  char *meta[NMETA];
+  int E, T, Dv;
+  blip_tokens_fmt tfmt;
+  size_t payload, stride;
+  int tok_fd;
+  uint8_t *tok_map;
+  size_t tok_len;
+  FaissIndex *fx;     /* in-memory index, mirrors generation fx_gen */
+  int64_t fx_gen;     /* -1: none */
+  int64_t fx_trained; /* vectors the IVF was trained on (0: flat) */
+  int fx_saved;       /* file holds fx_gen */
+  int ready;          /* open completed (close may flush) */
+  int64_t ivf_min;    /* vectors from which the writer builds IVF */
+  uint8_t *seen;      /* scan: seen[id] */
+  int64_t seen_cap;
+};
+
+/* ---- small helpers ---- */
+
+static int db_err(blip_store *st, const char *what) {
+  int ec = sqlite3_extended_errcode(st->db), code = BLIP_EDB;
+  /* SQLite reports ENOSPC as SQLITE_FULL but a size limit (EFBIG) as a plain
+   * write error, and may lose the errno on the rollback: a failed write is
+   * reported as a full disk, the cause users can act on. */
+  if ((ec & 0xff) == SQLITE_FULL || ec == SQLITE_IOERR_WRITE || ec == SQLITE_IOERR_FSYNC) code = BLIP_EFULL;
+  if (code == BLIP_EFULL)
+    return blip_err_set(code, "%s: could not write %s/index.sqlite (disk full or file too large?): %s", what,
+                        st->dir, sqlite3_errmsg(st->db));
+  return blip_err_set(code, "%s: %s/index.sqlite: %s", what, st->dir, sqlite3_errmsg(st->db));
+}
+
+static int io_err(const char *what, const char *path) {
+  int e = errno;
+  if (e == ENOSPC || e == EFBIG || e == EDQUOT)
+    return blip_err_set(BLIP_EFULL, "%s %s: disk full or file too large (%s)", what, path, strerror(e));
+  return blip_err_set(BLIP_EIO, "%s %s: %s", what, path, strerror(e));
+}
+
+static int exec(blip_store *st, const char *sql) {
+  return sqlite3_exec(st->db, sql, NULL, NULL, NULL) == SQLITE_OK ? BLIP_OK : db_err(st, sql);
+}
+
+static int prep(blip_store *st, const char *sql, sqlite3_stmt **s) {
+  return sqlite3_prepare_v2(st->db, sql, -1, s, NULL) == SQLITE_OK ? BLIP_OK : db_err(st, "prepare");
+}
+
+static int fx_err(const char *what) {
+  const char *m = faiss_get_last_error();
+  return blip_err_set(BLIP_EDB, "faiss %s: %s", what, m ? m : "failed");
+}
+
+static char *path_in(const blip_store *st, const char *name) {
+  size_t n = strlen(st->dir) + strlen(name) + 2;
+  char *p = malloc(n);
+  if (p) snprintf(p, n, "%s/%s", st->dir, name);
+  return p;
+}
+
+static int64_t now_s(void) { return (int64_t)time(NULL); }
+
+static int64_t db_int(blip_store *st, const char *sql, int64_t dflt) {
+  sqlite3_stmt *s = NULL;
+  int64_t v = dflt;
+  if (sqlite3_prepare_v2(st->db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW &&
+      sqlite3_column_type(s, 0) != SQLITE_NULL)
+    v = sqlite3_column_int64(s, 0);
+  sqlite3_finalize(s);
+  return v;
+}
+
+static int64_t db_generation(blip_store *st) {
+  return db_int(st, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='generation'", 0);
+}
+
+/* ---- token records ---- */
+
+size_t blip_store_record_size(blip_tokens_fmt fmt, int T, int Dv) {
+  if (fmt == BLIP_TOKENS_I8) return (size_t)T * 4 + (size_t)T * Dv;
+  if (fmt == BLIP_TOKENS_F16) return (size_t)T * Dv * 2;
+  return 0;
+}
+
+void blip_store_encode_tokens(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec) {
+  if (fmt == BLIP_TOKENS_F16) {
+    for (size_t i = 0; i < (size_t)T * Dv; i++) {
+      _Float16 h = (_Float16)x[i];
+      memcpy(rec + 2 * i, &h, 2);
+    }
+    return;
+  }
+  int8_t *q = (int8_t *)(rec + (size_t)T * 4);
+  for (int t = 0; t < T; t++) {
+    const float *r = x + (size_t)t * Dv;
+    float m = 0;
+    for (int j = 0; j < Dv; j++) m = fmaxf(m, fabsf(r[j]));
+    float scale = m / 127.0f, inv = m > 0 ? 127.0f / m : 0;
+    memcpy(rec + (size_t)t * 4, &scale, 4);
+    for (int j = 0; j < Dv; j++) {
+      long v = lrintf(r[j] * inv);
+      q[(size_t)t * Dv + j] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    }
+  }
+}
+
+void blip_store_decode_tokens(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec, float *x) {
+  if (fmt == BLIP_TOKENS_F16) {
+    for (size_t i = 0; i < (size_t)T * Dv; i++) {
+      _Float16 h;
+      memcpy(&h, rec + 2 * i, 2);
+      x[i] = (float)h;
+    }
+    return;
+  }
+  const int8_t *q = (const int8_t *)(rec + (size_t)T * 4);
+  for (int t = 0; t < T; t++) {
+    float scale;
+    memcpy(&scale, rec + (size_t)t * 4, 4);
+    for (int j = 0; j < Dv; j++) x[(size_t)t * Dv + j] = scale * q[(size_t)t * Dv + j];
+  }
+}
+
+static off_t rec_off(const blip_store *st, int64_t id) { return (off_t)TOK_HDR + (off_t)id * (off_t)st->stride; }
+
+/* Open (writer: create) tokens.bin and check its header against the meta. */
+static int tok_open(blip_store *st) {
+  if (st->tfmt == BLIP_TOKENS_NONE) return BLIP_OK;
+  char *p = path_in(st, "tokens.bin");
+  int rc = BLIP_OK;
+  if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  st->tok_fd = open(p, (st->write ? O_RDWR | O_CREAT : O_RDONLY) | O_CLOEXEC, 0644);
+  if (st->tok_fd < 0) {
+    rc = errno == ENOENT ? BLIP_OK : io_err("open", p); /* reader: no store yet */
+    goto done;
+  }
+  uint8_t h[TOK_HDR] = {0}, want[TOK_HDR] = {0};
+  uint32_t v[3] = {(uint32_t)st->tfmt, (uint32_t)st->T, (uint32_t)st->Dv};
+  uint64_t stride = st->stride;
+  memcpy(want, TOK_MAGIC, 8);
+  memcpy(want + 8, v, sizeof v);
+  memcpy(want + 24, &stride, 8);
+  ssize_t n = pread(st->tok_fd, h, TOK_HDR, 0);
+  if (n == 0 && st->write) {
+    if (pwrite(st->tok_fd, want, TOK_HDR, 0) != TOK_HDR || fdatasync(st->tok_fd) != 0) rc = io_err("write", p);
+  } else if (n != TOK_HDR || memcmp(h, want, TOK_HDR) != 0) {
+    rc = blip_err_set(BLIP_EFORMAT, "%s: header does not match the index (format %s, T %d, Dv %d)", p,
+                      TOK_NAMES[st->tfmt], st->T, st->Dv);
+  }
+done:
+  free(p);
+  return rc;
+}
+
+/* Map enough of tokens.bin to read record id. */
+static int tok_map(blip_store *st, int64_t id) {
+  size_t need = (size_t)rec_off(st, id) + st->stride;
+  if (st->tok_map && st->tok_len >= need) return BLIP_OK;
+  struct stat sb;
+  if (fstat(st->tok_fd, &sb) != 0) return io_err("stat", "tokens.bin");
+  if ((size_t)sb.st_size < need) return blip_err_set(BLIP_ENOTFOUND, "image %lld has no token record", (long long)id);
+  if (st->tok_map) munmap(st->tok_map, st->tok_len);
+  st->tok_map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, st->tok_fd, 0);
+  if (st->tok_map == MAP_FAILED) {
+    st->tok_map = NULL;
+    st->tok_len = 0;
+    return io_err("mmap", "tokens.bin");
+  }
+  st->tok_len = (size_t)sb.st_size;
+  return BLIP_OK;
+}
+
+static void tok_punch(blip_store *st, int64_t id) {
+  if (st->tok_fd >= 0)
+    fallocate(st->tok_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec_off(st, id), (off_t)st->stride);
+}
+
+/* ---- FAISS cache ---- */
+
+int blip_store_ivf_nlist(int64_t n, int64_t ivf_min) {
+  if (n < (ivf_min > 0 ? ivf_min : IVF_MIN)) return 0;
+  int nl = (int)(4 * sqrt((double)n));
+  return nl > 65536 ? 65536 : nl;
+}
+
+static int fx_nprobe(int nlist) { return nlist / 16 > 8 ? nlist / 16 : 8; }
+
+static void fx_drop(blip_store *st) {
+  if (st->fx) faiss_Index_free(st->fx);
+  st->fx = NULL;
+  st->fx_gen = -1;
+  st->fx_trained = 0;
+  st->fx_saved = 0;
+}
+
+/* Build an index over n vectors x with ids. ivf = 0: flat. */
+static int fx_build(int E, int64_t ivf_min, int64_t n, const float *x, const int64_t *ids, int ivf, FaissIndex **out) {
+  FaissIndex *ix = NULL;
+  char desc[64];
+  int nlist = ivf ? blip_store_ivf_nlist(n, ivf_min) : 0;
+  if (nlist) snprintf(desc, sizeof desc, "IVF%d,Flat", nlist);
+  else snprintf(desc, sizeof desc, "IDMap2,Flat");
+  if (faiss_index_factory(&ix, E, desc, METRIC_INNER_PRODUCT) != 0) return fx_err("index_factory");
+  if (nlist) {
+    if (faiss_Index_train(ix, n, x) != 0) goto fail;
+    faiss_IndexIVF_set_nprobe(faiss_IndexIVF_cast(ix), (size_t)fx_nprobe(nlist));
+  }
+  if (n && faiss_Index_add_with_ids(ix, n, x, ids) != 0) goto fail;
+  *out = ix;
+  return BLIP_OK;
+fail:
+  faiss_Index_free(ix);
+  return fx_err("build");
+}
+
+/* Rebuild st->fx from SQLite in one read transaction. */
+static int fx_rebuild(blip_store *st, int ivf) {
+  sqlite3_stmt *s = NULL;
+  float *x = NULL;
+  int64_t *ids = NULL, n = 0, cap = 0, gen;
+  FaissIndex *ix = NULL;
+  int rc = exec(st, "BEGIN");
+  if (rc) return rc;
+  gen = db_generation(st);
+  if ((rc = prep(st, "SELECT id, feat FROM images WHERE feat IS NOT NULL", &s))) goto done;
+  int r;
+  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+    if (sqlite3_column_bytes(s, 1) != st->E * 4) {
+      rc = blip_err_set(BLIP_EFORMAT, "image %lld: feature has %d bytes, want %d", sqlite3_column_int64(s, 0),
+                        sqlite3_column_bytes(s, 1), st->E * 4);
+      goto done;
+    }
+    if (n == cap) {
+      cap = cap ? cap * 2 : 1024;
+      float *nx = realloc(x, (size_t)cap * st->E * sizeof *x);
+      int64_t *ni = nx ? realloc(ids, (size_t)cap * sizeof *ids) : NULL;
+      if (nx) x = nx;
+      if (!ni) {
+        rc = blip_err_set(BLIP_ENOMEM, "out of memory reading features");
+        goto done;
+      }
+      ids = ni;
+    }
+    ids[n] = sqlite3_column_int64(s, 0);
+    memcpy(x + n * st->E, sqlite3_column_blob(s, 1), (size_t)st->E * 4);
+    n++;
+  }
+  if (r != SQLITE_DONE) {
+    rc = db_err(st, "read features");
+    goto done;
+  }
+  ivf = ivf && blip_store_ivf_nlist(n, st->ivf_min);
+  if ((rc = fx_build(st->E, st->ivf_min, n, x, ids, ivf, &ix))) goto done;
+  fx_drop(st);
+  st->fx = ix;
+  st->fx_gen = gen;
+  st->fx_trained = ivf ? n : 0;
+done:
+  sqlite3_finalize(s);
+  sqlite3_exec(st->db, "COMMIT", NULL, NULL, NULL);
+  free(x);
+  free(ids);
+  return rc;
+}
+
+/* Load vectors.faiss if it mirrors generation gen. BLIP_ENOTFOUND if stale/absent. */
+static int fx_load(blip_store *st, int64_t gen) {
+  char *p = path_in(st, "vectors.faiss");
+  if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  FILE *f = fopen(p, "rb");
+  int rc = BLIP_ENOTFOUND;
+  char magic[8];
+  int64_t h[3];
+  FaissIndex *ix = NULL;
+  if (!f) goto done;
+  if (fread(magic, 8, 1, f) != 1 || memcmp(magic, FX_MAGIC, 8) != 0 || fread(h, sizeof h, 1, f) != 1 || h[0] != gen)
+    goto done;
+  if (faiss_read_index(f, 0, &ix) != 0) goto done; /* damaged cache: rebuild */
+  if (faiss_Index_d(ix) != st->E) {
+    faiss_Index_free(ix);
+    goto done;
+  }
+  fx_drop(st);
+  st->fx = ix;
+  st->fx_gen = gen;
+  st->fx_trained = h[2];
+  st->fx_saved = 1;
+  FaissIndexIVF *ivf = faiss_IndexIVF_cast(ix);
+  if (ivf) faiss_IndexIVF_set_nprobe(ivf, (size_t)fx_nprobe((int)faiss_IndexIVF_nlist(ivf)));
+  rc = BLIP_OK;
+done:
+  if (f) fclose(f);
+  free(p);
+  return rc;
+}
+
+/* Generation recorded in vectors.faiss, or -1. */
+static int64_t fx_file_gen(blip_store *st) {
+  char *p = path_in(st, "vectors.faiss");
+  FILE *f = p ? fopen(p, "rb") : NULL;
+  char magic[8];
+  int64_t g = -1;
+  if (f && fread(magic, 8, 1, f) == 1 && memcmp(magic, FX_MAGIC, 8) == 0 && fread(&g, 8, 1, f) != 1) g = -1;
+  if (f) fclose(f);
+  free(p);
+  return g;
+}
+
+/* Make st->fx mirror the current generation. */
+static int fx_current(blip_store *st) {
+  int64_t gen = db_generation(st);
+  if (st->fx && st->fx_gen == gen) return BLIP_OK;
+  if (fx_load(st, gen) == BLIP_OK) return BLIP_OK;
+  return fx_rebuild(st, st->write); /* readers never train: exact flat */
+}
+
+static int fsync_dir(const char *dir) {
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  int r = fsync(fd);
+  close(fd);
+  return r;
+}
+
+int blip_store_flush(blip_store *st) {
+  if (!st->write) return BLIP_OK;
+  if (!st->fx && fx_file_gen(st) == db_generation(st)) return BLIP_OK; /* untouched and fresh */
+  int rc = fx_current(st);
+  if (rc) return rc;
+  int64_t n = faiss_Index_ntotal(st->fx);
+  int want = blip_store_ivf_nlist(n, st->ivf_min);
+  int have = st->fx_trained > 0;
+  /* retrain when the size class changed or the library grew/shrank 4x since training */
+  if ((want != 0) != have || (have && (n > 4 * st->fx_trained || 4 * n < st->fx_trained))) {
+    if ((rc = fx_rebuild(st, 1))) return rc;
+    st->fx_saved = 0;
+  }
+  if (st->fx_saved) return BLIP_OK;
+  char *p = path_in(st, "vectors.faiss"), tmp[4096];
+  if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  snprintf(tmp, sizeof tmp, "%s.tmp.%d", p, (int)getpid());
+  FILE *f = fopen(tmp, "wb");
+  int64_t h[3] = {st->fx_gen, n, st->fx_trained};
+  if (!f) {
+    rc = io_err("create", tmp);
+    goto done;
+  }
+  errno = 0;
+  if (fwrite(FX_MAGIC, 8, 1, f) != 1 || fwrite(h, sizeof h, 1, f) != 1) {
+    rc = io_err("write", tmp);
+  } else if (faiss_write_index(st->fx, f) != 0) {
+    rc = errno ? io_err("write", tmp) : fx_err("write_index");
+  } else if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
+    rc = io_err("write", tmp);
+  }
+  if (fclose(f) != 0 && !rc) rc = io_err("close", tmp);
+  if (!rc && rename(tmp, p) != 0) rc = io_err("rename", tmp);
+  if (rc) unlink(tmp);
+  else {
+    fsync_dir(st->dir);
+    st->fx_saved = 1;
+  }
+done:
+  free(p);
+  return rc;
+}
+
+/* ---- open / close ---- */
+
+static int migrate(blip_store *st) {
+  int64_t v = db_int(st, "PRAGMA user_version", 0);
+  if (v > NSCHEMA)
+    return blip_err_set(BLIP_EUNSUPPORTED, "%s: schema version %lld is newer than this blipsearch (%d)", st->dir,
+                        (long long)v, NSCHEMA);
+  if (v == NSCHEMA) return BLIP_OK;
+  if (!st->write) return blip_err_set(BLIP_ENOTFOUND, "%s: no index here (run blip-index first)", st->dir);
+  int rc = exec(st, "BEGIN IMMEDIATE");
+  if (rc) return rc;
+  v = db_int(st, "PRAGMA user_version", 0); /* another writer may have migrated meanwhile */
+  for (; v < NSCHEMA && !rc; v++) {
+    rc = exec(st, SCHEMA[v]);
+    if (!rc) {
+      char sql[64];
+      snprintf(sql, sizeof sql, "PRAGMA user_version=%lld", (long long)v + 1);
+      rc = exec(st, sql);
+    }
+  }
+  if (rc) {
+    sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+    return blip_err_wrap(rc, "migrating %s", st->dir);
+  }
+  return exec(st, "COMMIT");
+}
+
+static int set_meta(blip_store *st, const char *k, const char *v) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", &s);
+  if (rc) return rc;
+  sqlite3_bind_text(s, 1, k, -1, SQLITE_STATIC);
+  sqlite3_bind_text(s, 2, v, -1, SQLITE_STATIC);
+  if (sqlite3_step(s) != SQLITE_DONE) rc = db_err(st, "write meta");
+  sqlite3_finalize(s);
+  return rc;
+}
+
+static int load_meta(blip_store *st) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT key, value FROM meta", &s);
+  if (rc) return rc;
+  while (sqlite3_step(s) == SQLITE_ROW) {
+    const char *k = (const char *)sqlite3_column_text(s, 0), *v = (const char *)sqlite3_column_text(s, 1);
+    for (int i = 0; i < NMETA; i++)
+      if (k && v && strcmp(k, META_KEYS[i]) == 0) {
+        free(st->meta[i]);
+        if (!(st->meta[i] = strdup(v))) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+      }
+  }
+  sqlite3_finalize(s);
+  return rc;
+}
+
+static void identity_strings(const blip_store_identity *id, char num[3][24], const char *v[NMETA - 1]) {
+  snprintf(num[0], 24, "%d", id->embed_dim);
+  snprintf(num[1], 24, "%d", id->v_tokens);
+  snprintf(num[2], 24, "%d", id->v_hidden);
+  v[M_MODEL] = id->model;
+  v[M_PRECISION] = id->precision;
+  v[M_PREPROCESS] = id->preprocess;
+  v[M_EMBED_DIM] = num[0];
+  v[M_V_TOKENS] = num[1];
+  v[M_V_HIDDEN] = num[2];
+}
+
+/* New index: write identity. Existing: compare it. */
+static int check_identity(blip_store *st, const blip_store_identity *id, blip_tokens_fmt want_tok) {
+  int rc = load_meta(st);
+  if (rc) return rc;
+  if (!st->meta[M_MODEL]) {
+    if (!st->write || !id) return blip_err_set(BLIP_ENOTFOUND, "%s: index has no model identity", st->dir);
+    char num[3][24], ts[24];
+    const char *v[NMETA - 1];
+    identity_strings(id, num, v);
+    snprintf(ts, sizeof ts, "%lld", (long long)now_s());
+    if ((rc = exec(st, "BEGIN IMMEDIATE"))) return rc;
+    for (int i = 0; i < NMETA - 1 && !rc; i++) rc = set_meta(st, META_KEYS[i], v[i] ? v[i] : "");
+    if (!rc) rc = set_meta(st, "tokens", TOK_NAMES[want_tok]);
+    if (!rc) rc = set_meta(st, "generation", "0");
+    if (!rc) rc = set_meta(st, "created_at", ts);
+    if (rc) {
+      sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+      return rc;
+    }
+    if ((rc = exec(st, "COMMIT"))) return rc;
+    /* a fresh database starts with a fresh token store and no cache */
+    char *tp = path_in(st, "tokens.bin"), *fp = path_in(st, "vectors.faiss");
+    if (tp) unlink(tp);
+    if (fp) unlink(fp);
+    free(tp);
+    free(fp);
+    return load_meta(st);
+  }
+  if (id) {
+    char num[3][24];
+    const char *v[NMETA - 1];
+    identity_strings(id, num, v);
+    for (int i = 0; i < NMETA - 1; i++) {
+      const char *have = st->meta[i] ? st->meta[i] : "";
+      if (strcmp(have, v[i] ? v[i] : "") != 0)
+        return blip_err_set(BLIP_EMISMATCH,
+                            "%s was built with %s=%s but this run has %s=%s; vectors of different models must not "
+                            "be mixed: use the same model and settings, or rebuild the index (--rebuild)",
+                            st->dir, META_KEYS[i], have, META_KEYS[i], v[i] ? v[i] : "");
+    }
+  }
+  /* an index made without a rerank store may start one */
+  if (st->write && want_tok != BLIP_TOKENS_NONE && st->meta[M_TOKENS] && strcmp(st->meta[M_TOKENS], "none") == 0) {
+    if ((rc = set_meta(st, "tokens", TOK_NAMES[want_tok]))) return rc;
+    return load_meta(st);
+  }
+  return BLIP_OK;
+}
+
+static int remove_index_files(const char *dir) {
+  static const char *const names[] = {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "vectors.faiss",
+                                      "tokens.bin"};
+  char p[4096];
+  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+    snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+    if (unlink(p) != 0 && errno != ENOENT) return io_err("remove", p);
+  }
+  return BLIP_OK;
+}
+
+int blip_store_open(const char *dir, const blip_store_identity *id, const blip_store_opts *opts, blip_store **out) {
+  blip_store_opts o = {0};
+  if (opts) o = *opts;
+  *out = NULL;
+  if (!dir || (o.write && !id)) return blip_err_set(BLIP_EINVAL, "blip_store_open: dir and (for writing) identity required");
+  blip_store *st = calloc(1, sizeof *st);
+  if (!st) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  st->lock_fd = st->tok_fd = -1;
+  st->fx_gen = -1;
+  st->write = o.write;
+  st->ivf_min = o.ivf_min;
+  int rc = BLIP_OK;
+  char *p = NULL;
+  if (!(st->dir = strdup(dir))) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto fail;
+  }
+  if (o.write) {
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+      rc = io_err("create index directory", dir);
+      goto fail;
+    }
+    if (!(p = path_in(st, "lock"))) goto oom;
+    st->lock_fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (st->lock_fd < 0) {
+      rc = io_err("open", p);
+      goto fail;
+    }
+    if (flock(st->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+      rc = blip_err_set(BLIP_EDB, "%s: another blip-index is updating this index", dir);
+      goto fail;
+    }
+    free(p);
+    p = NULL;
+    if (o.rebuild && (rc = remove_index_files(dir))) goto fail;
+  }
+  if (!(p = path_in(st, "index.sqlite"))) goto oom;
+  if (!o.write && access(p, F_OK) != 0) {
+    rc = blip_err_set(BLIP_ENOTFOUND, "%s: no index here (run blip-index first)", dir);
+    goto fail;
+  }
+  int flags = (o.write ? SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE : SQLITE_OPEN_READONLY) | SQLITE_OPEN_NOMUTEX;
+  if (sqlite3_open_v2(p, &st->db, flags, NULL) != SQLITE_OK) {
+    rc = st->db ? db_err(st, "open") : blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto fail;
+  }
+  sqlite3_busy_timeout(st->db, 10000);
+  if (o.write && ((rc = exec(st, "PRAGMA journal_mode=WAL")) || (rc = exec(st, "PRAGMA synchronous=FULL")))) goto fail;
+  if ((rc = migrate(st)) || (rc = check_identity(st, id, o.tokens))) goto fail;
+  st->E = atoi(st->meta[M_EMBED_DIM] ? st->meta[M_EMBED_DIM] : "0");
+  st->T = atoi(st->meta[M_V_TOKENS] ? st->meta[M_V_TOKENS] : "0");
+  st->Dv = atoi(st->meta[M_V_HIDDEN] ? st->meta[M_V_HIDDEN] : "0");
+  for (int i = 0; i < 3; i++)
+    if (st->meta[M_TOKENS] && strcmp(st->meta[M_TOKENS], TOK_NAMES[i]) == 0) st->tfmt = (blip_tokens_fmt)i;
+  if (st->E <= 0 || st->T <= 0 || st->Dv <= 0) {
+    rc = blip_err_set(BLIP_EFORMAT, "%s: bad geometry in index meta", dir);
+    goto fail;
+  }
+  st->payload = blip_store_record_size(st->tfmt, st->T, st->Dv);
+  st->stride = (TAG_BYTES + st->payload + 63) / 64 * 64;
+  if ((rc = tok_open(st))) goto fail;
+  if (o.write && st->tok_fd >= 0) {
+    /* drop records past the highest id ever committed (leftovers of a crash) */
+    int64_t seq = db_int(st, "SELECT seq FROM sqlite_sequence WHERE name='images'", 0);
+    struct stat sb;
+    if (fstat(st->tok_fd, &sb) == 0 && sb.st_size > rec_off(st, seq + 1)) {
+      if (ftruncate(st->tok_fd, rec_off(st, seq + 1)) != 0) {
+        rc = io_err("truncate", "tokens.bin");
+        goto fail;
+      }
+    }
+  }
+  free(p);
+  st->ready = 1;
+  *out = st;
+  return BLIP_OK;
+oom:
+  rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+fail:
+  free(p);
+  blip_store_close(st);
+  return rc;
+}
+
+void blip_store_close(blip_store *st) {
+  if (!st) return;
+  if (st->write && st->ready) blip_store_flush(st); /* best effort: the cache is derived */
+  fx_drop(st);
+  if (st->tok_map) munmap(st->tok_map, st->tok_len);
+  if (st->tok_fd >= 0) close(st->tok_fd);
+  if (st->db) sqlite3_close(st->db);
+  if (st->lock_fd >= 0) close(st->lock_fd);
+  for (int i = 0; i < NMETA; i++) free(st->meta[i]);
+  free(st->seen);
+  free(st->dir);
+  free(st);
+}
+
+int64_t blip_store_count(blip_store *st) {
+  return db_int(st, "SELECT count(*) FROM images WHERE feat IS NOT NULL", 0);
+}
+blip_tokens_fmt blip_store_tokens_fmt(const blip_store *st) { return st->tfmt; }
+size_t blip_store_record_bytes(const blip_store *st) { return st->tfmt ? st->stride : 0; }
+const char *blip_store_meta(const blip_store *st, const char *key) {
+  for (int i = 0; i < NMETA; i++)
+    if (strcmp(key, META_KEYS[i]) == 0) return st->meta[i];
+  return NULL;
+}
+
+/* ---- fingerprint ---- */
+
+int blip_store_fingerprint_file(const char *path, int64_t size, uint64_t *fp) {
+  enum { MIB = 1 << 20 };
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return io_err("open", path);
+  uint8_t *buf = malloc(MIB);
+  XXH3_state_t *x = XXH3_createState();
+  int rc = BLIP_OK;
+  if (!buf || !x) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto done;
+  }
+  XXH3_64bits_reset(x);
+  /* first MiB, then the last MiB not already read */
+  int64_t second = size > 2 * (int64_t)MIB ? size - MIB : MIB;
+  for (int part = 0; part < 2; part++) {
+    int64_t off = part ? second : 0, end = part ? size : (size < MIB ? size : MIB);
+    while (off < end) {
+      ssize_t n = pread(fd, buf, (size_t)(end - off > MIB ? MIB : end - off), off);
+      if (n < 0) {
+        rc = io_err("read", path);
+        goto done;
+      }
+      if (n == 0) break; /* file shrank: hash what is there */
+      XXH3_64bits_update(x, buf, (size_t)n);
+      off += n;
+    }
+  }
+  XXH3_64bits_update(x, &size, sizeof size);
+  *fp = XXH3_64bits_digest(x);
+done:
+  XXH3_freeState(x);
+  free(buf);
+  close(fd);
+  return rc;
+}
+
+/* ---- scan ---- */
+
+static int seen_mark(blip_store *st, int64_t id) {
+  if (id >= st->seen_cap) {
+    int64_t cap = st->seen_cap ? st->seen_cap : 1024;
+    while (cap <= id) cap *= 2;
+    uint8_t *s = realloc(st->seen, (size_t)cap);
+    if (!s) return blip_err_set(BLIP_ENOMEM, "out of memory");
+    memset(s + st->seen_cap, 0, (size_t)(cap - st->seen_cap));
+    st->seen = s;
+    st->seen_cap = cap;
+  }
+  st->seen[id] = 1;
+  return BLIP_OK;
+}
+
+static int seen_has(const blip_store *st, int64_t id) { return id < st->seen_cap && st->seen[id]; }
+
+int blip_store_scan_begin(blip_store *st) {
+  if (st->seen) memset(st->seen, 0, (size_t)st->seen_cap);
+  return BLIP_OK;
+}
+
+int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t mtime_ns, blip_scan_kind *kind,
+                         int64_t *id) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT id, size, mtime_ns FROM images WHERE path=?", &s);
+  if (rc) return rc;
+  sqlite3_bind_text(s, 1, path, -1, SQLITE_STATIC);
+  *kind = BLIP_SCAN_NEW;
+  *id = 0;
+  int r = sqlite3_step(s);
+  if (r == SQLITE_ROW) {
+    *id = sqlite3_column_int64(s, 0);
+    *kind = sqlite3_column_int64(s, 1) == size && sqlite3_column_int64(s, 2) == mtime_ns ? BLIP_SCAN_UNCHANGED
+                                                                                         : BLIP_SCAN_CHANGED;
+    rc = seen_mark(st, *id);
+  } else if (r != SQLITE_DONE) {
+    rc = db_err(st, "look up path");
+  }
+  sqlite3_finalize(s);
+  return rc;
+}
+
+int blip_store_find_moved(blip_store *st, uint64_t fingerprint, int64_t size, int64_t *id) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT id, path FROM images WHERE fingerprint=? AND size=? ORDER BY id", &s);
+  if (rc) return rc;
+  sqlite3_bind_int64(s, 1, (int64_t)fingerprint);
+  sqlite3_bind_int64(s, 2, size);
+  *id = 0;
+  int r;
+  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+    int64_t cand = sqlite3_column_int64(s, 0);
+    const char *p = (const char *)sqlite3_column_text(s, 1);
+    struct stat sb;
+    if (!seen_has(st, cand) && p && stat(p, &sb) != 0 && errno == ENOENT) {
+      *id = cand;
+      break;
+    }
+  }
+  if (r != SQLITE_ROW && r != SQLITE_DONE) rc = db_err(st, "look up fingerprint");
+  sqlite3_finalize(s);
+  return rc;
+}
+
+static int update_row(blip_store *st, const char *sql, int64_t id, const char *path, int64_t a, int64_t b) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, sql, &s);
+  if (rc) return rc;
+  int k = 1;
+  if (path) sqlite3_bind_text(s, k++, path, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(s, k++, a);
+  if (b >= 0) sqlite3_bind_int64(s, k++, b);
+  sqlite3_bind_int64(s, k, id);
+  if (sqlite3_step(s) != SQLITE_DONE) rc = db_err(st, "update image");
+  else if (sqlite3_changes(st->db) != 1) rc = blip_err_set(BLIP_ENOTFOUND, "no image %lld", (long long)id);
+  sqlite3_finalize(s);
+  return rc;
+}
+
+int blip_store_move(blip_store *st, int64_t id, const char *new_path, int64_t mtime_ns) {
+  int rc = update_row(st, "UPDATE images SET path=?, mtime_ns=? WHERE id=?", id, new_path, mtime_ns, -1);
+  return rc ? rc : seen_mark(st, id);
+}
+
+int blip_store_touch(blip_store *st, int64_t id, int64_t size, int64_t mtime_ns) {
+  return update_row(st, "UPDATE images SET size=?, mtime_ns=? WHERE id=?", id, NULL, size, mtime_ns);
+}
+
+static int under_root(const char *path, const char *root) {
+  size_t n = strlen(root);
+  while (n > 1 && root[n - 1] == '/') n--;
+  if (strncmp(path, root, n) != 0) return 0;
+  return path[n] == 0 || path[n] == '/' || (n == 1 && root[0] == '/');
+}
+
+int blip_store_scan_unseen(blip_store *st, const char *const *roots, int nroots, int64_t **ids, int64_t *n) {
+  sqlite3_stmt *s = NULL;
+  int64_t cap = 0, *v = NULL;
+  *ids = NULL;
+  *n = 0;
+  int rc = prep(st, "SELECT id, path FROM images ORDER BY id", &s), r;
+  if (rc) return rc;
+  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+    int64_t id = sqlite3_column_int64(s, 0);
+    const char *p = (const char *)sqlite3_column_text(s, 1);
+    if (seen_has(st, id) || !p) continue;
+    int in = 0;
+    for (int i = 0; i < nroots && !in; i++) in = under_root(p, roots[i]);
+    if (!in) continue;
+    if (*n == cap) {
+      cap = cap ? 2 * cap : 256;
+      int64_t *nv = realloc(v, (size_t)cap * sizeof *v);
+      if (!nv) {
+        rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+        break;
+      }
+      v = nv;
+    }
+    v[(*n)++] = id;
+  }
+  if (!rc && r != SQLITE_DONE) rc = db_err(st, "list images");
+  sqlite3_finalize(s);
+  if (rc) {
+    free(v);
+    *n = 0;
+    return rc;
+  }
+  *ids = v;
+  return BLIP_OK;
+}
+
+int blip_store_row_fingerprint(blip_store *st, int64_t id, uint64_t *fingerprint) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT fingerprint FROM images WHERE id=?", &s);
+  if (rc) return rc;
+  sqlite3_bind_int64(s, 1, id);
+  if (sqlite3_step(s) == SQLITE_ROW) *fingerprint = (uint64_t)sqlite3_column_int64(s, 0);
+  else rc = blip_err_set(BLIP_ENOTFOUND, "no image %lld", (long long)id);
+  sqlite3_finalize(s);
+  return rc;
+}
+
+/* ---- writes ---- */
+
+static int bump_generation(blip_store *st) {
+  return exec(st, "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'");
+}
+
+/* Apply a committed change to the in-memory index, or drop it (rebuilt later). */
+static void fx_apply(blip_store *st, int64_t gen_before, const int64_t *del, int64_t ndel, const float *x,
+                     const int64_t *ids, int64_t nadd) {
+  if (!st->fx) return;
+  if (st->fx_gen != gen_before) {
+    fx_drop(st);
+    return;
+  }
+  int ok = 1;
+  if (ndel) {
+    FaissIDSelectorBatch *sel = NULL;
+    size_t removed = 0;
+    ok = faiss_IDSelectorBatch_new(&sel, (size_t)ndel, del) == 0 &&
+         faiss_Index_remove_ids(st->fx, (FaissIDSelector *)sel, &removed) == 0;
+    faiss_IDSelector_free((FaissIDSelector *)sel);
+  }
+  if (ok && nadd) ok = faiss_Index_add_with_ids(st->fx, nadd, x, ids) == 0;
+  if (!ok) {
+    fx_drop(st);
+    return;
+  }
+  st->fx_gen = gen_before + 1;
+  st->fx_saved = 0;
+}
+
+int blip_store_put(blip_store *st, const blip_store_row *rows, const int64_t *replace, int n, const float *feats,
+                   const float *tokens, int64_t *ids_out) {
+  if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
+  sqlite3_stmt *ins = NULL, *del = NULL;
+  int64_t *ids = calloc((size_t)n + 1, sizeof *ids), *dels = calloc((size_t)n + 1, sizeof *dels), ndel = 0,
+          nadd = 0, gen = 0;
+  float *addx = malloc(((size_t)n + 1) * st->E * sizeof *addx);
+  int64_t *addid = malloc(((size_t)n + 1) * sizeof *addid);
+  size_t tsz = (size_t)st->T * st->Dv;
+  uint8_t *rec = calloc(1, st->stride + 1);
+  int store_tok = tokens && st->tok_fd >= 0 && st->tfmt != BLIP_TOKENS_NONE, rc, intx = 0;
+  if (!ids || !dels || !addx || !addid || !rec) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto done;
+  }
+  if (!st->fx) fx_current(st); /* mirror the index now, then keep it in step (else rebuilt at flush) */
+  if ((rc = exec(st, "BEGIN IMMEDIATE"))) goto done;
+  intx = 1;
+  gen = db_generation(st);
+  if ((rc = prep(st, "DELETE FROM images WHERE id=?", &del)) ||
+      (rc = prep(st,
+                 "INSERT INTO images(path, size, mtime_ns, fingerprint, width, height, orientation, taken_at, "
+                 "state, error, feat, has_tokens, indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                 &ins)))
+    goto done;
+  for (int i = 0; i < n; i++) {
+    if (!replace || !replace[i]) continue;
+    sqlite3_bind_int64(del, 1, replace[i]);
+    if (sqlite3_step(del) != SQLITE_DONE) {
+      rc = db_err(st, "delete replaced image");
+      goto done;
+    }
+    if (sqlite3_changes(st->db)) dels[ndel++] = replace[i];
+    sqlite3_reset(del);
+  }
+  for (int i = 0; i < n; i++) {
+    const blip_store_row *r = &rows[i];
+    int ok = r->error == NULL;
+    sqlite3_reset(ins);
+    sqlite3_clear_bindings(ins);
+    sqlite3_bind_text(ins, 1, r->path, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(ins, 2, r->size);
+    sqlite3_bind_int64(ins, 3, r->mtime_ns);
+    sqlite3_bind_int64(ins, 4, (int64_t)r->fingerprint);
+    if (ok || r->width) {
+      sqlite3_bind_int(ins, 5, r->width);
+      sqlite3_bind_int(ins, 6, r->height);
+      sqlite3_bind_int(ins, 7, r->orientation);
+    }
+    if (r->taken_at && r->taken_at[0]) sqlite3_bind_text(ins, 8, r->taken_at, -1, SQLITE_STATIC);
+    sqlite3_bind_text(ins, 9, ok ? "ok" : "error", -1, SQLITE_STATIC);
+    if (!ok) sqlite3_bind_text(ins, 10, r->error, -1, SQLITE_STATIC);
+    if (ok) sqlite3_bind_blob(ins, 11, feats + (size_t)i * st->E, st->E * 4, SQLITE_STATIC);
+    sqlite3_bind_int(ins, 12, ok && store_tok);
+    sqlite3_bind_int64(ins, 13, now_s());
+    if (sqlite3_step(ins) != SQLITE_DONE) {
+      rc = db_err(st, "insert image");
+      goto done;
+    }
+    ids[i] = sqlite3_last_insert_rowid(st->db);
+    if (!ok) continue;
+    memcpy(addx + (size_t)nadd * st->E, feats + (size_t)i * st->E, (size_t)st->E * 4);
+    addid[nadd++] = ids[i];
+    if (store_tok) {
+      memcpy(rec, &ids[i], 8);
+      memcpy(rec + 8, &r->fingerprint, 8);
+      blip_store_encode_tokens(st->tfmt, st->T, st->Dv, tokens + (size_t)i * tsz, rec + TAG_BYTES);
+      ssize_t w = pwrite(st->tok_fd, rec, st->stride, rec_off(st, ids[i]));
+      if (w != (ssize_t)st->stride) {
+        if (w >= 0) errno = ENOSPC;
+        rc = io_err("write", "tokens.bin");
+        goto done;
+      }
+    }
+  }
+  /* the records must be durable before the rows that point at them */
+  if (store_tok && nadd && fdatasync(st->tok_fd) != 0) {
+    rc = io_err("sync", "tokens.bin");
+    goto done;
+  }
+  if ((ndel || nadd) && (rc = bump_generation(st))) goto done;
+  if ((rc = exec(st, "COMMIT"))) goto done;
+  intx = 0;
+  for (int64_t i = 0; i < ndel; i++) tok_punch(st, dels[i]);
+  if (ndel || nadd) fx_apply(st, gen, dels, ndel, addx, addid, nadd);
+  if (ids_out) memcpy(ids_out, ids, (size_t)n * sizeof *ids);
+done:
+  if (intx) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+  sqlite3_finalize(ins);
+  sqlite3_finalize(del);
+  free(ids);
+  free(dels);
+  free(addx);
+  free(addid);
+  free(rec);
+  return rc;
+}
+
+int blip_store_delete(blip_store *st, const int64_t *ids, int64_t n) {
+  if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
+  if (n == 0) return BLIP_OK;
+  sqlite3_stmt *del = NULL;
+  int64_t *gone = malloc((size_t)n * sizeof *gone), ngone = 0, gen;
+  int rc, intx = 0;
+  if (!gone) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (!st->fx) fx_current(st);
+  if ((rc = exec(st, "BEGIN IMMEDIATE"))) goto done;
+  intx = 1;
+  gen = db_generation(st);
+  if ((rc = prep(st, "DELETE FROM images WHERE id=?", &del))) goto done;
+  for (int64_t i = 0; i < n; i++) {
+    sqlite3_bind_int64(del, 1, ids[i]);
+    if (sqlite3_step(del) != SQLITE_DONE) {
+      rc = db_err(st, "delete image");
+      goto done;
+    }
+    if (sqlite3_changes(st->db)) gone[ngone++] = ids[i];
+    sqlite3_reset(del);
+  }
+  if (ngone && (rc = bump_generation(st))) goto done;
+  if ((rc = exec(st, "COMMIT"))) goto done;
+  intx = 0;
+  for (int64_t i = 0; i < ngone; i++) tok_punch(st, gone[i]);
+  if (ngone) fx_apply(st, gen, gone, ngone, NULL, NULL, 0);
+done:
+  if (intx) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+  sqlite3_finalize(del);
+  free(gone);
+  return rc;
+}
+
+/* ---- queries ---- */
+
+/* Keep the k best (score desc, id asc) in ids/scores; *n is the fill. */
+static void topk_push(int k, int64_t *ids, float *scores, int *n, int64_t id, float s) {
+  int i = *n < k ? (*n)++ : k;
+  if (i == k && !(s > scores[k - 1] || (s == scores[k - 1] && id < ids[k - 1]))) return;
+  if (i == k) i = k - 1;
+  while (i > 0 && (scores[i - 1] < s || (scores[i - 1] == s && ids[i - 1] > id))) {
+    scores[i] = scores[i - 1];
+    ids[i] = ids[i - 1];
+    i--;
+  }
+  scores[i] = s;
+  ids[i] = id;
+}
+
+static int cmp_i64(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return (x > y) - (x < y);
+}
+
+/* Exact scores over the SQLite features of the allowed ids. */
+static int search_exact(blip_store *st, const float *q, int k, const int64_t *allow, int64_t n_allow, int64_t *out_ids,
+                        float *out_scores) {
+  sqlite3_stmt *s = NULL;
+  int n = 0, rc = exec(st, "BEGIN");
+  if (rc) return rc;
+  if ((rc = prep(st, "SELECT feat FROM images WHERE id=? AND feat IS NOT NULL", &s))) goto done;
+  for (int64_t i = 0; i < n_allow; i++) {
+    if (i && allow[i] == allow[i - 1]) continue;
+    sqlite3_bind_int64(s, 1, allow[i]);
+    if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_bytes(s, 0) == st->E * 4) {
+      const float *f = sqlite3_column_blob(s, 0);
+      float d = 0;
+      for (int j = 0; j < st->E; j++) d += f[j] * q[j];
+      topk_push(k, out_ids, out_scores, &n, allow[i], d);
+    }
+    sqlite3_reset(s);
+  }
+done:
+  sqlite3_finalize(s);
+  sqlite3_exec(st->db, "COMMIT", NULL, NULL, NULL);
+  return rc ? rc : n;
+}
+
+int blip_store_search(blip_store *st, const float *query, int k, const int64_t *allow_ids, int64_t n_allow,
+                      int64_t *out_ids, float *out_scores) {
+  if (k <= 0) return 0;
+  int64_t *allow = NULL, *lab = NULL;
+  float *dis = NULL;
+  int rc = BLIP_OK, n = 0;
+  if (allow_ids) {
+    if (n_allow == 0) return 0;
+    if (!(allow = malloc((size_t)n_allow * sizeof *allow))) return blip_err_set(BLIP_ENOMEM, "out of memory");
+    memcpy(allow, allow_ids, (size_t)n_allow * sizeof *allow);
+    qsort(allow, (size_t)n_allow, sizeof *allow, cmp_i64);
+    if (n_allow <= ALLOW_EXACT) {
+      rc = search_exact(st, query, k, allow, n_allow, out_ids, out_scores);
+      free(allow);
+      return rc;
+    }
+  }
+  if ((rc = fx_current(st))) goto done;
+  int64_t total = faiss_Index_ntotal(st->fx);
+  int64_t kk = allow ? (int64_t)k * 8 : k;
+  for (;;) {
+    if (kk > total) kk = total;
+    if (kk <= 0) break;
+    free(lab);
+    free(dis);
+    lab = malloc((size_t)kk * sizeof *lab);
+    dis = malloc((size_t)kk * sizeof *dis);
+    if (!lab || !dis) {
+      rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+      goto done;
+    }
+    if (faiss_Index_search(st->fx, 1, query, kk, dis, lab) != 0) {
+      rc = fx_err("search");
+      goto done;
+    }
+    n = 0;
+    for (int64_t i = 0; i < kk && n < k; i++) {
+      if (lab[i] < 0) continue;
+      if (allow && !bsearch(&lab[i], allow, (size_t)n_allow, sizeof *allow, cmp_i64)) continue;
+      out_ids[n] = lab[i];
+      out_scores[n] = dis[i];
+      n++;
+    }
+    if (n == k || kk == total) break;
+    kk *= 4;
+  }
+  /* IVF probes only part of the lists: an allow set it under-serves is searched exactly */
+  if (allow && n < k && st->fx_trained > 0) {
+    free(lab);
+    free(dis);
+    lab = NULL;
+    dis = NULL;
+    rc = search_exact(st, query, k, allow, n_allow, out_ids, out_scores);
+    free(allow);
+    return rc;
+  }
+done:
+  free(allow);
+  free(lab);
+  free(dis);
+  return rc ? rc : n;
+}
+
+int blip_store_tokens(blip_store *st, int64_t id, float *out) {
+  if (st->tok_fd < 0 || st->tfmt == BLIP_TOKENS_NONE)
+    return blip_err_set(BLIP_ENOTFOUND, "%s has no rerank store", st->dir);
+  uint64_t fp = 0;
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT fingerprint FROM images WHERE id=? AND has_tokens=1", &s);
+  if (rc) return rc;
+  sqlite3_bind_int64(s, 1, id);
+  if (sqlite3_step(s) == SQLITE_ROW) fp = (uint64_t)sqlite3_column_int64(s, 0);
+  else rc = blip_err_set(BLIP_ENOTFOUND, "image %lld has no token record", (long long)id);
+  sqlite3_finalize(s);
+  if (rc || (rc = tok_map(st, id))) return rc;
+  const uint8_t *rec = st->tok_map + rec_off(st, id);
+  int64_t rid;
+  uint64_t rfp;
+  memcpy(&rid, rec, 8);
+  memcpy(&rfp, rec + 8, 8);
+  if (rid != id || rfp != fp)
+    return blip_err_set(BLIP_EFORMAT, "tokens.bin: record %lld does not belong to its image", (long long)id);
+  blip_store_decode_tokens(st->tfmt, st->T, st->Dv, rec + TAG_BYTES, out);
+  return BLIP_OK;
+}
+
+int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t cap) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT path, feat FROM images WHERE id=?", &s);
+  if (rc) return rc;
+  sqlite3_bind_int64(s, 1, id);
+  if (sqlite3_step(s) != SQLITE_ROW) {
+    rc = blip_err_set(BLIP_ENOTFOUND, "no image %lld", (long long)id);
+  } else {
+    if (path && cap) snprintf(path, cap, "%s", (const char *)sqlite3_column_text(s, 0));
+    if (feat) {
+      if (sqlite3_column_bytes(s, 1) == st->E * 4) memcpy(feat, sqlite3_column_blob(s, 1), (size_t)st->E * 4);
+      else rc = blip_err_set(BLIP_ENOTFOUND, "image %lld has no feature", (long long)id);
+    }
+  }
+  sqlite3_finalize(s);
+  return rc;
+}
+
+/* ---- verify ---- */
+
+int blip_store_verify(blip_store *st) {
+  sqlite3_stmt *s = NULL;
+  float *tok = malloc((size_t)st->T * st->Dv * sizeof *tok);
+  int64_t lab[16];
+  float dis[16];
+  int rc = tok ? fx_current(st) : blip_err_set(BLIP_ENOMEM, "out of memory"), r;
+  if (rc) goto done;
+  int64_t nrows = blip_store_count(st), ntot = faiss_Index_ntotal(st->fx);
+  if (nrows != ntot) {
+    rc = blip_err_set(BLIP_EFORMAT, "FAISS holds %lld vectors, SQLite %lld", (long long)ntot, (long long)nrows);
+    goto done;
+  }
+  if ((rc = prep(st, "SELECT id, feat, has_tokens, state FROM images", &s))) goto done;
+  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+    int64_t id = sqlite3_column_int64(s, 0);
+    int has_feat = sqlite3_column_bytes(s, 1) == st->E * 4;
+    const char *state = (const char *)sqlite3_column_text(s, 3);
+    if (has_feat != (state && strcmp(state, "ok") == 0)) {
+      rc = blip_err_set(BLIP_EFORMAT, "image %lld: state %s but feature of %d bytes", (long long)id, state,
+                        sqlite3_column_bytes(s, 1));
+      break;
+    }
+    if (!has_feat) continue;
+    int kk = ntot < 16 ? (int)ntot : 16, found = 0;
+    if (faiss_Index_search(st->fx, 1, sqlite3_column_blob(s, 1), kk, dis, lab) != 0) {
+      rc = fx_err("search");
+      break;
+    }
+    for (int i = 0; i < kk; i++) found |= lab[i] == id;
+    if (!found) {
+      rc = blip_err_set(BLIP_EFORMAT, "image %lld is not found by its own feature", (long long)id);
+      break;
+    }
+    if (sqlite3_column_int(s, 2) && (rc = blip_store_tokens(st, id, tok))) {
+      rc = blip_err_wrap(BLIP_EFORMAT, "verify");
+      break;
+    }
+  }
+  if (!rc && r != SQLITE_DONE) rc = db_err(st, "verify");
+done:
+  sqlite3_finalize(s);
+  free(tok);
+  return rc;
+}

@@ -1,0 +1,138 @@
+/* blip_store: the on-disk index of a photo library.
+ *
+ * An index directory holds three files:
+ *   index.sqlite  source of truth (WAL): one row per image with its metadata
+ *                 and normalized feature vector, plus the model identity.
+ *   vectors.faiss derived cache of the features (Flat IP or IVF), tagged with
+ *                 the SQLite generation it mirrors; rebuilt when stale.
+ *   tokens.bin    rerank store: the vision tokens [T,Dv] of image id at a
+ *                 fixed-size record (int8 + per-token scales, or f16), read
+ *                 through mmap so that a query touches only its top-k.
+ * Invariants (details in blip_store.c): a committed row's token record was
+ * synced before the commit and is never rewritten; ids are never reused
+ * once committed; the FAISS file is replaced only by rename().
+ *
+ * One blip_store must not be used from two threads at once. Any number of
+ * processes may read while one writer (held by a lock file) updates. */
+#ifndef BLIP_STORE_H
+#define BLIP_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct blip_store blip_store;
+
+typedef enum { BLIP_TOKENS_NONE = 0, BLIP_TOKENS_I8 = 1, BLIP_TOKENS_F16 = 2 } blip_tokens_fmt;
+
+/* What the vectors were made with. Every field must match to reuse an index. */
+typedef struct {
+  const char *model;      /* blip_model_fingerprint() */
+  const char *precision;  /* "f32", "bf16", "int8" */
+  const char *preprocess; /* preprocessing settings, e.g. "size=384,autorotate=1,exact" */
+  int embed_dim, v_tokens, v_hidden;
+} blip_store_identity;
+
+typedef struct {
+  int write;              /* open for indexing (takes the writer lock); else read-only */
+  int rebuild;            /* write only: discard an existing index first */
+  blip_tokens_fmt tokens; /* format of a new rerank store (existing ones keep theirs) */
+  int64_t ivf_min;        /* IVF from this many vectors on; 0 = measured default */
+} blip_store_opts;
+
+/* One image row. Strings are borrowed. error != NULL marks a failed image
+ * (no feature, no tokens). */
+typedef struct {
+  const char *path;
+  int64_t size, mtime_ns;
+  uint64_t fingerprint;
+  int width, height, orientation;
+  const char *taken_at; /* "" or NULL when unknown */
+  const char *error;
+} blip_store_row;
+
+/* What a scanned file is, relative to the index. */
+typedef enum {
+  BLIP_SCAN_NEW = 0,       /* path not in the index */
+  BLIP_SCAN_UNCHANGED = 1, /* same size and mtime */
+  BLIP_SCAN_CHANGED = 2,   /* path known, size or mtime differ */
+} blip_scan_kind;
+
+/* Open DIR (created if write). id may be NULL only for read-only opens: the
+ * stored identity is then accepted. A different identity gives
+ * BLIP_EMISMATCH unless opts->rebuild. */
+int blip_store_open(const char *dir, const blip_store_identity *id, const blip_store_opts *opts, blip_store **out);
+/* Writes the FAISS cache if the writer changed it, then frees everything. */
+void blip_store_close(blip_store *st);
+
+int64_t blip_store_count(blip_store *st); /* rows with a feature (searchable) */
+blip_tokens_fmt blip_store_tokens_fmt(const blip_store *st);
+size_t blip_store_record_bytes(const blip_store *st); /* bytes per image in tokens.bin */
+/* Stored identity value for key ("model", "precision", ...), NULL if absent. Valid until close. */
+const char *blip_store_meta(const blip_store *st, const char *key);
+
+/* ---- incremental indexing (writer) ---- */
+
+/* Start a scan: forget which rows were seen. */
+int blip_store_scan_begin(blip_store *st);
+/* Look up path; marks its row seen. *id gets the row id (0 when NEW). */
+int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t mtime_ns, blip_scan_kind *kind,
+                         int64_t *id);
+/* A row with this fingerprint and size whose file no longer exists and that
+ * was not seen in this scan (a move source), or 0. */
+int blip_store_find_moved(blip_store *st, uint64_t fingerprint, int64_t size, int64_t *id);
+/* Give row id a new path (and mtime); keeps its vectors. Marks it seen. */
+int blip_store_move(blip_store *st, int64_t id, const char *new_path, int64_t mtime_ns);
+/* Update size/mtime of a row whose content did not change (same fingerprint). */
+int blip_store_touch(blip_store *st, int64_t id, int64_t size, int64_t mtime_ns);
+/* Ids of rows not seen in this scan whose path is under one of roots
+ * (absolute directory or file paths). *ids is malloc'd; caller frees. */
+int blip_store_scan_unseen(blip_store *st, const char *const *roots, int nroots, int64_t **ids, int64_t *n);
+/* Fingerprint and size of row id (for classifying a CHANGED file). */
+int blip_store_row_fingerprint(blip_store *st, int64_t id, uint64_t *fingerprint);
+
+/* Add n images in one transaction. replace[i] (may be NULL) is the id of a
+ * row the image supersedes (changed file) or 0. feats [n,E] (rows with an
+ * error are skipped); tokens [n,T,Dv] or NULL (no rerank store for these).
+ * New ids go to ids_out (may be NULL). On failure nothing is committed. */
+int blip_store_put(blip_store *st, const blip_store_row *rows, const int64_t *replace, int n, const float *feats,
+                   const float *tokens, int64_t *ids_out);
+/* Delete rows (one transaction). */
+int blip_store_delete(blip_store *st, const int64_t *ids, int64_t n);
+/* Write vectors.faiss now if it is stale (atomic temp + rename). */
+int blip_store_flush(blip_store *st);
+
+/* Content fingerprint: xxh3-64 of the first and last MiB and the size. */
+int blip_store_fingerprint_file(const char *path, int64_t size, uint64_t *fp);
+
+/* ---- queries ---- */
+
+/* Top-k by inner product. allow_ids (sorted or not, may be NULL) restricts
+ * results to those ids. Returns the number of results (<= k) or an error. */
+int blip_store_search(blip_store *st, const float *query, int k, const int64_t *allow_ids, int64_t n_allow,
+                      int64_t *out_ids, float *out_scores);
+/* Vision tokens [T,Dv] of image id, dequantized. BLIP_ENOTFOUND when the
+ * image has no record (failed, --no-rerank-store, deleted). */
+int blip_store_tokens(blip_store *st, int64_t id, float *out);
+/* Feature [E] and path (copied into path, cap bytes) of image id. */
+int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t cap);
+
+/* ---- maintenance ---- */
+
+/* Check that SQLite, the FAISS cache and the rerank store agree: every
+ * searchable row is found by its own feature, every has_tokens row has its
+ * record. Returns BLIP_OK or BLIP_EFORMAT with the first disagreement. */
+int blip_store_verify(blip_store *st);
+/* FAISS index kind for n vectors (ivf_min as in opts): 0 = flat, else the IVF nlist. */
+int blip_store_ivf_nlist(int64_t n, int64_t ivf_min);
+
+/* Embedded schema migrations (the text of schema/NNN_*.sql), 1-based. */
+int blip_store_schema_count(void);
+const char *blip_store_schema_sql(int version);
+
+/* Token record codec (the payload of a tokens.bin record), exposed for
+ * tests and benchmarks. rec must hold blip_store_record_size(fmt,T,Dv) bytes. */
+size_t blip_store_record_size(blip_tokens_fmt fmt, int T, int Dv);
+void blip_store_encode_tokens(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec);
+void blip_store_decode_tokens(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec, float *x);
+
+#endif
