@@ -279,6 +279,8 @@ static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static int g_init_rc;
 static char g_init_msg[256];
 
+static void drop_log(const gchar *domain, GLogLevelFlags level, const gchar *msg, gpointer user) {}
+
 static void init_once(void) {
   if (VIPS_INIT("blipsearch")) {
     snprintf(g_init_msg, sizeof g_init_msg, "%s", vips_error_buffer());
@@ -291,6 +293,9 @@ static void init_once(void) {
   /* ImageMagick parses hundreds of formats and is not fuzzed by libvips:
    * a photo folder is untrusted input. */
   vips_operation_block_set("VipsForeignLoadMagick", TRUE);
+  /* Damaged photos are reported through our error codes; libvips' warnings
+   * on stderr ("read gave 1 warnings") would flood an indexer's output. */
+  if (!getenv("BLIP_IMG_VIPS_WARNINGS")) g_log_set_handler("VIPS", G_LOG_LEVEL_WARNING, drop_log, NULL);
 }
 
 int blip_img_init(void) {
@@ -330,7 +335,7 @@ static int vips_fail(int code, const char *what, const char *name) {
                                   "short read", "out of data", "end of stream"};
     for (size_t i = 0; i < sizeof trunc / sizeof *trunc; i++)
       if (strstr(msg, trunc[i])) return blip_err_set(code, "%s: truncated image (%s)", name, msg);
-    return blip_err_set(code, "%s: corrupt image (%s%s)", name, what, msg[0] ? ": " : "");
+    return blip_err_set(code, "%s: corrupt image (%s%s%s)", name, what, msg[0] ? ": " : "", msg);
   }
   return blip_err_set(code, "%s: %s (%s)", name, what, msg);
 }
@@ -458,6 +463,20 @@ static int jpeg_shrink(int w, int h, int size) {
   return f;
 }
 
+/* Name the format from its signature, for files no loader accepts. */
+static const char *magic_name(VipsSource *src) {
+  const unsigned char *p = NULL;
+  gint64 n = vips_source_sniff_at_most(src, (unsigned char **)&p, 12);
+  if (n < 4 || !p) return NULL;
+  if (p[0] == 0xFF && p[1] == 0xD8 && p[2] == 0xFF) return "JPEG";
+  if (!memcmp(p, "\x89PNG", 4)) return "PNG";
+  if (!memcmp(p, "GIF8", 4)) return "GIF";
+  if (!memcmp(p, "II*", 4) || !memcmp(p, "MM\0*", 4)) return "TIFF";
+  if (n >= 12 && !memcmp(p, "RIFF", 4) && !memcmp(p + 8, "WEBP", 4)) return "WebP";
+  if (n >= 12 && !memcmp(p + 4, "ftyp", 4)) return "HEIF/AVIF";
+  return NULL;
+}
+
 static int load_source(VipsSource *src, const char *name, const blip_img_opts *o, float *out, uint8_t *rgb,
                        blip_img_meta *meta, double t0) {
   VipsImage *im = NULL, *srgb = NULL;
@@ -466,6 +485,9 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
   const char *loader = vips_foreign_find_load_source(src);
   if (!loader) {
     vips_error_clear();
+    const char *fmt = magic_name(src);
+    vips_error_clear();
+    if (fmt) return blip_err_set(BLIP_EFORMAT, "%s: corrupt or truncated %s image (no decoder accepts it)", name, fmt);
     return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image format", name);
   }
   im = vips_image_new_from_source(src, "", "access", VIPS_ACCESS_SEQUENTIAL, "fail_on", VIPS_FAIL_ON_ERROR, NULL);
