@@ -12,7 +12,11 @@
  *   \t\n\r) -> CJK ideographs as words -> NFD, drop Mn -> punctuation split
  *   -> greedy longest-match WordPiece.
  * HF also applies NFC before splitting; NFD(lower(NFC(x))) equals
- * NFD(lower(x)) for canonical equivalents, so that step is omitted.
+ * NFD(lower(x)) for canonical equivalents, so that step is omitted. HF's
+ * never_split check in BasicTokenizer cannot fire after its per-char lower
+ * pass (every special token has capitals), so it is omitted too.
+ * Character tables are utf8proc's (Unicode 15.0); characters first assigned
+ * in a Unicode newer than the Python that made the golden file may differ.
  * Per-call memory is a stack buffer for short texts (one malloc otherwise);
  * nothing is allocated per character or per word. */
 #include "blip_tok.h"
@@ -22,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <utf8proc.h>
 #include <xxhash.h>
 
@@ -171,25 +176,26 @@ int blip_tok_load(const char *path, blip_tok **out) {
   if (!f) return blip_err_set(BLIP_EIO, "%s: %s", path, strerror(errno));
   int rc = BLIP_OK;
   char *buf = NULL;
-  long n = -1;
-  if (fseek(f, 0, SEEK_END) == 0) n = ftell(f);
-  if (n < 0 || fseek(f, 0, SEEK_SET) != 0) {
-    rc = blip_err_set(BLIP_EIO, "%s: cannot size: %s", path, strerror(errno));
+  struct stat st;
+  if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+    rc = blip_err_set(BLIP_EIO, "%s: not a regular file", path);
     goto done;
   }
-  if ((unsigned long)n > MAX_VOCAB_BYTES) {
-    rc = blip_err_set(BLIP_ETOOBIG, "%s: %ld bytes is over the %u vocab limit", path, n, MAX_VOCAB_BYTES);
+  if ((unsigned long long)st.st_size > MAX_VOCAB_BYTES) {
+    rc = blip_err_set(BLIP_ETOOBIG, "%s: %lld bytes is over the %u vocab limit", path, (long long)st.st_size,
+                      MAX_VOCAB_BYTES);
     goto done;
   }
-  if (!(buf = malloc((size_t)n + 1))) {
+  size_t n = (size_t)st.st_size;
+  if (!(buf = malloc(n + 1))) {
     rc = blip_err_set(BLIP_ENOMEM, "%s: out of memory", path);
     goto done;
   }
-  if (fread(buf, 1, (size_t)n, f) != (size_t)n) {
+  if (fread(buf, 1, n, f) != n) {
     rc = blip_err_set(BLIP_EIO, "%s: short read", path);
     goto done;
   }
-  if ((rc = blip_tok_load_mem(buf, (size_t)n, out))) blip_err_wrap(rc, "%s", path);
+  if ((rc = blip_tok_load_mem(buf, n, out))) blip_err_wrap(rc, "%s", path);
 done:
   free(buf);
   fclose(f);
@@ -477,8 +483,12 @@ int blip_tok_pre_caption(const char *text, size_t len, int max_words, char **out
   for (size_t i = 0; i < m;) {
     size_t j = i;
     while (j < m && py_isspace(lo[j])) j++;
-    if (j - i >= 2) lo[w++] = ' ', i = j;
-    else lo[w++] = lo[i++];
+    if (j - i >= 2) {
+      lo[w++] = ' ';
+      i = j;
+    } else {
+      lo[w++] = lo[i++];
+    }
   }
   m = w;
   while (m > 0 && lo[m - 1] == '\n') m--; /* rstrip('\n') */

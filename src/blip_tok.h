@@ -31,7 +31,9 @@ const char *blip_tok_token(const blip_tok *t, int id); /* NULL if out of range *
 
 /* Encode text (len bytes) as [CLS] pieces [SEP]. max_len > 0 truncates to
  * max_len ids keeping [SEP] last (HF truncation); 0 = no limit. Writes at most
- * cap ids; *n_out = ids written, *n_full = length before truncation. */
+ * cap ids (cap < the result truncates the same way); *n_out = ids written,
+ * *n_full = length before truncation. No padding: the mask is 1 for the first
+ * *n_out positions (a literal "[PAD]" in text is id 0 with mask 1). */
 int blip_tok_encode(const blip_tok *t, const char *text, size_t len, int max_len, int32_t *ids, int cap,
                     int *n_out, int *n_full);
 

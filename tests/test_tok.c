@@ -129,6 +129,8 @@ static void test_bad_vocab(void) {
   blip_tok *t = NULL;
   int rc = blip_tok_load(test_data("tokenizer/no-such-vocab.txt"), &t);
   CHECK(rc == BLIP_EIO && t == NULL, "nonexistent path: rc %d", rc);
+  rc = blip_tok_load(test_data("tokenizer"), &t);
+  CHECK(rc == BLIP_EIO && t == NULL, "directory as vocab: rc %d", rc);
   expect_load_fail("empty file", "", 0, BLIP_EFORMAT);
   expect_load_fail("one newline", "\n", 1, BLIP_EFORMAT);
   static const char garbage[] = "\x89PNG\r\n\x1a\n\0\0\0\rIHDR\xff\xfe garbage \x80\x81";
@@ -159,6 +161,8 @@ static void test_bad_vocab(void) {
   v = mini_vocab("a\n##b", "\xc3\n##");
   expect_load_fail("invalid UTF-8 line", v, strlen(v), BLIP_EFORMAT);
   char *crlf = malloc(8192); /* CRLF line ends load like LF ones (Python universal newlines) */
+  CHECK(crlf != NULL, "out of memory");
+  if (!crlf) return;
   size_t o = 0;
   for (const char *p = mini_vocab(NULL, NULL); *p; p++) {
     if (*p == '\n') crlf[o++] = '\r';
