@@ -803,6 +803,7 @@ int blip_store_find_moved(blip_store *st, uint64_t fingerprint, int64_t size, in
     struct stat sb;
     if (!seen_has(st, cand) && p && stat(p, &sb) != 0 && errno == ENOENT) {
       *id = cand;
+      rc = seen_mark(st, cand);
       break;
     }
   }
@@ -890,6 +891,10 @@ int blip_store_row_fingerprint(blip_store *st, int64_t id, uint64_t *fingerprint
 }
 
 /* ---- writes ---- */
+
+int blip_store_begin(blip_store *st) { return exec(st, "BEGIN IMMEDIATE"); }
+int blip_store_commit(blip_store *st) { return exec(st, "COMMIT"); }
+void blip_store_rollback(blip_store *st) { sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL); }
 
 static int bump_generation(blip_store *st) {
   return exec(st, "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'");
@@ -1196,6 +1201,32 @@ int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t c
       else rc = blip_err_set(BLIP_ENOTFOUND, "image %lld has no feature", (long long)id);
     }
   }
+  sqlite3_finalize(s);
+  return rc;
+}
+
+/* ---- listing ---- */
+
+int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void *ctx) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st,
+                errors_only ? "SELECT id, path, size, mtime_ns, fingerprint, width, height, orientation, taken_at, "
+                              "error, feat FROM images WHERE state='error' ORDER BY path"
+                            : "SELECT id, path, size, mtime_ns, fingerprint, width, height, orientation, taken_at, "
+                              "error, feat FROM images ORDER BY path",
+                &s),
+      r;
+  if (rc) return rc;
+  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+    blip_store_row row = {
+        (const char *)sqlite3_column_text(s, 1), sqlite3_column_int64(s, 2), sqlite3_column_int64(s, 3),
+        (uint64_t)sqlite3_column_int64(s, 4), sqlite3_column_int(s, 5), sqlite3_column_int(s, 6),
+        sqlite3_column_int(s, 7), (const char *)sqlite3_column_text(s, 8), (const char *)sqlite3_column_text(s, 9)};
+    const float *feat = sqlite3_column_bytes(s, 10) == st->E * 4 ? sqlite3_column_blob(s, 10) : NULL;
+    if (row.error == NULL && !feat) row.error = "no feature";
+    if ((rc = fn(ctx, sqlite3_column_int64(s, 0), &row, feat))) break;
+  }
+  if (!rc && r != SQLITE_DONE) rc = db_err(st, "list images");
   sqlite3_finalize(s);
   return rc;
 }

@@ -78,7 +78,8 @@ int blip_store_scan_begin(blip_store *st);
 int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t mtime_ns, blip_scan_kind *kind,
                          int64_t *id);
 /* A row with this fingerprint and size whose file no longer exists and that
- * was not seen in this scan (a move source), or 0. */
+ * was not seen in this scan (a move source), or 0. The row found is marked
+ * seen, so that it is claimed by one new path only. */
 int blip_store_find_moved(blip_store *st, uint64_t fingerprint, int64_t size, int64_t *id);
 /* Give row id a new path (and mtime); keeps its vectors. Marks it seen. */
 int blip_store_move(blip_store *st, int64_t id, const char *new_path, int64_t mtime_ns);
@@ -89,6 +90,11 @@ int blip_store_touch(blip_store *st, int64_t id, int64_t size, int64_t mtime_ns)
 int blip_store_scan_unseen(blip_store *st, const char *const *roots, int nroots, int64_t **ids, int64_t *n);
 /* Fingerprint and size of row id (for classifying a CHANGED file). */
 int blip_store_row_fingerprint(blip_store *st, int64_t id, uint64_t *fingerprint);
+
+/* Group moves and touches into one transaction (each is otherwise its own). */
+int blip_store_begin(blip_store *st);
+int blip_store_commit(blip_store *st);
+void blip_store_rollback(blip_store *st);
 
 /* Add n images in one transaction. replace[i] (may be NULL) is the id of a
  * row the image supersedes (changed file) or 0. feats [n,E] (rows with an
@@ -117,6 +123,11 @@ int blip_store_tokens(blip_store *st, int64_t id, float *out);
 int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t cap);
 
 /* ---- maintenance ---- */
+
+/* Call fn for every row (errors_only: failed images only), ordered by path.
+ * feat is NULL for failed images. A non-zero return from fn stops and is returned. */
+typedef int (*blip_store_row_fn)(void *ctx, int64_t id, const blip_store_row *row, const float *feat);
+int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void *ctx);
 
 /* Check that SQLite, the FAISS cache and the rerank store agree: every
  * searchable row is found by its own feature, every has_tokens row has its

@@ -1,0 +1,639 @@
+/* blip-index: build and keep up to date the BLIP index of a photo library.
+ *
+ * One run: walk the paths (hidden folders skipped, symlinked folders
+ * followed once each by device/inode, so loops end), classify every image
+ * against the index (unchanged by size+mtime, changed, new, moved = same
+ * content fingerprint at a new path whose old path is gone), apply moves and
+ * deletions, then embed new and changed images. A decoder thread (an OpenMP
+ * team of --threads) fills one batch while the model runs on the previous
+ * one, so the model waits only when decoding is the bottleneck. Each batch
+ * is committed by blip_store_put() in one transaction, after its rerank
+ * records are synced: a kill loses at most the batches in flight, and the
+ * next run redoes only those. SIGINT/SIGTERM stop after the current batch.
+ * Exit: 0 done (failed images are reported, not fatal), 1 error, 2 usage,
+ * 130 interrupted. */
+#include <dirent.h>
+#include <errno.h>
+#include <fnmatch.h>
+#include <getopt.h>
+#include <limits.h>
+#include <omp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "blip_err.h"
+#include "blip_img.h"
+#include "blip_model.h"
+#include "blip_store.h"
+
+static const char USAGE[] =
+    "usage: blip-index [options] PATH...\n"
+    "Index every image under PATH... for blipsearch, or bring the index up to date.\n"
+    "\n"
+    "  --db DIR           index directory (default $BLIPSEARCH_DB, else\n"
+    "                     $XDG_DATA_HOME/blipsearch, else ~/.local/share/blipsearch)\n"
+    "  --model DIR        BLIP model directory (default $BLIPSEARCH_MODEL)\n"
+    "  --precision P      f32 (default), bf16 or int8\n"
+    "  --json             print a JSON summary on stdout\n"
+    "  --dry-run          say what would change, change nothing\n"
+    "  --errors           list the images that failed and why\n"
+    "  --rebuild          discard the index and build it again (e.g. for a new model)\n"
+    "  --no-rerank-store  do not store vision tokens (saves disk; queries recompute them)\n"
+    "  --rerank-f16       store vision tokens as f16 instead of int8 + scales\n"
+    "  --exclude GLOB     skip files and folders matching GLOB (path or name); repeatable\n"
+    "  --threads N        decoding threads (default: all cores)\n"
+    "  --batch N          images per model batch and per commit (default 8)\n"
+    "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
+    "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
+    "  --help             this text\n"
+    "\n"
+    "Exit status: 0 done, 1 error, 2 usage, 130 interrupted (committed work is kept).\n";
+
+static volatile sig_atomic_t g_stop;
+static void on_signal(int sig) { g_stop = sig; }
+
+typedef struct {
+  char *path;
+  int64_t size, mtime_ns;
+  int64_t replace; /* row superseded (changed file) */
+  uint64_t fp;
+} item;
+
+typedef struct {
+  item *v;
+  int64_t n, cap;
+} items;
+
+static int items_push(items *l, const char *path, int64_t size, int64_t mtime_ns) {
+  if (l->n == l->cap) {
+    int64_t cap = l->cap ? 2 * l->cap : 1024;
+    item *v = realloc(l->v, (size_t)cap * sizeof *v);
+    if (!v) return blip_err_set(BLIP_ENOMEM, "out of memory");
+    l->v = v;
+    l->cap = cap;
+  }
+  char *p = strdup(path);
+  if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  l->v[l->n++] = (item){p, size, mtime_ns, 0, 0};
+  return BLIP_OK;
+}
+
+static void items_free(items *l) {
+  for (int64_t i = 0; i < l->n; i++) free(l->v[i].path);
+  free(l->v);
+}
+
+static int cmp_item(const void *a, const void *b) { return strcmp(((const item *)a)->path, ((const item *)b)->path); }
+
+/* ---- walking ---- */
+
+typedef struct {
+  dev_t dev;
+  ino_t ino;
+} dirkey;
+
+typedef struct {
+  char **excl;
+  int nexcl;
+  dirkey *dirs; /* visited directories: a loop or a second link to one is skipped */
+  int64_t ndirs, capdirs;
+  items *out;
+  int64_t skipped;
+} walker;
+
+static int is_image(const char *name) {
+  static const char *const ext[] = {"jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "heic", "heif", "avif"};
+  const char *dot = strrchr(name, '.');
+  if (!dot) return 0;
+  for (size_t i = 0; i < sizeof ext / sizeof ext[0]; i++)
+    if (strcasecmp(dot + 1, ext[i]) == 0) return 1;
+  return 0;
+}
+
+static int excluded(const walker *w, const char *path, const char *name) {
+  for (int i = 0; i < w->nexcl; i++)
+    if (fnmatch(w->excl[i], path, 0) == 0 || fnmatch(w->excl[i], name, 0) == 0) return 1;
+  return 0;
+}
+
+static int visit_dir_once(walker *w, const struct stat *sb) {
+  for (int64_t i = 0; i < w->ndirs; i++)
+    if (w->dirs[i].dev == sb->st_dev && w->dirs[i].ino == sb->st_ino) return 0;
+  if (w->ndirs == w->capdirs) {
+    int64_t cap = w->capdirs ? 2 * w->capdirs : 256;
+    dirkey *d = realloc(w->dirs, (size_t)cap * sizeof *d);
+    if (!d) return -1;
+    w->dirs = d;
+    w->capdirs = cap;
+  }
+  w->dirs[w->ndirs++] = (dirkey){sb->st_dev, sb->st_ino};
+  return 1;
+}
+
+static int walk(walker *w, const char *path, const struct stat *sb) {
+  if (S_ISREG(sb->st_mode)) {
+    return items_push(w->out, path, sb->st_size, (int64_t)sb->st_mtim.tv_sec * 1000000000 + sb->st_mtim.tv_nsec);
+  }
+  if (!S_ISDIR(sb->st_mode)) return BLIP_OK;
+  int v = visit_dir_once(w, sb);
+  if (v < 0) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (v == 0) return BLIP_OK;
+  DIR *d = opendir(path);
+  if (!d) {
+    fprintf(stderr, "blip-index: skipping %s: %s\n", path, strerror(errno));
+    w->skipped++;
+    return BLIP_OK;
+  }
+  int rc = BLIP_OK;
+  struct dirent *e;
+  char child[PATH_MAX];
+  while (!rc && (e = readdir(d))) {
+    if (e->d_name[0] == '.') continue; /* ".", "..", hidden files and folders */
+    if (snprintf(child, sizeof child, "%s/%s", strcmp(path, "/") ? path : "", e->d_name) >= (int)sizeof child) continue;
+    if (excluded(w, child, e->d_name)) continue;
+    struct stat cs;
+    if (stat(child, &cs) != 0) continue; /* dangling link, vanished */
+    if (S_ISREG(cs.st_mode) && !is_image(e->d_name)) continue;
+    rc = walk(w, child, &cs);
+  }
+  closedir(d);
+  return rc;
+}
+
+/* ---- decode pipeline ---- */
+
+typedef struct {
+  int n;                /* images in the batch */
+  const item *it[256];  /* the work items */
+  float *pix;           /* [n,3,S,S] */
+  blip_img_meta meta[256];
+  char err[256][256]; /* "" = decoded */
+  int ready;
+} batch;
+
+typedef struct {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  batch b[2];
+  const items *work;
+  int B, S, threads;
+  int64_t next; /* next item to decode */
+  int done;     /* decoder finished */
+} pipeline;
+
+static void decode_batch(pipeline *p, batch *b) {
+  blip_img_opts o;
+  blip_img_opts_default(&o);
+  o.size = p->S;
+  o.autorotate = 1;
+  o.shrink_on_load = 0;
+  size_t per = (size_t)3 * p->S * p->S;
+#pragma omp parallel for num_threads(p->threads) schedule(dynamic, 1)
+  for (int i = 0; i < b->n; i++) {
+    b->err[i][0] = 0;
+    memset(&b->meta[i], 0, sizeof b->meta[i]);
+    int rc = blip_img_load_file(b->it[i]->path, &o, b->pix + i * per, NULL, &b->meta[i]);
+    if (rc) snprintf(b->err[i], sizeof b->err[i], "%s", blip_err_last()[0] ? blip_err_last() : blip_err_name(rc));
+  }
+}
+
+static void *decoder(void *arg) {
+  pipeline *p = arg;
+  for (int slot = 0;; slot ^= 1) {
+    batch *b = &p->b[slot];
+    pthread_mutex_lock(&p->mu);
+    while (b->ready && !g_stop) pthread_cond_wait(&p->cv, &p->mu);
+    if (g_stop || p->next >= p->work->n) {
+      p->done = 1;
+      pthread_cond_broadcast(&p->cv);
+      pthread_mutex_unlock(&p->mu);
+      return NULL;
+    }
+    int64_t start = p->next;
+    b->n = (int)(p->work->n - start < p->B ? p->work->n - start : p->B);
+    p->next += b->n;
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < b->n; i++) b->it[i] = &p->work->v[start + i];
+    decode_batch(p, b);
+    pthread_mutex_lock(&p->mu);
+    b->ready = 1;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+  }
+}
+
+/* ---- output helpers ---- */
+
+static void fmt_eta(double s, char *buf, size_t cap) {
+  if (s < 0 || s > 1e7) snprintf(buf, cap, "--");
+  else if (s < 3600) snprintf(buf, cap, "%dm%02ds", (int)s / 60, (int)s % 60);
+  else snprintf(buf, cap, "%dh%02dm", (int)s / 3600, (int)s % 3600 / 60);
+}
+
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int print_error_row(void *ctx, int64_t id, const blip_store_row *r, const float *feat) {
+  printf("%s\t%s\n", r->path, r->error ? r->error : "");
+  return 0;
+}
+
+typedef struct {
+  int E;
+} dump_ctx;
+
+static int print_dump_row(void *ctx, int64_t id, const blip_store_row *r, const float *feat) {
+  const dump_ctx *c = ctx;
+  printf("%s\t%016llx\t%s", r->path, (unsigned long long)r->fingerprint, feat ? "ok" : "error");
+  for (int j = 0; feat && j < c->E; j++) printf("%c%.6f", j ? ',' : '\t', feat[j]);
+  putchar('\n');
+  return 0;
+}
+
+static int default_db(char *buf, size_t cap) {
+  const char *e = getenv("BLIPSEARCH_DB");
+  if (e && *e) return snprintf(buf, cap, "%s", e) < (int)cap ? 0 : -1;
+  e = getenv("XDG_DATA_HOME");
+  if (e && *e) return snprintf(buf, cap, "%s/blipsearch", e) < (int)cap ? 0 : -1;
+  e = getenv("HOME");
+  if (!e || !*e) return -1;
+  return snprintf(buf, cap, "%s/.local/share/blipsearch", e) < (int)cap ? 0 : -1;
+}
+
+/* mkdir -p for the parents of the index directory */
+static void make_parents(const char *dir) {
+  char p[PATH_MAX];
+  snprintf(p, sizeof p, "%s", dir);
+  for (char *s = p + 1; *s; s++)
+    if (*s == '/') {
+      *s = 0;
+      mkdir(p, 0755);
+      *s = '/';
+    }
+}
+
+/* ---- main ---- */
+
+typedef struct {
+  int64_t added, updated, moved, deleted, unchanged, failed;
+} counts;
+
+enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
+       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP };
+
+int main(int argc, char **argv) {
+  static const struct option lopts[] = {
+      {"db", 1, 0, OPT_DB},          {"model", 1, 0, OPT_MODEL},     {"precision", 1, 0, OPT_PREC},
+      {"json", 0, 0, OPT_JSON},      {"dry-run", 0, 0, OPT_DRY},     {"errors", 0, 0, OPT_ERRORS},
+      {"rebuild", 0, 0, OPT_REBUILD}, {"no-rerank-store", 0, 0, OPT_NORR}, {"rerank-f16", 0, 0, OPT_F16},
+      {"exclude", 1, 0, OPT_EXCL},   {"threads", 1, 0, OPT_THREADS}, {"batch", 1, 0, OPT_BATCH},
+      {"check", 0, 0, OPT_CHECK},    {"dump", 0, 0, OPT_DUMP},       {"help", 0, 0, OPT_HELP},
+      {0, 0, 0, 0}};
+  char dbdir[PATH_MAX] = "";
+  const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
+  int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
+  int check = 0, dump = 0, c;
+  char **excl = calloc((size_t)argc + 1, sizeof *excl);
+  int nexcl = 0;
+  if (!excl) return 1;
+  while ((c = getopt_long(argc, argv, "", lopts, NULL)) != -1) {
+    switch (c) {
+    case OPT_DB: snprintf(dbdir, sizeof dbdir, "%s", optarg); break;
+    case OPT_MODEL: model_dir = optarg; break;
+    case OPT_PREC: prec_name = optarg; break;
+    case OPT_JSON: json = 1; break;
+    case OPT_DRY: dry = 1; break;
+    case OPT_ERRORS: errors = 1; break;
+    case OPT_REBUILD: rebuild = 1; break;
+    case OPT_NORR: norr = 1; break;
+    case OPT_F16: f16 = 1; break;
+    case OPT_EXCL: excl[nexcl++] = optarg; break;
+    case OPT_THREADS: threads = atoi(optarg); break;
+    case OPT_BATCH: B = atoi(optarg); break;
+    case OPT_CHECK: check = 1; break;
+    case OPT_DUMP: dump = 1; break;
+    case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
+    default: fputs(USAGE, stderr); free(excl); return 2;
+    }
+  }
+  int ret = 1;
+  blip_model *model = NULL;
+  blip_store *st = NULL;
+  items found = {0}, work = {0};
+  char **roots = NULL;
+  int64_t *gone = NULL, ngone = 0;
+  float *feats = NULL, *embeds = NULL;
+  pipeline pl;
+  memset(&pl, 0, sizeof pl);
+  pthread_mutex_init(&pl.mu, NULL);
+  pthread_cond_init(&pl.cv, NULL);
+  int decoder_started = 0;
+  pthread_t dth;
+  counts cn = {0};
+  double t0 = now_s();
+
+  if (!dbdir[0] && default_db(dbdir, sizeof dbdir) != 0) {
+    fprintf(stderr, "blip-index: no index location: pass --db DIR or set BLIPSEARCH_DB\n");
+    ret = 2;
+    goto out;
+  }
+  if (threads < 1 || B < 1 || B > 256) {
+    fprintf(stderr, "blip-index: --threads must be >= 1 and --batch in 1..256\n");
+    ret = 2;
+    goto out;
+  }
+
+  if (check || dump) { /* maintenance: read-only, no model */
+    blip_store_opts ro = {0};
+    int rc = blip_store_open(dbdir, NULL, &ro, &st);
+    if (!rc && check) rc = blip_store_verify(st);
+    if (!rc && dump) {
+      dump_ctx dc = {atoi(blip_store_meta(st, "embed_dim"))};
+      rc = blip_store_each(st, 0, print_dump_row, &dc);
+    }
+    if (rc) {
+      fprintf(stderr, "blip-index: %s\n", blip_err_last());
+      goto out;
+    }
+    if (check) {
+      if (json) printf("{\"ok\": true, \"images\": %lld}\n", (long long)blip_store_count(st));
+      else printf("ok: %lld searchable images, SQLite, FAISS and rerank store agree\n", (long long)blip_store_count(st));
+    }
+    ret = 0;
+    goto out;
+  }
+
+  if (optind >= argc) {
+    fputs(USAGE, stderr);
+    ret = 2;
+    goto out;
+  }
+  if (!model_dir) {
+    fprintf(stderr, "blip-index: no model: pass --model DIR or set BLIPSEARCH_MODEL\n");
+    ret = 2;
+    goto out;
+  }
+  blip_model_opts mo = {BLIP_PREC_F32, NULL};
+  if (strcmp(prec_name, "bf16") == 0) mo.precision = BLIP_PREC_BF16;
+  else if (strcmp(prec_name, "int8") == 0) mo.precision = BLIP_PREC_INT8;
+  else if (strcmp(prec_name, "f32") != 0) {
+    fprintf(stderr, "blip-index: --precision must be f32, bf16 or int8\n");
+    ret = 2;
+    goto out;
+  }
+
+  /* roots, canonical so that stored paths are stable whatever the cwd */
+  int nroots = argc - optind;
+  if (!(roots = calloc((size_t)nroots, sizeof *roots))) goto oom;
+  for (int i = 0; i < nroots; i++) {
+    if (!(roots[i] = realpath(argv[optind + i], NULL))) {
+      fprintf(stderr, "blip-index: %s: %s\n", argv[optind + i], strerror(errno));
+      goto out;
+    }
+  }
+
+  if (blip_img_init() || blip_model_load(model_dir, &mo, &model)) {
+    fprintf(stderr, "blip-index: %s\n", blip_err_last());
+    goto out;
+  }
+  const blip_cfg *cfg = blip_model_cfg(model);
+  char prep[96];
+  snprintf(prep, sizeof prep, "size=%d,autorotate=1,exact", cfg->image_size);
+  blip_store_identity id = {blip_model_fingerprint(model), prec_name, prep, cfg->embed_dim, cfg->v_tokens,
+                            cfg->v_hidden};
+  blip_store_opts so = {.write = !dry, .rebuild = rebuild && !dry,
+                        .tokens = norr ? BLIP_TOKENS_NONE : f16 ? BLIP_TOKENS_F16 : BLIP_TOKENS_I8};
+  if (!dry) make_parents(dbdir);
+  int rc = blip_store_open(dbdir, &id, &so, &st);
+  if (rc == BLIP_ENOTFOUND && dry) rc = BLIP_OK; /* no index yet: everything is new */
+  if (rc == BLIP_OK && dry && rebuild && st) {  /* a rebuild would start from nothing */
+    blip_store_close(st);
+    st = NULL;
+  }
+  if (rc) {
+    fprintf(stderr, "blip-index: %s\n", blip_err_last());
+    goto out;
+  }
+
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_signal;
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+
+  /* walk */
+  walker w = {excl, nexcl, NULL, 0, 0, &found, 0};
+  for (int i = 0; i < nroots && !rc; i++) {
+    struct stat sb;
+    if (stat(roots[i], &sb) != 0) continue;
+    if (S_ISREG(sb.st_mode) && !is_image(roots[i])) continue;
+    rc = walk(&w, roots[i], &sb);
+  }
+  free(w.dirs);
+  if (rc) {
+    fprintf(stderr, "blip-index: %s\n", blip_err_last());
+    goto out;
+  }
+  qsort(found.v, (size_t)found.n, sizeof *found.v, cmp_item);
+
+  /* classify; moves and touches go in one transaction */
+  if (st && (rc = blip_store_scan_begin(st))) goto fail;
+  if (st && !dry && (rc = blip_store_begin(st))) goto fail;
+  for (int64_t i = 0; i < found.n && !g_stop; i++) {
+    item *it = &found.v[i];
+    blip_scan_kind kind = BLIP_SCAN_NEW;
+    int64_t rid = 0, src = 0;
+    if (st && (rc = blip_store_scan_file(st, it->path, it->size, it->mtime_ns, &kind, &rid))) break;
+    if (kind == BLIP_SCAN_UNCHANGED) {
+      cn.unchanged++;
+      continue;
+    }
+    if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) {
+      fprintf(stderr, "blip-index: skipping %s\n", blip_err_last()); /* vanished or unreadable */
+      continue;
+    }
+    if (kind == BLIP_SCAN_CHANGED) {
+      uint64_t old = 0;
+      if ((rc = blip_store_row_fingerprint(st, rid, &old))) break;
+      if (old == it->fp) { /* touched, same content */
+        if (!dry && (rc = blip_store_touch(st, rid, it->size, it->mtime_ns))) break;
+        cn.unchanged++;
+        continue;
+      }
+      it->replace = rid;
+      if (dry) printf("update %s\n", it->path);
+    } else if (st && (rc = blip_store_find_moved(st, it->fp, it->size, &src)) == BLIP_OK && src) {
+      if (dry) {
+        char old[PATH_MAX];
+        blip_store_get(st, src, NULL, old, sizeof old);
+        printf("move %s -> %s\n", old, it->path);
+      } else if ((rc = blip_store_move(st, src, it->path, it->mtime_ns))) {
+        break;
+      }
+      cn.moved++;
+      continue;
+    } else if (rc) {
+      break;
+    } else if (dry) {
+      printf("add %s\n", it->path);
+    }
+    if ((rc = items_push(&work, it->path, it->size, it->mtime_ns))) break;
+    work.v[work.n - 1].replace = it->replace;
+    work.v[work.n - 1].fp = it->fp;
+  }
+  if (st && !dry) {
+    if (rc || g_stop) blip_store_rollback(st);
+    else if ((rc = blip_store_commit(st))) goto fail;
+  }
+  if (rc) goto fail;
+  if (g_stop) goto interrupted;
+
+  /* deletions: rows under the roots that no file claimed */
+  if (st && (rc = blip_store_scan_unseen(st, (const char *const *)roots, nroots, &gone, &ngone))) goto fail;
+  cn.deleted = ngone;
+  if (dry) {
+    for (int64_t i = 0; i < ngone; i++) {
+      char p[PATH_MAX];
+      if (blip_store_get(st, gone[i], NULL, p, sizeof p) == BLIP_OK) printf("delete %s\n", p);
+    }
+    for (int64_t i = 0; i < work.n; i++) *(work.v[i].replace ? &cn.updated : &cn.added) += 1;
+    ret = 0;
+    goto summary;
+  }
+  if ((rc = blip_store_delete(st, gone, ngone))) goto fail;
+
+  /* embed */
+  int S = cfg->image_size, T = cfg->v_tokens, Dv = cfg->v_hidden, E = cfg->embed_dim;
+  int want_tokens = blip_store_tokens_fmt(st) != BLIP_TOKENS_NONE && !norr;
+  pl.work = &work;
+  pl.B = B;
+  pl.S = S;
+  pl.threads = threads;
+  for (int s = 0; s < 2; s++)
+    if (!(pl.b[s].pix = malloc((size_t)B * 3 * S * S * sizeof(float)))) goto oom;
+  if (!(feats = malloc((size_t)B * E * sizeof *feats))) goto oom;
+  if (want_tokens && !(embeds = malloc((size_t)B * T * Dv * sizeof *embeds))) goto oom;
+  if (work.n && pthread_create(&dth, NULL, decoder, &pl) == 0) decoder_started = 1;
+  else if (work.n) {
+    fprintf(stderr, "blip-index: cannot start the decoder thread\n");
+    goto out;
+  }
+  int tty = isatty(2);
+  int64_t done = 0;
+  double te = now_s();
+  blip_store_row rows[256];
+  int64_t rep[256];
+  for (int slot = 0; work.n; slot ^= 1) {
+    batch *b = &pl.b[slot];
+    pthread_mutex_lock(&pl.mu);
+    while (!b->ready && !pl.done) pthread_cond_wait(&pl.cv, &pl.mu);
+    int have = b->ready;
+    pthread_mutex_unlock(&pl.mu);
+    if (!have) break;
+    /* pack the decoded images to the front, keep failures as error rows */
+    int nok = 0;
+    size_t per = (size_t)3 * S * S;
+    for (int i = 0; i < b->n; i++)
+      if (!b->err[i][0]) {
+        if (nok != i) memmove(b->pix + nok * per, b->pix + i * per, per * sizeof(float));
+        nok++;
+      }
+    if (nok && (rc = blip_model_vision(model, b->pix, nok, want_tokens ? embeds : NULL, feats))) goto fail;
+    /* rows in the same order: successes first (matching feats), then failures */
+    int r = 0;
+    for (int pass = 0; pass < 2; pass++)
+      for (int i = 0; i < b->n; i++) {
+        if ((pass == 0) != (b->err[i][0] == 0)) continue;
+        const item *it = b->it[i];
+        rows[r] = (blip_store_row){it->path, it->size, it->mtime_ns, it->fp, b->meta[i].width, b->meta[i].height,
+                                   b->meta[i].orientation, b->meta[i].taken_at, pass ? b->err[i] : NULL};
+        rep[r++] = it->replace;
+        if (pass) cn.failed++;
+        else *(it->replace ? &cn.updated : &cn.added) += 1;
+      }
+    if ((rc = blip_store_put(st, rows, rep, b->n, feats, want_tokens ? embeds : NULL, NULL))) goto fail;
+    done += b->n;
+    pthread_mutex_lock(&pl.mu);
+    b->ready = 0;
+    pthread_cond_broadcast(&pl.cv);
+    pthread_mutex_unlock(&pl.mu);
+    if (tty) {
+      double el = now_s() - te, rate = el > 0 ? done / el : 0;
+      char eta[32];
+      fmt_eta(rate > 0 ? (work.n - done) / rate : -1, eta, sizeof eta);
+      fprintf(stderr, "\r%lld/%lld images  %.1f images/s  ETA %s   ", (long long)done, (long long)work.n, rate, eta);
+    }
+    if (g_stop) break;
+  }
+  if (tty && work.n) fputc('\n', stderr);
+  if (g_stop) goto interrupted;
+  if ((rc = blip_store_flush(st))) goto fail;
+  ret = 0;
+  goto summary;
+
+interrupted:
+  if (st && !dry) blip_store_flush(st);
+  fprintf(stderr, "blip-index: interrupted; committed work is kept, run again to finish\n");
+  ret = 130;
+summary:
+  if (errors && st) blip_store_each(st, 1, print_error_row, NULL);
+  if (json) {
+    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added, "updated",
+                          (json_int_t)cn.updated, "moved", (json_int_t)cn.moved, "deleted", (json_int_t)cn.deleted,
+                          "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed, "seconds",
+                          now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
+    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (s) printf("%s\n", s);
+    free(s);
+    json_decref(j);
+  } else {
+    fprintf(stderr, "%s%lld added, %lld updated, %lld moved, %lld deleted, %lld unchanged, %lld failed in %.1f s\n",
+            dry ? "dry run: " : "", (long long)cn.added, (long long)cn.updated, (long long)cn.moved,
+            (long long)cn.deleted, (long long)cn.unchanged, (long long)cn.failed, now_s() - t0);
+  }
+  goto out;
+oom:
+  blip_err_set(BLIP_ENOMEM, "out of memory");
+fail:
+  if (rc == BLIP_EFULL)
+    fprintf(stderr, "blip-index: %s\nblip-index: the index is consistent (the last batch was not committed); free "
+                    "some space and run again to continue\n", blip_err_last());
+  else fprintf(stderr, "blip-index: %s\n", blip_err_last());
+  ret = 1;
+out:
+  if (decoder_started) {
+    pthread_mutex_lock(&pl.mu);
+    g_stop = g_stop ? g_stop : -1; /* tell the decoder to stop (not a signal: exit status is ret) */
+    pthread_cond_broadcast(&pl.cv);
+    pthread_mutex_unlock(&pl.mu);
+    pthread_join(dth, NULL);
+  }
+  blip_store_close(st);
+  blip_model_free(model);
+  for (int s = 0; s < 2; s++) free(pl.b[s].pix);
+  free(feats);
+  free(embeds);
+  free(gone);
+  items_free(&found);
+  items_free(&work);
+  if (roots)
+    for (int i = 0; i < argc - optind; i++) free(roots[i]);
+  free(roots);
+  free(excl);
+  pthread_mutex_destroy(&pl.mu);
+  pthread_cond_destroy(&pl.cv);
+  return ret;
+}
