@@ -109,6 +109,7 @@ typedef struct {
   int64_t ndirs, capdirs;
   items *out;
   int64_t skipped;
+  items pending; /* symlinked folders, walked after every real one */
 } walker;
 
 static int is_image(const char *name) {
@@ -161,10 +162,13 @@ static int walk(walker *w, const char *path, const struct stat *sb) {
     if (e->d_name[0] == '.') continue; /* ".", "..", hidden files and folders */
     if (snprintf(child, sizeof child, "%s/%s", strcmp(path, "/") ? path : "", e->d_name) >= (int)sizeof child) continue;
     if (excluded(w, child, e->d_name)) continue;
-    struct stat cs;
-    if (stat(child, &cs) != 0) continue; /* dangling link, vanished */
+    struct stat cs, ls;
+    if (stat(child, &cs) != 0 || lstat(child, &ls) != 0) continue; /* dangling link, vanished */
     if (S_ISREG(cs.st_mode) && !is_image(e->d_name)) continue;
-    rc = walk(w, child, &cs);
+    /* a folder reached through a link is walked last, so that a file reachable
+     * both ways is always recorded under the same (link-free) path */
+    if (S_ISDIR(cs.st_mode) && S_ISLNK(ls.st_mode)) rc = items_push(&w->pending, child, 0, 0);
+    else rc = walk(w, child, &cs);
   }
   closedir(d);
   return rc;
@@ -435,14 +439,19 @@ int main(int argc, char **argv) {
   sigaction(SIGTERM, &sa, NULL);
 
   /* walk */
-  walker w = {excl, nexcl, NULL, 0, 0, &found, 0};
+  walker w = {excl, nexcl, NULL, 0, 0, &found, 0, {0}};
   for (int i = 0; i < nroots && !rc; i++) {
     struct stat sb;
     if (stat(roots[i], &sb) != 0) continue;
     if (S_ISREG(sb.st_mode) && !is_image(roots[i])) continue;
     rc = walk(&w, roots[i], &sb);
   }
+  for (int64_t i = 0; i < w.pending.n && !rc; i++) { /* grows while walked: breadth-first over links */
+    struct stat sb;
+    if (stat(w.pending.v[i].path, &sb) == 0) rc = walk(&w, w.pending.v[i].path, &sb);
+  }
   free(w.dirs);
+  items_free(&w.pending);
   if (rc) {
     fprintf(stderr, "blip-index: %s\n", blip_err_last());
     goto out;

@@ -1,0 +1,120 @@
+#!/bin/bash
+# test_index_cli: blip-index end to end on generated images and the tiny
+# model: first index, no-op re-run, added / modified / touched / deleted /
+# renamed files, corrupt files, hidden folders, symlink loops, excludes,
+# dry run, model mismatch and --rebuild.
+set -u
+BIN=${BLIP_BIN:-build}
+DATA=${BLIP_TEST_DATA:-tests/data}
+MODEL=$DATA/blip-tiny
+T=$(mktemp -d /tmp/blip_test_index.XXXXXX)
+trap 'rm -rf "$T"' EXIT
+pass=0 fail=0
+ok() { pass=$((pass + 1)); }
+bad() { fail=$((fail + 1)); echo "FAIL: $*" >&2; }
+expect() { # expect NAME JSON key=value...
+  local name=$1 json=$2; shift 2
+  for kv in "$@"; do
+    if [[ $json == *"\"${kv%%=*}\":${kv#*=},"* || $json == *"\"${kv%%=*}\":${kv#*=}}"* ]]; then ok; else bad "$name: want $kv in $json"; fi
+  done
+}
+idx() { "$BIN/blip-index" --db "$T/db" --model "$MODEL" --json "$@"; }
+
+L=$T/lib
+mkdir -p "$L/a/b" "$L/.hidden" "$L/skipme"
+"$BIN/gen_photos" "$L/a" 6 --size 96x72 >/dev/null || bad "gen_photos"
+"$BIN/gen_photos" "$L/a/b" 4 --size 64x64 --seed 2 --ext png >/dev/null
+"$BIN/gen_photos" "$L/.hidden" 2 --size 64x64 --seed 3 >/dev/null
+"$BIN/gen_photos" "$L/skipme" 2 --size 64x64 --seed 4 >/dev/null
+echo "not an image" > "$L/a/notes.txt"
+ln -s .. "$L/a/b/loop"          # symlink loop back to lib/a
+ln -s "$L/a/b" "$L/b-again"     # second link to a folder already walked
+
+# first index: 10 images (hidden, excluded and non-image files skipped; the loop ends;
+# files reached through links are recorded under their link-free path only)
+out=$(idx --exclude skipme "$L" 2>"$T/err1") || bad "first run exit $?"
+expect first "$out" added=10 failed=0 deleted=0
+if grep -q "images/s" "$T/err1"; then bad "progress printed to a pipe"; else ok; fi
+n=$("$BIN/blip-index" --db "$T/db" --dump | grep -c -e b-again -e loop)
+[[ $n == 0 ]] && ok || bad "$n images recorded under a link path"
+"$BIN/blip-index" --db "$T/db" --check >/dev/null && ok || bad "check after first run"
+
+# re-run: no work at all
+out=$(idx --exclude skipme "$L") || bad "rerun exit"
+expect rerun "$out" added=0 updated=0 moved=0 deleted=0 unchanged=10 failed=0
+
+# dry run reports but changes nothing
+"$BIN/gen_photos" "$L/a" 1 --size 96x72 --seed 7 --start 50 >/dev/null
+"$BIN/blip-index" --db "$T/db" --dump > "$T/dump0"
+dr=$("$BIN/blip-index" --db "$T/db" --model "$MODEL" --exclude skipme --dry-run "$L" 2>/dev/null)
+[[ $dr == "add $L/a/img00050.jpg" ]] && ok || bad "dry run output: $dr"
+"$BIN/blip-index" --db "$T/db" --dump > "$T/dump1"
+cmp -s "$T/dump0" "$T/dump1" && ok || bad "dry run changed the index"
+
+# added file
+out=$(idx --exclude skipme "$L")
+expect added "$out" added=1 unchanged=10
+
+# modified file (new content at the same path) and a touched file (same content, new mtime)
+sleep 0.01
+"$BIN/gen_photos" "$L/a" 1 --size 96x72 --seed 99 --start 2 >/dev/null
+touch -d "2001-01-01" "$L/a/img00003.jpg"
+out=$(idx --exclude skipme "$L")
+expect modified "$out" updated=1 added=0 unchanged=10
+old=$(grep "img00002.jpg" "$T/dump0" | cut -f4)
+new=$("$BIN/blip-index" --db "$T/db" --dump | grep "img00002.jpg" | cut -f4)
+[[ -n $new && $old != "$new" ]] && ok || bad "modified file kept its old feature"
+
+# deleted file
+rm "$L/a/img00001.jpg"
+out=$(idx --exclude skipme "$L")
+expect deleted "$out" deleted=1 added=0 unchanged=10
+
+# renamed file keeps its vector without model work
+feat=$("$BIN/blip-index" --db "$T/db" --dump | grep "/a/img00004.jpg" | cut -f2-)
+mkdir -p "$L/renamed"
+mv "$L/a/img00004.jpg" "$L/renamed/holiday.jpg"
+out=$(idx --exclude skipme "$L")
+expect renamed "$out" moved=1 added=0 deleted=0 updated=0
+now=$("$BIN/blip-index" --db "$T/db" --dump | grep "/renamed/holiday.jpg" | cut -f2-)
+[[ -n $feat && $feat == "$now" ]] && ok || bad "moved file lost its fingerprint/feature"
+
+# corrupt files are reported, the others indexed
+echo "garbage" > "$L/a/broken.jpg"
+head -c 300 "$L/a/img00000.jpg" > "$L/a/truncated.jpg"
+"$BIN/gen_photos" "$L/a" 1 --size 96x72 --seed 8 --start 60 >/dev/null
+out=$(idx --exclude skipme --errors "$L")
+expect corrupt "$out" added=1 failed=2
+[[ $out == *"broken.jpg"* && $out == *"truncated.jpg"* ]] && ok || bad "--errors does not list both: $out"
+out=$(idx --exclude skipme "$L")
+expect corrupt-rerun "$out" added=0 failed=0 unchanged=13
+"$BIN/blip-index" --db "$T/db" --check >/dev/null && ok || bad "check after edits"
+n=$("$BIN/blip-index" --db "$T/db" --dump | grep -c "	ok	")
+[[ $n == 11 ]] && ok || bad "searchable rows: $n, want 11"
+
+# a different model or precision is refused, the index untouched; --rebuild starts over
+M2=$T/other-model
+mkdir -p "$M2"
+cp "$MODEL/config.json" "$MODEL/vocab.txt" "$M2/"
+cp "$MODEL/model-f16.safetensors" "$M2/model.safetensors"
+"$BIN/blip-index" --db "$T/db" --model "$M2" "$L" 2>"$T/err2" >/dev/null
+rc=$?
+[[ $rc == 1 ]] && grep -q "rebuild" "$T/err2" && grep -q "model=" "$T/err2" && ok || bad "model mismatch: rc $rc $(cat "$T/err2")"
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" --precision bf16 "$L" 2>"$T/err3" >/dev/null
+[[ $? == 1 ]] && grep -q "precision" "$T/err3" && ok || bad "precision mismatch: $(cat "$T/err3")"
+"$BIN/blip-index" --db "$T/db" --dump > "$T/dump2"
+n=$(grep -c "	ok	" "$T/dump2")
+[[ $n == 11 ]] && ok || bad "refused run changed the index"
+out=$("$BIN/blip-index" --db "$T/db" --model "$M2" --json --rebuild --exclude skipme "$L")
+expect rebuild "$out" added=11 failed=2 unchanged=0
+
+# --no-rerank-store: features only; --help
+"$BIN/gen_photos" "$T/small" 3 --size 64x64 >/dev/null
+out=$("$BIN/blip-index" --db "$T/db3" --model "$MODEL" --json --no-rerank-store "$T/small")
+expect norerank "$out" added=3
+[[ ! -e $T/db3/tokens.bin ]] && ok || bad "tokens.bin written with --no-rerank-store"
+"$BIN/blip-index" --help | grep -q -- "--no-rerank-store" && ok || bad "--help"
+BLIPSEARCH_DB=$T/envdb "$BIN/blip-index" --model "$MODEL" "$T/small" 2>/dev/null && [[ -e $T/envdb/index.sqlite ]] && ok || bad "BLIPSEARCH_DB"
+
+echo "$pass passed, $fail failed"
+[[ $fail == 0 ]]
