@@ -1233,20 +1233,40 @@ int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void 
 
 /* ---- verify ---- */
 
+/* Search a chunk of features at once (one FAISS call, not one per row) and
+ * check each row is among its own top results. */
+static int verify_chunk(blip_store *st, const float *x, const int64_t *ids, int64_t n, int64_t ntot) {
+  int kk = ntot < 16 ? (int)ntot : 16;
+  int64_t *lab = malloc((size_t)n * kk * sizeof *lab);
+  float *dis = malloc((size_t)n * kk * sizeof *dis);
+  int rc = BLIP_OK;
+  if (!lab || !dis) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  else if (faiss_Index_search(st->fx, n, x, kk, dis, lab) != 0) rc = fx_err("search");
+  for (int64_t i = 0; i < n && !rc; i++) {
+    int found = 0;
+    for (int j = 0; j < kk; j++) found |= lab[i * kk + j] == ids[i];
+    if (!found) rc = blip_err_set(BLIP_EFORMAT, "image %lld is not found by its own feature", (long long)ids[i]);
+  }
+  free(lab);
+  free(dis);
+  return rc;
+}
+
 int blip_store_verify(blip_store *st) {
+  enum { CHUNK = 1024 };
   sqlite3_stmt *s = NULL;
-  float *tok = malloc((size_t)st->T * st->Dv * sizeof *tok);
-  int64_t lab[16];
-  float dis[16];
-  int rc = tok ? fx_current(st) : blip_err_set(BLIP_ENOMEM, "out of memory"), r;
+  float *tok = malloc((size_t)st->T * st->Dv * sizeof *tok), *x = malloc((size_t)CHUNK * st->E * sizeof *x);
+  int64_t ids[CHUNK], nx = 0, ntot = 0;
+  int rc = tok && x ? fx_current(st) : blip_err_set(BLIP_ENOMEM, "out of memory"), r = SQLITE_DONE;
   if (rc) goto done;
-  int64_t nrows = blip_store_count(st), ntot = faiss_Index_ntotal(st->fx);
+  int64_t nrows = blip_store_count(st);
+  ntot = faiss_Index_ntotal(st->fx);
   if (nrows != ntot) {
     rc = blip_err_set(BLIP_EFORMAT, "FAISS holds %lld vectors, SQLite %lld", (long long)ntot, (long long)nrows);
     goto done;
   }
   if ((rc = prep(st, "SELECT id, feat, has_tokens, state FROM images", &s))) goto done;
-  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+  while (!rc && (r = sqlite3_step(s)) == SQLITE_ROW) {
     int64_t id = sqlite3_column_int64(s, 0);
     int has_feat = sqlite3_column_bytes(s, 1) == st->E * 4;
     const char *state = (const char *)sqlite3_column_text(s, 3);
@@ -1256,24 +1276,22 @@ int blip_store_verify(blip_store *st) {
       break;
     }
     if (!has_feat) continue;
-    int kk = ntot < 16 ? (int)ntot : 16, found = 0;
-    if (faiss_Index_search(st->fx, 1, sqlite3_column_blob(s, 1), kk, dis, lab) != 0) {
-      rc = fx_err("search");
-      break;
-    }
-    for (int i = 0; i < kk; i++) found |= lab[i] == id;
-    if (!found) {
-      rc = blip_err_set(BLIP_EFORMAT, "image %lld is not found by its own feature", (long long)id);
-      break;
-    }
     if (sqlite3_column_int(s, 2) && (rc = blip_store_tokens(st, id, tok))) {
       rc = blip_err_wrap(BLIP_EFORMAT, "verify");
       break;
     }
+    memcpy(x + nx * st->E, sqlite3_column_blob(s, 1), (size_t)st->E * 4);
+    ids[nx++] = id;
+    if (nx == CHUNK) {
+      rc = verify_chunk(st, x, ids, nx, ntot);
+      nx = 0;
+    }
   }
   if (!rc && r != SQLITE_DONE) rc = db_err(st, "verify");
+  if (!rc && nx) rc = verify_chunk(st, x, ids, nx, ntot);
 done:
   sqlite3_finalize(s);
   free(tok);
+  free(x);
   return rc;
 }
