@@ -116,5 +116,22 @@ expect norerank "$out" added=3
 "$BIN/blip-index" --help | grep -q -- "--no-rerank-store" && ok || bad "--help"
 BLIPSEARCH_DB=$T/envdb "$BIN/blip-index" --model "$MODEL" "$T/small" 2>/dev/null && [[ -e $T/envdb/index.sqlite ]] && ok || bad "BLIPSEARCH_DB"
 
+# SIGINT: the batch in the model is committed, then exit 130; the next run does the rest
+mkdir -p "$T/many"
+"$BIN/gen_photos" "$T/many" 300 --size 32x32 >/dev/null
+"$BIN/blip-index" --db "$T/dbi" --model "$MODEL" --batch 1 --json "$T/many" > "$T/int.json" 2>/dev/null &
+pid=$!
+sleep 0.4
+kill -INT $pid
+wait $pid
+rc=$?
+int=$(cat "$T/int.json")
+[[ $rc == 130 && $int == *'"interrupted":true'* ]] && ok || bad "SIGINT: rc $rc, $int"
+"$BIN/blip-index" --db "$T/dbi" --check >/dev/null && ok || bad "check after SIGINT"
+n=$("$BIN/blip-index" --db "$T/dbi" --dump | grep -c "	ok	")
+expect sigint "$int" added=$n
+out=$("$BIN/blip-index" --db "$T/dbi" --model "$MODEL" --json "$T/many")
+expect after-sigint "$out" added=$((300 - n)) unchanged=$n
+
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]
