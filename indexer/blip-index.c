@@ -65,6 +65,7 @@ typedef struct {
   int64_t size, mtime_ns;
   int64_t replace; /* row superseded (changed file) */
   uint64_t fp;
+  int has_fp;
 } item;
 
 typedef struct {
@@ -82,7 +83,7 @@ static int items_push(items *l, const char *path, int64_t size, int64_t mtime_ns
   }
   char *p = strdup(path);
   if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  l->v[l->n++] = (item){p, size, mtime_ns, 0, 0};
+  l->v[l->n++] = (item){p, size, mtime_ns, 0, 0, 0};
   return BLIP_OK;
 }
 
@@ -413,9 +414,13 @@ int main(int argc, char **argv) {
       cn.unchanged++;
       continue;
     }
-    if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) {
-      fprintf(stderr, "blip-index: skipping %s\n", blip_err_last()); /* vanished or unreadable */
-      continue;
+    /* a new file needs its fingerprint now only if it could be a move */
+    if ((kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
+      if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) {
+        fprintf(stderr, "blip-index: skipping %s\n", blip_err_last()); /* vanished or unreadable */
+        continue;
+      }
+      it->has_fp = 1;
     }
     if (kind == BLIP_SCAN_CHANGED) {
       uint64_t old = 0;
@@ -427,7 +432,7 @@ int main(int argc, char **argv) {
       }
       it->replace = rid;
       if (dry) printf("update %s\n", it->path);
-    } else if (st && (rc = blip_store_find_moved(st, it->fp, it->size, &src)) == BLIP_OK && src) {
+    } else if (it->has_fp && (rc = blip_store_find_moved(st, it->fp, it->size, &src)) == BLIP_OK && src) {
       if (dry) {
         char old[PATH_MAX];
         blip_store_get(st, src, NULL, old, sizeof old);
@@ -445,6 +450,7 @@ int main(int argc, char **argv) {
     if ((rc = items_push(&work, it->path, it->size, it->mtime_ns))) break;
     work.v[work.n - 1].replace = it->replace;
     work.v[work.n - 1].fp = it->fp;
+    work.v[work.n - 1].has_fp = it->has_fp;
   }
   if (st && !dry) {
     if (rc || g_stop) blip_store_rollback(st);
@@ -471,7 +477,8 @@ int main(int argc, char **argv) {
   blip_index_item *wi = calloc((size_t)work.n + 1, sizeof *wi);
   if (!wi) goto oom;
   for (int64_t i = 0; i < work.n; i++)
-    wi[i] = (blip_index_item){work.v[i].path, work.v[i].size, work.v[i].mtime_ns, work.v[i].fp, work.v[i].replace};
+    wi[i] = (blip_index_item){work.v[i].path, work.v[i].size, work.v[i].mtime_ns, work.v[i].fp, work.v[i].has_fp,
+                              work.v[i].replace};
   progress_ctx pc = {now_s(), 0};
   blip_index_opts io = {B, threads, !norr, &g_stop, isatty(2) ? show_progress : NULL, &pc};
   blip_index_counts ic = {0};

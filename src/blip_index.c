@@ -26,6 +26,7 @@ typedef struct {
   const blip_index_item *it[MAXB];
   float *pix; /* [n,3,S,S] */
   blip_img_meta meta[MAXB];
+  uint64_t fp[MAXB];
   char err[MAXB][256]; /* "" = decoded */
   int ready;
 } slot;
@@ -59,7 +60,10 @@ static void decode(pipeline *p, slot *b) {
 #pragma omp parallel for num_threads(p->threads) schedule(dynamic, 1)
   for (int i = 0; i < b->n; i++) {
     memset(&b->meta[i], 0, sizeof b->meta[i]);
-    int rc = blip_img_load_file(b->it[i]->path, &o, b->pix + i * per, NULL, &b->meta[i]);
+    const blip_index_item *it = b->it[i];
+    int rc = blip_img_load_file(it->path, &o, b->pix + i * per, NULL, &b->meta[i]);
+    b->fp[i] = it->fingerprint;
+    if (!it->has_fingerprint && blip_store_fingerprint_file(it->path, it->size, &b->fp[i]) && !rc) rc = BLIP_EIO;
     if (rc) snprintf(b->err[i], sizeof b->err[i], "%s", blip_err_last()[0] ? blip_err_last() : blip_err_name(rc));
     else b->err[i][0] = 0;
   }
@@ -108,7 +112,7 @@ static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, 
     for (int i = 0; i < b->n; i++) {
       if ((pass == 0) != (b->err[i][0] == 0)) continue;
       const blip_index_item *it = b->it[i];
-      rows[r] = (blip_store_row){it->path, it->size, it->mtime_ns, it->fingerprint, b->meta[i].width,
+      rows[r] = (blip_store_row){it->path, it->size, it->mtime_ns, b->fp[i], b->meta[i].width,
                                  b->meta[i].height, b->meta[i].orientation, b->meta[i].taken_at,
                                  pass ? b->err[i] : NULL};
       rep[r++] = it->replace;

@@ -21,6 +21,7 @@ typedef struct {
   const char *path;
   int64_t size, mtime_ns;
   uint64_t fingerprint;
+  int has_fingerprint; /* 0: computed by the decoder (file already in the page cache) */
   int64_t replace; /* id of the row this file supersedes (changed file), or 0 */
 } blip_index_item;
 

@@ -85,6 +85,7 @@ static const char *const SCHEMA[] = {
     "  indexed_at  INTEGER NOT NULL\n"
     ");\n"
     "CREATE INDEX images_fingerprint ON images(fingerprint);\n"
+    "CREATE INDEX images_size ON images(size);\n"
     "CREATE TABLE meta (\n"
     "  key   TEXT PRIMARY KEY,\n"
     "  value TEXT NOT NULL\n"
@@ -794,6 +795,17 @@ int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t
   }
   sqlite3_finalize(s);
   return rc;
+}
+
+int blip_store_size_known(blip_store *st, int64_t size) {
+  sqlite3_stmt *s = NULL;
+  int known = 1; /* on error, err on the side of fingerprinting */
+  if (prep(st, "SELECT 1 FROM images WHERE size=? LIMIT 1", &s) == BLIP_OK) {
+    sqlite3_bind_int64(s, 1, size);
+    known = sqlite3_step(s) != SQLITE_DONE;
+  }
+  sqlite3_finalize(s);
+  return known;
 }
 
 int blip_store_find_moved(blip_store *st, uint64_t fingerprint, int64_t size, int64_t *id) {

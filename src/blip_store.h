@@ -81,6 +81,9 @@ int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t
  * was not seen in this scan (a move source), or 0. The row found is marked
  * seen, so that it is claimed by one new path only. */
 int blip_store_find_moved(blip_store *st, uint64_t fingerprint, int64_t size, int64_t *id);
+/* Whether any row has this file size: when none does, a new file cannot be a
+ * move and its fingerprint can wait until it is decoded. */
+int blip_store_size_known(blip_store *st, int64_t size);
 /* Give row id a new path (and mtime); keeps its vectors. Marks it seen. */
 int blip_store_move(blip_store *st, int64_t id, const char *new_path, int64_t mtime_ns);
 /* Update size/mtime of a row whose content did not change (same fingerprint). */
