@@ -184,9 +184,16 @@ static void test_model_files(void) {
   free(bad);
   bad = strdup(cfg);
   p = strstr(bad, "\"hidden_size\": 32");
+  memcpy(p, "\"hidden_size\": \"\"", 17);
+  put_file("config.json", bad, cn);
+  expect_fail("config size of the wrong type", BLIP_EFORMAT, "hidden_size is not an integer");
+  free(bad);
+  /* An absent key takes transformers' default (text hidden 768), which these weights contradict. */
+  bad = strdup(cfg);
+  p = strstr(bad, "\"hidden_size\": 32");
   memcpy(p, "\"hidden_sizX\": 32", 17);
   put_file("config.json", bad, cn);
-  expect_fail("config missing a size", BLIP_EFORMAT, "hidden_size is missing");
+  expect_fail("config key absent -> HF default", BLIP_ESHAPE, "the config implies [30524,768]");
   free(bad);
   bad = strdup(cfg);
   p = strstr(bad, "\"hidden_act\": \"gelu\"");
