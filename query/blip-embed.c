@@ -92,7 +92,7 @@ int main(int argc, char **argv) {
     case 'F':
       if (!strcmp(optarg, "enc")) first = BLIP_ITM_ENC;
       else if (!strcmp(optarg, "cls")) first = BLIP_ITM_CLS;
-      else { fprintf(stderr, "blip-embed: --itm-first-token takes enc or cls\n"); return 2; }
+      else { fprintf(stderr, "blip-embed: --itm-first-token takes enc or cls\n"); goto usage_err; }
       break;
     case 'N': naive = 1; break;
     case 'P': pre = 1; break;
@@ -100,17 +100,22 @@ int main(int argc, char **argv) {
     case 'R': autorot = 0; break;
     case 'T': threads = atoi(optarg); break;
     case 'j': json = 1; break;
-    case 'h': usage(stdout); return 0;
-    default: usage(stderr); return 2;
+    case 'h': usage(stdout); free(images), free(texts); return 0;
+    default: goto usage_err;
     }
   }
   if (!model_dir || optind < argc || (!n_img_files && !pixels && !n_txt) || max_len < 2) {
+  usage_err:
     usage(stderr);
+    free(images), free(texts);
     return 2;
   }
   blip_k_set_threads(threads);
   blip_model *m = NULL;
-  if (blip_model_load(model_dir, NULL, &m)) return fail(model_dir);
+  if (blip_model_load(model_dir, NULL, &m)) {
+    free(images), free(texts);
+    return fail(model_dir);
+  }
   const blip_cfg *c = blip_model_cfg(m);
   const int S = c->image_size, E = c->embed_dim, T = c->v_tokens, D = c->v_hidden;
   if (max_len > c->t_max_pos) max_len = c->t_max_pos;
