@@ -501,6 +501,10 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
                       (long long)w * h, (long long)o->max_pixels);
     goto done;
   }
+  if (now_s() - t0 > o->time_budget_s) {
+    rc = blip_err_set(BLIP_EINTR, "%s: over the time budget of %.3g s reading the header", name, o->time_budget_s);
+    goto done;
+  }
   int orient = vips_image_get_orientation(im);
   if (orient < 1 || orient > 8) orient = 1;
   if (meta) {
