@@ -203,6 +203,16 @@ static void test_model_files(void) {
   free(bad);
   put_file("config.json", cfg, cn);
   free(cfg);
+  /* vocab.txt without [SEP] (line 103 blanked out). */
+  size_t vn;
+  char *voc = slurp(test_data("blip-tiny/vocab.txt"), &vn), *sep = strstr(voc, "\n[SEP]\n");
+  memcpy(sep + 1, "[SEQ]", 5);
+  put_file("vocab.txt", voc, vn);
+  expect_fail("vocab missing [SEP]", BLIP_EFORMAT, "[SEP]");
+  free(voc);
+  put_file("vocab.txt", "", 0);
+  expect_fail("empty vocab", BLIP_EFORMAT, "vocab");
+  copy_fixture("blip-tiny/vocab.txt");
   /* Missing files. */
   char path[512];
   snprintf(path, sizeof path, "%s/model.safetensors", g_dir);
