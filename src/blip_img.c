@@ -331,6 +331,7 @@ static int vips_fail(int code, const char *what, const char *name) {
   while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = 0;
   for (char *p = msg; *p; p++)
     if (*p == '\n') *p = ';';
+  if (strstr(msg, "out of memory") || strstr(msg, "unable to allocate")) code = BLIP_ENOMEM;
   if (code == BLIP_EFORMAT) {
     static const char *trunc[] = {"truncat", "remature end", "nexpected end", "end of file", "EOF", "not enough data",
                                   "short read", "out of data", "end of stream"};
