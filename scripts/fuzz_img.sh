@@ -7,8 +7,9 @@
 set -euo pipefail
 secs=${1:-60}
 root=$(cd "$(dirname "$0")/.." && pwd)
-CC=clang CXX=clang++ cmake -S "$root" -B "$root/build-fuzz" -DBLIP_FUZZ=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build "$root/build-fuzz" -j2 --target fuzz_img >/dev/null
+CC=clang CXX=clang++ cmake -S "$root" -B "$root/build-fuzz" -DBLIP_FUZZ=ON -DCMAKE_BUILD_TYPE=Release >/dev/null 2>&1 \
+  && cmake --build "$root/build-fuzz" -j2 --target fuzz_img >/dev/null 2>&1 \
+  || { echo "fuzz_img: build failed (needs clang with libFuzzer)"; exit 1; }
 work=$(mktemp -d)
 art="$root/build-fuzz/fuzz_img-findings/"
 rm -rf "$art" && mkdir -p "$art"
