@@ -184,6 +184,20 @@ static int64_t db_int(blip_store *st, const char *sql, int64_t dflt) {
   return v;
 }
 
+/* A read snapshot, unless the caller already holds a transaction (then its
+ * snapshot is used): *began says whether read_end must close it. */
+static int read_begin(blip_store *st, int *began) {
+  *began = 0;
+  if (!sqlite3_get_autocommit(st->db)) return BLIP_OK;
+  int rc = exec(st, "BEGIN");
+  *began = rc == BLIP_OK;
+  return rc;
+}
+
+static void read_end(blip_store *st, int began) {
+  if (began) sqlite3_exec(st->db, "COMMIT", NULL, NULL, NULL);
+}
+
 static int64_t db_generation(blip_store *st) {
   return db_int(st, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='generation'", 0);
 }
@@ -333,7 +347,7 @@ static int fx_rebuild(blip_store *st, int ivf) {
   float *x = NULL;
   int64_t *ids = NULL, n = 0, cap = 0, gen;
   FaissIndex *ix = NULL;
-  int rc = exec(st, "BEGIN");
+  int began, rc = read_begin(st, &began);
   if (rc) return rc;
   gen = db_generation(st);
   if ((rc = prep(st, "SELECT id, feat FROM images WHERE feat IS NOT NULL", &s))) goto done;
@@ -371,7 +385,7 @@ static int fx_rebuild(blip_store *st, int ivf) {
   st->fx_trained = ivf ? n : 0;
 done:
   sqlite3_finalize(s);
-  sqlite3_exec(st->db, "COMMIT", NULL, NULL, NULL);
+  read_end(st, began);
   free(x);
   free(ids);
   return rc;
@@ -1100,7 +1114,7 @@ static int cmp_i64(const void *a, const void *b) {
 static int search_exact(blip_store *st, const float *q, int k, const int64_t *allow, int64_t n_allow, int64_t *out_ids,
                         float *out_scores) {
   sqlite3_stmt *s = NULL;
-  int n = 0, rc = exec(st, "BEGIN");
+  int n = 0, began, rc = read_begin(st, &began);
   if (rc) return rc;
   if ((rc = prep(st, "SELECT feat FROM images WHERE id=? AND feat IS NOT NULL", &s))) goto done;
   for (int64_t i = 0; i < n_allow; i++) {
@@ -1116,7 +1130,7 @@ static int search_exact(blip_store *st, const float *q, int k, const int64_t *al
   }
 done:
   sqlite3_finalize(s);
-  sqlite3_exec(st->db, "COMMIT", NULL, NULL, NULL);
+  read_end(st, began);
   return rc ? rc : n;
 }
 
@@ -1276,8 +1290,10 @@ int blip_store_verify(blip_store *st) {
   sqlite3_stmt *s = NULL;
   float *tok = malloc((size_t)st->T * st->Dv * sizeof *tok), *x = malloc((size_t)CHUNK * st->E * sizeof *x);
   int64_t ids[CHUNK], nx = 0, ntot = 0;
-  int rc = tok && x ? fx_current(st) : blip_err_set(BLIP_ENOMEM, "out of memory"), r = SQLITE_DONE;
-  if (rc) goto done;
+  int began = 0, r = SQLITE_DONE;
+  /* one snapshot for the whole check: a writer may commit meanwhile */
+  int rc = tok && x ? read_begin(st, &began) : blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (rc || (rc = fx_current(st))) goto done;
   int64_t nrows = blip_store_count(st);
   ntot = faiss_Index_ntotal(st->fx);
   if (nrows != ntot) {
@@ -1310,6 +1326,7 @@ int blip_store_verify(blip_store *st) {
   if (!rc && nx) rc = verify_chunk(st, x, ids, nx, ntot);
 done:
   sqlite3_finalize(s);
+  read_end(st, began);
   free(tok);
   free(x);
   return rc;

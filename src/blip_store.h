@@ -120,7 +120,9 @@ int blip_store_fingerprint_file(const char *path, int64_t size, uint64_t *fp);
 int blip_store_search(blip_store *st, const float *query, int k, const int64_t *allow_ids, int64_t n_allow,
                       int64_t *out_ids, float *out_scores);
 /* Vision tokens [T,Dv] of image id, dequantized. BLIP_ENOTFOUND when the
- * image has no record (failed, --no-rerank-store, deleted). */
+ * image has no record (failed, --no-rerank-store, deleted); an image deleted
+ * by a writer since the search that found it may also give BLIP_EFORMAT (its
+ * record is a hole now): skip such a candidate. */
 int blip_store_tokens(blip_store *st, int64_t id, float *out);
 /* Feature [E] and path (copied into path, cap bytes) of image id. */
 int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t cap);
@@ -134,7 +136,9 @@ int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void 
 
 /* Check that SQLite, the FAISS cache and the rerank store agree: every
  * searchable row is found by its own feature, every has_tokens row has its
- * record. Returns BLIP_OK or BLIP_EFORMAT with the first disagreement. */
+ * record. Runs on one SQLite snapshot, so a writer adding images meanwhile is
+ * fine; one deleting images meanwhile may make a record look missing.
+ * Returns BLIP_OK or BLIP_EFORMAT with the first disagreement. */
 int blip_store_verify(blip_store *st);
 /* FAISS index kind for n vectors (ivf_min as in opts): 0 = flat, else the IVF nlist. */
 int blip_store_ivf_nlist(int64_t n, int64_t ivf_min);

@@ -132,5 +132,19 @@ expect sigint "$int" added=$n
 out=$("$BIN/blip-index" --db "$T/dbi" --model "$MODEL" --json "$T/many")
 expect after-sigint "$out" added=$((300 - n)) unchanged=$n
 
+# readers during indexing see a consistent snapshot (WAL + generation-tagged FAISS cache)
+"$BIN/blip-index" --db "$T/dbc" --model "$MODEL" --batch 2 "$T/many" >/dev/null 2>&1 &
+pid=$!
+checks=0 seen=0
+while kill -0 $pid 2>/dev/null; do
+  if [[ -e $T/dbc/index.sqlite ]]; then
+    out=$("$BIN/blip-index" --db "$T/dbc" --check --json 2>&1)
+    if [[ $out == *'"ok": true'* ]]; then checks=$((checks + 1)); elif [[ $out != *"no index here"* ]]; then bad "concurrent check: $out"; fi
+  fi
+done
+wait $pid || bad "indexer beside readers"
+(( checks > 0 )) && ok || bad "no check ran while indexing"
+echo "  $checks consistent checks while indexing"
+
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]
