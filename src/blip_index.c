@@ -157,6 +157,7 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
   }
   started = 1;
   int64_t committed = 0;
+  double last_flush = now_s();
   for (int k = 0;; k ^= 1) {
     slot *b = &p.s[k];
     double tw = now_s();
@@ -173,6 +174,10 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
     pthread_cond_broadcast(&p.cv);
     pthread_mutex_unlock(&p.mu);
     if (opts->progress) opts->progress(opts->ctx, committed, n);
+    if (opts->flush_every_s > 0 && now_s() - last_flush > opts->flush_every_s) {
+      if ((rc = blip_store_flush(st))) break; /* a full disk here is as fatal as in a commit */
+      last_flush = now_s();
+    }
     if (opts->stop && *opts->stop) {
       rc = blip_err_set(BLIP_EINTR, "stopped after %lld of %lld images", (long long)committed, (long long)n);
       break;

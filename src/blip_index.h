@@ -29,6 +29,8 @@ typedef struct {
   int batch;   /* images per model call and per commit (1..256) */
   int threads; /* decoding threads */
   int tokens;  /* store vision tokens in the rerank store */
+  double flush_every_s; /* rewrite vectors.faiss this often during long runs (0: only at the end),
+                           so that concurrent queries find a fresh cache instead of rebuilding it */
   volatile sig_atomic_t *stop; /* may be NULL */
   void (*progress)(void *ctx, int64_t done, int64_t total); /* after each commit; may be NULL */
   void *ctx;
