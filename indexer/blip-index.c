@@ -381,6 +381,7 @@ int main(int argc, char **argv) {
   sa.sa_handler = on_signal;
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
+  signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails the write (EFBIG, reported) instead of killing us */
 
   /* walk */
   walker w = {excl, nexcl, NULL, 0, 0, &found, 0, {0}};

@@ -132,6 +132,21 @@ expect sigint "$int" added=$n
 out=$("$BIN/blip-index" --db "$T/dbi" --model "$MODEL" --json "$T/many")
 expect after-sigint "$out" added=$((300 - n)) unchanged=$n
 
+# a full disk (a file-size limit here) stops with a clear error; the index stays consistent
+# and the next run carries on
+(ulimit -f 256; exec "$BIN/blip-index" --db "$T/dbf" --model "$MODEL" --batch 8 "$T/many") >/dev/null 2>"$T/errf"
+rc=$?
+[[ $rc == 1 ]] && grep -q "disk full" "$T/errf" && grep -q "index is consistent" "$T/errf" && ok || bad "full disk: rc $rc $(cat "$T/errf")"
+"$BIN/blip-index" --db "$T/dbf" --check >/dev/null && ok || bad "check after full disk"
+n=$("$BIN/blip-index" --db "$T/dbf" --dump | grep -c "	ok	")
+(( n > 0 && n < 300 )) && ok || bad "full disk: $n images committed"
+out=$("$BIN/blip-index" --db "$T/dbf" --model "$MODEL" --json "$T/many")
+expect after-full "$out" added=$((300 - n)) unchanged=$n
+
+# progress (done/total, rate, ETA) on a terminal only
+script -qec "\"$BIN/blip-index\" --db \"$T/dbp\" --model \"$MODEL\" --batch 50 \"$T/many\"" /dev/null > "$T/tty.txt" 2>&1
+grep -q "300/300 images.*images/s.*ETA" "$T/tty.txt" && ok || bad "no progress on a tty: $(head -c 300 "$T/tty.txt")"
+
 # readers during indexing see a consistent snapshot (WAL + generation-tagged FAISS cache)
 "$BIN/blip-index" --db "$T/dbc" --model "$MODEL" --batch 2 "$T/many" >/dev/null 2>&1 &
 pid=$!
