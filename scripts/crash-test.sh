@@ -55,7 +55,9 @@ for ((i = 1; kills < KILLS && i <= 4 * KILLS; i++)); do
   fi
   (exec "$BIN/blip-index" --db "$T/db" --model "$MODEL" --batch 4 --threads 2 "$L" >/dev/null 2>&1) &
   pid=$! # the subshell exec()s blip-index, so this is the indexer itself
-  sleep "$(printf '%d.%03d' $((RANDOM % span_ms / 1000)) $((RANDOM % span_ms % 1000)))"
+  ms=$((RANDOM * 32768 + RANDOM))
+  ms=$((ms % (span_ms * 4 / 5))) # within the first 80% of a full run
+  sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))"
   if kill -9 "$pid" 2>/dev/null; then kills=$((kills + 1)); else completed=$((completed + 1)); fi
   wait "$pid" 2>/dev/null
   if (( completed > done_before )); then # the run beat the kill: start over so that kills hit real work

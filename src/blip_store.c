@@ -127,6 +127,7 @@ struct blip_store {
   int fx_saved;       /* file holds fx_gen */
   int ready;          /* open completed (close may flush) */
   int64_t ivf_min;    /* vectors from which the writer builds IVF */
+  sqlite3_stmt *q_path, *q_size; /* per-file scan lookups, prepared once */
   uint8_t *seen;      /* scan: seen[id] */
   int64_t seen_cap;
 };
@@ -710,6 +711,8 @@ void blip_store_close(blip_store *st) {
   fx_drop(st);
   if (st->tok_map) munmap(st->tok_map, st->tok_len);
   if (st->tok_fd >= 0) close(st->tok_fd);
+  sqlite3_finalize(st->q_path);
+  sqlite3_finalize(st->q_size);
   if (st->db) sqlite3_close(st->db);
   if (st->lock_fd >= 0) close(st->lock_fd);
   for (int i = 0; i < NMETA; i++) free(st->meta[i]);
@@ -792,9 +795,9 @@ int blip_store_scan_begin(blip_store *st) {
 
 int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t mtime_ns, blip_scan_kind *kind,
                          int64_t *id) {
-  sqlite3_stmt *s = NULL;
-  int rc = prep(st, "SELECT id, size, mtime_ns FROM images WHERE path=?", &s);
+  int rc = st->q_path ? BLIP_OK : prep(st, "SELECT id, size, mtime_ns FROM images WHERE path=?", &st->q_path);
   if (rc) return rc;
+  sqlite3_stmt *s = st->q_path;
   sqlite3_bind_text(s, 1, path, -1, SQLITE_STATIC);
   *kind = BLIP_SCAN_NEW;
   *id = 0;
@@ -807,18 +810,17 @@ int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t
   } else if (r != SQLITE_DONE) {
     rc = db_err(st, "look up path");
   }
-  sqlite3_finalize(s);
+  sqlite3_reset(s);
   return rc;
 }
 
 int blip_store_size_known(blip_store *st, int64_t size) {
-  sqlite3_stmt *s = NULL;
   int known = 1; /* on error, err on the side of fingerprinting */
-  if (prep(st, "SELECT 1 FROM images WHERE size=? LIMIT 1", &s) == BLIP_OK) {
-    sqlite3_bind_int64(s, 1, size);
-    known = sqlite3_step(s) != SQLITE_DONE;
+  if (st->q_size || prep(st, "SELECT 1 FROM images WHERE size=? LIMIT 1", &st->q_size) == BLIP_OK) {
+    sqlite3_bind_int64(st->q_size, 1, size);
+    known = sqlite3_step(st->q_size) != SQLITE_DONE;
+    sqlite3_reset(st->q_size);
   }
-  sqlite3_finalize(s);
   return known;
 }
 
