@@ -270,7 +270,7 @@ static int tok_open(blip_store *st) {
   memcpy(want + 8, v, sizeof v);
   memcpy(want + 24, &stride, 8);
   ssize_t n = pread(st->tok_fd, h, TOK_HDR, 0);
-  if (n == 0 && st->write) {
+  if (n >= 0 && n < TOK_HDR && st->write) { /* new, or a crash cut the header short: nothing was committed */
     if (pwrite(st->tok_fd, want, TOK_HDR, 0) != TOK_HDR || fdatasync(st->tok_fd) != 0) rc = io_err("write", p);
   } else if (n != TOK_HDR || memcmp(h, want, TOK_HDR) != 0) {
     rc = blip_err_set(BLIP_EFORMAT, "%s: header does not match the index (format %s, T %d, Dv %d)", p,
@@ -299,6 +299,8 @@ static int tok_map(blip_store *st, int64_t id) {
   return BLIP_OK;
 }
 
+/* Free a deleted id's record. Best effort: the row is already gone, so the
+ * record is unreachable whether or not the filesystem can punch holes. */
 static void tok_punch(blip_store *st, int64_t id) {
   if (st->tok_fd >= 0)
     fallocate(st->tok_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec_off(st, id), (off_t)st->stride);
