@@ -81,6 +81,8 @@ done
 # finish, then compare with a kill-free build of the same library
 fin=$(index "$T/db" --json 2>&1) || fail "final run: $fin"
 "$BIN/blip-index" --db "$T/db" --check >/dev/null || fail "final check"
+left=$(ls "$T/db" | grep -v -x -e index.sqlite -e index.sqlite-wal -e index.sqlite-shm -e vectors.faiss -e tokens.bin -e lock)
+[[ -z $left ]] || fail "files left behind in the index directory: $left"
 again=$(index "$T/db" --json 2>/dev/null)
 [[ $again == *'"added":0,"updated":0,"moved":0,"deleted":0,'* ]] || fail "no-op run did work: $again"
 index "$T/ref" >/dev/null 2>&1 || fail "reference build"

@@ -37,6 +37,7 @@
  *   versioned by PRAGMA user_version. */
 #include "blip_store.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -612,6 +613,20 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
   return BLIP_OK;
 }
 
+/* Temp files of a flush that a crash interrupted (only the lock holder writes them). */
+static void remove_stale_tmp(const char *dir) {
+  DIR *d = opendir(dir);
+  struct dirent *e;
+  char p[4096];
+  if (!d) return;
+  while ((e = readdir(d)))
+    if (strncmp(e->d_name, "vectors.faiss.tmp.", 18) == 0) {
+      snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+      unlink(p);
+    }
+  closedir(d);
+}
+
 static int remove_index_files(const char *dir) {
   static const char *const names[] = {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "vectors.faiss",
                                       "tokens.bin"};
@@ -657,6 +672,7 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
     }
     free(p);
     p = NULL;
+    remove_stale_tmp(dir);
     if (o.rebuild && (rc = remove_index_files(dir))) goto fail;
   }
   if (!(p = path_in(st, "index.sqlite"))) goto oom;

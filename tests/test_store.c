@@ -135,9 +135,14 @@ static void test_migrate_and_identity(void) {
   sqlite3_finalize(s);
   sqlite3_close(db);
 
-  /* reopen with the same identity: fine, nothing re-applied */
+  /* reopen with the same identity: fine, nothing re-applied; a crashed flush's temp file is removed */
+  char tmpf[600];
+  snprintf(tmpf, sizeof tmpf, "%s/vectors.faiss.tmp.99999", dir);
+  FILE *tf = fopen(tmpf, "w");
+  if (tf) fclose(tf);
   st = open_w(dir, &ID_A, BLIP_TOKENS_I8);
   CHECK(st != NULL, "reopen");
+  CHECK(access(tmpf, F_OK) != 0, "stale FAISS temp file left behind");
   blip_store_close(st);
 
   /* each identity field that differs is refused with a message naming it */
