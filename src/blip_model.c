@@ -1,0 +1,582 @@
+/* blip_model: BLIP retrieval inference, written as flat weight structs and
+ * one readable loop per encoder (llama2.c style).
+ *
+ * Invariants:
+ * - Every weight pointer is either into the safetensors mmap (F32 tensors
+ *   at 4-byte aligned offsets: zero copy) or into a buffer listed in
+ *   m->owned (converted F16/BF16, random weights, repacked layers).
+ * - All shapes are checked against the config at load; forward passes
+ *   trust them.
+ * - Scratch memory is one growing arena per context, so a context is not
+ *   thread-safe but repeated calls do not allocate. */
+#include "blip_model.h"
+#include "blip_err.h"
+#include "blip_kern.h"
+#include "blip_st.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+typedef struct {
+  const float *g, *b;
+} ln_w;
+
+typedef struct { /* ViT pre-norm block */
+  ln_w ln1, ln2;
+  blip_k_linear qkv, proj, fc1, fc2;
+} vis_layer;
+
+typedef struct { /* BERT post-norm layer with cross-attention */
+  blip_k_linear q, k, v, o;     /* self-attention */
+  ln_w ln_self;
+  blip_k_linear cq, ck, cv, co; /* cross-attention to image tokens */
+  ln_w ln_cross;
+  blip_k_linear ffn1, ffn2;
+  ln_w ln_ffn;
+} txt_layer;
+
+struct blip_model {
+  blip_cfg cfg;
+  blip_model_opts opts;
+  blip_tok *tok;
+  blip_st *st;
+  uint64_t seed; /* random models: weights drawn from (seed, name) */
+  /* vision */
+  blip_k_linear patch; /* conv as [Dv, 3*p*p] */
+  const float *cls, *vpos;
+  vis_layer *vl;
+  ln_w post_ln;
+  /* text */
+  const float *word, *tpos;
+  ln_w emb_ln;
+  txt_layer *tl;
+  /* heads */
+  blip_k_linear vision_proj, text_proj, itm_head;
+  /* ownership */
+  void **owned;
+  int n_owned, cap_owned;
+  float *arena;
+  size_t arena_cap;
+  char fingerprint[17];
+};
+
+/* ---------- loading ---------- */
+
+static int own(blip_model *m, void *p) {
+  if (m->n_owned == m->cap_owned) {
+    int nc = m->cap_owned ? 2 * m->cap_owned : 64;
+    void **no = realloc(m->owned, (size_t)nc * sizeof *no);
+    if (!no) return blip_err_set(BLIP_ENOMEM, "out of memory");
+    m->owned = no;
+    m->cap_owned = nc;
+  }
+  m->owned[m->n_owned++] = p;
+  return BLIP_OK;
+}
+
+static uint64_t splitmix64(uint64_t *s) {
+  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/* Random weights with magnitudes that keep activations O(1) (like the
+ * blip-tiny fixture): LayerNorm gains ~1, biases small, matrices ~1/sqrt(fan_in). */
+static void fill_random(float *w, int64_t n, const char *name, int64_t fan_in, uint64_t seed) {
+  uint64_t s = seed ^ XXH3_64bits(name, strlen(name));
+  int is_ln = strstr(name, "norm") || strstr(name, "LayerNorm");
+  int is_bias = strstr(name, ".bias") != NULL;
+  float std = is_bias ? 0.02f : is_ln ? 0.05f : strstr(name, "embedding") ? 0.5f : 1.0f / sqrtf((float)fan_in);
+  float base = (is_ln && !is_bias) ? 1.0f : 0.0f;
+  for (int64_t i = 0; i < n; i++) {
+    float u = (float)((splitmix64(&s) >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f; /* [-1,1) */
+    w[i] = base + u * std * 1.7320508f;
+  }
+}
+
+/* Bind weight `name` of the given shape to *out. */
+static int bind(blip_model *m, const char *name, int ndim, const int64_t *shape, const float **out) {
+  int64_t numel = 1;
+  for (int i = 0; i < ndim; i++) numel *= shape[i];
+  if (!m->st) {
+    float *w = malloc((size_t)numel * sizeof(float));
+    if (!w || own(m, w)) {
+      free(w);
+      return blip_err_set(BLIP_ENOMEM, "out of memory for '%s'", name);
+    }
+    fill_random(w, numel, name, ndim > 1 ? numel / shape[0] : shape[0], m->seed);
+    *out = w;
+    return BLIP_OK;
+  }
+  const blip_st_tensor *t = blip_st_find(m->st, name);
+  if (t && t->dtype == BLIP_DT_F32 && ((uintptr_t)t->data & 3) == 0) {
+    int same = t->ndim == ndim;
+    for (int i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
+    if (same) {
+      *out = t->data;
+      return BLIP_OK;
+    }
+  }
+  float *w;
+  int rc = blip_st_load_f32(m->st, name, ndim, shape, &w);
+  if (rc) return rc;
+  if ((rc = own(m, w))) {
+    free(w);
+    return rc;
+  }
+  *out = w;
+  return BLIP_OK;
+}
+
+static int bind_vec(blip_model *m, const char *name, int64_t n, const float **out) {
+  return bind(m, name, 1, &n, out);
+}
+
+static int bind_lin(blip_model *m, blip_k_linear *l, const char *prefix, int out, int in) {
+  char name[256];
+  int64_t shape[2] = {out, in};
+  l->in = in;
+  l->out = out;
+  snprintf(name, sizeof name, "%s.weight", prefix);
+  int rc = bind(m, name, 2, shape, &l->w);
+  if (rc) return rc;
+  snprintf(name, sizeof name, "%s.bias", prefix);
+  return bind_vec(m, name, out, &l->b);
+}
+
+static int bind_ln(blip_model *m, ln_w *l, const char *prefix, int n) {
+  char name[256];
+  snprintf(name, sizeof name, "%s.weight", prefix);
+  int rc = bind_vec(m, name, n, &l->g);
+  if (rc) return rc;
+  snprintf(name, sizeof name, "%s.bias", prefix);
+  return bind_vec(m, name, n, &l->b);
+}
+
+static int bind_all(blip_model *m) {
+  const blip_cfg *c = &m->cfg;
+  const int Dv = c->v_hidden, Dt = c->t_hidden, p = c->patch;
+  char pre[256];
+  int rc;
+  {
+    int64_t ps[4] = {Dv, 3, p, p}, cs[3] = {1, 1, Dv}, vs[3] = {1, c->v_tokens, Dv};
+    if ((rc = bind(m, "vision_model.embeddings.patch_embedding.weight", 4, ps, &m->patch.w)) ||
+        (rc = bind_vec(m, "vision_model.embeddings.patch_embedding.bias", Dv, &m->patch.b)) ||
+        (rc = bind(m, "vision_model.embeddings.class_embedding", 3, cs, &m->cls)) ||
+        (rc = bind(m, "vision_model.embeddings.position_embedding", 3, vs, &m->vpos)))
+      return rc;
+    m->patch.in = 3 * p * p;
+    m->patch.out = Dv;
+  }
+  for (int i = 0; i < c->v_layers; i++) {
+    vis_layer *L = &m->vl[i];
+#define VP(s) (snprintf(pre, sizeof pre, "vision_model.encoder.layers.%d.%s", i, s), pre)
+    if ((rc = bind_ln(m, &L->ln1, VP("layer_norm1"), Dv)) || (rc = bind_lin(m, &L->qkv, VP("self_attn.qkv"), 3 * Dv, Dv)) ||
+        (rc = bind_lin(m, &L->proj, VP("self_attn.projection"), Dv, Dv)) || (rc = bind_ln(m, &L->ln2, VP("layer_norm2"), Dv)) ||
+        (rc = bind_lin(m, &L->fc1, VP("mlp.fc1"), c->v_mlp, Dv)) || (rc = bind_lin(m, &L->fc2, VP("mlp.fc2"), Dv, c->v_mlp)))
+      return rc;
+#undef VP
+  }
+  if ((rc = bind_ln(m, &m->post_ln, "vision_model.post_layernorm", Dv))) return rc;
+  {
+    int64_t ws[2] = {c->t_vocab, Dt}, ps[2] = {c->t_max_pos, Dt};
+    if ((rc = bind(m, "text_encoder.embeddings.word_embeddings.weight", 2, ws, &m->word)) ||
+        (rc = bind(m, "text_encoder.embeddings.position_embeddings.weight", 2, ps, &m->tpos)) ||
+        (rc = bind_ln(m, &m->emb_ln, "text_encoder.embeddings.LayerNorm", Dt)))
+      return rc;
+  }
+  for (int i = 0; i < c->t_layers; i++) {
+    txt_layer *L = &m->tl[i];
+    const int Dx = c->t_enc_hidden;
+#define TP(s) (snprintf(pre, sizeof pre, "text_encoder.encoder.layer.%d.%s", i, s), pre)
+    if ((rc = bind_lin(m, &L->q, TP("attention.self.query"), Dt, Dt)) ||
+        (rc = bind_lin(m, &L->k, TP("attention.self.key"), Dt, Dt)) ||
+        (rc = bind_lin(m, &L->v, TP("attention.self.value"), Dt, Dt)) ||
+        (rc = bind_lin(m, &L->o, TP("attention.output.dense"), Dt, Dt)) ||
+        (rc = bind_ln(m, &L->ln_self, TP("attention.output.LayerNorm"), Dt)) ||
+        (rc = bind_lin(m, &L->cq, TP("crossattention.self.query"), Dt, Dt)) ||
+        (rc = bind_lin(m, &L->ck, TP("crossattention.self.key"), Dt, Dx)) ||
+        (rc = bind_lin(m, &L->cv, TP("crossattention.self.value"), Dt, Dx)) ||
+        (rc = bind_lin(m, &L->co, TP("crossattention.output.dense"), Dt, Dt)) ||
+        (rc = bind_ln(m, &L->ln_cross, TP("crossattention.output.LayerNorm"), Dt)) ||
+        (rc = bind_lin(m, &L->ffn1, TP("intermediate.dense"), c->t_mlp, Dt)) ||
+        (rc = bind_lin(m, &L->ffn2, TP("output.dense"), Dt, c->t_mlp)) ||
+        (rc = bind_ln(m, &L->ln_ffn, TP("output.LayerNorm"), Dt)))
+      return rc;
+#undef TP
+  }
+  if ((rc = bind_lin(m, &m->vision_proj, "vision_proj", c->embed_dim, Dv)) ||
+      (rc = bind_lin(m, &m->text_proj, "text_proj", c->embed_dim, Dt)) ||
+      (rc = bind_lin(m, &m->itm_head, "itm_head", 2, Dt)))
+    return rc;
+  return BLIP_OK;
+}
+
+/* Fingerprint: geometry + safetensors header + file size + sampled data,
+ * so that two checkpoints differ without hashing a gigabyte at every load. */
+static void make_fingerprint(blip_model *m) {
+  XXH3_state_t *s = XXH3_createState();
+  if (!s) return;
+  XXH3_64bits_reset(s);
+  XXH3_64bits_update(s, &m->cfg, sizeof m->cfg);
+  if (m->st) {
+    for (int i = 0; i < blip_st_count(m->st); i++) {
+      const blip_st_tensor *t = blip_st_at(m->st, i);
+      XXH3_64bits_update(s, t->name, strlen(t->name));
+      XXH3_64bits_update(s, &t->dtype, sizeof t->dtype);
+      XXH3_64bits_update(s, t->shape, sizeof t->shape);
+      size_t step = t->nbytes > 4096 ? t->nbytes / 4 : t->nbytes;
+      for (size_t off = 0; step && off < t->nbytes; off += step) {
+        size_t n = t->nbytes - off < 256 ? t->nbytes - off : 256;
+        XXH3_64bits_update(s, (const char *)t->data + off, n);
+      }
+    }
+  } else {
+    XXH3_64bits_update(s, &m->seed, sizeof m->seed);
+  }
+  snprintf(m->fingerprint, sizeof m->fingerprint, "%016llx", (unsigned long long)XXH3_64bits_digest(s));
+  XXH3_freeState(s);
+}
+
+void blip_model_free(blip_model *m) {
+  if (!m) return;
+  for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+  free(m->owned);
+  free(m->vl);
+  free(m->tl);
+  free(m->arena);
+  blip_tok_free(m->tok);
+  blip_st_close(m->st);
+  free(m);
+}
+
+static int model_new(const blip_cfg *cfg, const blip_model_opts *opts, blip_model **out) {
+  blip_model *m = calloc(1, sizeof *m);
+  if (!m) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  m->cfg = *cfg;
+  if (opts) m->opts = *opts;
+  m->opts.weights = NULL;
+  m->vl = calloc((size_t)cfg->v_layers, sizeof *m->vl);
+  m->tl = calloc((size_t)cfg->t_layers, sizeof *m->tl);
+  if (!m->vl || !m->tl) {
+    blip_model_free(m);
+    return blip_err_set(BLIP_ENOMEM, "out of memory");
+  }
+  if (m->opts.precision != BLIP_PREC_F32) {
+    blip_model_free(m);
+    return blip_err_set(BLIP_EUNSUPPORTED, "precision %d is not available in this build", (int)m->opts.precision);
+  }
+  *out = m;
+  return BLIP_OK;
+}
+
+int blip_model_load(const char *dir, const blip_model_opts *opts, blip_model **out) {
+  *out = NULL;
+  char path[4096];
+  blip_cfg cfg;
+  snprintf(path, sizeof path, "%s/config.json", dir);
+  int rc = blip_cfg_load(path, &cfg);
+  if (rc) return rc;
+  blip_model *m;
+  if ((rc = model_new(&cfg, opts, &m))) return rc;
+  snprintf(path, sizeof path, "%s/vocab.txt", dir);
+  if ((rc = blip_tok_load(path, &m->tok))) goto fail;
+  if (blip_tok_size(m->tok) > cfg.t_vocab) {
+    rc = blip_err_set(BLIP_EFORMAT, "%s: %d tokens but the model's vocab_size is %d", path, blip_tok_size(m->tok), cfg.t_vocab);
+    goto fail;
+  }
+  if (opts && opts->weights) snprintf(path, sizeof path, "%s", opts->weights);
+  else snprintf(path, sizeof path, "%s/model.safetensors", dir);
+  if ((rc = blip_st_open(path, &m->st))) goto fail;
+  if ((rc = bind_all(m))) {
+    rc = blip_err_wrap(rc, "%s", path);
+    goto fail;
+  }
+  make_fingerprint(m);
+  *out = m;
+  return BLIP_OK;
+fail:
+  blip_model_free(m);
+  return rc;
+}
+
+int blip_model_random(const blip_cfg *cfg, const blip_model_opts *opts, uint64_t seed, blip_model **out) {
+  *out = NULL;
+  blip_model *m;
+  int rc = model_new(cfg, opts, &m);
+  if (rc) return rc;
+  m->seed = seed;
+  if ((rc = bind_all(m))) {
+    blip_model_free(m);
+    return rc;
+  }
+  make_fingerprint(m);
+  *out = m;
+  return BLIP_OK;
+}
+
+const blip_cfg *blip_model_cfg(const blip_model *m) { return &m->cfg; }
+const blip_tok *blip_model_tok(const blip_model *m) { return m->tok; }
+blip_prec blip_model_precision(const blip_model *m) { return m->opts.precision; }
+const char *blip_model_fingerprint(const blip_model *m) { return m->fingerprint; }
+
+/* ---------- scratch ---------- */
+
+static float *arena(blip_model *m, size_t nfloats) {
+  if (nfloats > m->arena_cap) {
+    float *a = malloc(nfloats * sizeof(float));
+    if (!a) return NULL;
+    free(m->arena);
+    m->arena = a;
+    m->arena_cap = nfloats;
+  }
+  return m->arena;
+}
+
+#define TRY(x) do { if ((rc = (x)) != BLIP_OK) goto done; } while (0)
+
+/* ---------- vision ---------- */
+
+/* pixels [3,S,S] -> patches [G*G, 3*p*p] in (c, ky, kx) order = conv weight order. */
+static void im2patch(float *dst, const float *px, int S, int p) {
+  const int G = S / p;
+  for (int gy = 0; gy < G; gy++)
+    for (int gx = 0; gx < G; gx++) {
+      float *d = dst + ((long)gy * G + gx) * 3 * p * p;
+      for (int c = 0; c < 3; c++)
+        for (int ky = 0; ky < p; ky++) {
+          memcpy(d, px + ((long)c * S + gy * p + ky) * S + gx * p, (size_t)p * sizeof(float));
+          d += p;
+        }
+    }
+}
+
+int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, float *feat) {
+  const blip_cfg *c = &m->cfg;
+  const int T = c->v_tokens, D = c->v_hidden, S = c->image_size, p = c->patch, H = c->v_heads, dh = D / H;
+  const int G = S / p, M = n * T;
+  if (n <= 0) return blip_err_set(BLIP_EINVAL, "vision: batch size %d", n);
+  size_t need = (size_t)M * D * 3 + (size_t)M * 3 * D + (size_t)M * c->v_mlp + (size_t)G * G * 3 * p * p;
+  float *a = arena(m, need);
+  if (!a) return blip_err_set(BLIP_ENOMEM, "vision: out of memory for batch %d", n);
+  float *x = a, *h = x + (size_t)M * D, *att = h + (size_t)M * D, *qkv = att + (size_t)M * D;
+  float *mlp = qkv + (size_t)M * 3 * D, *patches = mlp + (size_t)M * c->v_mlp;
+  int rc = BLIP_OK;
+
+  /* embeddings: [CLS] + patch projections, plus positions */
+  for (int b = 0; b < n; b++) {
+    float *xb = x + (size_t)b * T * D;
+    im2patch(patches, pixels + (size_t)b * 3 * S * S, S, p);
+    TRY(blip_k_linear_fwd(xb + D, patches, &m->patch, G * G));
+    memcpy(xb, m->cls, (size_t)D * sizeof(float));
+    blip_k_add(xb, m->vpos, (long)T * D);
+  }
+  const float scale = 1.0f / sqrtf((float)dh);
+  for (int l = 0; l < c->v_layers; l++) {
+    const vis_layer *L = &m->vl[l];
+    blip_k_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
+    TRY(blip_k_linear_fwd(qkv, h, &L->qkv, M));
+    for (int b = 0; b < n; b++) {
+      const float *q = qkv + (size_t)b * T * 3 * D;
+      TRY(blip_k_attention(att + (size_t)b * T * D, D, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, NULL));
+    }
+    TRY(blip_k_linear_fwd(h, att, &L->proj, M));
+    blip_k_add(x, h, (long)M * D);
+    blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+    TRY(blip_k_linear_fwd(mlp, h, &L->fc1, M));
+    blip_k_gelu(mlp, (long)M * c->v_mlp);
+    TRY(blip_k_linear_fwd(h, mlp, &L->fc2, M));
+    blip_k_add(x, h, (long)M * D);
+  }
+  blip_k_layernorm(x, x, m->post_ln.g, m->post_ln.b, M, D, c->v_eps);
+  if (embeds) memcpy(embeds, x, (size_t)M * D * sizeof(float));
+  if (feat) {
+    for (int b = 0; b < n; b++) TRY(blip_k_linear_fwd(feat + (size_t)b * c->embed_dim, x + (size_t)b * T * D, &m->vision_proj, 1));
+    blip_k_l2norm(feat, n, c->embed_dim);
+  }
+done:
+  return rc;
+}
+
+/* ---------- text ---------- */
+
+static int check_ids(const blip_model *m, const int32_t *ids, long n, int L) {
+  if (L <= 0 || L > m->cfg.t_max_pos)
+    return blip_err_set(BLIP_EINVAL, "text: length %d outside 1..%d positions", L, m->cfg.t_max_pos);
+  for (long i = 0; i < n; i++)
+    if (ids[i] < 0 || ids[i] >= m->cfg.t_vocab) return blip_err_set(BLIP_EINVAL, "text: token id %d out of range", ids[i]);
+  return BLIP_OK;
+}
+
+/* x[r*L + t] = LN(word[ids] + pos[t]) */
+static void text_embed(const blip_model *m, float *x, const int32_t *ids, int rows, int L) {
+  const int D = m->cfg.t_hidden;
+  for (int r = 0; r < rows; r++)
+    for (int t = 0; t < L; t++) {
+      float *xt = x + ((size_t)r * L + t) * D;
+      const float *w = m->word + (size_t)ids[r * L + t] * D, *p = m->tpos + (size_t)t * D;
+      for (int j = 0; j < D; j++) xt[j] = w[j] + p[j];
+    }
+  blip_k_layernorm(x, x, m->emb_ln.g, m->emb_ln.b, rows * L, D, m->cfg.t_eps);
+}
+
+/* Reassociated cross-attention for one sequence (see blip-reference.md):
+ * scores_h = (q_h Wk_h) X^T (the key bias adds a per-row constant, which
+ * softmax cancels), out_h = (P_h X) Wv_h^T + bv_h (rows of P sum to 1).
+ * The image tokens X are never projected. */
+static int cross_attn_reassoc(float *out, const float *q, int Lq, const float *X, int T, const blip_k_linear *ck,
+                              const blip_k_linear *cv, int H, int dh, float scale, float *scr) {
+  const int Dt = H * dh, Dx = ck->in;
+  int rc = BLIP_OK;
+#pragma omp parallel for schedule(static)
+  for (int h = 0; h < H; h++) {
+    float *A = scr + (size_t)h * ((size_t)Lq * Dx * 2 + (size_t)Lq * T);
+    float *P = A + (size_t)Lq * Dx, *C = P + (size_t)Lq * T;
+    int e = blip_k_gemm(0, 0, Lq, Dx, dh, 1.0f, q + h * dh, Dt, ck->w + (size_t)h * dh * Dx, Dx, 0.0f, A, Dx);
+    if (!e) e = blip_k_gemm(0, 1, Lq, T, Dx, scale, A, Dx, X, Dx, 0.0f, P, T);
+    if (!e) {
+      for (int i = 0; i < Lq; i++) blip_k_softmax(P + (size_t)i * T, 1, T);
+      e = blip_k_gemm(0, 0, Lq, Dx, T, 1.0f, P, T, X, Dx, 0.0f, C, Dx);
+    }
+    if (!e) e = blip_k_gemm(0, 1, Lq, dh, Dx, 1.0f, C, Dx, cv->w + (size_t)h * dh * Dx, Dx, 0.0f, out + h * dh, Dt);
+    if (!e)
+      for (int i = 0; i < Lq; i++)
+        for (int j = 0; j < dh; j++) out[(size_t)i * Dt + h * dh + j] += cv->b[h * dh + j];
+    if (e) {
+#pragma omp atomic write
+      rc = e;
+    }
+  }
+  return rc;
+}
+
+/* BERT encoder over `rows` sequences of length L, x in/out [rows*L, Dt].
+ * mask_add [rows*L] or NULL. images NULL = unimodal; else images[r] is the
+ * [T, Dx] token matrix that row r cross-attends to. */
+static int text_encode(blip_model *m, float *x, int rows, int L, const float *mask_add, const float *const *images,
+                       int fast, float *buf) {
+  const blip_cfg *c = &m->cfg;
+  const int D = c->t_hidden, H = c->t_heads, dh = D / H, M = rows * L, T = c->v_tokens, Dx = c->t_enc_hidden;
+  float *q = buf, *k = q + (size_t)M * D, *v = k + (size_t)M * D, *att = v + (size_t)M * D, *tmp = att + (size_t)M * D;
+  float *ff = tmp + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
+  const float scale = 1.0f / sqrtf((float)dh);
+  int rc = BLIP_OK;
+  for (int l = 0; l < c->t_layers; l++) {
+    const txt_layer *Ly = &m->tl[l];
+    TRY(blip_k_linear_fwd(q, x, &Ly->q, M));
+    TRY(blip_k_linear_fwd(k, x, &Ly->k, M));
+    TRY(blip_k_linear_fwd(v, x, &Ly->v, M));
+    for (int r = 0; r < rows; r++) {
+      size_t o = (size_t)r * L * D;
+      TRY(blip_k_attention(att + o, D, q + o, D, k + o, D, v + o, D, L, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
+    }
+    TRY(blip_k_linear_fwd(tmp, att, &Ly->o, M));
+    blip_k_add_layernorm(x, tmp, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
+    if (images) {
+      TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
+      for (int r = 0; r < rows; r++) {
+        size_t o = (size_t)r * L * D;
+        if (fast) {
+          TRY(cross_attn_reassoc(att + o, q + o, L, images[r], T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
+        } else {
+          float *ik = ff, *iv = ff + (size_t)T * D;
+          TRY(blip_k_linear_fwd(ik, images[r], &Ly->ck, T));
+          TRY(blip_k_linear_fwd(iv, images[r], &Ly->cv, T));
+          TRY(blip_k_attention(att + o, D, q + o, D, ik, D, iv, D, L, T, H, dh, scale, NULL));
+        }
+      }
+      TRY(blip_k_linear_fwd(tmp, att, &Ly->co, M));
+      blip_k_add_layernorm(x, tmp, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
+    }
+    TRY(blip_k_linear_fwd(ff, x, &Ly->ffn1, M));
+    blip_k_gelu(ff, (long)M * c->t_mlp);
+    TRY(blip_k_linear_fwd(tmp, ff, &Ly->ffn2, M));
+    blip_k_add_layernorm(x, tmp, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
+  }
+  (void)Dx;
+done:
+  return rc;
+}
+
+/* Floats text_encode needs besides x, for M = rows*L and cross-attention. */
+static size_t text_scratch(const blip_cfg *c, int rows, int L, int images) {
+  size_t M = (size_t)rows * L, D = c->t_hidden, T = c->v_tokens, Dx = c->t_enc_hidden;
+  size_t ff = M * c->t_mlp;
+  if (images) {
+    size_t kv = 2 * T * D, re = (size_t)c->t_heads * (L * Dx * 2 + (size_t)L * T);
+    if (kv > ff) ff = kv;
+    if (re > ff) ff = re;
+  }
+  return 5 * M * D + ff;
+}
+
+int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int n, int L, float *embeds, float *feat) {
+  const blip_cfg *c = &m->cfg;
+  const int D = c->t_hidden;
+  int rc = check_ids(m, ids, (long)n * L, L);
+  if (rc) return rc;
+  if (n <= 0) return blip_err_set(BLIP_EINVAL, "text: batch size %d", n);
+  size_t M = (size_t)n * L;
+  float *a = arena(m, M * D + M + text_scratch(c, n, L, 0));
+  if (!a) return blip_err_set(BLIP_ENOMEM, "text: out of memory");
+  float *x = a, *madd = x + M * D, *buf = madd + M;
+  for (size_t i = 0; i < M; i++) madd[i] = mask && !mask[i] ? -10000.0f : 0.0f;
+  text_embed(m, x, ids, n, L);
+  TRY(text_encode(m, x, n, L, madd, NULL, 0, buf));
+  if (embeds) memcpy(embeds, x, M * D * sizeof(float));
+  if (feat) {
+    for (int b = 0; b < n; b++) TRY(blip_k_linear_fwd(feat + (size_t)b * c->embed_dim, x + (size_t)b * L * D, &m->text_proj, 1));
+    blip_k_l2norm(feat, n, c->embed_dim);
+  }
+done:
+  return rc;
+}
+
+int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *const *images, int k, blip_itm_first first,
+                   int fast, float *logits, float *cls) {
+  const blip_cfg *c = &m->cfg;
+  const int D = c->t_hidden;
+  int rc = check_ids(m, ids, len, len);
+  if (rc) return rc;
+  if (k <= 0) return blip_err_set(BLIP_EINVAL, "itm: %d candidates", k);
+  size_t M = (size_t)k * len;
+  float *a = arena(m, M * D + M + text_scratch(c, k, len, 1));
+  int32_t *tid = malloc((size_t)len * sizeof *tid);
+  if (!a || !tid) {
+    free(tid);
+    return blip_err_set(BLIP_ENOMEM, "itm: out of memory");
+  }
+  float *x = a, *buf = x + M * D + M;
+  memcpy(tid, ids, (size_t)len * sizeof *tid);
+  tid[0] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
+  text_embed(m, x, tid, 1, len);
+  for (int i = 1; i < k; i++) memcpy(x + (size_t)i * len * D, x, (size_t)len * D * sizeof(float));
+  TRY(text_encode(m, x, k, len, NULL, images, fast, buf));
+  for (int i = 0; i < k; i++) {
+    const float *xi = x + (size_t)i * len * D;
+    TRY(blip_k_linear_fwd(logits + 2 * i, xi, &m->itm_head, 1));
+    if (cls) memcpy(cls + (size_t)i * D, xi, (size_t)D * sizeof(float));
+  }
+done:
+  free(tid);
+  return rc;
+}
+
+int blip_model_tokenize(const blip_model *m, const char *text, int max_len, int32_t *ids, int32_t *mask, int *n_real,
+                        int *truncated) {
+  if (!m->tok) return blip_err_set(BLIP_EINVAL, "tokenize: this model has no vocabulary");
+  int n = 0, full = 0;
+  int rc = blip_tok_encode(m->tok, text, strlen(text), max_len, ids, max_len, &n, &full);
+  if (rc) return rc;
+  for (int i = 0; i < max_len; i++) {
+    if (i >= n) ids[i] = m->cfg.pad_id;
+    mask[i] = i < n;
+  }
+  if (n_real) *n_real = n;
+  if (truncated) *truncated = full > n;
+  return BLIP_OK;
+}
