@@ -19,6 +19,9 @@ typedef struct {
   int64_t max_pixels;     /* decompression-bomb guard on width*height */
   int64_t max_file_bytes; /* refuse larger files */
   double time_budget_s;   /* per-image decode+preprocess budget */
+  int color_manage;       /* non-sRGB ICC profiles -> sRGB (photo libraries: 1; the PIL reference ignores
+                           * profiles, so fidelity checks and recall benchmarks use 0). CMYK is always
+                           * converted through an ICC profile. */
 } blip_img_opts;
 
 typedef struct {
@@ -27,7 +30,7 @@ typedef struct {
   char taken_at[20];     /* EXIF DateTimeOriginal "YYYY-MM-DDTHH:MM:SS", or "" when none */
 } blip_img_meta;
 
-/* Defaults: size 384, autorotate on, exact path, 250 Mpx, 1 GiB, 60 s. */
+/* Defaults: size 384, autorotate on, exact path, 250 Mpx, 1 GiB, 60 s, colour managed. */
 void blip_img_opts_default(blip_img_opts *o);
 
 /* Start libvips once (idempotent, thread-safe after the first call). */

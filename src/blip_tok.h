@@ -31,11 +31,16 @@ const char *blip_tok_token(const blip_tok *t, int id); /* NULL if out of range *
 
 /* Encode text (len bytes) as [CLS] pieces [SEP]. max_len > 0 truncates to
  * max_len ids keeping [SEP] last (HF truncation); 0 = no limit. Writes at most
- * cap ids; *n_out = ids written, *n_full = length before truncation. */
+ * cap ids (cap < the result truncates the same way); *n_out = ids written,
+ * *n_full = length before truncation. No padding: the mask is 1 for the first
+ * *n_out positions (a literal "[PAD]" in text is id 0 with mask 1). */
 int blip_tok_encode(const blip_tok *t, const char *text, size_t len, int max_len, int32_t *ids, int cap,
                     int *n_out, int *n_full);
 
-/* BLIP data/utils.py pre_caption(caption, max_words). *out is malloc'd. */
-int blip_tok_pre_caption(const char *text, size_t len, int max_words, char **out);
+/* BLIP data/utils.py pre_caption(caption, max_words), max_words >= 1. *out is
+ * malloc'd and NUL-terminated; *out_len (if not NULL) is its length in bytes,
+ * which exceeds strlen(*out) only when text holds a NUL (kept, as Python keeps
+ * it). Feed *out, *out_len to blip_tok_encode. */
+int blip_tok_pre_caption(const char *text, size_t len, int max_words, char **out, size_t *out_len);
 
 #endif

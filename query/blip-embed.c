@@ -1,0 +1,237 @@
+/* blip-embed: BLIP features and scores for scripts and diagnostics.
+ * Images come from files (decoded by blip_img, exact path, EXIF applied
+ * unless --no-autorotate) or from preprocessed pixel tensors in a
+ * safetensors file; texts are tokenized to --max-len ids (35, BLIP's
+ * retrieval setting). Prints ITC similarities and, with --itm, ITM logits
+ * for every image-text pair. */
+#include "blip_err.h"
+#include "blip_img.h"
+#include "blip_kern.h"
+#include "blip_model.h"
+#include "blip_st.h"
+
+#include <getopt.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: blip-embed --model DIR [--image FILE]... [--pixels FILE.safetensors:TENSOR] [--text STR]...\n"
+          "                  [--itm] [--itm-first-token enc|cls] [--naive-itm] [--pre-caption] [--max-len N]\n"
+          "                  [--no-autorotate] [--threads N] [--json]\n"
+          "\n"
+          "Computes BLIP image features (--image, --pixels: F32 [N,3,S,S] already preprocessed), text features\n"
+          "(--text), their ITC cosine similarities, and with --itm the ITM logits [no-match, match] of every\n"
+          "image-text pair. ITM puts [ENC] first (the paper's protocol) unless --itm-first-token cls (HF's).\n"
+          "--pre-caption cleans texts with BLIP's pre_caption first (as retrieval evaluation does).\n"
+          "--json prints {image_feat, text_feat, input_ids, itc, itm_logits}; input_ids hold the real\n"
+          "tokens ([CLS] ... [SEP], no padding).\n");
+}
+
+static int fail(const char *what) {
+  fprintf(stderr, "blip-embed: %s: %s\n", what, blip_err_last());
+  return 1;
+}
+
+static json_t *matrix(const float *x, int rows, int cols) {
+  json_t *a = json_array();
+  for (int i = 0; i < rows; i++) {
+    json_t *r = json_array();
+    for (int j = 0; j < cols; j++) json_array_append_new(r, json_real(x[(size_t)i * cols + j]));
+    json_array_append_new(a, r);
+  }
+  return a;
+}
+
+/* Load pixels "FILE:TENSOR" [N,3,S,S] F32; returns malloc'd floats. */
+static int load_pixels(const char *spec, int S, float **out, int *n) {
+  char *file = strdup(spec), *colon = strrchr(file, ':');
+  int rc = BLIP_OK;
+  blip_st *st = NULL;
+  if (!colon) {
+    free(file);
+    return blip_err_set(BLIP_EINVAL, "--pixels wants FILE.safetensors:TENSOR, got '%s'", spec);
+  }
+  *colon = 0;
+  if ((rc = blip_st_open(file, &st))) goto done;
+  const blip_st_tensor *t = blip_st_find(st, colon + 1);
+  if (!t) { rc = blip_err_set(BLIP_EMISSING, "%s has no tensor '%s'", file, colon + 1); goto done; }
+  if (t->dtype != BLIP_DT_F32 || t->ndim != 4 || t->shape[1] != 3 || t->shape[2] != S || t->shape[3] != S) {
+    rc = blip_err_set(BLIP_ESHAPE, "tensor '%s' must be F32 [N,3,%d,%d] for this model", colon + 1, S, S);
+    goto done;
+  }
+  *n = (int)t->shape[0];
+  if (!(*out = malloc((size_t)t->numel * sizeof(float)))) { rc = blip_err_set(BLIP_ENOMEM, "out of memory"); goto done; }
+  rc = blip_st_to_f32(t, *out, t->numel);
+done:
+  blip_st_close(st);
+  free(file);
+  return rc;
+}
+
+int main(int argc, char **argv) {
+  const char *model_dir = NULL, *pixels = NULL;
+  const char **images = calloc((size_t)argc, sizeof *images), **texts = calloc((size_t)argc, sizeof *texts);
+  int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1;
+  blip_itm_first first = BLIP_ITM_ENC;
+  static struct option lo[] = {
+    {"model", 1, 0, 'm'}, {"image", 1, 0, 'i'}, {"pixels", 1, 0, 'p'}, {"text", 1, 0, 't'},
+    {"itm", 0, 0, 'I'}, {"itm-first-token", 1, 0, 'F'}, {"naive-itm", 0, 0, 'N'}, {"pre-caption", 0, 0, 'P'},
+    {"max-len", 1, 0, 'L'}, {"no-autorotate", 0, 0, 'R'}, {"threads", 1, 0, 'T'}, {"json", 0, 0, 'j'},
+    {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+  for (int c; (c = getopt_long(argc, argv, "m:i:p:t:h", lo, NULL)) != -1;) {
+    switch (c) {
+    case 'm': model_dir = optarg; break;
+    case 'i': images[n_img_files++] = optarg; break;
+    case 'p': pixels = optarg; break;
+    case 't': texts[n_txt++] = optarg; break;
+    case 'I': itm = 1; break;
+    case 'F':
+      if (!strcmp(optarg, "enc")) first = BLIP_ITM_ENC;
+      else if (!strcmp(optarg, "cls")) first = BLIP_ITM_CLS;
+      else { fprintf(stderr, "blip-embed: --itm-first-token takes enc or cls\n"); return 2; }
+      break;
+    case 'N': naive = 1; break;
+    case 'P': pre = 1; break;
+    case 'L': max_len = atoi(optarg); break;
+    case 'R': autorot = 0; break;
+    case 'T': threads = atoi(optarg); break;
+    case 'j': json = 1; break;
+    case 'h': usage(stdout); return 0;
+    default: usage(stderr); return 2;
+    }
+  }
+  if (!model_dir || optind < argc || (!n_img_files && !pixels && !n_txt) || max_len < 2) {
+    usage(stderr);
+    return 2;
+  }
+  blip_k_set_threads(threads);
+  blip_model *m = NULL;
+  if (blip_model_load(model_dir, NULL, &m)) return fail(model_dir);
+  const blip_cfg *c = blip_model_cfg(m);
+  const int S = c->image_size, E = c->embed_dim, T = c->v_tokens, D = c->v_hidden;
+  if (max_len > c->t_max_pos) max_len = c->t_max_pos;
+
+  /* images: files first, then the pixel tensor's rows */
+  int n_pix = 0, n_img = 0, rc = 1;
+  float *px = NULL, *emb = NULL, *ifeat = NULL, *tfeat = NULL, *itc = NULL, *logits = NULL;
+  int32_t *ids = calloc((size_t)(n_txt ? n_txt : 1) * max_len, sizeof *ids), *mask = calloc((size_t)(n_txt ? n_txt : 1) * max_len, sizeof *mask);
+  int *lens = calloc((size_t)(n_txt ? n_txt : 1), sizeof *lens);
+  if (pixels && load_pixels(pixels, S, &px, &n_pix)) { fail(pixels); goto out; }
+  n_img = n_img_files + n_pix;
+  if (n_img) {
+    float *all = malloc(sizeof(float) * n_img * 3 * S * S);
+    if (!all) { blip_err_set(BLIP_ENOMEM, "out of memory"); fail("images"); goto out; }
+    if (n_pix) memcpy(all + (size_t)n_img_files * 3 * S * S, px, sizeof(float) * n_pix * 3 * S * S);
+    free(px);
+    px = all;
+    if (n_img_files && blip_img_init()) { fail("libvips"); goto out; }
+    blip_img_opts io;
+    blip_img_opts_default(&io);
+    io.size = S;
+    io.autorotate = autorot;
+    for (int i = 0; i < n_img_files; i++)
+      if (blip_img_load_file(images[i], &io, px + (size_t)i * 3 * S * S, NULL, NULL)) { fail(images[i]); goto out; }
+    emb = malloc(sizeof(float) * n_img * T * D);
+    ifeat = malloc(sizeof(float) * n_img * E);
+    if (!emb || !ifeat) { blip_err_set(BLIP_ENOMEM, "out of memory"); fail("images"); goto out; }
+    for (int i = 0; i < n_img; i += 8) {
+      int b = n_img - i < 8 ? n_img - i : 8;
+      if (blip_model_vision(m, px + (size_t)i * 3 * S * S, b, emb + (size_t)i * T * D, ifeat + (size_t)i * E)) { fail("vision"); goto out; }
+    }
+  }
+  if (n_txt) {
+    tfeat = malloc(sizeof(float) * n_txt * E);
+    if (!tfeat) goto out;
+    for (int j = 0; j < n_txt; j++) {
+      char *clean = NULL;
+      size_t clen;
+      const char *t = texts[j];
+      if (pre) {
+        if (blip_tok_pre_caption(t, strlen(t), 30, &clean, &clen)) { fail("pre_caption"); goto out; }
+        t = clean;
+      }
+      int trunc = 0;
+      int e = blip_model_tokenize(m, t, max_len, ids + (size_t)j * max_len, mask + (size_t)j * max_len, &lens[j], &trunc);
+      free(clean);
+      if (e) { fail("tokenize"); goto out; }
+      if (trunc && !json) fprintf(stderr, "blip-embed: text %d truncated to %d tokens\n", j + 1, max_len);
+      /* unpadded: padding is masked, so features equal the padded ones */
+      if (blip_model_text(m, ids + (size_t)j * max_len, mask + (size_t)j * max_len, 1, lens[j], NULL, tfeat + (size_t)j * E)) { fail("text"); goto out; }
+    }
+  }
+  if (n_img && n_txt) {
+    itc = malloc(sizeof(float) * n_img * n_txt);
+    if (!itc) goto out;
+    blip_k_gemm(0, 1, n_img, n_txt, E, 1.0f, ifeat, E, tfeat, E, 0.0f, itc, n_txt);
+    if (itm) {
+      logits = malloc(sizeof(float) * n_img * n_txt * 2);
+      const float **cand = malloc(sizeof(float *) * n_img);
+      float *lg = malloc(sizeof(float) * n_img * 2);
+      if (!logits || !cand || !lg) { free(cand); free(lg); goto out; }
+      for (int i = 0; i < n_img; i++) cand[i] = emb + (size_t)i * T * D;
+      for (int j = 0; j < n_txt; j++) {
+        if (blip_model_itm(m, ids + (size_t)j * max_len, lens[j], cand, n_img, first, !naive, lg, NULL)) {
+          free(cand), free(lg);
+          fail("itm");
+          goto out;
+        }
+        for (int i = 0; i < n_img; i++) memcpy(logits + ((size_t)i * n_txt + j) * 2, lg + 2 * i, 2 * sizeof(float));
+      }
+      free(cand);
+      free(lg);
+    }
+  } else if (itm) {
+    fprintf(stderr, "blip-embed: --itm needs at least one image and one text\n");
+    goto out;
+  }
+  if (json) {
+    json_t *o = json_object();
+    if (n_img) json_object_set_new(o, "image_feat", matrix(ifeat, n_img, E));
+    if (n_txt) {
+      json_object_set_new(o, "text_feat", matrix(tfeat, n_txt, E));
+      json_t *a = json_array();
+      for (int j = 0; j < n_txt; j++) {
+        json_t *r = json_array();
+        for (int k = 0; k < lens[j]; k++) json_array_append_new(r, json_integer(ids[(size_t)j * max_len + k]));
+        json_array_append_new(a, r);
+      }
+      json_object_set_new(o, "input_ids", a);
+    }
+    if (itc) json_object_set_new(o, "itc", matrix(itc, n_img, n_txt));
+    if (logits) {
+      json_t *a = json_array();
+      for (int i = 0; i < n_img; i++) json_array_append_new(a, matrix(logits + (size_t)i * n_txt * 2, n_txt, 2));
+      json_object_set_new(o, "itm_logits", a);
+    }
+    json_dumpf(o, stdout, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
+    fputc('\n', stdout);
+    json_decref(o);
+  } else {
+    for (int j = 0; j < n_txt; j++) printf("text %d: %d tokens: %s\n", j + 1, lens[j], texts[j]);
+    for (int i = 0; i < n_img; i++) printf("image %d: %s\n", i + 1, i < n_img_files ? images[i] : "(pixels)");
+    if (itc) {
+      printf("%-8s %-8s %10s%s\n", "image", "text", "itc", logits ? "   itm_nomatch  itm_match  p(match)" : "");
+      for (int i = 0; i < n_img; i++)
+        for (int j = 0; j < n_txt; j++) {
+          printf("%-8d %-8d %10.6f", i + 1, j + 1, itc[(size_t)i * n_txt + j]);
+          if (logits) {
+            const float *l = logits + ((size_t)i * n_txt + j) * 2;
+            printf("   %11.6f %10.6f %9.4f", l[0], l[1], 1.0 / (1.0 + exp((double)l[0] - l[1])));
+          }
+          putchar('\n');
+        }
+    } else {
+      printf("features: %d x %d (use --json to print them)\n", n_img ? n_img : n_txt, E);
+    }
+  }
+  rc = 0;
+out:
+  free(px), free(emb), free(ifeat), free(tfeat), free(itc), free(logits), free(ids), free(mask), free(lens);
+  free(images), free(texts);
+  blip_model_free(m);
+  return rc;
+}

@@ -1,0 +1,615 @@
+/* blip_img: decode a photo with libvips and turn it into the exact tensor
+ * BLIP's reference pipeline (PIL convert("RGB") -> resize((S,S), BICUBIC) ->
+ * x*(1/255) -> (x-mean)/std, CHW float32) produces.
+ *
+ * Stages and their invariants:
+ *  1. open: file size and readability are checked before libvips sees the
+ *     file; the loader is chosen by content sniffing on a VipsSource (so file
+ *     names are never parsed for "[options]"); ImageMagick is blocked.
+ *  2. header: width*height is checked against max_pixels before any pixel is
+ *     decoded. Loaders run with fail_on=ERROR so truncated or broken data is
+ *     an error, never grey filler.
+ *  3. colour (lazy libvips pipeline, sequential access): CMYK and non-sRGB
+ *     ICC profiles go through LittleCMS to sRGB; 16-bit is reduced by taking
+ *     the high byte (v >> 8), which is what PIL's "RGB;16B"/"RGBA;16B"/
+ *     "LA;16B" unpackers do. PIL turns 16-bit *grey* PNGs into mode "I" and
+ *     clips every value above 255 to white on convert("RGB"); we deliberately
+ *     use v >> 8 there too. Grey is replicated, alpha is dropped with
+ *     extract_band (no compositing), as PIL does.
+ *  4. orientation: applied in C on the packed buffer (a 90-degree rotation
+ *     needs random access, which a sequential libvips load does not give).
+ *  5. resize: PIL's Resample.c algorithm in fixed point, bit-exact.
+ *  6. normalize: the float32 expression of HF's BlipImageProcessor.
+ * libvips runs with concurrency 1 and no operation cache: callers decode
+ * images in parallel, one per thread, and memory stays bounded. */
+#include "blip_img.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <vips/vips.h>
+
+#include "blip_err.h"
+
+/* ---------------------------------------------------------------- resize */
+
+/* PIL: 8 bits of result, 2 guard bits for the negative lobes and overshoot. */
+#define PRECISION_BITS (32 - 8 - 2)
+#define ROWS 8 /* rows per horizontal-pass block (the SIMD width over rows) */
+
+typedef struct {
+  int ksize;     /* taps per output sample (PIL's ksize) */
+  int *bounds;   /* [2*i] first input index, [2*i+1] number of taps */
+  int32_t *k;    /* [i*ksize + t] fixed-point weights */
+} coeffs;
+
+static double bicubic(double x) {
+  const double a = -0.5;
+  if (x < 0.0) x = -x;
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0.0;
+}
+
+static void coeffs_free(coeffs *c) {
+  free(c->bounds);
+  free(c->k);
+  c->bounds = NULL;
+  c->k = NULL;
+}
+
+/* PIL's precompute_coeffs + normalize_coeffs_8bpc for box (0, in_size):
+ * support widened by the downscale factor, weights normalized in double,
+ * then rounded half away from zero to PRECISION_BITS fixed point. */
+static int coeffs_make(int in_size, int out_size, coeffs *c) {
+  double scale = (double)((float)in_size - 0.0f) / out_size;
+  double filterscale = scale < 1.0 ? 1.0 : scale;
+  double support = 2.0 * filterscale;
+  int ksize = (int)ceil(support) * 2 + 1;
+  double *w = NULL;
+  c->bounds = NULL;
+  c->k = NULL;
+  c->ksize = ksize;
+  if ((size_t)out_size > SIZE_MAX / sizeof(double) / (size_t)ksize) goto oom;
+  w = malloc((size_t)ksize * sizeof *w);
+  c->bounds = malloc((size_t)out_size * 2 * sizeof *c->bounds);
+  c->k = calloc((size_t)out_size * ksize, sizeof *c->k);
+  if (!w || !c->bounds || !c->k) goto oom;
+  for (int xx = 0; xx < out_size; xx++) {
+    double center = (xx + 0.5) * scale, ww = 0.0, ss = 1.0 / filterscale;
+    int xmin = (int)(center - support + 0.5), xmax = (int)(center + support + 0.5);
+    if (xmin < 0) xmin = 0;
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    for (int x = 0; x < xmax; x++) {
+      w[x] = bicubic((x + xmin - center + 0.5) * ss);
+      ww += w[x];
+    }
+    int32_t *k = c->k + (size_t)xx * ksize;
+    for (int x = 0; x < xmax; x++) {
+      double v = ww != 0.0 ? w[x] / ww : w[x];
+      k[x] = v < 0 ? (int32_t)(-0.5 + v * (1 << PRECISION_BITS)) : (int32_t)(0.5 + v * (1 << PRECISION_BITS));
+    }
+    c->bounds[2 * xx] = xmin;
+    c->bounds[2 * xx + 1] = xmax;
+  }
+  free(w);
+  return BLIP_OK;
+oom:
+  free(w);
+  coeffs_free(c);
+  return blip_err_set(BLIP_ENOMEM, "resize: out of memory for %d coefficients", out_size);
+}
+
+static inline uint8_t clip8(int32_t ss) {
+  int32_t v = ss >> PRECISION_BITS;
+  return v < 0 ? 0 : v > 255 ? 255 : (uint8_t)v;
+}
+
+/* Horizontal pass over rows [y0, y0+rows) of src (w x ?, RGB) into dst
+ * (ow x rows). ROWS rows are transposed into int32 lanes t[x*3+c][r] so that
+ * every tap is one broadcast multiply-add across ROWS rows: no horizontal
+ * reductions, no gathers. The sums are PIL's exact integer sums. */
+static void resample_h(const uint8_t *restrict src, int w, int y0, int rows, const coeffs *c, uint8_t *restrict dst,
+                       int ow, int32_t *restrict t) {
+  for (int r0 = 0; r0 < rows; r0 += ROWS) {
+    int nr = rows - r0 < ROWS ? rows - r0 : ROWS;
+    for (int r = 0; r < ROWS; r++) {
+      const uint8_t *row = src + (size_t)(y0 + r0 + (r < nr ? r : nr - 1)) * w * 3;
+      for (int i = 0; i < w * 3; i++) t[(size_t)i * ROWS + r] = row[i];
+    }
+    for (int xx = 0; xx < ow; xx++) {
+      const int32_t *k = c->k + (size_t)xx * c->ksize;
+      const int32_t *p = t + (size_t)c->bounds[2 * xx] * 3 * ROWS;
+      int n = c->bounds[2 * xx + 1];
+      int32_t a0[ROWS], a1[ROWS], a2[ROWS];
+      for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = a2[r] = 1 << (PRECISION_BITS - 1);
+      for (int x = 0; x < n; x++, p += 3 * ROWS) {
+        int32_t kx = k[x];
+#pragma omp simd
+        for (int r = 0; r < ROWS; r++) {
+          a0[r] += kx * p[r];
+          a1[r] += kx * p[ROWS + r];
+          a2[r] += kx * p[2 * ROWS + r];
+        }
+      }
+      for (int r = 0; r < nr; r++) {
+        uint8_t *o = dst + ((size_t)(r0 + r) * ow + xx) * 3;
+        o[0] = clip8(a0[r]);
+        o[1] = clip8(a1[r]);
+        o[2] = clip8(a2[r]);
+      }
+    }
+  }
+}
+
+/* Vertical pass: each output row is a weighted sum of whole input rows,
+ * vectorized along the row (w*3 contiguous bytes). */
+static void resample_v(const uint8_t *restrict src, int w, const coeffs *c, int shift, uint8_t *restrict dst, int oh,
+                       int32_t *restrict acc) {
+  int n3 = w * 3;
+  for (int yy = 0; yy < oh; yy++) {
+    const int32_t *k = c->k + (size_t)yy * c->ksize;
+    int ymin = c->bounds[2 * yy] - shift, n = c->bounds[2 * yy + 1];
+    for (int i = 0; i < n3; i++) acc[i] = 1 << (PRECISION_BITS - 1);
+    for (int y = 0; y < n; y++) {
+      const uint8_t *restrict row = src + (size_t)(ymin + y) * n3;
+      int32_t ky = k[y];
+#pragma omp simd
+      for (int i = 0; i < n3; i++) acc[i] += ky * row[i];
+    }
+    uint8_t *o = dst + (size_t)yy * n3;
+    for (int i = 0; i < n3; i++) o[i] = clip8(acc[i]);
+  }
+}
+
+/* PIL ImagingResampleInner: horizontal pass first (only over the rows the
+ * vertical pass reads), then vertical; a pass whose size is unchanged is
+ * skipped, and when both are, the image is copied. */
+int blip_img_resize_rgb(const uint8_t *src, int w, int h, uint8_t *dst, int ow, int oh) {
+  if (!src || !dst || w <= 0 || h <= 0 || ow <= 0 || oh <= 0)
+    return blip_err_set(BLIP_EINVAL, "resize: bad size %dx%d -> %dx%d", w, h, ow, oh);
+  int need_h = ow != w, need_v = oh != h, rc = BLIP_OK;
+  coeffs cv = {0}, ch = {0};
+  uint8_t *tmp = NULL;
+  int32_t *scratch = NULL;
+  if (!need_h && !need_v) {
+    memcpy(dst, src, (size_t)w * h * 3);
+    return BLIP_OK;
+  }
+  if ((rc = coeffs_make(h, oh, &cv))) return rc;
+  int yfirst = need_v ? cv.bounds[0] : 0;
+  int ylast = need_v ? cv.bounds[2 * oh - 2] + cv.bounds[2 * oh - 1] : h;
+  const uint8_t *mid = src;
+  if (need_h) {
+    if ((rc = coeffs_make(w, ow, &ch))) goto done;
+    size_t rows = (size_t)(ylast - yfirst);
+    tmp = need_v ? malloc(rows * ow * 3) : NULL;
+    scratch = malloc((size_t)w * 3 * ROWS * sizeof *scratch);
+    if ((need_v && !tmp) || !scratch) {
+      rc = blip_err_set(BLIP_ENOMEM, "resize: out of memory (%dx%d)", w, h);
+      goto done;
+    }
+    resample_h(src, w, yfirst, (int)rows, &ch, need_v ? tmp : dst, ow, scratch);
+    mid = tmp;
+    free(scratch);
+    scratch = NULL;
+  } else {
+    yfirst = 0;
+  }
+  if (need_v) {
+    scratch = malloc((size_t)ow * 3 * sizeof *scratch);
+    if (!scratch) {
+      rc = blip_err_set(BLIP_ENOMEM, "resize: out of memory (%dx%d)", w, h);
+      goto done;
+    }
+    resample_v(mid, ow, &cv, yfirst, dst, oh, scratch);
+  }
+done:
+  free(scratch);
+  free(tmp);
+  coeffs_free(&ch);
+  coeffs_free(&cv);
+  return rc;
+}
+
+/* ------------------------------------------------------------ normalize */
+
+/* HF BlipImageProcessor: rescale multiplies the uint8 array by the Python
+ * float 1/255 (float64) and casts to float32; normalize subtracts and divides
+ * by float32 mean/std. The 256 possible values per channel go in a LUT. */
+void blip_img_normalize(const uint8_t *rgb, int s, float *out) {
+  static const float mean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
+  static const float std[3] = {0.26862954f, 0.26130258f, 0.27577711f};
+  float lut[3][256];
+  for (int c = 0; c < 3; c++)
+    for (int v = 0; v < 256; v++) {
+      float x = (float)((double)v * (1.0 / 255.0));
+      lut[c][v] = (x - mean[c]) / std[c];
+    }
+  size_t n = (size_t)s * s;
+  for (size_t i = 0; i < n; i++) {
+    out[i] = lut[0][rgb[3 * i]];
+    out[n + i] = lut[1][rgb[3 * i + 1]];
+    out[2 * n + i] = lut[2][rgb[3 * i + 2]];
+  }
+}
+
+/* ---------------------------------------------------------- orientation */
+
+/* Display pixel (X,Y) of an EXIF-oriented image, read from the stored w x h
+ * buffer. Orientations 5..8 swap width and height. */
+static int orient_rgb(const uint8_t *src, int w, int h, int o, uint8_t **out, int *ow, int *oh) {
+  int sw = o >= 5 ? h : w, sh = o >= 5 ? w : h;
+  uint8_t *dst = malloc((size_t)w * h * 3);
+  if (!dst) return blip_err_set(BLIP_ENOMEM, "orientation: out of memory (%dx%d)", w, h);
+  for (int Y = 0; Y < sh; Y++) {
+    uint8_t *d = dst + (size_t)Y * sw * 3;
+    for (int X = 0; X < sw; X++, d += 3) {
+      int x, y;
+      switch (o) {
+        case 2: x = w - 1 - X, y = Y; break;
+        case 3: x = w - 1 - X, y = h - 1 - Y; break;
+        case 4: x = X, y = h - 1 - Y; break;
+        case 5: x = Y, y = X; break;
+        case 6: x = Y, y = h - 1 - X; break;
+        case 7: x = w - 1 - Y, y = h - 1 - X; break;
+        case 8: x = w - 1 - Y, y = X; break;
+        default: x = X, y = Y; break;
+      }
+      memcpy(d, src + ((size_t)y * w + x) * 3, 3);
+    }
+  }
+  *out = dst;
+  *ow = sw;
+  *oh = sh;
+  return BLIP_OK;
+}
+
+/* --------------------------------------------------------------- libvips */
+
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static int g_init_rc;
+static char g_init_msg[256];
+
+static void drop_log(const gchar *domain, GLogLevelFlags level, const gchar *msg, gpointer user) {}
+
+static void init_once(void) {
+  if (VIPS_INIT("blipsearch")) {
+    snprintf(g_init_msg, sizeof g_init_msg, "%s", vips_error_buffer());
+    vips_error_clear();
+    g_init_rc = BLIP_EUNSUPPORTED;
+    return;
+  }
+  vips_concurrency_set(1);
+  vips_cache_set_max(0);
+  /* ImageMagick parses hundreds of formats and is not fuzzed by libvips:
+   * a photo folder is untrusted input. */
+  vips_operation_block_set("VipsForeignLoadMagick", TRUE);
+  /* Damaged photos are reported through our error codes; libvips' warnings
+   * on stderr ("read gave 1 warnings") would flood an indexer's output. */
+  if (!getenv("BLIP_IMG_VIPS_WARNINGS")) g_log_set_handler("VIPS", G_LOG_LEVEL_WARNING, drop_log, NULL);
+}
+
+int blip_img_init(void) {
+  pthread_once(&g_once, init_once);
+  if (g_init_rc) return blip_err_set(g_init_rc, "libvips init failed: %s", g_init_msg);
+  return BLIP_OK;
+}
+
+void blip_img_opts_default(blip_img_opts *o) {
+  o->size = 384;
+  o->autorotate = 1;
+  o->shrink_on_load = 0;
+  o->max_pixels = 250000000;
+  o->max_file_bytes = (int64_t)1 << 30;
+  o->time_budget_s = 60.0;
+  o->color_manage = 1;
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Take the pending libvips error text (global to libvips, so under parallel
+ * decoding it may carry another thread's words; the code is ours). */
+static int vips_fail(int code, const char *what, const char *name) {
+  char msg[512];
+  snprintf(msg, sizeof msg, "%s", vips_error_buffer());
+  vips_error_clear();
+  size_t n = strlen(msg);
+  while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = 0;
+  for (char *p = msg; *p; p++)
+    if (*p == '\n') *p = ';';
+  if (code == BLIP_EFORMAT) {
+    static const char *trunc[] = {"truncat", "remature end", "nexpected end", "end of file", "EOF", "not enough data",
+                                  "short read", "out of data", "end of stream"};
+    for (size_t i = 0; i < sizeof trunc / sizeof *trunc; i++)
+      if (strstr(msg, trunc[i])) return blip_err_set(code, "%s: truncated image (%s)", name, msg);
+    return blip_err_set(code, "%s: corrupt image (%s%s%s)", name, what, msg[0] ? ": " : "", msg);
+  }
+  return blip_err_set(code, "%s: %s (%s)", name, what, msg);
+}
+
+/* Does an ICC profile describe sRGB? The 'desc' tag of ICC v2 ('desc' type,
+ * ASCII) or v4 ('mluc', UTF-16BE; we test the low bytes) names it. PIL ignores
+ * profiles, so sRGB-tagged photos must not pass through LittleCMS, which can
+ * move values by a level. */
+static int icc_is_srgb(const uint8_t *p, size_t n) {
+  if (n < 132) return 0;
+  uint32_t cnt = (uint32_t)p[128] << 24 | p[129] << 16 | p[130] << 8 | p[131];
+  for (uint32_t i = 0; i < cnt && 132 + 12 * (size_t)i + 12 <= n; i++) {
+    const uint8_t *e = p + 132 + 12 * i;
+    if (memcmp(e, "desc", 4)) continue;
+    size_t off = (uint32_t)e[4] << 24 | e[5] << 16 | e[6] << 8 | e[7];
+    size_t sz = (uint32_t)e[8] << 24 | e[9] << 16 | e[10] << 8 | e[11];
+    if (off >= n || sz > n - off) return 0;
+    char txt[128];
+    size_t k = 0;
+    for (size_t j = off + 8; j < off + sz && k + 1 < sizeof txt; j++)
+      if (p[j] >= 32 && p[j] < 127) txt[k++] = (char)p[j];
+    txt[k] = 0;
+    return strstr(txt, "sRGB") != NULL;
+  }
+  return 0;
+}
+
+/* Lazy pipeline: any decoded image -> 8-bit sRGB, exactly 3 bands. */
+static int to_srgb8(VipsImage *in, int color_manage, VipsImage **out) {
+  VipsImage *ctx = vips_image_new();
+  VipsImage **t = (VipsImage **)vips_object_local_array(VIPS_OBJECT(ctx), 8);
+  VipsImage *x = in;
+  int rc = -1;
+  if (x->Coding != VIPS_CODING_NONE) {
+    if (vips_image_decode(x, &t[0])) goto done;
+    x = t[0];
+  }
+  VipsInterpretation interp = vips_image_guess_interpretation(x);
+  const void *icc = NULL;
+  size_t icc_len = 0;
+  if (vips_image_get_typeof(x, VIPS_META_ICC_NAME) && vips_image_get_blob(x, VIPS_META_ICC_NAME, &icc, &icc_len))
+    icc = NULL;
+  if (interp == VIPS_INTERPRETATION_CMYK && x->Bands >= 4) {
+    /* embedded profile if any, else libvips' built-in CMYK profile */
+    if (vips_icc_transform(x, &t[1], "srgb", "embedded", TRUE, "input_profile", "cmyk", "intent",
+                           VIPS_INTENT_RELATIVE, "depth", 8, NULL))
+      goto done;
+    x = t[1];
+  } else if (color_manage && icc && x->Bands >= 3 && !icc_is_srgb(icc, icc_len)) {
+    /* a broken profile is ignored, as PIL ignores every profile */
+    if (vips_icc_transform(x, &t[1], "srgb", "embedded", TRUE, "intent", VIPS_INTENT_RELATIVE, "depth", 8, NULL))
+      vips_error_clear();
+    else
+      x = t[1];
+  }
+  if (x->BandFmt == VIPS_FORMAT_USHORT) {
+    if (vips_rshift_const1(x, &t[2], 8, NULL) || vips_cast_uchar(t[2], &t[3], NULL)) goto done;
+    x = t[3];
+  } else if (x->BandFmt != VIPS_FORMAT_UCHAR) {
+    interp = vips_image_guess_interpretation(x);
+    int cs = interp == VIPS_INTERPRETATION_scRGB || interp == VIPS_INTERPRETATION_XYZ ||
+             interp == VIPS_INTERPRETATION_LAB || interp == VIPS_INTERPRETATION_LABS ||
+             interp == VIPS_INTERPRETATION_LCH || interp == VIPS_INTERPRETATION_CMC ||
+             interp == VIPS_INTERPRETATION_YXY || interp == VIPS_INTERPRETATION_HSV;
+    if (cs ? vips_colourspace(x, &t[2], VIPS_INTERPRETATION_sRGB, NULL) : vips_cast_uchar(x, &t[2], NULL)) goto done;
+    x = t[2];
+    if (x->BandFmt != VIPS_FORMAT_UCHAR) {
+      if (vips_cast_uchar(x, &t[3], NULL)) goto done;
+      x = t[3];
+    }
+  }
+  if (x->Bands < 3) { /* grey (+alpha): replicate band 0 */
+    if (vips_extract_band(x, &t[4], 0, NULL)) goto done;
+    VipsImage *g[3] = {t[4], t[4], t[4]};
+    if (vips_bandjoin(g, &t[5], 3, NULL)) goto done;
+    x = t[5];
+  } else if (x->Bands > 3) { /* drop alpha (and anything else) unblended */
+    if (vips_extract_band(x, &t[5], 0, "n", 3, NULL)) goto done;
+    x = t[5];
+  }
+  g_object_ref(x);
+  *out = x;
+  rc = 0;
+done:
+  g_object_unref(ctx);
+  return rc;
+}
+
+typedef struct {
+  double t0, budget;
+  int killed;
+} budget;
+
+static void on_eval(VipsImage *im, VipsProgress *progress, void *user) {
+  budget *b = user;
+  if (now_s() - b->t0 > b->budget) {
+    b->killed = 1;
+    vips_image_set_kill(im, TRUE);
+  }
+}
+
+/* Parse "YYYY:MM:DD HH:MM:SS..." into "YYYY-MM-DDTHH:MM:SS"; "" if malformed
+ * (cameras write "    :  :     :  :  " or zeros when the clock is unset). */
+static void exif_date(VipsImage *im, char out[20]) {
+  const char *s = NULL;
+  out[0] = 0;
+  if (!vips_image_get_typeof(im, "exif-ifd2-DateTimeOriginal") ||
+      vips_image_get_string(im, "exif-ifd2-DateTimeOriginal", &s) || !s || strlen(s) < 19)
+    return;
+  static const char pat[] = "dddd:dd:dd dd:dd:dd";
+  for (int i = 0; i < 19; i++)
+    if (pat[i] == 'd' ? (s[i] < '0' || s[i] > '9') : s[i] != pat[i]) return;
+  if (!memcmp(s, "0000", 4)) return;
+  memcpy(out, s, 19);
+  out[4] = out[7] = '-';
+  out[10] = 'T';
+  out[19] = 0;
+}
+
+/* The JPEG shrink (1, 2, 4 or 8) that keeps the decoded image >= 2*size on
+ * both sides, so the exact bicubic still does the final antialiasing. */
+static int jpeg_shrink(int w, int h, int size) {
+  int f = 8;
+  while (f > 1 && (w / f < 2 * size || h / f < 2 * size)) f /= 2;
+  return f;
+}
+
+/* Name the format from its signature, for files no loader accepts. */
+static const char *magic_name(VipsSource *src) {
+  const unsigned char *p = NULL;
+  gint64 n = vips_source_sniff_at_most(src, (unsigned char **)&p, 12);
+  if (n < 4 || !p) return NULL;
+  if (p[0] == 0xFF && p[1] == 0xD8 && p[2] == 0xFF) return "JPEG";
+  if (!memcmp(p, "\x89PNG", 4)) return "PNG";
+  if (!memcmp(p, "GIF8", 4)) return "GIF";
+  if (!memcmp(p, "II*", 4) || !memcmp(p, "MM\0*", 4)) return "TIFF";
+  if (n >= 12 && !memcmp(p, "RIFF", 4) && !memcmp(p + 8, "WEBP", 4)) return "WebP";
+  if (n >= 12 && !memcmp(p + 4, "ftyp", 4)) return "HEIF/AVIF";
+  return NULL;
+}
+
+static int load_source(VipsSource *src, const char *name, const blip_img_opts *o, float *out, uint8_t *rgb,
+                       blip_img_meta *meta, double t0) {
+  VipsImage *im = NULL, *srgb = NULL;
+  uint8_t *pix = NULL, *rot = NULL, *own_rgb = NULL;
+  int rc = BLIP_OK;
+  const char *loader = vips_foreign_find_load_source(src);
+  if (!loader) {
+    vips_error_clear();
+    const char *fmt = magic_name(src);
+    vips_error_clear();
+    if (fmt) return blip_err_set(BLIP_EFORMAT, "%s: corrupt or truncated %s image (no decoder accepts it)", name, fmt);
+    return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image format", name);
+  }
+  im = vips_image_new_from_source(src, "", "access", VIPS_ACCESS_SEQUENTIAL, "fail_on", VIPS_FAIL_ON_ERROR, NULL);
+  if (!im) {
+    rc = vips_fail(BLIP_EFORMAT, "bad header", name);
+    goto done;
+  }
+  int w = im->Xsize, h = im->Ysize;
+  if ((int64_t)w * h > o->max_pixels) {
+    rc = blip_err_set(BLIP_ETOOBIG, "%s: too large: %dx%d = %lld pixels > max_pixels %lld", name, w, h,
+                      (long long)w * h, (long long)o->max_pixels);
+    goto done;
+  }
+  int orient = vips_image_get_orientation(im);
+  if (orient < 1 || orient > 8) orient = 1;
+  if (meta) {
+    meta->width = w;
+    meta->height = h;
+    meta->orientation = orient;
+    exif_date(im, meta->taken_at);
+  }
+  if (o->shrink_on_load && !strcmp(loader, "VipsForeignLoadJpegSource")) {
+    int f = jpeg_shrink(w, h, o->size);
+    if (f > 1) {
+      g_object_unref(im);
+      im = NULL;
+      if (vips_source_rewind(src) || vips_jpegload_source(src, &im, "shrink", f, "access", VIPS_ACCESS_SEQUENTIAL,
+                                                           "fail_on", VIPS_FAIL_ON_ERROR, NULL)) {
+        rc = vips_fail(BLIP_EFORMAT, "bad header", name);
+        goto done;
+      }
+    }
+  }
+  if (to_srgb8(im, o->color_manage, &srgb)) {
+    rc = vips_fail(BLIP_EFORMAT, "colour conversion failed", name);
+    goto done;
+  }
+  budget b = {t0, o->time_budget_s, 0};
+  vips_image_set_progress(srgb, TRUE);
+  g_signal_connect(srgb, "eval", G_CALLBACK(on_eval), &b);
+  size_t n = 0;
+  pix = vips_image_write_to_memory(srgb, &n);
+  if (!pix || b.killed) {
+    if (b.killed) {
+      vips_error_clear();
+      rc = blip_err_set(BLIP_EINTR, "%s: over the time budget of %.3g s while decoding", name, o->time_budget_s);
+    } else {
+      rc = vips_fail(BLIP_EFORMAT, "decode failed", name);
+    }
+    goto done;
+  }
+  int dw = srgb->Xsize, dh = srgb->Ysize;
+  if (n != (size_t)dw * dh * 3) {
+    rc = blip_err_set(BLIP_EFORMAT, "%s: decoder returned %zu bytes for %dx%d", name, n, dw, dh);
+    goto done;
+  }
+  const uint8_t *img = pix;
+  if (o->autorotate && orient != 1) {
+    if ((rc = orient_rgb(pix, dw, dh, orient, &rot, &dw, &dh))) goto done;
+    img = rot;
+  }
+  if (!rgb && !(rgb = own_rgb = malloc((size_t)o->size * o->size * 3))) {
+    rc = blip_err_set(BLIP_ENOMEM, "%s: out of memory", name);
+    goto done;
+  }
+  if ((rc = blip_img_resize_rgb(img, dw, dh, rgb, o->size, o->size))) goto done;
+  if (now_s() - t0 > o->time_budget_s) {
+    rc = blip_err_set(BLIP_EINTR, "%s: over the time budget of %.3g s", name, o->time_budget_s);
+    goto done;
+  }
+  if (out) blip_img_normalize(rgb, o->size, out);
+done:
+  free(own_rgb);
+  free(rot);
+  g_free(pix);
+  if (srgb) g_object_unref(srgb);
+  if (im) g_object_unref(im);
+  return rc;
+}
+
+static int check_opts(const blip_img_opts *o) {
+  if (!o || o->size < 1 || o->size > 8192 || o->max_pixels < 1 || o->max_file_bytes < 1 || !(o->time_budget_s > 0))
+    return blip_err_set(BLIP_EINVAL, "blip_img: bad options");
+  return blip_img_init();
+}
+
+int blip_img_load_buffer(const void *buf, size_t len, const blip_img_opts *o, float *out, uint8_t *rgb,
+                         blip_img_meta *meta) {
+  double t0 = now_s();
+  int rc = check_opts(o);
+  if (rc) return rc;
+  if (!buf && len) return blip_err_set(BLIP_EINVAL, "blip_img_load_buffer: NULL buffer");
+  if (len == 0) return blip_err_set(BLIP_EFORMAT, "<buffer>: truncated image (empty)");
+  if ((uint64_t)len > (uint64_t)o->max_file_bytes)
+    return blip_err_set(BLIP_ETOOBIG, "<buffer>: too large: %zu bytes > max_file_bytes %lld", len,
+                        (long long)o->max_file_bytes);
+  VipsSource *src = vips_source_new_from_memory(buf, len);
+  if (!src) return vips_fail(BLIP_ENOMEM, "cannot wrap buffer", "<buffer>");
+  rc = load_source(src, "<buffer>", o, out, rgb, meta, t0);
+  g_object_unref(src);
+  return rc;
+}
+
+int blip_img_load_file(const char *path, const blip_img_opts *o, float *out, uint8_t *rgb, blip_img_meta *meta) {
+  double t0 = now_s();
+  int rc = check_opts(o);
+  if (rc) return rc;
+  if (!path) return blip_err_set(BLIP_EINVAL, "blip_img_load_file: NULL path");
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return blip_err_set(BLIP_EIO, "%s: unreadable: %s", path, strerror(errno));
+  struct stat st;
+  int serr = fstat(fd, &st) ? errno : 0;
+  close(fd);
+  if (serr) return blip_err_set(BLIP_EIO, "%s: unreadable: %s", path, strerror(serr));
+  if (!S_ISREG(st.st_mode)) return blip_err_set(BLIP_EIO, "%s: unreadable: not a regular file", path);
+  if (st.st_size == 0) return blip_err_set(BLIP_EFORMAT, "%s: truncated image (empty file)", path);
+  if (st.st_size > o->max_file_bytes)
+    return blip_err_set(BLIP_ETOOBIG, "%s: too large: %lld bytes > max_file_bytes %lld", path,
+                        (long long)st.st_size, (long long)o->max_file_bytes);
+  VipsSource *src = vips_source_new_from_file(path);
+  if (!src) return vips_fail(BLIP_EIO, "unreadable", path);
+  rc = load_source(src, path, o, out, rgb, meta, t0);
+  g_object_unref(src);
+  return rc;
+}

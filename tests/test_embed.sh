@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# test_embed: blip-embed end to end on the blip-tiny fixture. Its --json
+# ITC and ITM numbers must equal the upstream golden ones, for both ITM
+# first-token conventions and both ITM paths; bad invocations fail cleanly.
+set -u
+B=${BLIP_BIN:-build}; D=${BLIP_TEST_DATA:-tests/data}
+pass=0; fail=0
+ok() { if "$@"; then pass=$((pass+1)); else fail=$((fail+1)); echo "FAIL: $*" >&2; fi; }
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+
+caps=()
+while IFS= read -r line; do caps+=(--text "$line"); done < <(python3 -c 'import json,sys; [print(c) for c in json.load(open(sys.argv[1]))]' "$D/blip-tiny/captions.json")
+
+for ft in enc cls; do
+  for path in fast naive; do
+    extra=(); [ $path = naive ] && extra=(--naive-itm)
+    "$B/blip-embed" --model "$D/blip-tiny" --pixels "$D/blip-tiny/golden.safetensors:pixel_values" "${caps[@]}" \
+      --itm --itm-first-token $ft "${extra[@]}" --json >"$tmp/out.json" 2>"$tmp/err"
+    ok test $? -eq 0
+    gold=itm_logits; [ $ft = enc ] && gold=itm_logits_enc
+    ok python3 - "$tmp/out.json" "$D/blip-tiny/golden.safetensors" $gold <<'PY'
+import json, struct, sys
+out = json.load(open(sys.argv[1]))
+f = open(sys.argv[2], 'rb'); n = struct.unpack('<Q', f.read(8))[0]; hdr = json.loads(f.read(n)); base = 8 + n
+def tensor(name):
+    h = hdr[name]; a, b = h['data_offsets']; f.seek(base + a)
+    return list(struct.unpack('<%df' % ((b - a) // 4), f.read(b - a)))
+def flat(x): return [v for r in x for v in (flat(r) if isinstance(r, list) else [r])]
+worst = 0
+for key, gold in (('itc', 'itc_sim'), ('itm_logits', sys.argv[3]), ('image_feat', 'image_feat'), ('text_feat', 'text_feat')):
+    a, b = flat(out[key]), tensor(gold)
+    assert len(a) == len(b), (key, len(a), len(b))
+    d = max(abs(x - y) for x, y in zip(a, b)); worst = max(worst, d)
+    print(f"  blip-embed {key:11s} vs {gold:15s} max|diff| {d:.2e}")
+ids = hdr['input_ids']; a, b = ids['data_offsets']; f.seek(base + a)
+gid = struct.unpack('<%dq' % ((b - a) // 8), f.read(b - a))
+for j, row in enumerate(out['input_ids']):
+    assert list(gid[j * 35: j * 35 + len(row)]) == row, ('input_ids', j)
+sys.exit(0 if worst <= 2e-5 else 1)
+PY
+  done
+done
+
+"$B/blip-embed" --help | grep -q 'usage: blip-embed'; ok test $? -eq 0
+"$B/blip-embed" --model "$tmp/nope" --text x 2>"$tmp/err"; ok test $? -eq 1
+ok grep -q 'config.json' "$tmp/err"
+"$B/blip-embed" --model "$D/blip-tiny" 2>/dev/null; ok test $? -eq 2
+"$B/blip-embed" --model "$D/blip-tiny" --pixels "$D/blip-tiny/golden.safetensors:input_ids" 2>"$tmp/err"; ok test $? -eq 1
+ok grep -q 'must be F32' "$tmp/err"
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]

@@ -1,0 +1,170 @@
+/* test_kern: every kernel against a naive double-precision C reference on
+ * odd shapes (not multiples of any vector width), plus the scalar
+ * approximations (exp, erf) against libm over their whole useful range. */
+#include "blip_err.h"
+#include "blip_kern.h"
+#include "check.h"
+
+#include <stdint.h>
+
+static uint64_t g_rng = 12345;
+static float frand(void) { /* uniform [-1, 1) */
+  g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
+  return (float)((g_rng >> 40) * (1.0 / 8388608.0)) - 1.0f;
+}
+static float *rnd(long n, float s) {
+  float *p = malloc((size_t)n * sizeof *p);
+  for (long i = 0; i < n; i++) p[i] = frand() * s;
+  return p;
+}
+
+static void test_scalar_fns(void) {
+  double we = 0, wr = 0;
+  for (float x = -80.0f; x < 80.0f; x += 0.00731f) {
+    double e = fabs((double)blip_k_expf(x) / exp((double)x) - 1.0);
+    if (e > we) we = e;
+  }
+  for (float x = -6.0f; x < 6.0f; x += 0.000913f) {
+    double e = fabs((double)blip_k_erff(x) - erf((double)x));
+    if (e > wr) wr = e;
+  }
+  printf("  expf max rel err %.3g, erff max abs err %.3g\n", we, wr);
+  CHECK(we < 5e-7, "expf rel err %g", we);
+  CHECK(wr < 5e-7, "erff abs err %g", wr);
+  CHECK(blip_k_expf(-1000.0f) >= 0.0f && blip_k_expf(-1000.0f) < 1e-37f, "exp underflow");
+}
+
+static void test_gemm(int M, int N, int K, int ta, int tb) {
+  float *A = rnd((long)M * K, 1), *B = rnd((long)K * N, 1), *C = rnd((long)M * N, 1), *R = malloc(sizeof(float) * M * N);
+  const float alpha = 0.7f, beta = 0.3f;
+  int lda = ta ? M : K, ldb = tb ? K : N;
+  for (int i = 0; i < M; i++)
+    for (int j = 0; j < N; j++) {
+      double s = 0;
+      for (int k = 0; k < K; k++) s += (double)(ta ? A[k * lda + i] : A[i * lda + k]) * (tb ? B[j * ldb + k] : B[k * ldb + j]);
+      R[i * N + j] = (float)(alpha * s + beta * C[i * N + j]);
+    }
+  char label[64];
+  snprintf(label, sizeof label, "gemm %dx%dx%d t%d%d", M, N, K, ta, tb);
+  if (blip_k_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, N) != 0) CHECK(0, "%s: %s", label, blip_err_last());
+  check_tensor(label, C, R, (long)M * N, 1e-4 * sqrt(K));
+  free(A), free(B), free(C), free(R);
+}
+
+static void test_linear(int M, int in, int out, int bias) {
+  float *x = rnd((long)M * in, 1), *w = rnd((long)out * in, 0.2f), *b = bias ? rnd(out, 1) : NULL;
+  float *y = malloc(sizeof(float) * M * out), *r = malloc(sizeof(float) * M * out);
+  blip_k_linear l = {.in = in, .out = out, .w = w, .b = b};
+  for (int i = 0; i < M; i++)
+    for (int o = 0; o < out; o++) {
+      double s = b ? b[o] : 0;
+      for (int k = 0; k < in; k++) s += (double)x[i * in + k] * w[o * in + k];
+      r[i * out + o] = (float)s;
+    }
+  CHECK(blip_k_linear_fwd(y, x, &l, M) == 0, "linear: %s", blip_err_last());
+  char label[64];
+  snprintf(label, sizeof label, "linear %dx%d->%d%s", M, in, out, bias ? "+b" : "");
+  check_tensor(label, y, r, (long)M * out, 1e-5);
+  free(x), free(w), free(b), free(y), free(r);
+}
+
+static void ref_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
+  for (int i = 0; i < M; i++) {
+    double mu = 0, var = 0;
+    for (int j = 0; j < N; j++) mu += in[i * N + j];
+    mu /= N;
+    for (int j = 0; j < N; j++) var += (in[i * N + j] - mu) * (in[i * N + j] - mu);
+    var /= N;
+    for (int j = 0; j < N; j++) out[i * N + j] = (float)((in[i * N + j] - mu) / sqrt(var + eps) * g[j] + b[j]);
+  }
+}
+
+static void test_layernorm(int M, int N) {
+  float *x = rnd((long)M * N, 3), *g = rnd(N, 1), *b = rnd(N, 1), *r = malloc(sizeof(float) * M * N);
+  float *y = malloc(sizeof(float) * M * N), *res = rnd((long)M * N, 1), *sum = malloc(sizeof(float) * M * N);
+  for (long i = 0; i < (long)M * N; i++) x[i] += 5.0f; /* offset mean: exercises cancellation */
+  ref_layernorm(r, x, g, b, M, N, 1e-5f);
+  blip_k_layernorm(y, x, g, b, M, N, 1e-5f);
+  check_tensor("layernorm", y, r, (long)M * N, 2e-5);
+  for (long i = 0; i < (long)M * N; i++) sum[i] = x[i] + res[i];
+  ref_layernorm(r, sum, g, b, M, N, 1e-12f);
+  blip_k_add_layernorm(x, res, g, b, M, N, 1e-12f);
+  check_tensor("add+layernorm (eps 1e-12)", x, r, (long)M * N, 2e-5);
+  free(x), free(g), free(b), free(r), free(y), free(res), free(sum);
+}
+
+static void test_gelu_softmax(void) {
+  long n = 100003;
+  float *x = rnd(n, 6), *r = malloc(sizeof(float) * n);
+  for (long i = 0; i < n; i++) r[i] = (float)(0.5 * x[i] * (1.0 + erf(x[i] / sqrt(2.0))));
+  blip_k_gelu(x, n);
+  check_tensor("gelu (erf) vs libm", x, r, n, 2e-6); /* inputs up to 6: ~4 ulp */
+  int rows = 37, cols = 577;
+  float *s = rnd((long)rows * cols, 20);
+  s[5] = -1e4f; /* a masked position */
+  for (int i = 0; i < rows; i++) {
+    double mx = -1e30, sum = 0;
+    for (int j = 0; j < cols; j++) mx = fmax(mx, s[i * cols + j]);
+    for (int j = 0; j < cols; j++) sum += exp(s[i * cols + j] - mx);
+    for (int j = 0; j < cols; j++) r[i * cols + j] = (float)(exp(s[i * cols + j] - mx) / sum);
+  }
+  blip_k_softmax(s, rows, cols);
+  check_tensor("softmax", s, r, (long)rows * cols, 1e-6);
+  float v[3] = {3, 4, 0};
+  blip_k_l2norm(v, 1, 3);
+  CHECK(fabsf(v[0] - 0.6f) < 1e-7f && fabsf(v[1] - 0.8f) < 1e-7f, "l2norm");
+  free(x), free(r), free(s);
+}
+
+static void test_attention(int Lq, int Lk, int H, int dh, int masked) {
+  int D = H * dh, ld = 3 * D + 5; /* packed, padded stride like the vision qkv */
+  float *q = rnd((long)Lq * ld, 1), *kv = rnd((long)Lk * ld, 1), *mask = calloc(Lk, sizeof(float));
+  float *out = malloc(sizeof(float) * Lq * D), *r = malloc(sizeof(float) * Lq * D), *sc = malloc(sizeof(double) * Lk * 2);
+  double *p = (double *)sc;
+  if (masked)
+    for (int j = Lk / 2; j < Lk; j++) mask[j] = -10000.0f;
+  float scale = 1.0f / sqrtf((float)dh);
+  for (int h = 0; h < H; h++)
+    for (int i = 0; i < Lq; i++) {
+      double mx = -1e300, sum = 0;
+      for (int j = 0; j < Lk; j++) {
+        double s = 0;
+        for (int d = 0; d < dh; d++) s += (double)q[i * ld + h * dh + d] * kv[j * ld + D + h * dh + d];
+        p[j] = s * scale + mask[j];
+        mx = fmax(mx, p[j]);
+      }
+      for (int j = 0; j < Lk; j++) sum += (p[j] = exp(p[j] - mx));
+      for (int d = 0; d < dh; d++) {
+        double o = 0;
+        for (int j = 0; j < Lk; j++) o += p[j] / sum * kv[j * ld + 2 * D + h * dh + d];
+        r[i * D + h * dh + d] = (float)o;
+      }
+    }
+  CHECK(blip_k_attention(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, masked ? mask : NULL) == 0,
+        "attention: %s", blip_err_last());
+  char label[64];
+  snprintf(label, sizeof label, "attention Lq%d Lk%d H%d dh%d%s", Lq, Lk, H, dh, masked ? " masked" : "");
+  check_tensor(label, out, r, (long)Lq * D, 2e-6);
+  free(q), free(kv), free(mask), free(out), free(r), free(sc);
+}
+
+int main(void) {
+  blip_k_set_threads(2);
+  test_scalar_fns();
+  test_gemm(1, 1, 1, 0, 0);
+  test_gemm(17, 33, 65, 0, 1);
+  test_gemm(13, 7, 129, 1, 0);
+  test_gemm(31, 45, 3, 1, 1);
+  test_gemm(577, 96, 61, 0, 1);
+  test_linear(1, 7, 3, 1);
+  test_linear(35, 97, 131, 1);
+  test_linear(19, 33, 2, 0);
+  test_layernorm(1, 7);
+  test_layernorm(53, 771);
+  test_gelu_softmax();
+  test_attention(1, 1, 1, 1, 0);
+  test_attention(13, 13, 3, 7, 1);
+  test_attention(5, 131, 4, 16, 0);
+  test_attention(97, 97, 5, 9, 0);
+  return check_summary();
+}
