@@ -248,6 +248,7 @@ static int load_images(ev *e, int s, int n, float *pix) {
   io.size = e->c->image_size;
   io.autorotate = 0;     /* BLIP's PIL path ignores EXIF orientation */
   io.shrink_on_load = 0; /* exact resampling */
+  io.color_manage = 0;   /* PIL's convert("RGB") ignores ICC profiles */
   size_t px = (size_t)3 * io.size * io.size;
   for (int i = 0; i < n; i++) {
     char path[4096];

@@ -85,7 +85,8 @@ static int ann_from_json(json_t *root, int max_words, int limit, blip_eval_ann *
     a.img2txt_off[i] = t;
     for (int j = 0; j < n; j++, t++) {
       json_t *s = json_is_string(list) ? list : json_array_get(list, j);
-      if ((rc = blip_tok_pre_caption(json_string_value(s), json_string_length(s), max_words, &a.text[t]))) goto fail;
+      rc = blip_tok_pre_caption(json_string_value(s), json_string_length(s), max_words, &a.text[t], NULL);
+      if (rc) goto fail;
       a.n_texts = t + 1;
       a.txt2img[t] = i;
       a.img2txt[t] = t;
