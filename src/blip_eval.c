@@ -114,6 +114,7 @@ int blip_eval_ann_parse(const char *json, size_t len, int max_words, int limit, 
 int blip_eval_ann_load(const char *path, int max_words, int limit, blip_eval_ann *out) {
   json_error_t err;
   json_t *root = json_load_file(path, 0, &err);
+  if (!root && err.line < 1) return blip_err_set(BLIP_EIO, "%s: %s", path, err.text);
   if (!root) return blip_err_set(BLIP_EFORMAT, "%s:%d: %s", path, err.line, err.text);
   int rc = ann_from_json(root, max_words, limit, out);
   json_decref(root);

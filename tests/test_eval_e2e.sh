@@ -80,6 +80,13 @@ jq -e '.cached_chunks == {text: 9, images: 3, itm: 2}' "$W/b.json" >/dev/null \
 jq -e '.cached_chunks == {text: 10, images: 3, itm: 10}' "$W/a2.json" >/dev/null || fail "full cache not reused"
 [ "$(jq -S "$FIGS" "$W/a.json")" = "$(jq -S "$FIGS" "$W/a2.json")" ] || fail "cached rerun differs"
 
+"${EVAL[@]}" --cache "$W/cF" --cache-f16 --dump "$W/f16.st" >"$W/f16.json"
+[ "$(jq -S .itc "$W/f16.json")" = "$(jq -S .itc "$W/a.json")" ] || fail "f16 token cache changed ITC figures"
+"${EVAL[@]}" --cache "$W/cF" --cache-f16 >"$W/f16b.json"
+jq -e '.cached_chunks == {text: 10, images: 3, itm: 10}' "$W/f16b.json" >/dev/null || fail "f16 cache not reused"
+cp -r "$W/cF" "$W/cG"
+"${EVAL[@]}" --cache "$W/cG" >"$W/f32c.json" # an f32 run must not take the f16 chunks
+jq -e '.cached_chunks.images == 0' "$W/f32c.json" >/dev/null || fail "f16 chunks reused for an f32 run"
 "${EVAL[@]}" --k-test 1000 --dump "$W/kall.st" >"$W/kall.json"
 "${EVAL[@]}" --itc-only >"$W/itc.json"
 jq -e 'has("itm") | not' "$W/itc.json" >/dev/null || fail "--itc-only reported ITM figures"
@@ -156,7 +163,14 @@ rep = json.load(open(f"{W}/kall.json"))
 same(rep["itm"], recall(ka["score_i2t"], ka["score_t2i"]), "k=all ITM")
 same(rep["itc"], recall(ka["sims"], [list(c) for c in zip(*ka["sims"])]), "ITC")
 if any(v == -100.0 for row in ka["score_i2t"] for v in row): fail("k=all left -100 entries")
-print("direct checks: sims, top-k rows, shared logits, recall recomputed -- ok")
+# f16 vision tokens: same top-k sets, scores within f16 rounding of the f32 run
+with open(glob.glob(f"{W}/cF/img-000000.safetensors")[0], "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    if json.loads(f.read(n))["embeds"]["dtype"] != "F16": fail("--cache-f16 did not store F16 tokens")
+m16 = load(f"{W}/f16.st")
+d16 = max(abs(a - b) for ra, rb in zip(m16["score_i2t"], A) for a, b in zip(ra, rb))
+if not 0 < d16 < 1e-2: fail(f"f16 tokens moved scores by {d16}")
+print("direct checks: sims, top-k rows, shared logits, recall recomputed, f16 cache -- ok")
 PY
 python3 - "$W" "$DATA/blip-tiny" <<'PY'
 import json, os, struct, sys, zlib
