@@ -565,8 +565,8 @@ static void print_text(const ev *e, const blip_eval_recall *itc, const blip_eval
       if (PAPER[r].v_hidden != e->Dv) continue;
       print_row(PAPER[r].name, flickr ? PAPER[r].flickr : PAPER[r].coco);
       if (flickr && PAPER[r].zs_tr1 > 0)
-        printf("  %-22s %6.1f %20s %6.1f   (zero-shot, COCO model; Table 6)\n", PAPER[r].name, PAPER[r].zs_tr1, "",
-               PAPER[r].zs_ir1);
+        printf("  %-22s %6.1f%17s%6.1f                (zero-shot, COCO model; Table 6)\n", PAPER[r].name,
+               PAPER[r].zs_tr1, "", PAPER[r].zs_ir1);
       shown++;
     }
     if (!shown) printf("  no paper row for vision width %d (ViT-B is 768, ViT-L 1024)\n", e->Dv);
@@ -592,6 +592,8 @@ static int print_json(const ev *e, const blip_eval_recall *itc, const blip_eval_
   if (!e->o.itc_only) {
     json_object_set_new(o, "itm", recall_json(itm));
     json_object_set_new(o, "itm_pairs", json_integer(e->plan.n_pairs));
+    json_object_set_new(o, "k_i2t", json_integer(e->ki)); /* k_test clamped to the gallery size */
+    json_object_set_new(o, "k_t2i", json_integer(e->kt));
   }
   char *s = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17));
   json_decref(o);
