@@ -15,9 +15,11 @@
  * chunk in flight, and a changed model or annotation never reuses stale
  * data. Vision tokens are stored f32 (default: mmapped and used in place)
  * or f16 (--cache-f16, half the disk; rounding moves ITM logits slightly).
- * Without --cache everything stays in memory. */
+ * One run per cache at a time (flock on DIR/.lock). Without --cache
+ * everything stays in memory. */
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
 #include <signal.h>
@@ -25,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -66,7 +69,9 @@ typedef struct {
   const blip_cfg *c;
   blip_eval_ann ann;
   int T, Dv, E;
-  uint64_t img_key; /* hash of root, every path and the token dtype */
+  uint64_t img_base; /* hash of model fingerprint, image root and token dtype */
+  uint64_t img_all;  /* img_base and every image path, in order */
+  int lock_fd;       /* flock on DIR/.lock: one run per cache */
   float *img_feat, *txt_feat;
   int32_t *ids; /* [nt, MAX_LEN] */
   int *len;
@@ -149,7 +154,7 @@ static const void *tensor_of(const blip_st *st, const char *name, blip_dtype dt,
   return t->data;
 }
 
-/* Kill leftovers: temp files of a writer that was killed mid-save. */
+/* Remove leftovers: temp files of a writer that was killed mid-save. */
 static void cache_sweep(const char *dir) {
   DIR *d = opendir(dir);
   if (!d) return;
@@ -173,6 +178,21 @@ static int mkdir_p(const char *dir) {
       *p = '/';
     }
   if (mkdir(buf, 0755) && errno != EEXIST) return blip_err_set(BLIP_EIO, "%s: %s", buf, strerror(errno));
+  return BLIP_OK;
+}
+
+/* Create the cache dir, take its lock (a second run on the same cache would
+ * race on chunk files), then sweep temp files left by a killed run. */
+static int cache_lock(ev *e) {
+  char path[4096];
+  int rc = mkdir_p(e->o.cache);
+  if (rc) return rc;
+  snprintf(path, sizeof path, "%s/.lock", e->o.cache);
+  e->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (e->lock_fd < 0) return blip_err_set(BLIP_EIO, "%s: %s", path, strerror(errno));
+  if (flock(e->lock_fd, LOCK_EX | LOCK_NB))
+    return blip_err_set(BLIP_EIO, "%s: cache in use by another blip-eval (%s)", e->o.cache, strerror(errno));
+  cache_sweep(e->o.cache);
   return BLIP_OK;
 }
 
@@ -275,7 +295,7 @@ static int phase_images(ev *e) {
   long fresh = 0;
   for (int c = 0; c < e->n_ch && !rc; c++) {
     int s = c * e->o.img_chunk, n = ni - s < e->o.img_chunk ? ni - s : e->o.img_chunk;
-    uint64_t h = hash_str("img", e->img_key);
+    uint64_t h = hash_str("img", e->img_base); /* a chunk is reusable by any run over the same paths */
     for (int i = s; i < s + n; i++) h = hash_str(e->ann.image[i], h);
     char key[17];
     hex16(h, key);
@@ -413,8 +433,7 @@ static int phase_itm(ev *e) {
   for (int s = 0; s < nt && !rc; s += e->o.itm_chunk) {
     int n = nt - s < e->o.itm_chunk ? nt - s : e->o.itm_chunk, idx = s / e->o.itm_chunk;
     int64_t a = e->plan.off[s], z = e->plan.off[s + n];
-    uint64_t h = XXH64(&e->img_key, sizeof e->img_key, hash_str(blip_model_fingerprint(e->m), 0));
-    h = hash_str("itm", h);
+    uint64_t h = hash_str("itm", e->img_all); /* plan entries index this image list */
     for (int t = s; t < s + n; t++) h = hash_str(e->ann.text[t], h);
     h = XXH64(e->plan.img + a, (size_t)(z - a) * sizeof *e->plan.img, h);
     for (int t = s; t <= s + n; t++) {
@@ -623,6 +642,7 @@ static void ev_free(ev *e) {
   blip_eval_plan_free(&e->plan);
   blip_eval_ann_free(&e->ann);
   blip_model_free(e->m);
+  if (e->lock_fd > 0) close(e->lock_fd);
 }
 
 static int run_eval(const opts *o) {
@@ -639,12 +659,10 @@ static int run_eval(const opts *o) {
     rc = blip_err_set(BLIP_EFORMAT, "%s: no images or no captions", o->ann);
     goto done;
   }
-  if (o->cache) {
-    if ((rc = mkdir_p(o->cache))) goto done;
-    cache_sweep(o->cache);
-  }
-  e.img_key = hash_str(o->images, hash_str(blip_model_fingerprint(e.m), o->f16 ? 16 : 32));
-  for (int i = 0; i < ni; i++) e.img_key = hash_str(e.ann.image[i], e.img_key);
+  if (o->cache && (rc = cache_lock(&e))) goto done;
+  e.img_base = hash_str(o->images, hash_str(blip_model_fingerprint(e.m), o->f16 ? 16 : 32));
+  e.img_all = e.img_base;
+  for (int i = 0; i < ni; i++) e.img_all = hash_str(e.ann.image[i], e.img_all);
   e.n_ch = (ni + o->img_chunk - 1) / o->img_chunk;
   e.ch = calloc((size_t)e.n_ch, sizeof *e.ch);
   e.img_feat = malloc((size_t)ni * e.E * sizeof *e.img_feat);

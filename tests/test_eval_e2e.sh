@@ -83,6 +83,15 @@ q "$W/b.json" 'j["cached_chunks"] == dict(text=9, images=3, itm=2)' \
 q "$W/a2.json" 'j["cached_chunks"] == dict(text=10, images=3, itm=10)' || fail "full cache not reused"
 [ "$(q "$W/a.json" "$FIGS")" = "$(q "$W/a2.json" "$FIGS")" ] || fail "cached rerun differs"
 
+# Chunks are keyed by their own inputs: a --limit run over the first 4 images
+# (15 captions) reuses image chunks 0-1 and text chunks 0-6, nothing else.
+cp -r "$W/cA" "$W/cL"
+"${EVAL[@]}" --cache "$W/cL" --limit 4 >"$W/lim.json"
+q "$W/lim.json" 'j["cached_chunks"] == dict(text=7, images=2, itm=0) and j["n_texts"] == 15' \
+  || fail "--limit run reused the wrong chunks: $(q "$W/lim.json" 'j["cached_chunks"]')"
+if flock "$W/cL/.lock" "${EVAL[@]}" --cache "$W/cL" >/dev/null 2>"$W/lock.err"; then fail "ran on a locked cache"; fi
+grep -q "cache in use" "$W/lock.err" || fail "locked cache: $(cat "$W/lock.err")"
+
 "${EVAL[@]}" --cache "$W/cF" --cache-f16 --dump "$W/f16.st" >"$W/f16.json"
 [ "$(q "$W/f16.json" 'j["itc"]')" = "$(q "$W/a.json" 'j["itc"]')" ] || fail "f16 token cache changed ITC figures"
 "${EVAL[@]}" --cache "$W/cF" --cache-f16 >"$W/f16b.json"
