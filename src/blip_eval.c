@@ -236,8 +236,10 @@ void blip_eval_argsort(const float *v, int n, int *idx) {
 int blip_eval_rank(const float *row, int n, const int *gt, int n_gt, int64_t *rank) {
   int64_t best = BLIP_EVAL_NO_RANK;
   int tied = 0;
-  for (int g = 0; g < n_gt && !tied; g++) {
+  for (int g = 0; g < n_gt; g++)
     if (gt[g] < 0 || gt[g] >= n) return blip_err_set(BLIP_EINVAL, "rank: ground truth %d outside [0,%d)", gt[g], n);
+  /* Untied, a score's position is the count of larger scores; a tie needs numpy's order. */
+  for (int g = 0; g < n_gt && !tied; g++) {
     float x = row[gt[g]];
     int64_t above = 0;
     for (int e = 0; e < n; e++) {

@@ -37,6 +37,23 @@ static void test_argsort_numpy(void) {
   for (int i = 0; i < 23; i++) ok &= got[i] == want23[i];
   CHECK(ok, "(i^2 mod 3), n=23: numpy order");
 
+  /* A McIlroy "antiqsort" input built against numpy's partitioning, halved so
+   * that values pair up: the introsort runs out of depth (2*floor(log2 64) =
+   * 12) and finishes a partition with heapsort, ties included. numpy 1.24.2. */
+  static const float adv[64] = {0,  28, 1,  28, 2,  27, 3,  27, 4,  26, 5,  26, 6,  25, 7,  25,
+                                8,  24, 9,  24, 10, 23, 11, 23, 12, 13, 31, 30, 31, 30, 29, 0,
+                                1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 22, 22, 21, 21,
+                                20, 20, 19, 19, 18, 18, 17, 17, 16, 16, 15, 15, 14, 14, 29, 13};
+  static const int want_adv[64] = {0,  31, 2,  32, 4,  33, 6,  34, 8,  35, 10, 36, 12, 37, 14, 38,
+                                   16, 39, 18, 40, 20, 41, 22, 42, 24, 43, 25, 63, 60, 61, 59, 58,
+                                   56, 57, 55, 54, 53, 52, 51, 50, 49, 48, 47, 46, 45, 44, 23, 21,
+                                   17, 19, 15, 13, 11, 9,  7,  5,  1,  3,  62, 30, 29, 27, 28, 26};
+  int got64[64];
+  blip_eval_argsort(adv, 64, got64);
+  ok = 1;
+  for (int i = 0; i < 64; i++) ok &= got64[i] == want_adv[i];
+  CHECK(ok, "adversarial input (heapsort fallback with ties): numpy order");
+
   /* NaN sorts last, as numpy. */
   float w[4] = {2, NAN, -1, 0};
   blip_eval_argsort(w, 4, got);
