@@ -10,7 +10,7 @@
  *
  * Cache (--cache DIR): every phase writes fixed-size chunks
  * (txt-N, img-N, itm-N .safetensors) atomically, each tagged with a key
- * hashing the model fingerprint and the chunk's inputs; a chunk whose key
+ * hashing the model (fingerprint and precision) and the chunk's inputs; a chunk whose key
  * does not match is recomputed. So a killed run resumes losing at most the
  * chunk in flight, and a changed model or annotation never reuses stale
  * data. Vision tokens are stored f32 (default: mmapped and used in place)
@@ -52,6 +52,7 @@ typedef struct {
   const char *model, *ann, *images, *dataset, *cache;
   const char *dump; /* write sims and score matrices here (safetensors) */
   int k_test, itc_only, limit, json, report, threads, bench, f16;
+  blip_prec precision;
   /* Cache chunk sizes: images (32 = 57 MB of f32 tokens at base), captions
    * per text chunk, captions per ITM chunk. --chunk N sets all three. */
   int img_chunk, txt_chunk, itm_chunk;
@@ -69,7 +70,8 @@ typedef struct {
   const blip_cfg *c;
   blip_eval_ann ann;
   int T, Dv, E;
-  uint64_t img_base; /* hash of model fingerprint, image root and token dtype */
+  uint64_t model_key; /* model fingerprint and compute precision */
+  uint64_t img_base;  /* model_key, image root and token dtype */
   uint64_t img_all;  /* img_base and every image path, in order */
   int lock_fd;       /* flock on DIR/.lock: one run per cache */
   float *img_feat, *txt_feat;
@@ -86,6 +88,7 @@ typedef struct {
 } ev;
 
 static int g_tty;
+static const char *const PREC_NAME[] = {"f32", "bf16", "int8"};
 
 static double now(void) {
   struct timespec ts;
@@ -227,7 +230,7 @@ static int phase_text(ev *e) {
   long fresh = 0;
   for (int s = 0; s < nt && !rc; s += e->o.txt_chunk) {
     int n = nt - s < e->o.txt_chunk ? nt - s : e->o.txt_chunk, idx = s / e->o.txt_chunk;
-    uint64_t h = hash_str("txt", hash_str(blip_model_fingerprint(e->m), 0));
+    uint64_t h = hash_str("txt", e->model_key);
     for (int t = s; t < s + n; t++) h = hash_str(e->ann.text[t], h);
     char key[17];
     hex16(h, key);
@@ -602,11 +605,12 @@ static json_t *recall_json(const blip_eval_recall *r) {
 }
 
 static int print_json(const ev *e, const blip_eval_recall *itc, const blip_eval_recall *itm) {
-  json_t *o = json_pack("{s:s, s:s, s:i, s:i, s:i, s:o, s:{s:f, s:f, s:f, s:f}, s:{s:i, s:i, s:i}}", "dataset",
-                        e->o.dataset, "model", blip_model_fingerprint(e->m), "n_images", e->ann.n_images, "n_texts",
-                        e->ann.n_texts, "k_test", e->o.k_test, "itc", recall_json(itc), "seconds", "text",
-                        e->sec_text, "images", e->sec_img, "itm", e->sec_itm, "scoring", e->sec_score, "cached_chunks",
-                        "text", e->cached_text, "images", e->cached_img, "itm", e->cached_itm);
+  json_t *o = json_pack("{s:s, s:s, s:s, s:i, s:i, s:i, s:o, s:{s:f, s:f, s:f, s:f}, s:{s:i, s:i, s:i}}",
+                        "dataset", e->o.dataset, "model", blip_model_fingerprint(e->m), "precision",
+                        PREC_NAME[e->o.precision], "n_images", e->ann.n_images, "n_texts", e->ann.n_texts, "k_test",
+                        e->o.k_test, "itc", recall_json(itc), "seconds", "text", e->sec_text, "images", e->sec_img,
+                        "itm", e->sec_itm, "scoring", e->sec_score, "cached_chunks", "text", e->cached_text, "images",
+                        e->cached_img, "itm", e->cached_itm);
   if (!o) return blip_err_set(BLIP_ENOMEM, "out of memory");
   if (!e->o.itc_only) {
     json_object_set_new(o, "itm", recall_json(itm));
@@ -650,7 +654,8 @@ static int run_eval(const opts *o) {
   blip_eval_recall itc = {0}, itm = {0};
   int rc;
   if ((rc = blip_img_init())) return rc;
-  if ((rc = blip_model_load(o->model, NULL, &e.m))) return rc;
+  blip_model_opts mo = {.precision = o->precision};
+  if ((rc = blip_model_load(o->model, &mo, &e.m))) return rc;
   e.c = blip_model_cfg(e.m);
   e.T = e.c->v_tokens, e.Dv = e.c->v_hidden, e.E = e.c->embed_dim;
   if ((rc = blip_eval_ann_load(o->ann, MAX_WORDS, o->limit, &e.ann))) goto done;
@@ -660,7 +665,8 @@ static int run_eval(const opts *o) {
     goto done;
   }
   if (o->cache && (rc = cache_lock(&e))) goto done;
-  e.img_base = hash_str(o->images, hash_str(blip_model_fingerprint(e.m), o->f16 ? 16 : 32));
+  e.model_key = hash_str(blip_model_fingerprint(e.m), (uint64_t)o->precision);
+  e.img_base = hash_str(o->images, XXH64("tok", 4, e.model_key) + (o->f16 ? 16 : 32));
   e.img_all = e.img_base;
   for (int i = 0; i < ni; i++) e.img_all = hash_str(e.ann.image[i], e.img_all);
   e.n_ch = (ni + o->img_chunk - 1) / o->img_chunk;
@@ -769,7 +775,8 @@ static int run_bench(const opts *o) {
   blip_cfg c;
   blip_model *m = NULL;
   base_cfg(&c);
-  int rc = blip_model_random(&c, NULL, 1, &m);
+  blip_model_opts mo = {.precision = o->precision};
+  int rc = blip_model_random(&c, &mo, 1, &m);
   if (rc) return rc;
   const size_t px = (size_t)3 * c.image_size * c.image_size, tok = (size_t)c.v_tokens * c.v_hidden;
   float *pix = malloc(NB_IMG * px * sizeof *pix), *emb = malloc(NB_IMG * tok * sizeof *emb);
@@ -794,8 +801,8 @@ static int run_bench(const opts *o) {
       ids[i * CAP_LEN + j] = j == 0 ? 101 : j == CAP_LEN - 1 ? 102 : 1000 + (i * 37 + j * 101) % 28000;
       mask[i * CAP_LEN + j] = 1;
     }
-  printf("bench: base geometry (ViT-B/16 at 384, BERT-base, embed 256), random weights, %d threads\n",
-         blip_k_threads());
+  printf("bench: base geometry (ViT-B/16 at 384, BERT-base, embed 256), random weights, %s, %d threads\n",
+         PREC_NAME[o->precision], blip_k_threads());
   /* Each measurement follows a warm-up call (arena growth, oneDNN kernel creation). */
   if ((rc = blip_model_vision(m, pix, 1, emb, feat))) goto done;
   w0 = now(), c0 = cpu_now();
@@ -876,6 +883,7 @@ static void usage(FILE *f) {
           "  --json            machine-readable output\n"
           "  --report          print the paper's numbers beside ours\n"
           "  --threads N       compute threads (default: all cores)\n"
+          "  --precision P     f32 (default), bf16 or int8 linear layers, where the engine has them\n"
           "  --bench           time each phase at the base geometry (random weights) and\n"
           "                    extrapolate COCO 5k and Flickr 1k wall times\n");
 }
@@ -913,6 +921,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--dataset")) o.dataset = v;
     else if (!strcmp(a, "--cache")) o.cache = v;
     else if (!strcmp(a, "--dump")) o.dump = v;
+    else if (!strcmp(a, "--precision") && (!strcmp(v, "f32") || !strcmp(v, "bf16") || !strcmp(v, "int8")))
+      o.precision = !strcmp(v, "bf16") ? BLIP_PREC_BF16 : !strcmp(v, "int8") ? BLIP_PREC_INT8 : BLIP_PREC_F32;
     else if (!strcmp(a, "--chunk") && !parse_int(v, &chunk) && chunk > 0) o.img_chunk = o.txt_chunk = o.itm_chunk = chunk;
     else if ((!strcmp(a, "--k-test") && !parse_int(v, &o.k_test) && o.k_test > 0) ||
              (!strcmp(a, "--limit") && !parse_int(v, &o.limit)) || (!strcmp(a, "--threads") && !parse_int(v, &o.threads))) {
