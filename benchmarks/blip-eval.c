@@ -845,7 +845,7 @@ static int run_bench(const opts *o) {
       int k = ks[j], ni = sets[d].ni, nt = sets[d].nt;
       double lo = (double)k * nt, hi = (double)k * (ni + nt);
       double base_i = ni * img.idle + nt * txt.idle, base_w = ni * img.wall + nt * txt.wall;
-      printf("  %-9s %4d %7.2f %6.2f %6.1f - %6.1f %6.1f - %6.1f [%.0f - %.0f]%s\n", sets[d].name, k,
+      printf("  %-9s %4d %7.2f %6.2f %6.1f - %6.1f %6.1f - %6.1f [%.1f - %.1f]%s\n", sets[d].name, k,
              ni * img.idle / 3600, nt * txt.idle / 3600, lo * pair.idle / 3600, hi * pair.idle / 3600,
              (base_i + lo * pair.idle) / 3600, (base_i + hi * pair.idle) / 3600, (base_w + lo * pair.wall) / 3600,
              (base_w + hi * pair.wall) / 3600,
