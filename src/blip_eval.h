@@ -11,7 +11,7 @@
  *   tied score depends on numpy's partition order. blip_eval_argsort is a
  *   faithful port of numpy's scalar aquicksort (median-of-3, insertion sort
  *   at <= 16 items, heapsort fallback, NaN sorts last), so ties get exactly
- *   numpy's ranks (checked against numpy 1.24). Convention this yields: a row
+ *   numpy's ranks (checked against numpy 1.24.2). Convention this yields: a row
  *   of <= 16 items is sorted stably, so among tied scores the HIGHER index
  *   ranks first after the reversal; longer rows follow numpy's partitioning.
  *   (numpy >= 2 may dispatch float32 argsort to a SIMD sort on AVX-512 CPUs,
