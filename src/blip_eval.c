@@ -129,38 +129,28 @@ static inline int np_less(float a, float b) { return a < b || (b != b && a == a)
 #define NP_SMALL_QUICKSORT 15 /* numpy: partitions of <= 16 items use insertion sort */
 #define NP_QS_STACK 128       /* numpy: NPY_BITSOF_INTP * 2 */
 
+/* Sift a[i] down a 1-based heap of n entries (numpy's inner loop). */
+static void np_sift(const float *v, int *a, int i, int n) {
+  int tmp = a[i];
+  for (int j = i << 1; j <= n;) {
+    if (j < n && np_less(v[a[j]], v[a[j + 1]])) j += 1;
+    if (!np_less(v[tmp], v[a[j]])) break;
+    a[i] = a[j];
+    i = j;
+    j += j;
+  }
+  a[i] = tmp;
+}
+
 static void np_aheapsort(const float *v, int *tosort, int n) {
   int *a = tosort - 1; /* 1-based heap indexing, as numpy */
-  int i, j, l, tmp;
-  for (l = n >> 1; l > 0; --l) {
-    tmp = a[l];
-    for (i = l, j = l << 1; j <= n;) {
-      if (j < n && np_less(v[a[j]], v[a[j + 1]])) j += 1;
-      if (np_less(v[tmp], v[a[j]])) {
-        a[i] = a[j];
-        i = j;
-        j += j;
-      } else {
-        break;
-      }
-    }
-    a[i] = tmp;
-  }
+  for (int l = n >> 1; l > 0; --l) np_sift(v, a, l, n);
   for (; n > 1;) {
-    tmp = a[n];
+    int tmp = a[n];
     a[n] = a[1];
+    a[1] = tmp;
     n -= 1;
-    for (i = 1, j = 2; j <= n;) {
-      if (j < n && np_less(v[a[j]], v[a[j + 1]])) j++;
-      if (np_less(v[tmp], v[a[j]])) {
-        a[i] = a[j];
-        i = j;
-        j += j;
-      } else {
-        break;
-      }
-    }
-    a[i] = tmp;
+    np_sift(v, a, 1, n);
   }
 }
 
