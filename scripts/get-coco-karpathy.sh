@@ -21,27 +21,8 @@ for a in "$@"; do
     *) DIR=$a ;;
   esac
 done
-command -v curl >/dev/null || { echo "get-coco-karpathy: needs curl" >&2; exit 1; }
-mkdir -p "$DIR"
-ANN=$DIR/coco_karpathy_test.json
-
-if ! curl -fsSL --retry 2 --connect-timeout 15 -o "$ANN.part" "$URL"; then
-  rm -f "$ANN.part"
-  echo "get-coco-karpathy: cannot download $URL" >&2
-  echo "  (no network, or the URL moved: it is the one salesforce/BLIP's data/coco_karpathy_dataset.py uses)" >&2
-  exit 1
-fi
-# A valid file is BLIP's format: a JSON list of {"image": ..., "caption": [...]}.
-if ! python3 -c 'import json, sys
-a = json.load(open(sys.argv[1]))
-assert isinstance(a, list) and a and all("image" in e and "caption" in e for e in a)
-print(f"{len(a)} images, {sum(len(e[\"caption\"]) for e in a)} captions")' "$ANN.part"; then
-  rm -f "$ANN.part"
-  echo "get-coco-karpathy: $URL did not return BLIP's annotation JSON" >&2
-  exit 1
-fi
-mv "$ANN.part" "$ANN"
-echo "annotations: $ANN"
+. "$(dirname "$0")/annotations.sh"
+fetch_annotations get-coco-karpathy "$URL" "$DIR/coco_karpathy_test.json"
 
 if [ "$IMAGES" = 1 ]; then
   command -v unzip >/dev/null || { echo "get-coco-karpathy: --images needs unzip" >&2; exit 1; }

@@ -15,26 +15,8 @@ for a in "$@"; do
     *) DIR=$a ;;
   esac
 done
-command -v curl >/dev/null || { echo "get-flickr30k: needs curl" >&2; exit 1; }
-mkdir -p "$DIR"
-ANN=$DIR/flickr30k_test.json
-
-if ! curl -fsSL --retry 2 --connect-timeout 15 -o "$ANN.part" "$URL"; then
-  rm -f "$ANN.part"
-  echo "get-flickr30k: cannot download $URL" >&2
-  echo "  (no network, or the URL moved: it is the one salesforce/BLIP's data/flickr30k_dataset.py uses)" >&2
-  exit 1
-fi
-if ! python3 -c 'import json, sys
-a = json.load(open(sys.argv[1]))
-assert isinstance(a, list) and a and all("image" in e and "caption" in e for e in a)
-print(f"{len(a)} images, {sum(len(e[\"caption\"]) for e in a)} captions")' "$ANN.part"; then
-  rm -f "$ANN.part"
-  echo "get-flickr30k: $URL did not return BLIP's annotation JSON" >&2
-  exit 1
-fi
-mv "$ANN.part" "$ANN"
-echo "annotations: $ANN"
+. "$(dirname "$0")/annotations.sh"
+fetch_annotations get-flickr30k "$URL" "$DIR/flickr30k_test.json"
 echo "images: Flickr30k is distributed by its authors on request, not by URL:"
 echo "  fill in the form at https://shannon.cs.illinois.edu/DenotationGraph/ (Young et al., TACL 2014),"
 echo "  unpack flickr30k-images.tar.gz into $DIR so that $DIR/flickr30k-images/ holds the .jpg files"
