@@ -118,12 +118,20 @@ BLIPSEARCH_DB=$T/envdb "$BIN/blip-index" --model "$MODEL" "$T/small" 2>/dev/null
 # SIGINT: the batch in the model is committed, then exit 130; the next run does the rest
 mkdir -p "$T/many"
 "$BIN/gen_photos" "$T/many" 300 --size 32x32 >/dev/null
-"$BIN/blip-index" --db "$T/dbi" --model "$MODEL" --batch 1 --json "$T/many" > "$T/int.json" 2>/dev/null &
-pid=$!
-sleep 0.4
-kill -INT $pid
-wait $pid
-rc=$?
+# Deterministic: once a first batch is committed, stop the process, queue SIGINT, resume it.
+# If a run finishes before it can be stopped (a very fast machine), start over.
+for attempt in 1 2 3 4 5; do
+  rm -rf "$T/dbi"
+  "$BIN/blip-index" --db "$T/dbi" --model "$MODEL" --batch 1 --json "$T/many" > "$T/int.json" 2>/dev/null &
+  pid=$!
+  until [[ -s $T/dbi/index.sqlite ]] && (( $(sqlite3 "$T/dbi/index.sqlite" "select count(*) from images" 2>/dev/null || echo 0) > 0 )); do
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.01
+  done
+  kill -STOP $pid 2>/dev/null && { kill -INT $pid; kill -CONT $pid; }
+  wait $pid; rc=$?
+  [[ $rc == 0 ]] || break # 0: it had already finished (even a zombie takes SIGSTOP)
+done
 int=$(cat "$T/int.json")
 [[ $rc == 130 && $int == *'"interrupted":true'* ]] && ok || bad "SIGINT: rc $rc, $int"
 "$BIN/blip-index" --db "$T/dbi" --check >/dev/null && ok || bad "check after SIGINT"
