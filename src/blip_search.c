@@ -341,8 +341,10 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
   io.size = s->S;
   io.autorotate = 1;
   io.shrink_on_load = 0;
-  if ((rc = blip_img_load_file(h->path, &io, pix, NULL, NULL))) return rc;
-  return blip_model_vision(s->m, pix, 1, out, NULL);
+  rc = blip_img_load_file(h->path, &io, pix, NULL, NULL);
+  free(h->path); /* hits get their metadata once the final cut is known */
+  h->path = NULL;
+  return rc ? rc : blip_model_vision(s->m, pix, 1, out, NULL);
 }
 
 /* Rerank hits[0..k) in place; hits whose tokens cannot be had are moved

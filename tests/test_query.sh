@@ -223,6 +223,13 @@ for h in a:
     assert abs(h["score"] - want) < 1e-5, (h, want)
 ' "$T/rt1.json" "$T/rt2.json" "$T/rt.embed"
 
+# ---- no rerank store and a file gone: the candidate is skipped, not scored by guess ----
+GONE=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["path"])' "$T/raw.json")
+rm "$GONE"
+"$BIN/blip-query" --db "$T/db-raw" --model "$MODEL" --paths -n $N "$QUERY" >"$T/gone" 2>"$T/gone.err" || bad "gone exit"
+[[ $(wc -l <"$T/gone") == 12 ]] && ! grep -qx "$GONE" "$T/gone" && grep -q "1 candidate(s) skipped" "$T/gone.err" && ok ||
+  bad "missing file without stored tokens: $(cat "$T/gone.err")"
+
 # ---- errors ----
 "$BIN/blip-query" --db "$T/nowhere" --model "$MODEL" "$QUERY" >/dev/null 2>"$T/err"; rc=$?
 [[ $rc == 2 ]] && grep -q "no index here (run blip-index first)" "$T/err" && ok || bad "unknown db: rc $rc $(cat "$T/err")"
