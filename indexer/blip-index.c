@@ -4,12 +4,10 @@
  * followed once each by device/inode, so loops end), classify every image
  * against the index (unchanged by size+mtime, changed, new, moved = same
  * content fingerprint at a new path whose old path is gone), apply moves and
- * deletions, then embed new and changed images. A decoder thread (an OpenMP
- * team of --threads) fills one batch while the model runs on the previous
- * one, so the model waits only when decoding is the bottleneck. Each batch
- * is committed by blip_store_put() in one transaction, after its rerank
- * records are synced: a kill loses at most the batches in flight, and the
- * next run redoes only those. SIGINT/SIGTERM stop after the current batch.
+ * deletions, then embed new and changed images with blip_index_embed()
+ * (decoder thread + batched model + one commit per batch, rerank records
+ * synced before the commit): a kill loses at most the batches in flight, and
+ * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.
  * Exit: 0 done (failed images are reported, not fatal), 1 error, 2 usage,
  * 130 interrupted. */
 #include <dirent.h>
@@ -18,7 +16,6 @@
 #include <getopt.h>
 #include <limits.h>
 #include <omp.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,6 +30,7 @@
 
 #include "blip_err.h"
 #include "blip_img.h"
+#include "blip_index.h"
 #include "blip_model.h"
 #include "blip_store.h"
 
@@ -67,6 +65,7 @@ typedef struct {
   int64_t size, mtime_ns;
   int64_t replace; /* row superseded (changed file) */
   uint64_t fp;
+  int has_fp;
 } item;
 
 typedef struct {
@@ -84,7 +83,7 @@ static int items_push(items *l, const char *path, int64_t size, int64_t mtime_ns
   }
   char *p = strdup(path);
   if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  l->v[l->n++] = (item){p, size, mtime_ns, 0, 0};
+  l->v[l->n++] = (item){p, size, mtime_ns, 0, 0, 0};
   return BLIP_OK;
 }
 
@@ -174,68 +173,6 @@ static int walk(walker *w, const char *path, const struct stat *sb) {
   return rc;
 }
 
-/* ---- decode pipeline ---- */
-
-typedef struct {
-  int n;                /* images in the batch */
-  const item *it[256];  /* the work items */
-  float *pix;           /* [n,3,S,S] */
-  blip_img_meta meta[256];
-  char err[256][256]; /* "" = decoded */
-  int ready;
-} batch;
-
-typedef struct {
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  batch b[2];
-  const items *work;
-  int B, S, threads;
-  int64_t next; /* next item to decode */
-  int done;     /* decoder finished */
-} pipeline;
-
-static void decode_batch(pipeline *p, batch *b) {
-  blip_img_opts o;
-  blip_img_opts_default(&o);
-  o.size = p->S;
-  o.autorotate = 1;
-  o.shrink_on_load = 0;
-  size_t per = (size_t)3 * p->S * p->S;
-#pragma omp parallel for num_threads(p->threads) schedule(dynamic, 1)
-  for (int i = 0; i < b->n; i++) {
-    b->err[i][0] = 0;
-    memset(&b->meta[i], 0, sizeof b->meta[i]);
-    int rc = blip_img_load_file(b->it[i]->path, &o, b->pix + i * per, NULL, &b->meta[i]);
-    if (rc) snprintf(b->err[i], sizeof b->err[i], "%s", blip_err_last()[0] ? blip_err_last() : blip_err_name(rc));
-  }
-}
-
-static void *decoder(void *arg) {
-  pipeline *p = arg;
-  for (int slot = 0;; slot ^= 1) {
-    batch *b = &p->b[slot];
-    pthread_mutex_lock(&p->mu);
-    while (b->ready && !g_stop) pthread_cond_wait(&p->cv, &p->mu);
-    if (g_stop || p->next >= p->work->n) {
-      p->done = 1;
-      pthread_cond_broadcast(&p->cv);
-      pthread_mutex_unlock(&p->mu);
-      return NULL;
-    }
-    int64_t start = p->next;
-    b->n = (int)(p->work->n - start < p->B ? p->work->n - start : p->B);
-    p->next += b->n;
-    pthread_mutex_unlock(&p->mu);
-    for (int i = 0; i < b->n; i++) b->it[i] = &p->work->v[start + i];
-    decode_batch(p, b);
-    pthread_mutex_lock(&p->mu);
-    b->ready = 1;
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
-  }
-}
-
 /* ---- output helpers ---- */
 
 static void fmt_eta(double s, char *buf, size_t cap) {
@@ -248,6 +185,20 @@ static double now_s(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+typedef struct {
+  double t0;
+  int shown;
+} progress_ctx;
+
+static void show_progress(void *ctx, int64_t done, int64_t total) {
+  progress_ctx *p = ctx;
+  double el = now_s() - p->t0, rate = el > 0 ? done / el : 0;
+  char eta[32];
+  fmt_eta(rate > 0 ? (total - done) / rate : -1, eta, sizeof eta);
+  fprintf(stderr, "\r%lld/%lld images  %.1f images/s  ETA %s   ", (long long)done, (long long)total, rate, eta);
+  p->shown = 1;
 }
 
 static int print_error_row(void *ctx, int64_t id, const blip_store_row *r, const float *feat) {
@@ -339,13 +290,6 @@ int main(int argc, char **argv) {
   items found = {0}, work = {0};
   char **roots = NULL;
   int64_t *gone = NULL, ngone = 0;
-  float *feats = NULL, *embeds = NULL;
-  pipeline pl;
-  memset(&pl, 0, sizeof pl);
-  pthread_mutex_init(&pl.mu, NULL);
-  pthread_cond_init(&pl.cv, NULL);
-  int decoder_started = 0;
-  pthread_t dth;
   counts cn = {0};
   double t0 = now_s();
 
@@ -437,6 +381,7 @@ int main(int argc, char **argv) {
   sa.sa_handler = on_signal;
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
+  signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails the write (EFBIG, reported) instead of killing us */
 
   /* walk */
   walker w = {excl, nexcl, NULL, 0, 0, &found, 0, {0}};
@@ -470,9 +415,13 @@ int main(int argc, char **argv) {
       cn.unchanged++;
       continue;
     }
-    if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) {
-      fprintf(stderr, "blip-index: skipping %s\n", blip_err_last()); /* vanished or unreadable */
-      continue;
+    /* a new file needs its fingerprint now only if it could be a move */
+    if ((kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
+      if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) {
+        fprintf(stderr, "blip-index: skipping %s\n", blip_err_last()); /* vanished or unreadable */
+        continue;
+      }
+      it->has_fp = 1;
     }
     if (kind == BLIP_SCAN_CHANGED) {
       uint64_t old = 0;
@@ -484,7 +433,7 @@ int main(int argc, char **argv) {
       }
       it->replace = rid;
       if (dry) printf("update %s\n", it->path);
-    } else if (st && (rc = blip_store_find_moved(st, it->fp, it->size, &src)) == BLIP_OK && src) {
+    } else if (it->has_fp && (rc = blip_store_find_moved(st, it->fp, it->size, &src)) == BLIP_OK && src) {
       if (dry) {
         char old[PATH_MAX];
         blip_store_get(st, src, NULL, old, sizeof old);
@@ -502,6 +451,7 @@ int main(int argc, char **argv) {
     if ((rc = items_push(&work, it->path, it->size, it->mtime_ns))) break;
     work.v[work.n - 1].replace = it->replace;
     work.v[work.n - 1].fp = it->fp;
+    work.v[work.n - 1].has_fp = it->has_fp;
   }
   if (st && !dry) {
     if (rc || g_stop) blip_store_rollback(st);
@@ -525,70 +475,22 @@ int main(int argc, char **argv) {
   if ((rc = blip_store_delete(st, gone, ngone))) goto fail;
 
   /* embed */
-  int S = cfg->image_size, T = cfg->v_tokens, Dv = cfg->v_hidden, E = cfg->embed_dim;
-  int want_tokens = blip_store_tokens_fmt(st) != BLIP_TOKENS_NONE && !norr;
-  pl.work = &work;
-  pl.B = B;
-  pl.S = S;
-  pl.threads = threads;
-  for (int s = 0; s < 2; s++)
-    if (!(pl.b[s].pix = malloc((size_t)B * 3 * S * S * sizeof(float)))) goto oom;
-  if (!(feats = malloc((size_t)B * E * sizeof *feats))) goto oom;
-  if (want_tokens && !(embeds = malloc((size_t)B * T * Dv * sizeof *embeds))) goto oom;
-  if (work.n && pthread_create(&dth, NULL, decoder, &pl) == 0) decoder_started = 1;
-  else if (work.n) {
-    fprintf(stderr, "blip-index: cannot start the decoder thread\n");
-    goto out;
-  }
-  int tty = isatty(2);
-  int64_t done = 0;
-  double te = now_s();
-  blip_store_row rows[256];
-  int64_t rep[256];
-  for (int slot = 0; work.n; slot ^= 1) {
-    batch *b = &pl.b[slot];
-    pthread_mutex_lock(&pl.mu);
-    while (!b->ready && !pl.done) pthread_cond_wait(&pl.cv, &pl.mu);
-    int have = b->ready;
-    pthread_mutex_unlock(&pl.mu);
-    if (!have) break;
-    /* pack the decoded images to the front, keep failures as error rows */
-    int nok = 0;
-    size_t per = (size_t)3 * S * S;
-    for (int i = 0; i < b->n; i++)
-      if (!b->err[i][0]) {
-        if (nok != i) memmove(b->pix + nok * per, b->pix + i * per, per * sizeof(float));
-        nok++;
-      }
-    if (nok && (rc = blip_model_vision(model, b->pix, nok, want_tokens ? embeds : NULL, feats))) goto fail;
-    /* rows in the same order: successes first (matching feats), then failures */
-    int r = 0;
-    for (int pass = 0; pass < 2; pass++)
-      for (int i = 0; i < b->n; i++) {
-        if ((pass == 0) != (b->err[i][0] == 0)) continue;
-        const item *it = b->it[i];
-        rows[r] = (blip_store_row){it->path, it->size, it->mtime_ns, it->fp, b->meta[i].width, b->meta[i].height,
-                                   b->meta[i].orientation, b->meta[i].taken_at, pass ? b->err[i] : NULL};
-        rep[r++] = it->replace;
-        if (pass) cn.failed++;
-        else *(it->replace ? &cn.updated : &cn.added) += 1;
-      }
-    if ((rc = blip_store_put(st, rows, rep, b->n, feats, want_tokens ? embeds : NULL, NULL))) goto fail;
-    done += b->n;
-    pthread_mutex_lock(&pl.mu);
-    b->ready = 0;
-    pthread_cond_broadcast(&pl.cv);
-    pthread_mutex_unlock(&pl.mu);
-    if (tty) {
-      double el = now_s() - te, rate = el > 0 ? done / el : 0;
-      char eta[32];
-      fmt_eta(rate > 0 ? (work.n - done) / rate : -1, eta, sizeof eta);
-      fprintf(stderr, "\r%lld/%lld images  %.1f images/s  ETA %s   ", (long long)done, (long long)work.n, rate, eta);
-    }
-    if (g_stop) break;
-  }
-  if (tty && work.n) fputc('\n', stderr);
-  if (g_stop) goto interrupted;
+  blip_index_item *wi = calloc((size_t)work.n + 1, sizeof *wi);
+  if (!wi) goto oom;
+  for (int64_t i = 0; i < work.n; i++)
+    wi[i] = (blip_index_item){work.v[i].path, work.v[i].size, work.v[i].mtime_ns, work.v[i].fp, work.v[i].has_fp,
+                              work.v[i].replace};
+  progress_ctx pc = {now_s(), 0};
+  blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc};
+  blip_index_counts ic = {0};
+  rc = blip_index_embed(model, st, wi, work.n, &io, &ic);
+  free(wi);
+  if (pc.shown) fputc('\n', stderr);
+  cn.added = ic.added;
+  cn.updated = ic.updated;
+  cn.failed = ic.failed;
+  if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
+  if (rc) goto fail;
   if ((rc = blip_store_flush(st))) goto fail;
   ret = 0;
   goto summary;
@@ -623,18 +525,8 @@ fail:
   else fprintf(stderr, "blip-index: %s\n", blip_err_last());
   ret = 1;
 out:
-  if (decoder_started) {
-    pthread_mutex_lock(&pl.mu);
-    g_stop = g_stop ? g_stop : -1; /* tell the decoder to stop (not a signal: exit status is ret) */
-    pthread_cond_broadcast(&pl.cv);
-    pthread_mutex_unlock(&pl.mu);
-    pthread_join(dth, NULL);
-  }
   blip_store_close(st);
   blip_model_free(model);
-  for (int s = 0; s < 2; s++) free(pl.b[s].pix);
-  free(feats);
-  free(embeds);
   free(gone);
   items_free(&found);
   items_free(&work);
@@ -642,7 +534,5 @@ out:
     for (int i = 0; i < argc - optind; i++) free(roots[i]);
   free(roots);
   free(excl);
-  pthread_mutex_destroy(&pl.mu);
-  pthread_cond_destroy(&pl.cv);
   return ret;
 }

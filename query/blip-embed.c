@@ -21,11 +21,13 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: blip-embed --model DIR [--image FILE]... [--pixels FILE.safetensors:TENSOR] [--text STR]...\n"
           "                  [--itm] [--itm-first-token enc|cls] [--naive-itm] [--pre-caption] [--max-len N]\n"
-          "                  [--no-autorotate] [--threads N] [--json]\n"
+          "                  [--no-autorotate] [--no-color-manage] [--threads N] [--json]\n"
           "\n"
           "Computes BLIP image features (--image, --pixels: F32 [N,3,S,S] already preprocessed), text features\n"
           "(--text), their ITC cosine similarities, and with --itm the ITM logits [no-match, match] of every\n"
           "image-text pair. ITM puts [ENC] first (the paper's protocol) unless --itm-first-token cls (HF's).\n"
+          "Images are decoded on the exact path with EXIF orientation and ICC profiles applied; the reference\n"
+          "preprocessing (PIL, as in BLIP's evaluation) applies neither: --no-autorotate --no-color-manage.\n"
           "--pre-caption cleans texts with BLIP's pre_caption first (as retrieval evaluation does).\n"
           "--json prints {image_feat, text_feat, input_ids, itc, itm_logits}; input_ids hold the real\n"
           "tokens ([CLS] ... [SEP], no padding).\n");
@@ -75,12 +77,12 @@ done:
 int main(int argc, char **argv) {
   const char *model_dir = NULL, *pixels = NULL;
   const char **images = calloc((size_t)argc, sizeof *images), **texts = calloc((size_t)argc, sizeof *texts);
-  int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1;
+  int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1, colour = 1;
   blip_itm_first first = BLIP_ITM_ENC;
   static struct option lo[] = {
     {"model", 1, 0, 'm'}, {"image", 1, 0, 'i'}, {"pixels", 1, 0, 'p'}, {"text", 1, 0, 't'},
     {"itm", 0, 0, 'I'}, {"itm-first-token", 1, 0, 'F'}, {"naive-itm", 0, 0, 'N'}, {"pre-caption", 0, 0, 'P'},
-    {"max-len", 1, 0, 'L'}, {"no-autorotate", 0, 0, 'R'}, {"threads", 1, 0, 'T'}, {"json", 0, 0, 'j'},
+    {"max-len", 1, 0, 'L'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"threads", 1, 0, 'T'}, {"json", 0, 0, 'j'},
     {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "m:i:p:t:h", lo, NULL)) != -1;) {
     switch (c) {
@@ -92,25 +94,31 @@ int main(int argc, char **argv) {
     case 'F':
       if (!strcmp(optarg, "enc")) first = BLIP_ITM_ENC;
       else if (!strcmp(optarg, "cls")) first = BLIP_ITM_CLS;
-      else { fprintf(stderr, "blip-embed: --itm-first-token takes enc or cls\n"); return 2; }
+      else { fprintf(stderr, "blip-embed: --itm-first-token takes enc or cls\n"); goto usage_err; }
       break;
     case 'N': naive = 1; break;
     case 'P': pre = 1; break;
     case 'L': max_len = atoi(optarg); break;
     case 'R': autorot = 0; break;
+    case 'C': colour = 0; break;
     case 'T': threads = atoi(optarg); break;
     case 'j': json = 1; break;
-    case 'h': usage(stdout); return 0;
-    default: usage(stderr); return 2;
+    case 'h': usage(stdout); free(images), free(texts); return 0;
+    default: goto usage_err;
     }
   }
   if (!model_dir || optind < argc || (!n_img_files && !pixels && !n_txt) || max_len < 2) {
+  usage_err:
     usage(stderr);
+    free(images), free(texts);
     return 2;
   }
   blip_k_set_threads(threads);
   blip_model *m = NULL;
-  if (blip_model_load(model_dir, NULL, &m)) return fail(model_dir);
+  if (blip_model_load(model_dir, NULL, &m)) {
+    free(images), free(texts);
+    return fail(model_dir);
+  }
   const blip_cfg *c = blip_model_cfg(m);
   const int S = c->image_size, E = c->embed_dim, T = c->v_tokens, D = c->v_hidden;
   if (max_len > c->t_max_pos) max_len = c->t_max_pos;
@@ -133,6 +141,7 @@ int main(int argc, char **argv) {
     blip_img_opts_default(&io);
     io.size = S;
     io.autorotate = autorot;
+    io.color_manage = colour;
     for (int i = 0; i < n_img_files; i++)
       if (blip_img_load_file(images[i], &io, px + (size_t)i * 3 * S * S, NULL, NULL)) { fail(images[i]); goto out; }
     emb = malloc(sizeof(float) * n_img * T * D);

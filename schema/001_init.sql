@@ -18,6 +18,7 @@ CREATE TABLE images (
   indexed_at  INTEGER NOT NULL
 );
 CREATE INDEX images_fingerprint ON images(fingerprint);
+CREATE INDEX images_size ON images(size);
 CREATE TABLE meta (
   key   TEXT PRIMARY KEY,
   value TEXT NOT NULL

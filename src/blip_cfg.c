@@ -1,17 +1,18 @@
-/* blip_cfg: parse HF BlipConfig JSON (jansson). Required keys missing or out
- * of range -> BLIP_EFORMAT naming the key; HF defaults are used only where
- * transformers itself applies a default for an absent key. */
+/* blip_cfg: parse HF BlipConfig JSON (jansson). An absent key takes the
+ * default of transformers' BlipVisionConfig / BlipTextConfig / BlipConfig,
+ * exactly as transformers does when it loads the same file (hub configs
+ * saved with use_diff omit defaults). A key of the wrong type or out of
+ * range -> BLIP_EFORMAT naming the key. */
 #include "blip_cfg.h"
 #include "blip_err.h"
 
 #include <jansson.h>
 #include <string.h>
 
-/* Integer key: absent -> def (def < 0 means required), range [lo,hi]. */
+/* Integer key: absent or null -> def, range [lo,hi]. */
 static int get_int(json_t *obj, const char *sec, const char *key, int def, int lo, int hi, int *out) {
   json_t *v = json_object_get(obj, key);
   if (!v || json_is_null(v)) {
-    if (def < 0) return blip_err_set(BLIP_EFORMAT, "config.json: %s.%s is missing", sec, key);
     *out = def;
     return BLIP_OK;
   }
@@ -43,28 +44,28 @@ static int check_act(json_t *obj, const char *sec) {
 static int parse_root(json_t *root, blip_cfg *c) {
   if (!json_is_object(root)) return blip_err_set(BLIP_EFORMAT, "config.json: not a JSON object");
   json_t *v = json_object_get(root, "vision_config"), *t = json_object_get(root, "text_config");
-  if (!json_is_object(v)) return blip_err_set(BLIP_EFORMAT, "config.json: vision_config is missing");
-  if (!json_is_object(t)) return blip_err_set(BLIP_EFORMAT, "config.json: text_config is missing");
+  /* A missing section is all defaults in transformers; jansson's getters return NULL on a NULL object. */
+  if (v && !json_is_object(v)) return blip_err_set(BLIP_EFORMAT, "config.json: vision_config is not an object");
+  if (t && !json_is_object(t)) return blip_err_set(BLIP_EFORMAT, "config.json: text_config is not an object");
   json_t *mt = json_object_get(root, "model_type");
   if (mt && (!json_is_string(mt) || strcmp(json_string_value(mt), "blip")))
     return blip_err_set(BLIP_EUNSUPPORTED, "config.json: model_type is not \"blip\"");
   int rc;
   const int BIG = 1 << 16;
-  /* Sizes without HF defaults we trust: required. */
-  if ((rc = get_int(v, "vision_config", "hidden_size", -1, 1, BIG, &c->v_hidden)) ||
-      (rc = get_int(v, "vision_config", "num_hidden_layers", -1, 1, 256, &c->v_layers)) ||
-      (rc = get_int(v, "vision_config", "num_attention_heads", -1, 1, 1024, &c->v_heads)) ||
-      (rc = get_int(v, "vision_config", "intermediate_size", -1, 1, 1 << 18, &c->v_mlp)) ||
-      (rc = get_int(v, "vision_config", "image_size", -1, 1, 4096, &c->image_size)) ||
-      (rc = get_int(v, "vision_config", "patch_size", -1, 1, 4096, &c->patch)) ||
+  if ((rc = get_int(v, "vision_config", "hidden_size", 768, 1, BIG, &c->v_hidden)) ||
+      (rc = get_int(v, "vision_config", "num_hidden_layers", 12, 1, 256, &c->v_layers)) ||
+      (rc = get_int(v, "vision_config", "num_attention_heads", 12, 1, 1024, &c->v_heads)) ||
+      (rc = get_int(v, "vision_config", "intermediate_size", 3072, 1, 1 << 18, &c->v_mlp)) ||
+      (rc = get_int(v, "vision_config", "image_size", 384, 1, 4096, &c->image_size)) ||
+      (rc = get_int(v, "vision_config", "patch_size", 16, 1, 4096, &c->patch)) ||
       (rc = get_eps(v, "vision_config", 1e-5f, &c->v_eps)) || (rc = check_act(v, "vision_config")) ||
-      (rc = get_int(t, "text_config", "vocab_size", -1, 104, 1 << 22, &c->t_vocab)) ||
-      (rc = get_int(t, "text_config", "hidden_size", -1, 1, BIG, &c->t_hidden)) ||
-      (rc = get_int(t, "text_config", "num_hidden_layers", -1, 1, 256, &c->t_layers)) ||
-      (rc = get_int(t, "text_config", "num_attention_heads", -1, 1, 1024, &c->t_heads)) ||
-      (rc = get_int(t, "text_config", "intermediate_size", -1, 1, 1 << 18, &c->t_mlp)) ||
-      (rc = get_int(t, "text_config", "max_position_embeddings", -1, 2, 1 << 16, &c->t_max_pos)) ||
-      (rc = get_int(t, "text_config", "encoder_hidden_size", c->v_hidden, 1, BIG, &c->t_enc_hidden)) ||
+      (rc = get_int(t, "text_config", "vocab_size", 30524, 104, 1 << 22, &c->t_vocab)) ||
+      (rc = get_int(t, "text_config", "hidden_size", 768, 1, BIG, &c->t_hidden)) ||
+      (rc = get_int(t, "text_config", "num_hidden_layers", 12, 1, 256, &c->t_layers)) ||
+      (rc = get_int(t, "text_config", "num_attention_heads", 8, 1, 1024, &c->t_heads)) ||
+      (rc = get_int(t, "text_config", "intermediate_size", 3072, 1, 1 << 18, &c->t_mlp)) ||
+      (rc = get_int(t, "text_config", "max_position_embeddings", 512, 2, 1 << 16, &c->t_max_pos)) ||
+      (rc = get_int(t, "text_config", "encoder_hidden_size", 768, 1, BIG, &c->t_enc_hidden)) ||
       (rc = get_eps(t, "text_config", 1e-12f, &c->t_eps)) || (rc = check_act(t, "text_config")) ||
       (rc = get_int(t, "text_config", "pad_token_id", 0, 0, 1 << 22, &c->pad_id)) ||
       (rc = get_int(t, "text_config", "sep_token_id", 102, 0, 1 << 22, &c->sep_id)) ||

@@ -17,7 +17,8 @@
  *     use v >> 8 there too. Grey is replicated, alpha is dropped with
  *     extract_band (no compositing), as PIL does.
  *  4. orientation: applied in C on the packed buffer (a 90-degree rotation
- *     needs random access, which a sequential libvips load does not give).
+ *     needs random access, which a sequential libvips load does not give);
+ *     never for HEIF/AVIF, whose pixels libheif has already turned.
  *  5. resize: PIL's Resample.c algorithm in fixed point, bit-exact.
  *  6. normalize: the float32 expression of HF's BlipImageProcessor.
  * libvips runs with concurrency 1 and no operation cache: callers decode
@@ -330,6 +331,7 @@ static int vips_fail(int code, const char *what, const char *name) {
   while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = 0;
   for (char *p = msg; *p; p++)
     if (*p == '\n') *p = ';';
+  if (strstr(msg, "out of memory") || strstr(msg, "unable to allocate")) code = BLIP_ENOMEM;
   if (code == BLIP_EFORMAT) {
     static const char *trunc[] = {"truncat", "remature end", "nexpected end", "end of file", "EOF", "not enough data",
                                   "short read", "out of data", "end of stream"};
@@ -501,8 +503,16 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
                       (long long)w * h, (long long)o->max_pixels);
     goto done;
   }
+  if (now_s() - t0 > o->time_budget_s) {
+    rc = blip_err_set(BLIP_EINTR, "%s: over the time budget of %.3g s reading the header", name, o->time_budget_s);
+    goto done;
+  }
   int orient = vips_image_get_orientation(im);
   if (orient < 1 || orient > 8) orient = 1;
+  /* HEIF/AVIF: libheif has already applied the container's irot/imir, and
+   * the EXIF tag (which Apple also writes) only repeats them; applying it
+   * again would turn every portrait sideways. It is still reported. */
+  int apply = o->autorotate && strncmp(loader, "VipsForeignLoadHeif", 19) != 0;
   if (meta) {
     meta->width = w;
     meta->height = h;
@@ -545,7 +555,7 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
     goto done;
   }
   const uint8_t *img = pix;
-  if (o->autorotate && orient != 1) {
+  if (apply && orient != 1) {
     if ((rc = orient_rgb(pix, dw, dh, orient, &rot, &dw, &dh))) goto done;
     img = rot;
   }

@@ -81,6 +81,9 @@ int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t
  * was not seen in this scan (a move source), or 0. The row found is marked
  * seen, so that it is claimed by one new path only. */
 int blip_store_find_moved(blip_store *st, uint64_t fingerprint, int64_t size, int64_t *id);
+/* Whether any row has this file size: when none does, a new file cannot be a
+ * move and its fingerprint can wait until it is decoded. */
+int blip_store_size_known(blip_store *st, int64_t size);
 /* Give row id a new path (and mtime); keeps its vectors. Marks it seen. */
 int blip_store_move(blip_store *st, int64_t id, const char *new_path, int64_t mtime_ns);
 /* Update size/mtime of a row whose content did not change (same fingerprint). */
@@ -117,7 +120,9 @@ int blip_store_fingerprint_file(const char *path, int64_t size, uint64_t *fp);
 int blip_store_search(blip_store *st, const float *query, int k, const int64_t *allow_ids, int64_t n_allow,
                       int64_t *out_ids, float *out_scores);
 /* Vision tokens [T,Dv] of image id, dequantized. BLIP_ENOTFOUND when the
- * image has no record (failed, --no-rerank-store, deleted). */
+ * image has no record (failed, --no-rerank-store, deleted); an image deleted
+ * by a writer since the search that found it may also give BLIP_EFORMAT (its
+ * record is a hole now): skip such a candidate. */
 int blip_store_tokens(blip_store *st, int64_t id, float *out);
 /* Feature [E] and path (copied into path, cap bytes) of image id. */
 int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t cap);
@@ -131,7 +136,9 @@ int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void 
 
 /* Check that SQLite, the FAISS cache and the rerank store agree: every
  * searchable row is found by its own feature, every has_tokens row has its
- * record. Returns BLIP_OK or BLIP_EFORMAT with the first disagreement. */
+ * record. Runs on one SQLite snapshot, so a writer adding images meanwhile is
+ * fine; one deleting images meanwhile may make a record look missing.
+ * Returns BLIP_OK or BLIP_EFORMAT with the first disagreement. */
 int blip_store_verify(blip_store *st);
 /* FAISS index kind for n vectors (ivf_min as in opts): 0 = flat, else the IVF nlist. */
 int blip_store_ivf_nlist(int64_t n, int64_t ivf_min);

@@ -41,6 +41,23 @@ PY
   done
 done
 
+# --image decodes with the image pipeline: fixture images 2 and 3 are astronaut.png and chelsea.png,
+# preprocessed by HF at size 32, so the features must equal the golden rows.
+"$B/blip-embed" --model "$D/blip-tiny" --image "$D/preprocess/images/astronaut.png" \
+  --image "$D/preprocess/images/chelsea.png" --json >"$tmp/img.json"
+ok test $? -eq 0
+ok python3 - "$tmp/img.json" "$D/blip-tiny/golden.safetensors" <<'PY'
+import json, struct, sys
+out = json.load(open(sys.argv[1]))
+f = open(sys.argv[2], 'rb'); n = struct.unpack('<Q', f.read(8))[0]; h = json.loads(f.read(n))
+a, b = h['image_feat']['data_offsets']; f.seek(8 + n + a); g = struct.unpack('<64f', f.read(b - a))[32:]
+d = max(abs(x - y) for x, y in zip([v for r in out['image_feat'] for v in r], g))
+print(f"  blip-embed --image vs golden image_feat[2:4] max|diff| {d:.2e}")
+sys.exit(0 if d <= 2e-5 else 1)
+PY
+"$B/blip-embed" --model "$D/blip-tiny" --image "$tmp/missing.jpg" 2>"$tmp/err"; ok test $? -eq 1
+ok grep -q 'missing.jpg' "$tmp/err"
+
 "$B/blip-embed" --help | grep -q 'usage: blip-embed'; ok test $? -eq 0
 "$B/blip-embed" --model "$tmp/nope" --text x 2>"$tmp/err"; ok test $? -eq 1
 ok grep -q 'config.json' "$tmp/err"

@@ -56,8 +56,10 @@ static int write_sparse(const char *tsv, const char *skip) {
 static void link_file(const char *src, const char *name) {
   char dst[512];
   snprintf(dst, sizeof dst, "%s/%s", g_dir, name);
+  char *abs = realpath(src, NULL);
   unlink(dst);
-  if (symlink(src, dst)) perror(dst);
+  if (!abs || symlink(abs, dst)) perror(dst);
+  free(abs);
 }
 
 static int all_finite(const float *x, long n) {

@@ -177,25 +177,33 @@ static void test_model_files(void) {
   char *cfg = slurp(test_data("blip-tiny/config.json"), &cn);
   put_file("config.json", cfg, cn / 2);
   expect_fail("malformed config JSON", BLIP_EFORMAT, "config.json");
-  char *bad = strdup(cfg), *p = strstr(bad, "\"num_attention_heads\": 4");
-  memcpy(p, "\"num_attention_heads\": 5", 24);
-  put_file("config.json", bad, cn);
-  expect_fail("heads do not divide hidden", BLIP_EFORMAT, "not divisible");
-  free(bad);
-  bad = strdup(cfg);
-  p = strstr(bad, "\"hidden_size\": 32");
-  memcpy(p, "\"hidden_sizX\": 32", 17);
-  put_file("config.json", bad, cn);
-  expect_fail("config missing a size", BLIP_EFORMAT, "hidden_size is missing");
-  free(bad);
-  bad = strdup(cfg);
-  p = strstr(bad, "\"hidden_act\": \"gelu\"");
-  memcpy(p, "\"hidden_act\": \"relu\"", 20);
-  put_file("config.json", bad, cn);
-  expect_fail("unsupported activation", BLIP_EUNSUPPORTED, "hidden_act");
-  free(bad);
+  /* Same-length edits of the first occurrence (the text section comes first). */
+  static const struct { const char *from, *to, *what; int code; const char *needle; } edits[] = {
+    {"\"num_attention_heads\": 4", "\"num_attention_heads\": 5", "heads do not divide hidden", BLIP_EFORMAT, "not divisible"},
+    {"\"hidden_size\": 32", "\"hidden_size\": \"\"", "config size of the wrong type", BLIP_EFORMAT, "hidden_size is not an integer"},
+    /* an absent key takes transformers' default (text hidden 768), which these weights contradict */
+    {"\"hidden_size\": 32", "\"hidden_sizX\": 32", "config key absent -> HF default", BLIP_ESHAPE, "the config implies [30524,768]"},
+    {"\"hidden_act\": \"gelu\"", "\"hidden_act\": \"relu\"", "unsupported activation", BLIP_EUNSUPPORTED, "hidden_act"},
+  };
+  for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+    char *bad = strdup(cfg), *p = strstr(bad, edits[i].from);
+    memcpy(p, edits[i].to, strlen(edits[i].to));
+    put_file("config.json", bad, cn);
+    expect_fail(edits[i].what, edits[i].code, edits[i].needle);
+    free(bad);
+  }
   put_file("config.json", cfg, cn);
   free(cfg);
+  /* vocab.txt without [SEP] (line 103 blanked out). */
+  size_t vn;
+  char *voc = slurp(test_data("blip-tiny/vocab.txt"), &vn), *sep = strstr(voc, "\n[SEP]\n");
+  memcpy(sep + 1, "[SEQ]", 5);
+  put_file("vocab.txt", voc, vn);
+  expect_fail("vocab missing [SEP]", BLIP_EFORMAT, "[SEP]");
+  free(voc);
+  put_file("vocab.txt", "", 0);
+  expect_fail("empty vocab", BLIP_EFORMAT, "vocab");
+  copy_fixture("blip-tiny/vocab.txt");
   /* Missing files. */
   char path[512];
   snprintf(path, sizeof path, "%s/model.safetensors", g_dir);

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "blip_err.h"
+#include "blip_model.h"
 #include "blip_st.h"
 #include "blip_store.h"
 #include "check.h"
@@ -134,9 +135,14 @@ static void test_migrate_and_identity(void) {
   sqlite3_finalize(s);
   sqlite3_close(db);
 
-  /* reopen with the same identity: fine, nothing re-applied */
+  /* reopen with the same identity: fine, nothing re-applied; a crashed flush's temp file is removed */
+  char tmpf[600];
+  snprintf(tmpf, sizeof tmpf, "%s/vectors.faiss.tmp.99999", dir);
+  FILE *tf = fopen(tmpf, "w");
+  if (tf) fclose(tf);
   st = open_w(dir, &ID_A, BLIP_TOKENS_I8);
   CHECK(st != NULL, "reopen");
+  CHECK(access(tmpf, F_OK) != 0, "stale FAISS temp file left behind");
   blip_store_close(st);
 
   /* each identity field that differs is refused with a message naming it */
@@ -475,6 +481,62 @@ static void test_tokens_roundtrip(void) {
   blip_st_close(g);
 }
 
+/* What the compact forms cost the reranker: ITM logits of the 6 golden
+ * captions against the 4 golden images, fp32 tokens vs decoded tokens. */
+static void test_tokens_itm_error(void) {
+  blip_model *m = NULL;
+  blip_st *g = NULL;
+  CHECK_OK(blip_model_load(test_data("blip-tiny"), NULL, &m));
+  if (blip_st_open(test_data("blip-tiny/golden.safetensors"), &g) != BLIP_OK) {
+    CHECK(0, "golden: %s", blip_err_last());
+    blip_model_free(m);
+    return;
+  }
+  enum { NI = 4, TT = 17, D = 32, NC = 6, L = 35 };
+  static float emb[NI * TT * D], dec[NI * TT * D];
+  int64_t ids64[NC * L], mask64[NC * L];
+  const blip_st_tensor *te = blip_st_find(g, "image_embeds"), *ti = blip_st_find(g, "input_ids"),
+                       *tm = blip_st_find(g, "attention_mask");
+  CHECK(te && ti && tm && ti->nbytes == sizeof ids64 && tm->nbytes == sizeof mask64, "golden tensors");
+  if (!te || !ti || !tm || ti->nbytes != sizeof ids64 || tm->nbytes != sizeof mask64 ||
+      blip_st_to_f32(te, emb, NI * TT * D))
+    goto done;
+  memcpy(ids64, ti->data, sizeof ids64);
+  memcpy(mask64, tm->data, sizeof mask64);
+  static const blip_tokens_fmt fmts[] = {BLIP_TOKENS_I8, BLIP_TOKENS_F16};
+  static const double tol[] = {0.05, 0.005}; /* int8: under bf16 autocast's 4e-2 drift; f16: 10x tighter */
+  for (int f = 0; f < 2; f++) {
+    uint8_t *rec = malloc(blip_store_record_size(fmts[f], TT, D));
+    for (int i = 0; i < NI; i++) {
+      blip_store_encode_tokens(fmts[f], TT, D, emb + i * TT * D, rec);
+      blip_store_decode_tokens(fmts[f], TT, D, rec, dec + i * TT * D);
+    }
+    free(rec);
+    double worst = 0;
+    for (int c = 0; c < NC; c++) {
+      int32_t ids[L];
+      int len = 0;
+      for (int j = 0; j < L; j++)
+        if (mask64[c * L + j]) ids[len++] = (int32_t)ids64[c * L + j];
+      const float *a[NI], *b[NI];
+      float la[NI * 2], lb[NI * 2];
+      for (int i = 0; i < NI; i++) {
+        a[i] = emb + i * TT * D;
+        b[i] = dec + i * TT * D;
+      }
+      CHECK_OK(blip_model_itm(m, ids, len, a, NI, BLIP_ITM_ENC, 0, la, NULL));
+      CHECK_OK(blip_model_itm(m, ids, len, b, NI, BLIP_ITM_ENC, 0, lb, NULL));
+      for (int k = 0; k < NI * 2; k++) worst = fmax(worst, fabs(la[k] - lb[k]));
+    }
+    printf("  ITM logit max|err| with %s tokens: %.3g (tol %.3g)\n", f ? "f16" : "int8", worst, tol[f]);
+    CHECK(worst <= tol[f], "ITM logit error %g", worst);
+    CHECK(worst > 0, "decoded tokens identical to fp32: codec bypassed");
+  }
+done:
+  blip_st_close(g);
+  blip_model_free(m);
+}
+
 static off_t fsize(const char *dir, const char *name) {
   char p[600];
   struct stat sb;
@@ -598,6 +660,7 @@ int main(void) {
   test_faiss_rebuild();
   test_filtered_search();
   test_tokens_roundtrip();
+  test_tokens_itm_error();
   test_full_disk();
   test_concurrent_reader();
   char cmd[400];

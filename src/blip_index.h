@@ -1,0 +1,49 @@
+/* blip_index: the embedding pipeline of the indexer: decode images, run the
+ * vision model in batches, commit each batch to the store.
+ *
+ * A decoder thread (an OpenMP team of opts.threads calling
+ * blip_img_load_file) fills one batch while the model runs on the previous
+ * one (double buffering), so the model waits only when decoding is slower
+ * than inference. Each batch is one blip_store_put() transaction; images that
+ * fail to decode become error rows (reported, never retried until the file
+ * changes). Stopping (*opts.stop set, e.g. by SIGINT) finishes and commits
+ * the batch in the model, then returns BLIP_EINTR. */
+#ifndef BLIP_INDEX_H
+#define BLIP_INDEX_H
+
+#include <signal.h>
+#include <stdint.h>
+
+#include "blip_model.h"
+#include "blip_store.h"
+
+typedef struct {
+  const char *path;
+  int64_t size, mtime_ns;
+  uint64_t fingerprint;
+  int has_fingerprint; /* 0: computed by the decoder (file already in the page cache) */
+  int64_t replace; /* id of the row this file supersedes (changed file), or 0 */
+} blip_index_item;
+
+typedef struct {
+  int batch;   /* images per model call and per commit (1..256) */
+  int threads; /* decoding threads */
+  int tokens;  /* store vision tokens in the rerank store */
+  double flush_every_s; /* rewrite vectors.faiss this often during long runs (0: only at the end),
+                           so that concurrent queries find a fresh cache instead of rebuilding it */
+  volatile sig_atomic_t *stop; /* may be NULL */
+  void (*progress)(void *ctx, int64_t done, int64_t total); /* after each commit; may be NULL */
+  void *ctx;
+} blip_index_opts;
+
+typedef struct {
+  int64_t added, updated, failed;
+  double decode_wait_s; /* time the model spent waiting for decoded batches */
+} blip_index_counts;
+
+/* Embed and commit items[0..n). counts accumulate what was committed, also
+ * on error or stop. */
+int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items, int64_t n,
+                     const blip_index_opts *opts, blip_index_counts *counts);
+
+#endif
