@@ -47,7 +47,7 @@ static const char USAGE[] =
     "  --image FILE      query by image: similar photos (ITC image-image), or with texts,\n"
     "                    rank the texts for this image (ITC + ITM)\n"
     "  --text T          a candidate text for --image (repeatable)\n"
-    "  --texts-file F    candidate texts for --image, one a line\n"
+    "  --texts-file F    candidate texts for --image, one a line (also --texts F)\n"
     "  --rank-texts      rank the candidate texts (implied by --text/--texts-file)\n"
     "  --stdin           read one text query a line from stdin; the model loads once\n"
     "  --precision P     f32, bf16 or int8 (default: the index's)\n"
@@ -194,7 +194,7 @@ int main(int argc, char **argv) {
       {"threshold", 1, 0, O_THRESH}, {"sort", 1, 0, O_SORT},      {"under", 1, 0, O_UNDER},
       {"after", 1, 0, O_AFTER},   {"before", 1, 0, O_BEFORE},     {"ext", 1, 0, O_EXT},
       {"json", 0, 0, O_JSON},     {"paths", 0, 0, O_PATHS},       {"image", 1, 0, O_IMAGE},
-      {"text", 1, 0, O_TEXT},     {"texts-file", 1, 0, O_TEXTS},  {"rank-texts", 0, 0, O_RANKT},
+      {"text", 1, 0, O_TEXT},     {"texts-file", 1, 0, O_TEXTS},  {"texts", 1, 0, O_TEXTS},  {"rank-texts", 0, 0, O_RANKT},
       {"stdin", 0, 0, O_STDIN},   {"precision", 1, 0, O_PREC},    {"threads", 1, 0, O_THREADS},
       {"naive-itm", 0, 0, O_NAIVE}, {"help", 0, 0, O_HELP},       {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "", under[PATH_MAX], after[20], before[20];
