@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "blip_err.h"
@@ -252,6 +253,14 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
             return blip_err_set(BLIP_EINVAL, "--ext: bad extension '%.*s'", (int)l, p);
         size_t off = p[0] == '.';
         snprintf(exts[next++], sizeof exts[0], "%.*s", (int)(l - off), p + off);
+        /* the two spellings of JPEG and TIFF are one format to a user */
+        static const char *const syn[][2] = {{"jpg", "jpeg"}, {"jpeg", "jpg"}, {"tif", "tiff"}, {"tiff", "tif"}};
+        for (size_t k = 0; k < sizeof syn / sizeof syn[0]; k++)
+          if (!strcasecmp(exts[next - 1], syn[k][0])) {
+            if (next == MAX_EXTS) return blip_err_set(BLIP_EINVAL, "--ext: at most %d extensions", MAX_EXTS);
+            snprintf(exts[next++], sizeof exts[0], "%s", syn[k][1]);
+            break;
+          }
       }
       p += l + (p[l] == ',');
     }

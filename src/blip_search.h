@@ -56,7 +56,7 @@ typedef struct {
   const char *under;  /* absolute directory: path is under it */
   const char *after;  /* normalized date (blip_search_parse_date): date >= after */
   const char *before; /* date < before */
-  const char *exts;   /* "jpg,png": extension, case-insensitive */
+  const char *exts;   /* "jpg,png": extension, case-insensitive; jpg = jpeg, tif = tiff */
 } blip_search_filter;
 
 typedef struct {

@@ -143,6 +143,12 @@ q --json -n 20 --ext png "$QUERY" >"$T/f2.json" || bad "ext exit"
 py_only "--ext png" "$T/f2.json" "p.endswith('.png')" 4
 q --json -n 20 --ext JPG,webp "$QUERY" >"$T/f3.json" || bad "ext jpg exit"
 py_only "--ext JPG,webp" "$T/f3.json" "p.endswith('.jpg')" 9
+"$BIN/gen_photos" "$L/ab" 1 --size 64x64 --seed 9 --start 7 >/dev/null && mv "$L/ab/img00007.jpg" "$L/ab/img00007.JPEG"
+touch -d 2022-02-02T12:00:00 "$L/ab/img00007.JPEG"
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$L" 2>/dev/null || bad "index jpeg"
+q --json -n 20 --ext jpg "$QUERY" >"$T/f3b.json" || bad "ext jpg/jpeg exit"
+py_only "--ext jpg also takes .JPEG" "$T/f3b.json" "p.endswith('.jpg') or p.endswith('.JPEG')" 10
+rm "$L/ab/img00007.JPEG" && "$BIN/blip-index" --db "$T/db" --model "$MODEL" "$L" 2>/dev/null || bad "unindex jpeg"
 q --json -n 20 --after 2022-01-01 "$QUERY" >"$T/f4.json" || bad "after exit"
 py_only "--after 2022-01-01" "$T/f4.json" "'/lib/ab/' in p or '/lib/b/' in p" 7
 q --json -n 20 --after 2022-01-01 --before 2023-01-01T00:00 "$QUERY" >"$T/f5.json" || bad "range exit"
