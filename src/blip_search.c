@@ -3,7 +3,8 @@
  * Design note.
  * - One query = one store search of max(n, K) candidates by cosine, then one
  *   blip_model_itm call over the K best (fast = reassociated cross-attention,
- *   real tokens only), so the text layers run once over a [K, len] batch.
+ *   real tokens only), so the text layers run once over a [K, len] batch
+ *   (K > 64 goes in calls of 64, which bounds the vision-token buffer).
  * - Vision tokens come from the rerank store; a candidate without a record
  *   (index built with --no-rerank-store, or a failed record) is decoded from
  *   its file with the indexer's preprocessing and run through the vision
@@ -30,6 +31,7 @@
 #include "blip_store.h"
 
 #define MAX_EXTS 16
+#define RERANK_CHUNK 64 /* candidates per ITM call: 113 MB of vision tokens at base size */
 
 struct blip_search {
   char *dir;
@@ -356,36 +358,40 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
   return rc ? rc : blip_model_vision(s->m, pix, 1, out, NULL);
 }
 
-/* Rerank hits[0..k) in place; hits whose tokens cannot be had are moved
- * behind the others and *dropped counts them. */
+/* Rerank hits[0..k) in place, RERANK_CHUNK candidates per ITM call; hits
+ * whose tokens cannot be had are moved behind the others and counted. */
 static int rerank_hits(blip_search *s, const int32_t *ids, int len, blip_search_hit *hits, int k, int naive,
                        int *dropped) {
+  const int chunk = k < RERANK_CHUNK ? k : RERANK_CHUNK;
   size_t per = (size_t)s->T * s->Dv;
-  float *tok = malloc((size_t)k * per * sizeof *tok), *pix = malloc((size_t)3 * s->S * s->S * sizeof *pix);
-  const float **img = malloc((size_t)k * sizeof *img);
-  float *cos = malloc((size_t)k * sizeof *cos);
+  float *tok = malloc((size_t)chunk * per * sizeof *tok), *pix = malloc((size_t)3 * s->S * s->S * sizeof *pix);
+  const float **img = malloc((size_t)chunk * sizeof *img);
+  float *cos = malloc((size_t)chunk * sizeof *cos);
   blip_search_hit *tmp = malloc((size_t)k * sizeof *tmp);
   int rc = BLIP_OK, ok = 0, bad = 0;
   if (!tok || !pix || !img || !cos || !tmp) {
-    rc = blip_err_set(BLIP_ENOMEM, "out of memory for %d rerank candidates", k);
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory for %d rerank candidates", chunk);
     goto done;
   }
-  /* usable candidates to the front of tmp, the rest behind */
-  for (int i = 0; i < k; i++) {
-    int r = hit_tokens(s, &hits[i], pix, tok + (size_t)ok * per);
-    if (r == BLIP_ENOMEM || r == BLIP_EDB) {
-      rc = r;
-      goto done;
+  for (int c0 = 0; c0 < k; c0 += chunk) {
+    int n = 0; /* usable candidates go to the front of tmp, the rest to the back */
+    for (int i = c0; i < k && i < c0 + chunk; i++) {
+      int r = hit_tokens(s, &hits[i], pix, tok + (size_t)n * per);
+      if (r == BLIP_ENOMEM || r == BLIP_EDB) {
+        rc = r;
+        goto done;
+      }
+      if (r) {
+        tmp[k - 1 - bad++] = hits[i];
+        continue;
+      }
+      img[n] = tok + (size_t)n * per;
+      cos[n] = hits[i].cosine;
+      tmp[ok + n++] = hits[i];
     }
-    if (r) {
-      tmp[k - 1 - bad++] = hits[i];
-      continue;
-    }
-    img[ok] = tok + (size_t)ok * per;
-    cos[ok] = hits[i].cosine;
-    tmp[ok++] = hits[i];
+    if ((rc = blip_search_rerank(s->m, ids, len, img, cos, n, naive, tmp + ok))) goto done;
+    ok += n;
   }
-  if ((rc = blip_search_rerank(s->m, ids, len, img, cos, ok, naive, tmp))) goto done;
   memcpy(hits, tmp, (size_t)k * sizeof *hits);
   *dropped = bad;
 done:

@@ -104,6 +104,22 @@ print("  stored tokens vs recomputed: f16 %.2e, int8 %.2e" % (d16, d8))
 assert d16 < 5e-3 and d8 < 5e-2
 ' "$T/raw.json" "$T/f16.json" "$T/full.json" "$T/embed0.json" "$T/embed1.json" "$T/embed2.json"
 
+# ---- K > 64: the rerank goes in chunks; a candidate's score does not depend on them ----
+mkdir -p "$T/many"
+"$BIN/gen_photos" "$T/many" 70 --size 40x40 --seed 11 >/dev/null
+"$BIN/blip-index" --db "$T/db-many" --model "$MODEL" "$T/many" 2>/dev/null || bad "index many"
+"$BIN/blip-query" --db "$T/db-many" --model "$MODEL" --json -n 70 --rerank 70 "$QUERY" >"$T/m70.json" || bad "k70"
+"$BIN/blip-query" --db "$T/db-many" --model "$MODEL" --json -n 70 --rerank 10 "$QUERY" >"$T/m10.json" || bad "k10"
+py "rerank of 70 (two ITM calls) = per-candidate scores" '
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+assert len(a) == 70 and len({h["id"] for h in a}) == 70 and all(h["itm_prob"] is not None for h in a)
+assert all(a[i]["score"] >= a[i + 1]["score"] for i in range(69))
+sa = {h["id"]: h["score"] for h in a}
+top = [h for h in b if h["itm_prob"] is not None]
+assert len(top) == 10 and max(abs(h["score"] - sa[h["id"]]) for h in top) < 1e-5
+' "$T/m70.json" "$T/m10.json"
+
 # ---- the three outputs agree ----
 q -n 8 "$QUERY" >"$T/table" || bad "table exit"
 q -n 8 --paths "$QUERY" >"$T/paths" || bad "paths exit"
