@@ -1,0 +1,383 @@
+/* blip-query: search a blipsearch index with BLIP.
+ *
+ * Text -> images (ITC top-K by cosine, ITM rerank, score = match logit +
+ * cosine), image -> images (ITC), image -> texts (ITC + ITM), one query or a
+ * stream of them on stdin (the model is loaded once). Three output forms
+ * print the same hits: a table, --json, --paths. Exit: 0 results, 1 no
+ * match (nothing in the filters or above --threshold), 2 usage or error. */
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "blip_err.h"
+#include "blip_img.h"
+#include "blip_kern.h"
+#include "blip_model.h"
+#include "blip_search.h"
+
+static const char USAGE[] =
+    "usage: blip-query [options] \"query text\"\n"
+    "       blip-query [options] --image FILE                 (photos like this one)\n"
+    "       blip-query [options] --image FILE --text T...     (rank captions for a photo)\n"
+    "       blip-query [options] --stdin                      (one text query a line)\n"
+    "Search the photos indexed by blip-index with BLIP (ITC top-K, then ITM rerank).\n"
+    "\n"
+    "  --db DIR          index directory (default $BLIPSEARCH_DB, else\n"
+    "                    $XDG_DATA_HOME/blipsearch, else ~/.local/share/blipsearch)\n"
+    "  --model DIR       BLIP model directory (default $BLIPSEARCH_MODEL); must be the indexing model\n"
+    "  -n N              results to print (default 10)\n"
+    "  --rerank K        ITM-rerank the K best by cosine (default 16: about 0.3 s at base size on\n"
+    "                    2 cores); 0 = ITC cosine only. Score = ITM match logit + cosine\n"
+    "  --threshold P     keep results with ITM probability >= P (0..1); none: exit 1\n"
+    "  --sort score|date order of the printed results (date: newest first; default score)\n"
+    "  --under DIR       only photos under DIR\n"
+    "  --after DATE      only photos taken (EXIF, else file mtime) on or after DATE\n"
+    "  --before DATE     only photos taken before DATE (YYYY-MM-DD[THH:MM[:SS]], local time)\n"
+    "  --ext LIST        only these extensions, e.g. jpg,png (case-insensitive; jpg also\n"
+    "                    matches .jpeg, tif .tiff)\n"
+    "  --json            JSON array of {rank, id, path, score, itm_prob, itm_logit, cosine,\n"
+    "                    taken_at, mtime}; with --stdin one {query, results} object a line\n"
+    "  --paths           one path a line (for xargs, feh)\n"
+    "  --image FILE      query by image: similar photos (ITC image-image), or with texts,\n"
+    "                    rank the texts for this image (ITC + ITM)\n"
+    "  --text T          a candidate text for --image (repeatable)\n"
+    "  --texts-file F    candidate texts for --image, one a line (also --texts F)\n"
+    "  --rank-texts      rank the candidate texts (implied by --text/--texts-file)\n"
+    "  --stdin           read one text query a line from stdin; the model loads once\n"
+    "  --precision P     f32, bf16 or int8 (default: the index's)\n"
+    "  --threads N       compute threads (default: all cores)\n"
+    "  --naive-itm       use the naive cross-attention in the rerank (for checks)\n"
+    "  --help            this text\n"
+    "\n"
+    "Exit status: 0 results, 1 no match, 2 usage or error.\n";
+
+enum { OUT_TABLE, OUT_JSON, OUT_PATHS };
+
+typedef struct {
+  int out;
+  const char *const *texts; /* rank-texts mode: hit ids index these */
+} printer;
+
+static void fmt_mtime(int64_t ns, char out[20]) {
+  time_t t = (time_t)(ns / 1000000000);
+  struct tm tm;
+  localtime_r(&t, &tm);
+  strftime(out, 20, "%Y-%m-%dT%H:%M:%S", &tm);
+}
+
+static json_t *num_or_null(float v) { return isnan(v) ? json_null() : json_real(v); }
+
+static json_t *hits_json(const printer *p, const blip_search_result *r) {
+  json_t *a = json_array();
+  for (int i = 0; a && i < r->n; i++) {
+    const blip_search_hit *h = &r->hits[i];
+    json_t *o = json_object();
+    json_object_set_new(o, "rank", json_integer(i + 1));
+    if (p->texts) {
+      json_object_set_new(o, "index", json_integer(h->id));
+      json_object_set_new(o, "text", json_string(p->texts[h->id]));
+    } else {
+      char mt[20];
+      fmt_mtime(h->mtime_ns, mt);
+      json_object_set_new(o, "id", json_integer(h->id));
+      json_object_set_new(o, "path", json_string(h->path));
+      json_object_set_new(o, "taken_at", h->taken_at[0] ? json_string(h->taken_at) : json_null());
+      json_object_set_new(o, "mtime", json_string(mt));
+    }
+    json_object_set_new(o, "score", json_real(h->score));
+    json_object_set_new(o, "itm_prob", num_or_null(h->itm_prob));
+    json_object_set_new(o, "itm_logit", num_or_null(h->itm_logit));
+    json_object_set_new(o, "cosine", json_real(h->cosine));
+    json_array_append_new(a, o);
+  }
+  return a;
+}
+
+static void print_json(json_t *j) {
+  char *s = j ? json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(9)) : NULL;
+  if (s) puts(s);
+  free(s);
+}
+
+static void print_hits(const printer *p, const blip_search_result *r, const char *query) {
+  if (p->out == OUT_JSON) {
+    json_t *a = hits_json(p, r);
+    if (query) { /* --stdin: one object a line */
+      json_t *o = json_object();
+      json_object_set_new(o, "query", json_string(query));
+      json_object_set_new(o, "truncated", json_boolean(r->truncated));
+      json_object_set_new(o, "results", a);
+      a = o;
+    }
+    print_json(a);
+    json_decref(a);
+  } else if (p->out == OUT_PATHS) {
+    for (int i = 0; i < r->n; i++) puts(p->texts ? p->texts[r->hits[i].id] : r->hits[i].path);
+    if (query) putchar('\n');
+  } else {
+    if (query) printf("# %s\n", query);
+    printf("%4s  %8s  %8s  %8s  %s\n", "rank", "score", "itm_prob", "cosine", p->texts ? "text" : "path");
+    for (int i = 0; i < r->n; i++) {
+      const blip_search_hit *h = &r->hits[i];
+      char prob[16] = "-";
+      if (!isnan(h->itm_prob)) snprintf(prob, sizeof prob, "%.4f", h->itm_prob);
+      printf("%4d  %8.4f  %8s  %8.4f  %s\n", i + 1, h->score, prob, h->cosine,
+             p->texts ? p->texts[h->id] : h->path);
+    }
+    if (query) putchar('\n');
+  }
+  fflush(stdout);
+}
+
+/* Why a search printed nothing, on stderr. */
+static void say_no_match(const blip_search_result *r, const blip_search_opts *o) {
+  if (r->filtered && r->n_allowed == 0) fprintf(stderr, "blip-query: no indexed photo matches the filters\n");
+  else if (o->threshold >= 0)
+    fprintf(stderr, "blip-query: no match: no photo reaches ITM probability %.3g\n", o->threshold);
+  else fprintf(stderr, "blip-query: no match\n");
+}
+
+static void say_notes(const blip_search_result *r) {
+  if (r->truncated) fprintf(stderr, "blip-query: query truncated to %d tokens\n", BLIP_SEARCH_MAX_TOKENS);
+  if (r->dropped)
+    fprintf(stderr, "blip-query: %d candidate(s) skipped: no stored vision tokens and the file could not be read\n",
+            r->dropped);
+}
+
+/* Texts of a --texts-file, one a line (empty lines skipped); appended to *v. */
+static int read_texts(const char *path, char ***v, int *n) {
+  FILE *f = fopen(path, "r");
+  if (!f) return blip_err_set(BLIP_EIO, "%s: %s", path, strerror(errno));
+  char *line = NULL;
+  size_t cap = 0;
+  ssize_t len;
+  int rc = BLIP_OK;
+  while ((len = getline(&line, &cap, f)) >= 0) {
+    while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
+    if (!len) continue;
+    char **nv = realloc(*v, (size_t)(*n + 1) * sizeof *nv);
+    if (!nv || !(nv[*n] = strdup(line))) {
+      if (nv) *v = nv;
+      rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+      break;
+    }
+    *v = nv;
+    (*n)++;
+  }
+  free(line);
+  fclose(f);
+  return rc;
+}
+
+/* Absolute form of DIR for --under: realpath when it exists (stored paths
+ * are canonical), else DIR made absolute. */
+static int abs_dir(const char *in, char out[PATH_MAX]) {
+  if (realpath(in, out)) return 0;
+  if (in[0] == '/') return snprintf(out, PATH_MAX, "%s", in) < PATH_MAX ? 0 : -1;
+  char cwd[PATH_MAX];
+  if (!getcwd(cwd, sizeof cwd)) return -1;
+  return snprintf(out, PATH_MAX, "%s/%s", cwd, in) < PATH_MAX ? 0 : -1;
+}
+
+enum { O_DB = 256, O_MODEL, O_RERANK, O_THRESH, O_SORT, O_UNDER, O_AFTER, O_BEFORE, O_EXT, O_JSON, O_PATHS, O_IMAGE,
+       O_TEXT, O_TEXTS, O_RANKT, O_STDIN, O_PREC, O_THREADS, O_NAIVE, O_HELP };
+
+int main(int argc, char **argv) {
+  static const struct option lo[] = {
+      {"db", 1, 0, O_DB},         {"model", 1, 0, O_MODEL},       {"rerank", 1, 0, O_RERANK},
+      {"threshold", 1, 0, O_THRESH}, {"sort", 1, 0, O_SORT},      {"under", 1, 0, O_UNDER},
+      {"after", 1, 0, O_AFTER},   {"before", 1, 0, O_BEFORE},     {"ext", 1, 0, O_EXT},
+      {"json", 0, 0, O_JSON},     {"paths", 0, 0, O_PATHS},       {"image", 1, 0, O_IMAGE},
+      {"text", 1, 0, O_TEXT},     {"texts-file", 1, 0, O_TEXTS},  {"texts", 1, 0, O_TEXTS},  {"rank-texts", 0, 0, O_RANKT},
+      {"stdin", 0, 0, O_STDIN},   {"precision", 1, 0, O_PREC},    {"threads", 1, 0, O_THREADS},
+      {"naive-itm", 0, 0, O_NAIVE}, {"help", 0, 0, O_HELP},       {0, 0, 0, 0}};
+  char dbdir[PATH_MAX] = "", under[PATH_MAX], after[20], before[20];
+  const char *model_dir = NULL, *image = NULL, *prec_name = NULL, *texts_file = NULL;
+  char **texts = NULL;
+  int ntexts = 0, n_arg_texts = argc, rank_texts = 0, use_stdin = 0, threads = 0, ret = 2, c;
+  printer pr = {OUT_TABLE, NULL};
+  blip_search_opts o;
+  blip_search_opts_default(&o);
+  blip_search *s = NULL;
+  blip_model *m = NULL;
+  float *pix = NULL, *emb = NULL, *feat = NULL;
+  char *line = NULL;
+  blip_search_result r = {0};
+  if (!(texts = calloc((size_t)argc, sizeof *texts))) return 2;
+
+  while ((c = getopt_long(argc, argv, "n:h", lo, NULL)) != -1) {
+    char *end = NULL;
+    switch (c) {
+    case 'n': o.n = (int)strtol(optarg, &end, 10); if (*end || o.n < 1) goto usage; break;
+    case O_DB: snprintf(dbdir, sizeof dbdir, "%s", optarg); break;
+    case O_MODEL: model_dir = optarg; break;
+    case O_RERANK: o.rerank = (int)strtol(optarg, &end, 10); if (*end || o.rerank < 0 || o.rerank > 4096) goto usage; break;
+    case O_THRESH:
+      o.threshold = strtof(optarg, &end);
+      if (*end || !(o.threshold >= 0 && o.threshold <= 1)) {
+        fprintf(stderr, "blip-query: --threshold takes a probability in 0..1\n");
+        goto out;
+      }
+      break;
+    case O_SORT:
+      if (!strcmp(optarg, "date")) o.sort_date = 1;
+      else if (strcmp(optarg, "score")) goto usage;
+      break;
+    case O_UNDER:
+      if (abs_dir(optarg, under)) goto usage;
+      o.filter.under = under;
+      break;
+    case O_AFTER:
+    case O_BEFORE:
+      if (blip_search_parse_date(optarg, c == O_AFTER ? after : before)) {
+        fprintf(stderr, "blip-query: %s\n", blip_err_last());
+        goto out;
+      }
+      *(c == O_AFTER ? &o.filter.after : &o.filter.before) = c == O_AFTER ? after : before;
+      break;
+    case O_EXT: o.filter.exts = optarg; break;
+    case O_JSON: pr.out = OUT_JSON; break;
+    case O_PATHS: pr.out = OUT_PATHS; break;
+    case O_IMAGE: image = optarg; break;
+    case O_TEXT: texts[ntexts++] = optarg; break;
+    case O_TEXTS: texts_file = optarg; break;
+    case O_RANKT: rank_texts = 1; break;
+    case O_STDIN: use_stdin = 1; break;
+    case O_PREC: prec_name = optarg; break;
+    case O_THREADS: threads = atoi(optarg); break;
+    case O_NAIVE: o.naive = 1; break;
+    case 'h':
+    case O_HELP: fputs(USAGE, stdout); ret = 0; goto out;
+    default: goto usage;
+    }
+  }
+  int nargs = argc - optind;
+  if (texts_file || ntexts) rank_texts = 1;
+  if (rank_texts && !image) {
+    fprintf(stderr, "blip-query: --text/--texts-file/--rank-texts rank texts for an --image\n");
+    goto out;
+  }
+  if ((use_stdin || image) ? nargs != 0 : nargs != 1) goto usage;
+  if (use_stdin && image) goto usage;
+  if (o.threshold >= 0 && (o.rerank == 0 || (image && !rank_texts))) {
+    fprintf(stderr, "blip-query: --threshold needs the ITM rerank: a text query (or --image with texts) and --rerank >= 1\n");
+    goto out;
+  }
+  blip_model_opts mo = {BLIP_PREC_F32, NULL};
+  blip_k_set_threads(threads);
+  if (blip_img_init()) goto fail;
+
+  /* index: not needed to rank texts for an image */
+  if (!rank_texts) {
+    if (!dbdir[0] && blip_search_default_db(dbdir, sizeof dbdir)) goto fail;
+    if (blip_search_open(dbdir, &s)) goto fail;
+    if (blip_search_count(s) == 0) {
+      fprintf(stderr, "blip-query: the index at %s is empty: run blip-index on your photos first\n", dbdir);
+      goto out;
+    }
+    if (!prec_name) prec_name = blip_search_meta(s, "precision");
+  }
+  if (!prec_name || !strcmp(prec_name, "f32")) mo.precision = BLIP_PREC_F32;
+  else if (!strcmp(prec_name, "bf16")) mo.precision = BLIP_PREC_BF16;
+  else if (!strcmp(prec_name, "int8")) mo.precision = BLIP_PREC_INT8;
+  else {
+    fprintf(stderr, "blip-query: --precision must be f32, bf16 or int8\n");
+    goto out;
+  }
+  if (!model_dir) model_dir = getenv("BLIPSEARCH_MODEL");
+  if (!model_dir || !*model_dir) {
+    fprintf(stderr, "blip-query: no model: pass --model DIR or set BLIPSEARCH_MODEL\n");
+    goto out;
+  }
+  if (blip_model_load(model_dir, &mo, &m) || (s && blip_search_attach(s, m))) goto fail;
+  const blip_cfg *cfg = blip_model_cfg(m);
+
+  if (image) {
+    blip_img_opts io; /* the indexer's preprocessing */
+    blip_img_opts_default(&io);
+    io.size = cfg->image_size;
+    io.autorotate = 1;
+    pix = malloc((size_t)3 * cfg->image_size * cfg->image_size * sizeof *pix);
+    feat = malloc((size_t)cfg->embed_dim * sizeof *feat);
+    emb = malloc((size_t)cfg->v_tokens * cfg->v_hidden * sizeof *emb);
+    if (!pix || !feat || !emb) {
+      blip_err_set(BLIP_ENOMEM, "out of memory");
+      goto fail;
+    }
+    if (blip_img_load_file(image, &io, pix, NULL, NULL)) goto fail;
+    if (rank_texts) {
+      n_arg_texts = ntexts; /* texts past these are owned */
+      if (texts_file && read_texts(texts_file, &texts, &ntexts)) goto fail;
+      if (!ntexts) {
+        fprintf(stderr, "blip-query: no candidate texts\n");
+        goto out;
+      }
+      pr.texts = (const char *const *)texts;
+      if (blip_model_vision(m, pix, 1, emb, feat) ||
+          blip_search_rank_texts(m, emb, feat, (const char *const *)texts, ntexts, o.rerank, &r))
+        goto fail;
+      if (o.threshold >= 0) { /* same rule as for images: reranked and >= P */
+        int k = 0;
+        for (int i = 0; i < r.n; i++)
+          if (r.hits[i].itm_prob >= o.threshold) r.hits[k++] = r.hits[i];
+        r.n = k;
+      }
+      if (r.n > o.n) r.n = o.n;
+    } else if (blip_search_image(s, pix, &o, &r)) {
+      goto fail;
+    }
+    if (r.truncated) fprintf(stderr, "blip-query: a text was truncated to %d tokens\n", BLIP_SEARCH_MAX_TOKENS);
+    if (r.n) print_hits(&pr, &r, NULL);
+    else say_no_match(&r, &o);
+    ret = r.n ? 0 : 1;
+  } else if (use_stdin) {
+    size_t cap = 0;
+    ssize_t len;
+    int any = 0;
+    ret = 1;
+    while ((len = getline(&line, &cap, stdin)) >= 0) {
+      while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
+      if (!len) continue;
+      if (blip_search_text(s, line, &o, &r)) goto fail;
+      say_notes(&r);
+      if (!r.n) say_no_match(&r, &o);
+      print_hits(&pr, &r, line); /* an empty result is printed too: one answer a query */
+      any |= r.n > 0;
+      blip_search_result_free(&r);
+    }
+    ret = any ? 0 : 1;
+  } else {
+    if (blip_search_text(s, argv[optind], &o, &r)) goto fail;
+    say_notes(&r);
+    if (r.n) print_hits(&pr, &r, NULL);
+    else say_no_match(&r, &o);
+    ret = r.n ? 0 : 1;
+  }
+  goto out;
+
+usage:
+  fputs(USAGE, stderr);
+  ret = 2;
+  goto out;
+fail:
+  fprintf(stderr, "blip-query: %s\n", blip_err_last());
+  ret = 2;
+out:
+  blip_search_result_free(&r);
+  blip_search_close(s);
+  blip_model_free(m);
+  for (int i = n_arg_texts; i < ntexts; i++) free(texts[i]); /* the --texts-file ones */
+  free(pix);
+  free(emb);
+  free(feat);
+  free(line);
+  free(texts);
+  return ret;
+}

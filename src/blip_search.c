@@ -1,0 +1,531 @@
+/* blip_search: see blip_search.h.
+ *
+ * Design note.
+ * - One query = one store search of max(n, K) candidates by cosine, then one
+ *   blip_model_itm call over the K best (fast = reassociated cross-attention,
+ *   real tokens only), so the text layers run once over a [K, len] batch
+ *   (K > 64 goes in calls of 64, which bounds the vision-token buffer).
+ * - Vision tokens come from the rerank store; a candidate without a record
+ *   (index built with --no-rerank-store, or a failed record) is decoded from
+ *   its file with the indexer's preprocessing and run through the vision
+ *   encoder. A candidate whose tokens cannot be had at all is dropped and
+ *   counted (res->dropped), never given a made-up score.
+ * - The filter is one parameterized SQL statement over images (the store's
+ *   source of truth) returning the allowed ids; the store restricts its
+ *   search to them and re-checks every result, so filters cannot leak.
+ * - Dates: EXIF taken_at is local time without a zone, so mtime is turned
+ *   into local time as well and both compare as ISO strings. */
+#include "blip_search.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "blip_err.h"
+#include "blip_img.h"
+#include "blip_store.h"
+
+#define MAX_EXTS 16
+#define RERANK_CHUNK 64 /* candidates per ITM call: 113 MB of vision tokens at base size */
+
+struct blip_search {
+  char *dir;
+  blip_store *st;
+  sqlite3 *db; /* read-only: filters and row metadata */
+  blip_model *m;
+  int E, T, Dv, S;
+};
+
+void blip_search_opts_default(blip_search_opts *o) {
+  memset(o, 0, sizeof *o);
+  o->n = 10;
+  o->rerank = BLIP_SEARCH_RERANK;
+  o->threshold = -1;
+}
+
+int blip_search_default_db(char *buf, size_t cap) {
+  const char *e = getenv("BLIPSEARCH_DB");
+  int n;
+  if (e && *e) n = snprintf(buf, cap, "%s", e);
+  else if ((e = getenv("XDG_DATA_HOME")) && *e) n = snprintf(buf, cap, "%s/blipsearch", e);
+  else if ((e = getenv("HOME")) && *e) n = snprintf(buf, cap, "%s/.local/share/blipsearch", e);
+  else return blip_err_set(BLIP_ENOTFOUND, "no index location: pass --db DIR or set BLIPSEARCH_DB");
+  return n >= 0 && (size_t)n < cap ? BLIP_OK : blip_err_set(BLIP_EINVAL, "index path too long");
+}
+
+static int digits(const char *s, int n) {
+  for (int i = 0; i < n; i++)
+    if (!isdigit((unsigned char)s[i])) return 0;
+  return 1;
+}
+
+int blip_search_parse_date(const char *in, char out[20]) {
+  size_t n = strlen(in);
+  int ok = (n == 10 || n == 16 || n == 19) && digits(in, 4) && in[4] == '-' && digits(in + 5, 2) && in[7] == '-' &&
+           digits(in + 8, 2);
+  if (ok && n > 10)
+    ok = (in[10] == 'T' || in[10] == ' ') && digits(in + 11, 2) && in[13] == ':' && digits(in + 14, 2) &&
+         (n == 16 || (in[16] == ':' && digits(in + 17, 2)));
+  if (ok) {
+    int mo = atoi(in + 5), d = atoi(in + 8);
+    ok = mo >= 1 && mo <= 12 && d >= 1 && d <= 31 && (n == 10 || (atoi(in + 11) < 24 && atoi(in + 14) < 60));
+  }
+  if (!ok) return blip_err_set(BLIP_EINVAL, "bad date '%s' (want YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS])", in);
+  memcpy(out, in, 10);
+  memcpy(out + 10, n > 10 ? in + 10 : "T00:00", 6);
+  memcpy(out + 16, n == 19 ? in + 16 : ":00", 3);
+  out[10] = 'T';
+  out[19] = 0;
+  return BLIP_OK;
+}
+
+/* ---- open / close ---- */
+
+static int db_err(blip_search *s, const char *what) {
+  return blip_err_set(BLIP_EDB, "%s: %s/index.sqlite: %s", what, s->dir, sqlite3_errmsg(s->db));
+}
+
+int blip_search_open(const char *dir, blip_search **out) {
+  *out = NULL;
+  blip_search *s = calloc(1, sizeof *s);
+  char *p = NULL;
+  int rc = BLIP_OK;
+  if (!s || !(s->dir = strdup(dir))) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto fail;
+  }
+  blip_store_opts so = {0};
+  if ((rc = blip_store_open(dir, NULL, &so, &s->st))) goto fail;
+  size_t n = strlen(dir) + 16;
+  if (!(p = malloc(n))) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto fail;
+  }
+  snprintf(p, n, "%s/index.sqlite", dir);
+  if (sqlite3_open_v2(p, &s->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+    rc = s->db ? db_err(s, "open") : blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto fail;
+  }
+  sqlite3_busy_timeout(s->db, 10000);
+  const char *e = blip_store_meta(s->st, "embed_dim"), *t = blip_store_meta(s->st, "v_tokens"),
+             *v = blip_store_meta(s->st, "v_hidden");
+  s->E = e ? atoi(e) : 0;
+  s->T = t ? atoi(t) : 0;
+  s->Dv = v ? atoi(v) : 0;
+  free(p);
+  *out = s;
+  return BLIP_OK;
+fail:
+  free(p);
+  blip_search_close(s);
+  return rc;
+}
+
+void blip_search_close(blip_search *s) {
+  if (!s) return;
+  blip_store_close(s->st);
+  sqlite3_close(s->db);
+  free(s->dir);
+  free(s);
+}
+
+const char *blip_search_meta(const blip_search *s, const char *key) { return blip_store_meta(s->st, key); }
+
+int64_t blip_search_count(blip_search *s) { return blip_store_count(s->st); }
+
+int blip_search_attach(blip_search *s, blip_model *m) {
+  const blip_cfg *c = blip_model_cfg(m);
+  const char *fp = blip_store_meta(s->st, "model");
+  if (!fp || strcmp(fp, blip_model_fingerprint(m)) != 0)
+    return blip_err_set(BLIP_EMISMATCH, "%s was indexed with model %s, this model is %s: use the same model or "
+                                        "rebuild the index (blip-index --rebuild)", s->dir, fp ? fp : "(unknown)",
+                        blip_model_fingerprint(m));
+  if (c->embed_dim != s->E || c->v_tokens != s->T || c->v_hidden != s->Dv)
+    return blip_err_set(BLIP_EMISMATCH, "%s: index geometry (E %d, T %d, Dv %d) differs from the model's", s->dir,
+                        s->E, s->T, s->Dv);
+  s->m = m;
+  s->S = c->image_size;
+  return BLIP_OK;
+}
+
+/* ---- scoring ---- */
+
+int blip_search_prepare_text(const blip_model *m, const char *text, int32_t *ids, int *len, int *truncated) {
+  char *clean = NULL;
+  int32_t mask[BLIP_SEARCH_MAX_TOKENS];
+  int rc = blip_tok_pre_caption(text, strlen(text), BLIP_SEARCH_MAX_WORDS, &clean, NULL);
+  if (rc) return rc;
+  rc = blip_model_tokenize(m, clean, BLIP_SEARCH_MAX_TOKENS, ids, mask, len, truncated);
+  free(clean);
+  return rc;
+}
+
+int blip_search_text_feat(blip_model *m, const int32_t *ids, int len, float *feat) {
+  int32_t mask[BLIP_SEARCH_MAX_TOKENS];
+  if (len < 2 || len > BLIP_SEARCH_MAX_TOKENS) return blip_err_set(BLIP_EINVAL, "text of %d tokens", len);
+  for (int i = 0; i < len; i++) mask[i] = 1;
+  return blip_model_text(m, ids, mask, 1, len, NULL, feat);
+}
+
+int blip_search_rerank(blip_model *m, const int32_t *ids, int len, const float *const *images, const float *cosine,
+                       int k, int naive, blip_search_hit *hits) {
+  if (k <= 0) return BLIP_OK;
+  float *logits = malloc((size_t)k * 2 * sizeof *logits);
+  if (!logits) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  int rc = blip_model_itm(m, ids, len, images, k, BLIP_ITM_ENC, !naive, logits, NULL);
+  for (int i = 0; !rc && i < k; i++) {
+    float l0 = logits[2 * i], l1 = logits[2 * i + 1];
+    hits[i].cosine = cosine[i];
+    hits[i].itm_logit = l1;
+    hits[i].itm_prob = 1.0f / (1.0f + expf(l0 - l1));
+    hits[i].score = l1 + cosine[i];
+  }
+  free(logits);
+  return rc;
+}
+
+static int cmp_hit(const void *pa, const void *pb) {
+  const blip_search_hit *a = pa, *b = pb;
+  int ra = !isnan(a->itm_logit), rb = !isnan(b->itm_logit);
+  if (ra != rb) return rb - ra;
+  float sa = ra ? a->score : a->cosine, sb = rb ? b->score : b->cosine;
+  if (sa != sb) return sa > sb ? -1 : 1;
+  return (a->id > b->id) - (a->id < b->id);
+}
+
+void blip_search_sort(blip_search_hit *hits, int n) {
+  if (n > 1) qsort(hits, (size_t)n, sizeof *hits, cmp_hit);
+}
+
+/* "YYYY-MM-DDTHH:MM:SS": taken_at, else mtime in local time. */
+static void hit_date(const blip_search_hit *h, char out[20]) {
+  if (h->taken_at[0]) {
+    memcpy(out, h->taken_at, 20);
+    return;
+  }
+  time_t t = (time_t)(h->mtime_ns / 1000000000);
+  struct tm tm;
+  localtime_r(&t, &tm);
+  strftime(out, 20, "%Y-%m-%dT%H:%M:%S", &tm);
+}
+
+static int cmp_date(const void *pa, const void *pb) {
+  char a[20], b[20];
+  hit_date(pa, a);
+  hit_date(pb, b);
+  int c = strcmp(b, a); /* newest first */
+  return c ? c : cmp_hit(pa, pb);
+}
+
+void blip_search_result_free(blip_search_result *res) {
+  for (int i = 0; res->hits && i < res->n; i++) free(res->hits[i].path);
+  free(res->hits);
+  memset(res, 0, sizeof *res);
+}
+
+/* ---- filters and metadata ---- */
+
+/* Allowed ids for f, in one statement. *active = 0 when f filters nothing. */
+static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **ids, int64_t *n, int *active) {
+  static const char DATE[] = "COALESCE(NULLIF(taken_at,''),strftime('%Y-%m-%dT%H:%M:%S',mtime_ns/1000000000,"
+                             "'unixepoch','localtime'))";
+  char sql[2048], exts[MAX_EXTS][16];
+  int next = 0, rc = BLIP_OK;
+  size_t ul = 0;
+  *ids = NULL;
+  *n = 0;
+  if (f->under) {
+    ul = strlen(f->under);
+    while (ul > 1 && f->under[ul - 1] == '/') ul--;
+    if (ul == 1 && f->under[0] == '/') ul = 0; /* "/" filters nothing */
+  }
+  if (f->exts) {
+    for (const char *p = f->exts; *p;) {
+      size_t l = strcspn(p, ",");
+      if (l) {
+        if (next == MAX_EXTS || l >= sizeof exts[0])
+          return blip_err_set(BLIP_EINVAL, "--ext: at most %d extensions of up to 15 chars", MAX_EXTS);
+        for (size_t i = 0; i < l; i++)
+          if (!isalnum((unsigned char)p[i]) && !(i == 0 && p[i] == '.'))
+            return blip_err_set(BLIP_EINVAL, "--ext: bad extension '%.*s'", (int)l, p);
+        size_t off = p[0] == '.';
+        snprintf(exts[next++], sizeof exts[0], "%.*s", (int)(l - off), p + off);
+        /* the two spellings of JPEG and TIFF are one format to a user */
+        static const char *const syn[][2] = {{"jpg", "jpeg"}, {"jpeg", "jpg"}, {"tif", "tiff"}, {"tiff", "tif"}};
+        for (size_t k = 0; k < sizeof syn / sizeof syn[0]; k++)
+          if (!strcasecmp(exts[next - 1], syn[k][0])) {
+            if (next == MAX_EXTS) return blip_err_set(BLIP_EINVAL, "--ext: at most %d extensions", MAX_EXTS);
+            snprintf(exts[next++], sizeof exts[0], "%s", syn[k][1]);
+            break;
+          }
+      }
+      p += l + (p[l] == ',');
+    }
+  }
+  *active = ul || f->after || f->before || next;
+  if (!*active) return BLIP_OK;
+  int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL");
+  if (ul) len += snprintf(sql + len, sizeof sql - len, " AND substr(path,1,?1)=?2");
+  if (f->after) len += snprintf(sql + len, sizeof sql - len, " AND %s>=?3", DATE);
+  if (f->before) len += snprintf(sql + len, sizeof sql - len, " AND %s<?4", DATE);
+  for (int i = 0; i < next; i++) /* LIKE is ASCII case-insensitive; extensions are alnum, no wildcards */
+    len += snprintf(sql + len, sizeof sql - len, "%s path LIKE ('%%.'||?%d)%s", i ? " OR" : " AND (", 5 + i,
+                    i == next - 1 ? ")" : "");
+  sqlite3_stmt *st = NULL;
+  char *dir = NULL;
+  int64_t cap = 0;
+  if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) return db_err(s, "filter");
+  if (ul) {
+    if (!(dir = malloc(ul + 2))) {
+      rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+      goto done;
+    }
+    memcpy(dir, f->under, ul);
+    dir[ul] = '/';
+    dir[ul + 1] = 0;
+    sqlite3_bind_int64(st, 1, (int64_t)ul + 1);
+    sqlite3_bind_text(st, 2, dir, (int)ul + 1, SQLITE_STATIC);
+  }
+  if (f->after) sqlite3_bind_text(st, 3, f->after, -1, SQLITE_STATIC);
+  if (f->before) sqlite3_bind_text(st, 4, f->before, -1, SQLITE_STATIC);
+  for (int i = 0; i < next; i++) sqlite3_bind_text(st, 5 + i, exts[i], -1, SQLITE_STATIC);
+  int r;
+  while ((r = sqlite3_step(st)) == SQLITE_ROW) {
+    if (*n == cap) {
+      cap = cap ? cap * 2 : 1024;
+      int64_t *p = realloc(*ids, (size_t)cap * sizeof *p);
+      if (!p) {
+        rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+        goto done;
+      }
+      *ids = p;
+    }
+    (*ids)[(*n)++] = sqlite3_column_int64(st, 0);
+  }
+  if (r != SQLITE_DONE) rc = db_err(s, "filter");
+done:
+  sqlite3_finalize(st);
+  free(dir);
+  if (rc) {
+    free(*ids);
+    *ids = NULL;
+    *n = 0;
+  }
+  return rc;
+}
+
+/* Path, taken_at and mtime of each hit. */
+static int fill_meta(blip_search *s, blip_search_hit *hits, int n) {
+  sqlite3_stmt *st = NULL;
+  int rc = BLIP_OK;
+  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns FROM images WHERE id=?", -1, &st, NULL) != SQLITE_OK)
+    return db_err(s, "metadata");
+  for (int i = 0; i < n && !rc; i++) {
+    if (hits[i].path) continue;
+    sqlite3_reset(st);
+    sqlite3_bind_int64(st, 1, hits[i].id);
+    if (sqlite3_step(st) != SQLITE_ROW) {
+      rc = blip_err_set(BLIP_ENOTFOUND, "image %lld vanished from the index", (long long)hits[i].id);
+      break;
+    }
+    const char *p = (const char *)sqlite3_column_text(st, 0), *t = (const char *)sqlite3_column_text(st, 1);
+    if (!(hits[i].path = strdup(p ? p : ""))) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    snprintf(hits[i].taken_at, sizeof hits[i].taken_at, "%s", t ? t : "");
+    hits[i].mtime_ns = sqlite3_column_int64(st, 2);
+  }
+  sqlite3_finalize(st);
+  return rc;
+}
+
+/* Vision tokens of hit h into out [T,Dv]: rerank store, else recomputed from the file. */
+static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out) {
+  int rc = blip_store_tokens(s->st, h->id, out);
+  if (rc != BLIP_ENOTFOUND) return rc;
+  if ((rc = fill_meta(s, h, 1)) || (rc = blip_img_init())) return rc;
+  blip_img_opts io; /* the indexer's preprocessing */
+  blip_img_opts_default(&io);
+  io.size = s->S;
+  io.autorotate = 1;
+  io.shrink_on_load = 0;
+  rc = blip_img_load_file(h->path, &io, pix, NULL, NULL);
+  free(h->path); /* hits get their metadata once the final cut is known */
+  h->path = NULL;
+  return rc ? rc : blip_model_vision(s->m, pix, 1, out, NULL);
+}
+
+/* Rerank hits[0..k) in place, RERANK_CHUNK candidates per ITM call; hits
+ * whose tokens cannot be had are moved behind the others and counted. */
+static int rerank_hits(blip_search *s, const int32_t *ids, int len, blip_search_hit *hits, int k, int naive,
+                       int *dropped) {
+  const int chunk = k < RERANK_CHUNK ? k : RERANK_CHUNK;
+  size_t per = (size_t)s->T * s->Dv;
+  float *tok = malloc((size_t)chunk * per * sizeof *tok), *pix = malloc((size_t)3 * s->S * s->S * sizeof *pix);
+  const float **img = malloc((size_t)chunk * sizeof *img);
+  float *cos = malloc((size_t)chunk * sizeof *cos);
+  blip_search_hit *tmp = malloc((size_t)k * sizeof *tmp);
+  int rc = BLIP_OK, ok = 0, bad = 0;
+  if (!tok || !pix || !img || !cos || !tmp) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory for %d rerank candidates", chunk);
+    goto done;
+  }
+  for (int c0 = 0; c0 < k; c0 += chunk) {
+    int n = 0; /* usable candidates go to the front of tmp, the rest to the back */
+    for (int i = c0; i < k && i < c0 + chunk; i++) {
+      int r = hit_tokens(s, &hits[i], pix, tok + (size_t)n * per);
+      if (r == BLIP_ENOMEM || r == BLIP_EDB) {
+        rc = r;
+        goto done;
+      }
+      if (r) {
+        tmp[k - 1 - bad++] = hits[i];
+        continue;
+      }
+      img[n] = tok + (size_t)n * per;
+      cos[n] = hits[i].cosine;
+      tmp[ok + n++] = hits[i];
+    }
+    if ((rc = blip_search_rerank(s->m, ids, len, img, cos, n, naive, tmp + ok))) goto done;
+    ok += n;
+  }
+  memcpy(hits, tmp, (size_t)k * sizeof *hits);
+  *dropped = bad;
+done:
+  free(tok);
+  free(pix);
+  free(img);
+  free(cos);
+  free(tmp);
+  return rc;
+}
+
+/* Search by feature; ids/len != NULL: rerank the top o->rerank with ITM. */
+static int search_feat(blip_search *s, const float *feat, const int32_t *ids, int len, const blip_search_opts *o,
+                       blip_search_result *res) {
+  int64_t *allow = NULL, n_allow = 0, *cid = NULL;
+  float *ccos = NULL;
+  int active = 0, rc, K = ids ? o->rerank : 0;
+  if (o->n < 1 || K < 0) return blip_err_set(BLIP_EINVAL, "n must be >= 1 and rerank >= 0");
+  if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
+  if ((rc = allowed_ids(s, &o->filter, &allow, &n_allow, &active))) return rc;
+  res->filtered = active;
+  res->n_allowed = n_allow;
+  if (active && n_allow == 0) goto done;
+  int want = o->n > K ? o->n : K;
+  cid = malloc((size_t)want * sizeof *cid);
+  ccos = malloc((size_t)want * sizeof *ccos);
+  if (!cid || !ccos) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto done;
+  }
+  int got = blip_store_search(s->st, feat, want, active ? allow : NULL, n_allow, cid, ccos);
+  if (got < 0) {
+    rc = got;
+    goto done;
+  }
+  if (!(res->hits = calloc(got ? (size_t)got : 1, sizeof *res->hits))) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto done;
+  }
+  res->n = got;
+  for (int i = 0; i < got; i++)
+    res->hits[i] = (blip_search_hit){cid[i], ccos[i], ccos[i], NAN, NAN, NULL, "", 0};
+  int kr = K < got ? K : got, dropped = 0;
+  if (kr) {
+    blip_search_sort(res->hits, got); /* the K best by cosine first */
+    if ((rc = rerank_hits(s, ids, len, res->hits, kr, o->naive, &dropped))) goto done;
+    /* dropped candidates (at the end of the reranked block) leave the result */
+    memmove(res->hits + kr - dropped, res->hits + kr, (size_t)(got - kr) * sizeof *res->hits);
+    res->n = got - dropped;
+    res->reranked = kr - dropped;
+    res->dropped = dropped;
+  }
+  blip_search_sort(res->hits, res->n);
+  if (o->threshold >= 0) {
+    int m = 0;
+    for (int i = 0; i < res->n; i++)
+      if (res->hits[i].itm_prob >= o->threshold) res->hits[m++] = res->hits[i]; /* NAN never passes */
+    res->n = m;
+  }
+  if (res->n > o->n) res->n = o->n;
+  if ((rc = fill_meta(s, res->hits, res->n))) goto done;
+  if (o->sort_date && res->n > 1) qsort(res->hits, (size_t)res->n, sizeof *res->hits, cmp_date);
+done:
+  free(allow);
+  free(cid);
+  free(ccos);
+  if (rc) blip_search_result_free(res);
+  return rc;
+}
+
+int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res) {
+  int32_t ids[BLIP_SEARCH_MAX_TOKENS];
+  int len = 0, trunc = 0, rc;
+  memset(res, 0, sizeof *res);
+  if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
+  float *feat = malloc((size_t)s->E * sizeof *feat);
+  if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (!(rc = blip_search_prepare_text(s->m, query, ids, &len, &trunc)) &&
+      !(rc = blip_search_text_feat(s->m, ids, len, feat)))
+    rc = search_feat(s, feat, ids, len, o, res);
+  res->truncated = trunc;
+  free(feat);
+  return rc;
+}
+
+int blip_search_image(blip_search *s, const float *pixels, const blip_search_opts *o, blip_search_result *res) {
+  memset(res, 0, sizeof *res);
+  if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
+  float *feat = malloc((size_t)s->E * sizeof *feat);
+  if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  int rc = blip_model_vision(s->m, pixels, 1, NULL, feat);
+  if (!rc) rc = search_feat(s, feat, NULL, 0, o, res);
+  free(feat);
+  return rc;
+}
+
+int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat, const char *const *texts, int n,
+                           int rerank, blip_search_result *res) {
+  const int E = blip_model_cfg(m)->embed_dim;
+  int32_t *ids = malloc((size_t)(n ? n : 1) * BLIP_SEARCH_MAX_TOKENS * sizeof *ids);
+  int *lens = malloc((size_t)(n ? n : 1) * sizeof *lens), rc = BLIP_OK;
+  float *tf = malloc((size_t)E * sizeof *tf);
+  memset(res, 0, sizeof *res);
+  res->hits = calloc(n ? (size_t)n : 1, sizeof *res->hits);
+  if (!ids || !lens || !tf || !res->hits) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto done;
+  }
+  for (int j = 0; j < n; j++) {
+    int32_t *id = ids + (size_t)j * BLIP_SEARCH_MAX_TOKENS;
+    int trunc = 0;
+    if ((rc = blip_search_prepare_text(m, texts[j], id, &lens[j], &trunc)) ||
+        (rc = blip_search_text_feat(m, id, lens[j], tf)))
+      goto done;
+    float c = 0;
+    for (int e = 0; e < E; e++) c += tf[e] * feat[e];
+    res->hits[j] = (blip_search_hit){j, c, c, NAN, NAN, NULL, "", 0};
+    res->truncated |= trunc;
+  }
+  res->n = n;
+  blip_search_sort(res->hits, n);
+  int kr = rerank < n ? rerank : n;
+  for (int i = 0; i < kr; i++) { /* one caption against one image per call */
+    blip_search_hit *h = &res->hits[i];
+    float c = h->cosine;
+    if ((rc = blip_search_rerank(m, ids + h->id * BLIP_SEARCH_MAX_TOKENS, lens[h->id], &embeds, &c, 1, 0, h)))
+      goto done;
+  }
+  res->reranked = kr;
+  blip_search_sort(res->hits, n);
+done:
+  free(ids);
+  free(lens);
+  free(tf);
+  if (rc) blip_search_result_free(res);
+  return rc;
+}

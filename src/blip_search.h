@@ -1,0 +1,114 @@
+/* blip_search: BLIP retrieval over a blipsearch index.
+ *
+ * Text -> image follows BLIP's evaluation: pre_caption (30 words), tokenize
+ * to 35, unimodal text feature, ITC cosine top-K from the store, then the
+ * ITM head scores those K against their vision tokens ([ENC] first token)
+ * in one batched call; final score = ITM match logit + cosine. Candidates
+ * beyond K (when -n > K) keep their cosine and rank after the reranked ones,
+ * as BLIP ranks its unscored pairs. Image -> image is ITC cosine; image ->
+ * text ranks candidate captions with ITC + ITM.
+ *
+ * Filters become an allowed id set built by one SQL query and are passed to
+ * blip_store_search (exact over small sets), so a result outside the filter
+ * can never be returned.
+ *
+ * A blip_search holds the store, a read-only SQLite connection of its own
+ * (filters, row metadata: the store's API has no query by attribute) and the
+ * rerank scratch; like the model, one context is not for two threads. */
+#ifndef BLIP_SEARCH_H
+#define BLIP_SEARCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "blip_model.h"
+
+#define BLIP_SEARCH_MAX_TOKENS 35 /* BLIP retrieval's max_length */
+#define BLIP_SEARCH_MAX_WORDS 30  /* pre_caption's max_words at retrieval */
+#define BLIP_SEARCH_RERANK 16     /* default K: ~0.3 s of fast ITM at base size on 2 cores */
+
+typedef struct blip_search blip_search;
+
+typedef struct {
+  int64_t id;      /* image id (image queries), or the text's index (rank_texts) */
+  float score;     /* itm_logit + cosine when reranked, else cosine */
+  float cosine;    /* ITC similarity */
+  float itm_logit; /* ITM match logit; NAN when not reranked */
+  float itm_prob;  /* softmax(logits)[1]; NAN when not reranked */
+  char *path;      /* image path (malloc'd), or NULL */
+  char taken_at[20];  /* EXIF "YYYY-MM-DDTHH:MM:SS" or "" */
+  int64_t mtime_ns;
+} blip_search_hit;
+
+typedef struct {
+  blip_search_hit *hits;
+  int n;
+  int truncated; /* the query had more than 35 tokens */
+  int reranked;  /* candidates scored by ITM */
+  int dropped;   /* rerank candidates left out: no stored tokens and the file could not be read */
+  int filtered;  /* a filter was active; n_allowed = its size */
+  int64_t n_allowed;
+} blip_search_result;
+
+/* Filters; NULL fields are off. Dates are compared as "YYYY-MM-DDTHH:MM:SS"
+ * strings against taken_at, else the file's mtime in local time. */
+typedef struct {
+  const char *under;  /* absolute directory: path is under it */
+  const char *after;  /* normalized date (blip_search_parse_date): date >= after */
+  const char *before; /* date < before */
+  const char *exts;   /* "jpg,png": extension, case-insensitive; jpg = jpeg, tif = tiff */
+} blip_search_filter;
+
+typedef struct {
+  int n;           /* results wanted (>= 1) */
+  int rerank;      /* K ITM candidates; 0 = ITC only */
+  float threshold; /* keep hits with itm_prob >= threshold; < 0 = off */
+  int sort_date;   /* order the final hits newest first instead of by score */
+  int naive;       /* use the naive cross-attention (checks, benchmarks) */
+  blip_search_filter filter;
+} blip_search_opts;
+
+void blip_search_opts_default(blip_search_opts *o);
+
+/* Default index directory: $BLIPSEARCH_DB, else $XDG_DATA_HOME/blipsearch,
+ * else ~/.local/share/blipsearch. */
+int blip_search_default_db(char *buf, size_t cap);
+
+/* "YYYY-MM-DD", "YYYY-MM-DDTHH:MM[:SS]" (or a space for T) -> out[20]
+ * "YYYY-MM-DDTHH:MM:SS". BLIP_EINVAL on anything else. */
+int blip_search_parse_date(const char *in, char out[20]);
+
+/* Open the index at dir read-only. BLIP_ENOTFOUND when there is none. */
+int blip_search_open(const char *dir, blip_search **out);
+void blip_search_close(blip_search *s);
+/* Index meta value ("model", "precision", ...) or NULL. */
+const char *blip_search_meta(const blip_search *s, const char *key);
+int64_t blip_search_count(blip_search *s);
+/* Use model m (borrowed) for queries; BLIP_EMISMATCH when the index was built
+ * by other weights or another geometry. */
+int blip_search_attach(blip_search *s, blip_model *m);
+
+/* Text -> images. */
+int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res);
+/* Image -> images by ITC (pixels [3,S,S] preprocessed). */
+int blip_search_image(blip_search *s, const float *pixels, const blip_search_opts *o, blip_search_result *res);
+void blip_search_result_free(blip_search_result *res);
+
+/* ---- entry points without an index (tests, image -> text) ---- */
+
+/* pre_caption + tokenize to 35: ids[35], *len real tokens. */
+int blip_search_prepare_text(const blip_model *m, const char *text, int32_t *ids, int *len, int *truncated);
+/* Unimodal text feature [E] of len real tokens. */
+int blip_search_text_feat(blip_model *m, const int32_t *ids, int len, float *feat);
+/* ITM-score k candidates in one batched call: images[i] [T,Dv] with ITC
+ * cosine cosine[i]; fills hits[i].itm_logit, itm_prob, cosine, score. */
+int blip_search_rerank(blip_model *m, const int32_t *ids, int len, const float *const *images, const float *cosine,
+                       int k, int naive, blip_search_hit *hits);
+/* Image -> texts: rank n captions for one image (embeds [T,Dv], feat [E]).
+ * The top `rerank` by cosine get ITM (0 = ITC only); hits[].id = text index. */
+int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat, const char *const *texts, int n,
+                           int rerank, blip_search_result *res);
+/* Order hits: reranked ones by score, then the rest by cosine (stable). */
+void blip_search_sort(blip_search_hit *hits, int n);
+
+#endif
