@@ -218,16 +218,6 @@ static int print_dump_row(void *ctx, int64_t id, const blip_store_row *r, const 
   return 0;
 }
 
-static int default_db(char *buf, size_t cap) {
-  const char *e = getenv("BLIPSEARCH_DB");
-  if (e && *e) return snprintf(buf, cap, "%s", e) < (int)cap ? 0 : -1;
-  e = getenv("XDG_DATA_HOME");
-  if (e && *e) return snprintf(buf, cap, "%s/blipsearch", e) < (int)cap ? 0 : -1;
-  e = getenv("HOME");
-  if (!e || !*e) return -1;
-  return snprintf(buf, cap, "%s/.local/share/blipsearch", e) < (int)cap ? 0 : -1;
-}
-
 /* mkdir -p for the parents of the index directory */
 static void make_parents(const char *dir) {
   char p[PATH_MAX];
@@ -293,8 +283,8 @@ int main(int argc, char **argv) {
   counts cn = {0};
   double t0 = now_s();
 
-  if (!dbdir[0] && default_db(dbdir, sizeof dbdir) != 0) {
-    fprintf(stderr, "blip-index: no index location: pass --db DIR or set BLIPSEARCH_DB\n");
+  if (!dbdir[0] && blip_store_default_dir(dbdir, sizeof dbdir) != 0) {
+    fprintf(stderr, "blip-index: %s\n", blip_err_last());
     ret = 2;
     goto out;
   }

@@ -21,6 +21,7 @@
 #include "blip_kern.h"
 #include "blip_model.h"
 #include "blip_search.h"
+#include "blip_store.h"
 
 static const char USAGE[] =
     "usage: blip-query [options] \"query text\"\n"
@@ -276,7 +277,7 @@ int main(int argc, char **argv) {
 
   /* index: not needed to rank texts for an image */
   if (!rank_texts) {
-    if (!dbdir[0] && blip_search_default_db(dbdir, sizeof dbdir)) goto fail;
+    if (!dbdir[0] && blip_store_default_dir(dbdir, sizeof dbdir)) goto fail;
     if (blip_search_open(dbdir, &s)) goto fail;
     if (blip_search_count(s) == 0) {
       fprintf(stderr, "blip-query: the index at %s is empty: run blip-index on your photos first\n", dbdir);

@@ -48,16 +48,6 @@ void blip_search_opts_default(blip_search_opts *o) {
   o->threshold = -1;
 }
 
-int blip_search_default_db(char *buf, size_t cap) {
-  const char *e = getenv("BLIPSEARCH_DB");
-  int n;
-  if (e && *e) n = snprintf(buf, cap, "%s", e);
-  else if ((e = getenv("XDG_DATA_HOME")) && *e) n = snprintf(buf, cap, "%s/blipsearch", e);
-  else if ((e = getenv("HOME")) && *e) n = snprintf(buf, cap, "%s/.local/share/blipsearch", e);
-  else return blip_err_set(BLIP_ENOTFOUND, "no index location: pass --db DIR or set BLIPSEARCH_DB");
-  return n >= 0 && (size_t)n < cap ? BLIP_OK : blip_err_set(BLIP_EINVAL, "index path too long");
-}
-
 static int digits(const char *s, int n) {
   for (int i = 0; i < n; i++)
     if (!isdigit((unsigned char)s[i])) return 0;

@@ -72,7 +72,6 @@ void blip_search_opts_default(blip_search_opts *o);
 
 /* Default index directory: $BLIPSEARCH_DB, else $XDG_DATA_HOME/blipsearch,
  * else ~/.local/share/blipsearch. */
-int blip_search_default_db(char *buf, size_t cap);
 
 /* "YYYY-MM-DD", "YYYY-MM-DDTHH:MM[:SS]" (or a space for T) -> out[20]
  * "YYYY-MM-DDTHH:MM:SS". BLIP_EINVAL on anything else. */

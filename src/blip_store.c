@@ -638,6 +638,16 @@ static int remove_index_files(const char *dir) {
   return BLIP_OK;
 }
 
+int blip_store_default_dir(char *buf, size_t cap) {
+  const char *e = getenv("BLIPSEARCH_DB");
+  int n;
+  if (e && *e) n = snprintf(buf, cap, "%s", e);
+  else if ((e = getenv("XDG_DATA_HOME")) && *e) n = snprintf(buf, cap, "%s/blipsearch", e);
+  else if ((e = getenv("HOME")) && *e) n = snprintf(buf, cap, "%s/.local/share/blipsearch", e);
+  else return blip_err_set(BLIP_ENOTFOUND, "no index location: pass --db DIR or set BLIPSEARCH_DB");
+  return n >= 0 && (size_t)n < cap ? BLIP_OK : blip_err_set(BLIP_EINVAL, "index path too long");
+}
+
 int blip_store_open(const char *dir, const blip_store_identity *id, const blip_store_opts *opts, blip_store **out) {
   blip_store_opts o = {0};
   if (opts) o = *opts;

@@ -60,6 +60,10 @@ typedef enum {
 /* Open DIR (created if write). id may be NULL only for read-only opens: the
  * stored identity is then accepted. A different identity gives
  * BLIP_EMISMATCH unless opts->rebuild. */
+/* The default index directory: $BLIPSEARCH_DB, else $XDG_DATA_HOME/blipsearch,
+ * else ~/.local/share/blipsearch. Shared by every tool. */
+int blip_store_default_dir(char *buf, size_t cap);
+
 int blip_store_open(const char *dir, const blip_store_identity *id, const blip_store_opts *opts, blip_store **out);
 /* Writes the FAISS cache if the writer changed it, then frees everything. */
 void blip_store_close(blip_store *st);
