@@ -107,23 +107,6 @@ static void progress(const char *phase, long done, long total, long fresh, doubl
   if (done == total) fputc('\n', stderr);
 }
 
-/* f32 -> IEEE half, round to nearest even (inf/NaN kept, overflow -> inf). */
-static uint16_t f32_to_f16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
-  if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));
-  if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* >= 65520 rounds to inf */
-  if (ax < 0x38800000) {                                   /* below 2^-14: subnormal, exact scale by 2^24 */
-    float a;
-    memcpy(&a, &ax, 4);
-    return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.0f));
-  }
-  uint32_t r = ax - 0x38000000; /* rebias 127 -> 15 */
-  r += 0xfff + ((r >> 13) & 1);
-  return (uint16_t)(sign | (r >> 13));
-}
-
 /* ---- cache ---------------------------------------------------------------- */
 
 static void hex16(uint64_t h, char out[17]) { snprintf(out, 17, "%016llx", (unsigned long long)h); }
@@ -329,7 +312,7 @@ static int phase_images(ev *e) {
     if (rc) break;
     const void *data = emb;
     if (need && e->o.f16) {
-      for (size_t j = 0; j < (size_t)n * tok; j++) emb16[j] = f32_to_f16(emb[j]);
+      for (size_t j = 0; j < (size_t)n * tok; j++) emb16[j] = blip_f32_to_f16(emb[j]);
       data = emb16;
     }
     if (e->o.cache) { /* write, then read the tokens back through the mapping */

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,6 +72,23 @@ float blip_bf16_to_f32(uint16_t h) {
   float f;
   memcpy(&f, &bits, 4);
   return f;
+}
+
+/* f32 -> IEEE half, round to nearest even (inf/NaN kept, overflow -> inf). */
+uint16_t blip_f32_to_f16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+  if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));
+  if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* >= 65520 rounds to inf */
+  if (ax < 0x38800000) {                                   /* below 2^-14: subnormal, exact scale by 2^24 */
+    float a;
+    memcpy(&a, &ax, 4);
+    return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.0f));
+  }
+  uint32_t r = ax - 0x38000000; /* rebias 127 -> 15 */
+  r += 0xfff + ((r >> 13) & 1);
+  return (uint16_t)(sign | (r >> 13));
 }
 
 uint16_t blip_f32_to_bf16(float f) {

@@ -68,5 +68,6 @@ void blip_st_writer_free(blip_st_writer *w);
 float blip_f16_to_f32(uint16_t h);
 float blip_bf16_to_f32(uint16_t h);
 uint16_t blip_f32_to_bf16(float f); /* round to nearest even */
+uint16_t blip_f32_to_f16(float f);  /* round to nearest even, overflow -> inf */
 
 #endif

@@ -35,6 +35,7 @@
  * - Schema migrations are embedded below (text identical to schema/NNN_*.sql,
  *   checked by tests/test_store.c) and applied at open in one transaction,
  *   versioned by PRAGMA user_version. */
+#include "blip_st.h"
 #include "blip_store.h"
 
 #include <dirent.h>
@@ -215,7 +216,7 @@ size_t blip_store_record_size(blip_tokens_fmt fmt, int T, int Dv) {
 void blip_store_encode_tokens(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec) {
   if (fmt == BLIP_TOKENS_F16) {
     for (size_t i = 0; i < (size_t)T * Dv; i++) {
-      _Float16 h = (_Float16)x[i];
+      uint16_t h = blip_f32_to_f16(x[i]);
       memcpy(rec + 2 * i, &h, 2);
     }
     return;
@@ -237,9 +238,9 @@ void blip_store_encode_tokens(blip_tokens_fmt fmt, int T, int Dv, const float *x
 void blip_store_decode_tokens(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec, float *x) {
   if (fmt == BLIP_TOKENS_F16) {
     for (size_t i = 0; i < (size_t)T * Dv; i++) {
-      _Float16 h;
+      uint16_t h;
       memcpy(&h, rec + 2 * i, 2);
-      x[i] = (float)h;
+      x[i] = blip_f16_to_f32(h);
     }
     return;
   }

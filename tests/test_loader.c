@@ -147,6 +147,13 @@ static void test_safetensors_parser(void) {
   /* Half-precision conversions. */
   CHECK(blip_f16_to_f32(0x3c00) == 1.0f && blip_f16_to_f32(0xc000) == -2.0f && blip_f16_to_f32(0x0001) == 5.9604645e-8f,
         "f16 decode");
+  int f16_bad = 0; /* every finite half survives f16 -> f32 -> f16 */
+  for (uint32_t h = 0; h < 0x10000; h++)
+    if ((h & 0x7c00) != 0x7c00 && blip_f32_to_f16(blip_f16_to_f32((uint16_t)h)) != h) f16_bad++;
+  CHECK(f16_bad == 0, "f16 round trip: %d halves changed", f16_bad);
+  CHECK(blip_f32_to_f16(1.0f + 1.0f / 2048) == 0x3c00 && blip_f32_to_f16(1.0f + 3.0f / 2048) == 0x3c02 &&
+        blip_f32_to_f16(70000.0f) == 0x7c00 && blip_f32_to_f16(-5.9604645e-8f) == 0x8001,
+        "f16 round to nearest even, overflow, subnormal");
   CHECK(blip_bf16_to_f32(0x3f80) == 1.0f && blip_f32_to_bf16(1.00390625f) == 0x3f80 && blip_f32_to_bf16(1.01171875f) == 0x3f82,
         "bf16 round to nearest even");
 }
