@@ -7,6 +7,7 @@
 #include <dnnl.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,18 +26,352 @@ int blip_k_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A
   return BLIP_OK;
 }
 
-int blip_k_linear_fwd(float *out, const float *in, const blip_k_linear *l, int M) {
-  int rc = blip_k_gemm(0, 1, M, l->out, l->in, 1.0f, in, l->in, l->w, l->in, 0.0f, out, l->out);
-  if (rc || !l->b) return rc;
+/* ---------- packed linear layers (oneDNN matmul) ---------- */
+
+#pragma omp declare simd
+float blip_k_erff(float x);
+
+/* Primitives are built per (M, flags): oneDNN's fast brgemm kernels need a
+ * fixed M (with a runtime M it falls back to a slower generic gemm), and
+ * building one costs about a millisecond, so each layer keeps the few
+ * shapes a model uses (vision batch, text length, ITM k x length). */
+#define PRIM_SLOTS 12
+
+typedef struct {
+  int M, flags;
+  dnnl_primitive_t prim;
+} prim_slot;
+
+struct blip_k_packed {
+  blip_k_prec prec;
+  int in, out;
+  dnnl_memory_desc_t wmd; /* the blocked layout oneDNN chose for the weights */
+  void *w;                /* packed weights */
+  size_t wbytes;
+  float *scale;           /* int8: per-output-channel weight scale */
+  int32_t *colsum;        /* int8: sum_k q[o,k], for the activations' zero point */
+  blip_k_ws *ws;
+  prim_slot slot[PRIM_SLOTS];
+  int n_slot, next_slot;
+};
+
+static dnnl_engine_t g_engine;
+static pthread_once_t g_engine_once = PTHREAD_ONCE_INIT;
+static void engine_init(void) {
+  if (dnnl_engine_create(&g_engine, dnnl_cpu, 0) != dnnl_success) g_engine = NULL;
+}
+
+static int dnnl_fail(dnnl_status_t s, const char *what, const blip_k_packed *p, int M) {
+  return blip_err_set(s == dnnl_out_of_memory ? BLIP_ENOMEM : BLIP_EINVAL, "oneDNN %s (%s %dx%d, M=%d): status %d", what,
+                      p->prec == BLIP_K_F32 ? "f32" : p->prec == BLIP_K_BF16 ? "bf16" : "int8", p->out, p->in, M, (int)s);
+}
+
+static dnnl_data_type_t src_type(blip_k_prec p) { return p == BLIP_K_F32 ? dnnl_f32 : p == BLIP_K_BF16 ? dnnl_bf16 : dnnl_u8; }
+
+/* The matmul for this layer at M rows; wmd NULL lets oneDNN choose the
+ * weight layout (used once, at pack time). */
+static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnnl_memory_desc_t *wmd,
+                             dnnl_primitive_desc_t *pd) {
+  const int q8 = p->prec == BLIP_K_INT8;
+  dnnl_memory_desc_t s, w, b, d;
+  dnnl_dims_t sd = {M, p->in}, wd = {p->in, p->out}, bd = {1, p->out}, dd = {M, p->out};
+  dnnl_status_t st;
+  if ((st = dnnl_memory_desc_init_by_tag(&s, 2, sd, src_type(p->prec), dnnl_ab)) ||
+      (st = dnnl_memory_desc_init_by_tag(&b, 2, bd, dnnl_f32, dnnl_ab)) ||
+      (st = dnnl_memory_desc_init_by_tag(&d, 2, dd, q8 ? dnnl_s32 : dnnl_f32, dnnl_ab)))
+    return st;
+  if (wmd) w = *wmd;
+  else if ((st = dnnl_memory_desc_init_by_tag(&w, 2, wd, q8 ? dnnl_s8 : src_type(p->prec), dnnl_format_tag_any)))
+    return st;
+  dnnl_matmul_desc_t md;
+  if ((st = dnnl_matmul_desc_init(&md, &s, &w, q8 ? NULL : &b, &d))) return st;
+  dnnl_primitive_attr_t attr = NULL;
+  dnnl_post_ops_t po = NULL;
+  if ((st = dnnl_primitive_attr_create(&attr)) || (st = dnnl_post_ops_create(&po))) goto done;
+  /* int8 applies scales, zero points, bias and flags in its own epilogue */
+  if (!q8 && (flags & BLIP_K_GELU) && (st = dnnl_post_ops_append_eltwise(po, 1.0f, dnnl_eltwise_gelu_erf, 0, 0))) goto done;
+  if (!q8 && (flags & BLIP_K_ACCUM) && (st = dnnl_post_ops_append_sum(po, 1.0f))) goto done;
+  if ((st = dnnl_primitive_attr_set_post_ops(attr, po))) goto done;
+  st = dnnl_primitive_desc_create(pd, &md, attr, g_engine, NULL);
+done:
+  if (po) dnnl_post_ops_destroy(po);
+  if (attr) dnnl_primitive_attr_destroy(attr);
+  return st;
+}
+
+static int get_prim(blip_k_packed *p, int M, int flags, dnnl_primitive_t *out) {
+  for (int i = 0; i < p->n_slot; i++)
+    if (p->slot[i].M == M && p->slot[i].flags == flags) {
+      *out = p->slot[i].prim;
+      return BLIP_OK;
+    }
+  dnnl_primitive_desc_t pd;
+  dnnl_primitive_t prim;
+  dnnl_status_t st = make_pd(p, M, flags, &p->wmd, &pd);
+  if (st) return dnnl_fail(st, "matmul descriptor", p, M);
+  st = dnnl_primitive_create(&prim, pd);
+  dnnl_primitive_desc_destroy(pd);
+  if (st) return dnnl_fail(st, "matmul primitive", p, M);
+  int i;
+  if (p->n_slot < PRIM_SLOTS) {
+    i = p->n_slot++;
+  } else { /* full: replace round-robin */
+    i = p->next_slot;
+    p->next_slot = (i + 1) % PRIM_SLOTS;
+    dnnl_primitive_destroy(p->slot[i].prim);
+  }
+  p->slot[i] = (prim_slot){M, flags, prim};
+  *out = prim;
+  return BLIP_OK;
+}
+
+static void *ws_get(blip_k_ws *ws, size_t bytes) {
+  if (bytes > ws->cap) {
+    void *n = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!n) return NULL;
+    free(ws->p);
+    ws->p = n;
+    ws->cap = bytes;
+  }
+  return ws->p;
+}
+
+void blip_k_ws_free(blip_k_ws *ws) {
+  free(ws->p);
+  if (ws->stream) dnnl_stream_destroy(ws->stream);
+  memset(ws, 0, sizeof *ws);
+}
+
+/* Round to nearest even, as torch's .to(bfloat16) does (no NaN inputs here). */
+static void to_bf16(uint16_t *d, const float *s, long n) {
+#pragma omp parallel for simd if (n > 65536)
+  for (long i = 0; i < n; i++) {
+    uint32_t u;
+    memcpy(&u, &s[i], 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    d[i] = (uint16_t)(u >> 16);
+  }
+}
+
+void blip_k_quant_w(int8_t *q, float *scale, int32_t *colsum, const float *w, int out, int in) {
+#pragma omp parallel for if ((long)out * in > 65536)
+  for (int o = 0; o < out; o++) {
+    const float *wo = w + (long)o * in;
+    float mx = 0;
+    for (int k = 0; k < in; k++) mx = fmaxf(mx, fabsf(wo[k]));
+    float s = mx / 127.0f;
+    if (!(s > 0)) s = 1.0f;
+    int32_t sum = 0;
+    for (int k = 0; k < in; k++) {
+      int v = (int)rintf(wo[k] / s);
+      v = v > 127 ? 127 : v < -127 ? -127 : v;
+      q[(long)o * in + k] = (int8_t)v;
+      sum += v;
+    }
+    scale[o] = s;
+    colsum[o] = sum;
+  }
+}
+
+void blip_k_quant_row(uint8_t *q, float *scale, int32_t *zp, const float *x, int n) {
+  float lo = 0, hi = 0; /* the range includes 0, so zero rows and padding are exact */
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int j = 0; j < n; j++) {
+    lo = fminf(lo, x[j]);
+    hi = fmaxf(hi, x[j]);
+  }
+  float s = (hi - lo) / 255.0f;
+  if (!(s > 0)) s = 1.0f;
+  float inv = 1.0f / s, z = fminf(fmaxf(rintf(-lo * inv), 0.0f), 255.0f);
+#pragma omp simd
+  for (int j = 0; j < n; j++) q[j] = (uint8_t)fminf(fmaxf(rintf(x[j] * inv) + z, 0.0f), 255.0f);
+  *scale = s;
+  *zp = (int32_t)z;
+}
+
+static dnnl_status_t reorder(const dnnl_memory_desc_t *from_md, void *from, const dnnl_memory_desc_t *to_md, void *to,
+                             dnnl_stream_t stream) {
+  dnnl_primitive_desc_t rpd = NULL;
+  dnnl_primitive_t r = NULL;
+  dnnl_memory_t a = NULL, b = NULL;
+  dnnl_status_t st;
+  if ((st = dnnl_reorder_primitive_desc_create(&rpd, from_md, g_engine, to_md, g_engine, NULL)) ||
+      (st = dnnl_primitive_create(&r, rpd)) || (st = dnnl_memory_create(&a, from_md, g_engine, from)) ||
+      (st = dnnl_memory_create(&b, to_md, g_engine, to)))
+    goto done;
+  dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, a}, {DNNL_ARG_TO, b}};
+  if (!(st = dnnl_primitive_execute(r, stream, 2, args))) st = dnnl_stream_wait(stream);
+done:
+  if (a) dnnl_memory_destroy(a);
+  if (b) dnnl_memory_destroy(b);
+  if (r) dnnl_primitive_destroy(r);
+  if (rpd) dnnl_primitive_desc_destroy(rpd);
+  return st;
+}
+
+void blip_k_linear_unpack(blip_k_linear *l) {
+  blip_k_packed *p = l->packed;
+  if (!p) return;
+  for (int i = 0; i < p->n_slot; i++) dnnl_primitive_destroy(p->slot[i].prim);
+  free(p->w);
+  free(p->scale);
+  free(p->colsum);
+  free(p);
+  l->packed = NULL;
+}
+
+size_t blip_k_linear_packed_bytes(const blip_k_linear *l) {
+  const blip_k_packed *p = l->packed;
+  if (!p) return 0;
+  return p->wbytes + (p->scale ? (size_t)p->out * (sizeof(float) + sizeof(int32_t)) : 0);
+}
+
+int blip_k_linear_pack(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws) {
+  pthread_once(&g_engine_once, engine_init);
+  if (!g_engine) return blip_err_set(BLIP_EINVAL, "oneDNN: no CPU engine");
+  if (!ws->stream && dnnl_stream_create((dnnl_stream_t *)&ws->stream, g_engine, dnnl_stream_default_flags))
+    return blip_err_set(BLIP_ENOMEM, "oneDNN: cannot create a stream");
+  blip_k_packed *p = calloc(1, sizeof *p);
+  if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory packing a %dx%d layer", l->out, l->in);
+  p->prec = prec;
+  p->in = l->in;
+  p->out = l->out;
+  p->ws = ws;
+  l->packed = p;
+  const long n = (long)l->out * l->in;
+  void *plain = NULL; /* the weights as [out,in] in the compute type */
+  int rc = BLIP_OK;
+  dnnl_primitive_desc_t pd = NULL;
+  dnnl_status_t st = make_pd(p, 256, 0, NULL, &pd);
+  if (st) {
+    rc = dnnl_fail(st, "matmul descriptor", p, 256);
+    goto done;
+  }
+  p->wmd = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+  p->wbytes = dnnl_memory_desc_get_size(&p->wmd);
+  p->w = aligned_alloc(64, (p->wbytes + 63) & ~(size_t)63);
+  if (!p->w) goto oom;
+  dnnl_data_type_t wt = prec == BLIP_K_INT8 ? dnnl_s8 : src_type(prec);
+  if (prec == BLIP_K_F32) {
+    plain = (void *)l->w;
+  } else if (prec == BLIP_K_BF16) {
+    if (!(plain = malloc((size_t)n * 2))) goto oom;
+    to_bf16(plain, l->w, n);
+  } else {
+    p->scale = malloc((size_t)l->out * sizeof *p->scale);
+    p->colsum = malloc((size_t)l->out * sizeof *p->colsum);
+    if (!(plain = malloc((size_t)n)) || !p->scale || !p->colsum) goto oom;
+    blip_k_quant_w(plain, p->scale, p->colsum, l->w, l->out, l->in);
+  }
+  dnnl_memory_desc_t pmd; /* W [out,in] row-major is the [in,out] matrix in "ba" order */
+  dnnl_dims_t wd = {l->in, l->out};
+  if ((st = dnnl_memory_desc_init_by_tag(&pmd, 2, wd, wt, dnnl_ba)) || (st = reorder(&pmd, plain, &p->wmd, p->w, ws->stream))) {
+    rc = dnnl_fail(st, "weight reorder", p, 0);
+    goto done;
+  }
+  goto done;
+oom:
+  rc = blip_err_set(BLIP_ENOMEM, "out of memory packing a %dx%d layer", l->out, l->in);
+done:
+  if (plain != l->w) free(plain);
+  if (pd) dnnl_primitive_desc_destroy(pd);
+  if (rc) blip_k_linear_unpack(l);
+  return rc;
+}
+
+/* int8 epilogue for one row: y = (acc - zp colsum) rs cs + b, then flags. */
+static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
+                        const float *b, int flags) {
+#pragma omp simd
+  for (int j = 0; j < N; j++) {
+    int32_t a;
+    memcpy(&a, acc + j, 4); /* acc may be out itself, read before written */
+    float v = (float)(a - zp * colsum[j]) * (rs * cs[j]) + (b ? b[j] : 0.0f);
+    if (flags & BLIP_K_GELU) v = 0.5f * v * (1.0f + blip_k_erff(v * 0.70710678118654752f));
+    out[j] = (flags & BLIP_K_ACCUM) ? out[j] + v : v;
+  }
+}
+
+static int packed_fwd(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
+  blip_k_packed *p = l->packed;
+  const int K = p->in, N = p->out;
+  const size_t qbytes = ((size_t)M * K * (p->prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
+  size_t need = p->prec == BLIP_K_F32 ? 0 : qbytes;
+  if (p->prec == BLIP_K_INT8) need += (size_t)M * 8 + ((flags & BLIP_K_ACCUM) ? (size_t)M * N * 4 : 0);
+  char *w = need ? ws_get(p->ws, need) : NULL;
+  if (need && !w) return blip_err_set(BLIP_ENOMEM, "out of memory for a %dx%d activation", M, K);
+  dnnl_primitive_t prim = NULL;
+  int rc = get_prim(p, M, flags, &prim);
+  if (rc) return rc;
+  const void *src = in;
+  float *rs = NULL;
+  int32_t *zp = NULL, *acc = (int32_t *)(void *)out;
+  if (p->prec == BLIP_K_BF16) {
+    to_bf16((uint16_t *)(void *)w, in, (long)M * K);
+    src = w;
+  } else if (p->prec == BLIP_K_INT8) {
+    rs = (float *)(void *)(w + qbytes);
+    zp = (int32_t *)(void *)(rs + M);
+    if (flags & BLIP_K_ACCUM) acc = zp + M;
+#pragma omp parallel for if ((long)M * K > 32768)
+    for (int i = 0; i < M; i++) blip_k_quant_row((uint8_t *)w + (size_t)i * K, &rs[i], &zp[i], in + (size_t)i * K, K);
+    src = w;
+  }
+  dnnl_memory_desc_t smd, dmd, bmd;
+  dnnl_dims_t sd = {M, K}, dd = {M, N}, bd = {1, N};
+  dnnl_memory_t ms = NULL, mw = NULL, mb = NULL, md = NULL;
+  dnnl_status_t st;
+  if ((st = dnnl_memory_desc_init_by_tag(&smd, 2, sd, src_type(p->prec), dnnl_ab)) ||
+      (st = dnnl_memory_desc_init_by_tag(&dmd, 2, dd, p->prec == BLIP_K_INT8 ? dnnl_s32 : dnnl_f32, dnnl_ab)) ||
+      (st = dnnl_memory_desc_init_by_tag(&bmd, 2, bd, dnnl_f32, dnnl_ab)) ||
+      (st = dnnl_memory_create(&ms, &smd, g_engine, (void *)src)) || (st = dnnl_memory_create(&mw, &p->wmd, g_engine, p->w)) ||
+      (st = dnnl_memory_create(&mb, &bmd, g_engine, (void *)l->b)) || (st = dnnl_memory_create(&md, &dmd, g_engine, acc)))
+    goto done;
+  {
+    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, ms}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DST, md}, {DNNL_ARG_BIAS, mb}};
+    int nargs = (p->prec == BLIP_K_INT8 || !l->b) ? 3 : 4;
+    if (!(st = dnnl_primitive_execute(prim, p->ws->stream, nargs, args))) st = dnnl_stream_wait(p->ws->stream);
+  }
+done:
+  if (ms) dnnl_memory_destroy(ms);
+  if (mw) dnnl_memory_destroy(mw);
+  if (mb) dnnl_memory_destroy(mb);
+  if (md) dnnl_memory_destroy(md);
+  if (st) return dnnl_fail(st, "matmul", p, M);
+  if (p->prec == BLIP_K_INT8) {
+#pragma omp parallel for if ((long)M * N > 32768)
+    for (int i = 0; i < M; i++)
+      dequant_row(out + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, l->b, flags);
+  }
+  return BLIP_OK;
+}
+
+int blip_k_linear_fwd_ex(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
+  if (M == 0) return BLIP_OK;
+  if (l->packed) return packed_fwd(out, in, l, M, flags);
+  if ((flags & BLIP_K_GELU) && (flags & BLIP_K_ACCUM))
+    return blip_err_set(BLIP_EINVAL, "linear: GELU with accumulation needs a packed layer");
+  int rc = blip_k_gemm(0, 1, M, l->out, l->in, 1.0f, in, l->in, l->w, l->in, (flags & BLIP_K_ACCUM) ? 1.0f : 0.0f, out, l->out);
+  if (rc) return rc;
   const int N = l->out;
   const float *b = l->b;
 #pragma omp parallel for if ((long)M * N > 32768)
   for (int i = 0; i < M; i++) {
     float *o = out + (long)i * N;
+    if (b) {
 #pragma omp simd
-    for (int j = 0; j < N; j++) o[j] += b[j];
+      for (int j = 0; j < N; j++) o[j] += b[j];
+    }
+    if (flags & BLIP_K_GELU) {
+#pragma omp simd
+      for (int j = 0; j < N; j++) o[j] = 0.5f * o[j] * (1.0f + blip_k_erff(o[j] * 0.70710678118654752f));
+    }
   }
   return BLIP_OK;
+}
+
+int blip_k_linear_fwd(float *out, const float *in, const blip_k_linear *l, int M) {
+  return blip_k_linear_fwd_ex(out, in, l, M, 0);
 }
 
 static void ln_row(float *out, const float *in, const float *g, const float *b, int N, float eps) {

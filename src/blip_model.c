@@ -18,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 typedef struct {
@@ -60,6 +62,7 @@ struct blip_model {
   int n_owned, cap_owned;
   float *arena;
   size_t arena_cap;
+  blip_k_ws ws; /* scratch of the packed layers */
   char fingerprint[17];
 };
 
@@ -242,8 +245,77 @@ static void make_fingerprint(blip_model *m) {
   XXH3_freeState(s);
 }
 
+/* Every linear layer of the model, for packing and freeing. */
+static int all_linears(blip_model *m, blip_k_linear **out) {
+  int n = 0;
+  out[n++] = &m->patch;
+  for (int i = 0; i < m->cfg.v_layers; i++) {
+    vis_layer *L = &m->vl[i];
+    out[n++] = &L->qkv, out[n++] = &L->proj, out[n++] = &L->fc1, out[n++] = &L->fc2;
+  }
+  for (int i = 0; i < m->cfg.t_layers; i++) {
+    txt_layer *L = &m->tl[i];
+    out[n++] = &L->q, out[n++] = &L->k, out[n++] = &L->v, out[n++] = &L->o, out[n++] = &L->cq, out[n++] = &L->ck;
+    out[n++] = &L->cv, out[n++] = &L->co, out[n++] = &L->ffn1, out[n++] = &L->ffn2;
+  }
+  out[n++] = &m->vision_proj, out[n++] = &m->text_proj, out[n++] = &m->itm_head;
+  return n;
+}
+
+static int n_linears(const blip_cfg *c) { return 4 + 4 * c->v_layers + 10 * c->t_layers; }
+
+/* After packing, the f32 copy of a layer is dead: free it when we own it,
+ * or drop its pages from the mmap (they are re-read from the file if ever
+ * touched, which the forward pass does not do). */
+static void release_f32(blip_model *m, blip_k_linear *l) {
+  for (int i = 0; i < m->n_owned; i++)
+    if (m->owned[i] == l->w) {
+      free(m->owned[i]);
+      m->owned[i] = NULL;
+      l->w = NULL;
+      return;
+    }
+  const long pg = sysconf(_SC_PAGESIZE);
+  uintptr_t a = (uintptr_t)l->w, e = a + (size_t)l->in * l->out * sizeof(float);
+  a = (a + pg - 1) & ~(uintptr_t)(pg - 1);
+  e &= ~(uintptr_t)(pg - 1);
+  if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
+  l->w = NULL;
+}
+
+/* Pack the GEMM-heavy layers for the chosen precision. Kept in f32 and
+ * why: the patch embedding (raw pixels in, 0.6% of the vision FLOPs, f32
+ * packed); the cross-attention key/value (the reassociated ITM multiplies
+ * by their per-head slices in f32); the three heads (one row per call). */
+static int pack_all(blip_model *m) {
+  const blip_k_prec prec = (blip_k_prec)m->opts.precision;
+  int rc = blip_k_linear_pack(&m->patch, BLIP_K_F32, &m->ws);
+  if (!rc) release_f32(m, &m->patch);
+  for (int i = 0; !rc && i < m->cfg.v_layers; i++) {
+    blip_k_linear *ls[4] = {&m->vl[i].qkv, &m->vl[i].proj, &m->vl[i].fc1, &m->vl[i].fc2};
+    for (int j = 0; !rc && j < 4; j++)
+      if (!(rc = blip_k_linear_pack(ls[j], prec, &m->ws))) release_f32(m, ls[j]);
+  }
+  for (int i = 0; !rc && i < m->cfg.t_layers; i++) {
+    txt_layer *L = &m->tl[i];
+    blip_k_linear *ls[8] = {&L->q, &L->k, &L->v, &L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2};
+    for (int j = 0; !rc && j < 8; j++)
+      if (!(rc = blip_k_linear_pack(ls[j], prec, &m->ws))) release_f32(m, ls[j]);
+  }
+  return rc;
+}
+
 void blip_model_free(blip_model *m) {
   if (!m) return;
+  if (m->vl && m->tl) {
+    blip_k_linear **ls = malloc((size_t)n_linears(&m->cfg) * sizeof *ls);
+    if (ls) { /* on failure the packed layers leak rather than crash */
+      int n = all_linears(m, ls);
+      for (int i = 0; i < n; i++) blip_k_linear_unpack(ls[i]);
+      free(ls);
+    }
+  }
+  blip_k_ws_free(&m->ws);
   for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
   free(m->owned);
   free(m->vl);
@@ -266,9 +338,9 @@ static int model_new(const blip_cfg *cfg, const blip_model_opts *opts, blip_mode
     blip_model_free(m);
     return blip_err_set(BLIP_ENOMEM, "out of memory");
   }
-  if (m->opts.precision != BLIP_PREC_F32) {
+  if (m->opts.precision != BLIP_PREC_F32 && m->opts.precision != BLIP_PREC_BF16 && m->opts.precision != BLIP_PREC_INT8) {
     blip_model_free(m);
-    return blip_err_set(BLIP_EUNSUPPORTED, "precision %d is not available in this build", (int)m->opts.precision);
+    return blip_err_set(BLIP_EINVAL, "unknown precision %d", (int)m->opts.precision);
   }
   *out = m;
   return BLIP_OK;
@@ -296,7 +368,8 @@ int blip_model_load(const char *dir, const blip_model_opts *opts, blip_model **o
     rc = blip_err_wrap(rc, "%s", path);
     goto fail;
   }
-  make_fingerprint(m);
+  make_fingerprint(m); /* before packing releases mmap pages it samples */
+  if ((rc = pack_all(m))) goto fail;
   *out = m;
   return BLIP_OK;
 fail:
@@ -310,7 +383,7 @@ int blip_model_random(const blip_cfg *cfg, const blip_model_opts *opts, uint64_t
   int rc = model_new(cfg, opts, &m);
   if (rc) return rc;
   m->seed = seed;
-  if ((rc = bind_all(m))) {
+  if ((rc = bind_all(m)) || (rc = pack_all(m))) {
     blip_model_free(m);
     return rc;
   }
@@ -384,13 +457,10 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
       const float *q = qkv + (size_t)b * T * 3 * D;
       TRY(blip_k_attention(att + (size_t)b * T * D, D, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, NULL));
     }
-    TRY(blip_k_linear_fwd(h, att, &L->proj, M));
-    blip_k_add(x, h, (long)M * D);
+    TRY(blip_k_linear_fwd_ex(x, att, &L->proj, M, BLIP_K_ACCUM));
     blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
-    TRY(blip_k_linear_fwd(mlp, h, &L->fc1, M));
-    blip_k_gelu(mlp, (long)M * c->v_mlp);
-    TRY(blip_k_linear_fwd(h, mlp, &L->fc2, M));
-    blip_k_add(x, h, (long)M * D);
+    TRY(blip_k_linear_fwd_ex(mlp, h, &L->fc1, M, BLIP_K_GELU));
+    TRY(blip_k_linear_fwd_ex(x, mlp, &L->fc2, M, BLIP_K_ACCUM));
   }
   blip_k_layernorm(x, x, m->post_ln.g, m->post_ln.b, M, D, c->v_eps);
   if (embeds) memcpy(embeds, x, (size_t)M * D * sizeof(float));
@@ -461,8 +531,8 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
                        int fast, float *buf) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden, H = c->t_heads, dh = D / H, M = rows * L, T = c->v_tokens, Dx = c->t_enc_hidden;
-  float *q = buf, *k = q + (size_t)M * D, *v = k + (size_t)M * D, *att = v + (size_t)M * D, *tmp = att + (size_t)M * D;
-  float *ff = tmp + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
+  float *q = buf, *k = q + (size_t)M * D, *v = k + (size_t)M * D, *att = v + (size_t)M * D;
+  float *ff = att + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
   const float scale = 1.0f / sqrtf((float)dh);
   int rc = BLIP_OK;
   for (int l = 0; l < c->t_layers; l++) {
@@ -474,8 +544,8 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
       size_t o = (size_t)r * L * D;
       TRY(blip_k_attention(att + o, D, q + o, D, k + o, D, v + o, D, L, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
     }
-    TRY(blip_k_linear_fwd(tmp, att, &Ly->o, M));
-    blip_k_add_layernorm(x, tmp, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
+    TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
+    blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
     if (images) {
       TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
       for (int r = 0; r < rows; r++) {
@@ -489,13 +559,12 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
           TRY(blip_k_attention(att + o, D, q + o, D, ik, D, iv, D, L, T, H, dh, scale, NULL));
         }
       }
-      TRY(blip_k_linear_fwd(tmp, att, &Ly->co, M));
-      blip_k_add_layernorm(x, tmp, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
+      TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
+      blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
     }
-    TRY(blip_k_linear_fwd(ff, x, &Ly->ffn1, M));
-    blip_k_gelu(ff, (long)M * c->t_mlp);
-    TRY(blip_k_linear_fwd(tmp, ff, &Ly->ffn2, M));
-    blip_k_add_layernorm(x, tmp, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
+    TRY(blip_k_linear_fwd_ex(ff, x, &Ly->ffn1, M, BLIP_K_GELU));
+    TRY(blip_k_linear_fwd_ex(x, ff, &Ly->ffn2, M, BLIP_K_ACCUM));
+    blip_k_layernorm(x, x, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
   }
   (void)Dx;
 done:
@@ -511,7 +580,7 @@ static size_t text_scratch(const blip_cfg *c, int rows, int L, int images) {
     if (kv > ff) ff = kv;
     if (re > ff) ff = re;
   }
-  return 5 * M * D + ff;
+  return 4 * M * D + ff;
 }
 
 int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int n, int L, float *embeds, float *feat) {

@@ -68,6 +68,107 @@ static void test_linear(int M, int in, int out, int bias) {
   free(x), free(w), free(b), free(y), free(r);
 }
 
+static double gelu_d(double v) { return 0.5 * v * (1.0 + erf(v / sqrt(2.0))); }
+static float bf16_round(float f) { /* round to nearest even, independently of the kernel's bit trick */
+  if (f == 0.0f) return f;
+  int e;
+  double m = frexp(f, &e); /* f = m 2^e, 0.5 <= |m| < 1: keep 8 significant bits */
+  return (float)ldexp(nearbyint(ldexp(m, 8)), e - 8);
+}
+
+/* Packed linear layer in each precision, with the fused flags, against a
+ * double reference computed on the same rounded/quantized operands:
+ * f32 exact inputs; bf16 inputs and weights rounded to bf16; int8 the
+ * weights and rows quantized by the (separately tested) quantizers. */
+static void test_packed(blip_k_prec prec, int M, int in, int out, int flags) {
+  float *x = rnd((long)M * in, 2), *w = rnd((long)out * in, 0.3f), *b = rnd(out, 1);
+  float *y = rnd((long)M * out, 1), *r = malloc(sizeof(float) * M * out);
+  double *xd = malloc(sizeof(double) * M * in), *wd = malloc(sizeof(double) * out * in);
+  for (int i = 0; i < M; i++) x[(long)i * in + i % in] += 4.0f; /* a positive outlier per row */
+  if (prec == BLIP_K_INT8) {
+    int8_t *qw = malloc((size_t)out * in);
+    uint8_t *qx = malloc((size_t)in);
+    float *ws = malloc(sizeof(float) * out), xs;
+    int32_t *cs = malloc(sizeof(int32_t) * out), zp;
+    blip_k_quant_w(qw, ws, cs, w, out, in);
+    for (long i = 0; i < (long)out * in; i++) wd[i] = (double)qw[i] * ws[i / in];
+    for (int i = 0; i < M; i++) {
+      blip_k_quant_row(qx, &xs, &zp, x + (long)i * in, in);
+      for (int k = 0; k < in; k++) xd[(long)i * in + k] = ((double)qx[k] - zp) * xs;
+    }
+    free(qw), free(qx), free(ws), free(cs);
+  } else {
+    for (long i = 0; i < (long)M * in; i++) xd[i] = prec == BLIP_K_BF16 ? bf16_round(x[i]) : x[i];
+    for (long i = 0; i < (long)out * in; i++) wd[i] = prec == BLIP_K_BF16 ? bf16_round(w[i]) : w[i];
+  }
+  for (int i = 0; i < M; i++)
+    for (int o = 0; o < out; o++) {
+      double s = b[o];
+      for (int k = 0; k < in; k++) s += xd[(long)i * in + k] * wd[(long)o * in + k];
+      if (flags & BLIP_K_GELU) s = gelu_d(s);
+      r[(long)i * out + o] = (float)((flags & BLIP_K_ACCUM) ? y[(long)i * out + o] + s : s);
+    }
+  blip_k_ws ws = {0};
+  blip_k_linear l = {.in = in, .out = out, .w = w, .b = b};
+  CHECK(blip_k_linear_pack(&l, prec, &ws) == 0, "pack: %s", blip_err_last());
+  for (int rep = 0; rep < 2; rep++) { /* the second call reuses the cached primitive */
+    float *yy = malloc(sizeof(float) * M * out);
+    memcpy(yy, y, sizeof(float) * M * out);
+    CHECK(blip_k_linear_fwd_ex(yy, x, &l, M, flags) == 0, "packed fwd: %s", blip_err_last());
+    char label[80];
+    snprintf(label, sizeof label, "packed %s %dx%d->%d%s%s #%d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8",
+             M, in, out, flags & BLIP_K_GELU ? " gelu" : "", flags & BLIP_K_ACCUM ? " accum" : "", rep);
+    /* f32 accumulation of in terms; the quantized paths are exact on their operands up to f32 rounding */
+    check_tensor(label, yy, r, (long)M * out, 1e-5 * sqrt(in));
+    free(yy);
+  }
+  CHECK(blip_k_linear_packed_bytes(&l) >= (size_t)out * in * (prec == BLIP_K_F32 ? 4 : prec == BLIP_K_BF16 ? 2 : 1), "packed size");
+  blip_k_linear_unpack(&l);
+  CHECK(l.packed == NULL, "unpack");
+  blip_k_ws_free(&ws);
+  free(x), free(w), free(b), free(y), free(r), free(xd), free(wd);
+}
+
+/* The quantizers: reconstruction error within half a step, zero exact,
+ * scales from the row/channel range, column sums consistent. */
+static void test_quant(void) {
+  const int n = 203;
+  float *x = rnd(n, 3);
+  x[7] = 0.0f;
+  uint8_t q[203];
+  float s;
+  int32_t zp;
+  blip_k_quant_row(q, &s, &zp, x, n);
+  float lo = 0, hi = 0;
+  double worst = 0;
+  for (int j = 0; j < n; j++) lo = fminf(lo, x[j]), hi = fmaxf(hi, x[j]);
+  for (int j = 0; j < n; j++) worst = fmax(worst, fabs(((double)q[j] - zp) * s - x[j]));
+  CHECK(fabsf(s - (hi - lo) / 255.0f) < 1e-7f && q[7] == zp, "row quant scale %g zp %d", s, zp);
+  CHECK(worst <= 0.5 * s * 1.0001, "row quant error %g > half step %g", worst, 0.5 * s);
+  float pos[5] = {1, 2, 3, 4, 5}, zero[5] = {0};
+  blip_k_quant_row(q, &s, &zp, pos, 5);
+  CHECK(zp == 0 && q[4] == 255, "all-positive row: zp %d, max code %d", zp, q[4]);
+  blip_k_quant_row(q, &s, &zp, zero, 5);
+  CHECK(s == 1.0f && q[0] == zp, "zero row");
+  int8_t qw[3 * 203];
+  float ws[3];
+  int32_t cs[3];
+  float *w = rnd(3 * n, 0.5f);
+  memset(w + 2 * n, 0, n * sizeof(float)); /* a dead output channel */
+  blip_k_quant_w(qw, ws, cs, w, 3, n);
+  for (int o = 0; o < 3; o++) {
+    int32_t sum = 0, amax = 0;
+    double err = 0;
+    for (int k = 0; k < n; k++) {
+      sum += qw[o * n + k];
+      amax = abs(qw[o * n + k]) > amax ? abs(qw[o * n + k]) : amax;
+      err = fmax(err, fabs(qw[o * n + k] * ws[o] - w[o * n + k]));
+    }
+    CHECK(sum == cs[o] && (o == 2 ? amax == 0 : amax == 127) && err <= 0.5 * ws[o] * 1.0001, "weight quant channel %d", o);
+  }
+  free(x), free(w);
+}
+
 static void ref_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
   for (int i = 0; i < M; i++) {
     double mu = 0, var = 0;
@@ -159,6 +260,13 @@ int main(void) {
   test_linear(1, 7, 3, 1);
   test_linear(35, 97, 131, 1);
   test_linear(19, 33, 2, 0);
+  test_quant();
+  for (int p = BLIP_K_F32; p <= BLIP_K_INT8; p++) {
+    test_packed(p, 1, 7, 3, 0);
+    test_packed(p, 37, 97, 131, BLIP_K_GELU);
+    test_packed(p, 19, 65, 33, BLIP_K_ACCUM);
+    test_packed(p, 45, 129, 61, BLIP_K_GELU | BLIP_K_ACCUM);
+  }
   test_layernorm(1, 7);
   test_layernorm(53, 771);
   test_gelu_softmax();
