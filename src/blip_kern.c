@@ -26,10 +26,54 @@ int blip_k_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A
   return BLIP_OK;
 }
 
-/* ---------- packed linear layers (oneDNN matmul) ---------- */
+/* The scalar kernels are static inline so that loops vectorize them
+ * without relying on simd clones. Clamps are comparisons, not fminf/fmaxf:
+ * those keep NaN semantics that make gcc call libm without -ffast-math. */
+/* exp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf
+ * coefficients), 2^n built in the exponent bits. Inputs are clamped so the
+ * result stays finite; below -87 it flushes to ~0 (softmax-safe). */
+static inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x; /* not fminf: see clampf below */
+  float n = rintf(x * 1.44269504088896341f);
+  float r = fmaf(n, -0.693359375f, x);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  p = fmaf(p * r, r, r) + 1.0f;
+  int32_t e = ((int32_t)n + 127) << 23;
+  float s;
+  memcpy(&s, &e, 4);
+  return p * s;
+}
 
-#pragma omp declare simd
-float blip_k_erff(float x);
+/* erf: rational minimax approximation on [-4, 4] (as in Eigen's float erf),
+ * saturating outside; max abs error ~1e-7. */
+static inline float erf_approx(float x) {
+  x = x < -4.0f ? -4.0f : x > 4.0f ? 4.0f : x;
+  float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = fmaf(p, x2, 2.77068142495902e-08f);
+  p = fmaf(p, x2, -2.10102402082508e-06f);
+  p = fmaf(p, x2, -5.69250639462346e-05f);
+  p = fmaf(p, x2, -7.34990630326855e-04f);
+  p = fmaf(p, x2, -2.95459980854025e-03f);
+  p = fmaf(p, x2, -1.60960333262415e-02f);
+  p *= x;
+  float q = -1.45660718464996e-05f;
+  q = fmaf(q, x2, -2.13374055278905e-04f);
+  q = fmaf(q, x2, -1.68282697438203e-03f);
+  q = fmaf(q, x2, -7.37332916720468e-03f);
+  q = fmaf(q, x2, -1.42647390514189e-02f);
+  return p / q;
+}
+
+static inline float gelu(float v) { return 0.5f * v * (1.0f + erf_approx(v * 0.70710678118654752f)); }
+
+/* ---------- packed linear layers (oneDNN matmul) ---------- */
 
 /* Primitives are built per (M, flags): oneDNN's fast brgemm kernels need a
  * fixed M (with a runtime M it falls back to a slower generic gemm), and
@@ -50,6 +94,7 @@ struct blip_k_packed {
   size_t wbytes;
   float *scale;           /* int8: per-output-channel weight scale */
   int32_t *colsum;        /* int8: sum_k q[o,k], for the activations' zero point */
+  float *zeros;           /* int8 without bias: the epilogue adds these */
   blip_k_ws *ws;
   prim_slot slot[PRIM_SLOTS];
   int n_slot, next_slot;
@@ -177,14 +222,19 @@ void blip_k_quant_row(uint8_t *q, float *scale, int32_t *zp, const float *x, int
   float lo = 0, hi = 0; /* the range includes 0, so zero rows and padding are exact */
 #pragma omp simd reduction(min : lo) reduction(max : hi)
   for (int j = 0; j < n; j++) {
-    lo = fminf(lo, x[j]);
-    hi = fmaxf(hi, x[j]);
+    lo = x[j] < lo ? x[j] : lo;
+    hi = x[j] > hi ? x[j] : hi;
   }
   float s = (hi - lo) / 255.0f;
   if (!(s > 0)) s = 1.0f;
-  float inv = 1.0f / s, z = fminf(fmaxf(rintf(-lo * inv), 0.0f), 255.0f);
+  float inv = 1.0f / s, z = rintf(-lo * inv);
+  z = z < 0.0f ? 0.0f : z > 255.0f ? 255.0f : z;
 #pragma omp simd
-  for (int j = 0; j < n; j++) q[j] = (uint8_t)fminf(fmaxf(rintf(x[j] * inv) + z, 0.0f), 255.0f);
+  for (int j = 0; j < n; j++) {
+    float v = rintf(x[j] * inv) + z;
+    v = v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v;
+    q[j] = (uint8_t)(int32_t)v;
+  }
   *scale = s;
   *zp = (int32_t)z;
 }
@@ -216,6 +266,7 @@ void blip_k_linear_unpack(blip_k_linear *l) {
   free(p->w);
   free(p->scale);
   free(p->colsum);
+  free(p->zeros);
   free(p);
   l->packed = NULL;
 }
@@ -260,6 +311,7 @@ int blip_k_linear_pack(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws) {
   } else {
     p->scale = malloc((size_t)l->out * sizeof *p->scale);
     p->colsum = malloc((size_t)l->out * sizeof *p->colsum);
+    if (!l->b && !(p->zeros = calloc((size_t)l->out, sizeof *p->zeros))) goto oom;
     if (!(plain = malloc((size_t)n)) || !p->scale || !p->colsum) goto oom;
     blip_k_quant_w(plain, p->scale, p->colsum, l->w, l->out, l->in);
   }
@@ -279,17 +331,36 @@ done:
   return rc;
 }
 
-/* int8 epilogue for one row: y = (acc - zp colsum) rs cs + b, then flags. */
+static inline float dq1(const int32_t *acc, int32_t comp, float scale, float bias) {
+  int32_t a;
+  memcpy(&a, acc, 4);
+  return (float)(a - comp) * scale + bias;
+}
+
+/* int8 epilogue for one row: y = (acc - zp colsum) rs cs + b, then flags.
+ * acc may be out itself: each element is read (memcpy: no aliasing UB)
+ * before it is written. One loop per flag set, so each vectorizes. */
 static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
                         const float *b, int flags) {
+#define DQ(j) dq1(acc + (j), zp * colsum[j], rs * cs[j], b[j])
+  switch (flags & (BLIP_K_GELU | BLIP_K_ACCUM)) {
+  case 0:
 #pragma omp simd
-  for (int j = 0; j < N; j++) {
-    int32_t a;
-    memcpy(&a, acc + j, 4); /* acc may be out itself, read before written */
-    float v = (float)(a - zp * colsum[j]) * (rs * cs[j]) + (b ? b[j] : 0.0f);
-    if (flags & BLIP_K_GELU) v = 0.5f * v * (1.0f + blip_k_erff(v * 0.70710678118654752f));
-    out[j] = (flags & BLIP_K_ACCUM) ? out[j] + v : v;
+    for (int j = 0; j < N; j++) out[j] = DQ(j);
+    break;
+  case BLIP_K_GELU:
+#pragma omp simd
+    for (int j = 0; j < N; j++) out[j] = gelu(DQ(j));
+    break;
+  case BLIP_K_ACCUM:
+#pragma omp simd
+    for (int j = 0; j < N; j++) out[j] += DQ(j);
+    break;
+  default:
+#pragma omp simd
+    for (int j = 0; j < N; j++) out[j] += gelu(DQ(j));
   }
+#undef DQ
 }
 
 static int packed_fwd(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
@@ -341,7 +412,7 @@ done:
   if (p->prec == BLIP_K_INT8) {
 #pragma omp parallel for if ((long)M * N > 32768)
     for (int i = 0; i < M; i++)
-      dequant_row(out + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, l->b, flags);
+      dequant_row(out + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, l->b ? l->b : p->zeros, flags);
   }
   return BLIP_OK;
 }
@@ -364,7 +435,7 @@ int blip_k_linear_fwd_ex(float *out, const float *in, const blip_k_linear *l, in
     }
     if (flags & BLIP_K_GELU) {
 #pragma omp simd
-      for (int j = 0; j < N; j++) o[j] = 0.5f * o[j] * (1.0f + blip_k_erff(o[j] * 0.70710678118654752f));
+      for (int j = 0; j < N; j++) o[j] = 0.5f * o[j] * (1.0f + erf_approx(o[j] * 0.70710678118654752f));
     }
   }
   return BLIP_OK;
@@ -411,53 +482,15 @@ void blip_k_add(float *x, const float *r, long n) {
   for (long i = 0; i < n; i++) x[i] += r[i];
 }
 
-/* exp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf
- * coefficients), 2^n built in the exponent bits. Inputs are clamped so the
- * result stays finite; below -87 it flushes to ~0 (softmax-safe). */
 #pragma omp declare simd
-float blip_k_expf(float x) {
-  x = fminf(fmaxf(x, -87.0f), 88.0f);
-  float n = rintf(x * 1.44269504088896341f);
-  float r = fmaf(n, -0.693359375f, x);
-  r = fmaf(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = fmaf(p, r, 1.3981999507e-3f);
-  p = fmaf(p, r, 8.3334519073e-3f);
-  p = fmaf(p, r, 4.1665795894e-2f);
-  p = fmaf(p, r, 1.6666665459e-1f);
-  p = fmaf(p, r, 5.0000001201e-1f);
-  p = fmaf(p * r, r, r) + 1.0f;
-  int32_t e = ((int32_t)n + 127) << 23;
-  float s;
-  memcpy(&s, &e, 4);
-  return p * s;
-}
+float blip_k_expf(float x) { return exp_approx(x); }
 
-/* erf: rational minimax approximation on [-4, 4] (as in Eigen's float erf),
- * saturating outside; max abs error ~1e-7. */
 #pragma omp declare simd
-float blip_k_erff(float x) {
-  x = fminf(fmaxf(x, -4.0f), 4.0f);
-  float x2 = x * x;
-  float p = -2.72614225801306e-10f;
-  p = fmaf(p, x2, 2.77068142495902e-08f);
-  p = fmaf(p, x2, -2.10102402082508e-06f);
-  p = fmaf(p, x2, -5.69250639462346e-05f);
-  p = fmaf(p, x2, -7.34990630326855e-04f);
-  p = fmaf(p, x2, -2.95459980854025e-03f);
-  p = fmaf(p, x2, -1.60960333262415e-02f);
-  p *= x;
-  float q = -1.45660718464996e-05f;
-  q = fmaf(q, x2, -2.13374055278905e-04f);
-  q = fmaf(q, x2, -1.68282697438203e-03f);
-  q = fmaf(q, x2, -7.37332916720468e-03f);
-  q = fmaf(q, x2, -1.42647390514189e-02f);
-  return p / q;
-}
+float blip_k_erff(float x) { return erf_approx(x); }
 
 void blip_k_gelu(float *x, long n) {
 #pragma omp parallel for simd if (n > 65536)
-  for (long i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + blip_k_erff(x[i] * 0.70710678118654752f));
+  for (long i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erf_approx(x[i] * 0.70710678118654752f));
 }
 
 static void softmax_row(float *x, int n) {
@@ -466,7 +499,7 @@ static void softmax_row(float *x, int n) {
   for (int j = 0; j < n; j++) mx = fmaxf(mx, x[j]);
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < n; j++) {
-    x[j] = blip_k_expf(x[j] - mx);
+    x[j] = exp_approx(x[j] - mx);
     sum += x[j];
   }
   float inv = 1.0f / sum;
