@@ -33,7 +33,7 @@ int blip_k_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A
  * coefficients), 2^n built in the exponent bits. Inputs are clamped so the
  * result stays finite; below -87 it flushes to ~0 (softmax-safe). */
 static inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x; /* not fminf: see clampf below */
+  x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
   float n = rintf(x * 1.44269504088896341f);
   float r = fmaf(n, -0.693359375f, x);
   r = fmaf(n, 2.12194440e-4f, r);
@@ -203,10 +203,15 @@ void blip_k_quant_w(int8_t *q, float *scale, int32_t *colsum, const float *w, in
   for (int o = 0; o < out; o++) {
     const float *wo = w + (long)o * in;
     float mx = 0;
-    for (int k = 0; k < in; k++) mx = fmaxf(mx, fabsf(wo[k]));
+#pragma omp simd reduction(max : mx)
+    for (int k = 0; k < in; k++) {
+      float a = wo[k] < 0 ? -wo[k] : wo[k];
+      mx = a > mx ? a : mx;
+    }
     float s = mx / 127.0f;
     if (!(s > 0)) s = 1.0f;
     int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int k = 0; k < in; k++) {
       int v = (int)rintf(wo[k] / s);
       v = v > 127 ? 127 : v < -127 ? -127 : v;
@@ -496,7 +501,7 @@ void blip_k_gelu(float *x, long n) {
 static void softmax_row(float *x, int n) {
   float mx = -INFINITY, sum = 0;
 #pragma omp simd reduction(max : mx)
-  for (int j = 0; j < n; j++) mx = fmaxf(mx, x[j]);
+  for (int j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < n; j++) {
     x[j] = exp_approx(x[j] - mx);
@@ -523,10 +528,11 @@ void blip_k_l2norm(float *x, int rows, int cols) {
 }
 
 int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
-                     int Lq, int Lk, int heads, int dh, float scale, const float *mask_add) {
+                     int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws) {
   int nt = omp_get_max_threads();
   if (nt > heads) nt = heads;
-  float *scratch = malloc((size_t)nt * Lq * Lk * sizeof(float));
+  const size_t bytes = (size_t)nt * Lq * Lk * sizeof(float);
+  float *scratch = ws ? ws_get(ws, bytes) : malloc(bytes);
   if (!scratch) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %dx%d scores", Lq, Lk);
   int rc = BLIP_OK;
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -546,6 +552,6 @@ int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *
       rc = e;
     }
   }
-  free(scratch);
+  if (!ws) free(scratch);
   return rc;
 }

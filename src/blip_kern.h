@@ -9,9 +9,9 @@
  * the attention GEMMs go to dnnl_sgemm (inside an OpenMP parallel region
  * oneDNN runs single-threaded, which the attention kernel relies on).
  * Everything else is OpenMP. One thread count for the whole engine:
- * blip_k_set_threads(). Kernels never allocate except blip_k_attention's
- * per-thread score rows, a packed layer's primitive cache and its
- * workspace growth (all checked; BLIP_ENOMEM). */
+ * blip_k_set_threads(). Kernels never allocate except to grow a workspace
+ * (blip_k_ws), for a packed layer's primitive cache, and for attention
+ * scores when given no workspace (all checked; BLIP_ENOMEM). */
 #ifndef BLIP_KERN_H
 #define BLIP_KERN_H
 
@@ -81,9 +81,11 @@ void blip_k_l2norm(float *x, int rows, int cols);
 
 /* Multi-head attention for one sequence: for each head h (columns h*dh..),
  * out_h = softmax(scale * q_h k_h^T + mask) v_h. mask_add [Lk] is added to
- * every score row (NULL = none). Parallel over heads. */
+ * every score row (NULL = none). Parallel over heads. The score rows live
+ * in ws (the model's scratch, so repeated calls do not fault in fresh
+ * pages); ws NULL allocates them for this call. */
 int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
-                     int Lq, int Lk, int heads, int dh, float scale, const float *mask_add);
+                     int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
 
 /* Vectorizable scalar functions, exposed for tests. */
 float blip_k_expf(float x);

@@ -241,7 +241,7 @@ static void test_attention(int Lq, int Lk, int H, int dh, int masked) {
         r[i * D + h * dh + d] = (float)o;
       }
     }
-  CHECK(blip_k_attention(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, masked ? mask : NULL) == 0,
+  CHECK(blip_k_attention(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, masked ? mask : NULL, NULL) == 0,
         "attention: %s", blip_err_last());
   char label[64];
   snprintf(label, sizeof label, "attention Lq%d Lk%d H%d dh%d%s", Lq, Lk, H, dh, masked ? " masked" : "");
