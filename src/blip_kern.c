@@ -181,8 +181,11 @@ static void *ws_get(blip_k_ws *ws, size_t bytes) {
   return ws->p;
 }
 
+static void att_cache_free(void *c);
+
 void blip_k_ws_free(blip_k_ws *ws) {
   free(ws->p);
+  att_cache_free(ws->att);
   if (ws->stream) dnnl_stream_destroy(ws->stream);
   memset(ws, 0, sizeof *ws);
 }
@@ -554,4 +557,165 @@ int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *
   }
   if (!ws) free(scratch);
   return rc;
+}
+
+/* ---------- bf16 attention (batched oneDNN matmul) ---------- */
+
+#define ATT_SLOTS 8
+
+typedef struct {
+  int Lq, Lk, H, dh, ldo;
+  dnnl_primitive_t qk, pv;
+} att_slot;
+
+typedef struct {
+  att_slot slot[ATT_SLOTS];
+  int n, next;
+} att_cache;
+
+static void att_cache_free(void *c) {
+  att_cache *a = c;
+  if (!a) return;
+  for (int i = 0; i < a->n; i++) {
+    dnnl_primitive_destroy(a->slot[i].qk);
+    dnnl_primitive_destroy(a->slot[i].pv);
+  }
+  free(a);
+}
+
+/* Memory descriptors of one attention shape. Operands are dense bf16
+ * [L, H*dh] (head h in columns h*dh..), seen as [H, L, dh] by strides;
+ * K is read transposed as [H, dh, Lk]. S/P are [H, Lq, Lk]. */
+typedef struct {
+  dnnl_memory_desc_t q, k, s, p, v, o;
+} att_mds;
+
+static dnnl_status_t att_descs(att_mds *d, int Lq, int Lk, int H, int dh, int ldo) {
+  const dnnl_dim_t D = (dnnl_dim_t)H * dh;
+  dnnl_dims_t qd = {H, Lq, dh}, qs = {dh, D, 1}, kd = {H, dh, Lk}, ks = {dh, 1, D}, sd = {H, Lq, Lk},
+              ss = {(dnnl_dim_t)Lq * Lk, Lk, 1}, vd = {H, Lk, dh}, vs = {dh, D, 1}, od = {H, Lq, dh}, os = {dh, ldo, 1};
+  dnnl_status_t st;
+  if ((st = dnnl_memory_desc_init_by_strides(&d->q, 3, qd, dnnl_bf16, qs)) ||
+      (st = dnnl_memory_desc_init_by_strides(&d->k, 3, kd, dnnl_bf16, ks)) ||
+      (st = dnnl_memory_desc_init_by_strides(&d->s, 3, sd, dnnl_f32, ss)) ||
+      (st = dnnl_memory_desc_init_by_strides(&d->p, 3, sd, dnnl_bf16, ss)) ||
+      (st = dnnl_memory_desc_init_by_strides(&d->v, 3, vd, dnnl_bf16, vs)))
+    return st;
+  return dnnl_memory_desc_init_by_strides(&d->o, 3, od, dnnl_f32, os);
+}
+
+static dnnl_status_t att_prims(blip_k_ws *ws, int Lq, int Lk, int H, int dh, int ldo, const att_mds *d, att_slot **out) {
+  att_cache *a = ws->att;
+  if (!a && !(a = ws->att = calloc(1, sizeof *a))) return dnnl_out_of_memory;
+  for (int i = 0; i < a->n; i++) {
+    att_slot *s = &a->slot[i];
+    if (s->Lq == Lq && s->Lk == Lk && s->H == H && s->dh == dh && s->ldo == ldo) {
+      *out = s;
+      return dnnl_success;
+    }
+  }
+  dnnl_matmul_desc_t m1, m2;
+  dnnl_primitive_desc_t pd1 = NULL, pd2 = NULL;
+  dnnl_primitive_t qk = NULL, pv = NULL;
+  dnnl_status_t st;
+  if ((st = dnnl_matmul_desc_init(&m1, &d->q, &d->k, NULL, &d->s)) || (st = dnnl_matmul_desc_init(&m2, &d->p, &d->v, NULL, &d->o)) ||
+      (st = dnnl_primitive_desc_create(&pd1, &m1, NULL, g_engine, NULL)) ||
+      (st = dnnl_primitive_desc_create(&pd2, &m2, NULL, g_engine, NULL)) || (st = dnnl_primitive_create(&qk, pd1)) ||
+      (st = dnnl_primitive_create(&pv, pd2)))
+    goto done;
+  int i;
+  if (a->n < ATT_SLOTS) {
+    i = a->n++;
+  } else {
+    i = a->next;
+    a->next = (i + 1) % ATT_SLOTS;
+    dnnl_primitive_destroy(a->slot[i].qk);
+    dnnl_primitive_destroy(a->slot[i].pv);
+  }
+  a->slot[i] = (att_slot){Lq, Lk, H, dh, ldo, qk, pv};
+  *out = &a->slot[i];
+  qk = pv = NULL;
+done:
+  if (qk) dnnl_primitive_destroy(qk);
+  if (pv) dnnl_primitive_destroy(pv);
+  if (pd1) dnnl_primitive_desc_destroy(pd1);
+  if (pd2) dnnl_primitive_desc_destroy(pd2);
+  return st;
+}
+
+static void rows_to_bf16(uint16_t *d, const float *s, int rows, int cols, int ld) {
+  for (int i = 0; i < rows; i++) to_bf16(d + (size_t)i * cols, s + (size_t)i * ld, cols);
+}
+
+/* p = bf16(softmax(scale * s + mask)) for one row */
+static void softmax_row_bf16(uint16_t *p, float *s, int n, float scale, const float *mask) {
+  float mx = -INFINITY, sum = 0;
+  if (mask) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) s[j] = s[j] * scale + mask[j];
+  } else {
+#pragma omp simd
+    for (int j = 0; j < n; j++) s[j] *= scale;
+  }
+#pragma omp simd reduction(max : mx)
+  for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < n; j++) {
+    s[j] = exp_approx(s[j] - mx);
+    sum += s[j];
+  }
+  float inv = 1.0f / sum;
+#pragma omp simd
+  for (int j = 0; j < n; j++) {
+    uint32_t u;
+    float f = s[j] * inv;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    p[j] = (uint16_t)(u >> 16);
+  }
+}
+
+int blip_k_attention_bf16(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
+                          int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws) {
+  pthread_once(&g_engine_once, engine_init);
+  if (!g_engine) return blip_err_set(BLIP_EINVAL, "oneDNN: no CPU engine");
+  if (!ws->stream && dnnl_stream_create((dnnl_stream_t *)&ws->stream, g_engine, dnnl_stream_default_flags))
+    return blip_err_set(BLIP_ENOMEM, "oneDNN: cannot create a stream");
+  const int D = heads * dh;
+  const size_t nq = (size_t)Lq * D, nk = (size_t)Lk * D, ns = (size_t)heads * Lq * Lk;
+  const size_t bytes = ((nq + 2 * nk) * 2 + 63) / 64 * 64 + ns * 4 + ns * 2;
+  char *w = ws_get(ws, bytes);
+  if (!w) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %dx%d scores", Lq, Lk);
+  uint16_t *q16 = (uint16_t *)(void *)w, *k16 = q16 + nq, *v16 = k16 + nk;
+  float *S = (float *)(void *)(w + ((nq + 2 * nk) * 2 + 63) / 64 * 64);
+  uint16_t *P = (uint16_t *)(void *)(S + ns);
+  att_mds d;
+  att_slot *slot = NULL;
+  dnnl_status_t st = att_descs(&d, Lq, Lk, heads, dh, ldo);
+  if (!st) st = att_prims(ws, Lq, Lk, heads, dh, ldo, &d, &slot);
+  if (st) return blip_err_set(st == dnnl_out_of_memory ? BLIP_ENOMEM : BLIP_EINVAL, "oneDNN attention %dx%d: status %d", Lq, Lk, (int)st);
+  rows_to_bf16(q16, q, Lq, D, ldq);
+  rows_to_bf16(k16, k, Lk, D, ldk);
+  rows_to_bf16(v16, v, Lk, D, ldv);
+  dnnl_memory_t mq = NULL, mk = NULL, ms = NULL, mp = NULL, mv = NULL, mo = NULL;
+  if ((st = dnnl_memory_create(&mq, &d.q, g_engine, q16)) || (st = dnnl_memory_create(&mk, &d.k, g_engine, k16)) ||
+      (st = dnnl_memory_create(&ms, &d.s, g_engine, S)) || (st = dnnl_memory_create(&mp, &d.p, g_engine, P)) ||
+      (st = dnnl_memory_create(&mv, &d.v, g_engine, v16)) || (st = dnnl_memory_create(&mo, &d.o, g_engine, out)))
+    goto done;
+  dnnl_exec_arg_t a1[3] = {{DNNL_ARG_SRC, mq}, {DNNL_ARG_WEIGHTS, mk}, {DNNL_ARG_DST, ms}};
+  dnnl_exec_arg_t a2[3] = {{DNNL_ARG_SRC, mp}, {DNNL_ARG_WEIGHTS, mv}, {DNNL_ARG_DST, mo}};
+  if ((st = dnnl_primitive_execute(slot->qk, ws->stream, 3, a1)) || (st = dnnl_stream_wait(ws->stream))) goto done;
+  const long rows = (long)heads * Lq;
+#pragma omp parallel for if (rows * Lk > 32768)
+  for (long r = 0; r < rows; r++) softmax_row_bf16(P + (size_t)r * Lk, S + (size_t)r * Lk, Lk, scale, mask_add);
+  if (!(st = dnnl_primitive_execute(slot->pv, ws->stream, 3, a2))) st = dnnl_stream_wait(ws->stream);
+done:
+  if (mq) dnnl_memory_destroy(mq);
+  if (mk) dnnl_memory_destroy(mk);
+  if (ms) dnnl_memory_destroy(ms);
+  if (mp) dnnl_memory_destroy(mp);
+  if (mv) dnnl_memory_destroy(mv);
+  if (mo) dnnl_memory_destroy(mo);
+  if (st) return blip_err_set(st == dnnl_out_of_memory ? BLIP_ENOMEM : BLIP_EINVAL, "oneDNN attention %dx%d: status %d", Lq, Lk, (int)st);
+  return BLIP_OK;
 }

@@ -31,6 +31,7 @@ typedef struct {
   void *p;
   size_t cap;
   void *stream; /* the oneDNN stream the model's layers run on */
+  void *att;    /* blip_k_attention_bf16's primitive cache */
 } blip_k_ws;
 void blip_k_ws_free(blip_k_ws *ws);
 
@@ -86,6 +87,13 @@ void blip_k_l2norm(float *x, int rows, int cols);
  * pages); ws NULL allocates them for this call. */
 int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
                      int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
+
+/* The same attention with bf16 operands: q, k, v and the softmax
+ * probabilities are rounded to bf16; scores, softmax and accumulation stay
+ * f32. All heads go through two batched oneDNN matmuls. ws is required
+ * (converted operands, scores, and the primitives per shape). */
+int blip_k_attention_bf16(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
+                          int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
 
 /* Vectorizable scalar functions, exposed for tests. */
 float blip_k_expf(float x);

@@ -410,6 +410,15 @@ static float *arena(blip_model *m, size_t nfloats) {
   return m->arena;
 }
 
+/* Self-attention in the model's precision: f32 per head, or bf16 operands
+ * (f32 softmax and accumulation) for the bf16 and int8 models. */
+static int self_attn(blip_model *m, float *out, int ldo, const float *q, const float *k, const float *v, int ld, int L, int H,
+                     int dh, float scale, const float *mask_add) {
+  if (m->opts.precision == BLIP_PREC_F32)
+    return blip_k_attention(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
+  return blip_k_attention_bf16(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
+}
+
 #define TRY(x) do { if ((rc = (x)) != BLIP_OK) goto done; } while (0)
 
 /* ---------- vision ---------- */
@@ -455,7 +464,7 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
     TRY(blip_k_linear_fwd(qkv, h, &L->qkv, M));
     for (int b = 0; b < n; b++) {
       const float *q = qkv + (size_t)b * T * 3 * D;
-      TRY(blip_k_attention(att + (size_t)b * T * D, D, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, NULL, &m->ws));
+      TRY(self_attn(m, att + (size_t)b * T * D, D, q, q + D, q + 2 * D, 3 * D, T, H, dh, scale, NULL));
     }
     TRY(blip_k_linear_fwd_ex(x, att, &L->proj, M, BLIP_K_ACCUM));
     blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
@@ -549,7 +558,7 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
     TRY(blip_k_linear_fwd(v, x, &Ly->v, M));
     for (int r = 0; r < rows; r++) {
       size_t o = (size_t)r * L * D;
-      TRY(blip_k_attention(att + o, D, q + o, D, k + o, D, v + o, D, L, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL, &m->ws));
+      TRY(self_attn(m, att + o, D, q + o, k + o, v + o, D, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
     }
     TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
     blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
