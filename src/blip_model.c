@@ -4,11 +4,15 @@
  * Invariants:
  * - Every weight pointer is either into the safetensors mmap (F32 tensors
  *   at 4-byte aligned offsets: zero copy) or into a buffer listed in
- *   m->owned (converted F16/BF16, random weights, repacked layers).
+ *   m->owned (converted F16/BF16, random weights).
+ * - After bind_all, pack_all converts the GEMM layers to the precision's
+ *   packed form (blip_k_linear.packed) and releases their f32 weights
+ *   (l->w = NULL): packed layers never read w again.
  * - All shapes are checked against the config at load; forward passes
  *   trust them.
- * - Scratch memory is one growing arena per context, so a context is not
- *   thread-safe but repeated calls do not allocate. */
+ * - Scratch memory is one growing arena per context plus the packed
+ *   layers' workspace (m->ws), so a context is not thread-safe but
+ *   repeated calls do not allocate. */
 #include "blip_model.h"
 #include "blip_err.h"
 #include "blip_kern.h"
