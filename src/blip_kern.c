@@ -28,8 +28,9 @@ int blip_k_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A
 
 /* The scalar kernels are static inline so that loops vectorize them
  * without relying on simd clones. Clamps are comparisons, not fminf/fmaxf:
- * those keep NaN semantics that make gcc call libm without -ffast-math. */
-/* exp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf
+ * those keep NaN semantics that make gcc call libm without -ffast-math.
+ *
+ * exp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf
  * coefficients), 2^n built in the exponent bits. Inputs are clamped so the
  * result stays finite; below -87 it flushes to ~0 (softmax-safe). */
 static inline float exp_approx(float x) {
@@ -88,7 +89,7 @@ typedef struct {
 
 struct blip_k_packed {
   blip_k_prec prec;
-  int in, out;
+  int in, out, has_bias;
   dnnl_memory_desc_t wmd; /* the blocked layout oneDNN chose for the weights */
   void *w;                /* packed weights */
   size_t wbytes;
@@ -129,7 +130,7 @@ static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnn
   else if ((st = dnnl_memory_desc_init_by_tag(&w, 2, wd, q8 ? dnnl_s8 : src_type(p->prec), dnnl_format_tag_any)))
     return st;
   dnnl_matmul_desc_t md;
-  if ((st = dnnl_matmul_desc_init(&md, &s, &w, q8 ? NULL : &b, &d))) return st;
+  if ((st = dnnl_matmul_desc_init(&md, &s, &w, (q8 || !p->has_bias) ? NULL : &b, &d))) return st;
   dnnl_primitive_attr_t attr = NULL;
   dnnl_post_ops_t po = NULL;
   if ((st = dnnl_primitive_attr_create(&attr)) || (st = dnnl_post_ops_create(&po))) goto done;
@@ -293,6 +294,7 @@ int blip_k_linear_pack(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws) {
   blip_k_packed *p = calloc(1, sizeof *p);
   if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory packing a %dx%d layer", l->out, l->in);
   p->prec = prec;
+  p->has_bias = l->b != NULL;
   p->in = l->in;
   p->out = l->out;
   p->ws = ws;

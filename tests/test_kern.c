@@ -80,8 +80,9 @@ static float bf16_round(float f) { /* round to nearest even, independently of th
  * double reference computed on the same rounded/quantized operands:
  * f32 exact inputs; bf16 inputs and weights rounded to bf16; int8 the
  * weights and rows quantized by the (separately tested) quantizers. */
-static void test_packed(blip_k_prec prec, int M, int in, int out, int flags) {
+static void test_packed(blip_k_prec prec, int M, int in, int out, int flags, int bias) {
   float *x = rnd((long)M * in, 2), *w = rnd((long)out * in, 0.3f), *b = rnd(out, 1);
+  if (!bias) memset(b, 0, sizeof(float) * out); /* the reference adds zeros; the layer gets NULL */
   float *y = rnd((long)M * out, 1), *r = malloc(sizeof(float) * M * out);
   double *xd = malloc(sizeof(double) * M * in), *wd = malloc(sizeof(double) * out * in);
   for (int i = 0; i < M; i++) x[(long)i * in + i % in] += 4.0f; /* a positive outlier per row */
@@ -109,15 +110,15 @@ static void test_packed(blip_k_prec prec, int M, int in, int out, int flags) {
       r[(long)i * out + o] = (float)((flags & BLIP_K_ACCUM) ? y[(long)i * out + o] + s : s);
     }
   blip_k_ws ws = {0};
-  blip_k_linear l = {.in = in, .out = out, .w = w, .b = b};
+  blip_k_linear l = {.in = in, .out = out, .w = w, .b = bias ? b : NULL};
   CHECK(blip_k_linear_pack(&l, prec, &ws) == 0, "pack: %s", blip_err_last());
   for (int rep = 0; rep < 2; rep++) { /* the second call reuses the cached primitive */
     float *yy = malloc(sizeof(float) * M * out);
     memcpy(yy, y, sizeof(float) * M * out);
     CHECK(blip_k_linear_fwd_ex(yy, x, &l, M, flags) == 0, "packed fwd: %s", blip_err_last());
     char label[80];
-    snprintf(label, sizeof label, "packed %s %dx%d->%d%s%s #%d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8",
-             M, in, out, flags & BLIP_K_GELU ? " gelu" : "", flags & BLIP_K_ACCUM ? " accum" : "", rep);
+    snprintf(label, sizeof label, "packed %s %dx%d->%d%s%s%s #%d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8",
+             M, in, out, bias ? "+b" : "", flags & BLIP_K_GELU ? " gelu" : "", flags & BLIP_K_ACCUM ? " accum" : "", rep);
     /* f32 accumulation of in terms; the quantized paths are exact on their operands up to f32 rounding */
     check_tensor(label, yy, r, (long)M * out, 1e-5 * sqrt(in));
     free(yy);
@@ -275,10 +276,11 @@ int main(void) {
   test_linear(19, 33, 2, 0);
   test_quant();
   for (int p = BLIP_K_F32; p <= BLIP_K_INT8; p++) {
-    test_packed(p, 1, 7, 3, 0);
-    test_packed(p, 37, 97, 131, BLIP_K_GELU);
-    test_packed(p, 19, 65, 33, BLIP_K_ACCUM);
-    test_packed(p, 45, 129, 61, BLIP_K_GELU | BLIP_K_ACCUM);
+    test_packed(p, 1, 7, 3, 0, 1);
+    test_packed(p, 37, 97, 131, BLIP_K_GELU, 1);
+    test_packed(p, 19, 65, 33, BLIP_K_ACCUM, 0);
+    test_packed(p, 45, 129, 61, BLIP_K_GELU | BLIP_K_ACCUM, 1);
+    test_packed(p, 3, 50, 17, BLIP_K_GELU, 0);
   }
   test_layernorm(1, 7);
   test_layernorm(53, 771);
