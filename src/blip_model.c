@@ -5,9 +5,9 @@
  * - Every weight pointer is either into the safetensors mmap (F32 tensors
  *   at 4-byte aligned offsets: zero copy) or into a buffer listed in
  *   m->owned (converted F16/BF16, random weights).
- * - After bind_all, pack_all converts the GEMM layers to the precision's
- *   packed form (blip_k_linear.packed) and releases their f32 weights
- *   (l->w = NULL): packed layers never read w again.
+ * - bind_all converts each layer's GEMMs to the precision's packed form
+ *   (blip_k_linear.packed) as soon as the layer is bound, and releases
+ *   their f32 weights (l->w = NULL): packed layers never read w again.
  * - All shapes are checked against the config at load; forward passes
  *   trust them.
  * - Scratch memory is one growing arena per context plus the packed
@@ -164,6 +164,50 @@ static int bind_ln(blip_model *m, ln_w *l, const char *prefix, int n) {
   return bind_vec(m, name, n, &l->b);
 }
 
+/* After packing, the f32 copy of a layer is dead: free it when we own it,
+ * or drop its pages from the mmap (they are re-read from the file if ever
+ * touched, which the forward pass does not do). */
+static void release_f32(blip_model *m, blip_k_linear *l) {
+  for (int i = 0; i < m->n_owned; i++)
+    if (m->owned[i] == l->w) {
+      free(m->owned[i]);
+      m->owned[i] = NULL;
+      l->w = NULL;
+      return;
+    }
+  const long pg = sysconf(_SC_PAGESIZE);
+  uintptr_t a = (uintptr_t)l->w, e = a + (size_t)l->in * l->out * sizeof(float);
+  a = (a + pg - 1) & ~(uintptr_t)(pg - 1);
+  e &= ~(uintptr_t)(pg - 1);
+  if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
+  l->w = NULL;
+}
+
+/* Pack the GEMM-heavy layers for the chosen precision, one layer as soon
+ * as it is bound, so that at most one layer's f32 staging copy is alive
+ * besides the packed weights. Kept in f32 and why: the patch embedding
+ * (raw pixels in, 0.6% of the vision FLOPs, f32 packed); the
+ * cross-attention key/value (the reassociated ITM multiplies by their
+ * per-head slices in f32); the three heads (one row per call). */
+static int pack_list(blip_model *m, blip_k_linear **ls, int n, blip_k_prec prec) {
+  for (int j = 0; j < n; j++) {
+    int rc = blip_k_linear_pack(ls[j], prec, &m->ws);
+    if (rc) return rc;
+    release_f32(m, ls[j]);
+  }
+  return BLIP_OK;
+}
+
+static int pack_vis_layer(blip_model *m, vis_layer *L) {
+  blip_k_linear *ls[4] = {&L->qkv, &L->proj, &L->fc1, &L->fc2};
+  return pack_list(m, ls, 4, (blip_k_prec)m->opts.precision);
+}
+
+static int pack_txt_layer(blip_model *m, txt_layer *L) {
+  blip_k_linear *ls[8] = {&L->q, &L->k, &L->v, &L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2};
+  return pack_list(m, ls, 8, (blip_k_prec)m->opts.precision);
+}
+
 static int bind_all(blip_model *m) {
   const blip_cfg *c = &m->cfg;
   const int Dv = c->v_hidden, Dt = c->t_hidden, p = c->patch;
@@ -178,13 +222,16 @@ static int bind_all(blip_model *m) {
       return rc;
     m->patch.in = 3 * p * p;
     m->patch.out = Dv;
+    blip_k_linear *pl = &m->patch;
+    if ((rc = pack_list(m, &pl, 1, BLIP_K_F32))) return rc;
   }
   for (int i = 0; i < c->v_layers; i++) {
     vis_layer *L = &m->vl[i];
 #define VP(s) (snprintf(pre, sizeof pre, "vision_model.encoder.layers.%d.%s", i, s), pre)
     if ((rc = bind_ln(m, &L->ln1, VP("layer_norm1"), Dv)) || (rc = bind_lin(m, &L->qkv, VP("self_attn.qkv"), 3 * Dv, Dv)) ||
         (rc = bind_lin(m, &L->proj, VP("self_attn.projection"), Dv, Dv)) || (rc = bind_ln(m, &L->ln2, VP("layer_norm2"), Dv)) ||
-        (rc = bind_lin(m, &L->fc1, VP("mlp.fc1"), c->v_mlp, Dv)) || (rc = bind_lin(m, &L->fc2, VP("mlp.fc2"), Dv, c->v_mlp)))
+        (rc = bind_lin(m, &L->fc1, VP("mlp.fc1"), c->v_mlp, Dv)) || (rc = bind_lin(m, &L->fc2, VP("mlp.fc2"), Dv, c->v_mlp)) ||
+        (rc = pack_vis_layer(m, L)))
       return rc;
 #undef VP
   }
@@ -212,7 +259,7 @@ static int bind_all(blip_model *m) {
         (rc = bind_ln(m, &L->ln_cross, TP("crossattention.output.LayerNorm"), Dt)) ||
         (rc = bind_lin(m, &L->ffn1, TP("intermediate.dense"), c->t_mlp, Dt)) ||
         (rc = bind_lin(m, &L->ffn2, TP("output.dense"), Dt, c->t_mlp)) ||
-        (rc = bind_ln(m, &L->ln_ffn, TP("output.LayerNorm"), Dt)))
+        (rc = bind_ln(m, &L->ln_ffn, TP("output.LayerNorm"), Dt)) || (rc = pack_txt_layer(m, L)))
       return rc;
 #undef TP
   }
@@ -267,47 +314,6 @@ static int all_linears(blip_model *m, blip_k_linear **out) {
 }
 
 static int n_linears(const blip_cfg *c) { return 4 + 4 * c->v_layers + 10 * c->t_layers; }
-
-/* After packing, the f32 copy of a layer is dead: free it when we own it,
- * or drop its pages from the mmap (they are re-read from the file if ever
- * touched, which the forward pass does not do). */
-static void release_f32(blip_model *m, blip_k_linear *l) {
-  for (int i = 0; i < m->n_owned; i++)
-    if (m->owned[i] == l->w) {
-      free(m->owned[i]);
-      m->owned[i] = NULL;
-      l->w = NULL;
-      return;
-    }
-  const long pg = sysconf(_SC_PAGESIZE);
-  uintptr_t a = (uintptr_t)l->w, e = a + (size_t)l->in * l->out * sizeof(float);
-  a = (a + pg - 1) & ~(uintptr_t)(pg - 1);
-  e &= ~(uintptr_t)(pg - 1);
-  if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
-  l->w = NULL;
-}
-
-/* Pack the GEMM-heavy layers for the chosen precision. Kept in f32 and
- * why: the patch embedding (raw pixels in, 0.6% of the vision FLOPs, f32
- * packed); the cross-attention key/value (the reassociated ITM multiplies
- * by their per-head slices in f32); the three heads (one row per call). */
-static int pack_all(blip_model *m) {
-  const blip_k_prec prec = (blip_k_prec)m->opts.precision;
-  int rc = blip_k_linear_pack(&m->patch, BLIP_K_F32, &m->ws);
-  if (!rc) release_f32(m, &m->patch);
-  for (int i = 0; !rc && i < m->cfg.v_layers; i++) {
-    blip_k_linear *ls[4] = {&m->vl[i].qkv, &m->vl[i].proj, &m->vl[i].fc1, &m->vl[i].fc2};
-    for (int j = 0; !rc && j < 4; j++)
-      if (!(rc = blip_k_linear_pack(ls[j], prec, &m->ws))) release_f32(m, ls[j]);
-  }
-  for (int i = 0; !rc && i < m->cfg.t_layers; i++) {
-    txt_layer *L = &m->tl[i];
-    blip_k_linear *ls[8] = {&L->q, &L->k, &L->v, &L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2};
-    for (int j = 0; !rc && j < 8; j++)
-      if (!(rc = blip_k_linear_pack(ls[j], prec, &m->ws))) release_f32(m, ls[j]);
-  }
-  return rc;
-}
 
 void blip_model_free(blip_model *m) {
   if (!m) return;
@@ -372,8 +378,7 @@ int blip_model_load(const char *dir, const blip_model_opts *opts, blip_model **o
     rc = blip_err_wrap(rc, "%s", path);
     goto fail;
   }
-  make_fingerprint(m); /* before packing releases mmap pages it samples */
-  if ((rc = pack_all(m))) goto fail;
+  make_fingerprint(m); /* reads the file: released mmap pages come back from it */
   *out = m;
   return BLIP_OK;
 fail:
@@ -387,7 +392,7 @@ int blip_model_random(const blip_cfg *cfg, const blip_model_opts *opts, uint64_t
   int rc = model_new(cfg, opts, &m);
   if (rc) return rc;
   m->seed = seed;
-  if ((rc = bind_all(m)) || (rc = pack_all(m))) {
+  if ((rc = bind_all(m))) {
     blip_model_free(m);
     return rc;
   }

@@ -281,6 +281,7 @@ int main(void) {
     test_packed(p, 19, 65, 33, BLIP_K_ACCUM, 0);
     test_packed(p, 45, 129, 61, BLIP_K_GELU | BLIP_K_ACCUM, 1);
     test_packed(p, 3, 50, 17, BLIP_K_GELU, 0);
+    test_packed(p, 1601, 40, 24, BLIP_K_GELU | BLIP_K_ACCUM, 1); /* 3 row chunks */
   }
   test_layernorm(1, 7);
   test_layernorm(53, 771);
