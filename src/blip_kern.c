@@ -114,6 +114,10 @@ static int dnnl_fail(dnnl_status_t s, const char *what, const blip_k_packed *p, 
 
 static dnnl_data_type_t src_type(blip_k_prec p) { return p == BLIP_K_F32 ? dnnl_f32 : p == BLIP_K_BF16 ? dnnl_bf16 : dnnl_u8; }
 
+/* Internal flags of packed bf16 layers: the input is already bf16, or the
+ * output is written as bf16 (for blip_k_mlp's fc1 -> fc2 hand-off). */
+enum { SRC_BF16 = 4, DST_BF16 = 8 };
+
 /* The matmul for this layer at M rows; wmd NULL lets oneDNN choose the
  * weight layout (used once, at pack time). */
 static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnnl_memory_desc_t *wmd,
@@ -124,7 +128,7 @@ static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnn
   dnnl_status_t st;
   if ((st = dnnl_memory_desc_init_by_tag(&s, 2, sd, src_type(p->prec), dnnl_ab)) ||
       (st = dnnl_memory_desc_init_by_tag(&b, 2, bd, dnnl_f32, dnnl_ab)) ||
-      (st = dnnl_memory_desc_init_by_tag(&d, 2, dd, q8 ? dnnl_s32 : dnnl_f32, dnnl_ab)))
+      (st = dnnl_memory_desc_init_by_tag(&d, 2, dd, q8 ? dnnl_s32 : (flags & DST_BF16) ? dnnl_bf16 : dnnl_f32, dnnl_ab)))
     return st;
   if (wmd) w = *wmd;
   else if ((st = dnnl_memory_desc_init_by_tag(&w, 2, wd, q8 ? dnnl_s8 : src_type(p->prec), dnnl_format_tag_any)))
@@ -373,11 +377,11 @@ static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t
 #undef DQ
 }
 
-static int packed_rows(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
+static int packed_rows(void *out, const void *in, const blip_k_linear *l, int M, int flags) {
   blip_k_packed *p = l->packed;
   const int K = p->in, N = p->out;
   const size_t qbytes = ((size_t)M * K * (p->prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
-  size_t need = p->prec == BLIP_K_F32 ? 0 : qbytes;
+  size_t need = (p->prec == BLIP_K_F32 || (flags & SRC_BF16)) ? 0 : qbytes;
   if (p->prec == BLIP_K_INT8) need += (size_t)M * 8 + ((flags & BLIP_K_ACCUM) ? (size_t)M * N * 4 : 0);
   char *w = need ? ws_get(p->ws, need) : NULL;
   if (need && !w) return blip_err_set(BLIP_ENOMEM, "out of memory for a %dx%d activation", M, K);
@@ -386,16 +390,17 @@ static int packed_rows(float *out, const float *in, const blip_k_linear *l, int 
   if (rc) return rc;
   const void *src = in;
   float *rs = NULL;
-  int32_t *zp = NULL, *acc = (int32_t *)(void *)out;
-  if (p->prec == BLIP_K_BF16) {
+  int32_t *zp = NULL, *acc = out;
+  if (p->prec == BLIP_K_BF16 && !(flags & SRC_BF16)) {
     to_bf16((uint16_t *)(void *)w, in, (long)M * K);
     src = w;
   } else if (p->prec == BLIP_K_INT8) {
     rs = (float *)(void *)(w + qbytes);
     zp = (int32_t *)(void *)(rs + M);
     if (flags & BLIP_K_ACCUM) acc = zp + M;
+    const float *x = in;
 #pragma omp parallel for if ((long)M * K > 32768)
-    for (int i = 0; i < M; i++) blip_k_quant_row((uint8_t *)w + (size_t)i * K, &rs[i], &zp[i], in + (size_t)i * K, K);
+    for (int i = 0; i < M; i++) blip_k_quant_row((uint8_t *)w + (size_t)i * K, &rs[i], &zp[i], x + (size_t)i * K, K);
     src = w;
   }
   dnnl_memory_desc_t smd, dmd, bmd;
@@ -403,7 +408,7 @@ static int packed_rows(float *out, const float *in, const blip_k_linear *l, int 
   dnnl_memory_t ms = NULL, mw = NULL, mb = NULL, md = NULL;
   dnnl_status_t st;
   if ((st = dnnl_memory_desc_init_by_tag(&smd, 2, sd, src_type(p->prec), dnnl_ab)) ||
-      (st = dnnl_memory_desc_init_by_tag(&dmd, 2, dd, p->prec == BLIP_K_INT8 ? dnnl_s32 : dnnl_f32, dnnl_ab)) ||
+      (st = dnnl_memory_desc_init_by_tag(&dmd, 2, dd, p->prec == BLIP_K_INT8 ? dnnl_s32 : (flags & DST_BF16) ? dnnl_bf16 : dnnl_f32, dnnl_ab)) ||
       (st = dnnl_memory_desc_init_by_tag(&bmd, 2, bd, dnnl_f32, dnnl_ab)) ||
       (st = dnnl_memory_create(&ms, &smd, g_engine, (void *)src)) || (st = dnnl_memory_create(&mw, &p->wmd, g_engine, p->w)) ||
       (st = dnnl_memory_create(&mb, &bmd, g_engine, (void *)l->b)) || (st = dnnl_memory_create(&md, &dmd, g_engine, acc)))
@@ -420,9 +425,10 @@ done:
   if (md) dnnl_memory_destroy(md);
   if (st) return dnnl_fail(st, "matmul", p, M);
   if (p->prec == BLIP_K_INT8) {
+    float *y = out;
 #pragma omp parallel for if ((long)M * N > 32768)
     for (int i = 0; i < M; i++)
-      dequant_row(out + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, l->b ? l->b : p->zeros, flags);
+      dequant_row(y + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, l->b ? l->b : p->zeros, flags);
   }
   return BLIP_OK;
 }
@@ -433,11 +439,33 @@ done:
  * the workspace stays at one chunk's size. */
 #define PACKED_CHUNK 768
 
+static int chunk_rows(int M) {
+  const int chunks = (M + PACKED_CHUNK - 1) / PACKED_CHUNK;
+  return (M + chunks - 1) / chunks;
+}
+
 static int packed_fwd(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
-  const int chunks = (M + PACKED_CHUNK - 1) / PACKED_CHUNK, rows = (M + chunks - 1) / chunks;
+  const int rows = chunk_rows(M);
   for (int r0 = 0; r0 < M; r0 += rows) {
     int n = M - r0 < rows ? M - r0 : rows;
     int rc = packed_rows(out + (size_t)r0 * l->out, in + (size_t)r0 * l->in, l, n, flags);
+    if (rc) return rc;
+  }
+  return BLIP_OK;
+}
+
+int blip_k_mlp(float *x, const float *h, const blip_k_linear *fc1, const blip_k_linear *fc2, int M, float *mid) {
+  const int bf = fc1->packed && fc2->packed && fc1->packed->prec == BLIP_K_BF16 && fc2->packed->prec == BLIP_K_BF16;
+  if (!bf) {
+    int rc = blip_k_linear_fwd_ex(mid, h, fc1, M, BLIP_K_GELU);
+    return rc ? rc : blip_k_linear_fwd_ex(x, mid, fc2, M, BLIP_K_ACCUM);
+  }
+  /* per row chunk: fc1 writes bf16 into mid, which fc2 reads while it is in cache */
+  const int rows = chunk_rows(M);
+  for (int r0 = 0; r0 < M; r0 += rows) {
+    int n = M - r0 < rows ? M - r0 : rows;
+    int rc = packed_rows(mid, h + (size_t)r0 * fc1->in, fc1, n, BLIP_K_GELU | DST_BF16);
+    if (!rc) rc = packed_rows(x + (size_t)r0 * fc2->out, mid, fc2, n, BLIP_K_ACCUM | SRC_BF16);
     if (rc) return rc;
   }
   return BLIP_OK;

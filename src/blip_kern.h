@@ -67,6 +67,10 @@ int blip_k_linear_fwd(float *out, const float *in, const blip_k_linear *l, int M
  * adds the result to what out holds (the residual). GELU comes first. */
 enum { BLIP_K_GELU = 1, BLIP_K_ACCUM = 2 };
 int blip_k_linear_fwd_ex(float *out, const float *in, const blip_k_linear *l, int M, int flags);
+/* Transformer MLP with residual: x += fc2(GELU(fc1(h))); h may be x. mid
+ * is scratch [M, fc1->out] floats. When both layers are packed bf16, fc1's output
+ * goes to fc2 in bf16, chunk by chunk (no f32 round trip, no conversion). */
+int blip_k_mlp(float *x, const float *h, const blip_k_linear *fc1, const blip_k_linear *fc2, int M, float *mid);
 
 /* out = LayerNorm(in) over rows of N (out may equal in). */
 void blip_k_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps);

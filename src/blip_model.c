@@ -477,8 +477,7 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
     }
     TRY(blip_k_linear_fwd_ex(x, att, &L->proj, M, BLIP_K_ACCUM));
     blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
-    TRY(blip_k_linear_fwd_ex(mlp, h, &L->fc1, M, BLIP_K_GELU));
-    TRY(blip_k_linear_fwd_ex(x, mlp, &L->fc2, M, BLIP_K_ACCUM));
+    TRY(blip_k_mlp(x, h, &L->fc1, &L->fc2, M, mlp));
   }
   blip_k_layernorm(x, x, m->post_ln.g, m->post_ln.b, M, D, c->v_eps);
   if (embeds) memcpy(embeds, x, (size_t)M * D * sizeof(float));
@@ -587,8 +586,7 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
       TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
       blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
     }
-    TRY(blip_k_linear_fwd_ex(ff, x, &Ly->ffn1, M, BLIP_K_GELU));
-    TRY(blip_k_linear_fwd_ex(x, ff, &Ly->ffn2, M, BLIP_K_ACCUM));
+    TRY(blip_k_mlp(x, x, &Ly->ffn1, &Ly->ffn2, M, ff));
     blip_k_layernorm(x, x, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
   }
   (void)Dx;
