@@ -511,41 +511,37 @@ static void text_embed(const blip_model *m, float *x, const int32_t *ids, int ro
   blip_k_layernorm(x, x, m->emb_ln.g, m->emb_ln.b, rows * L, D, m->cfg.t_eps);
 }
 
-/* Reassociated cross-attention for one sequence (see blip-reference.md):
+/* Reassociated cross-attention (see blip-reference.md), for `rows`
+ * sequences of Lq queries, row r attending to image tokens X_r [T, Dx]:
  * scores_h = (q_h Wk_h) X^T (the key bias adds a per-row constant, which
  * softmax cancels), out_h = (P_h X) Wv_h^T + bv_h (rows of P sum to 1).
- * The image tokens X are never projected. The two products with X are
- * done for all heads at once ([H*Lq, Dx] x X^T, [H*Lq, T] x X): one
- * threaded GEMM each instead of H small single-threaded ones. */
-static int cross_attn_reassoc(float *out, const float *q, int Lq, const float *X, int T, const blip_k_linear *ck,
-                              const blip_k_linear *cv, int H, int dh, float scale, float *scr) {
-  const int Dt = H * dh, Dx = ck->in, R = H * Lq;
-  float *A = scr, *P = A + (size_t)R * Dx, *C = P + (size_t)R * T; /* row h*Lq + i belongs to head h */
+ * The image tokens are never projected. The products with the weights
+ * run once per head over all rows (threaded GEMMs with M = rows*Lq); the
+ * products with X run per sequence for all heads at once ([H*Lq, Dx] x
+ * X^T, then [H*Lq, T] x X). Between the two, per-head blocks are
+ * gathered/scattered: scr holds AC [H][rows*Lq][Dx], then A_r, P_r, C_r. */
+static int cross_attn_reassoc(float *out, const float *q, int rows, int Lq, const float *const *images, int T,
+                              const blip_k_linear *ck, const blip_k_linear *cv, int H, int dh, float scale, float *scr) {
+  const int Dt = H * dh, Dx = ck->in, R = H * Lq, M = rows * Lq;
+  float *AC = scr, *A = AC + (size_t)H * M * Dx, *P = A + (size_t)R * Dx, *C = P + (size_t)R * T;
+  const size_t blk = (size_t)Lq * Dx; /* one head's block of one sequence */
   int rc = BLIP_OK;
-#pragma omp parallel for schedule(static)
-  for (int h = 0; h < H; h++) {
-    int e = blip_k_gemm(0, 0, Lq, Dx, dh, scale, q + h * dh, Dt, ck->w + (size_t)h * dh * Dx, Dx, 0.0f, A + (size_t)h * Lq * Dx, Dx);
-    if (e) {
-#pragma omp atomic write
-      rc = e;
-    }
+  for (int h = 0; h < H && !rc; h++) /* AC[h] = scale q_h Wk_h */
+    rc = blip_k_gemm(0, 0, M, Dx, dh, scale, q + h * dh, Dt, ck->w + (size_t)h * dh * Dx, Dx, 0.0f, AC + (size_t)h * M * Dx, Dx);
+  for (int r = 0; r < rows && !rc; r++) {
+    for (int h = 0; h < H; h++) memcpy(A + h * blk, AC + ((size_t)h * rows + r) * blk, blk * sizeof(float));
+    if ((rc = blip_k_gemm(0, 1, R, T, Dx, 1.0f, A, Dx, images[r], Dx, 0.0f, P, T))) break;
+    blip_k_softmax(P, R, T);
+    if ((rc = blip_k_gemm(0, 0, R, Dx, T, 1.0f, P, T, images[r], Dx, 0.0f, C, Dx))) break;
+    for (int h = 0; h < H; h++) memcpy(AC + ((size_t)h * rows + r) * blk, C + h * blk, blk * sizeof(float));
   }
+  for (int h = 0; h < H && !rc; h++) /* out_h = C_h Wv_h^T, all rows */
+    rc = blip_k_gemm(0, 1, M, dh, Dx, 1.0f, AC + (size_t)h * M * Dx, Dx, cv->w + (size_t)h * dh * Dx, Dx, 0.0f, out + h * dh, Dt);
   if (rc) return rc;
-  if ((rc = blip_k_gemm(0, 1, R, T, Dx, 1.0f, A, Dx, X, Dx, 0.0f, P, T))) return rc;
-  blip_k_softmax(P, R, T);
-  if ((rc = blip_k_gemm(0, 0, R, Dx, T, 1.0f, P, T, X, Dx, 0.0f, C, Dx))) return rc;
-#pragma omp parallel for schedule(static)
-  for (int h = 0; h < H; h++) {
-    int e = blip_k_gemm(0, 1, Lq, dh, Dx, 1.0f, C + (size_t)h * Lq * Dx, Dx, cv->w + (size_t)h * dh * Dx, Dx, 0.0f, out + h * dh, Dt);
-    if (!e)
-      for (int i = 0; i < Lq; i++)
-        for (int j = 0; j < dh; j++) out[(size_t)i * Dt + h * dh + j] += cv->b[h * dh + j];
-    if (e) {
-#pragma omp atomic write
-      rc = e;
-    }
-  }
-  return rc;
+#pragma omp parallel for if ((long)M * Dt > 32768)
+  for (int i = 0; i < M; i++)
+    for (int j = 0; j < Dt; j++) out[(size_t)i * Dt + j] += cv->b[j];
+  return BLIP_OK;
 }
 
 /* BERT encoder over `rows` sequences of length L, x in/out [rows*L, Dt].
@@ -572,11 +568,10 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
     blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
     if (images) {
       TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
-      for (int r = 0; r < rows; r++) {
+      if (fast) TRY(cross_attn_reassoc(att, q, rows, L, images, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
+      for (int r = 0; r < rows && !fast; r++) {
         size_t o = (size_t)r * L * D;
-        if (fast) {
-          TRY(cross_attn_reassoc(att + o, q + o, L, images[r], T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
-        } else {
+        {
           float *ik = ff, *iv = ff + (size_t)T * D;
           TRY(blip_k_linear_fwd(ik, images[r], &Ly->ck, T));
           TRY(blip_k_linear_fwd(iv, images[r], &Ly->cv, T));
@@ -599,7 +594,7 @@ static size_t text_scratch(const blip_cfg *c, int rows, int L, int images) {
   size_t M = (size_t)rows * L, D = c->t_hidden, T = c->v_tokens, Dx = c->t_enc_hidden;
   size_t ff = M * c->t_mlp;
   if (images) {
-    size_t kv = 2 * T * D, re = (size_t)c->t_heads * (L * Dx * 2 + (size_t)L * T);
+    size_t kv = 2 * T * D, re = (size_t)c->t_heads * (M * Dx + L * Dx * 2 + (size_t)L * T);
     if (kv > ff) ff = kv;
     if (re > ff) ff = re;
   }
