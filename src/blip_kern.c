@@ -187,10 +187,12 @@ static void *ws_get(blip_k_ws *ws, size_t bytes) {
 }
 
 static void att_cache_free(void *c);
+static void gemm_cache_free(void *c);
 
 void blip_k_ws_free(blip_k_ws *ws) {
   free(ws->p);
   att_cache_free(ws->att);
+  gemm_cache_free(ws->gemm);
   if (ws->stream) dnnl_stream_destroy(ws->stream);
   memset(ws, 0, sizeof *ws);
 }
@@ -763,5 +765,86 @@ done:
   if (mv) dnnl_memory_destroy(mv);
   if (mo) dnnl_memory_destroy(mo);
   if (st) return blip_err_set(st == dnnl_out_of_memory ? BLIP_ENOMEM : BLIP_EINVAL, "oneDNN attention %dx%d: status %d", Lq, Lk, (int)st);
+  return BLIP_OK;
+}
+
+/* ---------- bf16 GEMM with cached primitives ---------- */
+
+#define GEMM_SLOTS 8
+
+typedef struct {
+  int tb, M, N, K, lda, ldb, ldc;
+  dnnl_primitive_t prim;
+} gemm_slot;
+
+typedef struct {
+  gemm_slot slot[GEMM_SLOTS];
+  int n, next;
+} gemm_cache;
+
+static void gemm_cache_free(void *c) {
+  gemm_cache *g = c;
+  if (!g) return;
+  for (int i = 0; i < g->n; i++) dnnl_primitive_destroy(g->slot[i].prim);
+  free(g);
+}
+
+void blip_k_to_bf16(uint16_t *dst, const float *src, long n) { to_bf16(dst, src, n); }
+
+static dnnl_status_t gemm_mds(int tb, int M, int N, int K, int lda, int ldb, int ldc, dnnl_memory_desc_t *a, dnnl_memory_desc_t *b,
+                              dnnl_memory_desc_t *c) {
+  dnnl_dims_t ad = {M, K}, as = {lda, 1}, bd = {K, N}, bs = {tb ? 1 : ldb, tb ? ldb : 1}, cd = {M, N}, cs = {ldc, 1};
+  dnnl_status_t st;
+  if ((st = dnnl_memory_desc_init_by_strides(a, 2, ad, dnnl_bf16, as)) || (st = dnnl_memory_desc_init_by_strides(b, 2, bd, dnnl_bf16, bs)))
+    return st;
+  return dnnl_memory_desc_init_by_strides(c, 2, cd, dnnl_f32, cs);
+}
+
+int blip_k_gemm_bf16(int tb, int M, int N, int K, const uint16_t *A, int lda, const uint16_t *B, int ldb, float *C, int ldc,
+                     blip_k_ws *ws) {
+  if (M == 0 || N == 0) return BLIP_OK;
+  pthread_once(&g_engine_once, engine_init);
+  if (!g_engine) return blip_err_set(BLIP_EINVAL, "oneDNN: no CPU engine");
+  if (!ws->stream && dnnl_stream_create((dnnl_stream_t *)&ws->stream, g_engine, dnnl_stream_default_flags))
+    return blip_err_set(BLIP_ENOMEM, "oneDNN: cannot create a stream");
+  gemm_cache *g = ws->gemm;
+  if (!g && !(g = ws->gemm = calloc(1, sizeof *g))) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  dnnl_memory_desc_t a, b, c;
+  dnnl_status_t st = gemm_mds(tb, M, N, K, lda, ldb, ldc, &a, &b, &c);
+  gemm_slot *slot = NULL;
+  for (int i = 0; !st && i < g->n; i++) {
+    gemm_slot *s = &g->slot[i];
+    if (s->tb == tb && s->M == M && s->N == N && s->K == K && s->lda == lda && s->ldb == ldb && s->ldc == ldc) slot = s;
+  }
+  if (!st && !slot) {
+    dnnl_matmul_desc_t md;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    if (!(st = dnnl_matmul_desc_init(&md, &a, &b, NULL, &c)) && !(st = dnnl_primitive_desc_create(&pd, &md, NULL, g_engine, NULL)))
+      st = dnnl_primitive_create(&prim, pd);
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (!st) {
+      int i;
+      if (g->n < GEMM_SLOTS) {
+        i = g->n++;
+      } else {
+        i = g->next;
+        g->next = (i + 1) % GEMM_SLOTS;
+        dnnl_primitive_destroy(g->slot[i].prim);
+      }
+      g->slot[i] = (gemm_slot){tb, M, N, K, lda, ldb, ldc, prim};
+      slot = &g->slot[i];
+    }
+  }
+  dnnl_memory_t ma = NULL, mb = NULL, mc = NULL;
+  if (!st && !(st = dnnl_memory_create(&ma, &a, g_engine, (void *)A)) && !(st = dnnl_memory_create(&mb, &b, g_engine, (void *)B)) &&
+      !(st = dnnl_memory_create(&mc, &c, g_engine, C))) {
+    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}};
+    if (!(st = dnnl_primitive_execute(slot->prim, ws->stream, 3, args))) st = dnnl_stream_wait(ws->stream);
+  }
+  if (ma) dnnl_memory_destroy(ma);
+  if (mb) dnnl_memory_destroy(mb);
+  if (mc) dnnl_memory_destroy(mc);
+  if (st) return blip_err_set(st == dnnl_out_of_memory ? BLIP_ENOMEM : BLIP_EINVAL, "oneDNN bf16 gemm %dx%dx%d: status %d", M, N, K, (int)st);
   return BLIP_OK;
 }

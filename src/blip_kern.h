@@ -32,6 +32,7 @@ typedef struct {
   size_t cap;
   void *stream; /* the oneDNN stream the model's layers run on */
   void *att;    /* blip_k_attention_bf16's primitive cache */
+  void *gemm;   /* blip_k_gemm_bf16's primitive cache */
 } blip_k_ws;
 void blip_k_ws_free(blip_k_ws *ws);
 
@@ -98,6 +99,13 @@ int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *
  * (converted operands, scores, and the primitives per shape). */
 int blip_k_attention_bf16(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
                           int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
+
+/* C[M,N] = A op(B) with bf16 operands and f32 accumulation/output,
+ * row-major; tb = 1: B is stored [N,K]. Primitives cached per shape in ws. */
+int blip_k_gemm_bf16(int tb, int M, int N, int K, const uint16_t *A, int lda, const uint16_t *B, int ldb, float *C, int ldc,
+                     blip_k_ws *ws);
+/* f32 -> bf16, round to nearest even. */
+void blip_k_to_bf16(uint16_t *dst, const float *src, long n);
 
 /* Vectorizable scalar functions, exposed for tests. */
 float blip_k_expf(float x);

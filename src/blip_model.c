@@ -520,19 +520,29 @@ static void text_embed(const blip_model *m, float *x, const int32_t *ids, int ro
  * products with X run per sequence for all heads at once ([H*Lq, Dx] x
  * X^T, then [H*Lq, T] x X). Between the two, per-head blocks are
  * gathered/scattered: scr holds AC [H][rows*Lq][Dx], then A_r, P_r, C_r. */
-static int cross_attn_reassoc(float *out, const float *q, int rows, int Lq, const float *const *images, int T,
-                              const blip_k_linear *ck, const blip_k_linear *cv, int H, int dh, float scale, float *scr) {
+static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int rows, int Lq, const float *const *images,
+                              const uint16_t *const *images16, int T, const blip_k_linear *ck, const blip_k_linear *cv, int H,
+                              int dh, float scale, float *scr) {
   const int Dt = H * dh, Dx = ck->in, R = H * Lq, M = rows * Lq;
   float *AC = scr, *A = AC + (size_t)H * M * Dx, *P = A + (size_t)R * Dx, *C = P + (size_t)R * T;
+  uint16_t *A16 = (uint16_t *)(void *)(C + (size_t)R * Dx), *P16 = A16 + (size_t)R * Dx;
   const size_t blk = (size_t)Lq * Dx; /* one head's block of one sequence */
   int rc = BLIP_OK;
   for (int h = 0; h < H && !rc; h++) /* AC[h] = scale q_h Wk_h */
     rc = blip_k_gemm(0, 0, M, Dx, dh, scale, q + h * dh, Dt, ck->w + (size_t)h * dh * Dx, Dx, 0.0f, AC + (size_t)h * M * Dx, Dx);
   for (int r = 0; r < rows && !rc; r++) {
     for (int h = 0; h < H; h++) memcpy(A + h * blk, AC + ((size_t)h * rows + r) * blk, blk * sizeof(float));
-    if ((rc = blip_k_gemm(0, 1, R, T, Dx, 1.0f, A, Dx, images[r], Dx, 0.0f, P, T))) break;
-    blip_k_softmax(P, R, T);
-    if ((rc = blip_k_gemm(0, 0, R, Dx, T, 1.0f, P, T, images[r], Dx, 0.0f, C, Dx))) break;
+    if (images16) { /* bf16 and int8 models: both products with X in bf16 */
+      blip_k_to_bf16(A16, A, (long)R * Dx);
+      if ((rc = blip_k_gemm_bf16(1, R, T, Dx, A16, Dx, images16[r], Dx, P, T, &m->ws))) break;
+      blip_k_softmax(P, R, T);
+      blip_k_to_bf16(P16, P, (long)R * T);
+      if ((rc = blip_k_gemm_bf16(0, R, Dx, T, P16, T, images16[r], Dx, C, Dx, &m->ws))) break;
+    } else {
+      if ((rc = blip_k_gemm(0, 1, R, T, Dx, 1.0f, A, Dx, images[r], Dx, 0.0f, P, T))) break;
+      blip_k_softmax(P, R, T);
+      if ((rc = blip_k_gemm(0, 0, R, Dx, T, 1.0f, P, T, images[r], Dx, 0.0f, C, Dx))) break;
+    }
     for (int h = 0; h < H; h++) memcpy(AC + ((size_t)h * rows + r) * blk, C + h * blk, blk * sizeof(float));
   }
   for (int h = 0; h < H && !rc; h++) /* out_h = C_h Wv_h^T, all rows */
@@ -548,7 +558,7 @@ static int cross_attn_reassoc(float *out, const float *q, int rows, int Lq, cons
  * mask_add [rows*L] or NULL. images NULL = unimodal; else images[r] is the
  * [T, Dx] token matrix that row r cross-attends to. */
 static int text_encode(blip_model *m, float *x, int rows, int L, const float *mask_add, const float *const *images,
-                       int fast, float *buf) {
+                       const uint16_t *const *images16, int fast, float *buf) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden, H = c->t_heads, dh = D / H, M = rows * L, T = c->v_tokens, Dx = c->t_enc_hidden;
   float *q = buf, *k = q + (size_t)M * D, *v = k + (size_t)M * D, *att = v + (size_t)M * D;
@@ -568,7 +578,7 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
     blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
     if (images) {
       TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
-      if (fast) TRY(cross_attn_reassoc(att, q, rows, L, images, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
+      if (fast) TRY(cross_attn_reassoc(m, att, q, rows, L, images, images16, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
       for (int r = 0; r < rows && !fast; r++) {
         size_t o = (size_t)r * L * D;
         {
@@ -594,7 +604,8 @@ static size_t text_scratch(const blip_cfg *c, int rows, int L, int images) {
   size_t M = (size_t)rows * L, D = c->t_hidden, T = c->v_tokens, Dx = c->t_enc_hidden;
   size_t ff = M * c->t_mlp;
   if (images) {
-    size_t kv = 2 * T * D, re = (size_t)c->t_heads * (M * Dx + L * Dx * 2 + (size_t)L * T);
+    /* AC, A, P, C in floats, then A16 and P16 (bf16, rounded up to floats) */
+    size_t kv = 2 * T * D, re = (size_t)c->t_heads * (M * Dx + L * Dx * 2 + (size_t)L * T) + (size_t)c->t_heads * L * (Dx + T) / 2 + 1;
     if (kv > ff) ff = kv;
     if (re > ff) ff = re;
   }
@@ -613,7 +624,7 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
   float *x = a, *madd = x + M * D, *buf = madd + M;
   for (size_t i = 0; i < M; i++) madd[i] = mask && !mask[i] ? -10000.0f : 0.0f;
   text_embed(m, x, ids, n, L);
-  TRY(text_encode(m, x, n, L, madd, NULL, 0, buf));
+  TRY(text_encode(m, x, n, L, madd, NULL, NULL, 0, buf));
   if (embeds) memcpy(embeds, x, M * D * sizeof(float));
   if (feat) {
     for (int b = 0; b < n; b++) TRY(blip_k_linear_fwd(feat + (size_t)b * c->embed_dim, x + (size_t)b * L * D, &m->text_proj, 1));
@@ -630,19 +641,32 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
   int rc = check_ids(m, ids, len, len);
   if (rc) return rc;
   if (k <= 0) return blip_err_set(BLIP_EINVAL, "itm: %d candidates", k);
-  size_t M = (size_t)k * len;
-  float *a = arena(m, M * D + M + text_scratch(c, k, len, 1));
+  /* bf16/int8 models: the candidates' image tokens in bf16, converted once
+   * for all layers of the reassociated cross-attention */
+  const int lp = fast && m->opts.precision != BLIP_PREC_F32;
+  const size_t M = (size_t)k * len, TD = (size_t)c->v_tokens * c->t_enc_hidden;
+  const size_t img16 = lp ? ((size_t)k * TD + 1) / 2 : 0; /* floats holding the bf16 copies */
+  float *a = arena(m, M * D + M + text_scratch(c, k, len, 1) + img16);
   int32_t *tid = malloc((size_t)len * sizeof *tid);
-  if (!a || !tid) {
+  const uint16_t **im16 = lp ? malloc((size_t)k * sizeof *im16) : NULL;
+  if (!a || !tid || (lp && !im16)) {
     free(tid);
+    free(im16);
     return blip_err_set(BLIP_ENOMEM, "itm: out of memory");
   }
   float *x = a, *buf = x + M * D + M;
+  if (lp) {
+    uint16_t *dst = (uint16_t *)(void *)(buf + text_scratch(c, k, len, 1));
+    for (int i = 0; i < k; i++) {
+      blip_k_to_bf16(dst + i * TD, images[i], (long)TD);
+      im16[i] = dst + i * TD;
+    }
+  }
   memcpy(tid, ids, (size_t)len * sizeof *tid);
   tid[0] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
   text_embed(m, x, tid, 1, len);
   for (int i = 1; i < k; i++) memcpy(x + (size_t)i * len * D, x, (size_t)len * D * sizeof(float));
-  TRY(text_encode(m, x, k, len, NULL, images, fast, buf));
+  TRY(text_encode(m, x, k, len, NULL, images, im16, fast, buf));
   for (int i = 0; i < k; i++) {
     const float *xi = x + (size_t)i * len * D;
     TRY(blip_k_linear_fwd(logits + 2 * i, xi, &m->itm_head, 1));
@@ -650,6 +674,7 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
   }
 done:
   free(tid);
+  free(im16);
   return rc;
 }
 

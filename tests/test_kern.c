@@ -130,6 +130,30 @@ static void test_packed(blip_k_prec prec, int M, int in, int out, int flags, int
   free(x), free(w), free(b), free(y), free(r), free(xd), free(wd);
 }
 
+/* blip_k_gemm_bf16 against a double reference on the bf16-rounded
+ * operands (padded leading dimensions, both B orders, cached rerun). */
+static void test_gemm_bf16(int M, int N, int K, int tb) {
+  int lda = K + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+  float *A = rnd((long)M * lda, 1), *B = rnd((long)(tb ? N : K) * ldb, 1), *C = malloc(sizeof(float) * M * ldc), *R = malloc(sizeof(float) * M * ldc);
+  uint16_t *A16 = malloc(2 * (size_t)M * lda), *B16 = malloc(2 * (size_t)(tb ? N : K) * ldb);
+  blip_k_to_bf16(A16, A, (long)M * lda);
+  blip_k_to_bf16(B16, B, (long)(tb ? N : K) * ldb);
+  for (long i = 0; i < (long)M * ldc; i++) C[i] = R[i] = 7.0f; /* padding must stay untouched */
+  for (int i = 0; i < M; i++)
+    for (int j = 0; j < N; j++) {
+      double acc = 0;
+      for (int k = 0; k < K; k++) acc += (double)bf16_round(A[i * lda + k]) * bf16_round(tb ? B[j * ldb + k] : B[k * ldb + j]);
+      R[i * ldc + j] = (float)acc;
+    }
+  blip_k_ws ws = {0};
+  for (int rep = 0; rep < 2; rep++) CHECK(blip_k_gemm_bf16(tb, M, N, K, A16, lda, B16, ldb, C, ldc, &ws) == 0, "gemm_bf16: %s", blip_err_last());
+  blip_k_ws_free(&ws);
+  char label[64];
+  snprintf(label, sizeof label, "gemm_bf16 %dx%dx%d tb%d", M, N, K, tb);
+  check_tensor(label, C, R, (long)M * ldc, 1e-5 * sqrt(K));
+  free(A), free(B), free(C), free(R), free(A16), free(B16);
+}
+
 /* blip_k_mlp against the two separate fused calls it replaces, also with
  * h == x (the text encoder's use) and more rows than one chunk. */
 static void test_mlp(blip_k_prec prec, int M, int D, int F) {
@@ -301,6 +325,9 @@ int main(void) {
   test_linear(35, 97, 131, 1);
   test_linear(19, 33, 2, 0);
   test_quant();
+  test_gemm_bf16(1, 1, 1, 0);
+  test_gemm_bf16(29, 37, 53, 1);
+  test_gemm_bf16(144, 97, 130, 0);
   for (int p = BLIP_K_F32; p <= BLIP_K_INT8; p++) {
     test_packed(p, 1, 7, 3, 0, 1);
     test_packed(p, 37, 97, 131, BLIP_K_GELU, 1);
