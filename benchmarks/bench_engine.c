@@ -245,7 +245,9 @@ static void usage(FILE *f) {
           "in one process, precisions interleaved round by round, best of N: vision images/s at batch 1 and 8, text encoder ms (12 tokens), ITM rerank ms\n"
           "(reassociated; --naive adds the unreassociated one) for k = 1, 16, 32, the share of the\n"
           "precision's peak (measured in the same run) and the speed-up over f32.\n"
-          "--memory: peak RSS of one indexing (vision, batch 8) or query (text + ITM k=32) workload.\n");
+          "--memory: peak RSS of one indexing (vision, batch 8) or query (text + ITM k=32) workload.\n"
+          "On a machine shared with other jobs, run with OMP_WAIT_POLICY=passive: spinning OpenMP\n"
+          "threads otherwise steal the cores they wait for (measured 4x slower tests under load).\n");
 }
 
 static int parse_prec(const char *s) {
@@ -306,6 +308,7 @@ int main(int argc, char **argv) {
   else {
     printf("geometry %s, %d threads, vision %.1f GFLOP/image\n", large ? "ViT-L/16 384 + BERT-base" : "ViT-B/16 384 + BERT-base", threads, vf / 1e9);
     printf("measured peaks (GFLOP/s): f32 FMA %.1f, bf16 vdpbf16ps %.1f, int8 vpdpbusd %.1f\n", peaks[0] / 1e9, peaks[1] / 1e9, peaks[2] / 1e9);
+    if (prec != 3) printf("(one precision: the \"x f32\" ratios need --precision all and read 0)\n");
   }
   for (int p = lo_p; p <= hi_p; p++) {
     const result *r = &res[p];
