@@ -30,6 +30,11 @@ typedef struct {
   const float *g, *b;
 } ln_w;
 
+typedef struct {
+  const void *p;
+  size_t n;
+} released;
+
 typedef struct { /* ViT pre-norm block */
   ln_w ln1, ln2;
   blip_k_linear qkv, proj, fc1, fc2;
@@ -67,6 +72,8 @@ struct blip_model {
   float *arena;
   size_t arena_cap;
   blip_k_ws ws; /* scratch of the packed layers */
+  released rel[512]; /* mmap ranges of packed f32 weights, dropped at the end of the load */
+  int n_rel;
   char fingerprint[17];
 };
 
@@ -164,9 +171,23 @@ static int bind_ln(blip_model *m, ln_w *l, const char *prefix, int n) {
   return bind_vec(m, name, n, &l->b);
 }
 
+/* Drop the mmap pages of the released f32 weights (re-read from the file
+ * if ever touched, which the forward pass does not do). */
+static void drop_released(blip_model *m) {
+  const long pg = sysconf(_SC_PAGESIZE);
+  for (int i = 0; i < m->n_rel; i++) {
+    uintptr_t a = (uintptr_t)m->rel[i].p, e = a + m->rel[i].n;
+    a = (a + pg - 1) & ~(uintptr_t)(pg - 1);
+    e &= ~(uintptr_t)(pg - 1);
+    if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
+  }
+  m->n_rel = 0;
+}
+
 /* After packing, the f32 copy of a layer is dead: free it when we own it,
- * or drop its pages from the mmap (they are re-read from the file if ever
- * touched, which the forward pass does not do). */
+ * or queue its mmap range for drop_released(). Dropping must wait until
+ * every tensor is read: faulting in a neighbour maps the surrounding
+ * page-cache folio again, freed range included. */
 static void release_f32(blip_model *m, blip_k_linear *l) {
   for (int i = 0; i < m->n_owned; i++)
     if (m->owned[i] == l->w) {
@@ -175,11 +196,8 @@ static void release_f32(blip_model *m, blip_k_linear *l) {
       l->w = NULL;
       return;
     }
-  const long pg = sysconf(_SC_PAGESIZE);
-  uintptr_t a = (uintptr_t)l->w, e = a + (size_t)l->in * l->out * sizeof(float);
-  a = (a + pg - 1) & ~(uintptr_t)(pg - 1);
-  e &= ~(uintptr_t)(pg - 1);
-  if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
+  if (m->n_rel == (int)(sizeof m->rel / sizeof m->rel[0])) drop_released(m); /* early: less effective, still correct */
+  m->rel[m->n_rel++] = (released){l->w, (size_t)l->in * l->out * sizeof(float)};
   l->w = NULL;
 }
 
@@ -378,7 +396,8 @@ int blip_model_load(const char *dir, const blip_model_opts *opts, blip_model **o
     rc = blip_err_wrap(rc, "%s", path);
     goto fail;
   }
-  make_fingerprint(m); /* reads the file: released mmap pages come back from it */
+  make_fingerprint(m);
+  drop_released(m);
   *out = m;
   return BLIP_OK;
 fail:
