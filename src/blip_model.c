@@ -72,7 +72,7 @@ struct blip_model {
   float *arena;
   size_t arena_cap;
   blip_k_ws ws; /* scratch of the packed layers */
-  released rel[512]; /* mmap ranges of packed f32 weights, dropped at the end of the load */
+  released rel[1024]; /* mmap ranges of dead tensors, dropped at the end of the load */
   int n_rel;
   char fingerprint[17];
 };
@@ -112,6 +112,25 @@ static void fill_random(float *w, int64_t n, const char *name, int64_t fan_in, u
   }
 }
 
+/* Drop the mmap pages of dead tensors: converted ones and packed f32 ones
+ * (re-read from the file if ever touched, which the forward pass does
+ * not do). */
+static void drop_released(blip_model *m) {
+  const long pg = sysconf(_SC_PAGESIZE);
+  for (int i = 0; i < m->n_rel; i++) {
+    uintptr_t a = (uintptr_t)m->rel[i].p, e = a + m->rel[i].n;
+    a = (a + pg - 1) & ~(uintptr_t)(pg - 1);
+    e &= ~(uintptr_t)(pg - 1);
+    if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
+  }
+  m->n_rel = 0;
+}
+
+static void queue_drop(blip_model *m, const void *p, size_t n) {
+  if (m->n_rel == (int)(sizeof m->rel / sizeof m->rel[0])) drop_released(m); /* early: less effective, still correct */
+  m->rel[m->n_rel++] = (released){p, n};
+}
+
 /* Bind weight `name` of the given shape to *out. */
 static int bind(blip_model *m, const char *name, int ndim, const int64_t *shape, const float **out) {
   int64_t numel = 1;
@@ -142,6 +161,7 @@ static int bind(blip_model *m, const char *name, int ndim, const int64_t *shape,
     free(w);
     return rc;
   }
+  queue_drop(m, t->data, t->nbytes); /* converted: the file's copy is dead */
   *out = w;
   return BLIP_OK;
 }
@@ -171,23 +191,10 @@ static int bind_ln(blip_model *m, ln_w *l, const char *prefix, int n) {
   return bind_vec(m, name, n, &l->b);
 }
 
-/* Drop the mmap pages of the released f32 weights (re-read from the file
- * if ever touched, which the forward pass does not do). */
-static void drop_released(blip_model *m) {
-  const long pg = sysconf(_SC_PAGESIZE);
-  for (int i = 0; i < m->n_rel; i++) {
-    uintptr_t a = (uintptr_t)m->rel[i].p, e = a + m->rel[i].n;
-    a = (a + pg - 1) & ~(uintptr_t)(pg - 1);
-    e &= ~(uintptr_t)(pg - 1);
-    if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
-  }
-  m->n_rel = 0;
-}
-
 /* After packing, the f32 copy of a layer is dead: free it when we own it,
- * or queue its mmap range for drop_released(). Dropping must wait until
- * every tensor is read: faulting in a neighbour maps the surrounding
- * page-cache folio again, freed range included. */
+ * or queue its mmap range for drop_released(). Dropping waits until every
+ * tensor is read: faulting in a neighbour maps the surrounding page-cache
+ * folio again, dropped range included. */
 static void release_f32(blip_model *m, blip_k_linear *l) {
   for (int i = 0; i < m->n_owned; i++)
     if (m->owned[i] == l->w) {
@@ -196,8 +203,7 @@ static void release_f32(blip_model *m, blip_k_linear *l) {
       l->w = NULL;
       return;
     }
-  if (m->n_rel == (int)(sizeof m->rel / sizeof m->rel[0])) drop_released(m); /* early: less effective, still correct */
-  m->rel[m->n_rel++] = (released){l->w, (size_t)l->in * l->out * sizeof(float)};
+  queue_drop(m, l->w, (size_t)l->in * l->out * sizeof(float));
   l->w = NULL;
 }
 
