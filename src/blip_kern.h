@@ -4,14 +4,17 @@
  * packed once (blip_k_linear_pack) into a oneDNN matmul with weights in
  * the library's blocked layout, in f32, bf16 (f32 accumulate) or int8
  * (s8 weights with per-output-channel scales, u8 activations quantized
- * per row with their own scale and zero point, s32 accumulate); bias,
- * GELU and the residual add are fused into that call. Unpacked layers and
- * the attention GEMMs go to dnnl_sgemm (inside an OpenMP parallel region
- * oneDNN runs single-threaded, which the attention kernel relies on).
+ * per row with their own scale and zero point, s32 accumulate). Bias,
+ * exact-erf GELU and the residual add are fused: as oneDNN post-ops in
+ * f32/bf16, in the dequantizing epilogue in int8. Primitives are cached
+ * per row count; more than 768 rows run in row chunks (cache locality).
+ * f32 attention and unpacked layers go to dnnl_sgemm (inside an OpenMP
+ * parallel region oneDNN runs single-threaded, which the attention kernel
+ * relies on); bf16 attention and blip_k_gemm_bf16 to oneDNN matmul.
  * Everything else is OpenMP. One thread count for the whole engine:
  * blip_k_set_threads(). Kernels never allocate except to grow a workspace
- * (blip_k_ws), for a packed layer's primitive cache, and for attention
- * scores when given no workspace (all checked; BLIP_ENOMEM). */
+ * (blip_k_ws), for primitive caches, and for attention scores when given
+ * no workspace (all checked; BLIP_ENOMEM). */
 #ifndef BLIP_KERN_H
 #define BLIP_KERN_H
 
