@@ -1,7 +1,11 @@
 /* bench_engine: speed of the engine at a real BLIP geometry with random
- * weights (no file needed), reported against this machine's fp32 peak,
- * which the same run measures with an FMA loop. Nothing here is asserted;
- * the figures go into reports. */
+ * weights (no file needed), per compute precision (f32, bf16, int8), all
+ * in one process so that the ratios between precisions are measured under
+ * the same machine load. Each precision is reported against its own peak,
+ * measured by the same run with a dependency-free loop of the instruction
+ * its GEMMs use (FMA, vdpbf16ps, vpdpbusd). --memory runs one indexing or
+ * query workload and reports peak RSS (one process per precision).
+ * Nothing here is asserted; the figures go into reports. */
 #include "blip_err.h"
 #include "blip_kern.h"
 #include "blip_model.h"
@@ -11,6 +15,7 @@
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <string.h>
 #include <time.h>
 
@@ -24,7 +29,7 @@ static double now(void) {
  * cover FMA latency x pipes), on every thread at once. */
 #define FMA16(op)                                                                                  \
   op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11) op(12) op(13) op(14) op(15)
-__attribute__((target("avx512f"))) static double measure_peak(int threads) {
+__attribute__((target("avx512f"))) static double peak_f32(int threads) {
   const long iters = 10000000;
   double best = 0;
   for (int rep = 0; rep < 3; rep++) {
@@ -49,133 +54,289 @@ __attribute__((target("avx512f"))) static double measure_peak(int threads) {
   return best;
 }
 
+/* Peak bf16 FLOP/s: vdpbf16ps does 16 lanes x 2 products = 64 FLOP. */
+__attribute__((target("avx512f,avx512bf16"))) static double peak_bf16(int threads) {
+  const long iters = 10000000;
+  double best = 0;
+  for (int rep = 0; rep < 3; rep++) {
+    double t0 = now();
+    float sink = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    {
+      const __m512bh b = (__m512bh)_mm512_set1_epi16(0x3f80), c = (__m512bh)_mm512_set1_epi16(0x3380);
+#define DECLB(i) __m512 a##i = _mm512_set1_ps((float)i);
+      FMA16(DECLB)
+      for (long it = 0; it < iters; it++) {
+#define STEPB(i) a##i = _mm512_dpbf16_ps(a##i, b, c);
+        FMA16(STEPB)
+      }
+      FMA16(SUM)
+    }
+    double dt = now() - t0, f = (double)threads * iters * 16 * 64 / dt;
+    if (f > best) best = f;
+    if (sink == 12345.0f) printf(" ");
+  }
+  return best;
+}
+
+/* Peak int8 OP/s: vpdpbusd does 16 lanes x 4 u8*s8 products = 128 OP. */
+__attribute__((target("avx512f,avx512vnni"))) static double peak_int8(int threads) {
+  const long iters = 10000000;
+  double best = 0;
+  for (int rep = 0; rep < 3; rep++) {
+    double t0 = now();
+    int sink = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    {
+      const __m512i b = _mm512_set1_epi8(1), c = _mm512_set1_epi8(-1);
+#define DECLI(i) __m512i a##i = _mm512_set1_epi32(i);
+      FMA16(DECLI)
+      for (long it = 0; it < iters; it++) {
+#define STEPI(i) a##i = _mm512_dpbusd_epi32(a##i, b, c);
+        FMA16(STEPI)
+      }
+#define SUMI(i) sink += _mm512_reduce_add_epi32(a##i);
+      FMA16(SUMI)
+    }
+    double dt = now() - t0, f = (double)threads * iters * 16 * 128 / dt;
+    if (f > best) best = f;
+    if (sink == 12345) printf(" ");
+  }
+  return best;
+}
+
 static double vision_flops(const blip_cfg *c) {
   double T = c->v_tokens, D = c->v_hidden, P = 3.0 * c->patch * c->patch, F = c->v_mlp;
   double per_layer = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * F;
   return 2 * (T - 1) * P * D + c->v_layers * per_layer;
 }
 
-static double gemm_gflops(int threads) {
-  /* oneDNN sgemm at the ViT-B fc1 shape, for context. */
-  int M = 577, N = 3072, K = 768;
-  float *A = calloc((size_t)M * K, 4), *B = calloc((size_t)N * K, 4), *C = calloc((size_t)M * N, 4);
-  for (long i = 0; i < (long)M * K; i++) A[i] = (float)(i % 7) * 0.1f;
-  for (long i = 0; i < (long)N * K; i++) B[i] = (float)(i % 5) * 0.1f;
-  double best = 1e9;
-  for (int r = 0; r < 8; r++) {
-    double t0 = now();
-    blip_k_gemm(0, 1, M, N, K, 1, A, K, B, K, 0, C, N);
-    double dt = now() - t0;
-    if (dt < best) best = dt;
+static const char *prec_name[3] = {"f32", "bf16", "int8"};
+
+typedef struct {
+  double init_s, vis[2], text_ms, itm[2][3]; /* vis: s/image at batch 1, 8; itm[fast][k] ms */
+} result;
+
+#define MIN_INTO(dst, expr)                                                                        \
+  do {                                                                                           \
+    double s_ = now();                                                                           \
+    if (expr) return -1;                                                                         \
+    double d_ = now() - s_;                                                                      \
+    if (d_ < (dst)) (dst) = d_;                                                                  \
+  } while (0)
+
+/* All precisions are loaded at once and every measurement round runs them
+ * back to back (f32, bf16, int8, f32, ...), keeping each one's best time:
+ * load from other users of the machine then hits all precisions alike,
+ * which keeps the ratios meaningful on a shared machine. */
+static int run_all(const blip_cfg *c, blip_model **m, int np, const int *precs, int reps, int naive, result *r, const float *px,
+                   float *emb) {
+  const int T = c->v_tokens;
+  float feat[8 * 256], logits[64];
+  int batches[2] = {1, 8}, ks[3] = {1, 16, 32};
+  int32_t ids[12] = {101, 1037, 3899, 2770, 2006, 1037, 3509, 2007, 2019, 4399, 2067, 102}, mask[12];
+  for (int i = 0; i < 12; i++) mask[i] = 1;
+  for (int p = 0; p < np; p++) {
+    result *q = &r[precs[p]];
+    q->vis[0] = q->vis[1] = q->text_ms = 1e9;
+    for (int f = 0; f < 2; f++)
+      for (int k = 0; k < 3; k++) q->itm[f][k] = (f || naive) ? 1e9 : 0;
   }
-  free(A), free(B), free(C);
-  return 2.0 * M * N * K / best;
+  for (int bi = 0; bi < 2; bi++)
+    for (int rep = 0; rep <= reps; rep++) /* round 0 builds the primitives; not counted */
+      for (int p = 0; p < np; p++) {
+        double t = 1e9;
+        MIN_INTO(t, blip_model_vision(m[p], px, batches[bi], emb, feat));
+        if (rep && t / batches[bi] < r[precs[p]].vis[bi]) r[precs[p]].vis[bi] = t / batches[bi];
+      }
+  for (int i = 1; i < 32; i++) memcpy(emb + (size_t)i * T * c->v_hidden, emb + (size_t)(i % 8) * T * c->v_hidden, sizeof(float) * T * c->v_hidden);
+  for (int rep = 0; rep <= reps + 2; rep++)
+    for (int p = 0; p < np; p++) {
+      double t = 1e9;
+      MIN_INTO(t, blip_model_text(m[p], ids, mask, 1, 12, NULL, feat));
+      if (rep && t * 1e3 < r[precs[p]].text_ms) r[precs[p]].text_ms = t * 1e3;
+    }
+  const float *imgs[32];
+  for (int i = 0; i < 32; i++) imgs[i] = emb + (size_t)i * T * c->v_hidden;
+  for (int fast = 1; fast >= (naive ? 0 : 1); fast--)
+    for (int ki = 0; ki < 3; ki++)
+      for (int rep = 0; rep <= (fast ? reps : 1); rep++)
+        for (int p = 0; p < np; p++) {
+          double t = 1e9;
+          MIN_INTO(t, blip_model_itm(m[p], ids, 12, imgs, ks[ki], BLIP_ITM_ENC, fast, logits, NULL));
+          if (rep && t * 1e3 < r[precs[p]].itm[fast][ki]) r[precs[p]].itm[fast][ki] = t * 1e3;
+        }
+  return 0;
+}
+
+/* VmRSS or VmHWM of this process in KiB (Linux /proc), -1 if unknown. */
+static long proc_kib(const char *key) {
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  long v = -1;
+  size_t kl = strlen(key);
+  while (f && fgets(line, sizeof line, f))
+    if (!strncmp(line, key, kl) && line[kl] == ':') v = atol(line + kl + 1);
+  if (f) fclose(f);
+  return v;
+}
+
+/* Reset the peak-RSS mark (Linux: "5" to clear_refs), so that the peak of
+ * the workload is measured apart from the load, whose f32 staging of the
+ * weights before conversion is a one-off. Returns 0 on success. */
+static int reset_hwm(void) {
+  FILE *f = fopen("/proc/self/clear_refs", "w");
+  if (!f) return -1;
+  int ok = fputs("5", f) >= 0;
+  return (fclose(f) == 0 && ok) ? 0 : -1;
+}
+
+/* One indexing (vision, batch 8) or query (text + ITM k=32) workload at
+ * one precision; reports the peak RSS of the load, the RSS once loaded,
+ * and the peak RSS of the workload. */
+static int run_memory(const blip_cfg *c, blip_prec prec, const char *what, int json) {
+  blip_model_opts o = {.precision = prec};
+  blip_model *m;
+  if (blip_model_random(c, &o, 1, &m)) return -1;
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  long load_peak = ru.ru_maxrss, loaded = proc_kib("VmRSS");
+  int reset = reset_hwm() == 0;
+  const int S = c->image_size, T = c->v_tokens;
+  int rc = -1, query = !strcmp(what, "query");
+  float *px = NULL, *emb = malloc(sizeof(float) * (query ? 32 : 8) * T * c->v_hidden), feat[8 * 256];
+  if (!emb) goto done;
+  if (!query) {
+    px = malloc(sizeof(float) * 8 * 3 * S * S);
+    if (!px) goto done;
+    for (long i = 0; i < 8L * 3 * S * S; i++) px[i] = (float)((i * 2654435761u) % 1000) / 500.0f - 1.0f;
+    if (blip_model_vision(m, px, 8, NULL, feat)) goto done;
+  } else {
+    for (long i = 0; i < 32L * T * c->v_hidden; i++) emb[i] = (float)((i * 2654435761u) % 1000) / 500.0f - 1.0f;
+    int32_t ids[12] = {101, 1037, 3899, 2770, 2006, 1037, 3509, 2007, 2019, 4399, 2067, 102}, mask[12];
+    for (int i = 0; i < 12; i++) mask[i] = 1;
+    const float *imgs[32];
+    for (int i = 0; i < 32; i++) imgs[i] = emb + (size_t)i * T * c->v_hidden;
+    float logits[64];
+    if (blip_model_text(m, ids, mask, 1, 12, NULL, feat) || blip_model_itm(m, ids, 12, imgs, 32, BLIP_ITM_ENC, 1, logits, NULL))
+      goto done;
+  }
+  getrusage(RUSAGE_SELF, &ru);
+  long work_peak = reset ? proc_kib("VmHWM") : ru.ru_maxrss;
+  if (json)
+    printf("{\"precision\":\"%s\",\"workload\":\"%s\",\"load_peak_rss_mib\":%.1f,\"loaded_rss_mib\":%.1f,\"workload_peak_rss_mib\":%.1f}\n",
+           prec_name[prec], what, load_peak / 1024.0, loaded / 1024.0, work_peak / 1024.0);
+  else
+    printf("%-4s %-5s workload peak RSS %7.1f MiB, loaded %7.1f MiB, load peak %7.1f MiB%s\n", prec_name[prec], what, work_peak / 1024.0,
+           loaded / 1024.0, load_peak / 1024.0, reset ? "" : " (peak mark not resettable: workload peak includes the load)");
+  rc = 0;
+done:
+  free(px);
+  free(emb);
+  blip_model_free(m);
+  return rc;
 }
 
 static void usage(FILE *f) {
   fprintf(f,
-          "usage: bench_engine [--large] [--threads N] [--reps N] [--json]\n"
-          "Engine speed at the real BLIP base (or large) geometry with random weights:\n"
-          "vision images/s at batch 1 and 8, text encoder ms (12 tokens), ITM ms per pair\n"
-          "(reassociated and naive, k = 1, 16, 32), and the share of the measured fp32 peak.\n");
+          "usage: bench_engine [--precision all|f32|bf16|int8] [--large] [--threads N] [--reps N] [--naive] [--json]\n"
+          "       bench_engine --memory index|query --precision f32|bf16|int8 [--large] [--json]\n"
+          "Engine speed at the real BLIP base (or large) geometry with random weights, per precision,\n"
+          "in one process, precisions interleaved round by round, best of N: vision images/s at batch 1 and 8, text encoder ms (12 tokens), ITM rerank ms\n"
+          "(reassociated; --naive adds the unreassociated one) for k = 1, 16, 32, the share of the\n"
+          "precision's peak (measured in the same run) and the speed-up over f32.\n"
+          "--memory: peak RSS of one indexing (vision, batch 8) or query (text + ITM k=32) workload.\n"
+          "On a machine shared with other jobs, run with OMP_WAIT_POLICY=passive: spinning OpenMP\n"
+          "threads otherwise steal the cores they wait for (measured 4x slower tests under load).\n");
+}
+
+static int parse_prec(const char *s) {
+  for (int i = 0; i < 3; i++)
+    if (!strcmp(s, prec_name[i])) return i;
+  return !strcmp(s, "all") ? 3 : -1;
 }
 
 int main(int argc, char **argv) {
-  int large = 0, threads = 2, reps = 3, json = 0;
-  static struct option lo[] = {{"large", 0, 0, 'l'}, {"threads", 1, 0, 't'}, {"reps", 1, 0, 'r'},
-                               {"json", 0, 0, 'j'},  {"help", 0, 0, 'h'},    {0, 0, 0, 0}};
-  for (int c; (c = getopt_long(argc, argv, "lt:r:jh", lo, NULL)) != -1;) {
+  int large = 0, threads = 2, reps = 3, json = 0, naive = 0, prec = 3;
+  const char *memory = NULL;
+  static struct option lo[] = {{"large", 0, 0, 'l'}, {"threads", 1, 0, 't'}, {"reps", 1, 0, 'r'}, {"json", 0, 0, 'j'},
+                               {"help", 0, 0, 'h'},  {"precision", 1, 0, 'p'}, {"naive", 0, 0, 'n'}, {"memory", 1, 0, 'm'},
+                               {0, 0, 0, 0}};
+  for (int c; (c = getopt_long(argc, argv, "lt:r:jhp:nm:", lo, NULL)) != -1;) {
     if (c == 'l') large = 1;
     else if (c == 't') threads = atoi(optarg);
     else if (c == 'r') reps = atoi(optarg);
     else if (c == 'j') json = 1;
-    else { usage(c == 'h' ? stdout : stderr); return c == 'h' ? 0 : 2; }
+    else if (c == 'n') naive = 1;
+    else if (c == 'm') memory = optarg;
+    else if (c == 'p') {
+      if ((prec = parse_prec(optarg)) < 0) { fprintf(stderr, "bench_engine: unknown precision '%s'\n", optarg); return 2; }
+    } else { usage(c == 'h' ? stdout : stderr); return c == 'h' ? 0 : 2; }
   }
+  if (memory && (prec == 3 || (strcmp(memory, "index") && strcmp(memory, "query")))) { usage(stderr); return 2; }
   blip_k_set_threads(threads);
   blip_cfg c = {.v_hidden = large ? 1024 : 768, .v_layers = large ? 24 : 12, .v_heads = large ? 16 : 12,
                 .v_mlp = large ? 4096 : 3072, .image_size = 384, .patch = 16, .v_eps = 1e-5f, .v_tokens = 577,
                 .t_vocab = 30524, .t_hidden = 768, .t_layers = 12, .t_heads = 12, .t_mlp = 3072, .t_max_pos = 512,
                 .t_enc_hidden = large ? 1024 : 768, .t_eps = 1e-12f, .pad_id = 0, .sep_id = 102, .bos_id = 30522,
                 .embed_dim = 256};
-  double peak = measure_peak(threads), gemm = gemm_gflops(threads);
-  double t0 = now();
-  blip_model *m;
-  if (blip_model_random(&c, NULL, 1, &m)) {
-    fprintf(stderr, "bench_engine: %s\n", blip_err_last());
-    return 1;
+  if (memory) {
+    if (run_memory(&c, (blip_prec)prec, memory, json)) { fprintf(stderr, "bench_engine: %s\n", blip_err_last()); return 1; }
+    return 0;
   }
-  double t_init = now() - t0;
+  double peaks[3] = {peak_f32(threads), peak_bf16(threads), peak_int8(threads)};
   const int S = c.image_size, T = c.v_tokens;
   float *px = malloc(sizeof(float) * 8 * 3 * S * S), *emb = malloc(sizeof(float) * 32 * T * c.v_hidden);
-  float feat[8 * 256];
+  if (!px || !emb) { fprintf(stderr, "bench_engine: out of memory\n"); return 1; }
   for (long i = 0; i < 8L * 3 * S * S; i++) px[i] = (float)((i * 2654435761u) % 1000) / 500.0f - 1.0f;
-  double vis[2];
-  int batches[2] = {1, 8};
-  for (int bi = 0; bi < 2; bi++) {
-    int b = batches[bi];
-    double best = 1e9;
-    blip_model_vision(m, px, b, emb, feat); /* warm-up */
-    for (int r = 0; r < reps; r++) {
-      double s = now();
-      if (blip_model_vision(m, px, b, emb, feat)) { fprintf(stderr, "%s\n", blip_err_last()); return 1; }
-      double dt = now() - s;
-      if (dt < best) best = dt;
-    }
-    vis[bi] = best / b;
+  result res[3];
+  int lo_p = prec == 3 ? 0 : prec, hi_p = prec == 3 ? 2 : prec, precs[3], np = 0;
+  blip_model *models[3] = {0};
+  for (int p = lo_p; p <= hi_p; p++) {
+    blip_model_opts o = {.precision = (blip_prec)p};
+    double t0 = now();
+    if (blip_model_random(&c, &o, 1, &models[np])) { fprintf(stderr, "bench_engine: %s\n", blip_err_last()); return 1; }
+    res[p].init_s = now() - t0;
+    precs[np++] = p;
   }
-  /* 32 candidate image token sets for ITM */
-  for (int i = 1; i < 32; i++) memcpy(emb + (size_t)i * T * c.v_hidden, emb + (size_t)(i % 8) * T * c.v_hidden, sizeof(float) * T * c.v_hidden);
-  int32_t ids[12] = {101, 1037, 3899, 2770, 2006, 1037, 3509, 2007, 2019, 4399, 2067, 102}, mask[12];
-  for (int i = 0; i < 12; i++) mask[i] = 1;
-  double text_ms = 1e9;
-  for (int r = 0; r < reps + 2; r++) {
-    double s = now();
-    blip_model_text(m, ids, mask, 1, 12, NULL, feat);
-    double dt = (now() - s) * 1e3;
-    if (dt < text_ms) text_ms = dt;
-  }
-  const float *imgs[32];
-  for (int i = 0; i < 32; i++) imgs[i] = emb + (size_t)i * T * c.v_hidden;
-  int ks[3] = {1, 16, 32};
-  double itm[2][3];
-  float logits[64];
-  for (int fast = 0; fast < 2; fast++)
-    for (int ki = 0; ki < 3; ki++) {
-      double best = 1e9;
-      int rr = ks[ki] == 1 ? reps + 2 : (fast ? reps : 1);
-      for (int r = 0; r < rr; r++) {
-        double s = now();
-        blip_model_itm(m, ids, 12, imgs, ks[ki], BLIP_ITM_ENC, fast, logits, NULL);
-        double dt = (now() - s) * 1e3;
-        if (dt < best) best = dt;
-      }
-      itm[fast][ki] = best;
-    }
+  int brc = run_all(&c, models, np, precs, reps, naive, res, px, emb);
+  for (int i = 0; i < np; i++) blip_model_free(models[i]);
+  if (brc) { fprintf(stderr, "bench_engine: %s\n", blip_err_last()); return 1; }
   double vf = vision_flops(&c);
-  double share1 = vf / vis[0] / peak, share8 = vf / vis[1] / peak;
-  if (json) {
-    printf("{\"geometry\":\"%s\",\"threads\":%d,\"peak_gflops\":%.1f,\"sgemm_fc1_gflops\":%.1f,\"vision_gflop_per_image\":%.2f,"
-           "\"vision_img_s_b1\":%.3f,\"vision_img_s_b8\":%.3f,\"vision_peak_share_b1\":%.3f,\"vision_peak_share_b8\":%.3f,"
-           "\"text_ms_12tok\":%.2f,\"itm_fast_ms\":{\"k1\":%.2f,\"k16\":%.2f,\"k32\":%.2f},"
-           "\"itm_naive_ms\":{\"k1\":%.2f,\"k16\":%.2f,\"k32\":%.2f},\"random_init_s\":%.2f}\n",
-           large ? "large" : "base", threads, peak / 1e9, gemm / 1e9, vf / 1e9, 1 / vis[0], 1 / vis[1], share1, share8,
-           text_ms, itm[1][0], itm[1][1], itm[1][2], itm[0][0], itm[0][1], itm[0][2], t_init);
-  } else {
-    printf("geometry %s, %d threads\n", large ? "ViT-L/16 384 + BERT-base" : "ViT-B/16 384 + BERT-base", threads);
-    printf("measured fp32 peak (FMA loop)  %8.1f GFLOP/s\n", peak / 1e9);
-    printf("oneDNN sgemm 577x3072x768     %8.1f GFLOP/s (%.0f%% of peak)\n", gemm / 1e9, 100 * gemm / peak);
-    printf("vision encoder %.1f GFLOP/image\n", vf / 1e9);
-    printf("  batch 1: %6.3f images/s  %6.1f GFLOP/s  %4.1f%% of peak\n", 1 / vis[0], vf / vis[0] / 1e9, 100 * share1);
-    printf("  batch 8: %6.3f images/s  %6.1f GFLOP/s  %4.1f%% of peak\n", 1 / vis[1], vf / vis[1] / 1e9, 100 * share8);
-    printf("text encoder, 12 tokens: %.2f ms\n", text_ms);
-    printf("ITM per (text, image) pair, 12 tokens:\n");
-    for (int ki = 0; ki < 3; ki++)
-      printf("  k=%-2d  reassociated %8.2f ms (%.2f ms/pair)   naive %8.2f ms (%.2f ms/pair)   speed-up %.1fx\n", ks[ki],
-             itm[1][ki], itm[1][ki] / ks[ki], itm[0][ki], itm[0][ki] / ks[ki], itm[0][ki] / itm[1][ki]);
-    printf("random-weight model init %.2f s\n", t_init);
+  const int ks[3] = {1, 16, 32};
+  if (json) printf("{\"geometry\":\"%s\",\"threads\":%d,\"vision_gflop_per_image\":%.2f,\"precisions\":{", large ? "large" : "base", threads, vf / 1e9);
+  else {
+    printf("geometry %s, %d threads, vision %.1f GFLOP/image\n", large ? "ViT-L/16 384 + BERT-base" : "ViT-B/16 384 + BERT-base", threads, vf / 1e9);
+    printf("measured peaks (GFLOP/s): f32 FMA %.1f, bf16 vdpbf16ps %.1f, int8 vpdpbusd %.1f\n", peaks[0] / 1e9, peaks[1] / 1e9, peaks[2] / 1e9);
+    if (prec != 3) printf("(one precision: the \"x f32\" ratios need --precision all and read 0)\n");
   }
+  for (int p = lo_p; p <= hi_p; p++) {
+    const result *r = &res[p];
+    double sp1 = prec == 3 ? res[0].vis[0] / r->vis[0] : 0, sp8 = prec == 3 ? res[0].vis[1] / r->vis[1] : 0;
+    if (json) {
+      printf("%s\"%s\":{\"init_s\":%.3f,\"peak_gflops\":%.1f,\"vision_img_s_b1\":%.3f,\"vision_img_s_b8\":%.3f,"
+             "\"vision_peak_share_b1\":%.3f,\"vision_peak_share_b8\":%.3f,\"speedup_vs_f32_b1\":%.2f,\"speedup_vs_f32_b8\":%.2f,"
+             "\"text_ms_12tok\":%.2f,\"itm_fast_ms\":{\"k1\":%.2f,\"k16\":%.2f,\"k32\":%.2f}",
+             p == lo_p ? "" : ",", prec_name[p], r->init_s, peaks[p] / 1e9, 1 / r->vis[0], 1 / r->vis[1], vf / r->vis[0] / peaks[p],
+             vf / r->vis[1] / peaks[p], sp1, sp8, r->text_ms, r->itm[1][0], r->itm[1][1], r->itm[1][2]);
+      if (naive) printf(",\"itm_naive_ms\":{\"k1\":%.2f,\"k16\":%.2f,\"k32\":%.2f}", r->itm[0][0], r->itm[0][1], r->itm[0][2]);
+      printf("}");
+    } else {
+      printf("[%s] model init %.2f s (random fill + conversion)\n", prec_name[p], r->init_s);
+      for (int b = 0; b < 2; b++)
+        printf("  vision batch %d: %6.3f images/s  %6.1f GFLOP/s  %4.1f%% of %s peak  %.2fx f32\n", b ? 8 : 1, 1 / r->vis[b],
+               vf / r->vis[b] / 1e9, 100 * vf / r->vis[b] / peaks[p], prec_name[p], b ? sp8 : sp1);
+      printf("  text encoder, 12 tokens: %.2f ms (%.2fx f32)\n", r->text_ms, prec == 3 ? res[0].text_ms / r->text_ms : 0);
+      for (int ki = 0; ki < 3; ki++) {
+        printf("  ITM k=%-2d reassociated %8.2f ms (%.2f ms/pair, %.2fx f32)", ks[ki], r->itm[1][ki], r->itm[1][ki] / ks[ki],
+               prec == 3 ? res[0].itm[1][ki] / r->itm[1][ki] : 0);
+        if (naive) printf("   naive %8.2f ms", r->itm[0][ki]);
+        printf("\n");
+      }
+    }
+  }
+  if (json) printf("}}\n");
   free(px);
   free(emb);
-  blip_model_free(m);
   return 0;
 }

@@ -21,7 +21,7 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: blip-embed --model DIR [--image FILE]... [--pixels FILE.safetensors:TENSOR] [--text STR]...\n"
           "                  [--itm] [--itm-first-token enc|cls] [--naive-itm] [--pre-caption] [--max-len N]\n"
-          "                  [--no-autorotate] [--no-color-manage] [--threads N] [--json]\n"
+          "                  [--no-autorotate] [--no-color-manage] [--threads N] [--precision f32|bf16|int8] [--json]\n"
           "\n"
           "Computes BLIP image features (--image, --pixels: F32 [N,3,S,S] already preprocessed), text features\n"
           "(--text), their ITC cosine similarities, and with --itm the ITM logits [no-match, match] of every\n"
@@ -30,7 +30,9 @@ static void usage(FILE *f) {
           "preprocessing (PIL, as in BLIP's evaluation) applies neither: --no-autorotate --no-color-manage.\n"
           "--pre-caption cleans texts with BLIP's pre_caption first (as retrieval evaluation does).\n"
           "--json prints {image_feat, text_feat, input_ids, itc, itm_logits}; input_ids hold the real\n"
-          "tokens ([CLS] ... [SEP], no padding).\n");
+          "tokens ([CLS] ... [SEP], no padding).\n"
+          "--precision picks the compute precision of the linear layers (default f32; bf16 and int8 are\n"
+          "faster and approximate: see the engine's accuracy figures).\n");
 }
 
 static int fail(const char *what) {
@@ -79,11 +81,12 @@ int main(int argc, char **argv) {
   const char **images = calloc((size_t)argc, sizeof *images), **texts = calloc((size_t)argc, sizeof *texts);
   int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1, colour = 1;
   blip_itm_first first = BLIP_ITM_ENC;
+  blip_model_opts opts = {.precision = BLIP_PREC_F32};
   static struct option lo[] = {
     {"model", 1, 0, 'm'}, {"image", 1, 0, 'i'}, {"pixels", 1, 0, 'p'}, {"text", 1, 0, 't'},
     {"itm", 0, 0, 'I'}, {"itm-first-token", 1, 0, 'F'}, {"naive-itm", 0, 0, 'N'}, {"pre-caption", 0, 0, 'P'},
-    {"max-len", 1, 0, 'L'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"threads", 1, 0, 'T'}, {"json", 0, 0, 'j'},
-    {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+    {"max-len", 1, 0, 'L'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"threads", 1, 0, 'T'},
+    {"json", 0, 0, 'j'}, {"precision", 1, 0, 'X'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "m:i:p:t:h", lo, NULL)) != -1;) {
     switch (c) {
     case 'm': model_dir = optarg; break;
@@ -103,6 +106,12 @@ int main(int argc, char **argv) {
     case 'C': colour = 0; break;
     case 'T': threads = atoi(optarg); break;
     case 'j': json = 1; break;
+    case 'X':
+      if (!strcmp(optarg, "f32")) opts.precision = BLIP_PREC_F32;
+      else if (!strcmp(optarg, "bf16")) opts.precision = BLIP_PREC_BF16;
+      else if (!strcmp(optarg, "int8")) opts.precision = BLIP_PREC_INT8;
+      else { fprintf(stderr, "blip-embed: --precision takes f32, bf16 or int8\n"); goto usage_err; }
+      break;
     case 'h': usage(stdout); free(images), free(texts); return 0;
     default: goto usage_err;
     }
@@ -115,7 +124,7 @@ int main(int argc, char **argv) {
   }
   blip_k_set_threads(threads);
   blip_model *m = NULL;
-  if (blip_model_load(model_dir, NULL, &m)) {
+  if (blip_model_load(model_dir, &opts, &m)) {
     free(images), free(texts);
     return fail(model_dir);
   }

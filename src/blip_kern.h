@@ -1,32 +1,80 @@
 /* blip_kern: the numeric kernels of the engine, op(out, in, weights, dims).
  *
- * Row-major float32 throughout. GEMMs go to oneDNN (dnnl_sgemm; inside an
- * OpenMP parallel region oneDNN runs single-threaded, which the attention
- * kernel relies on). Everything else is OpenMP. One thread count for the
- * whole engine: blip_k_set_threads(). Kernels never allocate except
- * blip_k_attention's per-thread score rows (checked; BLIP_ENOMEM). */
+ * Activations are row-major float32 throughout. Linear layers can be
+ * packed once (blip_k_linear_pack) into a oneDNN matmul with weights in
+ * the library's blocked layout, in f32, bf16 (f32 accumulate) or int8
+ * (s8 weights with per-output-channel scales, u8 activations quantized
+ * per row with their own scale and zero point, s32 accumulate). Bias,
+ * exact-erf GELU and the residual add are fused: as oneDNN post-ops in
+ * f32/bf16, in the dequantizing epilogue in int8. Primitives are cached
+ * per row count; more than 768 rows run in row chunks (cache locality).
+ * f32 attention and unpacked layers go to dnnl_sgemm (inside an OpenMP
+ * parallel region oneDNN runs single-threaded, which the attention kernel
+ * relies on); bf16 attention and blip_k_gemm_bf16 to oneDNN matmul.
+ * Everything else is OpenMP. One thread count for the whole engine:
+ * blip_k_set_threads(). Kernels never allocate except to grow a workspace
+ * (blip_k_ws), for primitive caches, and for attention scores when given
+ * no workspace (all checked; BLIP_ENOMEM). */
 #ifndef BLIP_KERN_H
 #define BLIP_KERN_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 void blip_k_set_threads(int n); /* <= 0: all cores */
 int blip_k_threads(void);
 
+/* Compute precision of a packed linear layer (same values as blip_prec). */
+typedef enum { BLIP_K_F32 = 0, BLIP_K_BF16 = 1, BLIP_K_INT8 = 2 } blip_k_prec;
+
+/* Scratch shared by the packed layers of one model (converted or quantized
+ * activations, row scales, int32 results). Not thread-safe, like the
+ * model context that owns it. Zero-initialize; release with blip_k_ws_free. */
+typedef struct {
+  void *p;
+  size_t cap;
+  void *stream; /* the oneDNN stream the model's layers run on */
+  void *att;    /* blip_k_attention_bf16's primitive cache */
+  void *gemm;   /* blip_k_gemm_bf16's primitive cache */
+} blip_k_ws;
+void blip_k_ws_free(blip_k_ws *ws);
+
+typedef struct blip_k_packed blip_k_packed;
+
 /* A linear layer y = x W^T + b; W is [out, in] as PyTorch stores it.
- * b may be NULL. Precision-specific packed forms hang off `packed`. */
+ * b may be NULL. Once packed, w is no longer read by the forward pass. */
 typedef struct {
   int in, out;
   const float *w;
   const float *b;
-  void *packed; /* owned by the model; NULL for plain f32 */
+  blip_k_packed *packed; /* NULL: plain f32 through dnnl_sgemm */
 } blip_k_linear;
+
+/* Build l->packed from l->w in precision `prec`; ws is the model's shared
+ * scratch and must outlive the layer. */
+int blip_k_linear_pack(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws);
+void blip_k_linear_unpack(blip_k_linear *l);
+/* Bytes held by the packed form (weights, scales, column sums). */
+size_t blip_k_linear_packed_bytes(const blip_k_linear *l);
+/* Quantization steps of the int8 path, exposed for tests:
+ * w [out,in] -> q [out,in] s8 with scale[o] = max|w_o| / 127, and
+ * x [n] -> u8 with x ~ (q - zp) * scale over a range that includes 0. */
+void blip_k_quant_w(int8_t *q, float *scale, int32_t *colsum, const float *w, int out, int in);
+void blip_k_quant_row(uint8_t *q, float *scale, int32_t *zp, const float *x, int n);
 
 /* C[M,N] = alpha * op(A) op(B) + beta * C, row-major; ta/tb: 0 = as is, 1 = transposed. */
 int blip_k_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
                 float beta, float *C, int ldc);
 /* out[M, l->out] = in[M, l->in] W^T + b */
 int blip_k_linear_fwd(float *out, const float *in, const blip_k_linear *l, int M);
+/* Fused forms: BLIP_K_GELU applies exact GELU to the result; BLIP_K_ACCUM
+ * adds the result to what out holds (the residual). GELU comes first. */
+enum { BLIP_K_GELU = 1, BLIP_K_ACCUM = 2 };
+int blip_k_linear_fwd_ex(float *out, const float *in, const blip_k_linear *l, int M, int flags);
+/* Transformer MLP with residual: x += fc2(GELU(fc1(h))); h may be x. mid
+ * is scratch [M, fc1->out] floats. When both layers are packed bf16, fc1's output
+ * goes to fc2 in bf16, chunk by chunk (no f32 round trip, no conversion). */
+int blip_k_mlp(float *x, const float *h, const blip_k_linear *fc1, const blip_k_linear *fc2, int M, float *mid);
 
 /* out = LayerNorm(in) over rows of N (out may equal in). */
 void blip_k_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps);
@@ -42,9 +90,25 @@ void blip_k_l2norm(float *x, int rows, int cols);
 
 /* Multi-head attention for one sequence: for each head h (columns h*dh..),
  * out_h = softmax(scale * q_h k_h^T + mask) v_h. mask_add [Lk] is added to
- * every score row (NULL = none). Parallel over heads. */
+ * every score row (NULL = none). Parallel over heads. The score rows live
+ * in ws (the model's scratch, so repeated calls do not fault in fresh
+ * pages); ws NULL allocates them for this call. */
 int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
-                     int Lq, int Lk, int heads, int dh, float scale, const float *mask_add);
+                     int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
+
+/* The same attention with bf16 operands: q, k, v and the softmax
+ * probabilities are rounded to bf16; scores, softmax and accumulation stay
+ * f32. All heads go through two batched oneDNN matmuls. ws is required
+ * (converted operands, scores, and the primitives per shape). */
+int blip_k_attention_bf16(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
+                          int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
+
+/* C[M,N] = A op(B) with bf16 operands and f32 accumulation/output,
+ * row-major; tb = 1: B is stored [N,K]. Primitives cached per shape in ws. */
+int blip_k_gemm_bf16(int tb, int M, int N, int K, const uint16_t *A, int lda, const uint16_t *B, int ldb, float *C, int ldc,
+                     blip_k_ws *ws);
+/* f32 -> bf16, round to nearest even. */
+void blip_k_to_bf16(uint16_t *dst, const float *src, long n);
 
 /* Vectorizable scalar functions, exposed for tests. */
 float blip_k_expf(float x);

@@ -4,26 +4,36 @@
  * Invariants:
  * - Every weight pointer is either into the safetensors mmap (F32 tensors
  *   at 4-byte aligned offsets: zero copy) or into a buffer listed in
- *   m->owned (converted F16/BF16, random weights, repacked layers).
+ *   m->owned (converted F16/BF16, random weights).
+ * - bind_all converts each layer's GEMMs to the precision's packed form
+ *   (blip_k_linear.packed) as soon as the layer is bound, and releases
+ *   their f32 weights (l->w = NULL): packed layers never read w again.
  * - All shapes are checked against the config at load; forward passes
  *   trust them.
- * - Scratch memory is one growing arena per context, so a context is not
- *   thread-safe but repeated calls do not allocate. */
+ * - Scratch memory is one growing arena per context plus the packed
+ *   layers' workspace (m->ws), so a context is not thread-safe but
+ *   repeated calls do not allocate. */
 #include "blip_model.h"
 #include "blip_err.h"
 #include "blip_kern.h"
 #include "blip_st.h"
 
 #include <math.h>
-#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 typedef struct {
   const float *g, *b;
 } ln_w;
+
+typedef struct {
+  const void *p;
+  size_t n;
+} released;
 
 typedef struct { /* ViT pre-norm block */
   ln_w ln1, ln2;
@@ -61,6 +71,9 @@ struct blip_model {
   int n_owned, cap_owned;
   float *arena;
   size_t arena_cap;
+  blip_k_ws ws; /* scratch of the packed layers */
+  released rel[1024]; /* mmap ranges of dead tensors, dropped at the end of the load */
+  int n_rel;
   char fingerprint[17];
 };
 
@@ -99,6 +112,25 @@ static void fill_random(float *w, int64_t n, const char *name, int64_t fan_in, u
   }
 }
 
+/* Drop the mmap pages of dead tensors: converted ones and packed f32 ones
+ * (re-read from the file if ever touched, which the forward pass does
+ * not do). */
+static void drop_released(blip_model *m) {
+  const long pg = sysconf(_SC_PAGESIZE);
+  for (int i = 0; i < m->n_rel; i++) {
+    uintptr_t a = (uintptr_t)m->rel[i].p, e = a + m->rel[i].n;
+    a = (a + pg - 1) & ~(uintptr_t)(pg - 1);
+    e &= ~(uintptr_t)(pg - 1);
+    if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
+  }
+  m->n_rel = 0;
+}
+
+static void queue_drop(blip_model *m, const void *p, size_t n) {
+  if (m->n_rel == (int)(sizeof m->rel / sizeof m->rel[0])) drop_released(m); /* early: less effective, still correct */
+  m->rel[m->n_rel++] = (released){p, n};
+}
+
 /* Bind weight `name` of the given shape to *out. */
 static int bind(blip_model *m, const char *name, int ndim, const int64_t *shape, const float **out) {
   int64_t numel = 1;
@@ -129,6 +161,7 @@ static int bind(blip_model *m, const char *name, int ndim, const int64_t *shape,
     free(w);
     return rc;
   }
+  queue_drop(m, t->data, t->nbytes); /* converted: the file's copy is dead */
   *out = w;
   return BLIP_OK;
 }
@@ -158,6 +191,47 @@ static int bind_ln(blip_model *m, ln_w *l, const char *prefix, int n) {
   return bind_vec(m, name, n, &l->b);
 }
 
+/* After packing, the f32 copy of a layer is dead: free it when we own it,
+ * or queue its mmap range for drop_released(). Dropping waits until every
+ * tensor is read: faulting in a neighbour maps the surrounding page-cache
+ * folio again, dropped range included. */
+static void release_f32(blip_model *m, blip_k_linear *l) {
+  for (int i = 0; i < m->n_owned; i++)
+    if (m->owned[i] == l->w) {
+      free(m->owned[i]);
+      m->owned[i] = NULL;
+      l->w = NULL;
+      return;
+    }
+  queue_drop(m, l->w, (size_t)l->in * l->out * sizeof(float));
+  l->w = NULL;
+}
+
+/* Pack the GEMM-heavy layers for the chosen precision, one layer as soon
+ * as it is bound, so that at most one layer's f32 staging copy is alive
+ * besides the packed weights. Kept in f32 and why: the patch embedding
+ * (raw pixels in, 0.6% of the vision FLOPs, f32 packed); the
+ * cross-attention key/value (the reassociated ITM multiplies by their
+ * per-head slices in f32); the three heads (one row per call). */
+static int pack_list(blip_model *m, blip_k_linear **ls, int n, blip_k_prec prec) {
+  for (int j = 0; j < n; j++) {
+    int rc = blip_k_linear_pack(ls[j], prec, &m->ws);
+    if (rc) return rc;
+    release_f32(m, ls[j]);
+  }
+  return BLIP_OK;
+}
+
+static int pack_vis_layer(blip_model *m, vis_layer *L) {
+  blip_k_linear *ls[4] = {&L->qkv, &L->proj, &L->fc1, &L->fc2};
+  return pack_list(m, ls, 4, (blip_k_prec)m->opts.precision);
+}
+
+static int pack_txt_layer(blip_model *m, txt_layer *L) {
+  blip_k_linear *ls[8] = {&L->q, &L->k, &L->v, &L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2};
+  return pack_list(m, ls, 8, (blip_k_prec)m->opts.precision);
+}
+
 static int bind_all(blip_model *m) {
   const blip_cfg *c = &m->cfg;
   const int Dv = c->v_hidden, Dt = c->t_hidden, p = c->patch;
@@ -172,13 +246,16 @@ static int bind_all(blip_model *m) {
       return rc;
     m->patch.in = 3 * p * p;
     m->patch.out = Dv;
+    blip_k_linear *pl = &m->patch;
+    if ((rc = pack_list(m, &pl, 1, BLIP_K_F32))) return rc;
   }
   for (int i = 0; i < c->v_layers; i++) {
     vis_layer *L = &m->vl[i];
 #define VP(s) (snprintf(pre, sizeof pre, "vision_model.encoder.layers.%d.%s", i, s), pre)
     if ((rc = bind_ln(m, &L->ln1, VP("layer_norm1"), Dv)) || (rc = bind_lin(m, &L->qkv, VP("self_attn.qkv"), 3 * Dv, Dv)) ||
         (rc = bind_lin(m, &L->proj, VP("self_attn.projection"), Dv, Dv)) || (rc = bind_ln(m, &L->ln2, VP("layer_norm2"), Dv)) ||
-        (rc = bind_lin(m, &L->fc1, VP("mlp.fc1"), c->v_mlp, Dv)) || (rc = bind_lin(m, &L->fc2, VP("mlp.fc2"), Dv, c->v_mlp)))
+        (rc = bind_lin(m, &L->fc1, VP("mlp.fc1"), c->v_mlp, Dv)) || (rc = bind_lin(m, &L->fc2, VP("mlp.fc2"), Dv, c->v_mlp)) ||
+        (rc = pack_vis_layer(m, L)))
       return rc;
 #undef VP
   }
@@ -206,7 +283,7 @@ static int bind_all(blip_model *m) {
         (rc = bind_ln(m, &L->ln_cross, TP("crossattention.output.LayerNorm"), Dt)) ||
         (rc = bind_lin(m, &L->ffn1, TP("intermediate.dense"), c->t_mlp, Dt)) ||
         (rc = bind_lin(m, &L->ffn2, TP("output.dense"), Dt, c->t_mlp)) ||
-        (rc = bind_ln(m, &L->ln_ffn, TP("output.LayerNorm"), Dt)))
+        (rc = bind_ln(m, &L->ln_ffn, TP("output.LayerNorm"), Dt)) || (rc = pack_txt_layer(m, L)))
       return rc;
 #undef TP
   }
@@ -243,8 +320,36 @@ static void make_fingerprint(blip_model *m) {
   XXH3_freeState(s);
 }
 
+/* Every linear layer of the model, for packing and freeing. */
+static int all_linears(blip_model *m, blip_k_linear **out) {
+  int n = 0;
+  out[n++] = &m->patch;
+  for (int i = 0; i < m->cfg.v_layers; i++) {
+    vis_layer *L = &m->vl[i];
+    out[n++] = &L->qkv, out[n++] = &L->proj, out[n++] = &L->fc1, out[n++] = &L->fc2;
+  }
+  for (int i = 0; i < m->cfg.t_layers; i++) {
+    txt_layer *L = &m->tl[i];
+    out[n++] = &L->q, out[n++] = &L->k, out[n++] = &L->v, out[n++] = &L->o, out[n++] = &L->cq, out[n++] = &L->ck;
+    out[n++] = &L->cv, out[n++] = &L->co, out[n++] = &L->ffn1, out[n++] = &L->ffn2;
+  }
+  out[n++] = &m->vision_proj, out[n++] = &m->text_proj, out[n++] = &m->itm_head;
+  return n;
+}
+
+static int n_linears(const blip_cfg *c) { return 4 + 4 * c->v_layers + 10 * c->t_layers; }
+
 void blip_model_free(blip_model *m) {
   if (!m) return;
+  if (m->vl && m->tl) {
+    blip_k_linear **ls = malloc((size_t)n_linears(&m->cfg) * sizeof *ls);
+    if (ls) { /* on failure the packed layers leak rather than crash */
+      int n = all_linears(m, ls);
+      for (int i = 0; i < n; i++) blip_k_linear_unpack(ls[i]);
+      free(ls);
+    }
+  }
+  blip_k_ws_free(&m->ws);
   for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
   free(m->owned);
   free(m->vl);
@@ -267,9 +372,9 @@ static int model_new(const blip_cfg *cfg, const blip_model_opts *opts, blip_mode
     blip_model_free(m);
     return blip_err_set(BLIP_ENOMEM, "out of memory");
   }
-  if (m->opts.precision != BLIP_PREC_F32) {
+  if (m->opts.precision != BLIP_PREC_F32 && m->opts.precision != BLIP_PREC_BF16 && m->opts.precision != BLIP_PREC_INT8) {
     blip_model_free(m);
-    return blip_err_set(BLIP_EUNSUPPORTED, "precision %d is not available in this build", (int)m->opts.precision);
+    return blip_err_set(BLIP_EINVAL, "unknown precision %d", (int)m->opts.precision);
   }
   *out = m;
   return BLIP_OK;
@@ -298,6 +403,7 @@ int blip_model_load(const char *dir, const blip_model_opts *opts, blip_model **o
     goto fail;
   }
   make_fingerprint(m);
+  drop_released(m);
   *out = m;
   return BLIP_OK;
 fail:
@@ -336,6 +442,15 @@ static float *arena(blip_model *m, size_t nfloats) {
     m->arena_cap = nfloats;
   }
   return m->arena;
+}
+
+/* Self-attention in the model's precision: f32 per head, or bf16 operands
+ * (f32 softmax and accumulation) for the bf16 and int8 models. */
+static int self_attn(blip_model *m, float *out, int ldo, const float *q, const float *k, const float *v, int ld, int L, int H,
+                     int dh, float scale, const float *mask_add) {
+  if (m->opts.precision == BLIP_PREC_F32)
+    return blip_k_attention(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
+  return blip_k_attention_bf16(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
 }
 
 #define TRY(x) do { if ((rc = (x)) != BLIP_OK) goto done; } while (0)
@@ -383,15 +498,11 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
     TRY(blip_k_linear_fwd(qkv, h, &L->qkv, M));
     for (int b = 0; b < n; b++) {
       const float *q = qkv + (size_t)b * T * 3 * D;
-      TRY(blip_k_attention(att + (size_t)b * T * D, D, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, NULL));
+      TRY(self_attn(m, att + (size_t)b * T * D, D, q, q + D, q + 2 * D, 3 * D, T, H, dh, scale, NULL));
     }
-    TRY(blip_k_linear_fwd(h, att, &L->proj, M));
-    blip_k_add(x, h, (long)M * D);
+    TRY(blip_k_linear_fwd_ex(x, att, &L->proj, M, BLIP_K_ACCUM));
     blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
-    TRY(blip_k_linear_fwd(mlp, h, &L->fc1, M));
-    blip_k_gelu(mlp, (long)M * c->v_mlp);
-    TRY(blip_k_linear_fwd(h, mlp, &L->fc2, M));
-    blip_k_add(x, h, (long)M * D);
+    TRY(blip_k_mlp(x, h, &L->fc1, &L->fc2, M, mlp));
   }
   blip_k_layernorm(x, x, m->post_ln.g, m->post_ln.b, M, D, c->v_eps);
   if (embeds) memcpy(embeds, x, (size_t)M * D * sizeof(float));
@@ -425,59 +536,58 @@ static void text_embed(const blip_model *m, float *x, const int32_t *ids, int ro
   blip_k_layernorm(x, x, m->emb_ln.g, m->emb_ln.b, rows * L, D, m->cfg.t_eps);
 }
 
-/* Reassociated cross-attention (see blip-reference.md), rows sequences of
- * L tokens, row r attending to images[r]:
+/* Reassociated cross-attention (see blip-reference.md), for `rows`
+ * sequences of Lq queries, row r attending to image tokens X_r [T, Dx]:
  * scores_h = (q_h Wk_h) X^T (the key bias adds a per-row constant, which
  * softmax cancels), out_h = (P_h X) Wv_h^T + bv_h (rows of P sum to 1).
- * The image tokens X are never projected. The heads of one row are stacked
- * into [H*L, Dx] so that the two products with X are one GEMM each (M = H*L)
- * rather than H thin ones; rows run in parallel, one scratch block of
- * reassoc_floats() per thread. */
-static size_t reassoc_floats(int H, int L, int T, int Dx) { return (size_t)H * L * (2 * (size_t)Dx + T); }
-
-static int cross_attn_reassoc(float *out, const float *q, int rows, int L, const float *const *images, int T,
-                              const blip_k_linear *ck, const blip_k_linear *cv, int H, int dh, float scale, float *scr) {
-  const int Dt = H * dh, Dx = ck->in, HL = H * L;
-  const int nt = rows < blip_k_threads() ? rows : blip_k_threads();
+ * The image tokens are never projected. The products with the weights
+ * run once per head over all rows (threaded GEMMs with M = rows*Lq); the
+ * products with X run per sequence for all heads at once ([H*Lq, Dx] x
+ * X^T, then [H*Lq, T] x X). Between the two, per-head blocks are
+ * gathered/scattered: scr holds AC [H][rows*Lq][Dx], then A_r, P_r, C_r. */
+static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int rows, int Lq, const float *const *images,
+                              const uint16_t *const *images16, int T, const blip_k_linear *ck, const blip_k_linear *cv, int H,
+                              int dh, float scale, float *scr) {
+  const int Dt = H * dh, Dx = ck->in, R = H * Lq, M = rows * Lq;
+  float *AC = scr, *A = AC + (size_t)H * M * Dx, *P = A + (size_t)R * Dx, *C = P + (size_t)R * T;
+  uint16_t *A16 = (uint16_t *)(void *)(C + (size_t)R * Dx), *P16 = A16 + (size_t)R * Dx;
+  const size_t blk = (size_t)Lq * Dx; /* one head's block of one sequence */
   int rc = BLIP_OK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int r = 0; r < rows; r++) {
-    float *B = scr + (size_t)(nt > 1 ? omp_get_thread_num() : 0) * reassoc_floats(H, L, T, Dx);
-    float *P = B + (size_t)HL * Dx, *C = P + (size_t)HL * T;
-    const float *qr = q + (size_t)r * L * Dt, *X = images[r];
-    float *o = out + (size_t)r * L * Dt;
-    int e = BLIP_OK;
-    for (int h = 0; h < H && !e; h++) /* B[h*L + i] = q_h[i] Wk_h */
-      e = blip_k_gemm(0, 0, L, Dx, dh, 1.0f, qr + h * dh, Dt, ck->w + (size_t)h * dh * Dx, Dx, 0.0f,
-                      B + (size_t)h * L * Dx, Dx);
-    if (!e) e = blip_k_gemm(0, 1, HL, T, Dx, scale, B, Dx, X, Dx, 0.0f, P, T);
-    if (!e) {
-      blip_k_softmax(P, HL, T);
-      e = blip_k_gemm(0, 0, HL, Dx, T, 1.0f, P, T, X, Dx, 0.0f, C, Dx);
+  for (int h = 0; h < H && !rc; h++) /* AC[h] = scale q_h Wk_h */
+    rc = blip_k_gemm(0, 0, M, Dx, dh, scale, q + h * dh, Dt, ck->w + (size_t)h * dh * Dx, Dx, 0.0f, AC + (size_t)h * M * Dx, Dx);
+  for (int r = 0; r < rows && !rc; r++) {
+    for (int h = 0; h < H; h++) memcpy(A + h * blk, AC + ((size_t)h * rows + r) * blk, blk * sizeof(float));
+    if (images16) { /* bf16 and int8 models: both products with X in bf16 */
+      blip_k_to_bf16(A16, A, (long)R * Dx);
+      if ((rc = blip_k_gemm_bf16(1, R, T, Dx, A16, Dx, images16[r], Dx, P, T, &m->ws))) break;
+      blip_k_softmax(P, R, T);
+      blip_k_to_bf16(P16, P, (long)R * T);
+      if ((rc = blip_k_gemm_bf16(0, R, Dx, T, P16, T, images16[r], Dx, C, Dx, &m->ws))) break;
+    } else {
+      if ((rc = blip_k_gemm(0, 1, R, T, Dx, 1.0f, A, Dx, images[r], Dx, 0.0f, P, T))) break;
+      blip_k_softmax(P, R, T);
+      if ((rc = blip_k_gemm(0, 0, R, Dx, T, 1.0f, P, T, images[r], Dx, 0.0f, C, Dx))) break;
     }
-    for (int h = 0; h < H && !e; h++)
-      e = blip_k_gemm(0, 1, L, dh, Dx, 1.0f, C + (size_t)h * L * Dx, Dx, cv->w + (size_t)h * dh * Dx, Dx, 0.0f,
-                      o + h * dh, Dt);
-    if (!e)
-      for (int i = 0; i < L; i++)
-        for (int j = 0; j < Dt; j++) o[(size_t)i * Dt + j] += cv->b[j];
-    if (e) {
-#pragma omp atomic write
-      rc = e;
-    }
+    for (int h = 0; h < H; h++) memcpy(AC + ((size_t)h * rows + r) * blk, C + h * blk, blk * sizeof(float));
   }
-  return rc;
+  for (int h = 0; h < H && !rc; h++) /* out_h = C_h Wv_h^T, all rows */
+    rc = blip_k_gemm(0, 1, M, dh, Dx, 1.0f, AC + (size_t)h * M * Dx, Dx, cv->w + (size_t)h * dh * Dx, Dx, 0.0f, out + h * dh, Dt);
+  if (rc) return rc;
+#pragma omp parallel for if ((long)M * Dt > 32768)
+  for (int i = 0; i < M; i++)
+    for (int j = 0; j < Dt; j++) out[(size_t)i * Dt + j] += cv->b[j];
+  return BLIP_OK;
 }
 
 /* BERT encoder over `rows` sequences of length L, x in/out [rows*L, Dt].
  * mask_add [rows*L] or NULL. images NULL = unimodal; else images[r] is the
  * [T, Dx] token matrix that row r cross-attends to. */
 static int text_encode(blip_model *m, float *x, int rows, int L, const float *mask_add, const float *const *images,
-                       int fast, float *buf) {
+                       const uint16_t *const *images16, int fast, float *buf) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden, H = c->t_heads, dh = D / H, M = rows * L, T = c->v_tokens, Dx = c->t_enc_hidden;
-  float *q = buf, *k = q + (size_t)M * D, *v = k + (size_t)M * D, *att = v + (size_t)M * D, *tmp = att + (size_t)M * D;
-  float *ff = tmp + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
+  float *q = buf, *k = q + (size_t)M * D, *v = k + (size_t)M * D, *att = v + (size_t)M * D;
+  float *ff = att + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
   const float scale = 1.0f / sqrtf((float)dh);
   int rc = BLIP_OK;
   for (int l = 0; l < c->t_layers; l++) {
@@ -487,30 +597,27 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
     TRY(blip_k_linear_fwd(v, x, &Ly->v, M));
     for (int r = 0; r < rows; r++) {
       size_t o = (size_t)r * L * D;
-      TRY(blip_k_attention(att + o, D, q + o, D, k + o, D, v + o, D, L, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
+      TRY(self_attn(m, att + o, D, q + o, k + o, v + o, D, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
     }
-    TRY(blip_k_linear_fwd(tmp, att, &Ly->o, M));
-    blip_k_add_layernorm(x, tmp, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
+    TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
+    blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
     if (images) {
       TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
-      if (fast) {
-        TRY(cross_attn_reassoc(att, q, rows, L, images, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
-      } else {
-        for (int r = 0; r < rows; r++) {
-          size_t o = (size_t)r * L * D;
+      if (fast) TRY(cross_attn_reassoc(m, att, q, rows, L, images, images16, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
+      for (int r = 0; r < rows && !fast; r++) {
+        size_t o = (size_t)r * L * D;
+        {
           float *ik = ff, *iv = ff + (size_t)T * D;
           TRY(blip_k_linear_fwd(ik, images[r], &Ly->ck, T));
           TRY(blip_k_linear_fwd(iv, images[r], &Ly->cv, T));
-          TRY(blip_k_attention(att + o, D, q + o, D, ik, D, iv, D, L, T, H, dh, scale, NULL));
+          TRY(blip_k_attention(att + o, D, q + o, D, ik, D, iv, D, L, T, H, dh, scale, NULL, &m->ws));
         }
       }
-      TRY(blip_k_linear_fwd(tmp, att, &Ly->co, M));
-      blip_k_add_layernorm(x, tmp, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
+      TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
+      blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
     }
-    TRY(blip_k_linear_fwd(ff, x, &Ly->ffn1, M));
-    blip_k_gelu(ff, (long)M * c->t_mlp);
-    TRY(blip_k_linear_fwd(tmp, ff, &Ly->ffn2, M));
-    blip_k_add_layernorm(x, tmp, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
+    TRY(blip_k_mlp(x, x, &Ly->ffn1, &Ly->ffn2, M, ff));
+    blip_k_layernorm(x, x, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
   }
   (void)Dx;
 done:
@@ -522,12 +629,12 @@ static size_t text_scratch(const blip_cfg *c, int rows, int L, int images) {
   size_t M = (size_t)rows * L, D = c->t_hidden, T = c->v_tokens, Dx = c->t_enc_hidden;
   size_t ff = M * c->t_mlp;
   if (images) {
-    int nt = rows < blip_k_threads() ? rows : blip_k_threads();
-    size_t kv = 2 * T * D, re = (size_t)nt * reassoc_floats(c->t_heads, L, (int)T, (int)Dx);
+    /* AC, A, P, C in floats, then A16 and P16 (bf16, rounded up to floats) */
+    size_t kv = 2 * T * D, re = (size_t)c->t_heads * (M * Dx + L * Dx * 2 + (size_t)L * T) + (size_t)c->t_heads * L * (Dx + T) / 2 + 1;
     if (kv > ff) ff = kv;
     if (re > ff) ff = re;
   }
-  return 5 * M * D + ff;
+  return 4 * M * D + ff;
 }
 
 int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int n, int L, float *embeds, float *feat) {
@@ -542,7 +649,7 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
   float *x = a, *madd = x + M * D, *buf = madd + M;
   for (size_t i = 0; i < M; i++) madd[i] = mask && !mask[i] ? -10000.0f : 0.0f;
   text_embed(m, x, ids, n, L);
-  TRY(text_encode(m, x, n, L, madd, NULL, 0, buf));
+  TRY(text_encode(m, x, n, L, madd, NULL, NULL, 0, buf));
   if (embeds) memcpy(embeds, x, M * D * sizeof(float));
   if (feat) {
     for (int b = 0; b < n; b++) TRY(blip_k_linear_fwd(feat + (size_t)b * c->embed_dim, x + (size_t)b * L * D, &m->text_proj, 1));
@@ -559,19 +666,32 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
   int rc = check_ids(m, ids, len, len);
   if (rc) return rc;
   if (k <= 0) return blip_err_set(BLIP_EINVAL, "itm: %d candidates", k);
-  size_t M = (size_t)k * len;
-  float *a = arena(m, M * D + M + text_scratch(c, k, len, 1));
+  /* bf16/int8 models: the candidates' image tokens in bf16, converted once
+   * for all layers of the reassociated cross-attention */
+  const int lp = fast && m->opts.precision != BLIP_PREC_F32;
+  const size_t M = (size_t)k * len, TD = (size_t)c->v_tokens * c->t_enc_hidden;
+  const size_t img16 = lp ? ((size_t)k * TD + 1) / 2 : 0; /* floats holding the bf16 copies */
+  float *a = arena(m, M * D + M + text_scratch(c, k, len, 1) + img16);
   int32_t *tid = malloc((size_t)len * sizeof *tid);
-  if (!a || !tid) {
+  const uint16_t **im16 = lp ? malloc((size_t)k * sizeof *im16) : NULL;
+  if (!a || !tid || (lp && !im16)) {
     free(tid);
+    free(im16);
     return blip_err_set(BLIP_ENOMEM, "itm: out of memory");
   }
   float *x = a, *buf = x + M * D + M;
+  if (lp) {
+    uint16_t *dst = (uint16_t *)(void *)(buf + text_scratch(c, k, len, 1));
+    for (int i = 0; i < k; i++) {
+      blip_k_to_bf16(dst + i * TD, images[i], (long)TD);
+      im16[i] = dst + i * TD;
+    }
+  }
   memcpy(tid, ids, (size_t)len * sizeof *tid);
   tid[0] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
   text_embed(m, x, tid, 1, len);
   for (int i = 1; i < k; i++) memcpy(x + (size_t)i * len * D, x, (size_t)len * D * sizeof(float));
-  TRY(text_encode(m, x, k, len, NULL, images, fast, buf));
+  TRY(text_encode(m, x, k, len, NULL, images, im16, fast, buf));
   for (int i = 0; i < k; i++) {
     const float *xi = x + (size_t)i * len * D;
     TRY(blip_k_linear_fwd(logits + 2 * i, xi, &m->itm_head, 1));
@@ -579,6 +699,7 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
   }
 done:
   free(tid);
+  free(im16);
   return rc;
 }
 

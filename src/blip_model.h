@@ -1,10 +1,16 @@
 /* blip_model: BLIP retrieval model (BlipForImageTextRetrieval) inference.
  *
  * An opaque context holding the geometry, the tokenizer and the weights.
- * F32 safetensors are used in place from the mmap; F16/BF16 files are
- * widened to f32 at load. Forward passes are batched and reentrant for
- * different contexts; one context must not be used from two threads at
- * once (it owns scratch buffers). Threads: blip_k_set_threads().
+ * At load the linear layers are converted once from the file (F32, F16 or
+ * BF16) to the chosen precision in oneDNN's blocked layout: f32, bf16, or
+ * int8 with per-output-channel scales (activations quantized per row).
+ * LayerNorm, softmax, GELU and residuals stay f32 in every precision; the
+ * patch embedding, cross-attention key/value and heads stay f32; the
+ * bf16/int8 models run self-attention with bf16 operands. The weights'
+ * f32 copies are released after conversion. Forward passes are batched
+ * and reentrant for different contexts; one context must not be used
+ * from two threads at once (it owns scratch buffers and oneDNN
+ * primitives). Threads: blip_k_set_threads().
  *
  * Shapes: T = cfg.v_tokens, Dv = cfg.v_hidden, Dt = cfg.t_hidden,
  * E = cfg.embed_dim, S = cfg.image_size. */
@@ -21,7 +27,7 @@ typedef struct blip_model blip_model;
 typedef enum { BLIP_PREC_F32 = 0, BLIP_PREC_BF16 = 1, BLIP_PREC_INT8 = 2 } blip_prec;
 
 typedef struct {
-  blip_prec precision;   /* compute precision of the linear layers */
+  blip_prec precision;   /* compute precision of the linear layers (see above) */
   const char *weights;   /* weights file; NULL = DIR/model.safetensors */
 } blip_model_opts;
 

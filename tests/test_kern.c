@@ -68,6 +68,157 @@ static void test_linear(int M, int in, int out, int bias) {
   free(x), free(w), free(b), free(y), free(r);
 }
 
+static double gelu_d(double v) { return 0.5 * v * (1.0 + erf(v / sqrt(2.0))); }
+static float bf16_round(float f) { /* round to nearest even, independently of the kernel's bit trick */
+  if (f == 0.0f) return f;
+  int e;
+  double m = frexp(f, &e); /* f = m 2^e, 0.5 <= |m| < 1: keep 8 significant bits */
+  return (float)ldexp(nearbyint(ldexp(m, 8)), e - 8);
+}
+
+/* Packed linear layer in each precision, with the fused flags, against a
+ * double reference computed on the same rounded/quantized operands:
+ * f32 exact inputs; bf16 inputs and weights rounded to bf16; int8 the
+ * weights and rows quantized by the (separately tested) quantizers. */
+static void test_packed(blip_k_prec prec, int M, int in, int out, int flags, int bias) {
+  float *x = rnd((long)M * in, 2), *w = rnd((long)out * in, 0.3f), *b = rnd(out, 1);
+  if (!bias) memset(b, 0, sizeof(float) * out); /* the reference adds zeros; the layer gets NULL */
+  float *y = rnd((long)M * out, 1), *r = malloc(sizeof(float) * M * out);
+  double *xd = malloc(sizeof(double) * M * in), *wd = malloc(sizeof(double) * out * in);
+  for (int i = 0; i < M; i++) x[(long)i * in + i % in] += 4.0f; /* a positive outlier per row */
+  if (prec == BLIP_K_INT8) {
+    int8_t *qw = malloc((size_t)out * in);
+    uint8_t *qx = malloc((size_t)in);
+    float *ws = malloc(sizeof(float) * out), xs;
+    int32_t *cs = malloc(sizeof(int32_t) * out), zp;
+    blip_k_quant_w(qw, ws, cs, w, out, in);
+    for (long i = 0; i < (long)out * in; i++) wd[i] = (double)qw[i] * ws[i / in];
+    for (int i = 0; i < M; i++) {
+      blip_k_quant_row(qx, &xs, &zp, x + (long)i * in, in);
+      for (int k = 0; k < in; k++) xd[(long)i * in + k] = ((double)qx[k] - zp) * xs;
+    }
+    free(qw), free(qx), free(ws), free(cs);
+  } else {
+    for (long i = 0; i < (long)M * in; i++) xd[i] = prec == BLIP_K_BF16 ? bf16_round(x[i]) : x[i];
+    for (long i = 0; i < (long)out * in; i++) wd[i] = prec == BLIP_K_BF16 ? bf16_round(w[i]) : w[i];
+  }
+  for (int i = 0; i < M; i++)
+    for (int o = 0; o < out; o++) {
+      double s = b[o];
+      for (int k = 0; k < in; k++) s += xd[(long)i * in + k] * wd[(long)o * in + k];
+      if (flags & BLIP_K_GELU) s = gelu_d(s);
+      r[(long)i * out + o] = (float)((flags & BLIP_K_ACCUM) ? y[(long)i * out + o] + s : s);
+    }
+  blip_k_ws ws = {0};
+  blip_k_linear l = {.in = in, .out = out, .w = w, .b = bias ? b : NULL};
+  CHECK(blip_k_linear_pack(&l, prec, &ws) == 0, "pack: %s", blip_err_last());
+  for (int rep = 0; rep < 2; rep++) { /* the second call reuses the cached primitive */
+    float *yy = malloc(sizeof(float) * M * out);
+    memcpy(yy, y, sizeof(float) * M * out);
+    CHECK(blip_k_linear_fwd_ex(yy, x, &l, M, flags) == 0, "packed fwd: %s", blip_err_last());
+    char label[80];
+    snprintf(label, sizeof label, "packed %s %dx%d->%d%s%s%s #%d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8",
+             M, in, out, bias ? "+b" : "", flags & BLIP_K_GELU ? " gelu" : "", flags & BLIP_K_ACCUM ? " accum" : "", rep);
+    /* f32 accumulation of in terms; the quantized paths are exact on their operands up to f32 rounding */
+    check_tensor(label, yy, r, (long)M * out, 1e-5 * sqrt(in));
+    free(yy);
+  }
+  CHECK(blip_k_linear_packed_bytes(&l) >= (size_t)out * in * (prec == BLIP_K_F32 ? 4 : prec == BLIP_K_BF16 ? 2 : 1), "packed size");
+  blip_k_linear_unpack(&l);
+  CHECK(l.packed == NULL, "unpack");
+  blip_k_ws_free(&ws);
+  free(x), free(w), free(b), free(y), free(r), free(xd), free(wd);
+}
+
+/* blip_k_gemm_bf16 against a double reference on the bf16-rounded
+ * operands (padded leading dimensions, both B orders, cached rerun). */
+static void test_gemm_bf16(int M, int N, int K, int tb) {
+  int lda = K + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+  float *A = rnd((long)M * lda, 1), *B = rnd((long)(tb ? N : K) * ldb, 1), *C = malloc(sizeof(float) * M * ldc), *R = malloc(sizeof(float) * M * ldc);
+  uint16_t *A16 = malloc(2 * (size_t)M * lda), *B16 = malloc(2 * (size_t)(tb ? N : K) * ldb);
+  blip_k_to_bf16(A16, A, (long)M * lda);
+  blip_k_to_bf16(B16, B, (long)(tb ? N : K) * ldb);
+  for (long i = 0; i < (long)M * ldc; i++) C[i] = R[i] = 7.0f; /* padding must stay untouched */
+  for (int i = 0; i < M; i++)
+    for (int j = 0; j < N; j++) {
+      double acc = 0;
+      for (int k = 0; k < K; k++) acc += (double)bf16_round(A[i * lda + k]) * bf16_round(tb ? B[j * ldb + k] : B[k * ldb + j]);
+      R[i * ldc + j] = (float)acc;
+    }
+  blip_k_ws ws = {0};
+  for (int rep = 0; rep < 2; rep++) CHECK(blip_k_gemm_bf16(tb, M, N, K, A16, lda, B16, ldb, C, ldc, &ws) == 0, "gemm_bf16: %s", blip_err_last());
+  blip_k_ws_free(&ws);
+  char label[64];
+  snprintf(label, sizeof label, "gemm_bf16 %dx%dx%d tb%d", M, N, K, tb);
+  check_tensor(label, C, R, (long)M * ldc, 1e-5 * sqrt(K));
+  free(A), free(B), free(C), free(R), free(A16), free(B16);
+}
+
+/* blip_k_mlp against the two separate fused calls it replaces, also with
+ * h == x (the text encoder's use) and more rows than one chunk. */
+static void test_mlp(blip_k_prec prec, int M, int D, int F) {
+  float *w1 = rnd((long)F * D, 0.3f), *b1 = rnd(F, 0.5f), *w2 = rnd((long)D * F, 0.1f), *b2 = rnd(D, 0.5f);
+  float *x = rnd((long)M * D, 1), *x2 = malloc(sizeof(float) * M * D), *ref = malloc(sizeof(float) * M * D);
+  float *mid = malloc(sizeof(float) * M * F);
+  blip_k_ws ws = {0};
+  blip_k_linear fc1 = {.in = D, .out = F, .w = w1, .b = b1}, fc2 = {.in = F, .out = D, .w = w2, .b = b2};
+  CHECK(blip_k_linear_pack(&fc1, prec, &ws) == 0 && blip_k_linear_pack(&fc2, prec, &ws) == 0, "pack: %s", blip_err_last());
+  memcpy(ref, x, sizeof(float) * M * D);
+  memcpy(x2, x, sizeof(float) * M * D);
+  CHECK(blip_k_linear_fwd_ex(mid, x, &fc1, M, BLIP_K_GELU) == 0 && blip_k_linear_fwd_ex(ref, mid, &fc2, M, BLIP_K_ACCUM) == 0,
+        "two-step mlp: %s", blip_err_last());
+  CHECK(blip_k_mlp(x2, x, &fc1, &fc2, M, mid) == 0, "mlp: %s", blip_err_last());
+  char label[64];
+  snprintf(label, sizeof label, "mlp %s M=%d %d->%d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8", M, D, F);
+  check_tensor(label, x2, ref, (long)M * D, 1e-5);
+  CHECK(blip_k_mlp(x, x, &fc1, &fc2, M, mid) == 0, "mlp in place: %s", blip_err_last());
+  check_tensor("  ... with h == x", x, ref, (long)M * D, 1e-5);
+  blip_k_linear_unpack(&fc1);
+  blip_k_linear_unpack(&fc2);
+  blip_k_ws_free(&ws);
+  free(w1), free(b1), free(w2), free(b2), free(x), free(x2), free(ref), free(mid);
+}
+
+/* The quantizers: reconstruction error within half a step, zero exact,
+ * scales from the row/channel range, column sums consistent. */
+static void test_quant(void) {
+  const int n = 203;
+  float *x = rnd(n, 3);
+  x[7] = 0.0f;
+  uint8_t q[203];
+  float s;
+  int32_t zp;
+  blip_k_quant_row(q, &s, &zp, x, n);
+  float lo = 0, hi = 0;
+  double worst = 0;
+  for (int j = 0; j < n; j++) lo = fminf(lo, x[j]), hi = fmaxf(hi, x[j]);
+  for (int j = 0; j < n; j++) worst = fmax(worst, fabs(((double)q[j] - zp) * s - x[j]));
+  CHECK(fabsf(s - (hi - lo) / 255.0f) < 1e-7f && q[7] == zp, "row quant scale %g zp %d", s, zp);
+  CHECK(worst <= 0.5 * s * 1.0001, "row quant error %g > half step %g", worst, 0.5 * s);
+  float pos[5] = {1, 2, 3, 4, 5}, zero[5] = {0};
+  blip_k_quant_row(q, &s, &zp, pos, 5);
+  CHECK(zp == 0 && q[4] == 255, "all-positive row: zp %d, max code %d", zp, q[4]);
+  blip_k_quant_row(q, &s, &zp, zero, 5);
+  CHECK(s == 1.0f && q[0] == zp, "zero row");
+  int8_t qw[3 * 203];
+  float ws[3];
+  int32_t cs[3];
+  float *w = rnd(3 * n, 0.5f);
+  memset(w + 2 * n, 0, n * sizeof(float)); /* a dead output channel */
+  blip_k_quant_w(qw, ws, cs, w, 3, n);
+  for (int o = 0; o < 3; o++) {
+    int32_t sum = 0, amax = 0;
+    double err = 0;
+    for (int k = 0; k < n; k++) {
+      sum += qw[o * n + k];
+      amax = abs(qw[o * n + k]) > amax ? abs(qw[o * n + k]) : amax;
+      err = fmax(err, fabs(qw[o * n + k] * ws[o] - w[o * n + k]));
+    }
+    CHECK(sum == cs[o] && (o == 2 ? amax == 0 : amax == 127) && err <= 0.5 * ws[o] * 1.0001, "weight quant channel %d", o);
+  }
+  free(x), free(w);
+}
+
 static void ref_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
   for (int i = 0; i < M; i++) {
     double mu = 0, var = 0;
@@ -116,7 +267,9 @@ static void test_gelu_softmax(void) {
   free(x), free(r), free(s);
 }
 
-static void test_attention(int Lq, int Lk, int H, int dh, int masked) {
+/* bf16 != 0 tests blip_k_attention_bf16 against the same reference run on
+ * bf16-rounded q, k, v and probabilities. */
+static void test_attention(int Lq, int Lk, int H, int dh, int masked, int bf16) {
   int D = H * dh, ld = 3 * D + 5; /* packed, padded stride like the vision qkv */
   float *q = rnd((long)Lq * ld, 1), *kv = rnd((long)Lk * ld, 1), *mask = calloc(Lk, sizeof(float));
   float *out = malloc(sizeof(float) * Lq * D), *r = malloc(sizeof(float) * Lq * D), *sc = malloc(sizeof(double) * Lk * 2);
@@ -124,27 +277,39 @@ static void test_attention(int Lq, int Lk, int H, int dh, int masked) {
   if (masked)
     for (int j = Lk / 2; j < Lk; j++) mask[j] = -10000.0f;
   float scale = 1.0f / sqrtf((float)dh);
+  float *qr = malloc(sizeof(float) * Lq * ld), *kvr = malloc(sizeof(float) * Lk * ld);
+  for (long i = 0; i < (long)Lq * ld; i++) qr[i] = bf16 ? bf16_round(q[i]) : q[i];
+  for (long i = 0; i < (long)Lk * ld; i++) kvr[i] = bf16 ? bf16_round(kv[i]) : kv[i];
   for (int h = 0; h < H; h++)
     for (int i = 0; i < Lq; i++) {
       double mx = -1e300, sum = 0;
       for (int j = 0; j < Lk; j++) {
         double s = 0;
-        for (int d = 0; d < dh; d++) s += (double)q[i * ld + h * dh + d] * kv[j * ld + D + h * dh + d];
+        for (int d = 0; d < dh; d++) s += (double)qr[i * ld + h * dh + d] * kvr[j * ld + D + h * dh + d];
         p[j] = s * scale + mask[j];
         mx = fmax(mx, p[j]);
       }
       for (int j = 0; j < Lk; j++) sum += (p[j] = exp(p[j] - mx));
+      for (int j = 0; j < Lk; j++) p[j] = bf16 ? bf16_round((float)(p[j] / sum)) : p[j] / sum;
       for (int d = 0; d < dh; d++) {
         double o = 0;
-        for (int j = 0; j < Lk; j++) o += p[j] / sum * kv[j * ld + 2 * D + h * dh + d];
+        for (int j = 0; j < Lk; j++) o += p[j] * kvr[j * ld + 2 * D + h * dh + d];
         r[i * D + h * dh + d] = (float)o;
       }
     }
-  CHECK(blip_k_attention(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, masked ? mask : NULL) == 0,
-        "attention: %s", blip_err_last());
+  blip_k_ws ws = {0};
+  for (int rep = 0; rep < 1 + bf16; rep++) { /* bf16 twice: the second call reuses cached primitives */
+    int rc = bf16 ? blip_k_attention_bf16(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, masked ? mask : NULL, &ws)
+                  : blip_k_attention(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, masked ? mask : NULL, NULL);
+    CHECK(rc == 0, "attention: %s", blip_err_last());
+  }
+  blip_k_ws_free(&ws);
   char label[64];
-  snprintf(label, sizeof label, "attention Lq%d Lk%d H%d dh%d%s", Lq, Lk, H, dh, masked ? " masked" : "");
-  check_tensor(label, out, r, (long)Lq * D, 2e-6);
+  snprintf(label, sizeof label, "attention%s Lq%d Lk%d H%d dh%d%s", bf16 ? " bf16" : "", Lq, Lk, H, dh, masked ? " masked" : "");
+  /* bf16: the reference rounds the same operands, but a probability next to a
+   * rounding boundary can round the other way (one bf16 ulp, ~4e-3 relative) */
+  check_tensor(label, out, r, (long)Lq * D, bf16 ? 1e-3 : 2e-6);
+  free(qr), free(kvr);
   free(q), free(kv), free(mask), free(out), free(r), free(sc);
 }
 
@@ -159,12 +324,28 @@ int main(void) {
   test_linear(1, 7, 3, 1);
   test_linear(35, 97, 131, 1);
   test_linear(19, 33, 2, 0);
+  test_quant();
+  test_gemm_bf16(1, 1, 1, 0);
+  test_gemm_bf16(29, 37, 53, 1);
+  test_gemm_bf16(144, 97, 130, 0);
+  for (int p = BLIP_K_F32; p <= BLIP_K_INT8; p++) {
+    test_packed(p, 1, 7, 3, 0, 1);
+    test_packed(p, 37, 97, 131, BLIP_K_GELU, 1);
+    test_packed(p, 19, 65, 33, BLIP_K_ACCUM, 0);
+    test_packed(p, 45, 129, 61, BLIP_K_GELU | BLIP_K_ACCUM, 1);
+    test_packed(p, 3, 50, 17, BLIP_K_GELU, 0);
+    test_packed(p, 1601, 40, 24, BLIP_K_GELU | BLIP_K_ACCUM, 1); /* 3 row chunks */
+    test_mlp(p, 7, 33, 65);
+    test_mlp(p, 1601, 24, 40);
+  }
   test_layernorm(1, 7);
   test_layernorm(53, 771);
   test_gelu_softmax();
-  test_attention(1, 1, 1, 1, 0);
-  test_attention(13, 13, 3, 7, 1);
-  test_attention(5, 131, 4, 16, 0);
-  test_attention(97, 97, 5, 9, 0);
+  for (int bf = 0; bf < 2; bf++) {
+    test_attention(1, 1, 1, 1, 0, bf);
+    test_attention(13, 13, 3, 7, 1, bf);
+    test_attention(5, 131, 4, 16, 0, bf);
+    test_attention(97, 97, 5, 9, 0, bf);
+  }
   return check_summary();
 }
