@@ -116,7 +116,7 @@ static int vision_part(const char *tmp, int P, const char *size, int B, int thre
     printf("%5d  %20.2f %7.2f   %20.2f %7.2f\n", r, wv, cpv, we, cpe);
   }
   printf("base geometry (random weights, %s), %d photos %s, batch %d, %d decode threads:\n",
-         prec == BLIP_PREC_F32 ? "f32" : prec == BLIP_PREC_BF16 ? "bf16" : "int8", P, size, B, threads);
+         blip_model_precision_name(prec), P, size, B, threads);
   printf("  decode+preprocess alone   %8.1f ms/image\n", td * 1e3);
   printf("  vision encoder alone      %8.3f images/s\n", P / tv);
   printf("  end-to-end indexing       %8.3f images/s  (%.1f%% of the encoder alone; model waited %.2f s for decoding)\n",
@@ -184,7 +184,10 @@ int main(int argc, char **argv) {
     else if (c == 's') size = optarg;
     else if (c == 'b') B = atoi(optarg);
     else if (c == 't') threads = atoi(optarg);
-    else if (c == 'P') prec = strcmp(optarg, "bf16") == 0 ? BLIP_PREC_BF16 : strcmp(optarg, "int8") == 0 ? BLIP_PREC_INT8 : BLIP_PREC_F32;
+    else if (c == 'P' && blip_model_parse_precision(optarg, &prec)) {
+      fprintf(stderr, "bench_index: %s\n", blip_err_last());
+      return 2;
+    }
     else if (c == 'f') files = atoi(optarg);
     else if (c == 'm') model = optarg;
     else if (c == 'S') skip_vision = 1;

@@ -88,7 +88,6 @@ typedef struct {
 } ev;
 
 static int g_tty;
-static const char *const PREC_NAME[] = {"f32", "bf16", "int8"};
 
 static double now(void) {
   struct timespec ts;
@@ -590,7 +589,7 @@ static json_t *recall_json(const blip_eval_recall *r) {
 static int print_json(const ev *e, const blip_eval_recall *itc, const blip_eval_recall *itm) {
   json_t *o = json_pack("{s:s, s:s, s:s, s:i, s:i, s:i, s:o, s:{s:f, s:f, s:f, s:f}, s:{s:i, s:i, s:i}}",
                         "dataset", e->o.dataset, "model", blip_model_fingerprint(e->m), "precision",
-                        PREC_NAME[e->o.precision], "n_images", e->ann.n_images, "n_texts", e->ann.n_texts, "k_test",
+                        blip_model_precision_name(e->o.precision), "n_images", e->ann.n_images, "n_texts", e->ann.n_texts, "k_test",
                         e->o.k_test, "itc", recall_json(itc), "seconds", "text", e->sec_text, "images", e->sec_img,
                         "itm", e->sec_itm, "scoring", e->sec_score, "cached_chunks", "text", e->cached_text, "images",
                         e->cached_img, "itm", e->cached_itm);
@@ -785,7 +784,7 @@ static int run_bench(const opts *o) {
       mask[i * CAP_LEN + j] = 1;
     }
   printf("bench: base geometry (ViT-B/16 at 384, BERT-base, embed 256), random weights, %s, %d threads\n",
-         PREC_NAME[o->precision], blip_k_threads());
+         blip_model_precision_name(o->precision), blip_k_threads());
   /* Each measurement follows a warm-up call (arena growth, oneDNN kernel creation). */
   if ((rc = blip_model_vision(m, pix, 1, emb, feat))) goto done;
   w0 = now(), c0 = cpu_now();
@@ -904,11 +903,10 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--dataset")) o.dataset = v;
     else if (!strcmp(a, "--cache")) o.cache = v;
     else if (!strcmp(a, "--dump")) o.dump = v;
-    else if (!strcmp(a, "--precision") && (!strcmp(v, "f32") || !strcmp(v, "bf16") || !strcmp(v, "int8")))
-      o.precision = !strcmp(v, "bf16") ? BLIP_PREC_BF16 : !strcmp(v, "int8") ? BLIP_PREC_INT8 : BLIP_PREC_F32;
     else if (!strcmp(a, "--chunk") && !parse_int(v, &chunk) && chunk > 0) o.img_chunk = o.txt_chunk = o.itm_chunk = chunk;
     else if ((!strcmp(a, "--k-test") && !parse_int(v, &o.k_test) && o.k_test > 0) ||
-             (!strcmp(a, "--limit") && !parse_int(v, &o.limit)) || (!strcmp(a, "--threads") && !parse_int(v, &o.threads))) {
+             (!strcmp(a, "--limit") && !parse_int(v, &o.limit)) || (!strcmp(a, "--threads") && !parse_int(v, &o.threads)) ||
+             (!strcmp(a, "--precision") && !blip_model_parse_precision(v, &o.precision))) {
     } else {
       fprintf(stderr, "blip-eval: bad option %s %s; see --help\n", a, v);
       return 2;

@@ -325,10 +325,8 @@ int main(int argc, char **argv) {
     goto out;
   }
   blip_model_opts mo = {BLIP_PREC_F32, NULL};
-  if (strcmp(prec_name, "bf16") == 0) mo.precision = BLIP_PREC_BF16;
-  else if (strcmp(prec_name, "int8") == 0) mo.precision = BLIP_PREC_INT8;
-  else if (strcmp(prec_name, "f32") != 0) {
-    fprintf(stderr, "blip-index: --precision must be f32, bf16 or int8\n");
+  if (blip_model_parse_precision(prec_name, &mo.precision)) {
+    fprintf(stderr, "blip-index: %s\n", blip_err_last());
     ret = 2;
     goto out;
   }

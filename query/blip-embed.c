@@ -107,10 +107,10 @@ int main(int argc, char **argv) {
     case 'T': threads = atoi(optarg); break;
     case 'j': json = 1; break;
     case 'X':
-      if (!strcmp(optarg, "f32")) opts.precision = BLIP_PREC_F32;
-      else if (!strcmp(optarg, "bf16")) opts.precision = BLIP_PREC_BF16;
-      else if (!strcmp(optarg, "int8")) opts.precision = BLIP_PREC_INT8;
-      else { fprintf(stderr, "blip-embed: --precision takes f32, bf16 or int8\n"); goto usage_err; }
+      if (blip_model_parse_precision(optarg, &opts.precision)) {
+        fprintf(stderr, "blip-embed: %s\n", blip_err_last());
+        goto usage_err;
+      }
       break;
     case 'h': usage(stdout); free(images), free(texts); return 0;
     default: goto usage_err;

@@ -285,11 +285,8 @@ int main(int argc, char **argv) {
     }
     if (!prec_name) prec_name = blip_search_meta(s, "precision");
   }
-  if (!prec_name || !strcmp(prec_name, "f32")) mo.precision = BLIP_PREC_F32;
-  else if (!strcmp(prec_name, "bf16")) mo.precision = BLIP_PREC_BF16;
-  else if (!strcmp(prec_name, "int8")) mo.precision = BLIP_PREC_INT8;
-  else {
-    fprintf(stderr, "blip-query: --precision must be f32, bf16 or int8\n");
+  if (blip_model_parse_precision(prec_name ? prec_name : "f32", &mo.precision)) {
+    fprintf(stderr, "blip-query: %s\n", blip_err_last());
     goto out;
   }
   if (!model_dir) model_dir = getenv("BLIPSEARCH_MODEL");

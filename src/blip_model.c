@@ -428,6 +428,20 @@ int blip_model_random(const blip_cfg *cfg, const blip_model_opts *opts, uint64_t
 
 const blip_cfg *blip_model_cfg(const blip_model *m) { return &m->cfg; }
 const blip_tok *blip_model_tok(const blip_model *m) { return m->tok; }
+int blip_model_parse_precision(const char *name, blip_prec *out) {
+  static const char *const names[] = {"f32", "bf16", "int8"};
+  for (int i = 0; i < 3; i++)
+    if (name && !strcmp(name, names[i])) {
+      *out = (blip_prec)i;
+      return BLIP_OK;
+    }
+  return blip_err_set(BLIP_EINVAL, "precision '%s': use f32, bf16 or int8", name ? name : "");
+}
+
+const char *blip_model_precision_name(blip_prec p) {
+  return p == BLIP_PREC_BF16 ? "bf16" : p == BLIP_PREC_INT8 ? "int8" : "f32";
+}
+
 blip_prec blip_model_precision(const blip_model *m) { return m->opts.precision; }
 const char *blip_model_fingerprint(const blip_model *m) { return m->fingerprint; }
 
