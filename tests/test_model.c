@@ -7,29 +7,11 @@
 #include "blip_model.h"
 #include "blip_st.h"
 #include "check.h"
+#include "golden.h"
 
 #include <stdint.h>
 
 static blip_st *g_gold;
-
-static const float *gold(const char *name, int64_t numel) {
-  const blip_st_tensor *t = blip_st_find(g_gold, name);
-  if (!t || t->dtype != BLIP_DT_F32 || t->numel != numel) {
-    fprintf(stderr, "golden tensor %s missing or wrong\n", name);
-    exit(2);
-  }
-  return t->data;
-}
-
-static void gold_i64(const char *name, int32_t *out, int64_t numel) {
-  const blip_st_tensor *t = blip_st_find(g_gold, name);
-  if (!t || t->dtype != BLIP_DT_I64 || t->numel != numel) exit(2);
-  for (int64_t i = 0; i < numel; i++) {
-    int64_t v;
-    memcpy(&v, (const char *)t->data + 8 * i, 8);
-    out[i] = (int32_t)v;
-  }
-}
 
 enum { NI = 4, NT = 6, L = 35 };
 
@@ -48,12 +30,12 @@ static void run_parity(const char *file, const char *prefix, double tol, int ful
   float *temb = malloc(sizeof(float) * NT * L * Dt), *tfeat = malloc(sizeof(float) * NT * E);
   float itc[NI * NT], logit[2][2][NI * NT * 2], cls[2][NI * NT * 32];
   int32_t ids[NT * L], mask[NT * L];
-  gold_i64("input_ids", ids, NT * L);
-  gold_i64("attention_mask", mask, NT * L);
+  golden_ids(g_gold, "input_ids", ids, NT * L);
+  golden_ids(g_gold, "attention_mask", mask, NT * L);
   char name[128];
 #define G(n) (snprintf(name, sizeof name, "%s%s", prefix, n), name)
 
-  CHECK_OK(blip_model_vision(m, gold("pixel_values", NI * 3 * 32 * 32), NI, emb, ifeat));
+  CHECK_OK(blip_model_vision(m, golden_f32(g_gold, "pixel_values", NI * 3 * 32 * 32), NI, emb, ifeat));
   CHECK_OK(blip_model_text(m, ids, mask, NT, L, temb, tfeat));
   for (int i = 0; i < NI; i++)
     for (int j = 0; j < NT; j++) {
@@ -77,25 +59,25 @@ static void run_parity(const char *file, const char *prefix, double tol, int ful
         }
       }
   if (full) {
-    check_tensor("image_embeds", emb, gold("image_embeds", NI * T * Dv), NI * T * Dv, tol);
-    check_tensor("text_embeds", temb, gold("text_embeds", NT * L * Dt), NT * L * Dt, tol);
-    check_tensor("itm_cls_enc", cls[0], gold("itm_cls_enc", NI * NT * Dt), NI * NT * Dt, tol);
-    check_tensor("itm_cls", cls[1], gold("itm_cls", NI * NT * Dt), NI * NT * Dt, tol);
+    check_tensor("image_embeds", emb, golden_f32(g_gold, "image_embeds", NI * T * Dv), NI * T * Dv, tol);
+    check_tensor("text_embeds", temb, golden_f32(g_gold, "text_embeds", NT * L * Dt), NT * L * Dt, tol);
+    check_tensor("itm_cls_enc", cls[0], golden_f32(g_gold, "itm_cls_enc", NI * NT * Dt), NI * NT * Dt, tol);
+    check_tensor("itm_cls", cls[1], golden_f32(g_gold, "itm_cls", NI * NT * Dt), NI * NT * Dt, tol);
   }
-  check_tensor(G("image_feat"), ifeat, gold(G("image_feat"), NI * E), NI * E, tol);
-  check_tensor(G("text_feat"), tfeat, gold(G("text_feat"), NT * E), NT * E, tol);
-  check_tensor(G("itc_sim"), itc, gold(G("itc_sim"), NI * NT), NI * NT, tol);
+  check_tensor(G("image_feat"), ifeat, golden_f32(g_gold, G("image_feat"), NI * E), NI * E, tol);
+  check_tensor(G("text_feat"), tfeat, golden_f32(g_gold, G("text_feat"), NT * E), NT * E, tol);
+  check_tensor(G("itc_sim"), itc, golden_f32(g_gold, G("itc_sim"), NI * NT), NI * NT, tol);
   for (int fast = 0; fast < 2; fast++) {
     check_tensor(fast ? "itm_logits_enc (reassociated)" : "itm_logits_enc (naive)", logit[fast][0],
-                 gold(G("itm_logits_enc"), NI * NT * 2), NI * NT * 2, tol);
-    check_tensor(fast ? "itm_logits (reassociated)" : "itm_logits (naive)", logit[fast][1], gold(G("itm_logits"), NI * NT * 2),
+                 golden_f32(g_gold, G("itm_logits_enc"), NI * NT * 2), NI * NT * 2, tol);
+    check_tensor(fast ? "itm_logits (reassociated)" : "itm_logits (naive)", logit[fast][1], golden_f32(g_gold, G("itm_logits"), NI * NT * 2),
                  NI * NT * 2, tol);
     check_tensor("reassociated vs naive ITM", logit[1][0], logit[0][0], NI * NT * 2, 1e-5);
   }
   if (full) { /* the BLIP retrieval score = ITM match logit ([ENC]) + ITC cosine */
     float score[NI * NT];
     for (int i = 0; i < NI * NT; i++) score[i] = logit[1][0][2 * i + 1] + itc[i];
-    check_tensor("retrieval_score", score, gold("retrieval_score", NI * NT), NI * NT, tol);
+    check_tensor("retrieval_score", score, golden_f32(g_gold, "retrieval_score", NI * NT), NI * NT, tol);
   }
   /* A text encoded without padding gives the same real rows as padded. */
   if (full) {

@@ -16,6 +16,7 @@
 #include "blip_model.h"
 #include "blip_st.h"
 #include "check.h"
+#include "golden.h"
 
 #include <stdint.h>
 
@@ -51,25 +52,6 @@ typedef struct {
   float ifeat[NI * 64], tfeat[NT * 64], itc[NI * NT], itm[NI * NT * 2];
 } tiny_out;
 
-static const float *gold(blip_st *g, const char *name, int64_t numel) {
-  const blip_st_tensor *t = blip_st_find(g, name);
-  if (!t || t->dtype != BLIP_DT_F32 || t->numel != numel) {
-    fprintf(stderr, "golden tensor %s missing or wrong\n", name);
-    exit(2);
-  }
-  return t->data;
-}
-
-static void gold_ids(blip_st *g, const char *name, int32_t *out) {
-  const blip_st_tensor *t = blip_st_find(g, name);
-  if (!t || t->dtype != BLIP_DT_I64 || t->numel != NT * L) exit(2);
-  for (int i = 0; i < NT * L; i++) {
-    int64_t v;
-    memcpy(&v, (const char *)t->data + 8 * i, 8);
-    out[i] = (int32_t)v;
-  }
-}
-
 static int run_tiny(blip_st *g, blip_prec p, tiny_out *o) {
   blip_model_opts opts = {.precision = p};
   blip_model *m = NULL;
@@ -80,10 +62,10 @@ static int run_tiny(blip_st *g, blip_prec p, tiny_out *o) {
   if (E > 64) return blip_err_set(BLIP_EINVAL, "fixture embed_dim %d", E);
   float *emb = malloc(sizeof(float) * NI * T * Dv);
   int32_t ids[NT * L], mask[NT * L];
-  gold_ids(g, "input_ids", ids);
-  gold_ids(g, "attention_mask", mask);
+  golden_ids(g, "input_ids", ids, NT * L);
+  golden_ids(g, "attention_mask", mask, NT * L);
   rc = emb ? BLIP_OK : BLIP_ENOMEM;
-  if (!rc) rc = blip_model_vision(m, gold(g, "pixel_values", NI * 3 * c->image_size * c->image_size), NI, emb, o->ifeat);
+  if (!rc) rc = blip_model_vision(m, golden_f32(g, "pixel_values", NI * 3 * c->image_size * c->image_size), NI, emb, o->ifeat);
   if (!rc) rc = blip_model_text(m, ids, mask, NT, L, NULL, o->tfeat);
   const float *imgs[NI];
   for (int i = 0; i < NI; i++) imgs[i] = emb + (size_t)i * T * Dv;
@@ -113,9 +95,9 @@ static void test_tiny(void) {
   const int E = (int)(blip_st_find(g, "image_feat")->numel / NI);
   for (int p = 0; p < 3; p++) {
     double ci = min_cosine(out[p].ifeat, out[0].ifeat, NI, E), ct = min_cosine(out[p].tfeat, out[0].tfeat, NT, E);
-    double cg = min_cosine(out[p].ifeat, gold(g, "image_feat", NI * E), NI, E);
+    double cg = min_cosine(out[p].ifeat, golden_f32(g, "image_feat", NI * E), NI, E);
     double eitm = max_abs(out[p].itm, out[0].itm, NI * NT * 2), eitc = max_abs(out[p].itc, out[0].itc, NI * NT);
-    double gitm = max_abs(out[p].itm, gold(g, "itm_logits_enc", NI * NT * 2), NI * NT * 2);
+    double gitm = max_abs(out[p].itm, golden_f32(g, "itm_logits_enc", NI * NT * 2), NI * NT * 2);
     printf("  tiny %-4s: image cos %.6f (golden %.6f), text cos %.6f, ITC max err %.2e, ITM logit max err %.2e (golden %.2e)\n",
            pname[p], ci, cg, ct, eitc, eitm, gitm);
     CHECK(ci >= cos_target[p] && ct >= cos_target[p] && cg >= cos_target[p], "tiny %s feature cosine %f/%f/%f", pname[p], ci, ct, cg);

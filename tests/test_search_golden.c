@@ -11,6 +11,7 @@
 #include "blip_search.h"
 #include "blip_st.h"
 #include "check.h"
+#include "golden.h"
 
 #include <stdint.h>
 
@@ -18,36 +19,17 @@ enum { NI = 4, NT = 6, L = 35 };
 
 static blip_st *g_gold;
 
-static const float *gold(const char *name, int64_t numel) {
-  const blip_st_tensor *t = blip_st_find(g_gold, name);
-  if (!t || t->dtype != BLIP_DT_F32 || t->numel != numel) {
-    fprintf(stderr, "golden tensor %s missing or wrong\n", name);
-    exit(2);
-  }
-  return t->data;
-}
-
-static void gold_i64(const char *name, int32_t *out, int64_t numel) {
-  const blip_st_tensor *t = blip_st_find(g_gold, name);
-  if (!t || t->dtype != BLIP_DT_I64 || t->numel != numel) exit(2);
-  for (int64_t i = 0; i < numel; i++) {
-    int64_t v;
-    memcpy(&v, (const char *)t->data + 8 * i, 8);
-    out[i] = (int32_t)v;
-  }
-}
-
 static void test_rerank(blip_model *m) {
   const blip_cfg *c = blip_model_cfg(m);
   const int T = c->v_tokens, Dv = c->v_hidden, E = c->embed_dim;
   int32_t ids[NT * L], mask[NT * L];
-  gold_i64("input_ids", ids, NT * L);
-  gold_i64("attention_mask", mask, NT * L);
-  const float *score = gold("retrieval_score", NI * NT), *logits = gold("itm_logits_enc", NI * NT * 2);
-  const float *prob = gold("itm_prob_enc", NI * NT), *gtf = gold("text_feat", NT * E);
+  golden_ids(g_gold, "input_ids", ids, NT * L);
+  golden_ids(g_gold, "attention_mask", mask, NT * L);
+  const float *score = golden_f32(g_gold, "retrieval_score", NI * NT), *logits = golden_f32(g_gold, "itm_logits_enc", NI * NT * 2);
+  const float *prob = golden_f32(g_gold, "itm_prob_enc", NI * NT), *gtf = golden_f32(g_gold, "text_feat", NT * E);
   float emb[NI * 17 * 32], ifeat[NI * 16];
   CHECK(T == 17 && Dv == 32 && E == 16, "fixture geometry");
-  CHECK_OK(blip_model_vision(m, gold("pixel_values", NI * 3 * 32 * 32), NI, emb, ifeat));
+  CHECK_OK(blip_model_vision(m, golden_f32(g_gold, "pixel_values", NI * 3 * 32 * 32), NI, emb, ifeat));
   const float *img[NI];
   for (int i = 0; i < NI; i++) img[i] = emb + (size_t)i * T * Dv;
 
@@ -97,16 +79,16 @@ static void test_rank_texts(blip_model *m) {
                           "TWO YOUNG GUYS WITH SHAGGY HAIR LOOK AT THEIR HANDS"};
   const int col[2] = {0, 2};
   int32_t gids[NT * L], ids[L];
-  gold_i64("input_ids", gids, NT * L);
+  golden_ids(g_gold, "input_ids", gids, NT * L);
   for (int k = 0; k < 2; k++) {
     int len = 0, trunc = 1;
     CHECK_OK(blip_search_prepare_text(m, texts[k], ids, &len, &trunc));
     CHECK(trunc == 0 && memcmp(ids, gids + col[k] * L, (size_t)len * sizeof *ids) == 0 && gids[col[k] * L + len] == 0,
           "prepare_text of caption %d gives the reference ids", col[k]);
   }
-  const float *score = gold("retrieval_score", NI * NT), *itc = gold("itc_sim", NI * NT);
+  const float *score = golden_f32(g_gold, "retrieval_score", NI * NT), *itc = golden_f32(g_gold, "itc_sim", NI * NT);
   float emb[NI * 17 * 32], ifeat[NI * 16];
-  CHECK_OK(blip_model_vision(m, gold("pixel_values", NI * 3 * 32 * 32), NI, emb, ifeat));
+  CHECK_OK(blip_model_vision(m, golden_f32(g_gold, "pixel_values", NI * 3 * 32 * 32), NI, emb, ifeat));
   float got[NI * 2], want[NI * 2], got1[NI * 2], want1[NI * 2];
   int order_ok = 1, itc_only_ok = 1;
   for (int i = 0; i < NI; i++) {
