@@ -111,7 +111,6 @@ static double vision_flops(const blip_cfg *c) {
   return 2 * (T - 1) * P * D + c->v_layers * per_layer;
 }
 
-static const char *prec_name[3] = {"f32", "bf16", "int8"};
 
 typedef struct {
   double init_s, vis[2], text_ms, itm[2][3]; /* vis: s/image at batch 1, 8; itm[fast][k] ms */
@@ -225,9 +224,9 @@ static int run_memory(const blip_cfg *c, blip_prec prec, const char *what, int j
   long work_peak = reset ? proc_kib("VmHWM") : ru.ru_maxrss;
   if (json)
     printf("{\"precision\":\"%s\",\"workload\":\"%s\",\"load_peak_rss_mib\":%.1f,\"loaded_rss_mib\":%.1f,\"workload_peak_rss_mib\":%.1f}\n",
-           prec_name[prec], what, load_peak / 1024.0, loaded / 1024.0, work_peak / 1024.0);
+           blip_model_precision_name(prec), what, load_peak / 1024.0, loaded / 1024.0, work_peak / 1024.0);
   else
-    printf("%-4s %-5s workload peak RSS %7.1f MiB, loaded %7.1f MiB, load peak %7.1f MiB%s\n", prec_name[prec], what, work_peak / 1024.0,
+    printf("%-4s %-5s workload peak RSS %7.1f MiB, loaded %7.1f MiB, load peak %7.1f MiB%s\n", blip_model_precision_name(prec), what, work_peak / 1024.0,
            loaded / 1024.0, load_peak / 1024.0, reset ? "" : " (peak mark not resettable: workload peak includes the load)");
   rc = 0;
 done:
@@ -251,9 +250,9 @@ static void usage(FILE *f) {
 }
 
 static int parse_prec(const char *s) {
-  for (int i = 0; i < 3; i++)
-    if (!strcmp(s, prec_name[i])) return i;
-  return !strcmp(s, "all") ? 3 : -1;
+  blip_prec p;
+  if (!strcmp(s, "all")) return 3;
+  return blip_model_parse_precision(s, &p) ? -1 : (int)p;
 }
 
 int main(int argc, char **argv) {
@@ -317,15 +316,15 @@ int main(int argc, char **argv) {
       printf("%s\"%s\":{\"init_s\":%.3f,\"peak_gflops\":%.1f,\"vision_img_s_b1\":%.3f,\"vision_img_s_b8\":%.3f,"
              "\"vision_peak_share_b1\":%.3f,\"vision_peak_share_b8\":%.3f,\"speedup_vs_f32_b1\":%.2f,\"speedup_vs_f32_b8\":%.2f,"
              "\"text_ms_12tok\":%.2f,\"itm_fast_ms\":{\"k1\":%.2f,\"k16\":%.2f,\"k32\":%.2f}",
-             p == lo_p ? "" : ",", prec_name[p], r->init_s, peaks[p] / 1e9, 1 / r->vis[0], 1 / r->vis[1], vf / r->vis[0] / peaks[p],
+             p == lo_p ? "" : ",", blip_model_precision_name(p), r->init_s, peaks[p] / 1e9, 1 / r->vis[0], 1 / r->vis[1], vf / r->vis[0] / peaks[p],
              vf / r->vis[1] / peaks[p], sp1, sp8, r->text_ms, r->itm[1][0], r->itm[1][1], r->itm[1][2]);
       if (naive) printf(",\"itm_naive_ms\":{\"k1\":%.2f,\"k16\":%.2f,\"k32\":%.2f}", r->itm[0][0], r->itm[0][1], r->itm[0][2]);
       printf("}");
     } else {
-      printf("[%s] model init %.2f s (random fill + conversion)\n", prec_name[p], r->init_s);
+      printf("[%s] model init %.2f s (random fill + conversion)\n", blip_model_precision_name(p), r->init_s);
       for (int b = 0; b < 2; b++)
         printf("  vision batch %d: %6.3f images/s  %6.1f GFLOP/s  %4.1f%% of %s peak  %.2fx f32\n", b ? 8 : 1, 1 / r->vis[b],
-               vf / r->vis[b] / 1e9, 100 * vf / r->vis[b] / peaks[p], prec_name[p], b ? sp8 : sp1);
+               vf / r->vis[b] / 1e9, 100 * vf / r->vis[b] / peaks[p], blip_model_precision_name(p), b ? sp8 : sp1);
       printf("  text encoder, 12 tokens: %.2f ms (%.2fx f32)\n", r->text_ms, prec == 3 ? res[0].text_ms / r->text_ms : 0);
       for (int ki = 0; ki < 3; ki++) {
         printf("  ITM k=%-2d reassociated %8.2f ms (%.2f ms/pair, %.2fx f32)", ks[ki], r->itm[1][ki], r->itm[1][ki] / ks[ki],

@@ -20,7 +20,6 @@
 
 #include <stdint.h>
 
-static const char *pname[3] = {"f32", "bf16", "int8"};
 static const double cos_target[3] = {0.99999, 0.999, 0.99};
 
 static double min_cosine(const float *a, const float *b, int rows, int n) {
@@ -99,11 +98,11 @@ static void test_tiny(void) {
     double eitm = max_abs(out[p].itm, out[0].itm, NI * NT * 2), eitc = max_abs(out[p].itc, out[0].itc, NI * NT);
     double gitm = max_abs(out[p].itm, golden_f32(g, "itm_logits_enc", NI * NT * 2), NI * NT * 2);
     printf("  tiny %-4s: image cos %.6f (golden %.6f), text cos %.6f, ITC max err %.2e, ITM logit max err %.2e (golden %.2e)\n",
-           pname[p], ci, cg, ct, eitc, eitm, gitm);
-    CHECK(ci >= cos_target[p] && ct >= cos_target[p] && cg >= cos_target[p], "tiny %s feature cosine %f/%f/%f", pname[p], ci, ct, cg);
+           blip_model_precision_name(p), ci, cg, ct, eitc, eitm, gitm);
+    CHECK(ci >= cos_target[p] && ct >= cos_target[p] && cg >= cos_target[p], "tiny %s feature cosine %f/%f/%f", blip_model_precision_name(p), ci, ct, cg);
     /* ITM logits of the fixture are O(1); bf16 autocast in PyTorch moves them by up to 4e-2 */
     CHECK(eitm <= (p == 0 ? 1e-5 : p == 1 ? 2e-2 : 5e-2) && gitm <= (p == 0 ? 2e-5 : p == 1 ? 2e-2 : 5e-2), "tiny %s ITM error %g / %g",
-          pname[p], eitm, gitm);
+          blip_model_precision_name(p), eitm, gitm);
   }
   blip_st_close(g);
 }
@@ -217,11 +216,11 @@ static void test_base(uint64_t seed) {
     double eitm = max_abs(out[p].itm, out[0].itm, KITM * 2), ov = top10_overlap(out[0].tfeat, out[p].tfeat, imgs, E);
     printf("  base seed %llu %-4s: image feat cos (min of %d) %.6f (worst token %.6f), text feat cos (min of %d) %.6f, "
            "ITM logit max err %.3e (f32 logits %.3f %.3f), ITC top-10 overlap %.3f\n",
-           (unsigned long long)seed, pname[p], NVIS, cv, ce, NQ, ct, eitm, out[0].itm[1], out[0].itm[3], ov);
-    CHECK(cv >= cos_target[p], "base %s image feature cosine %f < %g", pname[p], cv, cos_target[p]);
-    CHECK(ct >= cos_target[p], "base %s text feature cosine %f < %g", pname[p], ct, cos_target[p]);
-    CHECK(eitm <= (p == 1 ? 5e-2 : 1e-1), "base %s ITM logit error %g", pname[p], eitm);
-    CHECK(ov >= (p == 1 ? 0.9 : 0.8), "base %s top-10 overlap %f", pname[p], ov);
+           (unsigned long long)seed, blip_model_precision_name(p), NVIS, cv, ce, NQ, ct, eitm, out[0].itm[1], out[0].itm[3], ov);
+    CHECK(cv >= cos_target[p], "base %s image feature cosine %f < %g", blip_model_precision_name(p), cv, cos_target[p]);
+    CHECK(ct >= cos_target[p], "base %s text feature cosine %f < %g", blip_model_precision_name(p), ct, cos_target[p]);
+    CHECK(eitm <= (p == 1 ? 5e-2 : 1e-1), "base %s ITM logit error %g", blip_model_precision_name(p), eitm);
+    CHECK(ov >= (p == 1 ? 0.9 : 0.8), "base %s top-10 overlap %f", blip_model_precision_name(p), ov);
   }
   for (int p = 0; p < 3; p++) free_base(&out[p]);
   free(px);
