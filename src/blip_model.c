@@ -361,6 +361,9 @@ void blip_model_free(blip_model *m) {
 }
 
 static int model_new(const blip_cfg *cfg, const blip_model_opts *opts, blip_model **out) {
+  blip_prec prec = opts ? opts->precision : BLIP_PREC_F32;
+  if (prec != BLIP_PREC_F32 && prec != BLIP_PREC_BF16 && prec != BLIP_PREC_INT8)
+    return blip_err_set(BLIP_EINVAL, "unknown precision %d", (int)prec);
   blip_model *m = calloc(1, sizeof *m);
   if (!m) return blip_err_set(BLIP_ENOMEM, "out of memory");
   m->cfg = *cfg;
@@ -371,10 +374,6 @@ static int model_new(const blip_cfg *cfg, const blip_model_opts *opts, blip_mode
   if (!m->vl || !m->tl) {
     blip_model_free(m);
     return blip_err_set(BLIP_ENOMEM, "out of memory");
-  }
-  if (m->opts.precision != BLIP_PREC_F32 && m->opts.precision != BLIP_PREC_BF16 && m->opts.precision != BLIP_PREC_INT8) {
-    blip_model_free(m);
-    return blip_err_set(BLIP_EINVAL, "unknown precision %d", (int)m->opts.precision);
   }
   *out = m;
   return BLIP_OK;
