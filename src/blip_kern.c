@@ -549,7 +549,8 @@ void blip_k_gelu(float *x, long n) {
   for (long i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erf_approx(x[i] * 0.70710678118654752f));
 }
 
-static void softmax_row(float *x, int n) {
+/* x = exp(x - max x) in place; returns the sum (softmax without the division). */
+static float exp_shifted(float *x, int n) {
   float mx = -INFINITY, sum = 0;
 #pragma omp simd reduction(max : mx)
   for (int j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
@@ -558,7 +559,11 @@ static void softmax_row(float *x, int n) {
     x[j] = exp_approx(x[j] - mx);
     sum += x[j];
   }
-  float inv = 1.0f / sum;
+  return sum;
+}
+
+static void softmax_row(float *x, int n) {
+  float inv = 1.0f / exp_shifted(x, n);
 #pragma omp simd
   for (int j = 0; j < n; j++) x[j] *= inv;
 }
@@ -697,7 +702,6 @@ static void rows_to_bf16(uint16_t *d, const float *s, int rows, int cols, int ld
 
 /* p = bf16(softmax(scale * s + mask)) for one row */
 static void softmax_row_bf16(uint16_t *p, float *s, int n, float scale, const float *mask) {
-  float mx = -INFINITY, sum = 0;
   if (mask) {
 #pragma omp simd
     for (int j = 0; j < n; j++) s[j] = s[j] * scale + mask[j];
@@ -705,14 +709,7 @@ static void softmax_row_bf16(uint16_t *p, float *s, int n, float scale, const fl
 #pragma omp simd
     for (int j = 0; j < n; j++) s[j] *= scale;
   }
-#pragma omp simd reduction(max : mx)
-  for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < n; j++) {
-    s[j] = exp_approx(s[j] - mx);
-    sum += s[j];
-  }
-  float inv = 1.0f / sum;
+  float inv = 1.0f / exp_shifted(s, n);
 #pragma omp simd
   for (int j = 0; j < n; j++) {
     uint32_t u;
