@@ -41,9 +41,11 @@ static void render(uint8_t *px, int w, int h, uint64_t key) {
 }
 
 int main(int argc, char **argv) {
-  if (argc < 3 || strcmp(argv[1], "--help") == 0) {
-    fprintf(stderr, "usage: gen_photos DIR N [--size WxH] [--seed S] [--ext jpg|png|webp] [--start I]\n");
-    return argc < 3 ? 2 : 0;
+  int help = argc > 1 && strcmp(argv[1], "--help") == 0;
+  if (argc < 3 || help) {
+    fprintf(help ? stdout : stderr, "usage: gen_photos DIR N [--size WxH] [--seed S] [--ext jpg|png|webp] [--start I]\n"
+                                    "Writes N deterministic photo-like test images into DIR (libvips).\n");
+    return help ? 0 : 2;
   }
   const char *dir = argv[1], *ext = "jpg";
   int n = atoi(argv[2]), w = 640, h = 480, start = 0;
