@@ -4,8 +4,9 @@
 # first-token conventions and both ITM paths; bad invocations fail cleanly.
 set -u
 B=${BLIP_BIN:-build}; D=${BLIP_TEST_DATA:-tests/data}
-pass=0; fail=0
-ok() { if "$@"; then pass=$((pass+1)); else fail=$((fail+1)); echo "FAIL: $*" >&2; fi; }
+. "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
+# run CMD... as a check named after itself
+want() { check "$*" "$@"; }
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 
 caps=()
@@ -16,9 +17,9 @@ for ft in enc cls; do
     extra=(); [ $path = naive ] && extra=(--naive-itm)
     "$B/blip-embed" --model "$D/blip-tiny" --pixels "$D/blip-tiny/golden.safetensors:pixel_values" "${caps[@]}" \
       --itm --itm-first-token $ft "${extra[@]}" --json >"$tmp/out.json" 2>"$tmp/err"
-    ok test $? -eq 0
+    want test $? -eq 0
     gold=itm_logits; [ $ft = enc ] && gold=itm_logits_enc
-    ok python3 - "$tmp/out.json" "$D/blip-tiny/golden.safetensors" $gold <<'PY'
+    want python3 - "$tmp/out.json" "$D/blip-tiny/golden.safetensors" $gold <<'PY'
 import json, struct, sys
 out = json.load(open(sys.argv[1]))
 f = open(sys.argv[2], 'rb'); n = struct.unpack('<Q', f.read(8))[0]; hdr = json.loads(f.read(n)); base = 8 + n
@@ -45,8 +46,8 @@ done
 # preprocessed by HF at size 32, so the features must equal the golden rows.
 "$B/blip-embed" --model "$D/blip-tiny" --image "$D/preprocess/images/astronaut.png" \
   --image "$D/preprocess/images/chelsea.png" --json >"$tmp/img.json"
-ok test $? -eq 0
-ok python3 - "$tmp/img.json" "$D/blip-tiny/golden.safetensors" <<'PY'
+want test $? -eq 0
+want python3 - "$tmp/img.json" "$D/blip-tiny/golden.safetensors" <<'PY'
 import json, struct, sys
 out = json.load(open(sys.argv[1]))
 f = open(sys.argv[2], 'rb'); n = struct.unpack('<Q', f.read(8))[0]; h = json.loads(f.read(n))
@@ -55,14 +56,13 @@ d = max(abs(x - y) for x, y in zip([v for r in out['image_feat'] for v in r], g)
 print(f"  blip-embed --image vs golden image_feat[2:4] max|diff| {d:.2e}")
 sys.exit(0 if d <= 2e-5 else 1)
 PY
-"$B/blip-embed" --model "$D/blip-tiny" --image "$tmp/missing.jpg" 2>"$tmp/err"; ok test $? -eq 1
-ok grep -q 'missing.jpg' "$tmp/err"
+"$B/blip-embed" --model "$D/blip-tiny" --image "$tmp/missing.jpg" 2>"$tmp/err"; want test $? -eq 1
+want grep -q 'missing.jpg' "$tmp/err"
 
-"$B/blip-embed" --help | grep -q 'usage: blip-embed'; ok test $? -eq 0
-"$B/blip-embed" --model "$tmp/nope" --text x 2>"$tmp/err"; ok test $? -eq 1
-ok grep -q 'config.json' "$tmp/err"
-"$B/blip-embed" --model "$D/blip-tiny" 2>/dev/null; ok test $? -eq 2
-"$B/blip-embed" --model "$D/blip-tiny" --pixels "$D/blip-tiny/golden.safetensors:input_ids" 2>"$tmp/err"; ok test $? -eq 1
-ok grep -q 'must be F32' "$tmp/err"
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+"$B/blip-embed" --help | grep -q 'usage: blip-embed'; want test $? -eq 0
+"$B/blip-embed" --model "$tmp/nope" --text x 2>"$tmp/err"; want test $? -eq 1
+want grep -q 'config.json' "$tmp/err"
+"$B/blip-embed" --model "$D/blip-tiny" 2>/dev/null; want test $? -eq 2
+"$B/blip-embed" --model "$D/blip-tiny" --pixels "$D/blip-tiny/golden.safetensors:input_ids" 2>"$tmp/err"; want test $? -eq 1
+want grep -q 'must be F32' "$tmp/err"
+tally

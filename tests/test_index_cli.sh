@@ -9,9 +9,7 @@ DATA=${BLIP_TEST_DATA:-tests/data}
 MODEL=$DATA/blip-tiny
 T=$(mktemp -d /tmp/blip_test_index.XXXXXX)
 trap 'rm -rf "$T"' EXIT
-pass=0 fail=0
-ok() { pass=$((pass + 1)); }
-bad() { fail=$((fail + 1)); echo "FAIL: $*" >&2; }
+. "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
 expect() { # expect NAME JSON key=value...
   local name=$1 json=$2; shift 2
   for kv in "$@"; do
@@ -169,5 +167,4 @@ wait $pid || bad "indexer beside readers"
 (( checks > 0 )) && ok || bad "no check ran while indexing"
 echo "  $checks consistent checks while indexing"
 
-echo "$pass passed, $fail failed"
-[[ $fail == 0 ]]
+tally

@@ -12,10 +12,7 @@ DATA=$(cd "${BLIP_TEST_DATA:-tests/data}" && pwd)
 MODEL=$DATA/blip-tiny
 T=$(mktemp -d /tmp/blip_test_query.XXXXXX)
 trap 'rm -rf "$T"' EXIT
-pass=0 fail=0
-ok() { pass=$((pass + 1)); }
-bad() { fail=$((fail + 1)); echo "FAIL: $*" >&2; }
-check() { local name=$1; shift; if "$@"; then ok; else bad "$name"; fi; }
+. "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
 # py NAME SCRIPT ARGS...: run a python check; it prints a reason and exits 1 on failure
 py() { local name=$1 code=$2; shift 2; if python3 -c "$code" "$@"; then ok; else bad "$name"; fi; }
 
@@ -269,5 +266,4 @@ BLIPSEARCH_DB=$T/db BLIPSEARCH_MODEL=$MODEL "$BIN/blip-query" --paths -n 8 "$QUE
 q >/dev/null 2>&1; [[ $? == 2 ]] && ok || bad "no query accepted"
 q --text "x" "$QUERY" >/dev/null 2>&1; [[ $? == 2 ]] && ok || bad "--text without --image accepted"
 
-echo "$pass passed, $fail failed"
-[[ $fail == 0 ]]
+tally
