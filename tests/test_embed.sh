@@ -5,6 +5,7 @@
 set -u
 B=${BLIP_BIN:-build}; D=${BLIP_TEST_DATA:-tests/data}
 . "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
+export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 # run CMD... as a check named after itself
 want() { check "$*" "$@"; }
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -20,12 +21,11 @@ for ft in enc cls; do
     want test $? -eq 0
     gold=itm_logits; [ $ft = enc ] && gold=itm_logits_enc
     want python3 - "$tmp/out.json" "$D/blip-tiny/golden.safetensors" $gold <<'PY'
-import json, struct, sys
+import json, sys
+import testlib as st
 out = json.load(open(sys.argv[1]))
-f = open(sys.argv[2], 'rb'); n = struct.unpack('<Q', f.read(8))[0]; hdr = json.loads(f.read(n)); base = 8 + n
-def tensor(name):
-    h = hdr[name]; a, b = h['data_offsets']; f.seek(base + a)
-    return list(struct.unpack('<%df' % ((b - a) // 4), f.read(b - a)))
+g = st.read(sys.argv[2])
+def tensor(name): return list(g[name][2])
 def flat(x): return [v for r in x for v in (flat(r) if isinstance(r, list) else [r])]
 worst = 0
 for key, gold in (('itc', 'itc_sim'), ('itm_logits', sys.argv[3]), ('image_feat', 'image_feat'), ('text_feat', 'text_feat')):
@@ -33,8 +33,7 @@ for key, gold in (('itc', 'itc_sim'), ('itm_logits', sys.argv[3]), ('image_feat'
     assert len(a) == len(b), (key, len(a), len(b))
     d = max(abs(x - y) for x, y in zip(a, b)); worst = max(worst, d)
     print(f"  blip-embed {key:11s} vs {gold:15s} max|diff| {d:.2e}")
-ids = hdr['input_ids']; a, b = ids['data_offsets']; f.seek(base + a)
-gid = struct.unpack('<%dq' % ((b - a) // 8), f.read(b - a))
+gid = g['input_ids'][2]
 for j, row in enumerate(out['input_ids']):
     assert list(gid[j * 35: j * 35 + len(row)]) == row, ('input_ids', j)
 sys.exit(0 if worst <= 2e-5 else 1)
@@ -48,10 +47,10 @@ done
   --image "$D/preprocess/images/chelsea.png" --json >"$tmp/img.json"
 want test $? -eq 0
 want python3 - "$tmp/img.json" "$D/blip-tiny/golden.safetensors" <<'PY'
-import json, struct, sys
+import json, sys
+import testlib as st
 out = json.load(open(sys.argv[1]))
-f = open(sys.argv[2], 'rb'); n = struct.unpack('<Q', f.read(8))[0]; h = json.loads(f.read(n))
-a, b = h['image_feat']['data_offsets']; f.seek(8 + n + a); g = struct.unpack('<64f', f.read(b - a))[32:]
+g = st.read(sys.argv[2])['image_feat'][2][32:]
 d = max(abs(x - y) for x, y in zip([v for r in out['image_feat'] for v in r], g))
 print(f"  blip-embed --image vs golden image_feat[2:4] max|diff| {d:.2e}")
 sys.exit(0 if d <= 2e-5 else 1)

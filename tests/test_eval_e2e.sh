@@ -20,20 +20,16 @@ DATA=${BLIP_TEST_DATA:-tests/data}
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
+export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 python3 - "$W" <<'PY'
-import json, os, struct, sys, zlib
+import json, os, sys
+from testlib import write_png
 root = sys.argv[1]
 os.makedirs(f"{root}/img/sub", exist_ok=True)
 def png(path, w, h, k):
-    rows = b"".join(b"\0" + bytes(v for x in range(w) for v in
-                   ((x * (k + 1) * 7) % 256, (y * (k + 2) * 5) % 256, ((x + y) * k * 3 + 40 * k) % 256))
-                   for y in range(h))
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    write_png(path, w, h, bytes(v for y in range(h) for x in range(w) for v in
+                                ((x * (k + 1) * 7) % 256, (y * (k + 2) * 5) % 256, ((x + y) * k * 3 + 40 * k) % 256)))
 sizes = [(48, 40), (64, 64), (30, 50), (80, 24), (33, 33), (40, 72)]
 caps = [
     ["A red square on a table.", "two dogs running", "a CAT sleeping (quietly)", "the sun over hills", "blue car"],
@@ -106,21 +102,11 @@ q "$W/itc.json" '"itm" not in j' || fail "--itc-only reported ITM figures"
 [ "$(q "$W/itc.json" 'j["itc"]')" = "$(q "$W/a.json" 'j["itc"]')" ] || fail "--itc-only ITC figures differ"
 
 python3 - "$W" <<'PY'
-import json, struct, sys, glob
+import json, sys, glob
+import testlib as st
 W = sys.argv[1]
 def load(path):
-    b = open(path, "rb").read()
-    n = struct.unpack("<Q", b[:8])[0]
-    hdr = json.loads(b[8:8 + n])
-    out = {}
-    for k, v in hdr.items():
-        if k == "__metadata__": continue
-        s, e = v["data_offsets"]
-        fmt = {"F32": "f", "I32": "i"}[v["dtype"]]
-        flat = struct.unpack(f"<{(e - s) // 4}{fmt}", b[8 + n + s:8 + n + e])
-        shape = v["shape"]
-        out[k] = [list(flat[r * shape[1]:(r + 1) * shape[1]]) for r in range(shape[0])] if len(shape) == 2 else list(flat)
-    return out
+    return {k: st.rows(shape, flat) for k, (dt, shape, flat) in st.read(path).items()}
 def fail(msg):
     sys.exit("FAIL: " + msg)
 ann = json.load(open(f"{W}/ann.json"))
@@ -177,34 +163,23 @@ same(rep["itm"], recall(ka["score_i2t"], ka["score_t2i"]), "k=all ITM")
 same(rep["itc"], recall(ka["sims"], [list(c) for c in zip(*ka["sims"])]), "ITC")
 if any(v == -100.0 for row in ka["score_i2t"] for v in row): fail("k=all left -100 entries")
 # f16 vision tokens: same top-k sets, scores within f16 rounding of the f32 run
-with open(glob.glob(f"{W}/cF/img-000000.safetensors")[0], "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    if json.loads(f.read(n))["embeds"]["dtype"] != "F16": fail("--cache-f16 did not store F16 tokens")
+if st.header(glob.glob(f"{W}/cF/img-000000.safetensors")[0])["embeds"]["dtype"] != "F16":
+    fail("--cache-f16 did not store F16 tokens")
 m16 = load(f"{W}/f16.st")
 d16 = max(abs(a - b) for ra, rb in zip(m16["score_i2t"], A) for a, b in zip(ra, rb))
 if not 0 < d16 < 1e-2: fail(f"f16 tokens moved scores by {d16}")
 print("direct checks: sims, top-k rows, shared logits, recall recomputed, f16 cache -- ok")
 PY
 python3 - "$W" "$DATA/blip-tiny" <<'PY'
-import json, os, struct, sys, zlib
+import json, os, sys
+import testlib as st
 W, tiny = sys.argv[1], sys.argv[2]
-def load(path):
-    b = open(path, "rb").read()
-    n = struct.unpack("<Q", b[:8])[0]
-    hdr = json.loads(b[8:8 + n])
-    return {k: (v, b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]) for k, v in hdr.items() if k != "__metadata__"}
-g = load(f"{tiny}/golden.safetensors")
-(meta, u8) = g["images_u8"]
-assert meta["dtype"] == "U8" and meta["shape"] == [4, 32, 32, 3]
+dtype, shape, u8 = st.read(f"{tiny}/golden.safetensors")["images_u8"]
+assert dtype == "U8" and shape == [4, 32, 32, 3]
+u8 = bytes(u8)
 os.makedirs(f"{W}/gold", exist_ok=True)
-def chunk(tag, data):
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 for k in range(4):
-    px = u8[k * 3072:(k + 1) * 3072]
-    rows = b"".join(b"\0" + px[y * 96:(y + 1) * 96] for y in range(32))
-    with open(f"{W}/gold/g{k}.png", "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    st.write_png(f"{W}/gold/g{k}.png", 32, 32, u8[k * 3072:(k + 1) * 3072])
 caps = json.load(open(f"{tiny}/captions.json"))
 # caption 1 has characters pre_caption removes; the others tokenize as in the golden run
 ann = [{"image": "g0.png", "caption": [caps[0], caps[2]]}, {"image": "g1.png", "caption": [caps[3]]},
@@ -214,19 +189,10 @@ PY
 "$BIN/blip-eval" --model "$DATA/blip-tiny" --ann "$W/gold.json" --images "$W/gold" --k-test 1000 --json --threads 1 \
   --dump "$W/gold.st" >/dev/null
 python3 - "$W" "$DATA/blip-tiny" <<'PY'
-import json, struct, sys
+import sys
+import testlib as st
 W, tiny = sys.argv[1], sys.argv[2]
-def load(path):
-    b = open(path, "rb").read()
-    n = struct.unpack("<Q", b[:8])[0]
-    hdr = json.loads(b[8:8 + n])
-    out = {}
-    for k, v in hdr.items():
-        if k == "__metadata__" or v["dtype"] != "F32": continue
-        s, e = v["data_offsets"]
-        out[k] = (v["shape"], struct.unpack(f"<{(e - s) // 4}f", b[8 + n + s:8 + n + e]))
-    return out
-(gs, gold), (ss, got) = load(f"{tiny}/golden.safetensors")["retrieval_score"], load(f"{W}/gold.st")["score_i2t"]
+gold, got = st.read(f"{tiny}/golden.safetensors")["retrieval_score"][2], st.read(f"{W}/gold.st")["score_i2t"][2]
 cols = [0, 2, 3, 4, 5]
 worst = max(abs(got[i * 5 + t] - gold[i * 6 + c]) for i in range(4) for t, c in enumerate(cols))
 print(f"golden retrieval_score: max |diff| {worst:.2e} over 20 pairs")
