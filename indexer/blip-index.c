@@ -31,11 +31,14 @@
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_index.h"
+#include "blip_merge.h"
 #include "blip_model.h"
+#include "blip_shard.h"
 #include "blip_store.h"
 
 static const char USAGE[] =
     "usage: blip-index [options] PATH...\n"
+    "       blip-index merge --db OUT SHARD_DIR...\n"
     "Index every image under PATH... for blipsearch, or bring the index up to date.\n"
     "\n"
     "  --db DIR           index directory (default $BLIPSEARCH_DB, else\n"
@@ -51,9 +54,17 @@ static const char USAGE[] =
     "  --exclude GLOB     skip files and folders matching GLOB (path or name); repeatable\n"
     "  --threads N        decoding threads (default: all cores)\n"
     "  --batch N          images per model batch and per commit (default 8)\n"
+    "  --shard I/N        index only shard I of N (0-based) of the files: a stable partition by\n"
+    "                     path below its root; default from SLURM_ARRAY_TASK_ID/_COUNT, or from\n"
+    "                     JOB_COMPLETION_INDEX with --shard-count; each shard uses its own --db\n"
+    "  --shard-count N    shard count for a Kubernetes Indexed Job (JOB_COMPLETION_INDEX)\n"
     "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
     "  --help             this text\n"
+    "\n"
+    "\n"
+    "merge: combine shard indexes into --db OUT (made anew): rows keep their paths under new ids,\n"
+    "the FAISS index is built once, rerank records are linked from the shards, not copied.\n"
     "\n"
     "Exit status: 0 done, 1 error, 2 usage, 130 interrupted (committed work is kept).\n";
 
@@ -62,6 +73,7 @@ static void on_signal(int sig) { g_stop = sig; }
 
 typedef struct {
   char *path;
+  int root; /* index of the root it was found under */
   int64_t size, mtime_ns;
   int64_t replace; /* row superseded (changed file) */
   uint64_t fp;
@@ -83,7 +95,7 @@ static int items_push(items *l, const char *path, int64_t size, int64_t mtime_ns
   }
   char *p = strdup(path);
   if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  l->v[l->n++] = (item){p, size, mtime_ns, 0, 0, 0};
+  l->v[l->n++] = (item){p, 0, size, mtime_ns, 0, 0, 0};
   return BLIP_OK;
 }
 
@@ -109,6 +121,7 @@ typedef struct {
   items *out;
   int64_t skipped;
   items pending; /* symlinked folders, walked after every real one */
+  int root;      /* the root being walked */
 } walker;
 
 static int is_image(const char *name) {
@@ -142,7 +155,9 @@ static int visit_dir_once(walker *w, const struct stat *sb) {
 
 static int walk(walker *w, const char *path, const struct stat *sb) {
   if (S_ISREG(sb->st_mode)) {
-    return items_push(w->out, path, sb->st_size, (int64_t)sb->st_mtim.tv_sec * 1000000000 + sb->st_mtim.tv_nsec);
+    int rc = items_push(w->out, path, sb->st_size, (int64_t)sb->st_mtim.tv_sec * 1000000000 + sb->st_mtim.tv_nsec);
+    if (!rc) w->out->v[w->out->n - 1].root = w->root;
+    return rc;
   }
   if (!S_ISDIR(sb->st_mode)) return BLIP_OK;
   int v = visit_dir_once(w, sb);
@@ -166,7 +181,8 @@ static int walk(walker *w, const char *path, const struct stat *sb) {
     if (S_ISREG(cs.st_mode) && !is_image(e->d_name)) continue;
     /* a folder reached through a link is walked last, so that a file reachable
      * both ways is always recorded under the same (link-free) path */
-    if (S_ISDIR(cs.st_mode) && S_ISLNK(ls.st_mode)) rc = items_push(&w->pending, child, 0, 0);
+    if (S_ISDIR(cs.st_mode) && S_ISLNK(ls.st_mode) && !(rc = items_push(&w->pending, child, 0, 0)))
+      w->pending.v[w->pending.n - 1].root = w->root;
     else rc = walk(w, child, &cs);
   }
   closedir(d);
@@ -236,11 +252,47 @@ typedef struct {
   int64_t added, updated, moved, deleted, unchanged, failed;
 } counts;
 
+/* blip-index merge --db OUT SHARD_DIR... */
+static int merge_main(int argc, char **argv) {
+  const char *out = NULL;
+  int json = 0, first = 1;
+  for (; first < argc && argv[first][0] == '-'; first++) {
+    if (!strcmp(argv[first], "--db") && first + 1 < argc) out = argv[++first];
+    else if (!strcmp(argv[first], "--json")) json = 1;
+    else if (!strcmp(argv[first], "--help")) {
+      fputs(USAGE, stdout);
+      return 0;
+    } else break;
+  }
+  if (!out || first >= argc) {
+    fprintf(stderr, "usage: blip-index merge --db OUT SHARD_DIR...\n");
+    return 2;
+  }
+  double t0 = now_s();
+  blip_merge_stats ms;
+  make_parents(out);
+  if (blip_merge(out, (const char *const *)argv + first, argc - first, &ms)) {
+    fprintf(stderr, "blip-index merge: %s\n", blip_err_last());
+    return 1;
+  }
+  double dt = now_s() - t0;
+  if (json)
+    printf("{\"shards\": %d, \"rows\": %lld, \"searchable\": %lld, \"token_files_linked\": %d, "
+           "\"token_files_copied\": %d, \"seconds\": %.3f}\n",
+           argc - first, (long long)ms.rows, (long long)ms.searchable, ms.linked, ms.copied, dt);
+  else
+    fprintf(stderr, "merged %d shards: %lld rows (%lld searchable) in %.1f s; token files %d linked, %d copied\n",
+            argc - first, (long long)ms.rows, (long long)ms.searchable, dt, ms.linked, ms.copied);
+  return 0;
+}
+
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
-       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP };
+       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_SHARD, OPT_SHARD_COUNT };
 
 int main(int argc, char **argv) {
+  if (argc > 1 && !strcmp(argv[1], "merge")) return merge_main(argc - 1, argv + 1);
   static const struct option lopts[] = {
+      {"shard", 1, 0, OPT_SHARD},    {"shard-count", 1, 0, OPT_SHARD_COUNT},
       {"db", 1, 0, OPT_DB},          {"model", 1, 0, OPT_MODEL},     {"precision", 1, 0, OPT_PREC},
       {"json", 0, 0, OPT_JSON},      {"dry-run", 0, 0, OPT_DRY},     {"errors", 0, 0, OPT_ERRORS},
       {"rebuild", 0, 0, OPT_REBUILD}, {"no-rerank-store", 0, 0, OPT_NORR}, {"rerank-f16", 0, 0, OPT_F16},
@@ -250,7 +302,9 @@ int main(int argc, char **argv) {
   char dbdir[PATH_MAX] = "";
   const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
-  int check = 0, dump = 0, c;
+  int check = 0, dump = 0, c, shard_count = 0;
+  const char *shard_spec = NULL;
+  blip_shard shard;
   char **excl = calloc((size_t)argc + 1, sizeof *excl);
   int nexcl = 0;
   if (!excl) return 1;
@@ -270,6 +324,8 @@ int main(int argc, char **argv) {
     case OPT_BATCH: B = atoi(optarg); break;
     case OPT_CHECK: check = 1; break;
     case OPT_DUMP: dump = 1; break;
+    case OPT_SHARD: shard_spec = optarg; break;
+    case OPT_SHARD_COUNT: shard_count = atoi(optarg); break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
     default: fputs(USAGE, stderr); free(excl); return 2;
     }
@@ -288,6 +344,12 @@ int main(int argc, char **argv) {
     ret = 2;
     goto out;
   }
+  if (blip_shard_resolve(shard_spec, shard_count, &shard)) {
+    fprintf(stderr, "blip-index: %s\n", blip_err_last());
+    ret = 2;
+    goto out;
+  }
+  if (shard.count > 1) fprintf(stderr, "blip-index: shard %d/%d (from %s)\n", shard.index, shard.count, shard.source);
   if (threads < 1 || B < 1 || B > 256) {
     fprintf(stderr, "blip-index: --threads must be >= 1 and --batch in 1..256\n");
     ret = 2;
@@ -372,19 +434,33 @@ int main(int argc, char **argv) {
   signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails the write (EFBIG, reported) instead of killing us */
 
   /* walk */
-  walker w = {excl, nexcl, NULL, 0, 0, &found, 0, {0}};
+  walker w = {excl, nexcl, NULL, 0, 0, &found, 0, {0}, 0};
   for (int i = 0; i < nroots && !rc; i++) {
     struct stat sb;
     if (stat(roots[i], &sb) != 0) continue;
     if (S_ISREG(sb.st_mode) && !is_image(roots[i])) continue;
+    w.root = i;
     rc = walk(&w, roots[i], &sb);
   }
   for (int64_t i = 0; i < w.pending.n && !rc; i++) { /* grows while walked: breadth-first over links */
     struct stat sb;
+    w.root = w.pending.v[i].root;
     if (stat(w.pending.v[i].path, &sb) == 0) rc = walk(&w, w.pending.v[i].path, &sb);
   }
   free(w.dirs);
   items_free(&w.pending);
+  if (shard.count > 1) { /* keep this shard's files: keyed by the path below its root, so that
+                          * every node agrees whatever the mount point */
+    int64_t kept = 0;
+    for (int64_t i = 0; i < found.n; i++) {
+      const char *r = roots[found.v[i].root], *rel = found.v[i].path + strlen(r);
+      while (*rel == '/') rel++;
+      if (!*rel) rel = found.v[i].path; /* a file given as a root */
+      if (blip_shard_owns(&shard, rel, strlen(rel))) found.v[kept++] = found.v[i];
+      else free(found.v[i].path);
+    }
+    found.n = kept;
+  }
   if (rc) {
     fprintf(stderr, "blip-index: %s\n", blip_err_last());
     goto out;

@@ -67,6 +67,17 @@ static const char *const SCHEMA[] = {
     "  key   TEXT PRIMARY KEY,\n"
     "  value TEXT NOT NULL\n"
     ");\n",
+    /* schema/002_token_segments.sql */
+    "-- 002_token_segments: rerank records kept in other files. A merged index\n"
+    "-- (blip-index merge) links each shard's tokens.bin here instead of copying\n"
+    "-- it: image id in [first_id, last_id] has its record in file (relative to\n"
+    "-- the index directory) under the shard's own id, id - id_offset.\n"
+    "CREATE TABLE token_segments (\n"
+    "  first_id  INTEGER PRIMARY KEY,\n"
+    "  last_id   INTEGER NOT NULL,\n"
+    "  id_offset INTEGER NOT NULL,\n"
+    "  file      TEXT NOT NULL\n"
+    ");\n",
 };
 #define NSCHEMA ((int)(sizeof SCHEMA / sizeof SCHEMA[0]))
 
@@ -358,7 +369,29 @@ static int remove_index_files(const char *dir) {
     snprintf(p, sizeof p, "%s/%s", dir, names[i]);
     if (unlink(p) != 0 && errno != ENOENT) return blip_err_errno("remove", p);
   }
-  return BLIP_OK;
+  DIR *d = opendir(dir); /* token segments of a merge */
+  struct dirent *e;
+  int rc = BLIP_OK;
+  while (d && !rc && (e = readdir(d)))
+    if (strncmp(e->d_name, "tokens-", 7) == 0 && strstr(e->d_name, ".bin")) {
+      snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+      if (unlink(p) != 0 && errno != ENOENT) rc = blip_err_errno("remove", p);
+    }
+  if (d) closedir(d);
+  return rc;
+}
+
+/* Token segments of a merged index (schema 002). */
+static int load_segments(blip_store *st) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT first_id, last_id, id_offset, file FROM token_segments ORDER BY first_id", &s), r;
+  if (rc) return rc;
+  while (!rc && (r = sqlite3_step(s)) == SQLITE_ROW)
+    rc = blip_tokstore_add_segment(st->tok, sqlite3_column_int64(s, 0), sqlite3_column_int64(s, 1),
+                                   sqlite3_column_int64(s, 2), (const char *)sqlite3_column_text(s, 3));
+  if (!rc && r != SQLITE_DONE) rc = db_err(st, "read token segments");
+  sqlite3_finalize(s);
+  return rc;
 }
 
 int blip_store_default_dir(char *buf, size_t cap) {
@@ -430,7 +463,7 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
     goto fail;
   }
   if ((rc = blip_vcache_new(dir, st->E, st->ivf_min, &st->vc)) ||
-      (rc = blip_tokstore_open(dir, st->tfmt, st->T, st->Dv, o.write, &st->tok)))
+      (rc = blip_tokstore_open(dir, st->tfmt, st->T, st->Dv, o.write, &st->tok)) || (rc = load_segments(st)))
     goto fail;
   /* drop records past the highest id ever committed (leftovers of a crash) */
   if (o.write && (rc = blip_tokstore_truncate(st->tok, db_int(st, "SELECT seq FROM sqlite_sequence WHERE name='images'", 0))))

@@ -28,13 +28,27 @@
 
 static const char *const TOK_NAMES[] = {"none", "int8", "f16"};
 
-struct blip_tokstore {
+typedef struct {
   char path[4096];
-  blip_tokens_fmt fmt;
-  int T, Dv, fd;
-  size_t stride;
-  uint8_t *map, *rec; /* rec: one record of scratch for the writer */
+  int fd;
+  uint8_t *map;
   size_t len;
+} tok_file;
+
+typedef struct { /* ids [first, last] live in f under id - offset */
+  int64_t first, last, offset;
+  tok_file f;
+} segment;
+
+struct blip_tokstore {
+  char dir[4096];
+  blip_tokens_fmt fmt;
+  int T, Dv;
+  size_t stride;
+  tok_file main; /* tokens.bin */
+  uint8_t *rec;  /* one record of scratch for the writer */
+  segment *seg;  /* sorted by first */
+  int nseg;
 };
 
 size_t blip_tokstore_payload_size(blip_tokens_fmt fmt, int T, int Dv) {
@@ -84,40 +98,60 @@ void blip_tokstore_decode(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec
 
 static off_t rec_off(const blip_tokstore *ts, int64_t id) { return (off_t)TOK_HDR + (off_t)id * (off_t)ts->stride; }
 
+static segment *seg_of(const blip_tokstore *ts, int64_t id) {
+  int lo = 0, hi = ts->nseg - 1;
+  while (lo <= hi) {
+    int mid = (lo + hi) / 2;
+    if (id < ts->seg[mid].first) hi = mid - 1;
+    else if (id > ts->seg[mid].last) lo = mid + 1;
+    else return &ts->seg[mid];
+  }
+  return NULL;
+}
+
+/* Compare the header of fd with the store's geometry; a writer (re)writes a
+ * missing or short one (new file, or a crash cut it: nothing was committed). */
+static int check_header(const blip_tokstore *ts, int fd, const char *path, int write) {
+  uint8_t h[TOK_HDR] = {0}, want[TOK_HDR] = {0};
+  uint32_t v[3] = {(uint32_t)ts->fmt, (uint32_t)ts->T, (uint32_t)ts->Dv};
+  uint64_t stride = ts->stride;
+  memcpy(want, TOK_MAGIC, 8);
+  memcpy(want + 8, v, sizeof v);
+  memcpy(want + 24, &stride, 8);
+  ssize_t n = pread(fd, h, TOK_HDR, 0);
+  if (n >= 0 && n < TOK_HDR && write) {
+    if (pwrite(fd, want, TOK_HDR, 0) != TOK_HDR || fdatasync(fd) != 0) return blip_err_errno("write", path);
+    return BLIP_OK;
+  }
+  if (n != TOK_HDR || memcmp(h, want, TOK_HDR) != 0)
+    return blip_err_set(BLIP_EFORMAT, "%s: header does not match the index (format %s, T %d, Dv %d)", path,
+                        TOK_NAMES[ts->fmt], ts->T, ts->Dv);
+  return BLIP_OK;
+}
+
 int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int write, blip_tokstore **out) {
   *out = NULL;
   blip_tokstore *ts = calloc(1, sizeof *ts);
   if (!ts) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  ts->fd = -1;
+  ts->main.fd = -1;
   ts->fmt = fmt;
   ts->T = T;
   ts->Dv = Dv;
   ts->stride = (TAG_BYTES + blip_tokstore_payload_size(fmt, T, Dv) + 63) / 64 * 64;
-  snprintf(ts->path, sizeof ts->path, "%s/tokens.bin", dir);
+  snprintf(ts->dir, sizeof ts->dir, "%s", dir);
+  snprintf(ts->main.path, sizeof ts->main.path, "%s/tokens.bin", dir);
   int rc = BLIP_OK;
   if (fmt == BLIP_TOKENS_NONE) goto done;
   if (write && !(ts->rec = calloc(1, ts->stride))) {
     rc = blip_err_set(BLIP_ENOMEM, "out of memory");
     goto done;
   }
-  ts->fd = open(ts->path, (write ? O_RDWR | O_CREAT : O_RDONLY) | O_CLOEXEC, 0644);
-  if (ts->fd < 0) {
-    rc = errno == ENOENT ? BLIP_OK : blip_err_errno("open", ts->path); /* reader: no store yet */
+  ts->main.fd = open(ts->main.path, (write ? O_RDWR | O_CREAT : O_RDONLY) | O_CLOEXEC, 0644);
+  if (ts->main.fd < 0) {
+    rc = errno == ENOENT ? BLIP_OK : blip_err_errno("open", ts->main.path); /* reader: no store yet */
     goto done;
   }
-  uint8_t h[TOK_HDR] = {0}, want[TOK_HDR] = {0};
-  uint32_t v[3] = {(uint32_t)fmt, (uint32_t)T, (uint32_t)Dv};
-  uint64_t stride = ts->stride;
-  memcpy(want, TOK_MAGIC, 8);
-  memcpy(want + 8, v, sizeof v);
-  memcpy(want + 24, &stride, 8);
-  ssize_t n = pread(ts->fd, h, TOK_HDR, 0);
-  if (n >= 0 && n < TOK_HDR && write) { /* new, or a crash cut the header short: nothing was committed */
-    if (pwrite(ts->fd, want, TOK_HDR, 0) != TOK_HDR || fdatasync(ts->fd) != 0) rc = blip_err_errno("write", ts->path);
-  } else if (n != TOK_HDR || memcmp(h, want, TOK_HDR) != 0) {
-    rc = blip_err_set(BLIP_EFORMAT, "%s: header does not match the index (format %s, T %d, Dv %d)", ts->path,
-                      TOK_NAMES[fmt], T, Dv);
-  }
+  rc = check_header(ts, ts->main.fd, ts->main.path, write);
 done:
   if (rc) {
     blip_tokstore_close(ts);
@@ -129,69 +163,99 @@ done:
 
 void blip_tokstore_close(blip_tokstore *ts) {
   if (!ts) return;
-  if (ts->map) munmap(ts->map, ts->len);
-  if (ts->fd >= 0) close(ts->fd);
+  for (int i = 0; i < ts->nseg; i++) {
+    if (ts->seg[i].f.map) munmap(ts->seg[i].f.map, ts->seg[i].f.len);
+    if (ts->seg[i].f.fd >= 0) close(ts->seg[i].f.fd);
+  }
+  free(ts->seg);
+  if (ts->main.map) munmap(ts->main.map, ts->main.len);
+  if (ts->main.fd >= 0) close(ts->main.fd);
   free(ts->rec);
   free(ts);
 }
 
-int blip_tokstore_present(const blip_tokstore *ts) { return ts && ts->fd >= 0; }
+int blip_tokstore_present(const blip_tokstore *ts) { return ts && ts->main.fd >= 0; }
 size_t blip_tokstore_stride(const blip_tokstore *ts) { return ts && ts->fmt ? ts->stride : 0; }
 
 int blip_tokstore_put(blip_tokstore *ts, int64_t id, uint64_t fp, const float *tokens) {
   memcpy(ts->rec, &id, 8);
   memcpy(ts->rec + 8, &fp, 8);
   blip_tokstore_encode(ts->fmt, ts->T, ts->Dv, tokens, ts->rec + TAG_BYTES);
-  ssize_t w = pwrite(ts->fd, ts->rec, ts->stride, rec_off(ts, id));
+  ssize_t w = pwrite(ts->main.fd, ts->rec, ts->stride, rec_off(ts, id));
   if (w == (ssize_t)ts->stride) return BLIP_OK;
   if (w >= 0) errno = ENOSPC; /* a short write: the file system ran out of room */
-  return blip_err_errno("write", ts->path);
+  return blip_err_errno("write", ts->main.path);
 }
 
 int blip_tokstore_sync(blip_tokstore *ts) {
-  return fdatasync(ts->fd) == 0 ? BLIP_OK : blip_err_errno("sync", ts->path);
+  return fdatasync(ts->main.fd) == 0 ? BLIP_OK : blip_err_errno("sync", ts->main.path);
 }
 
 void blip_tokstore_punch(blip_tokstore *ts, int64_t id) {
-  if (ts->fd >= 0)
-    fallocate(ts->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec_off(ts, id), (off_t)ts->stride);
+  if (ts->main.fd >= 0 && !seg_of(ts, id)) /* a segment is another index's file: never written */
+    fallocate(ts->main.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec_off(ts, id), (off_t)ts->stride);
 }
 
 int blip_tokstore_truncate(blip_tokstore *ts, int64_t max_id) {
   struct stat sb;
-  if (ts->fd < 0 || fstat(ts->fd, &sb) != 0 || sb.st_size <= rec_off(ts, max_id + 1)) return BLIP_OK;
-  return ftruncate(ts->fd, rec_off(ts, max_id + 1)) == 0 ? BLIP_OK : blip_err_errno("truncate", ts->path);
+  if (ts->main.fd < 0 || fstat(ts->main.fd, &sb) != 0 || sb.st_size <= rec_off(ts, max_id + 1)) return BLIP_OK;
+  return ftruncate(ts->main.fd, rec_off(ts, max_id + 1)) == 0 ? BLIP_OK : blip_err_errno("truncate", ts->main.path);
 }
 
-/* Map enough of the file to read record id. */
-static int tok_map(blip_tokstore *ts, int64_t id) {
+/* Map enough of file f to read record id. */
+static int tok_map(const blip_tokstore *ts, tok_file *f, int64_t id) {
   size_t need = (size_t)rec_off(ts, id) + ts->stride;
-  if (ts->map && ts->len >= need) return BLIP_OK;
+  if (f->map && f->len >= need) return BLIP_OK;
   struct stat sb;
-  if (fstat(ts->fd, &sb) != 0) return blip_err_errno("stat", ts->path);
+  if (fstat(f->fd, &sb) != 0) return blip_err_errno("stat", f->path);
   if ((size_t)sb.st_size < need) return blip_err_set(BLIP_ENOTFOUND, "image %lld has no token record", (long long)id);
-  if (ts->map) munmap(ts->map, ts->len);
-  ts->map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, ts->fd, 0);
-  if (ts->map == MAP_FAILED) {
-    ts->map = NULL;
-    ts->len = 0;
-    return blip_err_errno("mmap", ts->path);
+  if (f->map) munmap(f->map, f->len);
+  f->map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, f->fd, 0);
+  if (f->map == MAP_FAILED) {
+    f->map = NULL;
+    f->len = 0;
+    return blip_err_errno("mmap", f->path);
   }
-  ts->len = (size_t)sb.st_size;
+  f->len = (size_t)sb.st_size;
+  return BLIP_OK;
+}
+
+int blip_tokstore_add_segment(blip_tokstore *ts, int64_t first, int64_t last, int64_t offset, const char *file) {
+  if (first > last || offset < 0 || first - offset < 1 || strchr(file, '/') ||
+      (ts->nseg && first <= ts->seg[ts->nseg - 1].last))
+    return blip_err_set(BLIP_EFORMAT, "token segment %s [%lld, %lld] is malformed or out of order", file,
+                        (long long)first, (long long)last);
+  segment *v = realloc(ts->seg, (size_t)(ts->nseg + 1) * sizeof *v);
+  if (!v) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  ts->seg = v;
+  segment *g = &v[ts->nseg];
+  memset(g, 0, sizeof *g);
+  g->first = first, g->last = last, g->offset = offset;
+  snprintf(g->f.path, sizeof g->f.path, "%s/%s", ts->dir, file);
+  g->f.fd = ts->fmt == BLIP_TOKENS_NONE ? -1 : open(g->f.path, O_RDONLY | O_CLOEXEC);
+  ts->nseg++;
+  /* a missing or foreign segment only loses its records (queries recompute them), never the index */
+  if (g->f.fd >= 0 && check_header(ts, g->f.fd, g->f.path, 0) != BLIP_OK) {
+    close(g->f.fd);
+    g->f.fd = -1;
+  }
   return BLIP_OK;
 }
 
 int blip_tokstore_get(blip_tokstore *ts, int64_t id, uint64_t fp, float *out) {
-  if (ts->fd < 0) return blip_err_set(BLIP_ENOTFOUND, "%s is missing", ts->path);
-  int rc = tok_map(ts, id);
+  segment *g = seg_of(ts, id);
+  tok_file *f = g ? &g->f : &ts->main;
+  int64_t rid_want = g ? id - g->offset : id;
+  if (f->fd < 0) return blip_err_set(BLIP_ENOTFOUND, "%s is missing", f->path);
+  int rc = tok_map(ts, f, rid_want);
   if (rc) return rc;
-  const uint8_t *rec = ts->map + rec_off(ts, id);
+  const uint8_t *rec = f->map + rec_off(ts, rid_want);
   int64_t rid;
   uint64_t rfp;
   memcpy(&rid, rec, 8);
   memcpy(&rfp, rec + 8, 8);
-  if (rid != id || rfp != fp)
-    return blip_err_set(BLIP_EFORMAT, "tokens.bin: record %lld does not belong to its image", (long long)id);
+  if (rid != rid_want || rfp != fp)
+    return blip_err_set(BLIP_EFORMAT, "%s: record %lld does not belong to its image", f->path, (long long)rid_want);
   blip_tokstore_decode(ts->fmt, ts->T, ts->Dv, rec + TAG_BYTES, out);
   return BLIP_OK;
 }

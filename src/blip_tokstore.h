@@ -40,6 +40,11 @@ int blip_tokstore_sync(blip_tokstore *ts);
 void blip_tokstore_punch(blip_tokstore *ts, int64_t id);
 /* Writer: drop records past max_id (leftovers of a crash). */
 int blip_tokstore_truncate(blip_tokstore *ts, int64_t max_id);
+/* Records of ids [first, last] live in DIR/file (a file name, no folder) under
+ * id - offset: a merged index links its shards' files. Segments are added in
+ * ascending order after open; a missing or foreign file only makes its
+ * records missing. Writers never write into a segment. */
+int blip_tokstore_add_segment(blip_tokstore *ts, int64_t first, int64_t last, int64_t offset, const char *file);
 /* Tokens [T,Dv] of image id, whose row has fingerprint fp. BLIP_ENOTFOUND past
  * the end of the file, BLIP_EFORMAT for a record of another row (or a hole). */
 int blip_tokstore_get(blip_tokstore *ts, int64_t id, uint64_t fp, float *out);
