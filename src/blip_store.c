@@ -91,7 +91,6 @@ const char *blip_store_schema_sql(int v) { return v >= 1 && v <= NSCHEMA ? SCHEM
 enum { M_MODEL, M_PRECISION, M_PREPROCESS, M_EMBED_DIM, M_V_TOKENS, M_V_HIDDEN, M_TOKENS, NMETA };
 static const char *const META_KEYS[NMETA] = {"model", "precision", "preprocess", "embed_dim",
                                              "v_tokens", "v_hidden", "tokens"};
-static const char *const TOK_NAMES[] = {"none", "int8", "f16"};
 
 struct blip_store {
   char *dir;
@@ -316,7 +315,7 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
     free(fp);
     if (rc || (rc = exec(st, "BEGIN IMMEDIATE"))) return rc;
     for (int i = 0; i < NMETA - 1 && !rc; i++) rc = set_meta(st, META_KEYS[i], v[i] ? v[i] : "");
-    if (!rc) rc = set_meta(st, "tokens", TOK_NAMES[want_tok]);
+    if (!rc) rc = set_meta(st, "tokens", blip_tokstore_fmt_name(want_tok));
     if (!rc) rc = set_meta(st, "generation", "0");
     if (!rc) rc = set_meta(st, "created_at", ts);
     if (rc) {
@@ -341,7 +340,7 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
   }
   /* an index made without a rerank store may start one */
   if (st->write && want_tok != BLIP_TOKENS_NONE && st->meta[M_TOKENS] && strcmp(st->meta[M_TOKENS], "none") == 0) {
-    if ((rc = set_meta(st, "tokens", TOK_NAMES[want_tok]))) return rc;
+    if ((rc = set_meta(st, "tokens", blip_tokstore_fmt_name(want_tok)))) return rc;
     return load_meta(st);
   }
   return BLIP_OK;
@@ -456,8 +455,8 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
   st->E = atoi(st->meta[M_EMBED_DIM] ? st->meta[M_EMBED_DIM] : "0");
   st->T = atoi(st->meta[M_V_TOKENS] ? st->meta[M_V_TOKENS] : "0");
   st->Dv = atoi(st->meta[M_V_HIDDEN] ? st->meta[M_V_HIDDEN] : "0");
-  for (int i = 0; i < 3; i++)
-    if (st->meta[M_TOKENS] && strcmp(st->meta[M_TOKENS], TOK_NAMES[i]) == 0) st->tfmt = (blip_tokens_fmt)i;
+  int tf = blip_tokstore_parse_fmt(st->meta[M_TOKENS]);
+  if (tf > 0) st->tfmt = (blip_tokens_fmt)tf;
   if (st->E <= 0 || st->T <= 0 || st->Dv <= 0) {
     rc = blip_err_set(BLIP_EFORMAT, "%s: bad geometry in index meta", dir);
     goto fail;

@@ -26,7 +26,19 @@
 #define TOK_HDR 64   /* header bytes before record 0 */
 #define TAG_BYTES 16 /* {int64 id, uint64 fingerprint} at the start of a record */
 
-static const char *const TOK_NAMES[] = {"none", "int8", "f16"};
+#define I4_GROUP 32   /* int4: values per scale */
+
+static const char *const TOK_NAMES[BLIP_TOKENS_NFMT] = {"none", "int8", "f16", "int4"};
+
+const char *blip_tokstore_fmt_name(blip_tokens_fmt fmt) {
+  return (unsigned)fmt < BLIP_TOKENS_NFMT ? TOK_NAMES[fmt] : "unknown";
+}
+
+int blip_tokstore_parse_fmt(const char *name) {
+  for (int i = 0; i < BLIP_TOKENS_NFMT; i++)
+    if (name && !strcmp(name, TOK_NAMES[i])) return i;
+  return -1;
+}
 
 typedef struct {
   char path[4096];
@@ -54,10 +66,55 @@ struct blip_tokstore {
 size_t blip_tokstore_payload_size(blip_tokens_fmt fmt, int T, int Dv) {
   if (fmt == BLIP_TOKENS_I8) return (size_t)T * 4 + (size_t)T * Dv;
   if (fmt == BLIP_TOKENS_F16) return (size_t)T * Dv * 2;
+  if (fmt == BLIP_TOKENS_I4) return (size_t)T * ((Dv + I4_GROUP - 1) / I4_GROUP) * 2 + (size_t)T * ((Dv + 1) / 2);
   return 0;
 }
 
+/* int4: per row of Dv values, f16 scales of each group of 32, then the values
+ * as nibbles q + 8 with q = round(x / scale) in [-7, 7]. The scale is rounded
+ * to f16 before quantizing, so that decoding uses exactly the step encoding used. */
+static void i4_encode(int T, int Dv, const float *x, uint8_t *rec) {
+  int ng = (Dv + I4_GROUP - 1) / I4_GROUP, rowb = (Dv + 1) / 2;
+  uint8_t *q = rec + (size_t)T * ng * 2;
+  memset(q, 0, (size_t)T * rowb);
+  for (int t = 0; t < T; t++)
+    for (int g = 0; g < ng; g++) {
+      const float *r = x + (size_t)t * Dv;
+      int a = g * I4_GROUP, z = a + I4_GROUP < Dv ? a + I4_GROUP : Dv;
+      float m = 0;
+      for (int j = a; j < z; j++) m = fmaxf(m, fabsf(r[j]));
+      uint16_t h = blip_f32_to_f16(m / 7.0f);
+      float scale = blip_f16_to_f32(h), inv = scale > 0 ? 1.0f / scale : 0;
+      memcpy(rec + ((size_t)t * ng + g) * 2, &h, 2);
+      for (int j = a; j < z; j++) {
+        long v = lrintf(r[j] * inv);
+        v = v > 7 ? 7 : v < -7 ? -7 : v;
+        q[(size_t)t * rowb + j / 2] |= (uint8_t)((v + 8) << (j & 1 ? 4 : 0));
+      }
+    }
+}
+
+static void i4_decode(int T, int Dv, const uint8_t *rec, float *x) {
+  int ng = (Dv + I4_GROUP - 1) / I4_GROUP, rowb = (Dv + 1) / 2;
+  const uint8_t *q = rec + (size_t)T * ng * 2;
+  for (int t = 0; t < T; t++)
+    for (int g = 0; g < ng; g++) {
+      uint16_t h;
+      memcpy(&h, rec + ((size_t)t * ng + g) * 2, 2);
+      float scale = blip_f16_to_f32(h);
+      int a = g * I4_GROUP, z = a + I4_GROUP < Dv ? a + I4_GROUP : Dv;
+      for (int j = a; j < z; j++) {
+        int v = (q[(size_t)t * rowb + j / 2] >> (j & 1 ? 4 : 0)) & 15;
+        x[(size_t)t * Dv + j] = scale * (float)(v - 8);
+      }
+    }
+}
+
 void blip_tokstore_encode(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec) {
+  if (fmt == BLIP_TOKENS_I4) {
+    i4_encode(T, Dv, x, rec);
+    return;
+  }
   if (fmt == BLIP_TOKENS_F16) {
     for (size_t i = 0; i < (size_t)T * Dv; i++) {
       uint16_t h = blip_f32_to_f16(x[i]);
@@ -80,6 +137,10 @@ void blip_tokstore_encode(blip_tokens_fmt fmt, int T, int Dv, const float *x, ui
 }
 
 void blip_tokstore_decode(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec, float *x) {
+  if (fmt == BLIP_TOKENS_I4) {
+    i4_decode(T, Dv, rec, x);
+    return;
+  }
   if (fmt == BLIP_TOKENS_F16) {
     for (size_t i = 0; i < (size_t)T * Dv; i++) {
       uint16_t h;

@@ -13,11 +13,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { BLIP_TOKENS_NONE = 0, BLIP_TOKENS_I8 = 1, BLIP_TOKENS_F16 = 2 } blip_tokens_fmt;
+/* Record formats, bytes per image at base geometry (T 577, Dv 768):
+ * int8 + f32 scale per token 445 KB; f16 886 KB; int4 + f16 scale per group
+ * of 32 values 249 KB. */
+typedef enum { BLIP_TOKENS_NONE = 0, BLIP_TOKENS_I8 = 1, BLIP_TOKENS_F16 = 2, BLIP_TOKENS_I4 = 3 } blip_tokens_fmt;
+#define BLIP_TOKENS_NFMT 4
+/* "none", "int8", "f16", "int4"; blip_tokstore_parse_fmt: the inverse, -1 if unknown. */
+const char *blip_tokstore_fmt_name(blip_tokens_fmt fmt);
+int blip_tokstore_parse_fmt(const char *name);
 
 typedef struct blip_tokstore blip_tokstore;
 
-/* Payload codec (int8 + per-token scale, or f16), exposed for tests and
+/* Payload codec, exposed for tests and
  * benchmarks. rec must hold blip_tokstore_payload_size(fmt,T,Dv) bytes. */
 size_t blip_tokstore_payload_size(blip_tokens_fmt fmt, int T, int Dv);
 void blip_tokstore_encode(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec);

@@ -103,6 +103,23 @@ wait
 "$BIN/blip-index" merge --db "$T/bad" >/dev/null 2>&1
 [ $? = 2 ] && ok || bad "merge without shards"
 
+# int4 rerank store: a valid index; scores move by at most test_store's int4 ITM tolerance
+idx --db "$T/i4" --rerank-store int4 "$L" >/dev/null 2>&1 || bad "int4 index"
+"$BIN/blip-index" --db "$T/i4" --check >/dev/null && ok || bad "int4 --check"
+[ "$(sqlite3 "$T/i4/index.sqlite" "SELECT value FROM meta WHERE key='tokens'")" = int4 ] && ok || bad "int4 not recorded"
+sz=$(stat -c %s "$T/i4/tokens.bin"); s8=$(stat -c %s "$T/single/tokens.bin")
+[ "$sz" -lt "$s8" ] && ok || bad "int4 records ($sz bytes) not smaller than int8 ($s8)"
+python3 - <("$BIN/blip-query" --db "$T/i4" --model "$MODEL" --json -n 20 "a photo of a landscape") \
+  <("$BIN/blip-query" --db "$T/single" --model "$MODEL" --json -n 20 "a photo of a landscape") <<'PY' \
+  && ok || bad "int4 scores drift beyond tolerance"
+import json, sys
+a, b = ({r["path"]: r["score"] for r in json.load(open(p))} for p in sys.argv[1:])
+assert set(a) == set(b) and len(a) > 0
+assert max(abs(a[p] - b[p]) for p in a) <= 0.25, max(abs(a[p] - b[p]) for p in a)
+assert max(abs(a[p] - b[p]) for p in a) > 0  # the int4 records were used
+PY
+idx --db "$T/x" --rerank-store int3 "$L" >/dev/null 2>&1; [ $? = 2 ] && ok || bad "--rerank-store int3 accepted"
+
 # sharded evaluation over one cache
 python3 - "$L" "$T/ann.json" <<'PY'
 import json, os, sys

@@ -476,6 +476,27 @@ static void test_tokens_roundtrip(void) {
          f16_rel);
   CHECK(f16_rel <= 1.0 / 2048 * (1 + 1e-6), "f16 relative error %g > 2^-11", f16_rel);
   free(rec);
+  /* int4: per group of 32, within half a step of the (f16-rounded) group scale */
+  rec = malloc(blip_tokstore_payload_size(BLIP_TOKENS_I4, Tn, Dv));
+  double i4_viol = 0, i4_abs = 0;
+  for (int i = 0; i < imgs; i++) {
+    blip_tokstore_encode(BLIP_TOKENS_I4, Tn, Dv, emb + (size_t)i * Tn * Dv, rec);
+    blip_tokstore_decode(BLIP_TOKENS_I4, Tn, Dv, rec, back + (size_t)i * Tn * Dv);
+  }
+  for (int r = 0; r < imgs * Tn; r++) {
+    float m = 0;
+    for (int j = 0; j < Dv; j++) m = fmaxf(m, fabsf(emb[(size_t)r * Dv + j])); /* Dv = 32: one group */
+    for (int j = 0; j < Dv; j++) {
+      double d = fabs(emb[(size_t)r * Dv + j] - back[(size_t)r * Dv + j]);
+      i4_abs = fmax(i4_abs, d);
+      if (d > m / 7.0 * 0.5 * (1 + 2e-3) + 1e-7) i4_viol++; /* f16 scale: 2^-11 relative slack */
+    }
+  }
+  printf("  int4 tokens: bytes/image %zu, max|err| %.3g\n", blip_tokstore_payload_size(BLIP_TOKENS_I4, Tn, Dv), i4_abs);
+  CHECK(i4_viol == 0, "%g int4 elements beyond half a quantization step", i4_viol);
+  CHECK(i4_abs > 0, "int4 quantization is lossy");
+  CHECK(blip_tokstore_payload_size(BLIP_TOKENS_I4, 577, 768) == 577 * 24 * 2 + 577 * 384, "int4 record size at base");
+  free(rec);
   free(emb);
   free(back);
   blip_st_close(g);
@@ -503,9 +524,10 @@ static void test_tokens_itm_error(void) {
     goto done;
   memcpy(ids64, ti->data, sizeof ids64);
   memcpy(mask64, tm->data, sizeof mask64);
-  static const blip_tokens_fmt fmts[] = {BLIP_TOKENS_I8, BLIP_TOKENS_F16};
-  static const double tol[] = {0.05, 0.005}; /* int8: under bf16 autocast's 4e-2 drift; f16: 10x tighter */
-  for (int f = 0; f < 2; f++) {
+  static const blip_tokens_fmt fmts[] = {BLIP_TOKENS_I8, BLIP_TOKENS_F16, BLIP_TOKENS_I4};
+  /* int8: under bf16 autocast's 4e-2 drift; f16: 10x tighter; int4: 15 levels per group */
+  static const double tol[] = {0.05, 0.005, 0.25};
+  for (int f = 0; f < 3; f++) {
     uint8_t *rec = malloc(blip_tokstore_payload_size(fmts[f], TT, D));
     for (int i = 0; i < NI; i++) {
       blip_tokstore_encode(fmts[f], TT, D, emb + i * TT * D, rec);
@@ -528,7 +550,7 @@ static void test_tokens_itm_error(void) {
       CHECK_OK(blip_model_itm(m, ids, len, b, NI, BLIP_ITM_ENC, 0, lb, NULL));
       for (int k = 0; k < NI * 2; k++) worst = fmax(worst, fabs(la[k] - lb[k]));
     }
-    printf("  ITM logit max|err| with %s tokens: %.3g (tol %.3g)\n", f ? "f16" : "int8", worst, tol[f]);
+    printf("  ITM logit max|err| with %s tokens: %.3g (tol %.3g)\n", blip_tokstore_fmt_name(fmts[f]), worst, tol[f]);
     CHECK(worst <= tol[f], "ITM logit error %g", worst);
     CHECK(worst > 0, "decoded tokens identical to fp32: codec bypassed");
   }
