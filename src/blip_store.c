@@ -87,6 +87,7 @@ const char *blip_store_schema_sql(int v) { return v >= 1 && v <= NSCHEMA ? SCHEM
 /* ---- constants ---- */
 
 #define ALLOW_EXACT 4096 /* filtered search: exact dot products up to this many ids */
+#define REFINE 4         /* compressed index: candidates re-scored exactly per result wanted */
 
 enum { M_MODEL, M_PRECISION, M_PREPROCESS, M_EMBED_DIM, M_V_TOKENS, M_V_HIDDEN, M_TOKENS, NMETA };
 static const char *const META_KEYS[NMETA] = {"model", "precision", "preprocess", "embed_dim",
@@ -170,45 +171,59 @@ static int64_t db_generation(blip_store *st) {
 /* ---- FAISS cache ---- */
 
 /* Rebuild the in-memory index from SQLite in one read transaction. */
+/* Rebuild the in-memory index from SQLite in one read snapshot, streaming:
+ * an IVF kind first trains on an evenly spaced sample of the rows, then every
+ * kind is filled chunk by chunk, so no more than a chunk of features is held
+ * besides the index itself. */
 static int fx_rebuild(blip_store *st, int ivf) {
+  enum { CHUNK = 65536 };
   sqlite3_stmt *s = NULL;
-  float *x = NULL;
-  int64_t *ids = NULL, n = 0, cap = 0, gen;
-  int began, rc = read_begin(st, &began);
-  if (rc) return rc;
-  gen = db_generation(st);
-  if ((rc = prep(st, "SELECT id, feat FROM images WHERE feat IS NOT NULL", &s))) goto done;
-  int r;
-  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
-    if (sqlite3_column_bytes(s, 1) != st->E * 4) {
-      rc = blip_err_set(BLIP_EFORMAT, "image %lld: feature has %d bytes, want %d", sqlite3_column_int64(s, 0),
-                        sqlite3_column_bytes(s, 1), st->E * 4);
-      goto done;
-    }
-    if (n == cap) {
-      cap = cap ? cap * 2 : 1024;
-      float *nx = realloc(x, (size_t)cap * st->E * sizeof *x);
-      int64_t *ni = nx ? realloc(ids, (size_t)cap * sizeof *ids) : NULL;
-      if (nx) x = nx;
-      if (!ni) {
-        rc = blip_err_set(BLIP_ENOMEM, "out of memory reading features");
-        goto done;
-      }
-      ids = ni;
-    }
-    ids[n] = sqlite3_column_int64(s, 0);
-    memcpy(x + n * st->E, sqlite3_column_blob(s, 1), (size_t)st->E * 4);
-    n++;
+  int64_t *ids = malloc(CHUNK * sizeof *ids), gen, n, ns, got = 0, m = 0;
+  float *x = NULL, *sample = NULL;
+  int began = 0, r, rc = ids ? read_begin(st, &began) : blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (rc) {
+    free(ids);
+    return rc;
   }
-  if (r != SQLITE_DONE) {
-    rc = db_err(st, "read features");
+  gen = db_generation(st);
+  n = blip_store_count(st);
+  ns = blip_vcache_sample_size(st->vc, n, ivf);
+  if (!(x = malloc((size_t)CHUNK * st->E * sizeof *x)) || (ns && !(sample = malloc((size_t)ns * st->E * sizeof *sample)))) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory reading features");
     goto done;
   }
-  rc = blip_vcache_build(st->vc, n, x, ids, ivf, gen);
+  if ((rc = prep(st, "SELECT id, feat FROM images WHERE feat IS NOT NULL ORDER BY id", &s))) goto done;
+  for (int pass = ns ? 0 : 1; pass < 2 && !rc; pass++) { /* pass 0: the training sample; pass 1: fill */
+    int64_t i = 0;
+    if (pass == 1 && (rc = blip_vcache_begin(st->vc, n, ivf, sample, got, gen))) break;
+    while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+      if (sqlite3_column_bytes(s, 1) != st->E * 4) {
+        rc = blip_err_set(BLIP_EFORMAT, "image %lld: feature has %d bytes, want %d", sqlite3_column_int64(s, 0),
+                          sqlite3_column_bytes(s, 1), st->E * 4);
+        break;
+      }
+      const void *f = sqlite3_column_blob(s, 1);
+      if (pass == 0) {
+        if (got < ns && i++ * ns / n == got) memcpy(sample + got++ * st->E, f, (size_t)st->E * 4);
+        continue;
+      }
+      ids[m] = sqlite3_column_int64(s, 0);
+      memcpy(x + m * st->E, f, (size_t)st->E * 4);
+      if (++m == CHUNK) {
+        if ((rc = blip_vcache_add(st->vc, m, x, ids))) break;
+        m = 0;
+      }
+    }
+    if (!rc && r != SQLITE_DONE) rc = db_err(st, "read features");
+    sqlite3_reset(s);
+  }
+  if (!rc && m) rc = blip_vcache_add(st->vc, m, x, ids);
+  if (rc) blip_vcache_drop(st->vc);
 done:
   sqlite3_finalize(s);
   read_end(st, began);
   free(x);
+  free(sample);
   free(ids);
   return rc;
 }
@@ -461,7 +476,7 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
     rc = blip_err_set(BLIP_EFORMAT, "%s: bad geometry in index meta", dir);
     goto fail;
   }
-  if ((rc = blip_vcache_new(dir, st->E, st->ivf_min, &st->vc)) ||
+  if ((rc = blip_vcache_new(dir, st->E, st->ivf_min, o.pq_min, o.write, &st->vc)) ||
       (rc = blip_tokstore_open(dir, st->tfmt, st->T, st->Dv, o.write, &st->tok)) || (rc = load_segments(st)))
     goto fail;
   /* drop records past the highest id ever committed (leftovers of a crash) */
@@ -888,7 +903,8 @@ int blip_store_search(blip_store *st, const float *query, int k, const int64_t *
   }
   if ((rc = fx_current(st))) goto done;
   int64_t total = blip_vcache_ntotal(st->vc);
-  int64_t kk = allow ? (int64_t)k * 8 : k;
+  int approx = blip_vcache_approx(st->vc), want = approx ? k * REFINE : k;
+  int64_t kk = allow ? (int64_t)want * 8 : want;
   for (;;) {
     if (kk > total) kk = total;
     if (kk <= 0) break;
@@ -902,15 +918,26 @@ int blip_store_search(blip_store *st, const float *query, int k, const int64_t *
     }
     if ((rc = blip_vcache_search(st->vc, 1, query, kk, dis, lab))) goto done;
     n = 0;
-    for (int64_t i = 0; i < kk && n < k; i++) {
+    for (int64_t i = 0; i < kk && n < want; i++) {
       if (lab[i] < 0) continue;
       if (allow && !bsearch(&lab[i], allow, (size_t)n_allow, sizeof *allow, cmp_i64)) continue;
-      out_ids[n] = lab[i];
-      out_scores[n] = dis[i];
+      lab[n] = lab[i]; /* compact the accepted candidates in place */
+      dis[n] = dis[i];
       n++;
     }
-    if (n == k || kk == total) break;
+    if (n == want || kk == total) break;
     kk *= 4;
+  }
+  if (approx && n > 0) { /* compressed scores: the top candidates re-scored exactly from SQLite */
+    qsort(lab, (size_t)n, sizeof *lab, cmp_i64);
+    rc = search_exact(st, query, k, lab, n, out_ids, out_scores);
+    if (rc < 0) goto done;
+    n = rc;
+    rc = BLIP_OK;
+  } else if (n) {
+    if (n > k) n = k;
+    memcpy(out_ids, lab, (size_t)n * sizeof *lab);
+    memcpy(out_scores, dis, (size_t)n * sizeof *dis);
   }
   /* IVF probes only part of the lists: an allow set it under-serves is searched exactly */
   if (allow && n < k && blip_vcache_trained(st->vc) > 0) {
