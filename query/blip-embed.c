@@ -4,10 +4,12 @@
  * safetensors file; texts are tokenized to --max-len ids (35, BLIP's
  * retrieval setting). Prints ITC similarities and, with --itm, ITM logits
  * for every image-text pair. */
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
 #include "blip_model.h"
+#include "blip_out.h"
 #include "blip_st.h"
 
 #include <getopt.h>
@@ -30,13 +32,15 @@ static void usage(FILE *f) {
           "preprocessing (PIL, as in BLIP's evaluation) applies neither: --no-autorotate --no-color-manage.\n"
           "--pre-caption cleans texts with BLIP's pre_caption first (as retrieval evaluation does).\n"
           "--json prints {image_feat, text_feat, input_ids, itc, itm_logits}; input_ids hold the real\n"
-          "tokens ([CLS] ... [SEP], no padding).\n"
+          "tokens ([CLS] ... [SEP], no padding); a value that is not finite (NaN, inf) is null.\n"
+          "--threads: 1..4 per core (default: all cores).\n"
           "--precision picks the compute precision of the linear layers (default f32; bf16 and int8 are\n"
           "faster and approximate: see the engine's accuracy figures).\n");
 }
 
 static int fail(const char *what) {
-  fprintf(stderr, "blip-embed: %s: %s\n", what, blip_err_last());
+  blip_err_wrap(BLIP_EINVAL, "%s", what);
+  blip_out_error("blip-embed", blip_err_last());
   return 1;
 }
 
@@ -44,7 +48,7 @@ static json_t *matrix(const float *x, int rows, int cols) {
   json_t *a = json_array();
   for (int i = 0; i < rows; i++) {
     json_t *r = json_array();
-    for (int j = 0; j < cols; j++) json_array_append_new(r, json_real(x[(size_t)i * cols + j]));
+    for (int j = 0; j < cols; j++) json_array_append_new(r, blip_out_json_num(x[(size_t)i * cols + j])); /* NaN: null */
     json_array_append_new(a, r);
   }
   return a;
@@ -101,10 +105,10 @@ int main(int argc, char **argv) {
       break;
     case 'N': naive = 1; break;
     case 'P': pre = 1; break;
-    case 'L': max_len = atoi(optarg); break;
+    case 'L': if (blip_arg_int("--max-len", optarg, 2, 512, &max_len)) goto bad_value; break;
     case 'R': autorot = 0; break;
     case 'C': colour = 0; break;
-    case 'T': threads = atoi(optarg); break;
+    case 'T': if (blip_arg_threads("--threads", optarg, &threads)) goto bad_value; break;
     case 'j': json = 1; break;
     case 'X':
       if (blip_model_parse_precision(optarg, &opts.precision)) {
@@ -115,6 +119,14 @@ int main(int argc, char **argv) {
     case 'h': usage(stdout); free(images), free(texts); return 0;
     default: goto usage_err;
     }
+  }
+  for (int i = 0; i < n_img_files; i++)
+    if (blip_arg_regular_file(images[i])) goto bad_value; /* a FIFO would block the decoder */
+  if (0) {
+  bad_value:
+    blip_out_error("blip-embed", blip_err_last());
+    free(images), free(texts);
+    return 2;
   }
   if (!model_dir || optind < argc || (!n_img_files && !pixels && !n_txt) || max_len < 2) {
   usage_err:
@@ -229,8 +241,8 @@ int main(int argc, char **argv) {
     fputc('\n', stdout);
     json_decref(o);
   } else {
-    for (int j = 0; j < n_txt; j++) printf("text %d: %d tokens: %s\n", j + 1, lens[j], texts[j]);
-    for (int i = 0; i < n_img; i++) printf("image %d: %s\n", i + 1, i < n_img_files ? images[i] : "(pixels)");
+    for (int j = 0; j < n_txt; j++) printf("text %d: %d tokens: ", j + 1, lens[j]), blip_out_fesc(stdout, texts[j]), putchar('\n');
+    for (int i = 0; i < n_img; i++) printf("image %d: ", i + 1), blip_out_fesc(stdout, i < n_img_files ? images[i] : "(pixels)"), putchar('\n');
     if (itc) {
       printf("%-8s %-8s %10s%s\n", "image", "text", "itc", logits ? "   itm_nomatch  itm_match  p(match)" : "");
       for (int i = 0; i < n_img; i++)
