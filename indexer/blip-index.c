@@ -569,7 +569,7 @@ fail:
                     "written: the next run writes it again, and queries meanwhile rebuild it in memory from index.sqlite\n");
   else if (rc == BLIP_EFULL)
     fprintf(stderr, "blip-index: the index is consistent: committed work is kept and the change in progress was "
-                    "rolled back; free some space and run again to continue\n");
+                    "rolled back; free some space (or raise the file size limit) and run again to continue\n");
   ret = 1;
 out:
   free(w.dirs);
