@@ -27,6 +27,7 @@
 #include <strings.h>
 #include <time.h>
 #include <unistd.h>
+#include <utf8proc.h>
 
 #include "blip_err.h"
 #include "blip_img.h"
@@ -453,6 +454,31 @@ done:
   return rc;
 }
 
+/* Does text hold a word: a character other than punctuation, space, control
+ * (or an invalid byte)? pre_caption keeps '?' and ',', which BERT then
+ * tokenizes, so a query of punctuation alone would still embed and match. */
+static int has_word(const char *text) {
+  const utf8proc_uint8_t *p = (const utf8proc_uint8_t *)text;
+  utf8proc_ssize_t n = (utf8proc_ssize_t)strlen(text);
+  for (utf8proc_ssize_t i = 0; i < n;) {
+    utf8proc_int32_t c;
+    utf8proc_ssize_t k = utf8proc_iterate(p + i, n - i, &c);
+    if (k <= 0) { /* an invalid byte */
+      i++;
+      continue;
+    }
+    i += k;
+    switch (utf8proc_category(c)) {
+    case UTF8PROC_CATEGORY_PC: case UTF8PROC_CATEGORY_PD: case UTF8PROC_CATEGORY_PS: case UTF8PROC_CATEGORY_PE:
+    case UTF8PROC_CATEGORY_PI: case UTF8PROC_CATEGORY_PF: case UTF8PROC_CATEGORY_PO: case UTF8PROC_CATEGORY_ZS:
+    case UTF8PROC_CATEGORY_ZL: case UTF8PROC_CATEGORY_ZP: case UTF8PROC_CATEGORY_CC: case UTF8PROC_CATEGORY_CF:
+    case UTF8PROC_CATEGORY_CN: break;
+    default: return 1;
+    }
+  }
+  return 0;
+}
+
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res) {
   int32_t ids[BLIP_SEARCH_MAX_TOKENS];
   int len = 0, trunc = 0, rc;
@@ -460,7 +486,7 @@ int blip_search_text(blip_search *s, const char *query, const blip_search_opts *
   if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
   float *feat = malloc((size_t)s->E * sizeof *feat);
   if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  if (!(rc = blip_search_prepare_text(s->m, query, ids, &len, &trunc)) && len <= 2) /* [CLS] [SEP] */
+  if (!(rc = blip_search_prepare_text(s->m, query, ids, &len, &trunc)) && (len <= 2 || !has_word(query)))
     rc = blip_err_set(BLIP_EINVAL, "the query has no words to search for (it is empty, or only punctuation)");
   if (!rc && !(rc = blip_search_text_feat(s->m, ids, len, feat)))
     rc = search_feat(s, feat, ids, len, o, res);
