@@ -63,6 +63,30 @@ n=$(q --paths -0 -n $N "$QUERY" | xargs -0 -n1 stat -c %s 2>/dev/null | wc -l)
 [[ $n == $N ]] && ok || bad "xargs -0 got $n of $N files"
 rc2 "-0 with --json" "-0 goes with --paths" "${Q[@]}" --json -0 "$QUERY"
 
+# a NaN score (weights with a NaN in the ITM head) keeps its keys, as null
+mkdir -p "$T/nan"
+cp "$MODEL/config.json" "$MODEL/vocab.txt" "$MODEL/model.safetensors" "$T/nan/"
+python3 - "$T/nan/model.safetensors" <<'PY' || bad "poison"
+import json, struct, sys
+import testlib
+p = sys.argv[1]
+b = bytearray(open(p, "rb").read())
+h = testlib.header(p)
+s, e = h["itm_head.bias"]["data_offsets"]
+assert h["itm_head.bias"]["dtype"] == "F32"
+n = struct.unpack("<Q", b[:8])[0]
+b[8 + n + s:8 + n + e] = struct.pack("<f", float("nan")) * ((e - s) // 4)
+open(p, "wb").write(b)
+PY
+"$BIN/blip-index" --db "$T/db-nan" --model "$T/nan" "$L/real" 2>/dev/null || bad "index nan model"
+"$BIN/blip-query" --db "$T/db-nan" --model "$T/nan" --json -n 3 "$QUERY" >"$T/nan.json" || bad "nan query"
+py "--json: a NaN score is null, its keys stay" '
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert len(r) == 3 and all("score" in h and h["score"] is None and h["itm_prob"] is None for h in r), r
+assert all(isinstance(h["cosine"], float) for h in r), r
+' "$T/nan.json"
+
 # --stdin: an invalid UTF-8 line keeps its query key; a line without words is refused, the session goes on
 printf 'red\xff\xfe car\n...\n%s\n' "$QUERY" | q --stdin --json -n 2 >"$T/stdin.jsonl" 2>"$T/stdin.err"
 py "--stdin --json: query, query_b64, error on every line" '
