@@ -134,8 +134,11 @@ static int excluded(const walker *w, const char *path, const char *name) {
 
 /* Say and record that path is left out (--errors, --json list them). */
 static int skip(walker *w, const char *path, const char *why) {
-  char e[1024];
-  fprintf(stderr, "blip-index: skipping %s: %s\n", blip_out_esc(path, e, sizeof e), why);
+  fputs("blip-index: skipping ", stderr);
+  blip_out_fesc(stderr, path);
+  fputs(": ", stderr);
+  blip_out_fesc(stderr, why); /* may quote the name too */
+  fputc('\n', stderr);
   int rc = items_push(&w->skipped, path, 0, 0);
   return rc ? rc : items_push(&w->why, why, 0, 0);
 }

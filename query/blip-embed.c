@@ -84,6 +84,7 @@ int main(int argc, char **argv) {
   const char *model_dir = NULL, *pixels = NULL;
   const char **images = calloc((size_t)argc, sizeof *images), **texts = calloc((size_t)argc, sizeof *texts);
   int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1, colour = 1;
+  int bad = BLIP_EINVAL; /* a bad option value, or why an --image is refused */
   blip_itm_first first = BLIP_ITM_ENC;
   blip_model_opts opts = {.precision = BLIP_PREC_F32};
   static struct option lo[] = {
@@ -120,13 +121,13 @@ int main(int argc, char **argv) {
     default: goto usage_err;
     }
   }
-  for (int i = 0; i < n_img_files; i++)
-    if (blip_arg_regular_file(images[i])) goto bad_value; /* a FIFO would block the decoder */
-  if (0) {
+  bad = BLIP_OK;
+  for (int i = 0; i < n_img_files && !bad; i++) bad = blip_arg_regular_file(images[i]); /* a FIFO would block */
+  if (bad) {
   bad_value:
     blip_out_error("blip-embed", blip_err_last());
     free(images), free(texts);
-    return 2;
+    return bad == BLIP_EIO ? 1 : 2; /* a missing file is an error like a corrupt one; a FIFO is a bad argument */
   }
   if (!model_dir || optind < argc || (!n_img_files && !pixels && !n_txt) || max_len < 2) {
   usage_err:

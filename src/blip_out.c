@@ -73,27 +73,6 @@ static int esc_unit(const unsigned char *s, size_t n, char out[8], int *used) {
   return 4 * *used;
 }
 
-const char *blip_out_esc(const char *s, char *buf, size_t cap) {
-  const unsigned char *p = (const unsigned char *)s;
-  size_t n = strlen(s), full = 0, pos = 0, i;
-  char u[8];
-  int used;
-  for (i = 0; i < n; i += (size_t)used) full += (size_t)esc_unit(p + i, n - i, u, &used);
-  size_t limit = full < cap ? full : cap - 4; /* room for "..." when cut */
-  for (i = 0; i < n; i += (size_t)used) {
-    int k = esc_unit(p + i, n - i, u, &used);
-    if (pos + (size_t)k > limit) break;
-    memcpy(buf + pos, u, (size_t)k);
-    pos += (size_t)k;
-  }
-  if (i < n) {
-    memcpy(buf + pos, "...", 3);
-    pos += 3;
-  }
-  buf[pos] = 0;
-  return buf;
-}
-
 void blip_out_fesc(FILE *f, const char *s) {
   const unsigned char *p = (const unsigned char *)s;
   size_t n = strlen(s);

@@ -23,10 +23,6 @@
 int blip_out_utf8_seq(const unsigned char *s, size_t n);
 int blip_out_utf8_valid(const char *s);
 
-/* The escaped form of s into buf (cap >= 4 bytes), cut at a whole escape and
- * ended with "..." when it does not fit; returns buf. 4 * strlen(s) + 1 bytes
- * always fit. For messages; use blip_out_fesc for fields that must be whole. */
-const char *blip_out_esc(const char *s, char *buf, size_t cap);
 /* The escaped form of s written to f, whole. */
 void blip_out_fesc(FILE *f, const char *s);
 /* "tool: MESSAGE\n" on stderr with MESSAGE escaped (messages quote names). */

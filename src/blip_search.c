@@ -209,8 +209,9 @@ static int under_forms(const char *dir, char f[UNDER_FORMS][PATH_MAX + 1], int *
   int nc = 0, k = 0;
   *n = 0;
   if (dir[0] != '/' && !getcwd(abs, PATH_MAX)) return blip_err_set(BLIP_EIO, "--under: cannot read the current folder");
-  if (snprintf(abs + (dir[0] == '/' ? 0 : strlen(abs)), PATH_MAX, "%s%s", dir[0] == '/' ? "" : "/", dir) >= PATH_MAX)
-    return blip_err_set(BLIP_EINVAL, "--under: path too long");
+  size_t at = dir[0] == '/' ? 0 : strlen(abs); /* the normal form is no longer than abs: it fits f[0] */
+  if (at + 1 + strlen(dir) >= PATH_MAX) return blip_err_set(BLIP_EINVAL, "--under: path too long");
+  snprintf(abs + at, PATH_MAX, "%s%s", at ? "/" : "", dir);
   for (char *save = NULL, *c = strtok_r(abs, "/", &save); c; c = strtok_r(NULL, "/", &save))
     if (!strcmp(c, "..")) nc -= nc > 0;
     else if (strcmp(c, ".")) comp[nc++] = c;
@@ -221,13 +222,15 @@ static int under_forms(const char *dir, char f[UNDER_FORMS][PATH_MAX + 1], int *
   if (realpath(f[0], real)) snprintf(f[(*n)++], PATH_MAX + 1, "%s", real);
   char parent[PATH_MAX + 1];
   snprintf(parent, sizeof parent, "%.*s", (int)(base - 1 - f[0]), f[0]);
-  if (realpath(parent[0] ? parent : "/", real))
-    snprintf(f[(*n)++], PATH_MAX + 1, "%s/%s", strcmp(real, "/") ? real : "", base);
+  if (realpath(parent[0] ? parent : "/", real) &&
+      snprintf(f[*n], PATH_MAX + 1, "%s/%s", strcmp(real, "/") ? real : "", base) < PATH_MAX)
+    (*n)++;
   int m = 0; /* distinct forms, each with its trailing '/'; a "/" form matches all */
   for (int i = 0; i < *n; i++) {
     size_t l = strlen(f[i]);
     if (l == 1) return *n = 0, BLIP_OK;
-    if (l < PATH_MAX) memcpy(f[i] + l, "/", 2);
+    if (l >= PATH_MAX) continue; /* no room for the '/' (cannot name a real folder anyway) */
+    memcpy(f[i] + l, "/", 2);
     int dup = 0;
     for (int j = 0; j < m; j++) dup |= !strcmp(f[j], f[i]);
     if (!dup && m != i) memcpy(f[m], f[i], l + 2);

@@ -13,9 +13,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+/* blip_out_fesc's output for s (static buffer) */
 static const char *esc(const char *s) {
   static char buf[4096];
-  return blip_out_esc(s, buf, sizeof buf);
+  FILE *f = fmemopen(buf, sizeof buf, "w");
+  blip_out_fesc(f, s);
+  long n = ftell(f); /* fmemopen writes no NUL for an empty output */
+  fclose(f);
+  buf[n] = 0;
+  return buf;
 }
 
 /* The inverse of the escaping rule (for the round trip); returns the length. */
@@ -54,12 +60,6 @@ static void test_escape(void) {
   CHECK(!strcmp(esc("\xed\xa0\x80"), "\\xed\\xa0\\x80"), "surrogate: %s", esc("\xed\xa0\x80"));
   CHECK(!strcmp(esc("\xf4\x90\x80\x80"), "\\xf4\\x90\\x80\\x80"), "> U+10FFFF");
   CHECK(!strcmp(esc("\xe6\x97"), "\\xe6\\x97"), "cut sequence: %s", esc("\xe6\x97"));
-  /* a small buffer cuts at a whole escape and says so */
-  char small[12];
-  blip_out_esc("abc\x1b\x1b\x1b\x1b", small, sizeof small);
-  CHECK(!strcmp(small, "abc\\x1b..."), "cut: %s", small);
-  blip_out_esc("abcdefghijk", small, sizeof small);
-  CHECK(!strcmp(small, "abcdefghijk"), "exact fit: %s", small);
   /* round trip over random byte strings: escaped text is valid UTF-8, control-free, and decodes exactly */
   uint64_t r = 7;
   int bad = 0;
@@ -68,10 +68,10 @@ static void test_escape(void) {
     int n = 1 + t % 23;
     for (int i = 0; i < n; i++) {
       r = r * 6364136223846793005ull + 1442695040888963407ull;
-      s[i] = t % 3 ? (char)((r >> 33) % 255 + 1) : "a\\\x1b\xc2\x9b\xe6\x97\xa5\t\n"[(r >> 33) % 11];
+      s[i] = t % 3 ? (char)((r >> 33) % 255 + 1) : "a\\\x1b\xc2\x9b\xe6\x97\xa5\t\n"[(r >> 33) % 10];
     }
     s[n] = 0;
-    blip_out_esc(s, e, sizeof e);
+    snprintf(e, sizeof e, "%s", esc(s));
     size_t m = unesc(e, back);
     int ctrl = 0;
     for (const unsigned char *p = (const unsigned char *)e; *p; p++) ctrl |= *p < 0x20 || *p == 0x7f;
