@@ -440,7 +440,7 @@ int main(int argc, char **argv) {
     blip_out_error("blip-index", blip_err_last());
     goto out;
   }
-  qsort(found.v, (size_t)found.n, sizeof *found.v, cmp_item);
+  if (found.n) qsort(found.v, (size_t)found.n, sizeof *found.v, cmp_item); /* (NULL when nothing was found) */
 
   /* classify; moves and touches go in one transaction */
   if (st && (rc = blip_store_scan_begin(st))) goto fail;
