@@ -87,6 +87,14 @@ assert len(r) == 3 and all("score" in h and h["score"] is None and h["itm_prob"]
 assert all(isinstance(h["cosine"], float) for h in r), r
 ' "$T/nan.json"
 
+"$BIN/blip-embed" --model "$T/nan" --image "$L/real/img00000.jpg" --text "a dog" --itm --json >"$T/nan-embed.json" ||
+  bad "nan embed"
+py "blip-embed --json: NaN logits are null, none dropped" '
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["itm_logits"] == [[[None, None]]] and len(j["itc"][0]) == 1, j["itm_logits"]
+' "$T/nan-embed.json"
+
 # --stdin: an invalid UTF-8 line keeps its query key; a line without words is refused, the session goes on
 printf 'red\xff\xfe car\n...\n%s\n' "$QUERY" | q --stdin --json -n 2 >"$T/stdin.jsonl" 2>"$T/stdin.err"
 py "--stdin --json: query, query_b64, error on every line" '
@@ -99,6 +107,10 @@ assert l[2]["query"] == "a dog running on a beach" and len(l[2]["results"]) == 2
 ' "$T/stdin.jsonl"
 
 # ---- terminals and TSV: escaped names ----
+# --paths on a terminal (a pty from script(1)) escapes; into a pipe it gives names as they are
+script -qec "$(printf '%q ' "${Q[@]}" --paths -n $N "$QUERY")" /dev/null </dev/null >"$T/paths-tty" 2>&1
+grep -aq 'bad\\xff\\x1b\]0;pwn\\x07' "$T/paths-tty" && ! grep -aq $'\x1b' "$T/paths-tty" && ok ||
+  bad "--paths on a terminal not escaped: $(cat -v "$T/paths-tty")"
 q -n $N "$QUERY" >"$T/table" || bad "table"
 printf 'a dog\n' | q --stdin -n 1 >"$T/table-stdin" || bad "table stdin"
 py "table: names escaped, one line per hit" '
@@ -243,7 +255,8 @@ tiff(d + "/ojpeg.tif", [(256, 4, [64]), (257, 4, [64]), (258, 3, [8, 8, 8]), (25
      (273, 4, "OFFS"), (277, 3, [3]), (278, 4, [64]), (279, 4, [len(jpg)]), (284, 3, [1]), (513, 4, "OFFS"),
      (514, 4, [len(jpg)])], [jpg])
 PY
-"$BIN/blip-index" --db "$T/db-tif" --model "$MODEL" --errors "$T/tif" >"$T/tif.err" 2>/dev/null || bad "tiff run"
+# (one decoding thread: libvips's error text is global, so parallel decodes may swap their words)
+"$BIN/blip-index" --db "$T/db-tif" --model "$MODEL" --threads 1 --errors "$T/tif" >"$T/tif.err" 2>/dev/null || bad "tiff run"
 [[ $(grep -c "unsupported image variant" "$T/tif.err") == 3 ]] && ! grep -q corrupt "$T/tif.err" && ok ||
   bad "unusual TIFFs: $(cat "$T/tif.err")"
 
