@@ -17,7 +17,7 @@
  *     PIL does. Reference mode follows PIL where the product path is better
  *     for photos or PIL cannot be matched by libvips alone (README's table):
  *     naive CMYK, 16-bit grey clipped at 255, PNM scaled as Pillow does, GIF
- *     key colour (these two finish in C on the packed pixels, pack4).
+ *     key colour (CMYK and GIF finish in C on the packed pixels, pack4).
  *  4. orientation: applied in C on the packed buffer (a 90-degree rotation
  *     needs random access, which a sequential libvips load does not give);
  *     never for HEIF/AVIF, whose pixels libheif has already turned. In
@@ -538,7 +538,6 @@ static int gif_first_frame(const uint8_t *p, size_t n, gif_frame *g) {
       if (p[i + 9] & 0x80) {
         pal_n = (size_t)3 << ((p[i + 9] & 7) + 1);
         pal = p + i + 10;
-        i += 10;
       }
       break;
     }
