@@ -12,14 +12,17 @@ the conversion itself is compared byte for byte).
 Run with Debian bookworm's python3-pil (Pillow 9.4.0, the version that made
 the preprocessing golden data) and python3-numpy:
     /usr/bin/python3 scripts/gen-pil-cases.py tests/data/pil-cases
-Output: the images, cases.json ([{file, size, what, product}]) and
+Output: the images, cases.json ([{file, size, what, pil_mode, product}]) and
 expected.safetensors (U8 [S,S,3] "ref.<file>"; "product.<file>" where the
 product path's value is computable independently of the code under test).
+"product" says what the product (default) mode must give: "value" (that
+tensor), "ref" (PIL's bytes too) or "differs" (anything but PIL's bytes).
 The output is deterministic: rerunning it must leave git clean."""
 import json
 import os
 import struct
 import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -27,6 +30,7 @@ import PIL
 from PIL import Image, TiffImagePlugin
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "tests/data/pil-cases"
+warnings.filterwarnings("ignore", "Palette images with Transparency")  # Pillow's advice to callers
 rng = np.random.default_rng(20261202)
 cases, tensors = [], {}
 
@@ -43,7 +47,10 @@ def pattern(h, w, c, hi=255):
     return a
 
 
-def add(name, what, size=None, product=None):
+def add(name, what, size=None, product=None, differs=False):
+    """product: the product path's full-size RGB where computable here
+    ("value"); else differs: the product path must not give PIL's bytes
+    ("differs"); else it must give them ("ref")."""
     path = os.path.join(OUT, name)
     im = Image.open(path)
     rgb = im.convert("RGB")
@@ -52,7 +59,32 @@ def add(name, what, size=None, product=None):
     tensors["ref." + name] = ref
     if product is not None:
         tensors["product." + name] = np.asarray(Image.fromarray(product, "RGB").resize((s, s), Image.BICUBIC))
-    cases.append({"file": name, "size": s, "what": what, "pil_mode": im.mode, "product": product is not None})
+    kind = "value" if product is not None else "differs" if differs else "ref"
+    cases.append({"file": name, "size": s, "what": what, "pil_mode": im.mode, "product": kind})
+
+
+def icc_profile():
+    """A minimal ICC v2 RGB matrix/TRC profile (Adobe RGB-like primaries,
+    gamma 2.2, not named sRGB): product mode converts through it, PIL and
+    reference mode ignore it."""
+    def xyz(x, y, z):
+        return b"XYZ \0\0\0\0" + struct.pack(">iii", *(round(v * 65536) for v in (x, y, z)))
+    desc = b"blipsearch test wide RGB"
+    tags = [(b"desc", b"desc\0\0\0\0" + struct.pack(">I", len(desc) + 1) + desc + b"\0" + b"\0" * 8 + b"\0" * 70),
+            (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.6097, 0.3111, 0.0195)),
+            (b"gXYZ", xyz(0.2053, 0.6257, 0.0609)), (b"bXYZ", xyz(0.1492, 0.0632, 0.7446))]
+    tags += [(c + b"TRC", b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0233) + b"\0\0") for c in (b"r", b"g", b"b")]
+    off = 128 + 4 + 12 * len(tags)
+    table, data = struct.pack(">I", len(tags)), b""
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", off + len(data), len(body))
+        data += body
+    size = off + len(data)
+    head = (struct.pack(">I", size) + b"\0" * 4 + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + b"\0" * 12 +
+            b"acsp" + b"\0" * 24 + struct.pack(">I", 0) + struct.pack(">iii", 63190, 65536, 54061) + b"\0" * 48)
+    assert len(head) == 128
+    return head + table + data
 
 
 def write_tiff(name, w, h, spp, bps, photometric, data, be=False, extra=None, orientation=None):
@@ -126,7 +158,7 @@ def main():
     # --- CMYK: Pillow's cmyk2rgb (9.4: R = (255-C)(255-K)/255 rounded), no ICC
     cmyk = pattern(S, S, 4).astype(np.uint8)
     Image.fromarray(cmyk, "CMYK").save(os.path.join(OUT, "cmyk_adobe.jpg"), quality=95)
-    add("cmyk_adobe.jpg", "CMYK JPEG with Adobe APP14 (stored inverted), naive CMYK->RGB")
+    add("cmyk_adobe.jpg", "CMYK JPEG with Adobe APP14 (stored inverted), naive CMYK->RGB", differs=True)
     b = open(os.path.join(OUT, "cmyk_adobe.jpg"), "rb").read()
     out, i = bytearray(b[:2]), 2
     while b[i + 1] != 0xDA:  # drop APP14: Pillow inverts CMYK JPEGs with or without it
@@ -135,13 +167,13 @@ def main():
             out += b[i:i + 2 + n]
         i += 2 + n
     open(os.path.join(OUT, "cmyk_noadobe.jpg"), "wb").write(bytes(out + b[i:]))
-    add("cmyk_noadobe.jpg", "CMYK JPEG without Adobe APP14")
+    add("cmyk_noadobe.jpg", "CMYK JPEG without Adobe APP14", differs=True)
     Image.fromarray(cmyk, "CMYK").save(os.path.join(OUT, "cmyk.tif"))
-    add("cmyk.tif", "CMYK TIFF, uncompressed")
+    add("cmyk.tif", "CMYK TIFF, uncompressed", differs=True)
     Image.fromarray(cmyk, "CMYK").save(os.path.join(OUT, "cmyk_lzw.tif"), compression="tiff_lzw")
-    add("cmyk_lzw.tif", "CMYK TIFF, LZW")
+    add("cmyk_lzw.tif", "CMYK TIFF, LZW", differs=True)
     write_tiff("cmyk16.tif", S, S, 4, 16, 5, pattern(S, S, 4, 65535))
-    add("cmyk16.tif", "16-bit CMYK TIFF (high byte, then naive CMYK->RGB)")
+    add("cmyk16.tif", "16-bit CMYK TIFF (high byte, then naive CMYK->RGB)", differs=True)
 
     # --- 16-bit grey: PIL mode I / I;16, convert("RGB") clips at 255
     g = pattern(S, S, 1, 65535)[..., 0]
@@ -210,7 +242,8 @@ def main():
         b = bytearray(open(tmp, "rb").read())
         b[6:10] = struct.pack("<HH", S, S)
         open(tmp, "wb").write(bytes(b))
-        add(name, "GIF, frame smaller than the screen" + (", transparent index 3" if t is not None else ""))
+        add(name, "GIF, frame smaller than the screen" + (", transparent index 3" if t is not None else ""),
+            differs=True)
     # local colour table (the global one holds other colours)
     b = open(os.path.join(OUT, "trns3.gif"), "rb").read()
     hdr, gct, pre, d, lct, rest = gif_blocks(b)
@@ -219,7 +252,7 @@ def main():
     d[9] = (d[9] & 0x78) | 0x80 | (hdr[10] & 7)
     other = bytes(255 - x for x in gct)
     open(os.path.join(OUT, "local_trns.gif"), "wb").write(bytes(hdr) + other + pre + bytes(d) + gct + rest)
-    add("local_trns.gif", "GIF with a local colour table, transparent index 3")
+    add("local_trns.gif", "GIF with a local colour table, transparent index 3", differs=True)
     # palette PNG with tRNS, grey PNG with tRNS: the colour under alpha, both paths
     p.save(os.path.join(OUT, "palette_trns.png"), transparency=bytes([0, 128, 255, 0, 10, 255, 7]))
     add("palette_trns.png", "palette PNG with tRNS")
@@ -259,11 +292,16 @@ def main():
                                                                       tiffinfo=ti)
     add("orient6_wide.tif", "24x16 TIFF, Orientation 6 (turned to 16x24, then squashed)", size=20)
     write_tiff("orient8_grey16.tif", 16, 16, 1, 16, 1, pattern(16, 16, 1, 65535)[..., 0], orientation=8)
-    add("orient8_grey16.tif", "16-bit grey TIFF, Orientation 8")
+    add("orient8_grey16.tif", "16-bit grey TIFF, Orientation 8", differs=True)
     ex = Image.Exif()
     ex[274] = 6
     Image.fromarray(sq, "RGB").save(os.path.join(OUT, "exif6.png"), exif=ex)
-    add("exif6.png", "PNG with eXIf Orientation 6 (PIL ignores it)")
+    add("exif6.png", "PNG with eXIf Orientation 6 (PIL ignores it)", differs=True)
+
+    # --- ICC profiles: PIL's convert("RGB") ignores them
+    Image.fromarray(pattern(S, S, 3).astype(np.uint8), "RGB").save(os.path.join(OUT, "icc_wide.png"),
+                                                                   icc_profile=icc_profile())
+    add("icc_wide.png", "RGB PNG with a wide-gamut ICC profile", differs=True)
 
     # --- write cases.json and expected.safetensors (sorted keys: deterministic)
     meta, blob = {}, b""
