@@ -633,20 +633,20 @@ static const char *magic_name(VipsSource *src) {
   return NULL;
 }
 
-/* The conversion plan for this loader; a PNG's colour type from its IHDR
- * (sniffed before the loader reads the source). */
-static conv conv_for(VipsSource *src, const char *loader, const blip_img_opts *o) {
-  static const struct {
-    const char *prefix;
-    char kind;
-  } kinds[] = {{"VipsForeignLoadNsgif", 'g'}, {"VipsForeignLoadGif", 'g'}, {"VipsForeignLoadPng", 'p'},
-               {"VipsForeignLoadSpng", 'p'},  {"VipsForeignLoadPpm", 'n'}, {"VipsForeignLoadTiff", 't'}};
+/* The conversion plan for a file, from its magic bytes (the ones libvips'
+ * loaders test) and, for a PNG, the IHDR colour type. Call it before the
+ * loader reads the source. */
+static conv conv_for(VipsSource *src, const blip_img_opts *o) {
   conv cv = {o->reference, o->color_manage, 0, -1};
-  for (size_t i = 0; i < sizeof kinds / sizeof *kinds; i++)
-    if (!strncmp(loader, kinds[i].prefix, strlen(kinds[i].prefix))) cv.kind = kinds[i].kind;
   const unsigned char *p = NULL;
-  if (cv.kind == 'p' && vips_source_sniff_at_most(src, (unsigned char **)&p, 26) == 26 && p) cv.png_ctype = p[25];
+  gint64 n = vips_source_sniff_at_most(src, (unsigned char **)&p, 26);
   vips_error_clear();
+  if (n < 4 || !p) return cv;
+  if (!memcmp(p, "GIF8", 4)) cv.kind = 'g';
+  if (!memcmp(p, "\x89PNG", 4)) cv.kind = 'p', cv.png_ctype = n >= 26 ? p[25] : -1;
+  if (!memcmp(p, "II*\0", 4) || !memcmp(p, "MM\0*", 4) || !memcmp(p, "II+\0", 4) || !memcmp(p, "MM\0+", 4))
+    cv.kind = 't';
+  if (p[0] == 'P' && p[1] >= '1' && p[1] <= '6') cv.kind = 'n';
   return cv;
 }
 
@@ -663,7 +663,7 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
     if (fmt) return blip_err_set(BLIP_EFORMAT, "%s: corrupt or truncated %s image (no decoder accepts it)", name, fmt);
     return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image format", name);
   }
-  const conv cv = conv_for(src, loader, o);
+  const conv cv = conv_for(src, o);
   im = vips_image_new_from_source(src, "", "access", VIPS_ACCESS_SEQUENTIAL, "fail_on", VIPS_FAIL_ON_ERROR, NULL);
   if (!im) {
     rc = vips_fail(BLIP_EFORMAT, "bad header", name);
@@ -694,8 +694,8 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
     meta->orientation = orient;
     exif_date(im, meta->taken_at);
   }
-  if (o->shrink_on_load && !o->reference && !strcmp(loader, "VipsForeignLoadJpegSource")) {
-    int f = jpeg_shrink(w, h, o->size);
+  if (o->shrink_on_load && !strcmp(loader, "VipsForeignLoadJpegSource")) {
+    int f = o->reference ? 1 : jpeg_shrink(w, h, o->size); /* reference: exact */
     if (f > 1) {
       g_object_unref(im);
       im = NULL;
