@@ -580,6 +580,23 @@ static void pack4(uint8_t *p, int w, int h, int post, const gif_frame *g) {
     }
 }
 
+/* The conversion plan for a file, from its magic bytes (the ones libvips'
+ * loaders test) and, for a PNG, the IHDR colour type. Call it before the
+ * loader reads the source. */
+static conv conv_for(VipsSource *src, const blip_img_opts *o) {
+  conv cv = {o->reference, o->color_manage, 0, -1};
+  const unsigned char *p = NULL;
+  gint64 n = vips_source_sniff_at_most(src, (unsigned char **)&p, 26);
+  vips_error_clear();
+  if (n < 4 || !p) return cv;
+  if (!memcmp(p, "GIF8", 4)) cv.kind = 'g';
+  if (!memcmp(p, "\x89PNG", 4)) cv.kind = 'p', cv.png_ctype = n >= 26 ? p[25] : -1;
+  if (!memcmp(p, "II*\0", 4) || !memcmp(p, "MM\0*", 4) || !memcmp(p, "II+\0", 4) || !memcmp(p, "MM\0+", 4))
+    cv.kind = 't';
+  if (p[0] == 'P' && p[1] >= '1' && p[1] <= '6') cv.kind = 'n';
+  return cv;
+}
+
 typedef struct {
   double t0, budget;
   int killed;
@@ -633,23 +650,6 @@ static const char *magic_name(VipsSource *src) {
   return NULL;
 }
 
-/* The conversion plan for a file, from its magic bytes (the ones libvips'
- * loaders test) and, for a PNG, the IHDR colour type. Call it before the
- * loader reads the source. */
-static conv conv_for(VipsSource *src, const blip_img_opts *o) {
-  conv cv = {o->reference, o->color_manage, 0, -1};
-  const unsigned char *p = NULL;
-  gint64 n = vips_source_sniff_at_most(src, (unsigned char **)&p, 26);
-  vips_error_clear();
-  if (n < 4 || !p) return cv;
-  if (!memcmp(p, "GIF8", 4)) cv.kind = 'g';
-  if (!memcmp(p, "\x89PNG", 4)) cv.kind = 'p', cv.png_ctype = n >= 26 ? p[25] : -1;
-  if (!memcmp(p, "II*\0", 4) || !memcmp(p, "MM\0*", 4) || !memcmp(p, "II+\0", 4) || !memcmp(p, "MM\0+", 4))
-    cv.kind = 't';
-  if (p[0] == 'P' && p[1] >= '1' && p[1] <= '6') cv.kind = 'n';
-  return cv;
-}
-
 static int load_source(VipsSource *src, const char *name, const blip_img_opts *o, float *out, uint8_t *rgb,
                        blip_img_meta *meta, double t0) {
   VipsImage *im = NULL, *srgb = NULL;
@@ -685,9 +685,6 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
    * the EXIF tag (which Apple also writes) only repeats them; applying it
    * again would turn every portrait sideways. It is still reported. */
   int apply = o->autorotate && strncmp(loader, "VipsForeignLoadHeif", 19) != 0;
-  /* PIL (>= 6.2) turns every TIFF by its Orientation tag on load, and
-   * ignores EXIF orientation everywhere else */
-  if (o->reference) apply = cv.kind == 't';
   if (meta) {
     meta->width = w;
     meta->height = h;
@@ -695,7 +692,7 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
     exif_date(im, meta->taken_at);
   }
   if (o->shrink_on_load && !strcmp(loader, "VipsForeignLoadJpegSource")) {
-    int f = o->reference ? 1 : jpeg_shrink(w, h, o->size); /* reference: exact */
+    int f = jpeg_shrink(w, h, o->size);
     if (f > 1) {
       g_object_unref(im);
       im = NULL;
@@ -740,6 +737,9 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
     }
     pack4(pix, dw, dh, post, &g);
   }
+  /* PIL (>= 6.2) turns every TIFF by its Orientation tag on load, and
+   * ignores EXIF orientation everywhere else */
+  if (o->reference) apply = cv.kind == 't';
   const uint8_t *img = pix;
   if (apply && orient != 1) {
     if ((rc = orient_rgb(pix, dw, dh, orient, &rot, &dw, &dh))) goto done;
@@ -767,6 +767,8 @@ done:
 static int check_opts(const blip_img_opts *o) {
   if (!o || o->size < 1 || o->size > 8192 || o->max_pixels < 1 || o->max_file_bytes < 1 || !(o->time_budget_s > 0))
     return blip_err_set(BLIP_EINVAL, "blip_img: bad options");
+  if (o->reference && o->shrink_on_load) /* PIL decodes every pixel */
+    return blip_err_set(BLIP_EINVAL, "blip_img: reference mode decodes exactly: shrink_on_load must be 0");
   return blip_img_init();
 }
 

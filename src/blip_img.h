@@ -22,8 +22,8 @@ typedef struct {
   int color_manage;       /* non-sRGB ICC profiles -> sRGB (photo libraries: 1; the PIL reference ignores
                            * profiles). CMYK goes through an ICC profile unless reference is set. */
   int reference;          /* 1: reproduce PIL's Image.open(f).convert("RGB") byte for byte, as BLIP's
-                           * evaluation decodes (blip-eval, fidelity checks). Overrides autorotate,
-                           * color_manage and shrink_on_load: no ICC, naive CMYK, 16-bit grey clipped
+                           * evaluation decodes (blip-eval, fidelity checks). Overrides autorotate and
+                           * color_manage (shrink_on_load must be 0): no ICC, naive CMYK, 16-bit grey clipped
                            * at 255, PNM scaled by maxval, GIF transparent pixels keep their palette
                            * colour, TIFF Orientation applied, EXIF orientation ignored. README.md,
                            * "Reference mode", lists every difference from the default (product) mode. */

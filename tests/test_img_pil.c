@@ -12,7 +12,8 @@
  *     (16-bit high byte, PNM scaled to full range, GIF transparency black),
  *     PIL's bytes where both modes agree, and not PIL's bytes where README's
  *     table says they differ (ICC, CMYK profile, EXIF orientation, GIF);
- *  3. reference mode overrides autorotate and color_manage. */
+ *  3. reference mode overrides autorotate and color_manage, and refuses
+ *     shrink-on-load (PIL decodes every pixel). */
 #include <jansson.h>
 #include <stdint.h>
 
@@ -109,6 +110,11 @@ int main(void) {
     printf("%-22s %-6s %10s %10s\n", file, json_string_value(json_object_get(c, "pil_mode")),
            bad == 0 ? "exact" : "DIFF", prod);
   }
+  blip_img_opts o;
+  blip_img_opts_default(&o);
+  o.reference = o.shrink_on_load = 1;
+  CHECK(blip_img_load_file(test_data("pil-cases/cmyk_adobe.jpg"), &o, NULL, NULL, NULL) == BLIP_EINVAL,
+        "reference mode with shrink_on_load must be refused");
   blip_st_close(st);
   json_decref(doc);
   return check_summary();

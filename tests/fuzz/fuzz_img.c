@@ -24,9 +24,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   o.time_budget_s = 5;
   /* the low bits of the length pick the shrink-on-load path, autorotation
    * and reference mode, so every variant sees the whole corpus */
-  o.shrink_on_load = size & 1;
-  o.autorotate = (size >> 1) & 1;
   o.reference = (size >> 2) & 1;
+  o.shrink_on_load = (size & 1) && !o.reference; /* reference mode refuses it */
+  o.autorotate = (size >> 1) & 1;
   float out[3 * 32 * 32];
   uint8_t rgb[3 * 32 * 32];
   blip_img_meta meta;
