@@ -222,12 +222,12 @@ int main(int argc, char **argv) {
   while ((c = getopt_long(argc, argv, "n:h0", lo, NULL)) != -1) {
     double thr;
     switch (c) {
-    case 'n': if (blip_arg_int("-n", optarg, 1, 1000000, &o.n)) goto bad_value; break;
+    case 'n': if (blip_arg_int("-n", optarg, 1, 1000000, &o.n)) goto fail; break;
     case O_DB: snprintf(dbdir, sizeof dbdir, "%s", optarg); break;
     case O_MODEL: model_dir = optarg; break;
-    case O_RERANK: if (blip_arg_int("--rerank", optarg, 0, 4096, &o.rerank)) goto bad_value; break;
+    case O_RERANK: if (blip_arg_int("--rerank", optarg, 0, 4096, &o.rerank)) goto fail; break;
     case O_THRESH:
-      if (blip_arg_real("--threshold", optarg, 0, 1, &thr)) goto bad_value;
+      if (blip_arg_real("--threshold", optarg, 0, 1, &thr)) goto fail;
       o.threshold = (float)thr;
       break;
     case O_SORT:
@@ -237,7 +237,7 @@ int main(int argc, char **argv) {
     case O_UNDER: o.filter.under = optarg; break;
     case O_AFTER:
     case O_BEFORE:
-      if (blip_arg_date(c == O_AFTER ? "--after" : "--before", optarg, c == O_AFTER ? after : before)) goto bad_value;
+      if (blip_arg_date(c == O_AFTER ? "--after" : "--before", optarg, c == O_AFTER ? after : before)) goto fail;
       *(c == O_AFTER ? &o.filter.after : &o.filter.before) = c == O_AFTER ? after : before;
       break;
     case O_EXT: o.filter.exts = optarg; break;
@@ -250,7 +250,7 @@ int main(int argc, char **argv) {
     case O_RANKT: rank_texts = 1; break;
     case O_STDIN: use_stdin = 1; break;
     case O_PREC: prec_name = optarg; break;
-    case O_THREADS: if (blip_arg_threads("--threads", optarg, &threads)) goto bad_value; break;
+    case O_THREADS: if (blip_arg_threads("--threads", optarg, &threads)) goto fail; break;
     case O_NAIVE: o.naive = 1; break;
     case 'h':
     case O_HELP: fputs(USAGE, stdout); ret = 0; goto out;
@@ -380,7 +380,6 @@ usage:
   fputs(USAGE, stderr);
   ret = 2;
   goto out;
-bad_value:
 fail:
   blip_out_error("blip-query", blip_err_last());
   ret = 2;
