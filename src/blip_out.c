@@ -81,6 +81,37 @@ void blip_out_fesc(FILE *f, const char *s) {
   for (size_t i = 0; i < n; i += (size_t)used) fwrite(u, 1, (size_t)esc_unit(p + i, n - i, u, &used), f);
 }
 
+static int hexval(char c) {
+  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+long blip_out_unesc(const char *e, char *out) {
+  long n = 0;
+  while (*e) {
+    if (*e != '\\') {
+      out[n++] = *e++;
+      continue;
+    }
+    switch (e[1]) {
+    case '\\': out[n++] = '\\'; break;
+    case 't': out[n++] = '\t'; break;
+    case 'n': out[n++] = '\n'; break;
+    case 'r': out[n++] = '\r'; break;
+    case 'x': {
+      int hi = hexval(e[2]), lo = hi < 0 ? -1 : hexval(e[3]);
+      if (lo < 0) return -1;
+      out[n++] = (char)(hi << 4 | lo);
+      e += 2;
+      break;
+    }
+    default: return -1;
+    }
+    e += 2;
+  }
+  out[n] = 0;
+  return n;
+}
+
 void blip_out_error(const char *tool, const char *msg) {
   fprintf(stderr, "%s: ", tool);
   blip_out_fesc(stderr, msg);

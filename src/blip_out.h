@@ -25,6 +25,10 @@ int blip_out_utf8_valid(const char *s);
 
 /* The escaped form of s written to f, whole. */
 void blip_out_fesc(FILE *f, const char *s);
+/* The inverse: the bytes that escaped text e stands for into out (room for
+ * strlen(e) + 1), NUL-ended; returns their count, or -1 for a sequence the
+ * rule never writes (a lone '\\', an unknown escape, a bad \x). */
+long blip_out_unesc(const char *e, char *out);
 /* "tool: MESSAGE\n" on stderr with MESSAGE escaped (messages quote names). */
 void blip_out_error(const char *tool, const char *msg);
 

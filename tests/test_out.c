@@ -24,29 +24,6 @@ static const char *esc(const char *s) {
   return buf;
 }
 
-/* The inverse of the escaping rule (for the round trip); returns the length. */
-static size_t unesc(const char *s, char *out) {
-  size_t n = 0;
-  while (*s) {
-    if (*s != '\\') {
-      out[n++] = *s++;
-      continue;
-    }
-    char c = s[1];
-    if (c == 'x') {
-      unsigned v;
-      sscanf(s + 2, "%2x", &v);
-      out[n++] = (char)v;
-      s += 4;
-    } else {
-      out[n++] = c == 't' ? '\t' : c == 'n' ? '\n' : c == 'r' ? '\r' : c;
-      s += 2;
-    }
-  }
-  out[n] = 0;
-  return n;
-}
-
 static void test_escape(void) {
   CHECK(!strcmp(esc("plain/café 日本.jpg"), "plain/café 日本.jpg"), "valid UTF-8 kept: %s", esc("plain/café 日本.jpg"));
   CHECK(!strcmp(esc("a\x1b]0;pwn\x07z"), "a\\x1b]0;pwn\\x07z"), "ESC/BEL: %s", esc("a\x1b]0;pwn\x07z"));
@@ -72,16 +49,21 @@ static void test_escape(void) {
     }
     s[n] = 0;
     snprintf(e, sizeof e, "%s", esc(s));
-    size_t m = unesc(e, back);
+    long m = blip_out_unesc(e, back);
     int ctrl = 0;
     for (const unsigned char *p = (const unsigned char *)e; *p; p++) ctrl |= *p < 0x20 || *p == 0x7f;
-    if (m != strlen(s) || memcmp(back, s, m) || !blip_out_utf8_valid(e) || ctrl || strstr(e, "\xc2\x80") ||
+    if (m != (long)strlen(s) || memcmp(back, s, (size_t)m) || !blip_out_utf8_valid(e) || ctrl || strstr(e, "\xc2\x80") ||
         strstr(e, "\xc2\x9b")) {
       bad = 1;
       CHECK(0, "round trip of case %d: %s", t, e);
     }
   }
   CHECK(!bad, "20000 random names round trip");
+  char out[16];
+  CHECK(blip_out_unesc("a\\", out) == -1 && blip_out_unesc("\\q", out) == -1 && blip_out_unesc("\\x4", out) == -1 &&
+            blip_out_unesc("\\xg0", out) == -1,
+        "malformed escapes refused");
+  CHECK(blip_out_unesc("\\x1B\\\\", out) == 2 && !strcmp(out, "\x1b\\"), "upper-case hex, backslash");
 }
 
 static void test_json(void) {

@@ -14,29 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static size_t unescape(const char *s, char *out) {
-  size_t n = 0;
-  while (*s) {
-    if (*s != '\\') {
-      out[n++] = *s++;
-      continue;
-    }
-    char c = s[1];
-    if (c == 'x') {
-      unsigned v = 0;
-      if (sscanf(s + 2, "%2x", &v) != 1) abort();
-      out[n++] = (char)v;
-      s += 4;
-    } else if (c == 't' || c == 'n' || c == 'r' || c == '\\') {
-      out[n++] = c == 't' ? '\t' : c == 'n' ? '\n' : c == 'r' ? '\r' : '\\';
-      s += 2;
-    } else {
-      abort(); /* an escape the rule does not have */
-    }
-  }
-  return n;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   char *s = malloc(size + 1), *e = NULL, *back = NULL;
   size_t elen = 0;
@@ -50,7 +27,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if ((unsigned char)e[i] < 0x20 || e[i] == 0x7f) abort();
   if (!blip_out_utf8_valid(e) || strstr(e, "\xc2\x80") || strstr(e, "\xc2\x9b")) abort();
   back = malloc(elen + 1);
-  if (unescape(e, back) != n || memcmp(back, s, n)) abort();
+  if (blip_out_unesc(e, back) != (long)n || memcmp(back, s, n)) abort();
 
   json_t *o = json_object();
   if (blip_out_json_name(o, "path", s)) abort();
