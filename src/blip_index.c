@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "blip_err.h"
@@ -28,6 +29,7 @@ typedef struct {
   blip_img_meta meta[MAXB];
   uint64_t fp[MAXB];
   char err[MAXB][256]; /* "" = decoded */
+  int retry[MAXB];     /* with err: a failure that may pass (retried on the next run) */
   int ready;
 } slot;
 
@@ -50,6 +52,15 @@ static double now_s(void) {
 
 static int stopping(const pipeline *p) { return p->quit || (p->stop && *p->stop); }
 
+/* Whether a failure may pass by the next run: the file could not be read
+ * (permission, vanished, I/O error), the decoder ran out of time or memory,
+ * or the file changed while it was read (e.g. a truncated copy being restored). */
+static int transient(int rc, const blip_index_item *it) {
+  struct stat sb;
+  if (rc == BLIP_EIO || rc == BLIP_EINTR || rc == BLIP_ENOMEM || stat(it->path, &sb) != 0) return 1;
+  return sb.st_size != it->size || (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec != it->mtime_ns;
+}
+
 static void decode(pipeline *p, slot *b) {
   blip_img_opts o;
   blip_img_opts_default(&o);
@@ -66,6 +77,7 @@ static void decode(pipeline *p, slot *b) {
     if (!it->has_fingerprint && blip_store_fingerprint_file(it->path, it->size, &b->fp[i]) && !rc) rc = BLIP_EIO;
     if (rc) snprintf(b->err[i], sizeof b->err[i], "%s", blip_err_last()[0] ? blip_err_last() : blip_err_name(rc));
     else b->err[i][0] = 0;
+    b->retry[i] = rc && transient(rc, it);
   }
 }
 
@@ -114,7 +126,7 @@ static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, 
       const blip_index_item *it = b->it[i];
       rows[r] = (blip_store_row){it->path, it->size, it->mtime_ns, b->fp[i], b->meta[i].width,
                                  b->meta[i].height, b->meta[i].orientation, b->meta[i].taken_at,
-                                 pass ? b->err[i] : NULL};
+                                 pass ? b->err[i] : NULL, pass && b->retry[i], 0};
       rep[r++] = it->replace;
     }
   if ((rc = blip_store_put(st, rows, rep, b->n, feats, tokens ? embeds : NULL, NULL))) return rc;

@@ -42,11 +42,10 @@
 struct blip_search {
   char *dir;
   blip_store *st;
-  sqlite3 *db; /* read-only: filters and row metadata */
+  sqlite3 *db; /* the store's (read-only) connection: filters and row metadata */
   blip_model *m;
   int E, T, Dv, S;
-  dev_t dev; /* index.sqlite as opened: another file there means a rebuild */
-  ino_t ino;
+  struct stat file; /* index.sqlite as opened: another file there means a rebuild */
 };
 
 void blip_search_opts_default(blip_search_opts *o) {
@@ -88,43 +87,33 @@ static int db_err(blip_search *s, const char *what) {
   return blip_err_set(BLIP_EDB, "%s: %s/index.sqlite: %s", what, s->dir, sqlite3_errmsg(s->db));
 }
 
+/* DIR/index.sqlite{suffix} of s, as it is on disk now */
+static int db_stat(const blip_search *s, const char *suffix, struct stat *sb) {
+  char p[4096];
+  snprintf(p, sizeof p, "%s/index.sqlite%s", s->dir, suffix);
+  return stat(p, sb);
+}
+
 int blip_search_open(const char *dir, blip_search **out) {
   *out = NULL;
   blip_search *s = calloc(1, sizeof *s);
-  char *p = NULL;
   int rc = BLIP_OK;
   if (!s || !(s->dir = strdup(dir))) {
     rc = blip_err_set(BLIP_ENOMEM, "out of memory");
     goto fail;
   }
-  size_t n = strlen(dir) + 16;
-  if (!(p = malloc(n))) {
-    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-    goto fail;
-  }
-  snprintf(p, n, "%s/index.sqlite", dir);
-  struct stat sb; /* before the open: a file replaced in between only costs a needless reopen */
-  if (stat(p, &sb) == 0) {
-    s->dev = sb.st_dev;
-    s->ino = sb.st_ino;
-  }
+  db_stat(s, "", &s->file); /* before the open: a file replaced in between only costs a needless reopen */
   blip_store_opts so = {0};
   if ((rc = blip_store_open(dir, NULL, &so, &s->st))) goto fail;
-  if (sqlite3_open_v2(p, &s->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
-    rc = s->db ? db_err(s, "open") : blip_err_set(BLIP_ENOMEM, "out of memory");
-    goto fail;
-  }
-  sqlite3_busy_timeout(s->db, 10000);
+  s->db = blip_store_sqlite(s->st);
   const char *e = blip_store_meta(s->st, "embed_dim"), *t = blip_store_meta(s->st, "v_tokens"),
              *v = blip_store_meta(s->st, "v_hidden");
   s->E = e ? atoi(e) : 0;
   s->T = t ? atoi(t) : 0;
   s->Dv = v ? atoi(v) : 0;
-  free(p);
   *out = s;
   return BLIP_OK;
 fail:
-  free(p);
   blip_search_close(s);
   return rc;
 }
@@ -132,17 +121,21 @@ fail:
 void blip_search_close(blip_search *s) {
   if (!s) return;
   blip_store_close(s->st);
-  sqlite3_close(s->db);
   free(s->dir);
   free(s);
 }
 
 int blip_search_refresh(blip_search *s, int *reopened) {
-  char p[4096];
   struct stat sb;
   if (reopened) *reopened = 0;
-  snprintf(p, sizeof p, "%s/index.sqlite", s->dir);
-  if (stat(p, &sb) != 0 || (sb.st_dev == s->dev && sb.st_ino == s->ino)) return BLIP_OK;
+  if (db_stat(s, "", &sb) != 0) return BLIP_OK; /* a rebuild between removing the old file and creating the new */
+  int same = sb.st_dev == s->file.st_dev && sb.st_ino == s->file.st_ino;
+  if (same && blip_store_immutable(s->st)) { /* it sees no commits: reopen when the file changed or a writer came */
+    struct stat w;
+    same = sb.st_size == s->file.st_size && sb.st_mtim.tv_sec == s->file.st_mtim.tv_sec &&
+           sb.st_mtim.tv_nsec == s->file.st_mtim.tv_nsec && db_stat(s, "-wal", &w) != 0;
+  }
+  if (same) return BLIP_OK;
   blip_search *n = NULL;
   int rc = blip_search_open(s->dir, &n);
   if (rc == BLIP_ENOTFOUND) return BLIP_OK; /* a rebuild that has not written its identity yet */
@@ -294,7 +287,7 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
   }
   *active = ul || f->after || f->before || next;
   if (!*active) return BLIP_OK;
-  int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL");
+  int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL AND offline=0");
   if (ul) len += snprintf(sql + len, sizeof sql - len, " AND substr(path,1,?1)=?2");
   if (f->after) len += snprintf(sql + len, sizeof sql - len, " AND %s>=?3", DATE);
   if (f->before) len += snprintf(sql + len, sizeof sql - len, " AND %s<?4", DATE);

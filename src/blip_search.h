@@ -12,9 +12,9 @@
  * blip_store_search (exact over small sets), so a result outside the filter
  * can never be returned.
  *
- * A blip_search holds the store, a read-only SQLite connection of its own
- * (filters, row metadata: the store's API has no query by attribute) and the
- * rerank scratch; like the model, one context is not for two threads. */
+ * A blip_search holds the store (whose read-only SQLite connection it uses
+ * for filters and row metadata: the store's API has no query by attribute);
+ * like the model, one context is not for two threads. */
 #ifndef BLIP_SEARCH_H
 #define BLIP_SEARCH_H
 

@@ -86,4 +86,27 @@ wait $qs_pid; rc=$?
 [[ $rc == 2 && -z $ans ]] && grep -q "reopening the rebuilt index.*was indexed with model" "$T/b.err" && ok ||
   bad "rebuilt with another model: rc $rc $(cat "$T/b.err")"
 
+# ---- a read-only index directory, and one owned by another user ----
+# Root ignores permissions, so as root the reader runs as nobody; a test that
+# cannot drop privileges fails instead of passing vacuously.
+asuser() { if [[ $(id -u) == 0 ]]; then setpriv --reuid=nobody --regid=nogroup --clear-groups -- "$@"; else "$@"; fi; }
+chmod 755 "$T"
+cp -r "$T/db" "$T/dbro"
+q --paths -n 5 "$QUERY" >"$T/ro.want" || bad "query for reference"
+if [[ $(id -u) == 0 ]]; then
+  asuser sh -c 'test "$(id -u)" != 0 && ! test -w "$1"' sh "$T/dbro" && ok || bad "could not drop privileges to nobody"
+  # owned by root, writable only by root: another user's index
+  asuser "$BIN/blip-query" --db "$T/dbro" --model "$MODEL" --paths -n 5 "$QUERY" >"$T/ro1" 2>"$T/ro1.err"; rc=$?
+  [[ $rc == 0 ]] && cmp -s "$T/ro1" "$T/ro.want" && ok || bad "another user's index: rc $rc $(cat "$T/ro1.err")"
+fi
+chmod -R a-w "$T/dbro"
+asuser "$BIN/blip-query" --db "$T/dbro" --model "$MODEL" --paths -n 5 "$QUERY" >"$T/ro2" 2>"$T/ro2.err"; rc=$?
+[[ $rc == 0 ]] && cmp -s "$T/ro2" "$T/ro.want" && ok || bad "read-only index: rc $rc $(cat "$T/ro2.err")"
+printf '%s\nred car\n' "$QUERY" | asuser "$BIN/blip-query" --db "$T/dbro" --model "$MODEL" --stdin --paths -n 5 \
+  >"$T/ro3" 2>"$T/ro3.err"; rc=$?
+[[ $rc == 0 && $(grep -c '^$' "$T/ro3") == 2 ]] && ok || bad "read-only index, --stdin: rc $rc $(cat "$T/ro3.err")"
+asuser "$BIN/blip-index" --db "$T/dbro" --check >/dev/null 2>"$T/ro4.err" && ok || bad "read-only --check: $(cat "$T/ro4.err")"
+[[ $(ls "$T/dbro") == $(ls "$T/db" | grep -v -e '-wal$' -e '-shm$') ]] && ok || bad "a reader wrote into the index: $(ls "$T/dbro")"
+chmod -R u+w "$T/dbro"
+
 tally
