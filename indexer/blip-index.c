@@ -3,8 +3,10 @@
  * One run: walk the paths (hidden folders skipped, symlinked folders
  * followed once each by device/inode, so loops end), classify every image
  * against the index (unchanged by size+mtime, changed, new, moved = same
- * content fingerprint at a new path whose old path is gone), apply moves and
- * deletions, then embed new and changed images with blip_index_embed()
+ * content fingerprint at a new path whose old path is gone; a failed image is
+ * retried when its failure may pass, else when its content changed), apply
+ * moves and deletions (rows that could not be looked at go offline instead:
+ * see "offline" below), then embed new and changed images with blip_index_embed()
  * (decoder thread + batched model + one commit per batch, rerank records
  * synced before the commit): a kill loses at most the batches in flight, and
  * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.
