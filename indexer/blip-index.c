@@ -476,15 +476,15 @@ int main(int argc, char **argv) {
 
   for (int i = 0; i < nroots && !rc; i++) {
     if (!missing[i]) continue;
-    int64_t *under = NULL, nu = 0;
-    if (st && (rc = blip_store_scan_unseen(st, (const char *const *)&roots[i], 1, &under, &nu))) goto fail;
-    free(under);
+    int64_t *rows = NULL, nu = 0;
+    if (st && (rc = blip_store_scan_unseen(st, (const char *const *)&roots[i], 1, &rows, &nu))) goto fail;
+    free(rows);
     if (!nu) {
       fprintf(stderr, "blip-index: %s: %s\n", argv[optind + i], strerror(missing[i]));
       goto out;
     }
-    fprintf(stderr, "blip-index: %s: %s (drive not mounted?): its %lld photos are kept offline\n", roots[i],
-            strerror(missing[i]), (long long)nu);
+    fprintf(stderr, "blip-index: %s: %s (drive not mounted?): its %lld photos are %s\n", roots[i],
+            strerror(missing[i]), (long long)nu, prune ? "deleted (--prune-offline)" : "kept offline");
     if ((rc = items_push(&absent, roots[i], 0, 0))) goto fail;
   }
 
@@ -586,17 +586,19 @@ int main(int argc, char **argv) {
               changed.v[i].path);
       rc = items_push(&absent, changed.v[i].path, 0, 0);
     }
-  if (rc || (ngone && !(off = malloc((size_t)ngone * sizeof *off)))) goto fail;
-  for (int64_t i = 0, k = 0; i < ngone; i++) {
+  if (rc) goto fail;
+  if (ngone && !(off = malloc((size_t)ngone * sizeof *off))) goto oom;
+  int64_t kept = 0;
+  for (int64_t i = 0; i < ngone; i++) {
     char p[PATH_MAX];
     if (!prune && absent.n && blip_store_get(st, gone[i], NULL, p, sizeof p) == BLIP_OK && under_any(&absent, p)) {
       if (dry) printf("offline %s\n", p);
       off[noff++] = gone[i];
     } else {
-      gone[k++] = gone[i];
+      gone[kept++] = gone[i];
     }
-    if (i == ngone - 1) ngone = k;
   }
+  ngone = kept;
   cn.deleted = ngone;
   if (dry) {
     for (int64_t i = 0; i < ngone; i++) {

@@ -142,7 +142,7 @@ int blip_search_refresh(blip_search *s, int *reopened) {
   if (!rc && s->m) rc = blip_search_attach(n, s->m);
   if (rc) {
     blip_search_close(n);
-    return blip_err_wrap(rc, "reopening the rebuilt index");
+    return blip_err_wrap(rc, "reopening the rebuilt index %s", s->dir);
   }
   blip_search old = *s;
   *s = *n;

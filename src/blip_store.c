@@ -175,6 +175,23 @@ static int64_t db_generation(blip_store *st) {
 
 /* ---- FAISS cache ---- */
 
+/* Append (id, feature) to the growing arrays ids/x of *n pairs. */
+static int feat_push(int E, float **x, int64_t **ids, int64_t *n, int64_t *cap, int64_t id, const void *feat) {
+  if (*n == *cap) {
+    int64_t c = *cap ? *cap * 2 : 1024;
+    float *nx = realloc(*x, (size_t)c * E * sizeof **x);
+    int64_t *ni = nx ? realloc(*ids, (size_t)c * sizeof **ids) : NULL;
+    if (nx) *x = nx;
+    if (!ni) return blip_err_set(BLIP_ENOMEM, "out of memory reading features");
+    *ids = ni;
+    *cap = c;
+  }
+  (*ids)[*n] = id;
+  memcpy(*x + *n * E, feat, (size_t)E * 4);
+  (*n)++;
+  return BLIP_OK;
+}
+
 /* Rebuild the in-memory index from SQLite in one read transaction. */
 static int fx_rebuild(blip_store *st, int ivf) {
   sqlite3_stmt *s = NULL;
@@ -191,20 +208,8 @@ static int fx_rebuild(blip_store *st, int ivf) {
                         sqlite3_column_bytes(s, 1), st->E * 4);
       goto done;
     }
-    if (n == cap) {
-      cap = cap ? cap * 2 : 1024;
-      float *nx = realloc(x, (size_t)cap * st->E * sizeof *x);
-      int64_t *ni = nx ? realloc(ids, (size_t)cap * sizeof *ids) : NULL;
-      if (nx) x = nx;
-      if (!ni) {
-        rc = blip_err_set(BLIP_ENOMEM, "out of memory reading features");
-        goto done;
-      }
-      ids = ni;
-    }
-    ids[n] = sqlite3_column_int64(s, 0);
-    memcpy(x + n * st->E, sqlite3_column_blob(s, 1), (size_t)st->E * 4);
-    n++;
+    if ((rc = feat_push(st->E, &x, &ids, &n, &cap, sqlite3_column_int64(s, 0), sqlite3_column_blob(s, 1))))
+      goto done;
   }
   if (r != SQLITE_DONE) {
     rc = db_err(st, "read features");
@@ -874,20 +879,9 @@ int blip_store_scan_offline(blip_store *st, const int64_t *ids, int64_t n) {
       goto done;
     }
     sqlite3_reset(on);
-    if (sqlite3_column_bytes(q, 1) != st->E * 4) continue;
-    if (nadd == cap) {
-      cap = cap ? 2 * cap : 256;
-      float *nx = realloc(x, (size_t)cap * st->E * sizeof *x);
-      int64_t *na = nx ? realloc(add, (size_t)cap * sizeof *add) : NULL;
-      if (nx) x = nx;
-      if (!na) {
-        rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-        goto done;
-      }
-      add = na;
-    }
-    memcpy(x + nadd * st->E, sqlite3_column_blob(q, 1), (size_t)st->E * 4);
-    add[nadd++] = id;
+    if (sqlite3_column_bytes(q, 1) == st->E * 4 &&
+        (rc = feat_push(st->E, &x, &add, &nadd, &cap, id, sqlite3_column_blob(q, 1))))
+      goto done;
   }
   if (r != SQLITE_DONE) {
     rc = db_err(st, "list offline images");

@@ -17,12 +17,6 @@ T=$(mktemp -d /tmp/blip_test_offline.XXXXXX)
 SHM=$(mktemp -d /dev/shm/blip_test_offline.XXXXXX)
 trap 'chmod -R u+rwX "$T" 2>/dev/null; rm -rf "$T" "$SHM"' EXIT
 . "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
-expect() { # expect NAME JSON key=value...
-  local name=$1 json=$2; shift 2
-  for kv in "$@"; do
-    if [[ $json == *"\"${kv%%=*}\":${kv#*=},"* || $json == *"\"${kv%%=*}\":${kv#*=}}"* ]]; then ok; else bad "$name: want $kv in $json"; fi
-  done
-}
 asuser() { if [[ $(id -u) == 0 ]]; then setpriv --reuid=nobody --regid=nogroup --clear-groups -- "$@"; else "$@"; fi; }
 idx() { asuser "$BIN/blip-index" --db "$T/db" --model "$MODEL" --json "$@" 2>>"$T/idx.err"; }
 dump() { asuser "$BIN/blip-index" --db "$T/db" --dump; }
