@@ -78,6 +78,9 @@ static const char *const SCHEMA[] = {
     "--   one, so that an unmounted drive's empty mount point is not taken for deletions.\n"
     "ALTER TABLE images ADD COLUMN retry INTEGER NOT NULL DEFAULT 0;\n"
     "ALTER TABLE images ADD COLUMN offline INTEGER NOT NULL DEFAULT 0;\n"
+    "-- the few failed and offline rows, found without reading every row (and its feature)\n"
+    "CREATE INDEX images_failed ON images(id) WHERE state = 'error';\n"
+    "CREATE INDEX images_offline ON images(id) WHERE offline = 1;\n"
     "CREATE TABLE mounts (\n"
     "  path TEXT PRIMARY KEY,\n"
     "  dev  INTEGER NOT NULL\n"
@@ -520,7 +523,8 @@ int64_t blip_store_count(blip_store *st) {
 
 int blip_store_tally(blip_store *st, int64_t *failed, int64_t *offline) {
   sqlite3_stmt *s = NULL;
-  int rc = prep(st, "SELECT count(*) FILTER (WHERE state='error'), count(*) FILTER (WHERE offline=1) FROM images", &s);
+  int rc = prep(st, "SELECT (SELECT count(*) FROM images WHERE state='error'), "
+                   "(SELECT count(*) FROM images WHERE offline=1)", &s);
   if (rc) return rc;
   if (sqlite3_step(s) == SQLITE_ROW) {
     *failed = sqlite3_column_int64(s, 0);
@@ -606,7 +610,9 @@ int blip_store_scan_begin(blip_store *st) {
 int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t mtime_ns, blip_scan_kind *kind,
                          int64_t *id) {
   int rc = st->q_path ? BLIP_OK
-                      : prep(st, "SELECT id, size, mtime_ns, state='error', retry FROM images WHERE path=?", &st->q_path);
+                      /* retry is stored after the feature: read only for failed rows */
+                      : prep(st, "SELECT id, size, mtime_ns, CASE WHEN state='error' THEN 1 + retry ELSE 0 END "
+                                 "FROM images WHERE path=?", &st->q_path);
   if (rc) return rc;
   sqlite3_stmt *s = st->q_path;
   sqlite3_bind_text(s, 1, path, -1, SQLITE_STATIC);
@@ -616,8 +622,8 @@ int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t
   if (r == SQLITE_ROW) {
     *id = sqlite3_column_int64(s, 0);
     int same = sqlite3_column_int64(s, 1) == size && sqlite3_column_int64(s, 2) == mtime_ns;
-    int failed = sqlite3_column_int(s, 3), retry = sqlite3_column_int(s, 4);
-    *kind = failed && retry ? BLIP_SCAN_RETRY : same && !failed ? BLIP_SCAN_UNCHANGED : BLIP_SCAN_CHANGED;
+    int failed = sqlite3_column_int(s, 3); /* 0 ok, 1 failed, 2 failed and may pass */
+    *kind = failed == 2 ? BLIP_SCAN_RETRY : same && !failed ? BLIP_SCAN_UNCHANGED : BLIP_SCAN_CHANGED;
     rc = seen_mark(st, *id);
   } else if (r != SQLITE_DONE) {
     rc = db_err(st, "look up path");
