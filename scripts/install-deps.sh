@@ -12,7 +12,8 @@ PKGS=(build-essential cmake pkg-config git ca-certificates curl
       libfaiss-dev libopenblas-openmp-dev liblapack-dev
       libsqlite3-dev sqlite3 libvips-dev libdnnl-dev
       libutf8proc-dev libxxhash-dev libjansson-dev
-      clang libclang-rt-14-dev dpkg-dev python3)
+      clang libclang-rt-14-dev dpkg-dev python3
+      strace)  # strace: fault injection in tests (test_offline)
 PREFIX=${BLIP_DEPS_PREFIX:-/usr/local}
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
