@@ -109,4 +109,20 @@ asuser "$BIN/blip-index" --db "$T/dbro" --check >/dev/null 2>"$T/ro4.err" && ok 
 [[ $(ls "$T/dbro") == $(ls "$T/db" | grep -v -e '-wal$' -e '-shm$') ]] && ok || bad "a reader wrote into the index: $(ls "$T/dbro")"
 chmod -R u+w "$T/dbro"
 
+# the owner updates a read-only index while a session reads it (immutable: it must reopen to see the change)
+cp -r "$T/db" "$T/dbim" && chmod -R a-w "$T/dbim"
+coproc QI { asuser "$BIN/blip-query" --db "$T/dbim" --model "$MODEL" --stdin --paths -n 50 2>"$T/im.err"; }
+qs_pid=$QI_PID qs_in=${QI[1]} qs_out=${QI[0]}
+ask "$QUERY"
+[[ $(grep -c . <<<"$ans") == 14 ]] && ok || bad "read-only session: $ans $(cat "$T/im.err")"
+mkdir -p "$L/c" && "$BIN/gen_photos" "$L/c" 3 --size 64x64 --seed 5 >/dev/null
+chmod -R u+w "$T/dbim" && "$BIN/blip-index" --db "$T/dbim" --model "$MODEL" "$L" 2>/dev/null || bad "owner's update"
+chmod -R a-w "$T/dbim"
+ask "$QUERY"
+[[ $(grep -c . <<<"$ans") == 17 && $(grep -c "/lib/c/" <<<"$ans") == 3 ]] && ok ||
+  bad "read-only session misses the owner's update: $ans $(cat "$T/im.err")"
+eval "exec $qs_in>&-"
+wait $qs_pid || bad "read-only session exit $(cat "$T/im.err")"
+chmod -R u+w "$T/dbim"
+
 tally
