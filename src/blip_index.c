@@ -10,12 +10,15 @@
  * at all (blip_store_put is one transaction). */
 #include "blip_index.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "blip_err.h"
 #include "blip_img.h"
@@ -54,11 +57,25 @@ static int stopping(const pipeline *p) { return p->quit || (p->stop && *p->stop)
 
 /* Whether a failure may pass by the next run: the file could not be read
  * (permission, vanished, I/O error), the decoder ran out of time or memory,
- * or the file changed while it was read (e.g. a truncated copy being restored). */
+ * or the file changed while it was read (e.g. a truncated copy being
+ * restored). Decoders report a failed read as a corrupt file, so a file
+ * called corrupt is read through once more. */
 static int transient(int rc, const blip_index_item *it) {
+  if (rc == BLIP_EIO || rc == BLIP_EINTR || rc == BLIP_ENOMEM) return 1;
   struct stat sb;
-  if (rc == BLIP_EIO || rc == BLIP_EINTR || rc == BLIP_ENOMEM || stat(it->path, &sb) != 0) return 1;
-  return sb.st_size != it->size || (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec != it->mtime_ns;
+  int fd = open(it->path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || fstat(fd, &sb) != 0) {
+    if (fd >= 0) close(fd);
+    return 1;
+  }
+  int changed = sb.st_size != it->size ||
+                (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec != it->mtime_ns;
+  char buf[1 << 16];
+  ssize_t n;
+  while (!changed && (n = read(fd, buf, sizeof buf)) != 0)
+    if (n < 0 && errno != EINTR) changed = 1; /* an I/O error */
+  close(fd);
+  return changed;
 }
 
 static void decode(pipeline *p, slot *b) {
