@@ -758,7 +758,9 @@ int blip_store_mounts(blip_store *st, blip_store_mount_fn fn, void *ctx) {
 int blip_store_mount_set(blip_store *st, const char *path, int64_t dev) {
   if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
   sqlite3_stmt *s = NULL;
-  int rc = prep(st, "INSERT OR REPLACE INTO mounts(path, dev) VALUES (?, ?)", &s);
+  int rc = prep(st, /* an unchanged record is not rewritten: a no-op run writes nothing */
+                "INSERT INTO mounts(path, dev) VALUES (?, ?) ON CONFLICT(path) DO UPDATE SET dev=excluded.dev "
+                "WHERE dev != excluded.dev", &s);
   if (rc) return rc;
   sqlite3_bind_text(s, 1, path, -1, SQLITE_STATIC);
   sqlite3_bind_int64(s, 2, dev);
