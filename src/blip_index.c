@@ -68,14 +68,14 @@ static int transient(int rc, const blip_index_item *it) {
     if (fd >= 0) close(fd);
     return 1;
   }
-  int changed = sb.st_size != it->size ||
-                (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec != it->mtime_ns;
+  int passes = sb.st_size != it->size || /* changed since the walk */
+               (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec != it->mtime_ns;
   char buf[1 << 16];
   ssize_t n;
-  while (!changed && (n = read(fd, buf, sizeof buf)) != 0)
-    if (n < 0 && errno != EINTR) changed = 1; /* an I/O error */
+  while (!passes && (n = read(fd, buf, sizeof buf)) != 0)
+    if (n < 0 && errno != EINTR) passes = 1; /* an I/O error */
   close(fd);
-  return changed;
+  return passes;
 }
 
 static void decode(pipeline *p, slot *b) {

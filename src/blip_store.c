@@ -12,6 +12,13 @@
  *   transaction inserting their rows (has_tokens=1) commits; the in-memory
  *   FAISS index follows after the commit. Deleted ids' records are punched
  *   after the commit. So a crash leaves stale derived data, never wrong data.
+ * - Offline rows (files a scan could not look at: unreadable folder, missing
+ *   root, unmounted drive) keep their row, feature and record but are not in
+ *   the search set: the FAISS cache, count and exact search skip them, and
+ *   taking them offline or back online is a change of generation.
+ * - A reader opens index.sqlite read-only; where the WAL index cannot be
+ *   created (read-only directory, another user's index) it falls back to an
+ *   immutable open, so reading never needs write access.
  * - FAISS 1.7.3 has no per-search parameters, so filtered search is exact
  *   over SQLite features for small allow sets and over-fetch + filter (exact
  *   fallback) for large ones; every result is checked against the allow set,
