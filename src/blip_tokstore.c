@@ -212,7 +212,13 @@ int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int 
     rc = errno == ENOENT ? BLIP_OK : blip_err_errno("open", ts->main.path); /* reader: no store yet */
     goto done;
   }
-  rc = check_header(ts, ts->main.fd, ts->main.path, write);
+  struct stat sb;
+  if (!write && fstat(ts->main.fd, &sb) == 0 && sb.st_size < TOK_HDR) { /* a writer's first run, before its */
+    close(ts->main.fd);                                                  /* first commit: no records yet */
+    ts->main.fd = -1;
+  } else {
+    rc = check_header(ts, ts->main.fd, ts->main.path, write);
+  }
 done:
   if (rc) {
     blip_tokstore_close(ts);
@@ -242,10 +248,15 @@ int blip_tokstore_put(blip_tokstore *ts, int64_t id, uint64_t fp, const float *t
   memcpy(ts->rec, &id, 8);
   memcpy(ts->rec + 8, &fp, 8);
   blip_tokstore_encode(ts->fmt, ts->T, ts->Dv, tokens, ts->rec + TAG_BYTES);
-  ssize_t w = pwrite(ts->main.fd, ts->rec, ts->stride, rec_off(ts, id));
-  if (w == (ssize_t)ts->stride) return BLIP_OK;
-  if (w >= 0) errno = ENOSPC; /* a short write: the file system ran out of room */
-  return blip_err_errno("write", ts->main.path);
+  for (size_t done = 0; done < ts->stride;) { /* a short write is retried: the next one says why (ENOSPC, EFBIG) */
+    ssize_t w = pwrite(ts->main.fd, ts->rec + done, ts->stride - done, rec_off(ts, id) + (off_t)done);
+    if (w <= 0) {
+      if (w == 0) errno = ENOSPC;
+      return blip_err_errno("write", ts->main.path);
+    }
+    done += (size_t)w;
+  }
+  return BLIP_OK;
 }
 
 int blip_tokstore_sync(blip_tokstore *ts) {
