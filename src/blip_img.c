@@ -720,17 +720,23 @@ static int load_mem(const void *buf, size_t len, const char *name, const blip_im
   return rc;
 }
 
-int blip_img_load_buffer(const void *buf, size_t len, const blip_img_opts *o, float *out, uint8_t *rgb,
-                         blip_img_meta *meta) {
+int blip_img_load_memory(const void *buf, size_t len, const char *name, const blip_img_opts *o, float *out,
+                         uint8_t *rgb, blip_img_meta *meta) {
   double t0 = now_s();
   int rc = check_opts(o);
   if (rc) return rc;
-  if (!buf && len) return blip_err_set(BLIP_EINVAL, "blip_img_load_buffer: NULL buffer");
-  if (len == 0) return blip_err_set(BLIP_EFORMAT, "<buffer>: truncated image (empty)");
+  if (!name) name = "<buffer>";
+  if (!buf && len) return blip_err_set(BLIP_EINVAL, "blip_img_load_memory: NULL buffer");
+  if (len == 0) return blip_err_set(BLIP_EFORMAT, "%s: truncated image (empty)", name);
   if ((uint64_t)len > (uint64_t)o->max_file_bytes)
-    return blip_err_set(BLIP_ETOOBIG, "<buffer>: too large: %zu bytes > max_file_bytes %lld", len,
+    return blip_err_set(BLIP_ETOOBIG, "%s: too large: %zu bytes > max_file_bytes %lld", name, len,
                         (long long)o->max_file_bytes);
-  return load_mem(buf, len, "<buffer>", o, out, rgb, meta, t0);
+  return load_mem(buf, len, name, o, out, rgb, meta, t0);
+}
+
+int blip_img_load_buffer(const void *buf, size_t len, const blip_img_opts *o, float *out, uint8_t *rgb,
+                         blip_img_meta *meta) {
+  return blip_img_load_memory(buf, len, "<buffer>", o, out, rgb, meta);
 }
 
 int blip_img_open(const char *path, int64_t max_bytes, int *fd_out, blip_img_stat *info) {
@@ -758,13 +764,15 @@ int blip_img_open(const char *path, int64_t max_bytes, int *fd_out, blip_img_sta
   return BLIP_OK;
 }
 
-int blip_img_read_fd(int fd, const char *path, void *dst, size_t len) {
+int blip_img_read_fd(int fd, const char *path, void *dst, size_t len, int64_t off) {
   size_t got = 0;
   while (got < len) {
-    ssize_t r = pread(fd, (uint8_t *)dst + got, len - got, (off_t)got);
+    ssize_t r = pread(fd, (uint8_t *)dst + got, len - got, (off_t)(off + (int64_t)got));
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) return blip_err_set(BLIP_EIO, "%s: unreadable: %s", path, strerror(errno));
-    if (r == 0) return blip_err_set(BLIP_EIO, "%s: changed while being read (shrank to %zu bytes)", path, got);
+    if (r == 0)
+      return blip_err_set(BLIP_EIO, "%s: changed while being read (shrank to %lld bytes)", path,
+                          (long long)(off + (int64_t)got));
     got += (size_t)r;
   }
   return BLIP_OK;
@@ -779,7 +787,7 @@ int blip_img_load_file(const char *path, const blip_img_opts *o, float *out, uin
   if ((rc = blip_img_open(path, o->max_file_bytes, &fd, &info))) return rc;
   uint8_t *buf = malloc((size_t)info.size);
   if (!buf) rc = blip_err_set(BLIP_ENOMEM, "%s: out of memory for %lld bytes", path, (long long)info.size);
-  else rc = blip_img_read_fd(fd, path, buf, (size_t)info.size);
+  else rc = blip_img_read_fd(fd, path, buf, (size_t)info.size, 0);
   close(fd);
   if (!rc) rc = load_mem(buf, (size_t)info.size, path, o, out, rgb, meta, t0);
   free(buf);

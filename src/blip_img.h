@@ -66,6 +66,9 @@ int blip_img_init(void);
 int blip_img_load_file(const char *path, const blip_img_opts *o, float *out, uint8_t *rgb, blip_img_meta *meta);
 int blip_img_load_buffer(const void *buf, size_t len, const blip_img_opts *o, float *out, uint8_t *rgb,
                          blip_img_meta *meta);
+/* load_buffer with the file name to use in messages. */
+int blip_img_load_memory(const void *buf, size_t len, const char *name, const blip_img_opts *o, float *out,
+                         uint8_t *rgb, blip_img_meta *meta);
 
 /* The format of buf[0..n) by its magic bytes. *name (may be NULL) gets a
  * display name, also for some recognised formats that are not decoded
@@ -77,8 +80,8 @@ int blip_img_png_check(const void *buf, size_t n, const char *name);
 /* Open path for reading without blocking (a FIFO never hangs): regular,
  * non-empty files up to max_bytes only; *info gets that descriptor's fstat. */
 int blip_img_open(const char *path, int64_t max_bytes, int *fd, blip_img_stat *info);
-/* Read exactly len bytes from offset 0; a file that shrank is an error. */
-int blip_img_read_fd(int fd, const char *path, void *dst, size_t len);
+/* Read exactly len bytes at offset off; a file that shrank is an error. */
+int blip_img_read_fd(int fd, const char *path, void *dst, size_t len, int64_t off);
 
 /* PIL-exact bicubic resize of packed 8-bit RGB (w x h) to (ow x oh). */
 int blip_img_resize_rgb(const uint8_t *src, int w, int h, uint8_t *dst, int ow, int oh);
