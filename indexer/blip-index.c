@@ -28,6 +28,7 @@
 
 #include <jansson.h>
 
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_index.h"
@@ -51,6 +52,9 @@ static const char USAGE[] =
     "  --exclude GLOB     skip files and folders matching GLOB (path or name); repeatable\n"
     "  --threads N        decoding threads (default: all cores)\n"
     "  --batch N          images per model batch and per commit (default 8)\n"
+    "  --decode-timeout S seconds one image may take to decode before its decoder\n"
+    "                     process is killed and the image recorded as failed (default 60)\n"
+    "  --decode-memory MB memory one decoder process may add (default 4096)\n"
     "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
     "  --help             this text\n"
@@ -237,7 +241,7 @@ typedef struct {
 } counts;
 
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
-       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP };
+       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_DTIME, OPT_DMEM };
 
 int main(int argc, char **argv) {
   static const struct option lopts[] = {
@@ -246,11 +250,14 @@ int main(int argc, char **argv) {
       {"rebuild", 0, 0, OPT_REBUILD}, {"no-rerank-store", 0, 0, OPT_NORR}, {"rerank-f16", 0, 0, OPT_F16},
       {"exclude", 1, 0, OPT_EXCL},   {"threads", 1, 0, OPT_THREADS}, {"batch", 1, 0, OPT_BATCH},
       {"check", 0, 0, OPT_CHECK},    {"dump", 0, 0, OPT_DUMP},       {"help", 0, 0, OPT_HELP},
+      {"decode-timeout", 1, 0, OPT_DTIME}, {"decode-memory", 1, 0, OPT_DMEM},
       {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "";
   const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
   int check = 0, dump = 0, c;
+  double decode_s = 60, decode_mb = 4096;
+  char *end = NULL;
   char **excl = calloc((size_t)argc + 1, sizeof *excl);
   int nexcl = 0;
   if (!excl) return 1;
@@ -270,6 +277,8 @@ int main(int argc, char **argv) {
     case OPT_BATCH: B = atoi(optarg); break;
     case OPT_CHECK: check = 1; break;
     case OPT_DUMP: dump = 1; break;
+    case OPT_DTIME: decode_s = strtod(optarg, &end); if (*end || !(decode_s > 0 && decode_s <= 86400)) decode_s = -1; break;
+    case OPT_DMEM: decode_mb = strtod(optarg, &end); if (*end || !(decode_mb >= 64 && decode_mb <= 1 << 24)) decode_mb = -1; break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
     default: fputs(USAGE, stderr); free(excl); return 2;
     }
@@ -290,6 +299,11 @@ int main(int argc, char **argv) {
   }
   if (threads < 1 || B < 1 || B > 256) {
     fprintf(stderr, "blip-index: --threads must be >= 1 and --batch in 1..256\n");
+    ret = 2;
+    goto out;
+  }
+  if (decode_s < 0 || decode_mb < 0) {
+    fprintf(stderr, "blip-index: --decode-timeout must be in (0, 86400] seconds, --decode-memory >= 64 MB\n");
     ret = 2;
     goto out;
   }
@@ -405,10 +419,15 @@ int main(int argc, char **argv) {
     }
     /* a new file needs its fingerprint now only if it could be a move */
     if ((kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
-      if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) {
+      blip_decode_info fi;
+      blip_img_opts dflt;
+      blip_img_opts_default(&dflt);
+      if (blip_decode_fingerprint(it->path, dflt.max_file_bytes, &fi) != BLIP_OK) {
         fprintf(stderr, "blip-index: skipping %s\n", blip_err_last()); /* vanished or unreadable */
         continue;
       }
+      it->fp = fi.fingerprint; /* of every byte: an edit anywhere is a change */
+      it->size = fi.size;
       it->has_fp = 1;
     }
     if (kind == BLIP_SCAN_CHANGED) {
@@ -469,7 +488,8 @@ int main(int argc, char **argv) {
     wi[i] = (blip_index_item){work.v[i].path, work.v[i].size, work.v[i].mtime_ns, work.v[i].fp, work.v[i].has_fp,
                               work.v[i].replace};
   progress_ctx pc = {now_s(), 0};
-  blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc};
+  blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc, decode_s,
+                        (int64_t)(decode_mb * (1 << 20))};
   blip_index_counts ic = {0};
   rc = blip_index_embed(model, st, wi, work.n, &io, &ic);
   free(wi);

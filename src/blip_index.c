@@ -16,6 +16,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 
@@ -27,6 +28,7 @@ typedef struct {
   float *pix; /* [n,3,S,S] */
   blip_img_meta meta[MAXB];
   uint64_t fp[MAXB];
+  int64_t size[MAXB], mtime_ns[MAXB]; /* of the bytes decoded */
   char err[MAXB][256]; /* "" = decoded */
   int ready;
 } slot;
@@ -40,6 +42,8 @@ typedef struct {
   int B, S, threads;
   int done, quit;
   volatile sig_atomic_t *stop;
+  blip_decode *dec;
+  double time_budget_s;
 } pipeline;
 
 static double now_s(void) {
@@ -56,14 +60,16 @@ static void decode(pipeline *p, slot *b) {
   o.size = p->S;
   o.autorotate = 1;
   o.shrink_on_load = 0;
+  if (p->time_budget_s > 0) o.time_budget_s = p->time_budget_s;
   size_t per = (size_t)3 * p->S * p->S;
 #pragma omp parallel for num_threads(p->threads) schedule(dynamic, 1)
   for (int i = 0; i < b->n; i++) {
-    memset(&b->meta[i], 0, sizeof b->meta[i]);
     const blip_index_item *it = b->it[i];
-    int rc = blip_img_load_file(it->path, &o, b->pix + i * per, NULL, &b->meta[i]);
-    b->fp[i] = it->fingerprint;
-    if (!it->has_fingerprint && blip_store_fingerprint_file(it->path, it->size, &b->fp[i]) && !rc) rc = BLIP_EIO;
+    blip_decode_info info;
+    int rc = blip_decode_file(p->dec, it->path, &o, b->pix + i * per, NULL, &b->meta[i], &info);
+    b->fp[i] = info.read ? info.fingerprint : it->has_fingerprint ? it->fingerprint : 0;
+    b->size[i] = info.read ? info.size : it->size;
+    b->mtime_ns[i] = info.read ? info.mtime_ns : it->mtime_ns;
     if (rc) snprintf(b->err[i], sizeof b->err[i], "%s", blip_err_last()[0] ? blip_err_last() : blip_err_name(rc));
     else b->err[i][0] = 0;
   }
@@ -88,6 +94,12 @@ static void *decoder(void *arg) {
     for (int i = 0; i < b->n; i++) b->it[i] = &p->items[start + i];
     decode(p, b);
     pthread_mutex_lock(&p->mu);
+    if (stopping(p)) { /* decodes cut short by the stop are not errors of their files: redo them next run */
+      p->done = 1;
+      pthread_cond_broadcast(&p->cv);
+      pthread_mutex_unlock(&p->mu);
+      return NULL;
+    }
     b->ready = 1;
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
@@ -112,7 +124,7 @@ static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, 
     for (int i = 0; i < b->n; i++) {
       if ((pass == 0) != (b->err[i][0] == 0)) continue;
       const blip_index_item *it = b->it[i];
-      rows[r] = (blip_store_row){it->path, it->size, it->mtime_ns, b->fp[i], b->meta[i].width,
+      rows[r] = (blip_store_row){it->path, b->size[i], b->mtime_ns[i], b->fp[i], b->meta[i].width,
                                  b->meta[i].height, b->meta[i].orientation, b->meta[i].taken_at,
                                  pass ? b->err[i] : NULL};
       rep[r++] = it->replace;
@@ -143,6 +155,12 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
   p.S = S;
   p.threads = opts->threads;
   p.stop = opts->stop;
+  p.time_budget_s = opts->time_budget_s;
+  blip_decode_opts dopt;
+  blip_decode_opts_default(&dopt);
+  dopt.workers = opts->threads;
+  dopt.stop = opts->stop;
+  if (opts->memory_cap > 0) dopt.memory_cap = opts->memory_cap;
   float *feats = malloc((size_t)B * cfg->embed_dim * sizeof *feats);
   float *embeds = tokens ? malloc((size_t)B * cfg->v_tokens * cfg->v_hidden * sizeof *embeds) : NULL;
   pthread_t th;
@@ -151,6 +169,7 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
     rc = blip_err_set(BLIP_ENOMEM, "out of memory for a batch of %d", B);
     goto done;
   }
+  if ((rc = blip_decode_new(&dopt, &p.dec))) goto done;
   if (pthread_create(&th, NULL, decoder, &p) != 0) {
     rc = blip_err_set(BLIP_EIO, "cannot start the decoder thread");
     goto done;
@@ -191,6 +210,7 @@ done:
     pthread_mutex_unlock(&p.mu);
     pthread_join(th, NULL);
   }
+  blip_decode_free(p.dec);
   for (int k = 0; k < 2; k++) free(p.s[k].pix);
   free(feats);
   free(embeds);

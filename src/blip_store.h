@@ -116,8 +116,6 @@ int blip_store_delete(blip_store *st, const int64_t *ids, int64_t n);
 /* Write vectors.faiss now if it is stale (atomic temp + rename). */
 int blip_store_flush(blip_store *st);
 
-/* Content fingerprint: xxh3-64 of the first and last MiB and the size. */
-int blip_store_fingerprint_file(const char *path, int64_t size, uint64_t *fp);
 
 /* ---- queries ---- */
 
