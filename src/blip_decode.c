@@ -37,9 +37,11 @@
  *   whose parent was SIGKILLed dies by its own alarm (2 x budget + 10 s).
  *   Workers ignore SIGINT so that ^C reaches only the parent, which stops
  *   its calls (BLIP_EINTR) and kills the workers in flight.
- * - Test hook: a worker started with BLIP_TEST_DECODER_FAULT=crash|abort|
- *   hang|balloon misbehaves that way on files whose name contains
- *   "blip-fault". Only the worker reads it; the parent is the code under test. */
+ * - Test hook: a worker started with BLIP_TEST_DECODER_FAULT=1 misbehaves on
+ *   files whose name contains "blip-fault-KIND": crash (SIGSEGV), abort,
+ *   hang, balloon (allocates without end), pause (waits, after the parent
+ *   read the bytes, until the test removes NAME.paused). Only the worker
+ *   reads it; the parent is the code under test. */
 #include "blip_decode.h"
 
 #include <errno.h>
@@ -79,7 +81,7 @@ extern char **environ;
 #define WORKER_ENV "BLIP_DECODE_WORKER"
 #define CAP_ENV "BLIP_DECODE_CAP"
 #define FAULT_ENV "BLIP_TEST_DECODER_FAULT"
-#define FAULT_MARK "blip-fault"
+#define FAULT_MARK "blip-fault-"
 #define WORKER_FD 3
 #define EXIT_MEMCAP 86
 #define MAGIC 0x424c4431u /* "BLD1" */
@@ -147,22 +149,30 @@ static void on_fatal(const gchar *domain, GLogLevelFlags level, const gchar *msg
   fprintf(stderr, "blip-decode-worker: %s\n", msg ? msg : "fatal GLib error");
 }
 
+/* The test hook: BLIP_TEST_DECODER_FAULT set, a file named *blip-fault-KIND*. */
 static void test_fault(const char *name) {
-  const char *f = getenv(FAULT_ENV);
-  if (!f || !strstr(name, FAULT_MARK)) return;
-  if (!strcmp(f, "crash")) {
+  const char *on = getenv(FAULT_ENV), *k = strstr(name, FAULT_MARK);
+  if (!on || !*on || !k) return;
+  k += sizeof FAULT_MARK - 1;
+  if (!strncmp(k, "crash", 5)) {
     signal(SIGSEGV, SIG_DFL); /* not the sanitizer's handler: die as a real crash does */
     raise(SIGSEGV);
-  } else if (!strcmp(f, "abort")) {
+  } else if (!strncmp(k, "abort", 5)) {
     signal(SIGABRT, SIG_DFL);
     abort();
-  } else if (!strcmp(f, "hang")) {
+  } else if (!strncmp(k, "hang", 4)) {
     for (;;) pause();
-  } else if (!strcmp(f, "balloon")) {
+  } else if (!strncmp(k, "balloon", 7)) {
     for (;;) { /* as a decoder trusting a forged size would */
       volatile char *p = g_malloc((size_t)64 << 20);
       for (size_t i = 0; i < ((size_t)64 << 20); i += 4096) p[i] = 1;
     }
+  } else if (!strncmp(k, "pause", 5)) { /* the bytes are read: hold until the test removes NAME.paused */
+    char flag[PATH_MAX + 16];
+    snprintf(flag, sizeof flag, "%s.paused", name);
+    int fd = open(flag, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (fd >= 0) close(fd);
+    while (!access(flag, F_OK)) usleep(10000);
   }
 }
 

@@ -1,8 +1,8 @@
 /* test_decode: the isolated decode path (blip_decode). Pixels and metadata
  * equal the in-process decode bit for bit; the fingerprint is XXH3-64 of
  * every byte and size/mtime are the descriptor's. Then a worker made to
- * crash, abort, hang or balloon (BLIP_TEST_DECODER_FAULT on a file named
- * *blip-fault*) costs that file one clear error and the next file decodes
+ * crash, abort, hang or balloon (BLIP_TEST_DECODER_FAULT=1, a file named
+ * *blip-fault-KIND*) costs that file one clear error and the next file decodes
  * in a fresh worker; a stop request ends a hung decode; a FIFO is refused
  * without blocking; a memory budget of one byte serializes the decodes. */
 #include <pthread.h>
@@ -108,7 +108,7 @@ static void test_same_as_in_process(void) {
 
 /* One pool per fault kind (workers read the variable when they start). */
 static void fault_case(const char *kind, int want_rc, const char *want) {
-  setenv("BLIP_TEST_DECODER_FAULT", kind, 1);
+  setenv("BLIP_TEST_DECODER_FAULT", "1", 1);
   blip_decode_opts dopt;
   blip_decode_opts_default(&dopt);
   dopt.memory_cap = (int64_t)512 << 20;
@@ -118,7 +118,7 @@ static void fault_case(const char *kind, int want_rc, const char *want) {
   opts(&o);
   o.time_budget_s = 2;
   char name[64];
-  snprintf(name, sizeof name, "%s-blip-fault.jpg", kind);
+  snprintf(name, sizeof name, "blip-fault-%s.jpg", kind);
   make_photo(name, 50, 40, 3);
   for (int round = 0; round < 2; round++) { /* the second round runs in a fresh worker */
     blip_decode_info info;
@@ -141,7 +141,7 @@ static void *stop_soon(void *arg) {
 }
 
 static void test_stop(void) {
-  setenv("BLIP_TEST_DECODER_FAULT", "hang", 1);
+  setenv("BLIP_TEST_DECODER_FAULT", "1", 1);
   blip_decode_opts dopt;
   blip_decode_opts_default(&dopt);
   dopt.stop = &g_stop;
@@ -152,7 +152,7 @@ static void test_stop(void) {
   o.time_budget_s = 600; /* only the stop can end it within the test's time */
   pthread_t th;
   pthread_create(&th, NULL, stop_soon, NULL);
-  int rc = blip_decode_file(d, tmp_path("hang-blip-fault.jpg"), &o, NULL, NULL, NULL, NULL);
+  int rc = blip_decode_file(d, tmp_path("blip-fault-hang.jpg"), &o, NULL, NULL, NULL, NULL);
   pthread_join(th, NULL);
   CHECK(rc == BLIP_EINTR && strstr(blip_err_last(), "stopped"), "stop: %d %s", rc, blip_err_last());
   blip_decode_free(d);
