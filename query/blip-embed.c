@@ -4,6 +4,7 @@
  * safetensors file; texts are tokenized to --max-len ids (35, BLIP's
  * retrieval setting). Prints ITC similarities and, with --itm, ITM logits
  * for every image-text pair. */
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
@@ -151,8 +152,7 @@ int main(int argc, char **argv) {
     io.size = S;
     io.autorotate = autorot;
     io.color_manage = colour;
-    for (int i = 0; i < n_img_files; i++)
-      if (blip_img_load_file(images[i], &io, px + (size_t)i * 3 * S * S, NULL, NULL)) { fail(images[i]); goto out; }
+    if (n_img_files && blip_decode_paths((const char *const *)images, n_img_files, &io, px)) { fail("image"); goto out; }
     emb = malloc(sizeof(float) * n_img * T * D);
     ifeat = malloc(sizeof(float) * n_img * E);
     if (!emb || !ifeat) { blip_err_set(BLIP_ENOMEM, "out of memory"); fail("images"); goto out; }

@@ -681,12 +681,13 @@ int blip_decode_peak(blip_decode *d) {
   return n;
 }
 
-int blip_decode_once(const char *path, const blip_img_opts *o, float *out, uint8_t *rgb, blip_img_meta *meta) {
+int blip_decode_paths(const char *const *paths, int n, const blip_img_opts *o, float *out) {
   blip_decode_opts dopt;
   blip_decode_opts_default(&dopt);
   blip_decode *d = NULL;
   int rc = blip_decode_new(&dopt, &d);
-  if (!rc) rc = blip_decode_file(d, path, o, out, rgb, meta, NULL);
+  for (int i = 0; i < n && !rc; i++)
+    rc = blip_decode_file(d, paths[i], o, out + (size_t)i * 3 * o->size * o->size, NULL, NULL, NULL);
   blip_decode_free(d);
   return rc;
 }

@@ -63,7 +63,8 @@ int blip_decode_fingerprint(const char *path, int64_t max_bytes, blip_decode_inf
 /* The most decodes that held memory at once so far (the budget at work). */
 int blip_decode_peak(blip_decode *d);
 
-/* One decode through a temporary one-worker pool (query images, blip-embed). */
-int blip_decode_once(const char *path, const blip_img_opts *o, float *out, uint8_t *rgb, blip_img_meta *meta);
+/* Decode paths[0..n) into out[n][3*S*S] through a temporary one-worker pool
+ * (query images, blip-embed); stops at the first failure. */
+int blip_decode_paths(const char *const *paths, int n, const blip_img_opts *o, float *out);
 
 #endif

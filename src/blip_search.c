@@ -26,6 +26,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_store.h"
@@ -39,6 +40,7 @@ struct blip_search {
   sqlite3 *db; /* read-only: filters and row metadata */
   blip_model *m;
   int E, T, Dv, S;
+  blip_decode *dec; /* started when a candidate's tokens must come from its file */
 };
 
 void blip_search_opts_default(blip_search_opts *o) {
@@ -120,6 +122,7 @@ void blip_search_close(blip_search *s) {
   if (!s) return;
   blip_store_close(s->st);
   sqlite3_close(s->db);
+  blip_decode_free(s->dec);
   free(s->dir);
   free(s);
 }
@@ -342,7 +345,10 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
   io.size = s->S;
   io.autorotate = 1;
   io.shrink_on_load = 0;
-  rc = blip_img_load_file(h->path, &io, pix, NULL, NULL);
+  blip_decode_opts dopt;
+  blip_decode_opts_default(&dopt);
+  if (!s->dec && (rc = blip_decode_new(&dopt, &s->dec))) return rc;
+  rc = blip_decode_file(s->dec, h->path, &io, pix, NULL, NULL, NULL);
   free(h->path); /* hits get their metadata once the final cut is known */
   h->path = NULL;
   return rc ? rc : blip_model_vision(s->m, pix, 1, out, NULL);

@@ -11,7 +11,9 @@
 # - a file replaced (rename over it) after its bytes were read keeps the
 #   fingerprint/size/mtime of the bytes decoded, so the next run re-embeds it;
 # - an edit of the middle of a 3 MiB TIFF that keeps its size and its first and
-#   last MiB is a change.
+#   last MiB is a change;
+# - blip-query --image, blip-embed --image and blip-eval take the same guarded
+#   path: a FIFO does not hang them, a crashing decoder is an error message.
 set -u
 BIN=${BLIP_BIN:-build}
 DATA=${BLIP_TEST_DATA:-tests/data}
@@ -142,5 +144,23 @@ out=$("$BIN/blip-index" --db "$T/db4" --model "$MODEL" --json "$L4" 2>/dev/null)
 expect middle-edit "$out" updated=1 unchanged=2
 after=$(feature "$T/db4" "$L4/scan.tif")
 [[ -n $after && $after != "$before" ]] && ok || bad "middle edit kept the old vector"
+
+# ---- the other tools decode the same way
+mkfifo "$T/q.jpg"
+tool() { # tool NAME WANT CMD...: an error exit (1 or 2; not a signal, not a hang) and WANT in stderr
+  local name=$1 want=$2; shift 2
+  timeout 60 "$@" >/dev/null 2>"$T/tool.err"
+  local rc=$?
+  [[ $rc == 1 || $rc == 2 ]] && grep -q "$want" "$T/tool.err" && ok || bad "$name: exit $rc: $(cat "$T/tool.err")"
+}
+tool "embed fifo" "not a regular file" "$BIN/blip-embed" --model "$MODEL" --image "$T/q.jpg"
+tool "embed crash" "decoder crashed (SIGSEGV)" env BLIP_TEST_DECODER_FAULT=1 "$BIN/blip-embed" --model "$MODEL" \
+  --image "$L/blip-fault-crash.jpg"
+tool "query fifo" "not a regular file" "$BIN/blip-query" --db "$T/db" --model "$MODEL" --image "$T/q.jpg"
+tool "query crash" "decoder crashed (SIGSEGV)" env BLIP_TEST_DECODER_FAULT=1 "$BIN/blip-query" --db "$T/db" \
+  --model "$MODEL" --image "$L/blip-fault-crash.jpg"
+echo '[{"image": "blip-fault-crash.jpg", "caption": "a photo"}]' > "$T/ann.json"
+tool "eval crash" "decoder crashed (SIGSEGV)" env BLIP_TEST_DECODER_FAULT=1 "$BIN/blip-eval" --model "$MODEL" \
+  --ann "$T/ann.json" --images "$L" --threads 1
 
 tally
