@@ -488,8 +488,10 @@ int main(int argc, char **argv) {
     wi[i] = (blip_index_item){work.v[i].path, work.v[i].size, work.v[i].mtime_ns, work.v[i].fp, work.v[i].has_fp,
                               work.v[i].replace};
   progress_ctx pc = {now_s(), 0};
+  char journal[PATH_MAX + 16];
+  snprintf(journal, sizeof journal, "%s/decoding", dbdir);
   blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc, decode_s,
-                        (int64_t)(decode_mb * (1 << 20))};
+                        (int64_t)(decode_mb * (1 << 20)), journal};
   blip_index_counts ic = {0};
   rc = blip_index_embed(model, st, wi, work.n, &io, &ic);
   free(wi);

@@ -634,6 +634,10 @@ static int run_job(blip_decode *d, worker *w, const char *path, const blip_img_o
   if (held) mem_release(d, held);
   switch (got) {
   case RD_OK:
+    /* the worker's memory may have been damaged by the decoder: trust nothing unchecked */
+    r.meta.taken_at[sizeof r.meta.taken_at - 1] = 0;
+    if (r.meta.orientation < 1 || r.meta.orientation > 8) r.meta.orientation = 1;
+    if (r.meta.width < 0 || r.meta.height < 0) r.meta.width = r.meta.height = 0;
     if (meta) *meta = r.meta;
     return r.rc ? blip_err_set(r.rc, "%s", msg) : BLIP_OK;
   case RD_TIME:

@@ -10,11 +10,14 @@
  * at all (blip_store_put is one transaction). */
 #include "blip_index.h"
 
+#include <fcntl.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "blip_decode.h"
 #include "blip_err.h"
@@ -44,6 +47,8 @@ typedef struct {
   volatile sig_atomic_t *stop;
   blip_decode *dec;
   double time_budget_s;
+  int jfd;       /* attempts journal, -1 when none */
+  int *attempts; /* [n] times a run died while items[i] (this version) was being decoded */
 } pipeline;
 
 static double now_s(void) {
@@ -53,6 +58,111 @@ static double now_s(void) {
 }
 
 static int stopping(const pipeline *p) { return p->quit || (p->stop && *p->stop); }
+
+/* ---- attempts journal ----
+ * A file whose decode stops the whole indexer (the process killed or frozen
+ * while reading or decoding it: a hung network mount, the OOM killer, a
+ * user's kill -9 of a run stuck on it) must not be retried on every run.
+ * Each decoding thread owns a slot of the journal file and writes the
+ * file's path, size and mtime there before reading it, and clears it after
+ * (pwrite, no fsync: what must survive is the death of this process, and the
+ * kernel keeps the page). The next run finds the slots still set, adds one
+ * to those files' counts (the suspects, kept at the end of the file, for the
+ * version that was in flight only), and records a file that reached
+ * JDEATHS as an error row without decoding it. One death, even two, may be a
+ * user's kill landing on an innocent decode (the crash tests kill runs at
+ * random, and a resumed run decodes the same batch first); three on the same
+ * version are the file. A changed file (size or mtime) is a new version with
+ * a clean count. A run that completes removes the journal. */
+#define JMAGIC "BLIPDJ01"
+enum { JHDR = 64, JSTRIDE = 4160, JPATH = 4096, JMAX_SUSPECTS = 4096, JDEATHS = 3 };
+typedef struct {
+  uint32_t state, count; /* in-flight slot: state 1; suspect: count */
+  int64_t size, mtime_ns;
+  uint32_t len, pad;
+  char path[JPATH];
+} jrec;
+
+static int jrec_is(const jrec *r, const char *path, int64_t size, int64_t mtime_ns) {
+  return r->size == size && r->mtime_ns == mtime_ns && r->len == strlen(path) && !memcmp(r->path, path, r->len);
+}
+
+static void jrec_set(jrec *r, const char *path, int64_t size, int64_t mtime_ns, uint32_t state, uint32_t count) {
+  size_t len = strlen(path);
+  memset(r, 0, sizeof *r);
+  r->state = state, r->count = count, r->size = size, r->mtime_ns = mtime_ns;
+  r->len = (uint32_t)(len < JPATH ? len : JPATH);
+  memcpy(r->path, path, r->len);
+}
+
+/* Read the last run's journal, count its deaths into p->attempts, and start
+ * a fresh one (temp + fsync + rename) holding the suspects that are still
+ * pending and empty slots for this run's threads. */
+static int journal_open(pipeline *p, const char *path) {
+  int rc = BLIP_OK, in = open(path, O_RDONLY | O_CLOEXEC), out = -1;
+  char tmp[4200];
+  jrec *r = malloc(sizeof *r), *sus = NULL;
+  int nsus = 0;
+  if (!r || !(p->attempts = calloc((size_t)p->n, sizeof *p->attempts)) ||
+      !(sus = calloc(JMAX_SUSPECTS, sizeof *sus))) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto done;
+  }
+  char hdr[JHDR];
+  uint32_t nslots = 0, nold = 0;
+  if (in >= 0 && pread(in, hdr, JHDR, 0) == JHDR && !memcmp(hdr, JMAGIC, 8)) {
+    memcpy(&nslots, hdr + 8, 4);
+    memcpy(&nold, hdr + 12, 4);
+  }
+  for (uint32_t k = 0; k < nslots + nold && k < 256 + JMAX_SUSPECTS; k++) {
+    if (pread(in, r, sizeof *r, JHDR + (off_t)k * JSTRIDE) != (ssize_t)sizeof *r || r->len >= JPATH) continue;
+    int add = k < nslots ? r->state == 1 : (int)r->count;
+    if (add <= 0) continue;
+    r->path[r->len] = 0;
+    int64_t i = 0; /* still pending, same version? else forget it */
+    while (i < p->n && !jrec_is(r, p->items[i].path, p->items[i].size, p->items[i].mtime_ns)) i++;
+    if (i == p->n) continue;
+    if (!p->attempts[i] && nsus < JMAX_SUSPECTS) sus[nsus++] = *r;
+    p->attempts[i] += add;
+  }
+  for (int k = 0; k < nsus; k++) { /* counts merged per file */
+    int64_t i = 0;
+    while (!jrec_is(&sus[k], p->items[i].path, p->items[i].size, p->items[i].mtime_ns)) i++;
+    jrec_set(&sus[k], p->items[i].path, p->items[i].size, p->items[i].mtime_ns, 0, (uint32_t)p->attempts[i]);
+  }
+  snprintf(tmp, sizeof tmp, "%s.tmp", path);
+  out = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  memset(hdr, 0, JHDR);
+  memcpy(hdr, JMAGIC, 8);
+  nslots = (uint32_t)p->threads;
+  memcpy(hdr + 8, &nslots, 4);
+  memcpy(hdr + 12, &nsus, 4);
+  int ok = out >= 0 && pwrite(out, hdr, JHDR, 0) == JHDR && ftruncate(out, JHDR + (off_t)nslots * JSTRIDE) == 0;
+  for (int k = 0; ok && k < nsus; k++)
+    ok = pwrite(out, &sus[k], sizeof sus[k], JHDR + (off_t)(nslots + k) * JSTRIDE) == (ssize_t)sizeof sus[k];
+  if (!ok || fsync(out) || rename(tmp, path)) {
+    rc = blip_err_errno("write", tmp);
+    unlink(tmp);
+    goto done;
+  }
+  p->jfd = out;
+  out = -1;
+done:
+  if (in >= 0) close(in);
+  if (out >= 0) close(out);
+  free(r);
+  free(sus);
+  return rc;
+}
+
+static void journal_mark(pipeline *p, int slot_no, const blip_index_item *it, int on) {
+  if (p->jfd < 0 || slot_no >= p->threads) return;
+  jrec r;
+  if (on) jrec_set(&r, it->path, it->size, it->mtime_ns, 1, 0);
+  else r.state = 0;
+  /* best effort: a journal that cannot be written only loses this protection */
+  if (pwrite(p->jfd, &r, on ? sizeof r : sizeof r.state, JHDR + (off_t)slot_no * JSTRIDE) < 0) {}
+}
 
 static void decode(pipeline *p, slot *b) {
   blip_img_opts o;
@@ -65,8 +175,18 @@ static void decode(pipeline *p, slot *b) {
 #pragma omp parallel for num_threads(p->threads) schedule(dynamic, 1)
   for (int i = 0; i < b->n; i++) {
     const blip_index_item *it = b->it[i];
-    blip_decode_info info;
-    int rc = blip_decode_file(p->dec, it->path, &o, b->pix + i * per, NULL, &b->meta[i], &info);
+    int64_t k = it - p->items, t = omp_get_thread_num();
+    blip_decode_info info = {0};
+    int rc;
+    if (p->attempts && p->attempts[k] >= JDEATHS) {
+      memset(&b->meta[i], 0, sizeof b->meta[i]);
+      rc = blip_err_set(BLIP_EINTR, "%s: skipped: the indexer stopped %d times while decoding this version of it "
+                        "(killed or hung); it is tried again when the file changes", it->path, p->attempts[k]);
+    } else {
+      journal_mark(p, (int)t, it, 1);
+      rc = blip_decode_file(p->dec, it->path, &o, b->pix + i * per, NULL, &b->meta[i], &info);
+      journal_mark(p, (int)t, it, 0);
+    }
     b->fp[i] = info.read ? info.fingerprint : it->has_fingerprint ? it->fingerprint : 0;
     b->size[i] = info.read ? info.size : it->size;
     b->mtime_ns[i] = info.read ? info.mtime_ns : it->mtime_ns;
@@ -156,6 +276,7 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
   p.threads = opts->threads;
   p.stop = opts->stop;
   p.time_budget_s = opts->time_budget_s;
+  p.jfd = -1;
   blip_decode_opts dopt;
   blip_decode_opts_default(&dopt);
   dopt.workers = opts->threads;
@@ -170,6 +291,7 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
     goto done;
   }
   if ((rc = blip_decode_new(&dopt, &p.dec))) goto done;
+  if (opts->journal && (rc = journal_open(&p, opts->journal))) goto done;
   if (pthread_create(&th, NULL, decoder, &p) != 0) {
     rc = blip_err_set(BLIP_EIO, "cannot start the decoder thread");
     goto done;
@@ -211,6 +333,9 @@ done:
     pthread_join(th, NULL);
   }
   blip_decode_free(p.dec);
+  if (p.jfd >= 0) close(p.jfd);
+  if (p.jfd >= 0 && rc == BLIP_OK && !(opts->stop && *opts->stop)) unlink(opts->journal); /* nothing was left in flight */
+  free(p.attempts);
   for (int k = 0; k < 2; k++) free(p.s[k].pix);
   free(feats);
   free(embeds);

@@ -9,6 +9,8 @@
  * or ballooning decoder included) become error rows. Every row records the
  * fingerprint (XXH3-64 of all bytes), size and mtime of the bytes that were
  * decoded, taken through that one descriptor, never those of the walk.
+ * A file during whose decode three runs died is recorded as failed without
+ * being decoded again until it changes (opts.journal).
  * Stopping (*opts.stop set, e.g. by SIGINT) abandons the batch being decoded,
  * finishes and commits the batch in the model, then returns BLIP_EINTR. */
 #ifndef BLIP_INDEX_H
@@ -39,6 +41,7 @@ typedef struct {
   void *ctx;
   double time_budget_s; /* per image decode budget (0: blip_img's default, 60 s) */
   int64_t memory_cap;   /* per decoder process (0: blip_decode's default) */
+  const char *journal;  /* attempts journal (the index's "decoding" file), or NULL: see blip_index.c */
 } blip_index_opts;
 
 typedef struct {
