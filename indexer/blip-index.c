@@ -3,8 +3,9 @@
  * One run: walk the paths (hidden folders skipped, symlinked folders
  * followed once each by device/inode, so loops end), classify every image
  * against the index (unchanged by size+mtime, changed, new, moved = same
- * content fingerprint at a new path whose old path is gone), apply moves and
- * deletions, then embed new and changed images with blip_index_embed()
+ * content fingerprint, XXH3-64 of every byte, at a new path whose old path
+ * is gone; a changed file with the same fingerprint is only touched), apply
+ * moves and deletions, then embed new and changed images with blip_index_embed()
  * (decoder thread + batched model + one commit per batch, rerank records
  * synced before the commit): a kill loses at most the batches in flight, and
  * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.

@@ -400,6 +400,15 @@ static int worker_start(blip_decode *d, worker *w) {
   return BLIP_OK;
 }
 
+int blip_decode_start(blip_decode *d) {
+  int rc = BLIP_OK;
+  pthread_mutex_lock(&d->mu);
+  for (int i = 0; i < d->o.workers && !rc; i++)
+    if (!d->w[i].busy && !d->w[i].pid) rc = worker_start(d, &d->w[i]);
+  pthread_mutex_unlock(&d->mu);
+  return rc;
+}
+
 static int stopped(const blip_decode *d) { return d->o.stop && *d->o.stop; }
 
 enum { RD_OK = 0, RD_EOF = -1, RD_TIME = -2, RD_STOP = -3 };

@@ -42,6 +42,10 @@ typedef struct {
 
 void blip_decode_opts_default(blip_decode_opts *o);
 int blip_decode_new(const blip_decode_opts *o, blip_decode **out);
+/* Start every worker now (they otherwise start on first use): a run fails
+ * here, as a whole, when processes cannot be started at all (no /proc, a
+ * process limit), instead of failing each photo. */
+int blip_decode_start(blip_decode *d);
 /* Stops the workers (no decode may be in flight). NULL is fine. */
 void blip_decode_free(blip_decode *d);
 

@@ -48,6 +48,7 @@ typedef struct {
   blip_decode *dec;
   double time_budget_s;
   int jfd;       /* attempts journal, -1 when none */
+  int jstop;     /* ends the journal's heartbeat thread */
   int *attempts; /* [n] times a run died while items[i] (this version) was being decoded */
 } pipeline;
 
@@ -64,24 +65,33 @@ static int stopping(const pipeline *p) { return p->quit || (p->stop && *p->stop)
  * while reading or decoding it: a hung network mount, the OOM killer, a
  * user's kill -9 of a run stuck on it) must not be retried on every run.
  * Each decoding thread owns a slot of the journal file and writes the
- * file's path, size and mtime there before reading it, and clears it after
+ * file's path, size, mtime and start time there before reading it, and
+ * clears it after; a heartbeat thread stamps the header every 250 ms
  * (pwrite, no fsync: what must survive is the death of this process, and the
- * kernel keeps the page). The next run finds the slots still set, adds one
- * to those files' counts (the suspects, kept at the end of the file, for the
- * version that was in flight only), and records a file that reached
- * JDEATHS as an error row without decoding it. One death, even two, may be a
- * user's kill landing on an innocent decode (the crash tests kill runs at
- * random, and a resumed run decodes the same batch first); three on the same
- * version are the file. A changed file (size or mtime) is a new version with
- * a clean count. A run that completes removes the journal. */
-#define JMAGIC "BLIPDJ01"
-enum { JHDR = 64, JSTRIDE = 4160, JPATH = 4096, JMAX_SUSPECTS = 4096, JDEATHS = 3 };
+ * kernel keeps the page). The next run reads the last heartbeat as the time
+ * of death. A slot still set then, whose file had been in flight for at
+ * least suspect_s (half the decode budget, at most 5 s; decodes normally
+ * take milliseconds), counts one death against that version of the file;
+ * the counts are carried in the journal (the suspects) while the file is
+ * pending, and a file with JDEATHS becomes an error row without another
+ * decode until it changes (size or mtime). A death during a short decode is
+ * the user's or the machine's, not the file's: the crash tests kill runs at
+ * random, and a resumed run decodes the same batch first. A run that
+ * completes removes the journal. */
+#define JMAGIC "BLIPDJ02"
+enum { JHDR = 64, JSTRIDE = 4160, JPATH = 4096, JMAX_SUSPECTS = 4096, JDEATHS = 2 };
 typedef struct {
   uint32_t state, count; /* in-flight slot: state 1; suspect: count */
-  int64_t size, mtime_ns;
+  int64_t size, mtime_ns, start_ns;
   uint32_t len, pad;
   char path[JPATH];
 } jrec;
+
+static int64_t wall_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_REALTIME, &t);
+  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
 
 static int jrec_is(const jrec *r, const char *path, int64_t size, int64_t mtime_ns) {
   return r->size == size && r->mtime_ns == mtime_ns && r->len == strlen(path) && !memcmp(r->path, path, r->len);
@@ -90,14 +100,27 @@ static int jrec_is(const jrec *r, const char *path, int64_t size, int64_t mtime_
 static void jrec_set(jrec *r, const char *path, int64_t size, int64_t mtime_ns, uint32_t state, uint32_t count) {
   size_t len = strlen(path);
   memset(r, 0, sizeof *r);
-  r->state = state, r->count = count, r->size = size, r->mtime_ns = mtime_ns;
+  r->state = state, r->count = count, r->size = size, r->mtime_ns = mtime_ns, r->start_ns = wall_ns();
   r->len = (uint32_t)(len < JPATH ? len : JPATH);
   memcpy(r->path, path, r->len);
 }
 
-/* Read the last run's journal, count its deaths into p->attempts, and start
- * a fresh one (temp + fsync + rename) holding the suspects that are still
- * pending and empty slots for this run's threads. */
+static void *journal_heartbeat(void *arg) {
+  pipeline *p = arg;
+  pthread_mutex_lock(&p->mu);
+  while (!p->jstop) {
+    int64_t now = wall_ns();
+    if (pwrite(p->jfd, &now, sizeof now, 16) < 0) {} /* best effort, as every journal write */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 250000000;
+    if (ts.tv_nsec >= 1000000000) ts.tv_sec++, ts.tv_nsec -= 1000000000;
+    pthread_cond_timedwait(&p->cv, &p->mu, &ts);
+  }
+  pthread_mutex_unlock(&p->mu);
+  return NULL;
+}
+
 static int journal_open(pipeline *p, const char *path) {
   int rc = BLIP_OK, in = open(path, O_RDONLY | O_CLOEXEC), out = -1;
   char tmp[4200];
@@ -110,13 +133,16 @@ static int journal_open(pipeline *p, const char *path) {
   }
   char hdr[JHDR];
   uint32_t nslots = 0, nold = 0;
+  int64_t death_ns = 0, suspect_ns = (int64_t)(1e9 * (p->time_budget_s > 0 ? p->time_budget_s : 60) / 2);
+  if (suspect_ns > (int64_t)5000000000) suspect_ns = 5000000000;
   if (in >= 0 && pread(in, hdr, JHDR, 0) == JHDR && !memcmp(hdr, JMAGIC, 8)) {
     memcpy(&nslots, hdr + 8, 4);
     memcpy(&nold, hdr + 12, 4);
+    memcpy(&death_ns, hdr + 16, 8);
   }
   for (uint32_t k = 0; k < nslots + nold && k < 256 + JMAX_SUSPECTS; k++) {
     if (pread(in, r, sizeof *r, JHDR + (off_t)k * JSTRIDE) != (ssize_t)sizeof *r || r->len >= JPATH) continue;
-    int add = k < nslots ? r->state == 1 : (int)r->count;
+    int add = k < nslots ? r->state == 1 && death_ns - r->start_ns >= suspect_ns : (int)r->count;
     if (add <= 0) continue;
     r->path[r->len] = 0;
     int64_t i = 0; /* still pending, same version? else forget it */
@@ -180,8 +206,9 @@ static void decode(pipeline *p, slot *b) {
     int rc;
     if (p->attempts && p->attempts[k] >= JDEATHS) {
       memset(&b->meta[i], 0, sizeof b->meta[i]);
-      rc = blip_err_set(BLIP_EINTR, "%s: skipped: the indexer stopped %d times while decoding this version of it "
-                        "(killed or hung); it is tried again when the file changes", it->path, p->attempts[k]);
+      rc = blip_err_set(BLIP_EINTR, "%s: skipped: the indexer stopped %d times while reading or decoding this "
+                        "version of it (killed or hung); it is tried again when the file changes", it->path,
+                        p->attempts[k]);
     } else {
       journal_mark(p, (int)t, it, 1);
       rc = blip_decode_file(p->dec, it->path, &o, b->pix + i * per, NULL, &b->meta[i], &info);
@@ -262,7 +289,8 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
                      const blip_index_opts *opts, blip_index_counts *counts) {
   if (n <= 0) return BLIP_OK;
   const blip_cfg *cfg = blip_model_cfg(m);
-  int B = opts->batch, S = cfg->image_size, rc = BLIP_OK, started = 0;
+  int B = opts->batch, S = cfg->image_size, rc = BLIP_OK, started = 0, hb_started = 0;
+  pthread_t hb;
   if (B < 1 || B > MAXB || opts->threads < 1) return blip_err_set(BLIP_EINVAL, "batch must be 1..%d, threads >= 1", MAXB);
   int tokens = opts->tokens && blip_store_tokens_fmt(st) != BLIP_TOKENS_NONE;
   pipeline p;
@@ -290,8 +318,9 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
     rc = blip_err_set(BLIP_ENOMEM, "out of memory for a batch of %d", B);
     goto done;
   }
-  if ((rc = blip_decode_new(&dopt, &p.dec))) goto done;
+  if ((rc = blip_decode_new(&dopt, &p.dec)) || (rc = blip_decode_start(p.dec))) goto done;
   if (opts->journal && (rc = journal_open(&p, opts->journal))) goto done;
+  hb_started = p.jfd >= 0 && pthread_create(&hb, NULL, journal_heartbeat, &p) == 0;
   if (pthread_create(&th, NULL, decoder, &p) != 0) {
     rc = blip_err_set(BLIP_EIO, "cannot start the decoder thread");
     goto done;
@@ -325,12 +354,14 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
     }
   }
 done:
-  if (started) {
+  if (started || hb_started) {
     pthread_mutex_lock(&p.mu);
     p.quit = 1;
+    p.jstop = 1;
     pthread_cond_broadcast(&p.cv);
     pthread_mutex_unlock(&p.mu);
-    pthread_join(th, NULL);
+    if (started) pthread_join(th, NULL);
+    if (hb_started) pthread_join(hb, NULL);
   }
   blip_decode_free(p.dec);
   if (p.jfd >= 0) close(p.jfd);

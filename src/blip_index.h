@@ -9,8 +9,8 @@
  * or ballooning decoder included) become error rows. Every row records the
  * fingerprint (XXH3-64 of all bytes), size and mtime of the bytes that were
  * decoded, taken through that one descriptor, never those of the walk.
- * A file during whose decode three runs died is recorded as failed without
- * being decoded again until it changes (opts.journal).
+ * A file during whose (long) read or decode two runs died is recorded as
+ * failed without being decoded again until it changes (opts.journal).
  * Stopping (*opts.stop set, e.g. by SIGINT) abandons the batch being decoded,
  * finishes and commits the batch in the model, then returns BLIP_EINTR. */
 #ifndef BLIP_INDEX_H
