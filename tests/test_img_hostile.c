@@ -16,6 +16,7 @@
 #include "blip_err.h"
 #include "blip_img.h"
 #include "check.h"
+#include "pngbytes.h"
 
 static char g_dir[256];
 static float g_out[3 * 64 * 64];
@@ -54,17 +55,6 @@ static void expect_refused(const char *name, const void *p, size_t n, int code, 
   rc = blip_img_load_buffer(p, n, &o, g_out, NULL, NULL);
   CHECK(rc == code && strstr(blip_err_last(), needle), "%s (buffer): rc %d (%s)", name, rc, blip_err_last());
 }
-
-static uint32_t crc32_png(const uint8_t *p, size_t n) {
-  uint32_t c = 0xFFFFFFFFu;
-  for (size_t i = 0; i < n; i++) {
-    c ^= p[i];
-    for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1)));
-  }
-  return ~c;
-}
-
-static void put32(uint8_t *p, uint32_t v) { p[0] = v >> 24, p[1] = v >> 16, p[2] = v >> 8, p[3] = v; }
 
 static void test_untrusted_formats(void) {
   VipsImage *im = NULL;

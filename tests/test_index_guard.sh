@@ -36,6 +36,10 @@ expect() { # expect NAME JSON key=value...
 idx() { "$BIN/blip-index" --db "$T/db" --model "$MODEL" --json --threads 2 --decode-timeout 2 --decode-memory 512 "$@"; }
 feature() { "$BIN/blip-index" --db "$1" --dump | awk -F'\t' -v p="$2" '$1 == p { print $3 "\t" $4 }'; }
 row() { "$BIN/blip-index" --db "$1" --dump | awk -F'\t' -v p="$2" '$1 == p { print $2 }'; }
+# a worker holding FILE (blip-fault-pause) says so with FILE.paused: wait for it (30 s at most)
+wait_paused() { for i in $(seq 3000); do [[ -e $1.paused ]] && return 0; sleep 0.01; done; return 1; }
+pause_lib() { mkdir -p "$1"; "$BIN/gen_photos" "$1" "$2" --size 64x48 >/dev/null; cp "$1/img00000.jpg" "$1/blip-fault-pause.jpg"; }
+rows() { "$BIN/blip-index" --db "$1" --dump | grep -c "	$2"; } # rows DB ok|error
 
 # ---- a library with hostile files
 L=$T/lib
@@ -67,19 +71,16 @@ done
 # the next run (faults off: a retry would now succeed) leaves them alone until they change
 out=$(idx "$L" 2>/dev/null)
 expect no-retry "$out" added=0 updated=0 unchanged=11
-n=$("$BIN/blip-index" --db "$T/db" --dump | grep -c "	error")
+n=$(rows "$T/db" error)
 [[ $n == 5 ]] && ok || bad "$n error rows after the re-run, want 5"
 
 # ---- SIGINT while a decoder is stuck: exit 130 at once; the file is not marked failed
 L2=$T/lib2
-mkdir -p "$L2"
-"$BIN/gen_photos" "$L2" 3 --size 64x48 >/dev/null
-cp "$L2/img00000.jpg" "$L2/blip-fault-pause.jpg"
+pause_lib "$L2" 3
 BLIP_TEST_DECODER_FAULT=1 "$BIN/blip-index" --db "$T/db2" --model "$MODEL" --json --threads 1 --batch 1 \
   --decode-timeout 600 "$L2" >"$T/int.json" 2>/dev/null &
 pid=$!
-for i in $(seq 3000); do [[ -e $L2/blip-fault-pause.jpg.paused ]] && break; sleep 0.01; done
-[[ -e $L2/blip-fault-pause.jpg.paused ]] && ok || bad "the paused decode never started"
+wait_paused "$L2/blip-fault-pause.jpg" && ok || bad "the paused decode never started"
 kill -INT $pid
 for i in $(seq 3000); do kill -0 $pid 2>/dev/null || break; sleep 0.01; done
 if kill -0 $pid 2>/dev/null; then bad "SIGINT did not stop a run whose decoder hangs"; kill -KILL $pid; fi
@@ -90,20 +91,17 @@ rm -f "$L2/blip-fault-pause.jpg.paused"
 "$BIN/blip-index" --db "$T/db2" --dump | grep -q "blip-fault-pause.jpg	" && bad "the interrupted file got a row" || ok
 out=$("$BIN/blip-index" --db "$T/db2" --model "$MODEL" --json "$L2" 2>/dev/null)
 expect after-int "$out" failed=0
-n=$("$BIN/blip-index" --db "$T/db2" --dump | grep -c "	ok	")
+n=$(rows "$T/db2" "ok	")
 [[ $n == 4 ]] && ok || bad "$n photos indexed after the interrupted run, want 4"
 
 # ---- kill -9 while a file is stuck in a decoder: retried once, then skipped until it changes
 L5=$T/lib5
-mkdir -p "$L5"
-"$BIN/gen_photos" "$L5" 2 --size 64x48 >/dev/null
-cp "$L5/img00000.jpg" "$L5/blip-fault-pause.jpg"
+pause_lib "$L5" 2
 for hold in 0 3.5 3.5; do # a kill at once (not counted), then two on a decode held for 3.5 s
   BLIP_TEST_DECODER_FAULT=1 "$BIN/blip-index" --db "$T/db5" --model "$MODEL" --threads 1 --batch 1 --decode-timeout 6 \
     "$L5" >/dev/null 2>&1 &
   pid=$!
-  for i in $(seq 3000); do [[ -e $L5/blip-fault-pause.jpg.paused ]] && break; sleep 0.01; done
-  [[ -e $L5/blip-fault-pause.jpg.paused ]] && ok || bad "kill after $hold s: the file was not decoded (retried) again"
+  wait_paused "$L5/blip-fault-pause.jpg" && ok || bad "kill after $hold s: the file was not decoded (retried) again"
   sleep $hold # 3.5: in flight for over half the budget (3 s), killed well before the budget (6 s) ends
   kill -KILL $pid
   wait $pid 2>/dev/null
@@ -117,7 +115,7 @@ expect third "$out" failed=1
 grep -q "blip-fault-pause.jpg	.*skipped: the indexer stopped 2 times while reading or decoding" <<<"$out" && ok || bad "no skip message: $out"
 [[ ! -e $L5/blip-fault-pause.jpg.paused ]] && ok || bad "the twice-fatal file was decoded a third time"
 [[ ! -e $T/db5/decoding ]] && ok || bad "a completed run left its attempts journal"
-n=$("$BIN/blip-index" --db "$T/db5" --dump | grep -c "	ok	")
+n=$(rows "$T/db5" "ok	")
 [[ $n == 2 ]] && ok || bad "$n other photos indexed, want 2"
 touch "$L5/blip-fault-pause.jpg"                  # a new version: decoded again (faults off)
 out=$("$BIN/blip-index" --db "$T/db5" --model "$MODEL" --json "$L5" 2>/dev/null)
@@ -130,7 +128,7 @@ mkdir -p "$L3" "$T/v"
 cp "$T/v/img00000.jpg" "$L3/blip-fault-pause.jpg"   # version A
 BLIP_TEST_DECODER_FAULT=1 "$BIN/blip-index" --db "$T/db3" --model "$MODEL" --json --threads 1 "$L3" >"$T/swap.json" 2>&1 &
 pid=$!
-for i in $(seq 3000); do [[ -e $L3/blip-fault-pause.jpg.paused ]] && break; sleep 0.01; done
+wait_paused "$L3/blip-fault-pause.jpg" || bad "the swap run never reached its decode"
 touch -d "2001-02-03" "$T/v/img00001.jpg"
 cp -p "$T/v/img00001.jpg" "$L3/.tmp-save"
 mv "$L3/.tmp-save" "$L3/blip-fault-pause.jpg"      # version B saved over A (temp + rename)
