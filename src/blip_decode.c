@@ -27,7 +27,8 @@
  *   size + memory_cap, so an allocation beyond it fails in the worker; GLib
  *   aborts on a failed g_malloc, which the worker turns into exit status 86
  *   ("exceeded its memory cap"). ASan reserves terabytes of address space, so
- *   sanitizer builds use ASan's soft_rss_limit_mb instead. Concurrency of
+ *   sanitizer builds instead have the parent watch the worker's RSS while it
+ *   waits (every 100 ms, cap + 256 MiB for ASan's own use). Concurrency of
  *   large decodes: after reading the header the worker asks to be admitted
  *   with width*height*(bands*depth + 6) bytes; the parent admits it while the
  *   decodes in flight stay under memory_budget (one is always admitted, so a
@@ -326,43 +327,25 @@ void blip_decode_free(blip_decode *d) {
   free(d);
 }
 
-/* The worker's environment: ours, plus its socket and cap (and, under ASan,
- * the RSS limit that stands in for RLIMIT_AS). */
+/* The worker's environment: ours, plus its socket and its cap. */
 static char **worker_env(int64_t cap) {
   size_t n = 0;
   while (environ[n]) n++;
-  char **env = calloc(n + 4, sizeof *env);
-  char *asan = NULL;
-  if (!env) return NULL;
-  size_t k = 0;
-  for (size_t i = 0; i < n; i++) {
-    if (!strncmp(environ[i], WORKER_ENV "=", sizeof WORKER_ENV) || !strncmp(environ[i], CAP_ENV "=", sizeof CAP_ENV))
-      continue;
-    if (SANITIZED && !strncmp(environ[i], "ASAN_OPTIONS=", 13)) {
-      asan = environ[i] + 13;
-      continue;
-    }
-    env[k++] = environ[i];
-  }
-  char *a = malloc(64), *b = malloc(64), *c = NULL;
-  if (a) snprintf(a, 64, "%s=%d", WORKER_ENV, WORKER_FD);
-  if (b) snprintf(b, 64, "%s=%lld", CAP_ENV, (long long)cap);
-  if (SANITIZED) {
-    size_t len = (asan ? strlen(asan) : 0) + 128;
-    if ((c = malloc(len)))
-      snprintf(c, len, "ASAN_OPTIONS=%s%ssoft_rss_limit_mb=%lld:allocator_may_return_null=1", asan ? asan : "",
-               asan && *asan ? ":" : "", (long long)(cap >> 20) + 512);
-  }
-  if (!a || !b || (SANITIZED && !c)) {
+  char **env = calloc(n + 3, sizeof *env), *a = malloc(64), *b = malloc(64);
+  if (!env || !a || !b) {
+    free(env);
     free(a);
     free(b);
-    free(c);
-    free(env);
     return NULL;
   }
+  size_t k = 0;
+  for (size_t i = 0; i < n; i++)
+    if (strncmp(environ[i], WORKER_ENV "=", sizeof WORKER_ENV) && strncmp(environ[i], CAP_ENV "=", sizeof CAP_ENV))
+      env[k++] = environ[i];
+  snprintf(a, 64, "%s=%d", WORKER_ENV, WORKER_FD);
+  snprintf(b, 64, "%s=%lld", CAP_ENV, (long long)cap);
   env[k++] = a;
   env[k++] = b;
-  if (c) env[k++] = c;
   env[k] = NULL;
   return env;
 }
@@ -371,8 +354,8 @@ static void worker_env_free(char **env) {
   if (!env) return;
   size_t n = 0;
   while (env[n]) n++;
-  /* the last two or three entries are ours */
-  for (size_t i = n - (SANITIZED ? 3 : 2); i < n; i++) free(env[i]);
+  free(env[n - 2]); /* the last two entries are ours */
+  free(env[n - 1]);
   free(env);
 }
 
@@ -411,13 +394,30 @@ int blip_decode_start(blip_decode *d) {
 
 static int stopped(const blip_decode *d) { return d->o.stop && *d->o.stop; }
 
-enum { RD_OK = 0, RD_EOF = -1, RD_TIME = -2, RD_STOP = -3 };
+enum { RD_OK = 0, RD_EOF = -1, RD_TIME = -2, RD_STOP = -3, RD_MEM = -4 };
 
-/* Read n bytes before the deadline, watching the stop flag every 100 ms. */
-static int recv_all(blip_decode *d, int fd, void *p, size_t n, double deadline) {
+/* Sanitizer builds only: resident bytes of pid over the cap (ASan's shadow
+ * and quarantine get 256 MiB of slack), since RLIMIT_AS cannot be used there. */
+static int over_rss(const blip_decode *d, pid_t pid) {
+  if (!SANITIZED || d->o.memory_cap <= 0) return 0;
+  char path[64];
+  unsigned long long size = 0, rss = 0;
+  snprintf(path, sizeof path, "/proc/%d/statm", (int)pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return 0;
+  int ok = fscanf(f, "%llu %llu", &size, &rss) == 2;
+  fclose(f);
+  return ok && (int64_t)(rss * (unsigned long long)sysconf(_SC_PAGESIZE)) > d->o.memory_cap + ((int64_t)256 << 20);
+}
+
+/* Read n bytes from worker w before the deadline, watching the stop flag
+ * (and, in sanitizer builds, the worker's RSS) every 100 ms. */
+static int recv_all(blip_decode *d, const worker *w, void *p, size_t n, double deadline) {
   uint8_t *b = p;
+  int fd = w->fd;
   while (n) {
     if (stopped(d)) return RD_STOP;
+    if (over_rss(d, w->pid)) return RD_MEM;
     double left = deadline - now_s();
     if (left <= 0) return RD_TIME;
     struct pollfd pf = {fd, POLLIN, 0};
@@ -610,7 +610,7 @@ static int run_job(blip_decode *d, worker *w, const char *path, const blip_img_o
   reply r;
   int got;
   for (;;) {
-    if ((got = recv_all(d, w->fd, &r, sizeof r, deadline)) != RD_OK) break;
+    if ((got = recv_all(d, w, &r, sizeof r, deadline)) != RD_OK) break;
     if (r.kind != REP_ADMIT) break;
     if (held) { /* one admission per decode */
       got = RD_EOF;
@@ -628,15 +628,15 @@ static int run_job(blip_decode *d, worker *w, const char *path, const blip_img_o
   char msg[1024] = "";
   if (got == RD_OK && r.kind == REP_DONE) {
     size_t keep = r.msg_len < sizeof msg ? r.msg_len : sizeof msg - 1;
-    got = recv_all(d, w->fd, msg, keep, deadline);
+    got = recv_all(d, w, msg, keep, deadline);
     for (size_t skip = r.msg_len - keep; got == RD_OK && skip;) { /* an overlong message: drop the rest */
       char sink[256];
       size_t k = skip < sizeof sink ? skip : sizeof sink;
-      got = recv_all(d, w->fd, sink, k, deadline);
+      got = recv_all(d, w, sink, k, deadline);
       skip -= k;
     }
     msg[keep] = 0;
-    if (got == RD_OK && r.has_rgb) got = recv_all(d, w->fd, rgb, (size_t)3 * o->size * o->size, deadline);
+    if (got == RD_OK && r.has_rgb) got = recv_all(d, w, rgb, (size_t)3 * o->size * o->size, deadline);
   } else if (got == RD_OK) {
     got = RD_EOF; /* protocol violation: treat as a dead worker */
   }
@@ -655,6 +655,10 @@ static int run_job(blip_decode *d, worker *w, const char *path, const blip_img_o
   case RD_STOP:
     worker_stop(w);
     return blip_err_set(BLIP_EINTR, "%s: stopped", path);
+  case RD_MEM:
+    worker_stop(w);
+    return blip_err_set(BLIP_ETOOBIG, "%s: decoder exceeded its memory cap (%lld MiB)", path,
+                        (long long)(d->o.memory_cap >> 20));
   default:
     return worker_died(d, w, path);
   }

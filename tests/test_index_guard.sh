@@ -33,7 +33,7 @@ expect() { # expect NAME JSON key=value...
     if [[ $json == *"\"${kv%%=*}\":${kv#*=},"* || $json == *"\"${kv%%=*}\":${kv#*=}}"* ]]; then ok; else bad "$name: want $kv in $json"; fi
   done
 }
-idx() { "$BIN/blip-index" --db "$T/db" --model "$MODEL" --json --threads 2 --decode-timeout 2 --decode-memory 512 "$@"; }
+idx() { "$BIN/blip-index" --db "$T/db" --model "$MODEL" --json --threads 2 --decode-timeout 5 --decode-memory 256 "$@"; }
 feature() { "$BIN/blip-index" --db "$1" --dump | awk -F'\t' -v p="$2" '$1 == p { print $3 "\t" $4 }'; }
 row() { "$BIN/blip-index" --db "$1" --dump | awk -F'\t' -v p="$2" '$1 == p { print $2 }'; }
 # a worker holding FILE (blip-fault-pause) says so with FILE.paused: wait for it (30 s at most)
@@ -61,8 +61,8 @@ out=$(BLIP_TEST_DECODER_FAULT=1 idx --errors "$L" 2>"$T/err1")
 rc=$?
 [[ $rc == 0 ]] && ok || bad "run with bad files: exit $rc: $(cat "$T/err1")"
 expect hostile "$out" added=6 failed=5
-for want in "blip-fault-crash.jpg	.*decoder crashed (SIGSEGV)" "blip-fault-hang.jpg	.*decoder exceeded 2 s" \
-            "blip-fault-balloon.jpg	.*decoder exceeded its memory cap (512 MiB)" \
+for want in "blip-fault-crash.jpg	.*decoder crashed (SIGSEGV)" "blip-fault-hang.jpg	.*decoder exceeded 5 s" \
+            "blip-fault-balloon.jpg	.*decoder exceeded its memory cap (256 MiB)" \
             "drawing.png	.*unsupported image format (SVG)" "bomb.png	.*PNG chunk iTXt declares 2147483632 bytes"; do
   grep -q "$want" <<<"$out" && ok || bad "--errors lacks \"$want\": $out"
 done
