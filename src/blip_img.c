@@ -479,6 +479,8 @@ static int jpeg_shrink(int w, int h, int size) {
 
 /* ------------------------------------------------------------- sniffing */
 
+#define PNG_TEXT_MAX (16u << 20)
+
 static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
 
 /* An ISO-BMFF ftyp box whose major or compatible brands name HEIF or AVIF. */
@@ -534,7 +536,8 @@ blip_img_format blip_img_sniff(const void *buf, size_t n, const char **name) {
 
 /* PNG: signature, then chunks {u32 length, type, data, u32 crc} up to IEND.
  * libpng allocates a chunk's declared length before reading it, so every
- * chunk must fit in the bytes we hold, and no length may exceed 2^31-1. A
+ * chunk must fit in the bytes we hold, and no length may exceed 2^31-1;
+ * a text chunk over PNG_TEXT_MAX is refused even when it fits. A
  * chunk cut by the end of the buffer is a truncated file; trailing bytes
  * after IEND are ignored, as libpng does. */
 int blip_img_png_check(const void *buf, size_t n, const char *name) {
@@ -559,13 +562,16 @@ int blip_img_png_check(const void *buf, size_t n, const char *name) {
       return blip_err_set(BLIP_EFORMAT, "%s: corrupt image (PNG does not start with a 13-byte IHDR)", name);
     if (len > 0x7FFFFFFFu)
       return blip_err_set(BLIP_EFORMAT, "%s: corrupt image (PNG chunk %s declares %u bytes)", name, type, len);
+    int text = !strcmp(type, "tEXt") || !strcmp(type, "zTXt") || !strcmp(type, "iTXt");
     if ((uint64_t)len + 12 > n - off) {
-      int text = !strcmp(type, "tEXt") || !strcmp(type, "zTXt") || !strcmp(type, "iTXt");
       if (text || (uint64_t)len + 12 > (uint64_t)n + (1u << 20)) /* far beyond the end: a forged length */
         return blip_err_set(BLIP_EFORMAT, "%s: corrupt image (PNG chunk %s declares %u bytes, the file has %zu left)",
                             name, type, len, n - off - 8);
       return blip_err_set(BLIP_EFORMAT, "%s: truncated image (PNG chunk %s runs past the end of the file)", name, type);
     }
+    if (text && len > PNG_TEXT_MAX) /* libvips keeps text chunks as metadata strings */
+      return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported PNG: a %s chunk of %u bytes (photo metadata is KBs)",
+                          name, type, len);
     off += (size_t)len + 12;
     if (!strcmp(type, "IEND")) return BLIP_OK;
   }

@@ -74,8 +74,9 @@ int blip_img_load_memory(const void *buf, size_t len, const char *name, const bl
  * display name, also for some recognised formats that are not decoded
  * (JPEG 2000, SVG, PDF, ...), else NULL. */
 blip_img_format blip_img_sniff(const void *buf, size_t n, const char **name);
-/* Walk a PNG's chunks: every declared length must fit in the n bytes held.
- * BLIP_OK, or BLIP_EFORMAT ("truncated" / "corrupt") naming the chunk. */
+/* Walk a PNG's chunks: every declared length must fit in the n bytes held,
+ * and no text chunk may exceed 16 MiB. BLIP_OK, or BLIP_EFORMAT ("truncated"
+ * / "corrupt") or BLIP_EUNSUPPORTED (huge text) naming the chunk. */
 int blip_img_png_check(const void *buf, size_t n, const char *name);
 /* Open path for reading without blocking (a FIFO never hangs): regular,
  * non-empty files up to max_bytes only; *info gets that descriptor's fstat. */

@@ -3,8 +3,8 @@
  * a JPEG-2000 file and a bare J2K codestream renamed .jpg (made with
  * libvips' own jp2k saver, so they are valid and would decode through
  * openjpeg), an SVG and a gzip'd SVG renamed .png (librsvg), a BMP (only
- * ImageMagick reads it), a 57-byte PNG declaring a 2 GiB iTXt chunk and a
- * PNG whose IDAT runs past the end, and a FIFO named x.jpg (opening it must
+ * ImageMagick reads it), a 57-byte PNG declaring a 2 GiB iTXt chunk, a
+ * PNG whose IDAT runs past the end, one holding a 17 MiB tEXt chunk, and a FIFO named x.jpg (opening it must
  * not wait for a writer). Each gives a clear error naming the problem. */
 #include <fcntl.h>
 #include <signal.h>
@@ -117,6 +117,15 @@ static void test_png_chunks(void) {
   expect_refused("text-bomb.png", p, n, BLIP_EFORMAT, "corrupt");
   n = png_with_chunk(p, "IDAT", 200, 40);
   expect_refused("cut-idat.png", p, n, BLIP_EFORMAT, "truncated");
+  /* a 17 MiB tEXt that the file does hold: absurd for a photo, refused */
+  size_t big = (size_t)17 << 20;
+  uint8_t *q = malloc(41 + big + 16);
+  if (q) {
+    n = png_with_chunk(q, "tEXt", (uint32_t)big, big + 4);
+    memcpy(q + n, "\0\0\0\0IEND\xae\x42\x60\x82", 12);
+    expect_refused("big-text.png", q, n + 12, BLIP_EUNSUPPORTED, "a tEXt chunk of 17825792 bytes");
+    free(q);
+  }
   /* the checker alone: a complete minimal PNG passes, every prefix of it fails */
   VipsImage *im = NULL;
   void *buf = NULL;
