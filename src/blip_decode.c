@@ -90,7 +90,7 @@ extern char **environ;
 
 typedef struct {
   uint32_t magic, name_len;
-  int32_t size, autorotate, shrink_on_load, color_manage;
+  int32_t size, autorotate, shrink_on_load, color_manage, reference, pad;
   int64_t max_pixels, max_file_bytes, len;
   double time_budget_s;
 } request;
@@ -228,6 +228,7 @@ static void worker_main(int fd, int64_t cap) {
     o.autorotate = q.autorotate;
     o.shrink_on_load = q.shrink_on_load;
     o.color_manage = q.color_manage;
+    o.reference = q.reference;
     o.max_pixels = q.max_pixels;
     o.max_file_bytes = q.max_file_bytes;
     o.time_budget_s = q.time_budget_s;
@@ -595,8 +596,8 @@ static int send_request(worker *w, const request *q, const char *name, int mfd) 
 static int run_job(blip_decode *d, worker *w, const char *path, const blip_img_opts *o, int mfd, int64_t len,
                    uint8_t *rgb, blip_img_meta *meta) {
   size_t name_len = strnlen(path, PATH_MAX);
-  request q = {MAGIC, (uint32_t)name_len, o->size, o->autorotate, o->shrink_on_load, o->color_manage,
-               o->max_pixels, o->max_file_bytes, len, o->time_budget_s};
+  request q = {MAGIC,          (uint32_t)name_len, o->size,    o->autorotate, o->shrink_on_load, o->color_manage,
+               o->reference,   0,                  o->max_pixels, o->max_file_bytes, len,           o->time_budget_s};
   int rc;
   /* a worker that died idle (or was never started) is replaced once */
   for (int attempt = 0;; attempt++) {
