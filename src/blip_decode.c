@@ -638,9 +638,10 @@ static int run_job(blip_decode *d, worker *w, const char *path, const blip_img_o
     }
     msg[keep] = 0;
     if (got == RD_OK && r.has_rgb) got = recv_all(d, w, rgb, (size_t)3 * o->size * o->size, deadline);
-  } else if (got == RD_OK) {
-    got = RD_EOF; /* protocol violation: treat as a dead worker */
   }
+  /* protocol violations (a damaged worker): treat as a dead worker */
+  if (got == RD_OK && (r.kind != REP_DONE || (r.rc == BLIP_OK) != (r.has_rgb == 1) || r.rc > 0 || r.rc < -64))
+    got = RD_EOF;
   if (held) mem_release(d, held);
   switch (got) {
   case RD_OK:

@@ -121,6 +121,9 @@ static void *journal_heartbeat(void *arg) {
   return NULL;
 }
 
+/* Read the last run's journal, count its deaths into p->attempts, and start
+ * a fresh one (temp + fsync + rename) holding the suspects that are still
+ * pending and empty slots for this run's threads. */
 static int journal_open(pipeline *p, const char *path) {
   int rc = BLIP_OK, in = open(path, O_RDONLY | O_CLOEXEC), out = -1;
   char tmp[4200];
@@ -166,7 +169,7 @@ static int journal_open(pipeline *p, const char *path) {
   int ok = out >= 0 && pwrite(out, hdr, JHDR, 0) == JHDR && ftruncate(out, JHDR + (off_t)nslots * JSTRIDE) == 0;
   for (int k = 0; ok && k < nsus; k++)
     ok = pwrite(out, &sus[k], sizeof sus[k], JHDR + (off_t)(nslots + k) * JSTRIDE) == (ssize_t)sizeof sus[k];
-  if (!ok || fsync(out) || rename(tmp, path)) {
+  if (!ok || fsync(out) || rename(tmp, path)) { /* errno is the failed call's */
     rc = blip_err_errno("write", tmp);
     unlink(tmp);
     goto done;
