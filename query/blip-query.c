@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "blip_arg.h"
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
@@ -323,7 +324,7 @@ int main(int argc, char **argv) {
       blip_err_set(BLIP_ENOMEM, "out of memory");
       goto fail;
     }
-    if (blip_img_load_file(image, &io, pix, NULL, NULL)) goto fail;
+    if (blip_decode_paths(&image, 1, &io, pix)) goto fail;
     if (rank_texts) {
       n_arg_texts = ntexts; /* texts past these are owned */
       if (texts_file && read_texts(texts_file, &texts, &ntexts)) goto fail;
