@@ -505,17 +505,33 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
     blip_k_add(xb, m->vpos, (long)T * D);
   }
   const float scale = 1.0f / sqrtf((float)dh);
+  /* bf16 model: LayerNorm -> qkv -> attention -> projection and LayerNorm ->
+   * MLP hand over bf16 (no f32 round trips, no conversion passes); int8
+   * model: qkv's epilogue writes the bf16 that attention reads. The bf16
+   * buffers live in the f32 ones (half their size). */
+  const int bf = m->opts.precision == BLIP_PREC_BF16, lp = m->opts.precision != BLIP_PREC_F32;
+  const int in16 = bf ? BLIP_K_IN_BF16 : 0;
+  uint16_t *h16 = (uint16_t *)(void *)h, *qkv16 = (uint16_t *)(void *)qkv, *att16 = (uint16_t *)(void *)att;
   for (int l = 0; l < c->v_layers; l++) {
     const vis_layer *L = &m->vl[l];
-    blip_k_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
-    TRY(blip_k_linear_fwd(qkv, h, &L->qkv, M));
+    if (bf) blip_k_layernorm_bf16(h16, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
+    else blip_k_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
+    TRY(blip_k_linear_fwd_ex(lp ? (void *)qkv16 : qkv, bf ? (void *)h16 : h, &L->qkv, M, in16 | (lp ? BLIP_K_OUT_BF16 : 0)));
     for (int b = 0; b < n; b++) {
-      const float *q = qkv + (size_t)b * T * 3 * D;
-      TRY(self_attn(m, att + (size_t)b * T * D, D, q, q + D, q + 2 * D, 3 * D, T, H, dh, scale, NULL));
+      const size_t o = (size_t)b * T * D;
+      if (lp) {
+        const uint16_t *q = qkv16 + 3 * o;
+        TRY(blip_k_attention_bf16in(bf ? (void *)(att16 + o) : (void *)(att + o), D, bf, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H,
+                                    dh, scale, NULL, &m->ws));
+      } else {
+        const float *q = qkv + 3 * o;
+        TRY(blip_k_attention(att + o, D, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, NULL, &m->ws));
+      }
     }
-    TRY(blip_k_linear_fwd_ex(x, att, &L->proj, M, BLIP_K_ACCUM));
-    blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
-    TRY(blip_k_mlp(x, h, &L->fc1, &L->fc2, M, mlp));
+    TRY(blip_k_linear_fwd_ex(x, bf ? (void *)att16 : att, &L->proj, M, BLIP_K_ACCUM | in16));
+    if (bf) blip_k_layernorm_bf16(h16, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+    else blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+    TRY(blip_k_mlp(x, bf ? (void *)h16 : h, in16, &L->fc1, &L->fc2, M, mlp));
   }
   blip_k_layernorm(x, x, m->post_ln.g, m->post_ln.b, M, D, c->v_eps);
   if (embeds) memcpy(embeds, x, (size_t)M * D * sizeof(float));
@@ -629,7 +645,7 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
       TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
       blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
     }
-    TRY(blip_k_mlp(x, x, &Ly->ffn1, &Ly->ffn2, M, ff));
+    TRY(blip_k_mlp(x, x, 0, &Ly->ffn1, &Ly->ffn2, M, ff));
     blip_k_layernorm(x, x, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
   }
   (void)Dx;
