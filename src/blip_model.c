@@ -18,6 +18,7 @@
 #include "blip_kern.h"
 #include "blip_st.h"
 
+#include <cpuid.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -427,14 +428,39 @@ int blip_model_random(const blip_cfg *cfg, const blip_model_opts *opts, uint64_t
 
 const blip_cfg *blip_model_cfg(const blip_model *m) { return &m->cfg; }
 const blip_tok *blip_model_tok(const blip_model *m) { return m->tok; }
+/* XCR0 says which register state the OS saves (xgetbv, valid once OSXSAVE is set). */
+static uint64_t xcr0(void) {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((uint64_t)hi << 32) | lo;
+}
+
+blip_prec blip_model_auto_precision(void) {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return BLIP_PREC_F32; /* no OSXSAVE */
+  const uint64_t x = xcr0();
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return BLIP_PREC_F32;
+  const int amx_bf16 = (d >> 22) & 1, amx_os = (x & 0x60000) == 0x60000;  /* TILECFG + TILEDATA state */
+  const int avx512_os = (x & 0xe6) == 0xe6;                                   /* SSE, AVX, opmask, ZMM state */
+  const int avx512f = (b >> 16) & 1;
+  unsigned a1 = 0, b1, c1, d1;
+  if (!__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) a1 = 0;
+  const int avx512_bf16 = (a1 >> 5) & 1;
+  return ((avx512f && avx512_bf16 && avx512_os) || (amx_bf16 && amx_os)) ? BLIP_PREC_BF16 : BLIP_PREC_F32;
+}
+
 int blip_model_parse_precision(const char *name, blip_prec *out) {
   static const char *const names[] = {"f32", "bf16", "int8"};
+  if (name && !strcmp(name, "auto")) {
+    *out = blip_model_auto_precision();
+    return BLIP_OK;
+  }
   for (int i = 0; i < 3; i++)
     if (name && !strcmp(name, names[i])) {
       *out = (blip_prec)i;
       return BLIP_OK;
     }
-  return blip_err_set(BLIP_EINVAL, "precision '%s': use f32, bf16 or int8", name ? name : "");
+  return blip_err_set(BLIP_EINVAL, "precision '%s': use auto, f32, bf16 or int8", name ? name : "");
 }
 
 const char *blip_model_precision_name(blip_prec p) {

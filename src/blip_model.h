@@ -43,8 +43,12 @@ void blip_model_free(blip_model *m);
 const blip_cfg *blip_model_cfg(const blip_model *m);
 const blip_tok *blip_model_tok(const blip_model *m); /* NULL for random models */
 blip_prec blip_model_precision(const blip_model *m);
-/* "f32" | "bf16" | "int8" <-> blip_prec (every tool's --precision). */
+/* "f32" | "bf16" | "int8" <-> blip_prec (every tool's --precision); "auto"
+ * parses as blip_model_auto_precision(). */
 int blip_model_parse_precision(const char *name, blip_prec *out);
+/* bf16 where this CPU has native bf16 dot products that the OS enables
+ * (AVX512_BF16 or AMX-BF16; cpuid + xgetbv), else f32. */
+blip_prec blip_model_auto_precision(void);
 const char *blip_model_precision_name(blip_prec p);
 /* 16 hex digits identifying config + weights bytes; stable across runs. */
 const char *blip_model_fingerprint(const blip_model *m);
