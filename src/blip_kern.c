@@ -11,6 +11,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Runtime dispatch: oneDNN picks its kernels at run time; the row kernels
+ * here (LayerNorm, softmax, bf16 rounding, int8 quantization and
+ * epilogues) are compiled for -march=native by default. A portable build
+ * (cmake -DBLIP_NATIVE=OFF) compiles them as AVX-512 / AVX2 / baseline
+ * clones instead, chosen once at load by the CPU (GCC ifunc), so that it
+ * keeps the native build's speed on every x86-64. */
+#if defined(BLIP_DISPATCH) && defined(__x86_64__)
+#define INLINE inline __attribute__((always_inline)) /* the helpers below compile into each clone */
+#define DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define INLINE inline
+#define DISPATCH
+#endif
+
 void blip_k_set_threads(int n) {
   if (n <= 0) n = omp_get_num_procs();
   omp_set_num_threads(n);
@@ -33,7 +47,7 @@ int blip_k_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A
  * exp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf
  * coefficients), 2^n built in the exponent bits. Inputs are clamped so the
  * result stays finite; below -87 it flushes to ~0 (softmax-safe). */
-static inline float exp_approx(float x) {
+static INLINE float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
   float n = rintf(x * 1.44269504088896341f);
   float r = fmaf(n, -0.693359375f, x);
@@ -53,7 +67,7 @@ static inline float exp_approx(float x) {
 
 /* erf: rational minimax approximation on [-4, 4] (as in Eigen's float erf),
  * saturating outside; max abs error ~1e-7. */
-static inline float erf_approx(float x) {
+static INLINE float erf_approx(float x) {
   x = x < -4.0f ? -4.0f : x > 4.0f ? 4.0f : x;
   float x2 = x * x;
   float p = -2.72614225801306e-10f;
@@ -72,7 +86,7 @@ static inline float erf_approx(float x) {
   return p / q;
 }
 
-static inline float gelu(float v) { return 0.5f * v * (1.0f + erf_approx(v * 0.70710678118654752f)); }
+static INLINE float gelu(float v) { return 0.5f * v * (1.0f + erf_approx(v * 0.70710678118654752f)); }
 
 /* ---------- packed linear layers (oneDNN matmul) ---------- */
 
@@ -194,16 +208,26 @@ void blip_k_ws_free(blip_k_ws *ws) {
 }
 
 /* Round to nearest even, as torch's .to(bfloat16) does (no NaN inputs here). */
-static inline uint16_t bf16_rne(float f) {
+static INLINE uint16_t bf16_rne(float f) {
   uint32_t u;
   memcpy(&u, &f, 4);
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
 
-static void to_bf16(uint16_t *d, const float *s, long n) {
-#pragma omp parallel for simd if (n > 65536)
+DISPATCH static void to_bf16_run(uint16_t *d, const float *s, long n) {
+#pragma omp simd
   for (long i = 0; i < n; i++) d[i] = bf16_rne(s[i]);
+}
+
+static void to_bf16(uint16_t *d, const float *s, long n) {
+  if (n <= 65536) {
+    to_bf16_run(d, s, n);
+    return;
+  }
+  const long blk = 16384;
+#pragma omp parallel for
+  for (long i = 0; i < n; i += blk) to_bf16_run(d + i, s + i, n - i < blk ? n - i : blk);
 }
 
 void blip_k_quant_w(int8_t *q, float *scale, int32_t *colsum, const float *w, int out, int in) {
@@ -231,7 +255,7 @@ void blip_k_quant_w(int8_t *q, float *scale, int32_t *colsum, const float *w, in
   }
 }
 
-void blip_k_quant_row(uint8_t *q, float *scale, int32_t *zp, const float *x, int n) {
+DISPATCH void blip_k_quant_row(uint8_t *q, float *scale, int32_t *zp, const float *x, int n) {
   float lo = 0, hi = 0; /* the range includes 0, so zero rows and padding are exact */
 #pragma omp simd reduction(min : lo) reduction(max : hi)
   for (int j = 0; j < n; j++) {
@@ -345,7 +369,7 @@ done:
   return rc;
 }
 
-static inline float dq1(const int32_t *acc, int32_t comp, float scale, float bias) {
+static INLINE float dq1(const int32_t *acc, int32_t comp, float scale, float bias) {
   int32_t a;
   memcpy(&a, acc, 4);
   return (float)(a - comp) * scale + bias;
@@ -354,7 +378,7 @@ static inline float dq1(const int32_t *acc, int32_t comp, float scale, float bia
 /* int8 epilogue for one row: y = (acc - zp colsum) rs cs + b, then flags.
  * acc may be out itself: each element is read (memcpy: no aliasing UB)
  * before it is written. One loop per flag set, so each vectorizes. */
-static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
+DISPATCH static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
                         const float *b, int flags) {
 #define DQ(j) dq1(acc + (j), zp * colsum[j], rs * cs[j], b[j])
   switch (flags & (BLIP_K_GELU | BLIP_K_ACCUM)) {
@@ -377,7 +401,7 @@ static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t
 }
 
 /* The same epilogue writing bf16 (no residual: flags is 0 or BLIP_K_GELU). */
-static void dequant_row_bf16(uint16_t *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
+DISPATCH static void dequant_row_bf16(uint16_t *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
                              const float *b, int flags) {
   if (flags & BLIP_K_GELU) {
 #pragma omp simd
@@ -528,7 +552,7 @@ int blip_k_linear_fwd(float *out, const float *in, const blip_k_linear *l, int M
 }
 
 /* LayerNorm of one row: returns the mean, *rs = 1 / sqrt(var + eps). */
-static float ln_stats(const float *in, int N, float eps, float *rs) {
+static INLINE float ln_stats(const float *in, int N, float eps, float *rs) {
   float mean = 0, var = 0;
 #pragma omp simd reduction(+ : mean)
   for (int j = 0; j < N; j++) mean += in[j];
@@ -543,21 +567,21 @@ static float ln_stats(const float *in, int N, float eps, float *rs) {
   return mean;
 }
 
-static void ln_row(float *out, const float *in, const float *g, const float *b, int N, float eps) {
+DISPATCH static void ln_row(float *out, const float *in, const float *g, const float *b, int N, float eps) {
   float rs, mean = ln_stats(in, N, eps, &rs);
 #pragma omp simd
   for (int j = 0; j < N; j++) out[j] = (in[j] - mean) * rs * g[j] + b[j];
 }
 
+DISPATCH static void ln_row_bf16(uint16_t *out, const float *in, const float *g, const float *b, int N, float eps) {
+  float rs, mean = ln_stats(in, N, eps, &rs);
+#pragma omp simd
+  for (int j = 0; j < N; j++) out[j] = bf16_rne((in[j] - mean) * rs * g[j] + b[j]);
+}
+
 void blip_k_layernorm_bf16(uint16_t *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
 #pragma omp parallel for if ((long)M * N > 32768)
-  for (int i = 0; i < M; i++) {
-    const float *x = in + (long)i * N;
-    uint16_t *o = out + (long)i * N;
-    float rs, mean = ln_stats(x, N, eps, &rs);
-#pragma omp simd
-    for (int j = 0; j < N; j++) o[j] = bf16_rne((x[j] - mean) * rs * g[j] + b[j]);
-  }
+  for (int i = 0; i < M; i++) ln_row_bf16(out + (long)i * N, in + (long)i * N, g, b, N, eps);
 }
 
 void blip_k_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
@@ -593,7 +617,7 @@ void blip_k_gelu(float *x, long n) {
 }
 
 /* x = exp(x - max x) in place; returns the sum (softmax without the division). */
-static float exp_shifted(float *x, int n) {
+static INLINE float exp_shifted(float *x, int n) {
   float mx = -INFINITY, sum = 0;
 #pragma omp simd reduction(max : mx)
   for (int j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
@@ -605,7 +629,7 @@ static float exp_shifted(float *x, int n) {
   return sum;
 }
 
-static void softmax_row(float *x, int n) {
+DISPATCH static void softmax_row(float *x, int n) {
   float inv = 1.0f / exp_shifted(x, n);
 #pragma omp simd
   for (int j = 0; j < n; j++) x[j] *= inv;
@@ -743,7 +767,7 @@ done:
 }
 
 /* p = bf16(softmax(scale * s + mask)) for one row */
-static void softmax_row_bf16(uint16_t *p, float *s, int n, float scale, const float *mask) {
+DISPATCH static void softmax_row_bf16(uint16_t *p, float *s, int n, float scale, const float *mask) {
   if (mask) {
 #pragma omp simd
     for (int j = 0; j < n; j++) s[j] = s[j] * scale + mask[j];
