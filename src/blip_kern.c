@@ -650,8 +650,43 @@ void blip_k_l2norm(float *x, int rows, int cols) {
   }
 }
 
+/* Attention small enough (the text encoder's 12 tokens: 0.1 M multiply-adds)
+ * that GEMM calls and a parallel region cost more than the arithmetic:
+ * direct loops on one thread, s = one score row. */
+#define ATT_DIRECT_MAX 262144L
+
+static void attention_direct(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv, int Lq,
+                             int Lk, int heads, int dh, float scale, const float *mask_add, float *s) {
+  for (int h = 0; h < heads; h++)
+    for (int i = 0; i < Lq; i++) {
+      const float *qi = q + (size_t)i * ldq + h * dh;
+      for (int j = 0; j < Lk; j++) {
+        const float *kj = k + (size_t)j * ldk + h * dh;
+        float d = 0;
+#pragma omp simd reduction(+ : d)
+        for (int t = 0; t < dh; t++) d += qi[t] * kj[t];
+        s[j] = d * scale + (mask_add ? mask_add[j] : 0.0f);
+      }
+      softmax_row(s, Lk);
+      float *o = out + (size_t)i * ldo + h * dh;
+      memset(o, 0, sizeof(float) * dh);
+      for (int j = 0; j < Lk; j++) {
+        const float *vj = v + (size_t)j * ldv + h * dh, p = s[j];
+#pragma omp simd
+        for (int t = 0; t < dh; t++) o[t] += p * vj[t];
+      }
+    }
+}
+
 int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
                      int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws) {
+  if ((long)Lq * Lk * heads * dh <= ATT_DIRECT_MAX) {
+    float *s = ws ? ws_get(ws, (size_t)Lk * sizeof(float)) : malloc((size_t)Lk * sizeof(float));
+    if (!s) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %d scores", Lk);
+    attention_direct(out, ldo, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, mask_add, s);
+    if (!ws) free(s);
+    return BLIP_OK;
+  }
   int nt = omp_get_max_threads();
   if (nt > heads) nt = heads;
   const size_t bytes = (size_t)nt * Lq * Lk * sizeof(float);

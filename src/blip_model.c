@@ -43,6 +43,7 @@ typedef struct { /* ViT pre-norm block */
 
 typedef struct { /* BERT post-norm layer with cross-attention */
   blip_k_linear q, k, v, o;     /* self-attention */
+  blip_k_linear qkv;            /* q, k, v fused at pack time: one GEMM, rows [q | k | v] */
   ln_w ln_self;
   blip_k_linear cq, ck, cv, co; /* cross-attention to image tokens */
   ln_w ln_cross;
@@ -228,9 +229,32 @@ static int pack_vis_layer(blip_model *m, vis_layer *L) {
   return pack_list(m, ls, 4, (blip_k_prec)m->opts.precision);
 }
 
+/* Text layers: the self-attention q, k, v are packed as one [3D, D] layer
+ * (a 12-token query is bound by reading weights and by per-call overhead:
+ * one GEMM launch instead of three per layer). */
 static int pack_txt_layer(blip_model *m, txt_layer *L) {
-  blip_k_linear *ls[8] = {&L->q, &L->k, &L->v, &L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2};
-  return pack_list(m, ls, 8, (blip_k_prec)m->opts.precision);
+  const int D = L->q.in, N = L->q.out;
+  const blip_k_linear *src[3] = {&L->q, &L->k, &L->v};
+  float *w = malloc(sizeof(float) * 3 * N * D), *b = malloc(sizeof(float) * 3 * N);
+  if (!w || !b || own(m, b)) {
+    free(w);
+    free(b);
+    return blip_err_set(BLIP_ENOMEM, "out of memory packing a text layer");
+  }
+  for (int i = 0; i < 3; i++) {
+    memcpy(w + (size_t)i * N * D, src[i]->w, sizeof(float) * N * D);
+    memcpy(b + (size_t)i * N, src[i]->b, sizeof(float) * N);
+  }
+  L->qkv = (blip_k_linear){.in = D, .out = 3 * N, .w = w, .b = b};
+  int rc = blip_k_linear_pack(&L->qkv, (blip_k_prec)m->opts.precision, &m->ws);
+  free(w);
+  L->qkv.w = NULL;
+  if (rc) return rc;
+  release_f32(m, &L->q);
+  release_f32(m, &L->k);
+  release_f32(m, &L->v);
+  blip_k_linear *ls[5] = {&L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2};
+  return pack_list(m, ls, 5, (blip_k_prec)m->opts.precision);
 }
 
 static int bind_all(blip_model *m) {
@@ -331,14 +355,14 @@ static int all_linears(blip_model *m, blip_k_linear **out) {
   }
   for (int i = 0; i < m->cfg.t_layers; i++) {
     txt_layer *L = &m->tl[i];
-    out[n++] = &L->q, out[n++] = &L->k, out[n++] = &L->v, out[n++] = &L->o, out[n++] = &L->cq, out[n++] = &L->ck;
+    out[n++] = &L->q, out[n++] = &L->k, out[n++] = &L->v, out[n++] = &L->qkv, out[n++] = &L->o, out[n++] = &L->cq, out[n++] = &L->ck;
     out[n++] = &L->cv, out[n++] = &L->co, out[n++] = &L->ffn1, out[n++] = &L->ffn2;
   }
   out[n++] = &m->vision_proj, out[n++] = &m->text_proj, out[n++] = &m->itm_head;
   return n;
 }
 
-static int n_linears(const blip_cfg *c) { return 4 + 4 * c->v_layers + 10 * c->t_layers; }
+static int n_linears(const blip_cfg *c) { return 4 + 4 * c->v_layers + 11 * c->t_layers; }
 
 void blip_model_free(blip_model *m) {
   if (!m) return;
@@ -484,10 +508,12 @@ static float *arena(blip_model *m, size_t nfloats) {
 }
 
 /* Self-attention in the model's precision: f32 per head, or bf16 operands
- * (f32 softmax and accumulation) for the bf16 and int8 models. */
+ * (f32 softmax and accumulation) for the bf16 and int8 models. Texts
+ * (up to 64 tokens) run f32 at every precision: their attention is a few
+ * direct loops, cheaper than converting operands for GEMMs. */
 static int self_attn(blip_model *m, float *out, int ldo, const float *q, const float *k, const float *v, int ld, int L, int H,
                      int dh, float scale, const float *mask_add) {
-  if (m->opts.precision == BLIP_PREC_F32)
+  if (m->opts.precision == BLIP_PREC_F32 || L <= 64)
     return blip_k_attention(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
   return blip_k_attention_bf16(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
 }
@@ -641,18 +667,16 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
                        const uint16_t *const *images16, int fast, float *buf) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden, H = c->t_heads, dh = D / H, M = rows * L, T = c->v_tokens, Dx = c->t_enc_hidden;
-  float *q = buf, *k = q + (size_t)M * D, *v = k + (size_t)M * D, *att = v + (size_t)M * D;
+  float *q = buf, *att = q + (size_t)M * 3 * D; /* q: [M, 3D] self-attention q|k|v, then [M, D] cross queries */
   float *ff = att + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
   const float scale = 1.0f / sqrtf((float)dh);
   int rc = BLIP_OK;
   for (int l = 0; l < c->t_layers; l++) {
     const txt_layer *Ly = &m->tl[l];
-    TRY(blip_k_linear_fwd(q, x, &Ly->q, M));
-    TRY(blip_k_linear_fwd(k, x, &Ly->k, M));
-    TRY(blip_k_linear_fwd(v, x, &Ly->v, M));
+    TRY(blip_k_linear_fwd(q, x, &Ly->qkv, M)); /* [M, 3D] over q, k, v */
     for (int r = 0; r < rows; r++) {
-      size_t o = (size_t)r * L * D;
-      TRY(self_attn(m, att + o, D, q + o, k + o, v + o, D, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
+      const float *qr = q + (size_t)r * L * 3 * D;
+      TRY(self_attn(m, att + (size_t)r * L * D, D, qr, qr + D, qr + 2 * D, 3 * D, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
     }
     TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
     blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);

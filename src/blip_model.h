@@ -6,7 +6,7 @@
  * int8 with per-output-channel scales (activations quantized per row).
  * LayerNorm, softmax, GELU and residuals stay f32 in every precision; the
  * patch embedding, cross-attention key/value and heads stay f32; the
- * bf16/int8 models run self-attention with bf16 operands. The weights'
+ * bf16/int8 models run the vision self-attention with bf16 operands. The weights'
  * f32 copies are released after conversion. Forward passes are batched
  * and reentrant for different contexts; one context must not be used
  * from two threads at once (it owns scratch buffers and oneDNN
