@@ -107,15 +107,18 @@ def write_safetensors(path, w):
 
 
 def read_safetensors(path):
+    """{name: f32 array} viewing the file's bytes (header parsed by tests/testlib.py)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests"))
+    import testlib
     b = open(path, "rb").read()
-    n = struct.unpack("<Q", b[:8])[0]
+    base = 8 + struct.unpack("<Q", b[:8])[0]
     out = {}
-    for k, v in json.loads(b[8:8 + n]).items():
+    for k, v in testlib.header(path).items():
         if k == "__metadata__":
             continue
         s, e = v["data_offsets"]
         assert v["dtype"] == "F32", k
-        out[k] = np.frombuffer(b, np.float32, (e - s) // 4, 8 + n + s).reshape(v["shape"])
+        out[k] = np.frombuffer(b, np.float32, (e - s) // 4, base + s).reshape(v["shape"])
     return out
 
 
