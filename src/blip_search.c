@@ -13,18 +13,27 @@
  * - The filter is one parameterized SQL statement over images (the store's
  *   source of truth) returning the allowed ids; the store restricts its
  *   search to them and re-checks every result, so filters cannot leak.
+ * - Readers beside a writer: the store's FAISS snapshot may return an id
+ *   that a writer deleted (or replaced by a new row) before its tokens or
+ *   metadata were read; such a candidate is skipped (res->vanished), never an
+ *   error. A rebuild replaces index.sqlite: blip_search_refresh compares its
+ *   device/inode with the file opened and reopens, so sessions follow it.
  * - Dates: EXIF taken_at is local time without a zone, so mtime is turned
  *   into local time as well and both compare as ISO strings. */
 #include "blip_search.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <math.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
+#include <utf8proc.h>
 
 #include "blip_err.h"
 #include "blip_img.h"
@@ -36,9 +45,10 @@
 struct blip_search {
   char *dir;
   blip_store *st;
-  sqlite3 *db; /* read-only: filters and row metadata */
+  sqlite3 *db; /* the store's (read-only) connection: filters and row metadata */
   blip_model *m;
   int E, T, Dv, S;
+  struct stat file; /* index.sqlite as opened: another file there means a rebuild */
 };
 
 void blip_search_opts_default(blip_search_opts *o) {
@@ -48,70 +58,39 @@ void blip_search_opts_default(blip_search_opts *o) {
   o->threshold = -1;
 }
 
-static int digits(const char *s, int n) {
-  for (int i = 0; i < n; i++)
-    if (!isdigit((unsigned char)s[i])) return 0;
-  return 1;
-}
-
-int blip_search_parse_date(const char *in, char out[20]) {
-  size_t n = strlen(in);
-  int ok = (n == 10 || n == 16 || n == 19) && digits(in, 4) && in[4] == '-' && digits(in + 5, 2) && in[7] == '-' &&
-           digits(in + 8, 2);
-  if (ok && n > 10)
-    ok = (in[10] == 'T' || in[10] == ' ') && digits(in + 11, 2) && in[13] == ':' && digits(in + 14, 2) &&
-         (n == 16 || (in[16] == ':' && digits(in + 17, 2)));
-  if (ok) {
-    int mo = atoi(in + 5), d = atoi(in + 8);
-    ok = mo >= 1 && mo <= 12 && d >= 1 && d <= 31 && (n == 10 || (atoi(in + 11) < 24 && atoi(in + 14) < 60));
-  }
-  if (!ok) return blip_err_set(BLIP_EINVAL, "bad date '%s' (want YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS])", in);
-  memcpy(out, in, 10);
-  memcpy(out + 10, n > 10 ? in + 10 : "T00:00", 6);
-  memcpy(out + 16, n == 19 ? in + 16 : ":00", 3);
-  out[10] = 'T';
-  out[19] = 0;
-  return BLIP_OK;
-}
-
 /* ---- open / close ---- */
 
 static int db_err(blip_search *s, const char *what) {
   return blip_err_set(BLIP_EDB, "%s: %s/index.sqlite: %s", what, s->dir, sqlite3_errmsg(s->db));
 }
 
+/* DIR/index.sqlite{suffix} of s, as it is on disk now */
+static int db_stat(const blip_search *s, const char *suffix, struct stat *sb) {
+  char p[4096];
+  snprintf(p, sizeof p, "%s/index.sqlite%s", s->dir, suffix);
+  return stat(p, sb);
+}
+
 int blip_search_open(const char *dir, blip_search **out) {
   *out = NULL;
   blip_search *s = calloc(1, sizeof *s);
-  char *p = NULL;
   int rc = BLIP_OK;
   if (!s || !(s->dir = strdup(dir))) {
     rc = blip_err_set(BLIP_ENOMEM, "out of memory");
     goto fail;
   }
+  db_stat(s, "", &s->file); /* before the open: a file replaced in between only costs a needless reopen */
   blip_store_opts so = {0};
   if ((rc = blip_store_open(dir, NULL, &so, &s->st))) goto fail;
-  size_t n = strlen(dir) + 16;
-  if (!(p = malloc(n))) {
-    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-    goto fail;
-  }
-  snprintf(p, n, "%s/index.sqlite", dir);
-  if (sqlite3_open_v2(p, &s->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
-    rc = s->db ? db_err(s, "open") : blip_err_set(BLIP_ENOMEM, "out of memory");
-    goto fail;
-  }
-  sqlite3_busy_timeout(s->db, 10000);
+  s->db = blip_store_sqlite(s->st);
   const char *e = blip_store_meta(s->st, "embed_dim"), *t = blip_store_meta(s->st, "v_tokens"),
              *v = blip_store_meta(s->st, "v_hidden");
   s->E = e ? atoi(e) : 0;
   s->T = t ? atoi(t) : 0;
   s->Dv = v ? atoi(v) : 0;
-  free(p);
   *out = s;
   return BLIP_OK;
 fail:
-  free(p);
   blip_search_close(s);
   return rc;
 }
@@ -119,9 +98,35 @@ fail:
 void blip_search_close(blip_search *s) {
   if (!s) return;
   blip_store_close(s->st);
-  sqlite3_close(s->db);
   free(s->dir);
   free(s);
+}
+
+int blip_search_refresh(blip_search *s, int *reopened) {
+  struct stat sb;
+  if (reopened) *reopened = 0;
+  if (db_stat(s, "", &sb) != 0) return BLIP_OK; /* a rebuild between removing the old file and creating the new */
+  int same = sb.st_dev == s->file.st_dev && sb.st_ino == s->file.st_ino;
+  if (same && blip_store_immutable(s->st)) { /* it sees no commits: reopen when the file changed or a writer came */
+    struct stat w;
+    same = sb.st_size == s->file.st_size && sb.st_mtim.tv_sec == s->file.st_mtim.tv_sec &&
+           sb.st_mtim.tv_nsec == s->file.st_mtim.tv_nsec && db_stat(s, "-wal", &w) != 0;
+  }
+  if (same) return BLIP_OK;
+  blip_search *n = NULL;
+  int rc = blip_search_open(s->dir, &n);
+  if (rc == BLIP_ENOTFOUND) return BLIP_OK; /* a rebuild that has not written its identity yet */
+  if (!rc && s->m) rc = blip_search_attach(n, s->m);
+  if (rc) {
+    blip_search_close(n);
+    return blip_err_wrap(rc, "reopening the rebuilt index %s", s->dir);
+  }
+  blip_search old = *s;
+  *s = *n;
+  *n = old;
+  blip_search_close(n);
+  if (reopened) *reopened = 1;
+  return BLIP_OK;
 }
 
 const char *blip_search_meta(const blip_search *s, const char *key) { return blip_store_meta(s->st, key); }
@@ -220,20 +225,58 @@ void blip_search_result_free(blip_search_result *res) {
 
 /* ---- filters and metadata ---- */
 
+#define UNDER_FORMS 3
+
+/* The spellings of the --under folder that stored paths can start with, each
+ * ending in '/': the indexer canonicalizes its roots but keeps the path
+ * through a symlinked folder inside a library, so DIR as given (absolute,
+ * "." and ".." removed), its realpath and realpath(parent)/name are all
+ * tried. *n = 0 when DIR is "/" (no filter). */
+static int under_forms(const char *dir, char f[UNDER_FORMS][PATH_MAX + 1], int *n) {
+  char abs[2 * PATH_MAX], real[PATH_MAX], *comp[PATH_MAX / 2];
+  int nc = 0, k = 0;
+  *n = 0;
+  if (dir[0] != '/' && !getcwd(abs, PATH_MAX)) return blip_err_set(BLIP_EIO, "--under: cannot read the current folder");
+  size_t at = dir[0] == '/' ? 0 : strlen(abs); /* the normal form is no longer than abs: it fits f[0] */
+  if (at + 1 + strlen(dir) >= PATH_MAX) return blip_err_set(BLIP_EINVAL, "--under: path too long");
+  snprintf(abs + at, PATH_MAX, "%s%s", at ? "/" : "", dir);
+  for (char *save = NULL, *c = strtok_r(abs, "/", &save); c; c = strtok_r(NULL, "/", &save))
+    if (!strcmp(c, "..")) nc -= nc > 0;
+    else if (strcmp(c, ".")) comp[nc++] = c;
+  if (!nc) return BLIP_OK; /* "/" */
+  for (int i = 0; i < nc; i++) k += snprintf(f[0] + k, PATH_MAX + 1 - (size_t)k, "/%s", comp[i]);
+  *n = 1;
+  const char *base = strrchr(f[0], '/') + 1;
+  if (realpath(f[0], real)) snprintf(f[(*n)++], PATH_MAX + 1, "%s", real);
+  char parent[PATH_MAX + 1];
+  snprintf(parent, sizeof parent, "%.*s", (int)(base - 1 - f[0]), f[0]);
+  if (realpath(parent[0] ? parent : "/", real) &&
+      snprintf(f[*n], PATH_MAX + 1, "%s/%s", strcmp(real, "/") ? real : "", base) < PATH_MAX)
+    (*n)++;
+  int m = 0; /* distinct forms, each with its trailing '/'; a "/" form matches all */
+  for (int i = 0; i < *n; i++) {
+    size_t l = strlen(f[i]);
+    if (l == 1) return *n = 0, BLIP_OK;
+    if (l >= PATH_MAX) continue; /* no room for the '/' (cannot name a real folder anyway) */
+    memcpy(f[i] + l, "/", 2);
+    int dup = 0;
+    for (int j = 0; j < m; j++) dup |= !strcmp(f[j], f[i]);
+    if (!dup && m != i) memcpy(f[m], f[i], l + 2);
+    m += !dup;
+  }
+  *n = m;
+  return BLIP_OK;
+}
+
 /* Allowed ids for f, in one statement. *active = 0 when f filters nothing. */
 static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **ids, int64_t *n, int *active) {
   static const char DATE[] = "COALESCE(NULLIF(taken_at,''),strftime('%Y-%m-%dT%H:%M:%S',mtime_ns/1000000000,"
                              "'unixepoch','localtime'))";
-  char sql[2048], exts[MAX_EXTS][16];
-  int next = 0, rc = BLIP_OK;
-  size_t ul = 0;
+  char sql[2048], exts[MAX_EXTS][16], under[UNDER_FORMS][PATH_MAX + 1];
+  int next = 0, nu = 0, rc = BLIP_OK;
   *ids = NULL;
   *n = 0;
-  if (f->under) {
-    ul = strlen(f->under);
-    while (ul > 1 && f->under[ul - 1] == '/') ul--;
-    if (ul == 1 && f->under[0] == '/') ul = 0; /* "/" filters nothing */
-  }
+  if (f->under && (rc = under_forms(f->under, under, &nu))) return rc;
   if (f->exts) {
     for (const char *p = f->exts; *p;) {
       size_t l = strcspn(p, ",");
@@ -257,30 +300,21 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
       p += l + (p[l] == ',');
     }
   }
-  *active = ul || f->after || f->before || next;
+  *active = nu || f->after || f->before || next;
   if (!*active) return BLIP_OK;
-  int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL");
-  if (ul) len += snprintf(sql + len, sizeof sql - len, " AND substr(path,1,?1)=?2");
+  int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL AND offline=0");
+  for (int i = 0; i < nu; i++) /* bytes, not characters: a path need not be UTF-8 */
+    len += snprintf(sql + len, sizeof sql - len, "%s substr(CAST(path AS BLOB),1,length(?%d))=?%d%s",
+                    i ? " OR" : " AND (", 21 + i, 21 + i, i == nu - 1 ? ")" : "");
   if (f->after) len += snprintf(sql + len, sizeof sql - len, " AND %s>=?3", DATE);
   if (f->before) len += snprintf(sql + len, sizeof sql - len, " AND %s<?4", DATE);
   for (int i = 0; i < next; i++) /* LIKE is ASCII case-insensitive; extensions are alnum, no wildcards */
     len += snprintf(sql + len, sizeof sql - len, "%s path LIKE ('%%.'||?%d)%s", i ? " OR" : " AND (", 5 + i,
                     i == next - 1 ? ")" : "");
   sqlite3_stmt *st = NULL;
-  char *dir = NULL;
   int64_t cap = 0;
   if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) return db_err(s, "filter");
-  if (ul) {
-    if (!(dir = malloc(ul + 2))) {
-      rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-      goto done;
-    }
-    memcpy(dir, f->under, ul);
-    dir[ul] = '/';
-    dir[ul + 1] = 0;
-    sqlite3_bind_int64(st, 1, (int64_t)ul + 1);
-    sqlite3_bind_text(st, 2, dir, (int)ul + 1, SQLITE_STATIC);
-  }
+  for (int i = 0; i < nu; i++) sqlite3_bind_blob(st, 21 + i, under[i], (int)strlen(under[i]), SQLITE_STATIC);
   if (f->after) sqlite3_bind_text(st, 3, f->after, -1, SQLITE_STATIC);
   if (f->before) sqlite3_bind_text(st, 4, f->before, -1, SQLITE_STATIC);
   for (int i = 0; i < next; i++) sqlite3_bind_text(st, 5 + i, exts[i], -1, SQLITE_STATIC);
@@ -300,7 +334,6 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
   if (r != SQLITE_DONE) rc = db_err(s, "filter");
 done:
   sqlite3_finalize(st);
-  free(dir);
   if (rc) {
     free(*ids);
     *ids = NULL;
@@ -309,49 +342,72 @@ done:
   return rc;
 }
 
-/* Path, taken_at and mtime of each hit. */
-static int fill_meta(blip_search *s, blip_search_hit *hits, int n) {
-  sqlite3_stmt *st = NULL;
-  int rc = BLIP_OK;
-  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns FROM images WHERE id=?", -1, &st, NULL) != SQLITE_OK)
-    return db_err(s, "metadata");
-  for (int i = 0; i < n && !rc; i++) {
-    if (hits[i].path) continue;
-    sqlite3_reset(st);
-    sqlite3_bind_int64(st, 1, hits[i].id);
-    if (sqlite3_step(st) != SQLITE_ROW) {
-      rc = blip_err_set(BLIP_ENOTFOUND, "image %lld vanished from the index", (long long)hits[i].id);
-      break;
-    }
-    const char *p = (const char *)sqlite3_column_text(st, 0), *t = (const char *)sqlite3_column_text(st, 1);
-    if (!(hits[i].path = strdup(p ? p : ""))) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-    snprintf(hits[i].taken_at, sizeof hits[i].taken_at, "%s", t ? t : "");
-    hits[i].mtime_ns = sqlite3_column_int64(st, 2);
+/* Path, taken_at and mtime of hit h (q: "SELECT path, taken_at, mtime_ns ...
+ * WHERE id=?"). BLIP_ENOTFOUND when a writer deleted or replaced the image
+ * since the search that found it: the caller skips it. */
+static int hit_meta(blip_search *s, sqlite3_stmt *q, blip_search_hit *h) {
+  sqlite3_reset(q);
+  sqlite3_bind_int64(q, 1, h->id);
+  int r = sqlite3_step(q);
+  if (r == SQLITE_DONE) return BLIP_ENOTFOUND;
+  if (r != SQLITE_ROW) return db_err(s, "metadata");
+  const char *p = (const char *)sqlite3_column_text(q, 0), *t = (const char *)sqlite3_column_text(q, 1);
+  if (!(h->path = strdup(p ? p : ""))) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  snprintf(h->taken_at, sizeof h->taken_at, "%s", t ? t : "");
+  h->mtime_ns = sqlite3_column_int64(q, 2);
+  return BLIP_OK;
+}
+
+static int meta_stmt(blip_search *s, sqlite3_stmt **q) {
+  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns FROM images WHERE id=?", -1, q, NULL) == SQLITE_OK)
+    return BLIP_OK;
+  return db_err(s, "metadata");
+}
+
+/* Metadata of the first `want` hits that are still in the index; vanished
+ * ones leave the list (counted in *vanished). *n becomes the number kept. */
+static int fill_meta(blip_search *s, blip_search_hit *hits, int *n, int want, int *vanished) {
+  sqlite3_stmt *q = NULL;
+  int rc = meta_stmt(s, &q), m = 0;
+  for (int i = 0; !rc && i < *n && m < want; i++) {
+    int r = hit_meta(s, q, &hits[i]);
+    if (r == BLIP_ENOTFOUND) (*vanished)++;
+    else if (r) rc = r;
+    else hits[m++] = hits[i];
   }
-  sqlite3_finalize(st);
+  sqlite3_finalize(q);
+  if (!rc) *n = m;
   return rc;
 }
 
-/* Vision tokens of hit h into out [T,Dv]: rerank store, else recomputed from the file. */
+/* Vision tokens of hit h into out [T,Dv]: rerank store, else recomputed from
+ * the file. BLIP_ENOTFOUND only when the image left the index meanwhile. */
 static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out) {
   int rc = blip_store_tokens(s->st, h->id, out);
-  if (rc != BLIP_ENOTFOUND) return rc;
-  if ((rc = fill_meta(s, h, 1)) || (rc = blip_img_init())) return rc;
-  blip_img_opts io; /* the indexer's preprocessing */
-  blip_img_opts_default(&io);
-  io.size = s->S;
-  io.autorotate = 1;
-  io.shrink_on_load = 0;
-  rc = blip_img_load_file(h->path, &io, pix, NULL, NULL);
+  if (rc == BLIP_OK || rc == BLIP_ENOMEM || rc == BLIP_EDB) return rc;
+  sqlite3_stmt *q = NULL;
+  int m = meta_stmt(s, &q);
+  if (!m) m = hit_meta(s, q, h); /* the row first: a deleted image's record may be a hole */
+  sqlite3_finalize(q);
+  if (m) return m;
+  if (rc == BLIP_ENOTFOUND && !(rc = blip_img_init())) {
+    blip_img_opts io; /* the indexer's preprocessing */
+    blip_img_opts_default(&io);
+    io.size = s->S;
+    io.autorotate = 1;
+    io.shrink_on_load = 0;
+    if (!(rc = blip_img_load_file(h->path, &io, pix, NULL, NULL))) rc = blip_model_vision(s->m, pix, 1, out, NULL);
+  }
   free(h->path); /* hits get their metadata once the final cut is known */
   h->path = NULL;
-  return rc ? rc : blip_model_vision(s->m, pix, 1, out, NULL);
+  return rc;
 }
 
 /* Rerank hits[0..k) in place, RERANK_CHUNK candidates per ITM call; hits
- * whose tokens cannot be had are moved behind the others and counted. */
+ * whose tokens cannot be had are moved behind the others and counted in
+ * *dropped, those among them that left the index also in *vanished. */
 static int rerank_hits(blip_search *s, const int32_t *ids, int len, blip_search_hit *hits, int k, int naive,
-                       int *dropped) {
+                       int *dropped, int *vanished) {
   const int chunk = k < RERANK_CHUNK ? k : RERANK_CHUNK;
   size_t per = (size_t)s->T * s->Dv;
   float *tok = malloc((size_t)chunk * per * sizeof *tok), *pix = malloc((size_t)3 * s->S * s->S * sizeof *pix);
@@ -373,6 +429,7 @@ static int rerank_hits(blip_search *s, const int32_t *ids, int len, blip_search_
       }
       if (r) {
         tmp[k - 1 - bad++] = hits[i];
+        *vanished += r == BLIP_ENOTFOUND;
         continue;
       }
       img[n] = tok + (size_t)n * per;
@@ -427,12 +484,12 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
   int kr = K < got ? K : got, dropped = 0;
   if (kr) {
     blip_search_sort(res->hits, got); /* the K best by cosine first */
-    if ((rc = rerank_hits(s, ids, len, res->hits, kr, o->naive, &dropped))) goto done;
+    if ((rc = rerank_hits(s, ids, len, res->hits, kr, o->naive, &dropped, &res->vanished))) goto done;
     /* dropped candidates (at the end of the reranked block) leave the result */
     memmove(res->hits + kr - dropped, res->hits + kr, (size_t)(got - kr) * sizeof *res->hits);
     res->n = got - dropped;
     res->reranked = kr - dropped;
-    res->dropped = dropped;
+    res->dropped = dropped - res->vanished;
   }
   blip_search_sort(res->hits, res->n);
   if (o->threshold >= 0) {
@@ -441,8 +498,7 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
       if (res->hits[i].itm_prob >= o->threshold) res->hits[m++] = res->hits[i]; /* NAN never passes */
     res->n = m;
   }
-  if (res->n > o->n) res->n = o->n;
-  if ((rc = fill_meta(s, res->hits, res->n))) goto done;
+  if ((rc = fill_meta(s, res->hits, &res->n, o->n, &res->vanished))) goto done;
   if (o->sort_date && res->n > 1) qsort(res->hits, (size_t)res->n, sizeof *res->hits, cmp_date);
 done:
   free(allow);
@@ -452,15 +508,42 @@ done:
   return rc;
 }
 
+/* Does text hold a word: a character other than punctuation, space, control
+ * (or an invalid byte)? pre_caption keeps '?' and ',', which BERT then
+ * tokenizes, so a query of punctuation alone would still embed and match. */
+static int has_word(const char *text) {
+  const utf8proc_uint8_t *p = (const utf8proc_uint8_t *)text;
+  utf8proc_ssize_t n = (utf8proc_ssize_t)strlen(text);
+  for (utf8proc_ssize_t i = 0; i < n;) {
+    utf8proc_int32_t c;
+    utf8proc_ssize_t k = utf8proc_iterate(p + i, n - i, &c);
+    if (k <= 0) { /* an invalid byte */
+      i++;
+      continue;
+    }
+    i += k;
+    switch (utf8proc_category(c)) {
+    case UTF8PROC_CATEGORY_PC: case UTF8PROC_CATEGORY_PD: case UTF8PROC_CATEGORY_PS: case UTF8PROC_CATEGORY_PE:
+    case UTF8PROC_CATEGORY_PI: case UTF8PROC_CATEGORY_PF: case UTF8PROC_CATEGORY_PO: case UTF8PROC_CATEGORY_ZS:
+    case UTF8PROC_CATEGORY_ZL: case UTF8PROC_CATEGORY_ZP: case UTF8PROC_CATEGORY_CC: case UTF8PROC_CATEGORY_CF:
+    case UTF8PROC_CATEGORY_CN: break;
+    default: return 1;
+    }
+  }
+  return 0;
+}
+
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res) {
   int32_t ids[BLIP_SEARCH_MAX_TOKENS];
   int len = 0, trunc = 0, rc;
   memset(res, 0, sizeof *res);
   if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
+  if ((rc = blip_search_refresh(s, NULL))) return rc;
   float *feat = malloc((size_t)s->E * sizeof *feat);
   if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  if (!(rc = blip_search_prepare_text(s->m, query, ids, &len, &trunc)) &&
-      !(rc = blip_search_text_feat(s->m, ids, len, feat)))
+  if (!(rc = blip_search_prepare_text(s->m, query, ids, &len, &trunc)) && (len <= 2 || !has_word(query)))
+    rc = blip_err_set(BLIP_EINVAL, "the query has no words to search for (it is empty, or only punctuation)");
+  if (!rc && !(rc = blip_search_text_feat(s->m, ids, len, feat)))
     rc = search_feat(s, feat, ids, len, o, res);
   res->truncated = trunc;
   free(feat);
@@ -470,9 +553,11 @@ int blip_search_text(blip_search *s, const char *query, const blip_search_opts *
 int blip_search_image(blip_search *s, const float *pixels, const blip_search_opts *o, blip_search_result *res) {
   memset(res, 0, sizeof *res);
   if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
+  int rc = blip_search_refresh(s, NULL);
+  if (rc) return rc;
   float *feat = malloc((size_t)s->E * sizeof *feat);
   if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  int rc = blip_model_vision(s->m, pixels, 1, NULL, feat);
+  rc = blip_model_vision(s->m, pixels, 1, NULL, feat);
   if (!rc) rc = search_feat(s, feat, NULL, 0, o, res);
   free(feat);
   return rc;

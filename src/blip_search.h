@@ -12,9 +12,9 @@
  * blip_store_search (exact over small sets), so a result outside the filter
  * can never be returned.
  *
- * A blip_search holds the store, a read-only SQLite connection of its own
- * (filters, row metadata: the store's API has no query by attribute) and the
- * rerank scratch; like the model, one context is not for two threads. */
+ * A blip_search holds the store (whose read-only SQLite connection it uses
+ * for filters and row metadata: the store's API has no query by attribute);
+ * like the model, one context is not for two threads. */
 #ifndef BLIP_SEARCH_H
 #define BLIP_SEARCH_H
 
@@ -46,6 +46,7 @@ typedef struct {
   int truncated; /* the query had more than 35 tokens */
   int reranked;  /* candidates scored by ITM */
   int dropped;   /* rerank candidates left out: no stored tokens and the file could not be read */
+  int vanished;  /* candidates skipped because a writer deleted or replaced them during the query */
   int filtered;  /* a filter was active; n_allowed = its size */
   int64_t n_allowed;
 } blip_search_result;
@@ -53,8 +54,9 @@ typedef struct {
 /* Filters; NULL fields are off. Dates are compared as "YYYY-MM-DDTHH:MM:SS"
  * strings against taken_at, else the file's mtime in local time. */
 typedef struct {
-  const char *under;  /* absolute directory: path is under it */
-  const char *after;  /* normalized date (blip_search_parse_date): date >= after */
+  const char *under;  /* directory (relative to the cwd or absolute): path is under it as given,
+                         under its realpath or under realpath(parent)/name (a symlinked folder) */
+  const char *after;  /* normalized date (blip_arg_date): date >= after */
   const char *before; /* date < before */
   const char *exts;   /* "jpg,png": extension, case-insensitive; jpg = jpeg, tif = tiff */
 } blip_search_filter;
@@ -73,13 +75,17 @@ void blip_search_opts_default(blip_search_opts *o);
 /* Default index directory: $BLIPSEARCH_DB, else $XDG_DATA_HOME/blipsearch,
  * else ~/.local/share/blipsearch. */
 
-/* "YYYY-MM-DD", "YYYY-MM-DDTHH:MM[:SS]" (or a space for T) -> out[20]
- * "YYYY-MM-DDTHH:MM:SS". BLIP_EINVAL on anything else. */
-int blip_search_parse_date(const char *in, char out[20]);
-
 /* Open the index at dir read-only. BLIP_ENOTFOUND when there is none. */
 int blip_search_open(const char *dir, blip_search **out);
 void blip_search_close(blip_search *s);
+/* Reopen the index when its directory now holds another one (blip-index
+ * --rebuild replaced index.sqlite), re-attaching the model: a long-lived
+ * session (blip-query --stdin, a server) then answers from the new index.
+ * Cheap (one stat); blip_search_text/image call it first. Keeps the open
+ * index while a rebuild has not written its identity yet; BLIP_EMISMATCH when
+ * the new index was built with another model. *reopened (may be NULL) says
+ * whether it reopened. */
+int blip_search_refresh(blip_search *s, int *reopened);
 /* Index meta value ("model", "precision", ...) or NULL. */
 const char *blip_search_meta(const blip_search *s, const char *key);
 int64_t blip_search_count(blip_search *s);
@@ -87,7 +93,8 @@ int64_t blip_search_count(blip_search *s);
  * by other weights or another geometry. */
 int blip_search_attach(blip_search *s, blip_model *m);
 
-/* Text -> images. */
+/* Text -> images. BLIP_EINVAL for a query without a word (empty or only
+ * punctuation after pre_caption): its embedding would match at random. */
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res);
 /* Image -> images by ITC (pixels [3,S,S] preprocessed). */
 int blip_search_image(blip_search *s, const float *pixels, const blip_search_opts *o, blip_search_result *res);
