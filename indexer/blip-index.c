@@ -47,7 +47,9 @@ static const char USAGE[] =
     "  --db DIR           index directory (default $BLIPSEARCH_DB, else\n"
     "                     $XDG_DATA_HOME/blipsearch, else ~/.local/share/blipsearch)\n"
     "  --model DIR        BLIP model directory (default $BLIPSEARCH_MODEL)\n"
-    "  --precision P      f32 (default), bf16 or int8\n"
+    "  --precision P      auto (default), f32, bf16 or int8; auto = the precision an existing\n"
+    "                     index was built with, else bf16 where the CPU has native bf16 dot\n"
+    "                     products (AVX512_BF16, AMX), else f32\n"
     "  --json             print a JSON summary on stdout\n"
     "  --dry-run          say what would change, change nothing\n"
     "  --errors           list the images that failed and the paths skipped, and why (path TAB\n"
@@ -398,7 +400,7 @@ int main(int argc, char **argv) {
       {"prune-offline", 0, 0, OPT_PRUNE}, {"decode-timeout", 1, 0, OPT_DTIME}, {"decode-memory", 1, 0, OPT_DMEM},
       {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "";
-  const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
+  const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "auto";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
   int check = 0, dump = 0, prune = 0, c;
   double decode_s = 60, decode_mb = 4096;
@@ -493,11 +495,21 @@ int main(int argc, char **argv) {
     goto out;
   }
   blip_model_opts mo = {BLIP_PREC_F32, NULL};
+  if (!strcmp(prec_name, "auto") && !rebuild) { /* an existing index keeps its precision */
+    blip_store_opts ro = {0};
+    blip_store *old = NULL;
+    if (blip_store_open(dbdir, NULL, &ro, &old) == BLIP_OK) {
+      const char *p = blip_store_meta(old, "precision");
+      if (p && !blip_model_parse_precision(p, &mo.precision)) prec_name = blip_model_precision_name(mo.precision);
+      blip_store_close(old);
+    }
+  }
   if (blip_model_parse_precision(prec_name, &mo.precision)) {
     blip_out_error("blip-index", blip_err_last());
     ret = 2;
     goto out;
   }
+  prec_name = blip_model_precision_name(mo.precision); /* the index records what auto chose */
 
   /* roots, canonical so that stored paths are stable whatever the cwd; a
    * root that is not there (an unmounted drive) keeps its rows offline if the

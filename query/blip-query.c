@@ -59,7 +59,8 @@ static const char USAGE[] =
     "  --texts-file F    candidate texts for --image, one a line (also --texts F)\n"
     "  --rank-texts      rank the candidate texts (implied by --text/--texts-file)\n"
     "  --stdin           read one text query a line from stdin; the model loads once\n"
-    "  --precision P     f32, bf16 or int8 (default and only choice with an index: the index's)\n"
+    "  --precision P     auto, f32, bf16 or int8 (default and only choice with an index: the index's;\n"
+    "                    without one auto: bf16 where the CPU has native bf16 dot products, else f32)\n"
     "  --threads N       compute threads (1..4 per core; default: all cores)\n"
     "  --naive-itm       use the naive cross-attention in the rerank (for checks)\n"
     "  --help            this text\n"
@@ -300,7 +301,7 @@ int main(int argc, char **argv) {
     }
     if (!prec_name) prec_name = ip;
   }
-  if (blip_model_parse_precision(prec_name ? prec_name : "f32", &mo.precision)) {
+  if (blip_model_parse_precision(prec_name ? prec_name : "auto", &mo.precision)) {
     blip_out_error("blip-query", blip_err_last());
     goto out;
   }
