@@ -11,7 +11,7 @@ set -euo pipefail
 PKGS=(build-essential cmake pkg-config git ca-certificates curl
       libfaiss-dev libopenblas-openmp-dev liblapack-dev
       libsqlite3-dev sqlite3 libvips-dev libdnnl-dev
-      libutf8proc-dev libxxhash-dev libjansson-dev
+      libutf8proc-dev libxxhash-dev libjansson-dev libzip-dev
       clang libclang-rt-14-dev dpkg-dev python3)
 PREFIX=${BLIP_DEPS_PREFIX:-/usr/local}
 SUDO=""

@@ -16,6 +16,7 @@
 #include "blip_model.h"
 #include "blip_err.h"
 #include "blip_kern.h"
+#include "blip_pt.h"
 #include "blip_st.h"
 
 #include <math.h>
@@ -430,7 +431,7 @@ int blip_model_load(const char *dir, const blip_model_opts *opts, blip_model **o
     snprintf(bin, sizeof bin, "%s/pytorch_model.bin", dir);
     if (access(path, F_OK) != 0 && access(bin, F_OK) == 0) snprintf(path, sizeof path, "%s", bin);
   }
-  if ((rc = blip_st_open(path, &m->st))) goto fail;
+  if ((rc = blip_pt_open_weights(path, &m->st))) goto fail;
   /* a captioner's weights under a config.json without "architectures" */
   if (blip_st_find(m->st, "text_decoder.bert.embeddings.word_embeddings.weight") &&
       !blip_st_find(m->st, "text_encoder.embeddings.word_embeddings.weight"))

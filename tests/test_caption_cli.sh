@@ -3,7 +3,8 @@
 # Every generate() setting of generated.json, run through the tool's flags on
 # the golden pixels, prints the upstream ids and text; the fixture's photos
 # decoded by the tool (PIL-exact path) give the same captions; seeded
-# sampling repeats; bad invocations fail with a message.
+# sampling repeats; a folder holding only pytorch_model.bin works; bad
+# invocations fail with a message.
 set -u
 B=${BLIP_BIN:-build}; D=${BLIP_TEST_DATA:-tests/data}
 . "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
@@ -51,6 +52,13 @@ want test $? -eq 0
 want compare greedy "$tmp/files.jsonl"
 "$B/blip-caption" --model "$M" --image "$I/rocket.jpg" >"$tmp/plain.txt"
 want grep -q "rocket.jpg	" "$tmp/plain.txt"
+
+# a PyTorch-only checkpoint folder (pytorch_model.bin, no safetensors) captions the same
+mkdir "$tmp/pt"
+for f in config.json vocab.txt pytorch_model.bin; do ln -s "$(cd "$M" && pwd)/$f" "$tmp/pt/$f"; done
+"$B/blip-caption" --model "$tmp/pt" --pixels "$PX" --json --prompt "a picture of" --beams 3 --min-length 5 >"$tmp/pt.jsonl" 2>"$tmp/err"
+want test $? -eq 0
+want compare beam3_prompt "$tmp/pt.jsonl"
 
 # seeded sampling: reproducible; another seed is allowed to differ
 for s in 1 2; do "$B/blip-caption" --model "$M" --pixels "$PX" --sample --top-p 0.9 --seed 5 --json >"$tmp/s$s.jsonl"; done
