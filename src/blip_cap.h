@@ -34,7 +34,7 @@ typedef struct {
   int32_t *ids; /* as generate() returns them: the prefix, the caption, [SEP] if it ended by itself */
   int n;
   double score; /* beam search: the winner's length-normalised log-prob; else 0 */
-  char *text;   /* tokenizer.decode(ids, skip_special_tokens=True) */
+  char *text;   /* tokenizer.decode(ids, skip_special_tokens=True); NULL for a model without vocabulary */
 } blip_cap_result;
 
 /* The checkpoint's generate() defaults (config.json text_config). */

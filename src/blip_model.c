@@ -823,6 +823,12 @@ void blip_model_kv_free(blip_model_kv *kv) {
 
 int blip_model_kv_len(const blip_model_kv *kv) { return kv->len; }
 
+int blip_model_kv_truncate(blip_model_kv *kv, int len) {
+  if (len < 0 || len > kv->len) return blip_err_set(BLIP_EINVAL, "decoder: truncate to %d of %d positions", len, kv->len);
+  kv->len = len;
+  return BLIP_OK;
+}
+
 int blip_model_kv_images(blip_model *m, blip_model_kv *kv, const float *embeds) {
   const size_t TD = kv->T * kv->D, Dx = (size_t)m->cfg.t_enc_hidden;
   int rc = BLIP_OK;

@@ -77,6 +77,8 @@ void blip_model_kv_free(blip_model_kv *kv);
 /* Start over with new images: embeds [n_img, T, Dv] (blip_model_vision's output); empties the cache. */
 int blip_model_kv_images(blip_model *m, blip_model_kv *kv, const float *embeds);
 int blip_model_kv_len(const blip_model_kv *kv);
+/* Keep the first len positions (a shared prefix decoded once); the image K/V stay. */
+int blip_model_kv_truncate(blip_model_kv *kv, int len);
 /* Row r takes the cached sequence of row src[r] (beam reordering; src[r] within r's image). */
 int blip_model_kv_reorder(blip_model_kv *kv, const int *src);
 /* Append ids [rows, n] at positions len..len+n-1; hidden [rows, n, Dt] = last layer's output (may be NULL). */
