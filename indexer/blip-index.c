@@ -8,6 +8,8 @@
  * (decoder thread + batched model + one commit per batch, rerank records
  * synced before the commit): a kill loses at most the batches in flight, and
  * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.
+ * --captions then captions every image without one (blip_capindex), also
+ * one commit per batch.
  * Exit: 0 done (failed images are reported, not fatal), 1 error, 2 usage,
  * 130 interrupted. */
 #include <dirent.h>
@@ -28,6 +30,7 @@
 
 #include <jansson.h>
 
+#include "blip_capindex.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_index.h"
@@ -53,6 +56,10 @@ static const char USAGE[] =
     "  --batch N          images per model batch and per commit (default 8)\n"
     "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
+    "  --captions         caption every image without a caption (searchable: blip-query --words)\n"
+    "  --caption-model DIR  captioner, e.g. blip-image-captioning-base (default\n"
+    "                     $BLIPSEARCH_CAPTION_MODEL); runs at --precision, generate() defaults\n"
+    "  --recaption        redo all captions (needed after changing the captioner)\n"
     "  --help             this text\n"
     "\n"
     "Exit status: 0 done, 1 error, 2 usage, 130 interrupted (committed work is kept).\n";
@@ -238,6 +245,7 @@ typedef struct {
 
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
        OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP };
+enum { OPT_CAPTIONS = 512, OPT_CAPMODEL, OPT_RECAPTION };
 
 int main(int argc, char **argv) {
   static const struct option lopts[] = {
@@ -246,7 +254,12 @@ int main(int argc, char **argv) {
       {"rebuild", 0, 0, OPT_REBUILD}, {"no-rerank-store", 0, 0, OPT_NORR}, {"rerank-f16", 0, 0, OPT_F16},
       {"exclude", 1, 0, OPT_EXCL},   {"threads", 1, 0, OPT_THREADS}, {"batch", 1, 0, OPT_BATCH},
       {"check", 0, 0, OPT_CHECK},    {"dump", 0, 0, OPT_DUMP},       {"help", 0, 0, OPT_HELP},
+      {"captions", 0, 0, OPT_CAPTIONS}, {"caption-model", 1, 0, OPT_CAPMODEL}, {"recaption", 0, 0, OPT_RECAPTION},
       {0, 0, 0, 0}};
+  const char *cap_dir = getenv("BLIPSEARCH_CAPTION_MODEL");
+  int captions = 0, recaption = 0;
+  int64_t captioned = 0, cap_failed = 0;
+  blip_model *capm = NULL;
   char dbdir[PATH_MAX] = "";
   const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
@@ -270,6 +283,9 @@ int main(int argc, char **argv) {
     case OPT_BATCH: B = atoi(optarg); break;
     case OPT_CHECK: check = 1; break;
     case OPT_DUMP: dump = 1; break;
+    case OPT_CAPTIONS: captions = 1; break;
+    case OPT_CAPMODEL: cap_dir = optarg; break;
+    case OPT_RECAPTION: recaption = captions = 1; break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
     default: fputs(USAGE, stderr); free(excl); return 2;
     }
@@ -344,6 +360,18 @@ int main(int argc, char **argv) {
   if (blip_img_init() || blip_model_load(model_dir, &mo, &model)) {
     fprintf(stderr, "blip-index: %s\n", blip_err_last());
     goto out;
+  }
+  if (captions && !dry) { /* before any work, so that a wrong captioner costs nothing */
+    if (!cap_dir) {
+      fprintf(stderr, "blip-index: --captions needs --caption-model DIR or BLIPSEARCH_CAPTION_MODEL\n");
+      ret = 2;
+      goto out;
+    }
+    if (blip_model_load(cap_dir, &mo, &capm) ||
+        (!blip_model_cfg(capm)->captioner && blip_err_set(BLIP_EINVAL, "%s is not a captioning model", cap_dir))) {
+      fprintf(stderr, "blip-index: caption model: %s\n", blip_err_last());
+      goto out;
+    }
   }
   const blip_cfg *cfg = blip_model_cfg(model);
   char prep[96];
@@ -480,6 +508,18 @@ int main(int argc, char **argv) {
   if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
   if (rc) goto fail;
   if ((rc = blip_store_flush(st))) goto fail;
+  if (capm) {
+    char cid[64];
+    blip_cap_opts gen;
+    blip_cap_defaults(capm, &gen);
+    blip_capindex_identity(capm, cid, sizeof cid);
+    progress_ctx cp = {now_s(), 0};
+    blip_capindex_opts co = {B, threads, &g_stop, isatty(2) ? show_progress : NULL, &cp};
+    if (!(rc = blip_store_caption_identity(st, cid, recaption))) rc = blip_capindex_run(capm, st, &gen, &co, &captioned, &cap_failed);
+    if (cp.shown) fputc('\n', stderr);
+    if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
+    if (rc) goto fail;
+  }
   ret = 0;
   goto summary;
 
@@ -494,6 +534,8 @@ summary:
                           (json_int_t)cn.updated, "moved", (json_int_t)cn.moved, "deleted", (json_int_t)cn.deleted,
                           "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed, "seconds",
                           now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
+    if (j && captions)
+      json_object_update_new(j, json_pack("{s:I,s:I}", "captioned", (json_int_t)captioned, "caption_failed", (json_int_t)cap_failed));
     char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (s) printf("%s\n", s);
     free(s);
@@ -502,6 +544,8 @@ summary:
     fprintf(stderr, "%s%lld added, %lld updated, %lld moved, %lld deleted, %lld unchanged, %lld failed in %.1f s\n",
             dry ? "dry run: " : "", (long long)cn.added, (long long)cn.updated, (long long)cn.moved,
             (long long)cn.deleted, (long long)cn.unchanged, (long long)cn.failed, now_s() - t0);
+    if (captions && !dry)
+      fprintf(stderr, "%lld captioned, %lld could not be read for captions\n", (long long)captioned, (long long)cap_failed);
   }
   goto out;
 oom:
@@ -515,6 +559,7 @@ fail:
 out:
   blip_store_close(st);
   blip_model_free(model);
+  blip_model_free(capm);
   free(gone);
   items_free(&found);
   items_free(&work);

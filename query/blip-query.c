@@ -43,8 +43,11 @@ static const char USAGE[] =
     "  --before DATE     only photos taken before DATE (YYYY-MM-DD[THH:MM[:SS]], local time)\n"
     "  --ext LIST        only these extensions, e.g. jpg,png (case-insensitive; jpg also\n"
     "                    matches .jpeg, tif .tiff)\n"
+    "  --words \"W...\"    only photos whose caption (blip-index --captions) has every word\n"
+    "                    (full-text, case and accent blind)\n"
     "  --json            JSON array of {rank, id, path, score, itm_prob, itm_logit, cosine,\n"
-    "                    taken_at, mtime}; with --stdin one {query, results} object a line\n"
+    "                    taken_at, mtime, caption}; with --stdin one {query, results} object a line\n"
+    "                    (the table shows captions under the paths; --paths prints paths only)\n"
     "  --paths           one path a line (for xargs, feh)\n"
     "  --image FILE      query by image: similar photos (ITC image-image), or with texts,\n"
     "                    rank the texts for this image (ITC + ITM)\n"
@@ -91,6 +94,7 @@ static json_t *hits_json(const printer *p, const blip_search_result *r) {
       json_object_set_new(o, "path", json_string(h->path));
       json_object_set_new(o, "taken_at", h->taken_at[0] ? json_string(h->taken_at) : json_null());
       json_object_set_new(o, "mtime", json_string(mt));
+      json_object_set_new(o, "caption", h->caption ? json_string(h->caption) : json_null());
     }
     json_object_set_new(o, "score", json_real(h->score));
     json_object_set_new(o, "itm_prob", num_or_null(h->itm_prob));
@@ -131,6 +135,7 @@ static void print_hits(const printer *p, const blip_search_result *r, const char
       if (!isnan(h->itm_prob)) snprintf(prob, sizeof prob, "%.4f", h->itm_prob);
       printf("%4d  %8.4f  %8s  %8.4f  %s\n", i + 1, h->score, prob, h->cosine,
              p->texts ? p->texts[h->id] : h->path);
+      if (!p->texts && h->caption) printf("%36s\"%s\"\n", "", h->caption);
     }
     if (query) putchar('\n');
   }
@@ -187,6 +192,7 @@ static int abs_dir(const char *in, char out[PATH_MAX]) {
   return snprintf(out, PATH_MAX, "%s/%s", cwd, in) < PATH_MAX ? 0 : -1;
 }
 
+enum { O_WORDS = 1024 };
 enum { O_DB = 256, O_MODEL, O_RERANK, O_THRESH, O_SORT, O_UNDER, O_AFTER, O_BEFORE, O_EXT, O_JSON, O_PATHS, O_IMAGE,
        O_TEXT, O_TEXTS, O_RANKT, O_STDIN, O_PREC, O_THREADS, O_NAIVE, O_HELP };
 
@@ -194,7 +200,7 @@ int main(int argc, char **argv) {
   static const struct option lo[] = {
       {"db", 1, 0, O_DB},         {"model", 1, 0, O_MODEL},       {"rerank", 1, 0, O_RERANK},
       {"threshold", 1, 0, O_THRESH}, {"sort", 1, 0, O_SORT},      {"under", 1, 0, O_UNDER},
-      {"after", 1, 0, O_AFTER},   {"before", 1, 0, O_BEFORE},     {"ext", 1, 0, O_EXT},
+      {"after", 1, 0, O_AFTER},   {"before", 1, 0, O_BEFORE},     {"ext", 1, 0, O_EXT}, {"words", 1, 0, O_WORDS},
       {"json", 0, 0, O_JSON},     {"paths", 0, 0, O_PATHS},       {"image", 1, 0, O_IMAGE},
       {"text", 1, 0, O_TEXT},     {"texts-file", 1, 0, O_TEXTS},  {"texts", 1, 0, O_TEXTS},  {"rank-texts", 0, 0, O_RANKT},
       {"stdin", 0, 0, O_STDIN},   {"precision", 1, 0, O_PREC},    {"threads", 1, 0, O_THREADS},
@@ -244,6 +250,7 @@ int main(int argc, char **argv) {
       *(c == O_AFTER ? &o.filter.after : &o.filter.before) = c == O_AFTER ? after : before;
       break;
     case O_EXT: o.filter.exts = optarg; break;
+    case O_WORDS: o.filter.words = optarg; break;
     case O_JSON: pr.out = OUT_JSON; break;
     case O_PATHS: pr.out = OUT_PATHS; break;
     case O_IMAGE: image = optarg; break;

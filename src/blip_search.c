@@ -213,7 +213,7 @@ static int cmp_date(const void *pa, const void *pb) {
 }
 
 void blip_search_result_free(blip_search_result *res) {
-  for (int i = 0; res->hits && i < res->n; i++) free(res->hits[i].path);
+  for (int i = 0; res->hits && i < res->n; i++) free(res->hits[i].path), free(res->hits[i].caption);
   free(res->hits);
   memset(res, 0, sizeof *res);
 }
@@ -257,7 +257,31 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
       p += l + (p[l] == ',');
     }
   }
-  *active = ul || f->after || f->before || next;
+  char *words = NULL; /* each word an FTS5 string ("" doubles a quote): no query syntax from users */
+  if (f->words) {
+    size_t wl = strlen(f->words), o = 0, nw = 0;
+    if (!(words = malloc(3 * wl + 3))) return blip_err_set(BLIP_ENOMEM, "out of memory");
+    for (const char *p = f->words; *p;) {
+      size_t l = strcspn(p, " \t\n\r");
+      if (l) {
+        if (nw++) words[o++] = ' ';
+        words[o++] = '"';
+        for (size_t i = 0; i < l; i++) {
+          if (p[i] == '"') words[o++] = '"';
+          words[o++] = p[i];
+        }
+        words[o++] = '"';
+      }
+      p += l;
+      p += strspn(p, " \t\n\r");
+    }
+    words[o] = 0;
+    if (!nw) {
+      free(words);
+      return blip_err_set(BLIP_EINVAL, "--words: no words");
+    }
+  }
+  *active = ul || f->after || f->before || next || words;
   if (!*active) return BLIP_OK;
   int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL");
   if (ul) len += snprintf(sql + len, sizeof sql - len, " AND substr(path,1,?1)=?2");
@@ -266,10 +290,15 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
   for (int i = 0; i < next; i++) /* LIKE is ASCII case-insensitive; extensions are alnum, no wildcards */
     len += snprintf(sql + len, sizeof sql - len, "%s path LIKE ('%%.'||?%d)%s", i ? " OR" : " AND (", 5 + i,
                     i == next - 1 ? ")" : "");
+  if (words) len += snprintf(sql + len, sizeof sql - len, " AND id IN (SELECT rowid FROM captions_fts WHERE captions_fts MATCH ?90)");
   sqlite3_stmt *st = NULL;
   char *dir = NULL;
   int64_t cap = 0;
-  if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) return db_err(s, "filter");
+  if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) {
+    free(words);
+    return db_err(s, "filter");
+  }
+  if (words) sqlite3_bind_text(st, 90, words, -1, SQLITE_STATIC);
   if (ul) {
     if (!(dir = malloc(ul + 2))) {
       rc = blip_err_set(BLIP_ENOMEM, "out of memory");
@@ -301,6 +330,7 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
 done:
   sqlite3_finalize(st);
   free(dir);
+  free(words);
   if (rc) {
     free(*ids);
     *ids = NULL;
@@ -313,7 +343,7 @@ done:
 static int fill_meta(blip_search *s, blip_search_hit *hits, int n) {
   sqlite3_stmt *st = NULL;
   int rc = BLIP_OK;
-  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns FROM images WHERE id=?", -1, &st, NULL) != SQLITE_OK)
+  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns, caption FROM images WHERE id=?", -1, &st, NULL) != SQLITE_OK)
     return db_err(s, "metadata");
   for (int i = 0; i < n && !rc; i++) {
     if (hits[i].path) continue;
@@ -327,6 +357,8 @@ static int fill_meta(blip_search *s, blip_search_hit *hits, int n) {
     if (!(hits[i].path = strdup(p ? p : ""))) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
     snprintf(hits[i].taken_at, sizeof hits[i].taken_at, "%s", t ? t : "");
     hits[i].mtime_ns = sqlite3_column_int64(st, 2);
+    const char *cap = (const char *)sqlite3_column_text(st, 3);
+    if (cap && !rc && !(hits[i].caption = strdup(cap))) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
   }
   sqlite3_finalize(st);
   return rc;
@@ -344,7 +376,8 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
   io.shrink_on_load = 0;
   rc = blip_img_load_file(h->path, &io, pix, NULL, NULL);
   free(h->path); /* hits get their metadata once the final cut is known */
-  h->path = NULL;
+  free(h->caption);
+  h->path = h->caption = NULL;
   return rc ? rc : blip_model_vision(s->m, pix, 1, out, NULL);
 }
 
@@ -423,7 +456,7 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
   }
   res->n = got;
   for (int i = 0; i < got; i++)
-    res->hits[i] = (blip_search_hit){cid[i], ccos[i], ccos[i], NAN, NAN, NULL, "", 0};
+    res->hits[i] = (blip_search_hit){cid[i], ccos[i], ccos[i], NAN, NAN, NULL, "", 0, NULL};
   int kr = K < got ? K : got, dropped = 0;
   if (kr) {
     blip_search_sort(res->hits, got); /* the K best by cosine first */
@@ -498,7 +531,7 @@ int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat
       goto done;
     float c = 0;
     for (int e = 0; e < E; e++) c += tf[e] * feat[e];
-    res->hits[j] = (blip_search_hit){j, c, c, NAN, NAN, NULL, "", 0};
+    res->hits[j] = (blip_search_hit){j, c, c, NAN, NAN, NULL, "", 0, NULL};
     res->truncated |= trunc;
   }
   res->n = n;
