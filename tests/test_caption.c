@@ -192,8 +192,9 @@ static void test_prefix_and_errors(void) {
   o.do_sample = 1, o.top_k = 1, o.seed = 7;
   CHECK_OK(blip_cap_generate(m, emb, 1, &o, a));
   CHECK(a[0].n == g[0].n && !memcmp(a[0].ids, g[0].ids, g[0].n * sizeof(int32_t)), "top_k=1 sampling equals greedy");
+  blip_cap_result_free(a, 1);
   o.top_k = 0, o.top_p = 0.9f;
-  CHECK_OK(blip_cap_generate(m, emb, 1, &o, a + 0));
+  CHECK_OK(blip_cap_generate(m, emb, 1, &o, a));
   CHECK_OK(blip_cap_generate(m, emb, 1, &o, b));
   CHECK(a[0].n == b[0].n && !memcmp(a[0].ids, b[0].ids, b[0].n * sizeof(int32_t)), "same seed, same sample");
   CHECK(a[0].ids[0] == 30522 && a[0].n >= 2 && a[0].n <= 20, "sample shape");
