@@ -331,8 +331,12 @@ static void make_fingerprint(blip_model *m) {
   XXH3_64bits_reset(s);
   XXH3_64bits_update(s, &m->cfg, sizeof m->cfg);
   if (m->st) {
+    /* the LM bias's second name (one tied Parameter; pytorch_model.bin keeps both,
+     * safetensors one) must not tell two files of the same weights apart */
+    const int alias = blip_st_find(m->st, "text_decoder.cls.predictions.bias") != NULL;
     for (int i = 0; i < blip_st_count(m->st); i++) {
       const blip_st_tensor *t = blip_st_at(m->st, i);
+      if (alias && !strcmp(t->name, "text_decoder.cls.predictions.decoder.bias")) continue;
       XXH3_64bits_update(s, t->name, strlen(t->name));
       XXH3_64bits_update(s, &t->dtype, sizeof t->dtype);
       XXH3_64bits_update(s, t->shape, sizeof t->shape);

@@ -55,6 +55,7 @@ static void same_retrieval(void) {
   blip_model *ms = load("blip-tiny", "model.safetensors"), *mp = load("blip-tiny", "pytorch_model.bin");
   CHECK(ms && mp, "both load");
   if (!ms || !mp) return;
+  CHECK(!strcmp(blip_model_fingerprint(ms), blip_model_fingerprint(mp)), "retrieval fingerprints");
   const blip_cfg *c = blip_model_cfg(ms);
   const int T = c->v_tokens, D = c->v_hidden, E = c->embed_dim;
   float *e1 = malloc(sizeof(float) * 4 * T * D), *e2 = malloc(sizeof(float) * 4 * T * D), f1[4 * 256], f2[4 * 256], l1[8], l2[8];
@@ -80,6 +81,9 @@ static void same_captioner(void) {
   if (!ms || !mp) return;
   const blip_cfg *c = blip_model_cfg(ms);
   CHECK(blip_model_cfg(mp)->captioner, "captioner from pytorch_model.bin");
+  /* same weights, same identity (an index's captions stay valid across the two formats) */
+  CHECK(!strcmp(blip_model_fingerprint(ms), blip_model_fingerprint(mp)), "fingerprints %s %s", blip_model_fingerprint(ms),
+        blip_model_fingerprint(mp));
   const int T = c->v_tokens, D = c->v_hidden;
   float *e1 = malloc(sizeof(float) * 3 * T * D), *e2 = malloc(sizeof(float) * 3 * T * D);
   const float *px = golden_f32(g, "pixel_values", 3 * 3 * 32 * 32);
