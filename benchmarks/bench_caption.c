@@ -144,7 +144,8 @@ int main(int argc, char **argv) {
   blip_cfg c = {.v_hidden = 768, .v_layers = 12, .v_heads = 12, .v_mlp = 3072, .image_size = 384, .patch = 16, .v_eps = 1e-5f,
                 .v_tokens = 577, .t_vocab = 30524, .t_hidden = 768, .t_layers = 12, .t_heads = 12, .t_mlp = 3072, .t_max_pos = 512,
                 .t_enc_hidden = 768, .t_eps = 1e-12f, .pad_id = 0, .sep_id = 102, .bos_id = 30522, .embed_dim = 256, .captioner = 1,
-                .gen = {.max_length = 20, .num_beams = 1, .top_k = 50, .repetition_penalty = 1, .length_penalty = 1, .top_p = 1}};
+                .gen = {.max_length = 20, .num_beams = 1, .top_k = 50, .repetition_penalty = 1, .length_penalty = 1, .top_p = 1,
+                        .temperature = 1}};
   const double bw = read_bw(threads);
   float *px = malloc(sizeof(float) * 3 * 384 * 384);
   if (!px) return 1;

@@ -21,7 +21,8 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: blip-caption --model DIR [--image FILE]... [--pixels FILE.safetensors:TENSOR]... [--prompt TEXT]\n"
           "                    [--beams N] [--max-length N] [--min-length N] [--repetition-penalty R]\n"
-          "                    [--length-penalty L] [--sample [--top-p P] [--top-k K] [--seed S]]\n"
+          "                    [--length-penalty L] [--no-repeat-ngram N]\n"
+          "                    [--sample [--top-p P] [--top-k K] [--temperature T] [--seed S]]\n"
           "                    [--precision f32|bf16|int8] [--threads N] [--no-autorotate] [--no-color-manage] [--json]\n"
           "\n"
           "Captions each image with BLIP's image-grounded text decoder, as Hugging Face's\n"
@@ -63,7 +64,7 @@ int main(int argc, char **argv) {
   const char *model_dir = NULL, *prompt = NULL;
   const char **images = calloc((size_t)argc, sizeof *images), **pixels = calloc((size_t)argc, sizeof *pixels);
   int n_files = 0, n_specs = 0, json = 0, threads = 0, autorot = 1, colour = 1, sample = 0;
-  double beams = -1, max_len = -1, min_len = -1, rep = -1, lp = -2e9, top_p = -1, top_k = -1, seed = 0;
+  double beams = -1, max_len = -1, min_len = -1, rep = -1, lp = -2e9, top_p = -1, top_k = -1, seed = 0, ngram = -1, temp = -1;
   blip_model_opts mo = {.precision = BLIP_PREC_F32};
   if (!images || !pixels) return 1;
   static struct option lo[] = {
@@ -71,7 +72,7 @@ int main(int argc, char **argv) {
     {"max-length", 1, 0, 'L'}, {"min-length", 1, 0, 'l'}, {"repetition-penalty", 1, 0, 'r'}, {"length-penalty", 1, 0, 'y'},
     {"sample", 0, 0, 's'}, {"top-p", 1, 0, 't'}, {"top-k", 1, 0, 'k'}, {"seed", 1, 0, 'S'}, {"precision", 1, 0, 'X'},
     {"threads", 1, 0, 'T'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"json", 0, 0, 'j'},
-    {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+    {"no-repeat-ngram", 1, 0, 'n'}, {"temperature", 1, 0, 'e'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "m:i:p:h", lo, NULL)) != -1;) {
     int e = 0;
     switch (c) {
@@ -87,6 +88,8 @@ int main(int argc, char **argv) {
     case 's': sample = 1; break;
     case 't': e = parse_num("top-p", optarg, 1e-6, 1, &top_p); break;
     case 'k': e = parse_num("top-k", optarg, 0, 1 << 22, &top_k); break;
+    case 'n': e = parse_num("no-repeat-ngram", optarg, 0, 1 << 16, &ngram); break;
+    case 'e': e = parse_num("temperature", optarg, 1e-6, 1e6, &temp); break;
     case 'S': e = parse_num("seed", optarg, 0, 9007199254740992.0, &seed); break;
     case 'T': threads = atoi(optarg); break;
     case 'R': autorot = 0; break;
@@ -127,6 +130,8 @@ int main(int argc, char **argv) {
   if (sample) o.do_sample = 1;
   if (top_p > 0) o.top_p = (float)top_p;
   if (top_k >= 0) o.top_k = (int)top_k;
+  if (ngram >= 0) o.no_repeat_ngram_size = (int)ngram;
+  if (temp > 0) o.temperature = (float)temp;
   o.seed = (uint64_t)seed;
   const int S = c->image_size, T = c->v_tokens, D = c->v_hidden, BATCH = 8;
   const size_t PX = (size_t)3 * S * S;

@@ -2,9 +2,11 @@
  *
  * Each step follows transformers 4.38 literally:
  * - greedy/sample: logits of the last position -> repetition penalty on
- *   the raw logits of every id in the sequence (prefix included) ->
- *   min_length ([SEP] = -inf while length < min_length) -> argmax (lowest
- *   id on ties), or top-k -> top-p -> softmax -> draw;
+ *   the raw logits of every id in the sequence (prefix included) -> no
+ *   repeated n-gram (the tokens completing an n-gram already in the
+ *   sequence = -inf) -> min_length ([SEP] = -inf while length <
+ *   min_length) -> argmax (lowest id on ties), or temperature -> top-k ->
+ *   top-p -> softmax -> draw;
  * - beam: log_softmax -> the same processors -> + beam score -> top 2B of
  *   B x V (ties: lower flat index) -> a [SEP] ranked < B becomes a
  *   hypothesis scored sum / generated_len^lp (generated tokens incl. the
@@ -25,7 +27,8 @@ void blip_cap_defaults(const blip_model *m, blip_cap_opts *o) {
   *o = (blip_cap_opts){.max_length = c->gen.max_length, .min_length = c->gen.min_length, .num_beams = c->gen.num_beams,
                        .early_stopping = c->gen.early_stopping, .repetition_penalty = c->gen.repetition_penalty,
                        .length_penalty = c->gen.length_penalty, .do_sample = c->gen.do_sample, .top_k = c->gen.top_k,
-                       .top_p = c->gen.top_p};
+                       .top_p = c->gen.top_p, .temperature = c->gen.temperature,
+                       .no_repeat_ngram_size = c->gen.no_repeat_ngram_size};
 }
 
 int blip_cap_prefix(const blip_model *m, const char *prompt, int32_t *ids, int cap, int *n) {
@@ -75,8 +78,17 @@ static void rep_penalty(float *s, const int32_t *seq, int len, float p, unsigned
   for (int i = 0; i < len; i++) seen[seq[i]] = 0;
 }
 
+/* NoRepeatNGramLogitsProcessor: ban every token that would repeat an
+ * n-gram of seq (n = 1: every token already in seq). */
+static void no_repeat_ngram(float *s, const int32_t *seq, int len, int n) {
+  if (n <= 0 || len + 1 < n) return;
+  for (int st = 0; st + n <= len; st++)
+    if (!memcmp(seq + st, seq + len - n + 1, (size_t)(n - 1) * sizeof *seq)) s[seq[st + n - 1]] = -INFINITY;
+}
+
 static void process(float *s, const int32_t *seq, int len, const blip_cap_opts *o, int sep, unsigned char *seen) {
   rep_penalty(s, seq, len, o->repetition_penalty, seen);
+  no_repeat_ngram(s, seq, len, o->no_repeat_ngram_size);
   if (len < o->min_length) s[sep] = -INFINITY;
 }
 
@@ -208,6 +220,8 @@ static int greedy(ctx *x, blip_cap_result *out, rng *r) {
     process(x->logits, seq, len, o, x->sep, x->seen);
     int tok = 0;
     if (o->do_sample) {
+      if (o->temperature != 1.0f)
+        for (int i = 0; i < x->V; i++) x->logits[i] /= o->temperature;
       if ((tok = sample(x->logits, x->V, o->top_k, o->top_p, r, x->cands)) < 0) rc = blip_err_set(BLIP_ENOMEM, "caption: out of memory");
     } else {
       for (int i = 1; i < x->V; i++)
@@ -356,7 +370,9 @@ static int check_opts(const blip_model *m, const blip_cap_opts *o) {
   if (o->do_sample && o->num_beams > 1) return blip_err_set(BLIP_EUNSUPPORTED, "caption: sampling with beams (beam sample) is not supported");
   if (!(o->repetition_penalty > 0)) return blip_err_set(BLIP_EINVAL, "caption: repetition_penalty must be > 0");
   if (!(o->top_p > 0 && o->top_p <= 1)) return blip_err_set(BLIP_EINVAL, "caption: top_p must be in (0, 1]");
-  if (o->min_length < 0 || o->top_k < 0) return blip_err_set(BLIP_EINVAL, "caption: negative min_length or top_k");
+  if (o->min_length < 0 || o->top_k < 0 || o->no_repeat_ngram_size < 0)
+    return blip_err_set(BLIP_EINVAL, "caption: negative min_length, top_k or no_repeat_ngram_size");
+  if (!(o->temperature > 0)) return blip_err_set(BLIP_EINVAL, "caption: temperature must be > 0");
   if (c->sep_id >= c->t_vocab) return blip_err_set(BLIP_EINVAL, "caption: sep_token_id outside the vocabulary");
   return BLIP_OK;
 }

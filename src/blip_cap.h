@@ -24,8 +24,10 @@ typedef struct {
   int max_length, min_length, num_beams;
   int early_stopping; /* 0 = false, 1 = true, 2 = "never" */
   float repetition_penalty, length_penalty;
-  int do_sample, top_k; /* top_k 0 = off */
-  float top_p;          /* 1 = off */
+  int no_repeat_ngram_size; /* 0 = off */
+  int do_sample, top_k;     /* top_k 0 = off */
+  float top_p;              /* 1 = off */
+  float temperature;        /* sampling only, as HF's warper; 1 = off */
   uint64_t seed;
   const char *prompt; /* NULL or "" = none */
 } blip_cap_opts;

@@ -75,6 +75,8 @@ static int parse_gen(json_t *t, blip_cfg *c) {
       (rc = get_int(t, "text_config", "min_length", 0, 0, 1 << 16, &c->gen.min_length)) ||
       (rc = get_int(t, "text_config", "num_beams", 1, 1, 1024, &c->gen.num_beams)) ||
       (rc = get_int(t, "text_config", "top_k", 50, 0, 1 << 22, &c->gen.top_k)) ||
+      (rc = get_int(t, "text_config", "no_repeat_ngram_size", 0, 0, 1 << 16, &c->gen.no_repeat_ngram_size)) ||
+      (rc = get_float(t, "temperature", 1.0f, 1e-6f, 1e6f, &c->gen.temperature)) ||
       (rc = get_flag(t, "do_sample", &c->gen.do_sample)) || (rc = get_flag(t, "early_stopping", &c->gen.early_stopping)) ||
       (rc = get_float(t, "repetition_penalty", 1.0f, 1e-6f, 1e6f, &c->gen.repetition_penalty)) ||
       (rc = get_float(t, "length_penalty", 1.0f, -1e6f, 1e6f, &c->gen.length_penalty)) ||

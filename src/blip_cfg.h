@@ -22,8 +22,8 @@ typedef struct {
   /* generate() defaults as transformers derives them (GenerationConfig.from_model_config:
    * a top-level value that differs from the default wins, else text_config's) */
   struct {
-    int max_length, min_length, num_beams, do_sample, top_k, early_stopping;
-    float repetition_penalty, length_penalty, top_p;
+    int max_length, min_length, num_beams, do_sample, top_k, early_stopping, no_repeat_ngram_size;
+    float repetition_penalty, length_penalty, top_p, temperature;
   } gen;
 } blip_cfg;
 

@@ -175,7 +175,7 @@ static void test_prefix_and_errors(void) {
   blip_cap_opts o;
   blip_cap_defaults(m, &o);
   CHECK(o.max_length == 20 && o.num_beams == 1 && o.min_length == 0 && o.repetition_penalty == 1.0f && !o.do_sample &&
-            o.top_k == 50 && o.top_p == 1.0f,
+            o.top_k == 50 && o.top_p == 1.0f && o.temperature == 1.0f && o.no_repeat_ngram_size == 0,
         "generate() defaults from text_config");
   const blip_cfg *c = blip_model_cfg(m);
   float *emb = calloc((size_t)c->v_tokens * c->v_hidden, sizeof(float));
@@ -249,6 +249,39 @@ static void test_precisions(void) {
   }
 }
 
+/* no_repeat_ngram_size (no upstream golden here): no n-gram of the returned
+ * ids, prefix included, occurs twice; greedy image 2 repeats a token and a
+ * bigram without it. */
+static int repeats(const int32_t *ids, int n, int g) {
+  for (int a = 0; a + g <= n; a++)
+    for (int b = a + 1; b + g <= n; b++)
+      if (!memcmp(ids + a, ids + b, g * sizeof *ids)) return 1;
+  return 0;
+}
+
+static void test_no_repeat_ngram(void) {
+  blip_model *m = load("blip-caption-tiny/model.safetensors", BLIP_PREC_F32);
+  const blip_cfg *c = blip_model_cfg(m);
+  float *emb = malloc(sizeof(float) * NI * c->v_tokens * c->v_hidden);
+  blip_cap_result r[NI];
+  blip_cap_opts o;
+  CHECK_OK(blip_model_vision(m, golden_f32(g_gold, "pixel_values", NI * 3 * 32 * 32), NI, emb, NULL));
+  blip_cap_defaults(m, &o);
+  CHECK_OK(blip_cap_generate(m, emb, NI, &o, r));
+  CHECK(repeats(r[2].ids, r[2].n, 1), "greedy image 2 repeats a token without the processor");
+  blip_cap_result_free(r, NI);
+  for (int g = 1; g <= 2; g++)
+    for (int beams = 1; beams <= 3; beams += 2) {
+      o.no_repeat_ngram_size = g, o.num_beams = beams, o.prompt = "a picture of";
+      CHECK_OK(blip_cap_generate(m, emb, NI, &o, r));
+      for (int i = 0; i < NI; i++)
+        CHECK(!repeats(r[i].ids, r[i].n, g), "no_repeat_ngram_size %d, %d beams, image %d repeats", g, beams, i);
+      blip_cap_result_free(r, NI);
+    }
+  free(emb);
+  blip_model_free(m);
+}
+
 static void test_decode_cases(void) {
   blip_tok *t = NULL;
   CHECK_OK(blip_tok_load(test_data("blip-caption-tiny/vocab.txt"), &t));
@@ -280,6 +313,7 @@ int main(void) {
   test_decode_cases();
   test_prefix_and_errors();
   test_precisions();
+  test_no_repeat_ngram();
   run_weights("blip-caption-tiny/model.safetensors", "", "f32", 1);
   run_weights("blip-caption-tiny/model-f16.safetensors", "f16w.", "f16w", 0);
   run_weights("blip-caption-tiny/model-bf16.safetensors", "bf16w.", "bf16w", 0);

@@ -64,6 +64,10 @@ want compare beam3_prompt "$tmp/pt.jsonl"
 for s in 1 2; do "$B/blip-caption" --model "$M" --pixels "$PX" --sample --top-p 0.9 --seed 5 --json >"$tmp/s$s.jsonl"; done
 want cmp -s "$tmp/s1.jsonl" "$tmp/s2.jsonl"
 
+# --no-repeat-ngram 1: no id twice (greedy image 2 repeats one without it)
+"$B/blip-caption" --model "$M" --pixels "$PX" --json --no-repeat-ngram 1 >"$tmp/ngram.jsonl"
+want python3 -c 'import json,sys; [exit(1) for l in open(sys.argv[1]) if len(set(json.loads(l)["ids"])) != len(json.loads(l)["ids"])]' "$tmp/ngram.jsonl"
+
 # errors
 "$B/blip-caption" --model "$D/blip-tiny" --pixels "$D/blip-tiny/golden.safetensors:pixel_values" >/dev/null 2>"$tmp/err"
 want test $? -eq 1
