@@ -23,7 +23,8 @@ static void usage(FILE *f) {
           "                    [--beams N] [--max-length N] [--min-length N] [--repetition-penalty R]\n"
           "                    [--length-penalty L] [--no-repeat-ngram N]\n"
           "                    [--sample [--top-p P] [--top-k K] [--temperature T] [--seed S]]\n"
-          "                    [--precision f32|bf16|int8] [--threads N] [--no-autorotate] [--no-color-manage] [--json]\n"
+          "                    [--precision f32|bf16|int8] [--threads N]\n"
+          "                    [--reference | --no-autorotate --no-color-manage] [--json]\n"
           "\n"
           "Captions each image with BLIP's image-grounded text decoder, as Hugging Face's\n"
           "BlipForConditionalGeneration.generate() does. Defaults are the checkpoint's (config.json\n"
@@ -33,6 +34,8 @@ static void usage(FILE *f) {
           "The text keeps the prompt, as HF's decode does.\n"
           "--sample draws from a seeded generator (xoshiro256**, --seed, default 0): reproducible,\n"
           "but not torch's random stream, so it cannot match a PyTorch sample.\n"
+          "--reference decodes images as the HF processor does (PIL's Image.open().convert(\"RGB\")), else\n"
+          "EXIF orientation and colour profiles are applied as blip-index does.\n"
           "--pixels: F32 [N,3,S,S] already preprocessed (repeatable). Output: one line per image,\n"
           "\"NAME<TAB>caption\"; --json: one object per line {image, ids, text[, score]} where ids are\n"
           "generate()'s ids without padding and score the beam's length-normalised log-probability.\n");
@@ -63,7 +66,7 @@ static int parse_num(const char *name, const char *s, double lo, double hi, doub
 int main(int argc, char **argv) {
   const char *model_dir = NULL, *prompt = NULL;
   const char **images = calloc((size_t)argc, sizeof *images), **pixels = calloc((size_t)argc, sizeof *pixels);
-  int n_files = 0, n_specs = 0, json = 0, threads = 0, autorot = 1, colour = 1, sample = 0;
+  int n_files = 0, n_specs = 0, json = 0, threads = 0, autorot = 1, colour = 1, sample = 0, reference = 0;
   double beams = -1, max_len = -1, min_len = -1, rep = -1, lp = -2e9, top_p = -1, top_k = -1, seed = 0, ngram = -1, temp = -1;
   blip_model_opts mo = {.precision = BLIP_PREC_F32};
   if (!images || !pixels) return 1;
@@ -71,7 +74,7 @@ int main(int argc, char **argv) {
     {"model", 1, 0, 'm'}, {"image", 1, 0, 'i'}, {"pixels", 1, 0, 'p'}, {"prompt", 1, 0, 'P'}, {"beams", 1, 0, 'b'},
     {"max-length", 1, 0, 'L'}, {"min-length", 1, 0, 'l'}, {"repetition-penalty", 1, 0, 'r'}, {"length-penalty", 1, 0, 'y'},
     {"sample", 0, 0, 's'}, {"top-p", 1, 0, 't'}, {"top-k", 1, 0, 'k'}, {"seed", 1, 0, 'S'}, {"precision", 1, 0, 'X'},
-    {"threads", 1, 0, 'T'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"json", 0, 0, 'j'},
+    {"threads", 1, 0, 'T'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"reference", 0, 0, 'F'}, {"json", 0, 0, 'j'},
     {"no-repeat-ngram", 1, 0, 'n'}, {"temperature", 1, 0, 'e'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "m:i:p:h", lo, NULL)) != -1;) {
     int e = 0;
@@ -94,6 +97,7 @@ int main(int argc, char **argv) {
     case 'T': threads = atoi(optarg); break;
     case 'R': autorot = 0; break;
     case 'C': colour = 0; break;
+    case 'F': reference = 1; break;
     case 'j': json = 1; break;
     case 'X':
       if (blip_model_parse_precision(optarg, &mo.precision)) {
@@ -169,7 +173,7 @@ int main(int argc, char **argv) {
     if (blip_img_init()) { fail("libvips"); goto out; }
     blip_img_opts io;
     blip_img_opts_default(&io);
-    io.size = S, io.autorotate = autorot, io.color_manage = colour;
+    io.size = S, io.autorotate = autorot, io.color_manage = colour, io.reference = reference;
     for (int i = 0; i < n_files; i++)
       if (blip_img_load_file(images[i], &io, px + (size_t)i * PX, NULL, NULL)) { fail(images[i]); goto out; }
   }

@@ -46,10 +46,12 @@ EOF2
 
 # the photos themselves, decoded and resized by the tool as the reference's PIL path does
 I=$D/preprocess/images
-"$B/blip-caption" --model "$M" --no-autorotate --no-color-manage --json \
-  --image "$I/astronaut.png" --image "$I/chelsea.png" --image "$I/rocket.jpg" >"$tmp/files.jsonl" 2>"$tmp/err"
-want test $? -eq 0
-want compare greedy "$tmp/files.jsonl"
+for mode in --reference "--no-autorotate --no-color-manage"; do
+  "$B/blip-caption" --model "$M" $mode --json \
+    --image "$I/astronaut.png" --image "$I/chelsea.png" --image "$I/rocket.jpg" >"$tmp/files.jsonl" 2>"$tmp/err"
+  want test $? -eq 0
+  want compare greedy "$tmp/files.jsonl"
+done
 "$B/blip-caption" --model "$M" --image "$I/rocket.jpg" >"$tmp/plain.txt"
 want grep -q "rocket.jpg	" "$tmp/plain.txt"
 
