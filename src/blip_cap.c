@@ -179,10 +179,12 @@ static int sample(const float *s, int V, int top_k, float top_p, rng *r, cand *c
 
 /* ---------- search ---------- */
 
+enum { GREEDY_ROWS = 16 }; /* images decoded together by greedy search and sampling */
+
 typedef struct {
   blip_model *m;
   const blip_cap_opts *o;
-  int V, D, sep, P;
+  int V, D, sep, pad, P;
   int32_t prefix[512];
   float *hid, *logits;
   unsigned char *seen;
@@ -210,30 +212,53 @@ static int step(ctx *x, const int32_t *ids, int n, int rows) {
   return blip_model_lm_head(x->m, x->hid, rows, x->logits);
 }
 
-static int greedy(ctx *x, blip_cap_result *out, rng *r) {
+/* Greedy search or sampling for `rows` images at once (row r = image r of
+ * the cache), so that each step reads the weights once for all of them.
+ * A row that ended keeps decoding [PAD] until all have, as HF pads a
+ * finished sequence; its result stops at its [SEP]. Sampling draws one
+ * uniform per running row and step, in row order. */
+static int greedy(ctx *x, blip_cap_result *out, int rows, rng *r) {
   const blip_cap_opts *o = x->o;
-  int32_t *seq = malloc((size_t)o->max_length * sizeof *seq);
-  if (!seq) return blip_err_set(BLIP_ENOMEM, "caption: out of memory");
-  memcpy(seq, x->prefix, (size_t)x->P * sizeof *seq);
-  int len = x->P, rc = step(x, seq, x->P, 1);
-  while (!rc) {
-    process(x->logits, seq, len, o, x->sep, x->seen);
-    int tok = 0;
-    if (o->do_sample) {
-      if (o->temperature != 1.0f)
-        for (int i = 0; i < x->V; i++) x->logits[i] /= o->temperature;
-      if ((tok = sample(x->logits, x->V, o->top_k, o->top_p, r, x->cands)) < 0) rc = blip_err_set(BLIP_ENOMEM, "caption: out of memory");
-    } else {
-      for (int i = 1; i < x->V; i++)
-        if (x->logits[i] > x->logits[tok]) tok = i;
-    }
-    if (rc) break;
-    seq[len++] = tok;
-    if (tok == x->sep || len >= o->max_length) break;
-    rc = step(x, &seq[len - 1], 1, 1);
+  const int L = o->max_length;
+  int32_t *seq = malloc((size_t)rows * L * sizeof *seq), *tok = malloc((size_t)rows * sizeof *tok);
+  int *end = calloc((size_t)rows, sizeof *end); /* 0 = running, else the row's length */
+  int len = x->P, rc = seq && tok && end ? BLIP_OK : blip_err_set(BLIP_ENOMEM, "caption: out of memory");
+  for (int i = 0; i < rows && !rc; i++) memcpy(seq + (size_t)i * L, x->prefix, (size_t)x->P * sizeof *seq);
+  if (!rc) { /* the prefix of every row, contiguous */
+    int32_t *pre = malloc((size_t)rows * x->P * sizeof *pre);
+    if (!pre) rc = blip_err_set(BLIP_ENOMEM, "caption: out of memory");
+    for (int i = 0; pre && i < rows; i++) memcpy(pre + (size_t)i * x->P, x->prefix, (size_t)x->P * sizeof *pre);
+    if (!rc) rc = step(x, pre, x->P, rows);
+    free(pre);
   }
-  if (!rc) rc = finish(x, seq, len, 0, out);
-  free(seq);
+  while (!rc) {
+    int running = 0;
+    for (int i = 0; i < rows && !rc; i++) {
+      int32_t *si = seq + (size_t)i * L;
+      float *lg = x->logits + (size_t)i * x->V;
+      tok[i] = x->pad;
+      if (end[i]) continue;
+      process(lg, si, len, o, x->sep, x->seen);
+      if (o->do_sample) {
+        if (o->temperature != 1.0f)
+          for (int v = 0; v < x->V; v++) lg[v] /= o->temperature;
+        if ((tok[i] = sample(lg, x->V, o->top_k, o->top_p, r, x->cands)) < 0) rc = blip_err_set(BLIP_ENOMEM, "caption: out of memory");
+      } else {
+        int t = 0;
+        for (int v = 1; v < x->V; v++)
+          if (lg[v] > lg[t]) t = v;
+        tok[i] = t;
+      }
+      si[len] = tok[i];
+      if (tok[i] == x->sep) end[i] = len + 1;
+      else running++;
+    }
+    len++;
+    if (rc || !running || len >= L) break;
+    rc = step(x, tok, 1, rows);
+  }
+  for (int i = 0; i < rows && !rc; i++) rc = finish(x, seq + (size_t)i * L, end[i] ? end[i] : len, 0, &out[i]);
+  free(seq), free(tok), free(end);
   return rc;
 }
 
@@ -382,23 +407,29 @@ int blip_cap_generate(blip_model *m, const float *embeds, int n, const blip_cap_
   if (rc) return rc;
   const blip_cfg *c = blip_model_cfg(m);
   for (int i = 0; i < n; i++) out[i] = (blip_cap_result){0};
-  ctx x = {.m = m, .o = o, .V = c->t_vocab, .D = c->t_hidden, .sep = c->sep_id};
+  ctx x = {.m = m, .o = o, .V = c->t_vocab, .D = c->t_hidden, .sep = c->sep_id, .pad = c->pad_id};
   const int cap = (int)(sizeof x.prefix / sizeof x.prefix[0]);
   if ((rc = blip_cap_prefix(m, o->prompt, x.prefix, cap < o->max_length ? cap : o->max_length, &x.P))) return rc;
   if (x.P >= o->max_length) return blip_err_set(BLIP_EINVAL, "caption: the prompt fills max_length %d", o->max_length);
-  const int B = o->num_beams;
+  const int B = o->num_beams, G = B > 1 ? 1 : n < GREEDY_ROWS ? n : GREEDY_ROWS; /* images per cache */
+  const int R = B > 1 ? B : G;                                                        /* rows per cache */
   const size_t T = (size_t)c->v_tokens * c->v_hidden;
-  x.hid = malloc((size_t)B * o->max_length * x.D * sizeof(float));
-  x.logits = malloc((size_t)B * x.V * sizeof(float));
+  x.hid = malloc((size_t)R * o->max_length * x.D * sizeof(float));
+  x.logits = malloc((size_t)R * x.V * sizeof(float));
   x.seen = calloc((size_t)x.V, 1);
   x.cands = o->do_sample ? malloc((size_t)x.V * sizeof *x.cands) : NULL;
   if (!x.hid || !x.logits || !x.seen || (o->do_sample && !x.cands)) rc = blip_err_set(BLIP_ENOMEM, "caption: out of memory");
-  if (!rc) rc = blip_model_kv_new(m, B, 1, o->max_length, &x.kv);
   rng r;
   rng_seed(&r, o->seed);
-  for (int i = 0; i < n && !rc; i++) {
+  for (int i = 0; i < n && !rc; i += G) {
+    const int g = n - i < G ? n - i : G;
+    if (!x.kv || (B == 1 && g != G)) { /* a cache for this many rows (the last greedy group may be smaller) */
+      blip_model_kv_free(x.kv);
+      x.kv = NULL;
+      if ((rc = blip_model_kv_new(m, B > 1 ? B : g, g, o->max_length, &x.kv))) break;
+    }
     if (!(rc = blip_model_kv_images(m, x.kv, embeds + (size_t)i * T)))
-      rc = B > 1 ? beam(&x, &out[i]) : greedy(&x, &out[i], &r);
+      rc = B > 1 ? beam(&x, &out[i]) : greedy(&x, &out[i], g, &r);
   }
   if (rc) blip_cap_result_free(out, n);
   blip_model_kv_free(x.kv);

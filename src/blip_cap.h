@@ -1,8 +1,9 @@
 /* blip_cap: BLIP's captioner (HF BlipForConditionalGeneration.generate,
  * transformers 4.38 semantics): greedy search, beam search (length penalty,
- * min_length, early stopping, repetition penalty) and nucleus / top-k
- * sampling, over the decoder's KV cache (blip_model_decode). The beams of
- * one image are one batch of rows; the image's cross-attention K/V are
+ * min_length, early stopping, repetition penalty, no repeated n-grams) and
+ * nucleus / top-k sampling, over the decoder's KV cache (blip_model_decode).
+ * The beams of one image are one batch of rows; greedy search and sampling
+ * decode up to 16 images as one batch; each image's cross-attention K/V are
  * projected once.
  *
  * Decoder prefix as HF builds it: [DEC] alone, or the prompt tokenized as
@@ -10,9 +11,10 @@
  * max_length and min_length count the prefix. The end token is [SEP].
  *
  * Sampling draws from xoshiro256** seeded through splitmix64(seed): one
- * uniform double per step, inverted over the kept tokens in descending
- * probability. Deterministic for a seed, but not torch.multinomial's
- * stream: a seeded sample cannot equal PyTorch's. */
+ * uniform double per running image and step (images in order), inverted
+ * over the kept tokens in descending probability. Deterministic for a seed
+ * and a batch, but not torch.multinomial's stream: a seeded sample cannot
+ * equal PyTorch's. */
 #ifndef BLIP_CAP_H
 #define BLIP_CAP_H
 
