@@ -1,4 +1,4 @@
--- 002_captions: one generated caption per image (blip-index --captions), searchable with FTS5.
+-- 003_captions: one generated caption per image (blip-index --captions), searchable with FTS5.
 -- caption is NULL until the image is captioned; a changed file gets a new row, so it is captioned again.
 -- captions_fts indexes images.caption (external content), kept in step by the triggers.
 ALTER TABLE images ADD COLUMN caption TEXT;
