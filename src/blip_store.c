@@ -1251,7 +1251,7 @@ int blip_store_uncaptioned(blip_store *st, int64_t **ids, char ***paths, int64_t
   sqlite3_stmt *s = NULL;
   int64_t cap = 0;
   *ids = NULL, *paths = NULL, *n = 0;
-  int rc = prep(st, "SELECT id, path FROM images WHERE feat IS NOT NULL AND caption IS NULL ORDER BY id", &s), r;
+  int rc = prep(st, "SELECT id, path FROM images WHERE feat IS NOT NULL AND offline = 0 AND caption IS NULL ORDER BY id", &s), r;
   while (!rc && (r = sqlite3_step(s)) == SQLITE_ROW) {
     if (*n == cap) {
       cap = cap ? 2 * cap : 256;

@@ -163,7 +163,7 @@ int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t c
  * precision). The first call records it; another one gives BLIP_EMISMATCH
  * unless recaption, which clears every caption so that all are redone. */
 int blip_store_caption_identity(blip_store *st, const char *id, int recaption);
-/* Searchable rows without a caption, by id: *ids and *paths (each path
+/* Searchable rows without a caption (offline ones wait until seen again), by id: *ids and *paths (each path
  * malloc'd) are malloc'd; free with blip_store_free_paths. */
 int blip_store_uncaptioned(blip_store *st, int64_t **ids, char ***paths, int64_t *n);
 void blip_store_free_paths(char **paths, int64_t n);

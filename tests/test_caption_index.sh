@@ -4,6 +4,7 @@
 # photos on later runs (an index built without captions gets them on the
 # next --captions run); the captions are searchable with blip-query --words
 # (FTS5, pushed into the search as a filter) and printed with the results;
+# photos that are offline (missing root) wait instead of failing;
 # another captioner is refused until --recaption.
 set -u
 B=${BLIP_BIN:-build}; D=${BLIP_TEST_DATA:-tests/data}
@@ -69,6 +70,17 @@ out=$(idx --captions --caption-model "$CAP" 2>"$T/err")
 out=$(q --json --words "mold" "a cat" 2>"$T/err")
 want test $? -eq 1
 
+# a photo under a missing root (an unplugged drive) is offline: the caption pass waits for it
+mkdir "$T/lib2" && cp "$D/preprocess/images/chelsea.png" "$T/lib2/"
+"$B/blip-index" --db "$T/db" --model "$D/blip-tiny" "$L" "$T/lib2" >/dev/null 2>&1
+mv "$T/lib2" "$T/lib2.away"
+out=$("$B/blip-index" --db "$T/db" --model "$D/blip-tiny" --json --captions --caption-model "$CAP" "$L" "$T/lib2" 2>"$T/err")
+want test "$(field "$out" offline)" = 1
+want test "$(field "$out" caption_failed)" = 0
+mv "$T/lib2.away" "$T/lib2"
+out=$("$B/blip-index" --db "$T/db" --model "$D/blip-tiny" --json --captions --caption-model "$CAP" "$L" "$T/lib2" 2>"$T/err")
+want test "$(field "$out" captioned)" = 1
+
 # another captioner (the F16 weights) is refused until --recaption
 mkdir "$T/cap16"
 for f in config.json vocab.txt; do ln -s "$(cd "$CAP" && pwd)/$f" "$T/cap16/$f"; done
@@ -76,8 +88,8 @@ ln -s "$(cd "$CAP" && pwd)/model-f16.safetensors" "$T/cap16/model.safetensors"
 idx --captions --caption-model "$T/cap16" >/dev/null 2>"$T/err"
 want test $? -eq 1
 want grep -q -- "--recaption" "$T/err"
-out=$(idx --recaption --caption-model "$T/cap16" 2>"$T/err")
-want test "$(field "$out" captioned)" = 2
+out=$(idx --recaption --caption-model "$T/cap16" 2>"$T/err")   # two photos under $L, one under lib2
+want test "$(field "$out" captioned)" = 3
 # a retrieval model is no captioner
 idx --captions --caption-model "$D/blip-tiny" >/dev/null 2>"$T/err"
 want test $? -eq 1
