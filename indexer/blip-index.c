@@ -11,6 +11,8 @@
  * (decoder thread + batched model + one commit per batch, rerank records
  * synced before the commit): a kill loses at most the batches in flight, and
  * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.
+ * --captions then captions every image without one (blip_capindex), also
+ * one commit per batch.
  * Exit: 0 done (failed images are reported, not fatal), 1 error, 2 usage,
  * 130 interrupted. */
 #include <dirent.h>
@@ -32,6 +34,7 @@
 #include <jansson.h>
 
 #include "blip_arg.h"
+#include "blip_capindex.h"
 #include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
@@ -66,6 +69,10 @@ static const char USAGE[] =
     "  --decode-memory MB memory one decoder process may add (default 4096)\n"
     "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
+    "  --captions         caption every image without a caption (searchable: blip-query --words)\n"
+    "  --caption-model DIR  captioner, e.g. blip-image-captioning-base (default\n"
+    "                     $BLIPSEARCH_CAPTION_MODEL); runs at --precision, generate() defaults\n"
+    "  --recaption        redo all captions (needed after changing the captioner)\n"
     "  --prune-offline    delete the rows of photos that could not be looked at (unreadable\n"
     "                     folder, missing root, unmounted drive) instead of keeping them offline\n"
     "  --help             this text\n"
@@ -389,6 +396,7 @@ typedef struct {
 
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
        OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE, OPT_DTIME, OPT_DMEM };
+enum { OPT_CAPTIONS = 512, OPT_CAPMODEL, OPT_RECAPTION };
 
 int main(int argc, char **argv) {
   static const struct option lopts[] = {
@@ -398,7 +406,12 @@ int main(int argc, char **argv) {
       {"exclude", 1, 0, OPT_EXCL},   {"threads", 1, 0, OPT_THREADS}, {"batch", 1, 0, OPT_BATCH},
       {"check", 0, 0, OPT_CHECK},    {"dump", 0, 0, OPT_DUMP},       {"help", 0, 0, OPT_HELP},
       {"prune-offline", 0, 0, OPT_PRUNE}, {"decode-timeout", 1, 0, OPT_DTIME}, {"decode-memory", 1, 0, OPT_DMEM},
+      {"captions", 0, 0, OPT_CAPTIONS}, {"caption-model", 1, 0, OPT_CAPMODEL}, {"recaption", 0, 0, OPT_RECAPTION},
       {0, 0, 0, 0}};
+  const char *cap_dir = getenv("BLIPSEARCH_CAPTION_MODEL");
+  int captions = 0, recaption = 0;
+  int64_t captioned = 0, cap_failed = 0;
+  blip_model *capm = NULL;
   char dbdir[PATH_MAX] = "";
   const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "auto";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
@@ -431,6 +444,9 @@ int main(int argc, char **argv) {
       break;
     case OPT_CHECK: check = 1; break;
     case OPT_DUMP: dump = 1; break;
+    case OPT_CAPTIONS: captions = 1; break;
+    case OPT_CAPMODEL: cap_dir = optarg; break;
+    case OPT_RECAPTION: recaption = captions = 1; break;
     case OPT_PRUNE: prune = 1; break;
     case OPT_DTIME:
     case OPT_DMEM:
@@ -530,6 +546,18 @@ int main(int argc, char **argv) {
   if (blip_img_init() || blip_model_load(model_dir, &mo, &model)) {
     blip_out_error("blip-index", blip_err_last());
     goto out;
+  }
+  if (captions && !dry) { /* before any work, so that a wrong captioner costs nothing */
+    if (!cap_dir) {
+      fprintf(stderr, "blip-index: --captions needs --caption-model DIR or BLIPSEARCH_CAPTION_MODEL\n");
+      ret = 2;
+      goto out;
+    }
+    if (blip_model_load(cap_dir, &mo, &capm) ||
+        (!blip_model_cfg(capm)->captioner && blip_err_set(BLIP_EINVAL, "%s is not a captioning model", cap_dir))) {
+      fprintf(stderr, "blip-index: caption model: %s\n", blip_err_last());
+      goto out;
+    }
   }
   const blip_cfg *cfg = blip_model_cfg(model);
   char prep[96];
@@ -723,6 +751,18 @@ int main(int argc, char **argv) {
   if (rc) goto fail;
   flushing = 1; /* every batch is committed: only the derived cache is left to write */
   if ((rc = blip_store_flush(st))) goto fail;
+  if (capm) {
+    char cid[64];
+    blip_cap_opts gen;
+    blip_cap_defaults(capm, &gen);
+    blip_capindex_identity(capm, cid, sizeof cid);
+    progress_ctx cp = {now_s(), 0};
+    blip_capindex_opts co = {B, threads, &g_stop, isatty(2) ? show_progress : NULL, &cp};
+    if (!(rc = blip_store_caption_identity(st, cid, recaption))) rc = blip_capindex_run(capm, st, &gen, &co, &captioned, &cap_failed);
+    if (cp.shown) fputc('\n', stderr);
+    if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
+    if (rc) goto fail;
+  }
   ret = 0;
   goto summary;
 
@@ -745,6 +785,8 @@ summary:;
     if (j && jskip) json_object_set_new(j, "skipped_paths", jskip), jskip = NULL;
     json_decref(jerr);
     json_decref(jskip);
+    if (j && captions)
+      json_object_update_new(j, json_pack("{s:I,s:I}", "captioned", (json_int_t)captioned, "caption_failed", (json_int_t)cap_failed));
     char *s = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
     if (s) printf("%s\n", s);
     free(s);
@@ -759,6 +801,8 @@ summary:;
     if (cn.offline)
       fprintf(stderr, "blip-index: offline photos could not be looked at (unreadable folder, missing root, drive not "
                       "mounted): they are kept out of results until seen again; --prune-offline deletes them\n");
+    if (captions && !dry)
+      fprintf(stderr, "%lld captioned, %lld could not be read for captions\n", (long long)captioned, (long long)cap_failed);
   }
   goto out;
 oom:
@@ -779,6 +823,7 @@ out:
   items_free(&w.why);
   blip_store_close(st);
   blip_model_free(model);
+  blip_model_free(capm);
   free(gone);
   free(off);
   free(missing);

@@ -58,32 +58,6 @@ static json_t *matrix(const float *x, int rows, int cols) {
   return a;
 }
 
-/* Load pixels "FILE:TENSOR" [N,3,S,S] F32; returns malloc'd floats. */
-static int load_pixels(const char *spec, int S, float **out, int *n) {
-  char *file = strdup(spec), *colon = strrchr(file, ':');
-  int rc = BLIP_OK;
-  blip_st *st = NULL;
-  if (!colon) {
-    free(file);
-    return blip_err_set(BLIP_EINVAL, "--pixels wants FILE.safetensors:TENSOR, got '%s'", spec);
-  }
-  *colon = 0;
-  if ((rc = blip_st_open(file, &st))) goto done;
-  const blip_st_tensor *t = blip_st_find(st, colon + 1);
-  if (!t) { rc = blip_err_set(BLIP_EMISSING, "%s has no tensor '%s'", file, colon + 1); goto done; }
-  if (t->dtype != BLIP_DT_F32 || t->ndim != 4 || t->shape[1] != 3 || t->shape[2] != S || t->shape[3] != S) {
-    rc = blip_err_set(BLIP_ESHAPE, "tensor '%s' must be F32 [N,3,%d,%d] for this model", colon + 1, S, S);
-    goto done;
-  }
-  *n = (int)t->shape[0];
-  if (!(*out = malloc((size_t)t->numel * sizeof(float)))) { rc = blip_err_set(BLIP_ENOMEM, "out of memory"); goto done; }
-  rc = blip_st_to_f32(t, *out, t->numel);
-done:
-  blip_st_close(st);
-  free(file);
-  return rc;
-}
-
 int main(int argc, char **argv) {
   const char *model_dir = NULL, *pixels = NULL;
   const char **images = calloc((size_t)argc, sizeof *images), **texts = calloc((size_t)argc, sizeof *texts);
@@ -157,7 +131,7 @@ int main(int argc, char **argv) {
   float *px = NULL, *emb = NULL, *ifeat = NULL, *tfeat = NULL, *itc = NULL, *logits = NULL;
   int32_t *ids = calloc((size_t)(n_txt ? n_txt : 1) * max_len, sizeof *ids), *mask = calloc((size_t)(n_txt ? n_txt : 1) * max_len, sizeof *mask);
   int *lens = calloc((size_t)(n_txt ? n_txt : 1), sizeof *lens);
-  if (pixels && load_pixels(pixels, S, &px, &n_pix)) { fail(pixels); goto out; }
+  if (pixels && blip_img_load_pixels(pixels, S, &px, &n_pix)) { fail(pixels); goto out; }
   n_img = n_img_files + n_pix;
   if (n_img) {
     float *all = malloc(sizeof(float) * n_img * 3 * S * S);

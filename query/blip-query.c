@@ -46,12 +46,15 @@ static const char USAGE[] =
     "  --before DATE     only photos taken before DATE (YYYY-MM-DD[THH:MM[:SS]], local time, a real day)\n"
     "  --ext LIST        only these extensions, e.g. jpg,png (case-insensitive; jpg also\n"
     "                    matches .jpeg, tif .tiff)\n"
+    "  --words \"W...\"    only photos whose caption (blip-index --captions) has every word\n"
+    "                    (full-text, case and accent blind)\n"
     "  --json            JSON array of {rank, id, path, path_b64, score, itm_prob, itm_logit, cosine,\n"
-    "                    taken_at, mtime}; with --stdin one {query, query_b64, truncated, error,\n"
+    "                    taken_at, mtime, caption}; with --stdin one {query, query_b64, truncated, error,\n"
     "                    results} object a line. Every key is always there: a name that is not\n"
     "                    UTF-8 is in path (invalid bytes as U+FFFD) and, exactly, in path_b64\n"
     "                    (base64; null when path is exact); a number that is not finite is null\n"
-    "  --paths           one path a line (escaped on a terminal: \\xNN for control bytes)\n"
+    "  --paths           one path a line (escaped on a terminal: \\xNN for control bytes); the\n"
+    "                    table shows captions under the paths, --paths prints paths only\n"
     "  -0                with --paths: end each path with a NUL byte instead (for xargs -0)\n"
     "  --image FILE      query by image: similar photos (ITC image-image), or with texts,\n"
     "                    rank the texts for this image (ITC + ITM)\n"
@@ -100,6 +103,7 @@ static json_t *hits_json(const printer *p, const blip_search_result *r) {
       blip_out_json_name(o, "path", h->path);
       json_object_set_new(o, "taken_at", h->taken_at[0] ? blip_out_json_text(h->taken_at) : json_null());
       json_object_set_new(o, "mtime", json_string(mt));
+      json_object_set_new(o, "caption", h->caption ? blip_out_json_text(h->caption) : json_null());
     }
     json_object_set_new(o, "score", blip_out_json_num(h->score));
     json_object_set_new(o, "itm_prob", blip_out_json_num(h->itm_prob));
@@ -149,6 +153,11 @@ static void print_hits(const printer *p, const blip_search_result *r, const char
       printf("%4d  %8.4f  %8s  %8.4f  ", i + 1, h->score, prob, h->cosine);
       blip_out_fesc(stdout, p->texts ? p->texts[h->id] : h->path);
       putchar('\n');
+      if (!p->texts && h->caption) {
+        printf("%36s\"", "");
+        blip_out_fesc(stdout, h->caption);
+        puts("\"");
+      }
     }
     if (query) putchar('\n');
   }
@@ -195,6 +204,7 @@ static int read_texts(const char *path, char ***v, int *n) {
   return rc;
 }
 
+enum { O_WORDS = 1024 };
 enum { O_DB = 256, O_MODEL, O_RERANK, O_THRESH, O_SORT, O_UNDER, O_AFTER, O_BEFORE, O_EXT, O_JSON, O_PATHS, O_IMAGE,
        O_TEXT, O_TEXTS, O_RANKT, O_STDIN, O_PREC, O_THREADS, O_NAIVE, O_HELP };
 
@@ -202,7 +212,7 @@ int main(int argc, char **argv) {
   static const struct option lo[] = {
       {"db", 1, 0, O_DB},         {"model", 1, 0, O_MODEL},       {"rerank", 1, 0, O_RERANK},
       {"threshold", 1, 0, O_THRESH}, {"sort", 1, 0, O_SORT},      {"under", 1, 0, O_UNDER},
-      {"after", 1, 0, O_AFTER},   {"before", 1, 0, O_BEFORE},     {"ext", 1, 0, O_EXT},
+      {"after", 1, 0, O_AFTER},   {"before", 1, 0, O_BEFORE},     {"ext", 1, 0, O_EXT}, {"words", 1, 0, O_WORDS},
       {"json", 0, 0, O_JSON},     {"paths", 0, 0, O_PATHS},       {"image", 1, 0, O_IMAGE},
       {"text", 1, 0, O_TEXT},     {"texts-file", 1, 0, O_TEXTS},  {"texts", 1, 0, O_TEXTS},  {"rank-texts", 0, 0, O_RANKT},
       {"stdin", 0, 0, O_STDIN},   {"precision", 1, 0, O_PREC},    {"threads", 1, 0, O_THREADS},
@@ -243,6 +253,7 @@ int main(int argc, char **argv) {
       *(c == O_AFTER ? &o.filter.after : &o.filter.before) = c == O_AFTER ? after : before;
       break;
     case O_EXT: o.filter.exts = optarg; break;
+    case O_WORDS: o.filter.words = optarg; break;
     case O_JSON: pr.out = OUT_JSON; break;
     case O_PATHS: pr.out = OUT_PATHS; break;
     case '0': pr.nul = 1; break;

@@ -52,6 +52,7 @@
 #include <vips/vips.h>
 
 #include "blip_err.h"
+#include "blip_st.h"
 
 /* ---------------------------------------------------------------- resize */
 
@@ -1000,3 +1001,30 @@ int blip_img_load_file(const char *path, const blip_img_opts *o, float *out, uin
   free(buf);
   return rc;
 }
+
+int blip_img_load_pixels(const char *spec, int S, float **out, int *n) {
+  char *file = strdup(spec), *colon = file ? strrchr(file, ':') : NULL;
+  if (!file) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  int rc = BLIP_OK;
+  blip_st *st = NULL;
+  if (!colon) {
+    free(file);
+    return blip_err_set(BLIP_EINVAL, "--pixels wants FILE.safetensors:TENSOR, got '%s'", spec);
+  }
+  *colon = 0;
+  if ((rc = blip_st_open(file, &st))) goto done;
+  const blip_st_tensor *t = blip_st_find(st, colon + 1);
+  if (!t) { rc = blip_err_set(BLIP_EMISSING, "%s has no tensor '%s'", file, colon + 1); goto done; }
+  if (t->dtype != BLIP_DT_F32 || t->ndim != 4 || t->shape[1] != 3 || t->shape[2] != S || t->shape[3] != S) {
+    rc = blip_err_set(BLIP_ESHAPE, "tensor '%s' must be F32 [N,3,%d,%d] for this model", colon + 1, S, S);
+    goto done;
+  }
+  *n = (int)t->shape[0];
+  if (!(*out = malloc((size_t)t->numel * sizeof(float)))) { rc = blip_err_set(BLIP_ENOMEM, "out of memory"); goto done; }
+  rc = blip_st_to_f32(t, *out, t->numel);
+done:
+  blip_st_close(st);
+  free(file);
+  return rc;
+}
+

@@ -96,4 +96,8 @@ int blip_img_resize_rgb(const uint8_t *src, int w, int h, uint8_t *dst, int ow, 
 /* ((rgb/255) - mean)/std in float32, HWC u8 -> CHW f32, exactly as upstream. */
 void blip_img_normalize(const uint8_t *rgb, int s, float *out);
 
+/* Preprocessed pixels from "FILE.safetensors:TENSOR", F32 [N,3,S,S]
+ * (tools' --pixels). *out is malloc'd, *n = N. */
+int blip_img_load_pixels(const char *spec, int S, float **out, int *n);
+
 #endif

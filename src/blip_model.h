@@ -68,6 +68,28 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
 int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *const *images, int k,
                    blip_itm_first first, int fast, float *logits, float *cls);
 
+/* ---- Captioner (BlipForConditionalGeneration; cfg.captioner = 1) ----
+ * The BERT decoder (causal self-attention, cross-attention to the image
+ * tokens) runs incrementally over a KV cache: each call appends n tokens
+ * to every row and costs n positions. Rows are grouped by image: rows/n_img
+ * consecutive rows (e.g. beams) attend to the same image, whose
+ * cross-attention K/V are projected once by blip_model_kv_images. */
+typedef struct blip_model_kv blip_model_kv;
+/* A cache for `rows` sequences of up to cap tokens over n_img images (rows % n_img == 0). */
+int blip_model_kv_new(const blip_model *m, int rows, int n_img, int cap, blip_model_kv **out);
+void blip_model_kv_free(blip_model_kv *kv);
+/* Start over with new images: embeds [n_img, T, Dv] (blip_model_vision's output); empties the cache. */
+int blip_model_kv_images(blip_model *m, blip_model_kv *kv, const float *embeds);
+int blip_model_kv_len(const blip_model_kv *kv);
+/* Keep the first len positions (a shared prefix decoded once); the image K/V stay. */
+int blip_model_kv_truncate(blip_model_kv *kv, int len);
+/* Row r takes the cached sequence of row src[r] (beam reordering; src[r] within r's image). */
+int blip_model_kv_reorder(blip_model_kv *kv, const int *src);
+/* Append ids [rows, n] at positions len..len+n-1; hidden [rows, n, Dt] = last layer's output (may be NULL). */
+int blip_model_decode(blip_model *m, blip_model_kv *kv, const int32_t *ids, int n, float *hidden);
+/* LM head: hidden [M, Dt] -> logits [M, vocab] (transform dense + GELU, LayerNorm, decoder + bias). */
+int blip_model_lm_head(blip_model *m, const float *hidden, int M, float *logits);
+
 /* Tokenize for retrieval: [CLS] .. [SEP] truncated to max_len, padded with 0.
  * mask gets 1 for real tokens. *n_real = real count, *truncated = 1 if cut. */
 int blip_model_tokenize(const blip_model *m, const char *text, int max_len, int32_t *ids, int32_t *mask,

@@ -221,7 +221,7 @@ static int cmp_date(const void *pa, const void *pb) {
 }
 
 void blip_search_result_free(blip_search_result *res) {
-  for (int i = 0; res->hits && i < res->n; i++) free(res->hits[i].path);
+  for (int i = 0; res->hits && i < res->n; i++) free(res->hits[i].path), free(res->hits[i].caption);
   free(res->hits);
   memset(res, 0, sizeof *res);
 }
@@ -303,7 +303,31 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
       p += l + (p[l] == ',');
     }
   }
-  *active = nu || f->after || f->before || next;
+  char *words = NULL; /* each word an FTS5 string ("" doubles a quote): no query syntax from users */
+  if (f->words) {
+    size_t wl = strlen(f->words), o = 0, nw = 0;
+    if (!(words = malloc(3 * wl + 3))) return blip_err_set(BLIP_ENOMEM, "out of memory");
+    for (const char *p = f->words; *p;) {
+      size_t l = strcspn(p, " \t\n\r");
+      if (l) {
+        if (nw++) words[o++] = ' ';
+        words[o++] = '"';
+        for (size_t i = 0; i < l; i++) {
+          if (p[i] == '"') words[o++] = '"';
+          words[o++] = p[i];
+        }
+        words[o++] = '"';
+      }
+      p += l;
+      p += strspn(p, " \t\n\r");
+    }
+    words[o] = 0;
+    if (!nw) {
+      free(words);
+      return blip_err_set(BLIP_EINVAL, "--words: no words");
+    }
+  }
+  *active = nu || f->after || f->before || next || words;
   if (!*active) return BLIP_OK;
   int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL AND offline=0");
   for (int i = 0; i < nu; i++) /* bytes, not characters: a path need not be UTF-8 */
@@ -314,9 +338,14 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
   for (int i = 0; i < next; i++) /* LIKE is ASCII case-insensitive; extensions are alnum, no wildcards */
     len += snprintf(sql + len, sizeof sql - len, "%s path LIKE ('%%.'||?%d)%s", i ? " OR" : " AND (", 5 + i,
                     i == next - 1 ? ")" : "");
+  if (words) len += snprintf(sql + len, sizeof sql - len, " AND id IN (SELECT rowid FROM captions_fts WHERE captions_fts MATCH ?90)");
   sqlite3_stmt *st = NULL;
   int64_t cap = 0;
-  if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) return db_err(s, "filter");
+  if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) {
+    free(words);
+    return db_err(s, "filter");
+  }
+  if (words) sqlite3_bind_text(st, 90, words, -1, SQLITE_STATIC);
   for (int i = 0; i < nu; i++) sqlite3_bind_blob(st, 21 + i, under[i], (int)strlen(under[i]), SQLITE_STATIC);
   if (f->after) sqlite3_bind_text(st, 3, f->after, -1, SQLITE_STATIC);
   if (f->before) sqlite3_bind_text(st, 4, f->before, -1, SQLITE_STATIC);
@@ -337,6 +366,7 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
   if (r != SQLITE_DONE) rc = db_err(s, "filter");
 done:
   sqlite3_finalize(st);
+  free(words);
   if (rc) {
     free(*ids);
     *ids = NULL;
@@ -345,7 +375,7 @@ done:
   return rc;
 }
 
-/* Path, taken_at and mtime of hit h (q: "SELECT path, taken_at, mtime_ns ...
+/* Path, taken_at, mtime and caption of hit h (q: "SELECT path, taken_at, mtime_ns, caption ...
  * WHERE id=?"). BLIP_ENOTFOUND when a writer deleted or replaced the image
  * since the search that found it: the caller skips it. */
 static int hit_meta(blip_search *s, sqlite3_stmt *q, blip_search_hit *h) {
@@ -358,11 +388,13 @@ static int hit_meta(blip_search *s, sqlite3_stmt *q, blip_search_hit *h) {
   if (!(h->path = strdup(p ? p : ""))) return blip_err_set(BLIP_ENOMEM, "out of memory");
   snprintf(h->taken_at, sizeof h->taken_at, "%s", t ? t : "");
   h->mtime_ns = sqlite3_column_int64(q, 2);
+  const char *cap = (const char *)sqlite3_column_text(q, 3);
+  if (cap && !(h->caption = strdup(cap))) return blip_err_set(BLIP_ENOMEM, "out of memory");
   return BLIP_OK;
 }
 
 static int meta_stmt(blip_search *s, sqlite3_stmt **q) {
-  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns FROM images WHERE id=?", -1, q, NULL) == SQLITE_OK)
+  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns, caption FROM images WHERE id=?", -1, q, NULL) == SQLITE_OK)
     return BLIP_OK;
   return db_err(s, "metadata");
 }
@@ -406,7 +438,8 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
       rc = blip_model_vision(s->m, pix, 1, out, NULL);
   }
   free(h->path); /* hits get their metadata once the final cut is known */
-  h->path = NULL;
+  free(h->caption);
+  h->path = h->caption = NULL;
   return rc;
 }
 
@@ -487,7 +520,7 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
   }
   res->n = got;
   for (int i = 0; i < got; i++)
-    res->hits[i] = (blip_search_hit){cid[i], ccos[i], ccos[i], NAN, NAN, NULL, "", 0};
+    res->hits[i] = (blip_search_hit){cid[i], ccos[i], ccos[i], NAN, NAN, NULL, "", 0, NULL};
   int kr = K < got ? K : got, dropped = 0;
   if (kr) {
     blip_search_sort(res->hits, got); /* the K best by cosine first */
@@ -590,7 +623,7 @@ int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat
       goto done;
     float c = 0;
     for (int e = 0; e < E; e++) c += tf[e] * feat[e];
-    res->hits[j] = (blip_search_hit){j, c, c, NAN, NAN, NULL, "", 0};
+    res->hits[j] = (blip_search_hit){j, c, c, NAN, NAN, NULL, "", 0, NULL};
     res->truncated |= trunc;
   }
   res->n = n;

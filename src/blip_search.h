@@ -38,6 +38,7 @@ typedef struct {
   char *path;      /* image path (malloc'd), or NULL */
   char taken_at[20];  /* EXIF "YYYY-MM-DDTHH:MM:SS" or "" */
   int64_t mtime_ns;
+  char *caption; /* the image's caption from blip-index --captions (malloc'd), or NULL */
 } blip_search_hit;
 
 typedef struct {
@@ -59,6 +60,7 @@ typedef struct {
   const char *after;  /* normalized date (blip_arg_date): date >= after */
   const char *before; /* date < before */
   const char *exts;   /* "jpg,png": extension, case-insensitive; jpg = jpeg, tif = tiff */
+  const char *words;  /* caption has every one of these words (FTS5, case and accent blind) */
 } blip_search_filter;
 
 typedef struct {

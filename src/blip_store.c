@@ -91,6 +91,20 @@ static const char *const SCHEMA[] = {
     "  path TEXT PRIMARY KEY,\n"
     "  dev  INTEGER NOT NULL\n"
     ");\n",
+    /* schema/003_captions.sql */
+    "-- 003_captions: one generated caption per image (blip-index --captions), searchable with FTS5.\n"
+    "-- caption is NULL until the image is captioned; a changed file gets a new row, so it is captioned again.\n"
+    "-- captions_fts indexes images.caption (external content), kept in step by the triggers.\n"
+    "ALTER TABLE images ADD COLUMN caption TEXT;\n"
+    "CREATE VIRTUAL TABLE captions_fts USING fts5(caption, content='images', content_rowid='id',\n"
+    "                                             tokenize='unicode61 remove_diacritics 2');\n"
+    "CREATE TRIGGER images_caption_ad AFTER DELETE ON images WHEN old.caption IS NOT NULL BEGIN\n"
+    "  INSERT INTO captions_fts(captions_fts, rowid, caption) VALUES ('delete', old.id, old.caption);\n"
+    "END;\n"
+    "CREATE TRIGGER images_caption_au AFTER UPDATE OF caption ON images BEGIN\n"
+    "  INSERT INTO captions_fts(captions_fts, rowid, caption) SELECT 'delete', old.id, old.caption WHERE old.caption IS NOT NULL;\n"
+    "  INSERT INTO captions_fts(rowid, caption) SELECT new.id, new.caption WHERE new.caption IS NOT NULL;\n"
+    "END;\n",
 };
 #define NSCHEMA ((int)(sizeof SCHEMA / sizeof SCHEMA[0]))
 
@@ -1165,5 +1179,77 @@ done:
   read_end(st, began);
   free(tok);
   free(x);
+  return rc;
+}
+
+/* ---- captions ---- */
+
+int blip_store_caption_identity(blip_store *st, const char *id, int recaption) {
+  if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT value FROM meta WHERE key='caption_model'", &s);
+  if (rc) return rc;
+  const char *v = sqlite3_step(s) == SQLITE_ROW ? (const char *)sqlite3_column_text(s, 0) : NULL;
+  const int same = v && !strcmp(v, id), had = v != NULL;
+  sqlite3_finalize(s);
+  if (same) return BLIP_OK;
+  if (had && !recaption)
+    return blip_err_set(BLIP_EMISMATCH, "%s: the captions were written by another captioner or precision: --recaption redoes them all",
+                        st->dir);
+  if ((rc = exec(st, "BEGIN IMMEDIATE"))) return rc;
+  if ((!had || !(rc = exec(st, "UPDATE images SET caption=NULL WHERE caption IS NOT NULL"))) && !(rc = set_meta(st, "caption_model", id)))
+    return exec(st, "COMMIT");
+  sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+  return rc;
+}
+
+void blip_store_free_paths(char **paths, int64_t n) {
+  for (int64_t i = 0; paths && i < n; i++) free(paths[i]);
+  free(paths);
+}
+
+int blip_store_uncaptioned(blip_store *st, int64_t **ids, char ***paths, int64_t *n) {
+  sqlite3_stmt *s = NULL;
+  int64_t cap = 0;
+  *ids = NULL, *paths = NULL, *n = 0;
+  int rc = prep(st, "SELECT id, path FROM images WHERE feat IS NOT NULL AND offline = 0 AND caption IS NULL ORDER BY id", &s), r;
+  while (!rc && (r = sqlite3_step(s)) == SQLITE_ROW) {
+    if (*n == cap) {
+      cap = cap ? 2 * cap : 256;
+      int64_t *ni = realloc(*ids, (size_t)cap * sizeof *ni);
+      if (ni) *ids = ni;
+      char **np = ni ? realloc(*paths, (size_t)cap * sizeof *np) : NULL;
+      if (np) *paths = np;
+      if (!ni || !np) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    }
+    const char *p = (const char *)sqlite3_column_text(s, 1);
+    if (!rc && !((*paths)[*n] = strdup(p ? p : ""))) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    if (!rc) (*ids)[(*n)++] = sqlite3_column_int64(s, 0);
+  }
+  if (!rc && r != SQLITE_DONE) rc = db_err(st, "uncaptioned rows");
+  sqlite3_finalize(s);
+  if (rc) {
+    blip_store_free_paths(*paths, *n);
+    free(*ids);
+    *ids = NULL, *paths = NULL, *n = 0;
+  }
+  return rc;
+}
+
+int blip_store_set_captions(blip_store *st, const int64_t *ids, const char *const *captions, int n) {
+  if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
+  sqlite3_stmt *s = NULL;
+  int rc = exec(st, "BEGIN IMMEDIATE");
+  if (rc) return rc;
+  if (!(rc = prep(st, "UPDATE images SET caption=?2 WHERE id=?1", &s)))
+    for (int i = 0; i < n && !rc; i++) {
+      sqlite3_bind_int64(s, 1, ids[i]);
+      sqlite3_bind_text(s, 2, captions[i], -1, SQLITE_STATIC);
+      if (sqlite3_step(s) != SQLITE_DONE) rc = db_err(st, "write caption");
+      sqlite3_reset(s);
+    }
+  sqlite3_finalize(s);
+  if (!rc) return exec(st, "COMMIT");
+  sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
   return rc;
 }

@@ -160,6 +160,19 @@ int blip_store_immutable(const blip_store *st);
 /* Feature [E] and path (copied into path, cap bytes) of image id. */
 int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t cap);
 
+/* ---- captions (blip-index --captions; images.caption + FTS5 captions_fts) ---- */
+
+/* The captioner that writes this index's captions (e.g. its fingerprint and
+ * precision). The first call records it; another one gives BLIP_EMISMATCH
+ * unless recaption, which clears every caption so that all are redone. */
+int blip_store_caption_identity(blip_store *st, const char *id, int recaption);
+/* Searchable rows without a caption (offline ones wait until seen again), by id: *ids and *paths (each path
+ * malloc'd) are malloc'd; free with blip_store_free_paths. */
+int blip_store_uncaptioned(blip_store *st, int64_t **ids, char ***paths, int64_t *n);
+void blip_store_free_paths(char **paths, int64_t n);
+/* Set the captions of n rows in one transaction (rows deleted meanwhile are skipped). */
+int blip_store_set_captions(blip_store *st, const int64_t *ids, const char *const *captions, int n);
+
 /* ---- maintenance ---- */
 
 /* Call fn for every row (errors_only: failed images only), ordered by path.

@@ -48,7 +48,7 @@ q --paths -0 -n $N "$QUERY" >"$T/all.nul" || bad "paths -0"
 py "--json keeps path for a non-UTF-8 name; path_b64 is exact; -0 gives the same bytes" '
 import base64, json, sys
 r = json.load(open(sys.argv[1]))
-keys = {"rank", "id", "path", "path_b64", "taken_at", "mtime", "score", "itm_prob", "itm_logit", "cosine"}
+keys = {"rank", "id", "path", "path_b64", "taken_at", "mtime", "caption", "score", "itm_prob", "itm_logit", "cosine"}
 assert len(r) == 7 and all(set(h) == keys for h in r), [sorted(h) for h in r]
 exact = [base64.b64decode(h["path_b64"]) if h["path_b64"] is not None else h["path"].encode() for h in r]
 bad = [h for h in r if h["path_b64"] is not None]
