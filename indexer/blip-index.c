@@ -8,6 +8,10 @@
  * (decoder thread + batched model + one commit per batch, rerank records
  * synced before the commit): a kill loses at most the batches in flight, and
  * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.
+ * Derived data repairs itself: token records the store lost (tokens.bin
+ * deleted, truncated, damaged header) are recomputed, for those photos only,
+ * and a damaged vectors.faiss is rewritten; --repair also reads every record,
+ * compares every FAISS vector and rebuilds a damaged SQLite from its rows.
  * Exit: 0 done (failed images are reported, not fatal), 1 error, 2 usage,
  * 130 interrupted. */
 #include <dirent.h>
@@ -51,7 +55,11 @@ static const char USAGE[] =
     "  --exclude GLOB     skip files and folders matching GLOB (path or name); repeatable\n"
     "  --threads N        decoding threads (default: all cores)\n"
     "  --batch N          images per model batch and per commit (default 8)\n"
-    "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
+    "  --check            verify SQLite's integrity, every FAISS vector and every token record\n"
+    "                     against SQLite, then exit (1 when something is damaged)\n"
+    "  --repair           check as --check does and fix what is damaged: token records are\n"
+    "                     recomputed for the damaged photos only, vectors.faiss is rebuilt,\n"
+    "                     a damaged index.sqlite is rebuilt from its readable rows (PATH... optional)\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
     "  --help             this text\n"
     "\n"
@@ -218,6 +226,97 @@ static int print_dump_row(void *ctx, int64_t id, const blip_store_row *r, const 
   return 0;
 }
 
+/* ---- check and repair ---- */
+
+/* Print what --check found; the exit status: 0 sound, 1 damaged. */
+static int print_check(blip_store *st, const blip_store_report *r, int json) {
+  char msg[4][1200], path[PATH_MAX];
+  int n = 0;
+  if (r->sqlite[0])
+    snprintf(msg[n++], sizeof msg[0], "index.sqlite is damaged: %s", r->sqlite);
+  if (r->cache[0])
+    snprintf(msg[n++], sizeof msg[0], "%s; queries search SQLite's vectors until it is rewritten", r->cache);
+  if (r->cache_bad) {
+    if (blip_store_get(st, r->cache_first, NULL, path, sizeof path)) snprintf(path, sizeof path, "image %lld", (long long)r->cache_first);
+    snprintf(msg[n++], sizeof msg[0], "vectors.faiss: %lld vectors missing or differing from SQLite's (first: %s)",
+             (long long)r->cache_bad, path);
+  }
+  if (r->tok_bad) {
+    if (blip_store_get(st, r->tok_first, NULL, path, sizeof path)) snprintf(path, sizeof path, "image %lld", (long long)r->tok_first);
+    snprintf(msg[n++], sizeof msg[0], "tokens.bin: %lld token records missing or damaged (first: %s: %s); queries "
+             "recompute them from the files", (long long)r->tok_bad, path, r->tok_why);
+  }
+  if (r->rows_bad && n < 4)
+    snprintf(msg[n++], sizeof msg[0], "index.sqlite: %lld rows whose state and feature disagree", (long long)r->rows_bad);
+  if (json) {
+    json_t *j = json_pack("{s:b,s:I,s:I,s:[]}", "ok", n == 0, "images", (json_int_t)r->images, "unchecksummed",
+                          (json_int_t)r->tok_unsummed, "problems");
+    for (int i = 0; j && i < n; i++) json_array_append_new(json_object_get(j, "problems"), json_string(msg[i]));
+    char *s = j ? json_dumps(j, 0) /* the separators --check always printed */ : NULL;
+    if (s) printf("%s\n", s);
+    free(s);
+    json_decref(j);
+  } else if (!n) {
+    printf("ok: %lld searchable images, SQLite, FAISS and rerank store agree\n", (long long)r->images);
+  }
+  for (int i = 0; i < n; i++) fprintf(stderr, "blip-index: %s\n", msg[i]);
+  if (n)
+    fprintf(stderr, "blip-index: run blip-index --repair to fix it (model work only for photos whose token records "
+                    "are lost)%s\n", r->sqlite[0] ? "; if index.sqlite cannot be repaired, restore it from a backup "
+                    "or rebuild the index (--rebuild)" : "");
+  if (r->tok_unsummed)
+    fprintf(stderr, "blip-index: %lld token records have no checksum yet (made by an older version); the next "
+                    "blip-index run adds them\n", (long long)r->tok_unsummed);
+  return n ? 1 : 0;
+}
+
+/* At the start of a run: give records from before checksums theirs (once),
+ * and with --repair first check everything and fix SQLite and the cache. The
+ * lost records are marked; repair_tokens recomputes them. */
+static int check_and_mark(blip_store *st, int repair) {
+  blip_store_report r;
+  int64_t marked = 0;
+  int rc = BLIP_OK, full = 0, fixed = 0;
+  if (repair) {
+    if ((rc = blip_store_repair_db(st, &fixed))) return rc;
+    if (fixed) fprintf(stderr, "blip-index: index.sqlite was damaged; rebuilt from its rows\n");
+    if ((rc = blip_store_check(st, &r))) return rc;
+    if ((r.cache[0] || r.cache_bad) && (rc = blip_store_rebuild_cache(st))) return rc;
+    if (r.cache[0] || r.cache_bad) fprintf(stderr, "blip-index: vectors.faiss rebuilt from index.sqlite\n");
+    full = r.tok_bad > 0;
+  }
+  return blip_store_tokens_scan(st, full, &marked);
+}
+
+/* Recompute the token records the store lost, from the photos (model work
+ * for those only), after the run's own work. */
+static int repair_tokens(blip_model *model, blip_store *st, const blip_index_opts *io, blip_index_counts *ic) {
+  int64_t *ids = NULL, n = 0, before = ic->unrepaired;
+  int rc = blip_store_tokens_lost(st, &ids, &n);
+  blip_index_item *wi = n ? calloc((size_t)n, sizeof *wi) : NULL;
+  char *paths = n ? malloc((size_t)n * PATH_MAX) : NULL;
+  if (!rc && n && (!wi || !paths)) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  for (int64_t i = 0; !rc && i < n; i++) {
+    char *p = paths + (size_t)i * PATH_MAX;
+    uint64_t fp = 0;
+    struct stat sb;
+    if ((rc = blip_store_get(st, ids[i], NULL, p, PATH_MAX)) || (rc = blip_store_row_fingerprint(st, ids[i], &fp))) break;
+    wi[i] = (blip_index_item){p, stat(p, &sb) == 0 ? sb.st_size : 0, 0, fp, 0, ids[i]};
+  }
+  if (!rc && n) {
+    blip_index_opts o = *io;
+    o.repair = 1;
+    rc = blip_index_embed(model, st, wi, n, &o, ic);
+  }
+  if (ic->unrepaired > before)
+    fprintf(stderr, "blip-index: %lld token records could not be recomputed (file unreadable or changed); queries "
+                    "read those photos' files\n", (long long)(ic->unrepaired - before));
+  free(ids);
+  free(wi);
+  free(paths);
+  return rc;
+}
+
 /* mkdir -p for the parents of the index directory */
 static void make_parents(const char *dir) {
   char p[PATH_MAX];
@@ -233,11 +332,11 @@ static void make_parents(const char *dir) {
 /* ---- main ---- */
 
 typedef struct {
-  int64_t added, updated, moved, deleted, unchanged, failed;
+  int64_t added, updated, moved, deleted, unchanged, failed, embedded, repaired;
 } counts;
 
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
-       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP };
+       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_REPAIR };
 
 int main(int argc, char **argv) {
   static const struct option lopts[] = {
@@ -246,11 +345,12 @@ int main(int argc, char **argv) {
       {"rebuild", 0, 0, OPT_REBUILD}, {"no-rerank-store", 0, 0, OPT_NORR}, {"rerank-f16", 0, 0, OPT_F16},
       {"exclude", 1, 0, OPT_EXCL},   {"threads", 1, 0, OPT_THREADS}, {"batch", 1, 0, OPT_BATCH},
       {"check", 0, 0, OPT_CHECK},    {"dump", 0, 0, OPT_DUMP},       {"help", 0, 0, OPT_HELP},
+      {"repair", 0, 0, OPT_REPAIR},
       {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "";
   const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
-  int check = 0, dump = 0, c;
+  int check = 0, dump = 0, repair = 0, c;
   char **excl = calloc((size_t)argc + 1, sizeof *excl);
   int nexcl = 0;
   if (!excl) return 1;
@@ -270,6 +370,7 @@ int main(int argc, char **argv) {
     case OPT_BATCH: B = atoi(optarg); break;
     case OPT_CHECK: check = 1; break;
     case OPT_DUMP: dump = 1; break;
+    case OPT_REPAIR: repair = 1; break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
     default: fputs(USAGE, stderr); free(excl); return 2;
     }
@@ -297,7 +398,13 @@ int main(int argc, char **argv) {
   if (check || dump) { /* maintenance: read-only, no model */
     blip_store_opts ro = {0};
     int rc = blip_store_open(dbdir, NULL, &ro, &st);
-    if (!rc && check) rc = blip_store_verify(st);
+    if (!rc && check) {
+      blip_store_report rep;
+      if ((rc = blip_store_check(st, &rep)) == BLIP_OK) {
+        ret = print_check(st, &rep, json);
+        goto out;
+      }
+    }
     if (!rc && dump) {
       dump_ctx dc = {atoi(blip_store_meta(st, "embed_dim"))};
       rc = blip_store_each(st, 0, print_dump_row, &dc);
@@ -306,15 +413,11 @@ int main(int argc, char **argv) {
       fprintf(stderr, "blip-index: %s\n", blip_err_last());
       goto out;
     }
-    if (check) {
-      if (json) printf("{\"ok\": true, \"images\": %lld}\n", (long long)blip_store_count(st));
-      else printf("ok: %lld searchable images, SQLite, FAISS and rerank store agree\n", (long long)blip_store_count(st));
-    }
     ret = 0;
     goto out;
   }
 
-  if (optind >= argc) {
+  if ((optind >= argc && !repair) || (repair && dry)) {
     fputs(USAGE, stderr);
     ret = 2;
     goto out;
@@ -333,7 +436,7 @@ int main(int argc, char **argv) {
 
   /* roots, canonical so that stored paths are stable whatever the cwd */
   int nroots = argc - optind;
-  if (!(roots = calloc((size_t)nroots, sizeof *roots))) goto oom;
+  if (!(roots = calloc((size_t)nroots + 1, sizeof *roots))) goto oom;
   for (int i = 0; i < nroots; i++) {
     if (!(roots[i] = realpath(argv[optind + i], NULL))) {
       fprintf(stderr, "blip-index: %s: %s\n", argv[optind + i], strerror(errno));
@@ -370,6 +473,7 @@ int main(int argc, char **argv) {
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
   signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails the write (EFBIG, reported) instead of killing us */
+  if (st && !dry && (rc = check_and_mark(st, repair))) goto fail;
 
   /* walk */
   walker w = {excl, nexcl, NULL, 0, 0, &found, 0, {0}};
@@ -469,14 +573,17 @@ int main(int argc, char **argv) {
     wi[i] = (blip_index_item){work.v[i].path, work.v[i].size, work.v[i].mtime_ns, work.v[i].fp, work.v[i].has_fp,
                               work.v[i].replace};
   progress_ctx pc = {now_s(), 0};
-  blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc};
+  blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc, 0};
   blip_index_counts ic = {0};
   rc = blip_index_embed(model, st, wi, work.n, &io, &ic);
   free(wi);
+  if (rc == BLIP_OK && !g_stop && !norr) rc = repair_tokens(model, st, &io, &ic);
   if (pc.shown) fputc('\n', stderr);
   cn.added = ic.added;
   cn.updated = ic.updated;
   cn.failed = ic.failed;
+  cn.embedded = ic.embedded;
+  cn.repaired = ic.repaired;
   if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
   if (rc) goto fail;
   if ((rc = blip_store_flush(st))) goto fail;
@@ -489,10 +596,14 @@ interrupted:
   ret = 130;
 summary:
   if (errors && st) blip_store_each(st, 1, print_error_row, NULL);
+  if (st && !dry && (blip_store_damage(st) & BLIP_DAMAGE_CACHE))
+    fprintf(stderr, "blip-index: vectors.faiss was damaged; rewritten from index.sqlite\n");
+  if (cn.repaired) fprintf(stderr, "blip-index: tokens.bin: %lld lost or damaged records recomputed\n", (long long)cn.repaired);
   if (json) {
-    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added, "updated",
+    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added, "updated",
                           (json_int_t)cn.updated, "moved", (json_int_t)cn.moved, "deleted", (json_int_t)cn.deleted,
-                          "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed, "seconds",
+                          "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed, "embedded",
+                          (json_int_t)cn.embedded, "repaired", (json_int_t)cn.repaired, "seconds",
                           now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
     char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (s) printf("%s\n", s);

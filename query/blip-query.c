@@ -152,6 +152,19 @@ static void say_notes(const blip_search_result *r) {
             r->dropped);
 }
 
+/* Damage of the index that queries worked around, once a run, with the way to repair it. */
+static void say_damage(const blip_search *s) {
+  static unsigned said;
+  unsigned d = s ? blip_search_damage(s) & ~said : 0;
+  if (d & BLIP_DAMAGE_CACHE)
+    fprintf(stderr, "blip-query: vectors.faiss is damaged: searching the vectors in index.sqlite instead (slower); "
+                    "run blip-index --repair\n");
+  if (d & BLIP_DAMAGE_TOKENS)
+    fprintf(stderr, "blip-query: tokens.bin: token records missing or damaged: recomputing them from the photos "
+                    "(slower); run blip-index --repair\n");
+  said |= d;
+}
+
 /* Texts of a --texts-file, one a line (empty lines skipped); appended to *v. */
 static int read_texts(const char *path, char ***v, int *n) {
   FILE *f = fopen(path, "r");
@@ -331,6 +344,7 @@ int main(int argc, char **argv) {
     } else if (blip_search_image(s, pix, &o, &r)) {
       goto fail;
     }
+    say_damage(s);
     if (r.truncated) fprintf(stderr, "blip-query: a text was truncated to %d tokens\n", BLIP_SEARCH_MAX_TOKENS);
     if (r.n) print_hits(&pr, &r, NULL);
     else say_no_match(&r, &o);
@@ -344,6 +358,7 @@ int main(int argc, char **argv) {
       while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
       if (!len) continue;
       if (blip_search_text(s, line, &o, &r)) goto fail;
+      say_damage(s);
       say_notes(&r);
       if (!r.n) say_no_match(&r, &o);
       print_hits(&pr, &r, line); /* an empty result is printed too: one answer a query */
@@ -353,6 +368,7 @@ int main(int argc, char **argv) {
     ret = any ? 0 : 1;
   } else {
     if (blip_search_text(s, argv[optind], &o, &r)) goto fail;
+    say_damage(s);
     say_notes(&r);
     if (r.n) print_hits(&pr, &r, NULL);
     else say_no_match(&r, &o);

@@ -94,9 +94,34 @@ static void *decoder(void *arg) {
   }
 }
 
+/* Repair mode: rewrite the token records of the batch's rows from the
+ * tokens just computed (embeds, packed decoded-first). A file that cannot be
+ * decoded, or whose content is no longer the row's, gives up its record. */
+static int repair_batch(blip_store *st, slot *b, size_t per, float *embeds, blip_index_counts *c) {
+  int64_t ids[MAXB];
+  uint64_t fps[MAXB];
+  int n = 0, k = 0, rc = BLIP_OK;
+  for (int i = 0; i < b->n && !rc; i++) {
+    const blip_index_item *it = b->it[i];
+    int ok = !b->err[i][0];
+    if (ok && b->fp[i] == it->fingerprint) {
+      if (n != k) memmove(embeds + n * per, embeds + k * per, per * sizeof *embeds);
+      ids[n] = it->replace;
+      fps[n++] = it->fingerprint;
+    } else {
+      rc = blip_store_drop_tokens(st, it->replace);
+      c->unrepaired++;
+    }
+    k += ok;
+  }
+  if (!rc && n) rc = blip_store_put_tokens(st, n, ids, fps, embeds);
+  if (!rc) c->repaired += n;
+  return rc;
+}
+
 /* Model + commit for one decoded batch. */
-static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, float *feats, float *embeds,
-                     blip_index_counts *c) {
+static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, int repair, float *feats,
+                     float *embeds, blip_index_counts *c) {
   blip_store_row rows[MAXB];
   int64_t rep[MAXB];
   int nok = 0, r = 0, rc;
@@ -108,6 +133,8 @@ static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, 
       nok++;
     }
   if (nok && (rc = blip_model_vision(m, b->pix, nok, tokens ? embeds : NULL, feats))) return rc;
+  c->embedded += nok;
+  if (repair) return repair_batch(st, b, (size_t)blip_model_cfg(m)->v_tokens * blip_model_cfg(m)->v_hidden, embeds, c);
   for (int pass = 0; pass < 2; pass++)
     for (int i = 0; i < b->n; i++) {
       if ((pass == 0) != (b->err[i][0] == 0)) continue;
@@ -133,6 +160,7 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
   int B = opts->batch, S = cfg->image_size, rc = BLIP_OK, started = 0;
   if (B < 1 || B > MAXB || opts->threads < 1) return blip_err_set(BLIP_EINVAL, "batch must be 1..%d, threads >= 1", MAXB);
   int tokens = opts->tokens && blip_store_tokens_fmt(st) != BLIP_TOKENS_NONE;
+  if (opts->repair && !tokens) return blip_err_set(BLIP_EINVAL, "token repair needs a rerank store");
   pipeline p;
   memset(&p, 0, sizeof p);
   pthread_mutex_init(&p.mu, NULL);
@@ -167,7 +195,7 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
     pthread_mutex_unlock(&p.mu);
     counts->decode_wait_s += now_s() - tw;
     if (!have) break;
-    if ((rc = run_batch(m, st, b, S, tokens, feats, embeds, counts))) break;
+    if ((rc = run_batch(m, st, b, S, tokens, opts->repair, feats, embeds, counts))) break;
     committed += b->n;
     pthread_mutex_lock(&p.mu);
     b->ready = 0;

@@ -22,7 +22,7 @@ typedef struct {
   int64_t size, mtime_ns;
   uint64_t fingerprint;
   int has_fingerprint; /* 0: computed by the decoder (file already in the page cache) */
-  int64_t replace; /* id of the row this file supersedes (changed file), or 0 */
+  int64_t replace; /* id of the row this file supersedes (changed file), or 0; repair: the row to repair */
 } blip_index_item;
 
 typedef struct {
@@ -34,10 +34,14 @@ typedef struct {
   volatile sig_atomic_t *stop; /* may be NULL */
   void (*progress)(void *ctx, int64_t done, int64_t total); /* after each commit; may be NULL */
   void *ctx;
+  int repair; /* the items are rows whose token records are lost (blip_store_tokens_lost): recompute and
+                 rewrite those records only, for files whose fingerprint is still the row's (has_fingerprint 0) */
 } blip_index_opts;
 
 typedef struct {
   int64_t added, updated, failed;
+  int64_t embedded;              /* images run through the vision model */
+  int64_t repaired, unrepaired;  /* repair: records rewritten; rows given up (file unreadable or changed) */
   double decode_wait_s; /* time the model spent waiting for decoded batches */
 } blip_index_counts;
 
