@@ -1080,13 +1080,12 @@ static void note_bad(int64_t *count, int64_t *first, int64_t id, char *why, size
  * when the in-memory index now mirrors gen and should be compared. */
 static int check_cache(blip_store *st, blip_store_report *r, int *cmp) {
   int64_t gen = db_generation(st);
-  *cmp = 1;
-  if (blip_vcache_gen(st->vc) == gen) return BLIP_OK; /* the writer's, kept in step with its commits */
-  int rc = blip_vcache_load(st->vc, gen);
+  int rc = blip_vcache_gen(st->vc) == gen ? blip_vcache_check_file(st->vc, gen) : blip_vcache_load(st->vc, gen);
   if (rc == BLIP_EFORMAT) snprintf(r->cache, sizeof r->cache, "%s", blip_err_last());
-  if (rc == BLIP_OK) return BLIP_OK;
-  *cmp = 0; /* stale or absent (rebuilt when needed), or damaged: nothing stored to compare */
-  return rc == BLIP_ENOTFOUND || rc == BLIP_EFORMAT ? BLIP_OK : rc;
+  /* compare what is in memory: loaded from the file, or the writer's (kept in step with its commits);
+   * a stale or absent file is rebuilt when needed, a damaged one has nothing stored to compare */
+  *cmp = blip_vcache_gen(st->vc) == gen && rc != BLIP_EFORMAT;
+  return rc == BLIP_OK || rc == BLIP_ENOTFOUND || rc == BLIP_EFORMAT ? BLIP_OK : rc;
 }
 
 int blip_store_check(blip_store *st, blip_store_report *r) {
