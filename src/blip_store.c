@@ -128,6 +128,9 @@ static int db_err(blip_store *st, const char *what) {
   if (code == BLIP_EFULL)
     return blip_err_set(code, "%s: could not write %s/index.sqlite (disk full or file too large?): %s", what,
                         st->dir, sqlite3_errmsg(st->db));
+  if ((ec & 0xff) == SQLITE_CORRUPT)
+    return blip_err_set(code, "%s: %s/index.sqlite: %s (blip-index --check tells what; blip-index --repair "
+                              "rebuilds it from its readable rows)", what, st->dir, sqlite3_errmsg(st->db));
   return blip_err_set(code, "%s: %s/index.sqlite: %s", what, st->dir, sqlite3_errmsg(st->db));
 }
 
@@ -334,6 +337,7 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
     for (int i = 0; i < NMETA - 1 && !rc; i++) rc = set_meta(st, META_KEYS[i], v[i] ? v[i] : "");
     if (!rc) rc = set_meta(st, "tokens", TOK_NAMES[want_tok]);
     if (!rc) rc = set_meta(st, "generation", "0");
+    if (!rc) rc = set_meta(st, "tok_sums", "all"); /* every record gets its checksum as it is written */
     if (!rc) rc = set_meta(st, "created_at", ts);
     if (rc) {
       sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
@@ -1138,10 +1142,6 @@ done:
   return rc;
 }
 
-int blip_store_report_ok(const blip_store_report *r) {
-  return !r->sqlite[0] && !r->cache[0] && !r->cache_bad && !r->rows_bad && !r->tok_bad;
-}
-
 int blip_store_verify(blip_store *st) {
   blip_store_report r;
   int rc = blip_store_check(st, &r);
@@ -1163,7 +1163,9 @@ int blip_store_verify(blip_store *st) {
 int blip_store_tokens_scan(blip_store *st, int full, int64_t *marked) {
   *marked = 0;
   if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
-  if (!blip_tokstore_present(st->tok)) return BLIP_OK;
+  /* records from before schema 2 get their checksum once; then only a full scan reads records */
+  if (!blip_tokstore_present(st->tok) || (!full && db_int(st, "SELECT 1 FROM meta WHERE key='tok_sums'", 0)))
+    return BLIP_OK;
   sqlite3_stmt *s = NULL, *up = NULL;
   int64_t n = 0, cap = 0, *v = NULL; /* {id, has (1 sound, 2 lost), sum} triples */
   int rc = prep(st, full ? "SELECT id, fingerprint, tok_sum FROM images WHERE has_tokens=1"
@@ -1194,12 +1196,13 @@ int blip_store_tokens_scan(blip_store *st, int full, int64_t *marked) {
     rc = db_err(st, "scan token records");
     goto done;
   }
-  if (!n || (rc = exec(st, "BEGIN IMMEDIATE"))) goto done;
+  if ((rc = exec(st, "BEGIN IMMEDIATE"))) goto done;
   for (int64_t i = 0; i < n && !rc; i++) {
     uint64_t sum = (uint64_t)v[3 * i + 2];
     rc = set_tokens(st, &up, v[3 * i], (int)v[3 * i + 1], v[3 * i + 1] == 1 ? &sum : NULL);
     *marked += v[3 * i + 1] == 2;
   }
+  if (!rc) rc = set_meta(st, "tok_sums", "all");
   rc = rc ? rc : exec(st, "COMMIT");
   if (rc) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
   if (*marked) st->damage |= BLIP_DAMAGE_TOKENS;

@@ -166,7 +166,6 @@ typedef struct {
  * score at its own slot for IVF), every token record's tag and checksum.
  * Returns an error only when the check itself could not run. */
 int blip_store_check(blip_store *st, blip_store_report *r);
-int blip_store_report_ok(const blip_store_report *r);
 /* blip_store_check, as BLIP_OK or BLIP_EFORMAT naming the first problem. */
 int blip_store_verify(blip_store *st);
 
