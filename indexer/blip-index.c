@@ -230,7 +230,7 @@ static int print_dump_row(void *ctx, int64_t id, const blip_store_row *r, const 
 
 /* Print what --check found; the exit status: 0 sound, 1 damaged. */
 static int print_check(blip_store *st, const blip_store_report *r, int json) {
-  char msg[4][1200], path[PATH_MAX];
+  char msg[5][1200], path[PATH_MAX];
   int n = 0;
   if (r->sqlite[0])
     snprintf(msg[n++], sizeof msg[0], "index.sqlite is damaged: %s", r->sqlite);
@@ -246,7 +246,7 @@ static int print_check(blip_store *st, const blip_store_report *r, int json) {
     snprintf(msg[n++], sizeof msg[0], "tokens.bin: %lld token records missing or damaged (first: %s: %s); queries "
              "recompute them from the files", (long long)r->tok_bad, path, r->tok_why);
   }
-  if (r->rows_bad && n < 4)
+  if (r->rows_bad)
     snprintf(msg[n++], sizeof msg[0], "index.sqlite: %lld rows whose state and feature disagree", (long long)r->rows_bad);
   if (json) {
     json_t *j = json_pack("{s:b,s:I,s:I,s:[]}", "ok", n == 0, "images", (json_int_t)r->images, "unchecksummed",
@@ -288,35 +288,6 @@ static int check_and_mark(blip_store *st, int repair) {
   return blip_store_tokens_scan(st, full, &marked);
 }
 
-/* Recompute the token records the store lost, from the photos (model work
- * for those only), after the run's own work. */
-static int repair_tokens(blip_model *model, blip_store *st, const blip_index_opts *io, blip_index_counts *ic) {
-  int64_t *ids = NULL, n = 0, before = ic->unrepaired;
-  int rc = blip_store_tokens_lost(st, &ids, &n);
-  blip_index_item *wi = n ? calloc((size_t)n, sizeof *wi) : NULL;
-  char *paths = n ? malloc((size_t)n * PATH_MAX) : NULL;
-  if (!rc && n && (!wi || !paths)) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-  for (int64_t i = 0; !rc && i < n; i++) {
-    char *p = paths + (size_t)i * PATH_MAX;
-    uint64_t fp = 0;
-    struct stat sb;
-    if ((rc = blip_store_get(st, ids[i], NULL, p, PATH_MAX)) || (rc = blip_store_row_fingerprint(st, ids[i], &fp))) break;
-    wi[i] = (blip_index_item){p, stat(p, &sb) == 0 ? sb.st_size : 0, 0, fp, 0, ids[i]};
-  }
-  if (!rc && n) {
-    blip_index_opts o = *io;
-    o.repair = 1;
-    rc = blip_index_embed(model, st, wi, n, &o, ic);
-  }
-  if (ic->unrepaired > before)
-    fprintf(stderr, "blip-index: %lld token records could not be recomputed (file unreadable or changed); queries "
-                    "read those photos' files\n", (long long)(ic->unrepaired - before));
-  free(ids);
-  free(wi);
-  free(paths);
-  return rc;
-}
-
 /* mkdir -p for the parents of the index directory */
 static void make_parents(const char *dir) {
   char p[PATH_MAX];
@@ -332,7 +303,7 @@ static void make_parents(const char *dir) {
 /* ---- main ---- */
 
 typedef struct {
-  int64_t added, updated, moved, deleted, unchanged, failed, embedded, repaired;
+  int64_t added, updated, moved, deleted, unchanged, failed, embedded, repaired, unrepaired;
 } counts;
 
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
@@ -493,7 +464,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "blip-index: %s\n", blip_err_last());
     goto out;
   }
-  qsort(found.v, (size_t)found.n, sizeof *found.v, cmp_item);
+  if (found.n) qsort(found.v, (size_t)found.n, sizeof *found.v, cmp_item); /* --repair alone walks nothing */
 
   /* classify; moves and touches go in one transaction */
   if (st && (rc = blip_store_scan_begin(st))) goto fail;
@@ -577,13 +548,14 @@ int main(int argc, char **argv) {
   blip_index_counts ic = {0};
   rc = blip_index_embed(model, st, wi, work.n, &io, &ic);
   free(wi);
-  if (rc == BLIP_OK && !g_stop && !norr) rc = repair_tokens(model, st, &io, &ic);
+  if (rc == BLIP_OK && !g_stop && !norr) rc = blip_index_repair_tokens(model, st, &io, &ic);
   if (pc.shown) fputc('\n', stderr);
   cn.added = ic.added;
   cn.updated = ic.updated;
   cn.failed = ic.failed;
   cn.embedded = ic.embedded;
   cn.repaired = ic.repaired;
+  cn.unrepaired = ic.unrepaired;
   if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
   if (rc) goto fail;
   if ((rc = blip_store_flush(st))) goto fail;
@@ -599,6 +571,9 @@ summary:
   if (st && !dry && (blip_store_damage(st) & BLIP_DAMAGE_CACHE))
     fprintf(stderr, "blip-index: vectors.faiss was damaged; rewritten from index.sqlite\n");
   if (cn.repaired) fprintf(stderr, "blip-index: tokens.bin: %lld lost or damaged records recomputed\n", (long long)cn.repaired);
+  if (cn.unrepaired)
+    fprintf(stderr, "blip-index: %lld token records could not be recomputed (file unreadable or changed); queries "
+                    "read those photos' files\n", (long long)cn.unrepaired);
   if (json) {
     json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added, "updated",
                           (json_int_t)cn.updated, "moved", (json_int_t)cn.moved, "deleted", (json_int_t)cn.deleted,

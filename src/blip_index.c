@@ -10,10 +10,12 @@
  * at all (blip_store_put is one transaction). */
 #include "blip_index.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "blip_err.h"
@@ -151,6 +153,31 @@ static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, 
     else c->added++;
   }
   return BLIP_OK;
+}
+
+int blip_index_repair_tokens(blip_model *m, blip_store *st, const blip_index_opts *opts, blip_index_counts *counts) {
+  int64_t *ids = NULL, n = 0;
+  int rc = blip_store_tokens_lost(st, &ids, &n);
+  blip_index_item *it = n ? calloc((size_t)n, sizeof *it) : NULL;
+  char *paths = n ? malloc((size_t)n * PATH_MAX) : NULL;
+  if (!rc && n && (!it || !paths)) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  for (int64_t i = 0; !rc && i < n; i++) {
+    char *p = paths + (size_t)i * PATH_MAX;
+    uint64_t fp = 0;
+    struct stat sb;
+    if ((rc = blip_store_get(st, ids[i], NULL, p, PATH_MAX)) || (rc = blip_store_row_fingerprint(st, ids[i], &fp))) break;
+    /* the decoder fingerprints the file again: a record is rewritten only from the row's content */
+    it[i] = (blip_index_item){p, stat(p, &sb) == 0 ? sb.st_size : 0, 0, fp, 0, ids[i]};
+  }
+  if (!rc && n) {
+    blip_index_opts o = *opts;
+    o.repair = 1;
+    rc = blip_index_embed(m, st, it, n, &o, counts);
+  }
+  free(ids);
+  free(it);
+  free(paths);
+  return rc;
 }
 
 int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items, int64_t n,

@@ -50,4 +50,9 @@ typedef struct {
 int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items, int64_t n,
                      const blip_index_opts *opts, blip_index_counts *counts);
 
+/* Recompute the token records the store lost (blip_store_tokens_lost), from
+ * the photos, with model work for those only; opts as for embed (repair is
+ * implied). counts.repaired / unrepaired say what became of them. */
+int blip_index_repair_tokens(blip_model *m, blip_store *st, const blip_index_opts *opts, blip_index_counts *counts);
+
 #endif

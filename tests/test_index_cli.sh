@@ -10,12 +10,6 @@ MODEL=$DATA/blip-tiny
 T=$(mktemp -d /tmp/blip_test_index.XXXXXX)
 trap 'rm -rf "$T"' EXIT
 . "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
-expect() { # expect NAME JSON key=value...
-  local name=$1 json=$2; shift 2
-  for kv in "$@"; do
-    if [[ $json == *"\"${kv%%=*}\":${kv#*=},"* || $json == *"\"${kv%%=*}\":${kv#*=}}"* ]]; then ok; else bad "$name: want $kv in $json"; fi
-  done
-}
 idx() { "$BIN/blip-index" --db "$T/db" --model "$MODEL" --json "$@"; }
 
 L=$T/lib

@@ -18,12 +18,6 @@ MODEL=$DATA/blip-tiny
 T=$(mktemp -d /tmp/blip_test_repair.XXXXXX)
 trap 'rm -rf "$T"' EXIT
 . "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
-expect() { # expect NAME JSON key=value...
-  local name=$1 json=$2; shift 2
-  for kv in "$@"; do
-    if [[ $json == *"\"${kv%%=*}\":${kv#*=},"* || $json == *"\"${kv%%=*}\":${kv#*=}}"* ]]; then ok; else bad "$name: want $kv in $json"; fi
-  done
-}
 idx() { local db=$1; shift; "$BIN/blip-index" --db "$db" --model "$MODEL" --json "$@"; }
 Q="a dog running on a beach"
 qry() { local db=$1; shift; "$BIN/blip-query" --db "$db" --model "$MODEL" --json -n 30 "$@"; }
@@ -155,6 +149,16 @@ check_ok record "$T/rec"
 qry "$T/rec" "$Q" >"$T/rec2.json" 2>"$T/rec2.err" || bad "record: query after repair"
 same record-repaired "$T/rec2.json" 2e-3 # the rewritten record: int8 of a batch-1 forward pass
 [[ ! -s $T/rec2.err ]] && ok || bad "record: notes after repair: $(cat "$T/rec2.err")"
+
+# a damaged record whose photo cannot be read cannot be recomputed: the record is given up, said so
+fresh rec3
+dmg record "$T/rec3" img00006.jpg
+mv "$L/img00006.jpg" "$T/away.jpg"
+out=$(idx "$T/rec3" --repair 2>"$T/rec3.err") || bad "unreadable: --repair exit"
+mv "$T/away.jpg" "$L/img00006.jpg"
+expect unreadable "$out" repaired=0 embedded=0
+grep -q "1 token records could not be recomputed" "$T/rec3.err" && ok || bad "unreadable: $(cat "$T/rec3.err")"
+check_ok unreadable "$T/rec3"
 
 # ---- tokens.bin truncated, deleted, or with a bad header ----
 for kind in truncate delete header; do
