@@ -10,7 +10,8 @@
  *                 through mmap so that a query touches only its top-k.
  * The two caches are modules of their own (blip_vcache, blip_tokstore).
  * Invariants (details in blip_store.c): a committed row's token record was
- * synced before the commit and is never rewritten; ids are never reused
+ * synced before the commit and is never rewritten (but by a repair, while
+ * the row is marked lost), and its checksum is in the row; ids are never reused
  * once committed; the FAISS file is replaced only by rename().
  *
  * One blip_store must not be used from two threads at once. Any number of

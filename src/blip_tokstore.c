@@ -2,7 +2,8 @@
  *
  * Design note. Ids come from SQLite's AUTOINCREMENT, so a committed id is
  * never reused and a committed record is never rewritten (a changed file gets
- * a new row and id). Ids of a rolled-back transaction are reused by the next
+ * a new row and id), except by a repair, while its row is marked lost so that
+ * no reader reads it. Ids of a rolled-back transaction are reused by the next
  * one, which overwrites the leftovers; at open the writer truncates past the
  * highest id ever committed. Deleted ids become holes (punched), which read
  * back as zeros and so never pass the {id, fingerprint} tag check. Readers map
