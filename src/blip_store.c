@@ -1093,14 +1093,14 @@ static int check_cache(blip_store *st, blip_store_report *r, int *cmp) {
 }
 
 int blip_store_check(blip_store *st, blip_store_report *r) {
-  enum { CHUNK = 1024 };
+  enum { CHUNK = 16384 }; /* rows compared per call: IVF groups them by list, the more per list the better */
   memset(r, 0, sizeof *r);
   sqlite3_stmt *s = NULL;
   float *x = malloc((size_t)CHUNK * st->E * sizeof *x);
-  int64_t ids[CHUNK], nx = 0;
+  int64_t *ids = malloc(CHUNK * sizeof *ids), nx = 0;
   int began = 0, row = SQLITE_DONE, cmp = 0;
   /* one snapshot for the whole check: a writer may commit meanwhile */
-  int rc = x ? read_begin(st, &began) : blip_err_set(BLIP_ENOMEM, "out of memory");
+  int rc = x && ids ? read_begin(st, &began) : blip_err_set(BLIP_ENOMEM, "out of memory");
   if (rc || (rc = integrity(st->db, r->sqlite, sizeof r->sqlite)) || (rc = check_cache(st, r, &cmp))) goto done;
   r->images = blip_store_count(st);
   if (cmp && blip_vcache_ntotal(st->vc) != r->images) { /* vectors in FAISS that SQLite lacks, or the reverse */
@@ -1139,6 +1139,7 @@ done:
   sqlite3_finalize(s);
   read_end(st, began);
   free(x);
+  free(ids);
   return rc;
 }
 
