@@ -21,7 +21,8 @@
  *   record that is missing or fails its tag or checksum (tok_sum) is reported
  *   as such, and the caller recomputes it from the file. The writer repairs:
  *   at open it marks rows whose records tokens.bin no longer holds
- *   (has_tokens = 2, a cheap size and header test), flush rewrites a damaged
+ *   (has_tokens = 2, a cheap size test; after a damaged header, every record
+ *   is checked), flush rewrites a damaged
  *   cache, and the indexer recomputes the marked records (put_tokens) with
  *   model work for those photos only. A full scan of every record is
  *   tokens_scan(full), run by --check and --repair.
@@ -367,14 +368,14 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
   return BLIP_OK;
 }
 
-/* Temp files of a flush that a crash interrupted (only the lock holder writes them). */
+/* Temp files of a flush or a database repair that a crash interrupted (only the lock holder writes them). */
 static void remove_stale_tmp(const char *dir) {
   DIR *d = opendir(dir);
   struct dirent *e;
   char p[4096];
   if (!d) return;
   while ((e = readdir(d)))
-    if (strncmp(e->d_name, "vectors.faiss.tmp.", 18) == 0) {
+    if (strncmp(e->d_name, "vectors.faiss.tmp.", 18) == 0 || strncmp(e->d_name, "index.sqlite.repair", 19) == 0) {
       snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
       unlink(p);
     }
@@ -481,6 +482,8 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
     goto fail;
   if (o.write && blip_tokstore_present(st->tok) && (rc = mark_lost_records(st))) goto fail;
   if (blip_tokstore_damaged(st->tok)) st->damage |= BLIP_DAMAGE_TOKENS;
+  int64_t marked; /* a damaged header: keep the records that still pass their tag and checksum */
+  if (o.write && blip_tokstore_damaged(st->tok) && (rc = blip_store_tokens_scan(st, 1, &marked))) goto fail;
   free(p);
   st->ready = 1;
   *out = st;

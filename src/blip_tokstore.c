@@ -12,8 +12,8 @@
  * Damage. Each record's XXH3-64 (tag + payload) is kept in its SQLite row
  * (tok_sum, schema 2), so a reader can tell garbage in a payload from data.
  * A reader finding a foreign or damaged header sees no records (its queries
- * recompute tokens from the files); the writer starts such a file afresh,
- * and the owner marks the rows whose records the file no longer holds. */
+ * recompute tokens from the files); the writer writes the header again and
+ * its owner checks every record, so that only damaged ones are recomputed. */
 #include "blip_tokstore.h"
 
 #include <errno.h>
@@ -128,9 +128,11 @@ int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int 
     ts->damaged = 1;
     close(ts->fd);
     ts->fd = -1;
-  } else { /* new, cut short by a crash, or damaged: start afresh (the owner marks the lost records) */
+  } else { /* new, cut short by a crash (no record was committed), or a damaged header: the records
+            * stay where they are, and the owner checks each against its row's tag and checksum */
     ts->damaged = n == TOK_HDR;
-    if (ftruncate(ts->fd, 0) != 0 || pwrite(ts->fd, want, TOK_HDR, 0) != TOK_HDR || fdatasync(ts->fd) != 0)
+    if ((!ts->damaged && ftruncate(ts->fd, 0) != 0) || pwrite(ts->fd, want, TOK_HDR, 0) != TOK_HDR ||
+        fdatasync(ts->fd) != 0)
       rc = blip_err_errno("write", ts->path);
   }
 done:

@@ -26,8 +26,8 @@ void blip_tokstore_decode(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec
 
 /* Open DIR/tokens.bin (write: created, header written and synced). A reader
  * finding no file, or a header that does not match fmt/T/Dv, gets a store
- * that holds no records (damaged() tells the second case). The writer starts
- * a file with such a header afresh: its records are lost (damaged() = 1). */
+ * that holds no records (damaged() tells the second case). The writer writes
+ * such a header again (damaged() = 1): check every record before trusting it. */
 int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int write, blip_tokstore **out);
 void blip_tokstore_close(blip_tokstore *ts);
 /* Whether the file is open (records can be read or written). */
