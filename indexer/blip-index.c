@@ -230,7 +230,7 @@ static int print_dump_row(void *ctx, int64_t id, const blip_store_row *r, const 
 
 /* Print what --check found; the exit status: 0 sound, 1 damaged. */
 static int print_check(blip_store *st, const blip_store_report *r, int json) {
-  char msg[5][1200], path[PATH_MAX];
+  char msg[6][1200], path[PATH_MAX];
   int n = 0;
   if (r->sqlite[0])
     snprintf(msg[n++], sizeof msg[0], "index.sqlite is damaged: %s", r->sqlite);
@@ -248,6 +248,8 @@ static int print_check(blip_store *st, const blip_store_report *r, int json) {
   }
   if (r->rows_bad)
     snprintf(msg[n++], sizeof msg[0], "index.sqlite: %lld rows whose state and feature disagree", (long long)r->rows_bad);
+  if (r->tok_header)
+    snprintf(msg[n++], sizeof msg[0], "tokens.bin: damaged header (each record is still checked on its own)");
   if (json) {
     json_t *j = json_pack("{s:b,s:I,s:I,s:[]}", "ok", n == 0, "images", (json_int_t)r->images, "unchecksummed",
                           (json_int_t)r->tok_unsummed, "problems");

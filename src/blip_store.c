@@ -1106,6 +1106,7 @@ int blip_store_check(blip_store *st, blip_store_report *r) {
   int rc = x && ids ? read_begin(st, &began) : blip_err_set(BLIP_ENOMEM, "out of memory");
   if (rc || (rc = integrity(st->db, r->sqlite, sizeof r->sqlite)) || (rc = check_cache(st, r, &cmp))) goto done;
   r->images = blip_store_count(st);
+  r->tok_header = blip_tokstore_damaged(st->tok) && !st->write; /* the writer wrote it again at open */
   if (cmp && blip_vcache_ntotal(st->vc) != r->images) { /* vectors in FAISS that SQLite lacks, or the reverse */
     int64_t d = blip_vcache_ntotal(st->vc) - r->images;
     r->cache_bad += d < 0 ? -d : d;
@@ -1156,6 +1157,7 @@ int blip_store_verify(blip_store *st) {
     return blip_err_set(BLIP_EFORMAT, "vectors.faiss: %lld vectors differ from SQLite's (first: image %lld)",
                         (long long)r.cache_bad, (long long)r.cache_first);
   if (r.rows_bad) return blip_err_set(BLIP_EFORMAT, "%lld rows have a state and feature that disagree", (long long)r.rows_bad);
+  if (r.tok_header) return blip_err_set(BLIP_EFORMAT, "tokens.bin: damaged header");
   if (r.tok_bad)
     return blip_err_set(BLIP_EFORMAT, "tokens.bin: %lld records missing or damaged (first: image %lld: %s)",
                         (long long)r.tok_bad, (long long)r.tok_first, r.tok_why);

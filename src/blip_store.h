@@ -156,6 +156,7 @@ typedef struct {
   int64_t cache_bad;    /* FAISS vectors missing or differing from SQLite's features */
   int64_t cache_first;  /* id of the first of them */
   int64_t rows_bad;     /* rows whose state and feature disagree */
+  int tok_header;       /* tokens.bin's header is damaged (each record is still checked on its own) */
   int64_t tok_bad;      /* token records missing or damaged */
   int64_t tok_first;    /* id of the first of them */
   char tok_why[256];    /* what is wrong with that one */

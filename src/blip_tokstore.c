@@ -11,9 +11,10 @@
  *
  * Damage. Each record's XXH3-64 (tag + payload) is kept in its SQLite row
  * (tok_sum, schema 2), so a reader can tell garbage in a payload from data.
- * A reader finding a foreign or damaged header sees no records (its queries
- * recompute tokens from the files); the writer writes the header again and
- * its owner checks every record, so that only damaged ones are recomputed. */
+ * Behind a foreign or damaged header the records are read at the index's own
+ * geometry and trusted only as far as their tag and checksum go: a reader
+ * uses the sound ones, the writer writes the header again and its owner
+ * checks every record, so that only damaged ones are recomputed. */
 #include "blip_tokstore.h"
 
 #include <errno.h>
@@ -124,10 +125,8 @@ int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int 
     rc = blip_err_errno("read", ts->path);
   } else if (n == TOK_HDR && memcmp(h, want, TOK_HDR) == 0) {
     /* a store of this index */
-  } else if (!write) { /* damaged: no records to read; queries recompute them */
+  } else if (!write) { /* damaged header: each record still answers for itself (tag, checksum) */
     ts->damaged = 1;
-    close(ts->fd);
-    ts->fd = -1;
   } else { /* new, cut short by a crash (no record was committed), or a damaged header: the records
             * stay where they are, and the owner checks each against its row's tag and checksum */
     ts->damaged = n == TOK_HDR;

@@ -25,9 +25,10 @@ void blip_tokstore_encode(blip_tokens_fmt fmt, int T, int Dv, const float *x, ui
 void blip_tokstore_decode(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec, float *x);
 
 /* Open DIR/tokens.bin (write: created, header written and synced). A reader
- * finding no file, or a header that does not match fmt/T/Dv, gets a store
- * that holds no records (damaged() tells the second case). The writer writes
- * such a header again (damaged() = 1): check every record before trusting it. */
+ * finding no file gets a store that holds no records. A header that does not
+ * match fmt/T/Dv is damage (damaged() = 1): records are still read at this
+ * geometry, each checked by its tag and checksum; the writer writes the
+ * header again, and its owner checks every record before trusting it. */
 int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int write, blip_tokstore **out);
 void blip_tokstore_close(blip_tokstore *ts);
 /* Whether the file is open (records can be read or written). */
