@@ -241,8 +241,7 @@ int blip_store_flush(blip_store *st) {
   int rc;
   if (blip_vcache_gen(st->vc) < 0) { /* untouched: keep the file if it is fresh and sound */
     if ((rc = blip_vcache_check_file(st->vc, db_generation(st))) == BLIP_OK) return BLIP_OK;
-    if (rc == BLIP_EFORMAT) st->damage |= BLIP_DAMAGE_CACHE;
-    if (rc != BLIP_ENOTFOUND && rc != BLIP_EFORMAT) return rc;
+    if (rc == BLIP_EFORMAT) st->damage |= BLIP_DAMAGE_CACHE; /* else stale, absent or unreadable: rewritten too */
   }
   rc = fx_current(st);
   if (!rc && blip_vcache_stale_kind(st->vc)) rc = fx_rebuild(st, 1);
@@ -1088,11 +1087,12 @@ static void note_bad(int64_t *count, int64_t *first, int64_t id, char *why, size
 static int check_cache(blip_store *st, blip_store_report *r, int *cmp) {
   int64_t gen = db_generation(st);
   int rc = blip_vcache_gen(st->vc) == gen ? blip_vcache_check_file(st->vc, gen) : blip_vcache_load(st->vc, gen);
-  if (rc == BLIP_EFORMAT) snprintf(r->cache, sizeof r->cache, "%s", blip_err_last());
+  if (rc == BLIP_ENOMEM) return rc;
+  if (rc != BLIP_OK && rc != BLIP_ENOTFOUND) snprintf(r->cache, sizeof r->cache, "%s", blip_err_last());
   /* compare what is in memory: loaded from the file, or the writer's (kept in step with its commits);
    * a stale or absent file is rebuilt when needed, a damaged one has nothing stored to compare */
-  *cmp = blip_vcache_gen(st->vc) == gen && rc != BLIP_EFORMAT;
-  return rc == BLIP_OK || rc == BLIP_ENOTFOUND || rc == BLIP_EFORMAT ? BLIP_OK : rc;
+  *cmp = blip_vcache_gen(st->vc) == gen && !r->cache[0];
+  return BLIP_OK;
 }
 
 int blip_store_check(blip_store *st, blip_store_report *r) {

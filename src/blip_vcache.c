@@ -142,7 +142,7 @@ fail:
 static int file_map(const blip_vcache *vc, int64_t gen, uint8_t **map, size_t *len, int64_t h[5]) {
   int fd = open(vc->path, O_RDONLY | O_CLOEXEC), rc = BLIP_OK;
   char magic[8];
-  struct stat sb;
+  struct stat sb = {0};
   *map = NULL;
   if (fd < 0) return errno == ENOENT ? blip_err_set(BLIP_ENOTFOUND, "%s: none", vc->path) : blip_err_errno("open", vc->path);
   if (fstat(fd, &sb) != 0) {
