@@ -43,7 +43,7 @@ struct blip_tokstore {
   size_t stride;
   uint8_t *map, *rec; /* rec: one record of scratch for the writer */
   size_t len;
-  int damaged; /* the header was foreign or damaged (reader: no records; writer: file started afresh) */
+  int damaged; /* the header was foreign or damaged (the writer wrote it again): check every record */
 };
 
 size_t blip_tokstore_payload_size(blip_tokens_fmt fmt, int T, int Dv) {
