@@ -1,6 +1,6 @@
 /* blip-embed: BLIP features and scores for scripts and diagnostics.
  * Images come from files (decoded by blip_img, exact path, EXIF applied
- * unless --no-autorotate) or from preprocessed pixel tensors in a
+ * unless --no-autorotate; PIL's decoding with --reference) or from preprocessed pixel tensors in a
  * safetensors file; texts are tokenized to --max-len ids (35, BLIP's
  * retrieval setting). Prints ITC similarities and, with --itm, ITM logits
  * for every image-text pair. */
@@ -21,13 +21,16 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: blip-embed --model DIR [--image FILE]... [--pixels FILE.safetensors:TENSOR] [--text STR]...\n"
           "                  [--itm] [--itm-first-token enc|cls] [--naive-itm] [--pre-caption] [--max-len N]\n"
-          "                  [--no-autorotate] [--no-color-manage] [--threads N] [--precision f32|bf16|int8] [--json]\n"
+          "                  [--reference | --no-autorotate --no-color-manage] [--threads N] [--precision f32|bf16|int8]\n"
+          "                  [--json]\n"
           "\n"
           "Computes BLIP image features (--image, --pixels: F32 [N,3,S,S] already preprocessed), text features\n"
           "(--text), their ITC cosine similarities, and with --itm the ITM logits [no-match, match] of every\n"
           "image-text pair. ITM puts [ENC] first (the paper's protocol) unless --itm-first-token cls (HF's).\n"
-          "Images are decoded on the exact path with EXIF orientation and ICC profiles applied; the reference\n"
-          "preprocessing (PIL, as in BLIP's evaluation) applies neither: --no-autorotate --no-color-manage.\n"
+          "Images are decoded on the exact path with EXIF orientation and ICC profiles applied (product mode,\n"
+          "as blip-index). --reference decodes as BLIP's evaluation does, PIL's Image.open().convert(\"RGB\"),\n"
+          "byte for byte (as blip-eval): no EXIF orientation, no ICC, naive CMYK, 16-bit grey clipped; README\n"
+          "\"Reference mode\" lists every difference. --no-autorotate, --no-color-manage switch off one each.\n"
           "--pre-caption cleans texts with BLIP's pre_caption first (as retrieval evaluation does).\n"
           "--json prints {image_feat, text_feat, input_ids, itc, itm_logits}; input_ids hold the real\n"
           "tokens ([CLS] ... [SEP], no padding).\n"
@@ -79,13 +82,15 @@ done:
 int main(int argc, char **argv) {
   const char *model_dir = NULL, *pixels = NULL;
   const char **images = calloc((size_t)argc, sizeof *images), **texts = calloc((size_t)argc, sizeof *texts);
-  int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1, colour = 1;
+  int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1, colour = 1,
+      reference = 0;
   blip_itm_first first = BLIP_ITM_ENC;
   blip_model_opts opts = {.precision = BLIP_PREC_F32};
   static struct option lo[] = {
     {"model", 1, 0, 'm'}, {"image", 1, 0, 'i'}, {"pixels", 1, 0, 'p'}, {"text", 1, 0, 't'},
     {"itm", 0, 0, 'I'}, {"itm-first-token", 1, 0, 'F'}, {"naive-itm", 0, 0, 'N'}, {"pre-caption", 0, 0, 'P'},
-    {"max-len", 1, 0, 'L'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"threads", 1, 0, 'T'},
+    {"max-len", 1, 0, 'L'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"reference", 0, 0, 'r'},
+    {"threads", 1, 0, 'T'},
     {"json", 0, 0, 'j'}, {"precision", 1, 0, 'X'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "m:i:p:t:h", lo, NULL)) != -1;) {
     switch (c) {
@@ -104,6 +109,7 @@ int main(int argc, char **argv) {
     case 'L': max_len = atoi(optarg); break;
     case 'R': autorot = 0; break;
     case 'C': colour = 0; break;
+    case 'r': reference = 1; break;
     case 'T': threads = atoi(optarg); break;
     case 'j': json = 1; break;
     case 'X':
@@ -151,6 +157,7 @@ int main(int argc, char **argv) {
     io.size = S;
     io.autorotate = autorot;
     io.color_manage = colour;
+    io.reference = reference;
     for (int i = 0; i < n_img_files; i++)
       if (blip_img_load_file(images[i], &io, px + (size_t)i * 3 * S * S, NULL, NULL)) { fail(images[i]); goto out; }
     emb = malloc(sizeof(float) * n_img * T * D);
