@@ -4,10 +4,12 @@
  * safetensors file; texts are tokenized to --max-len ids (35, BLIP's
  * retrieval setting). Prints ITC similarities and, with --itm, ITM logits
  * for every image-text pair. */
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
 #include "blip_model.h"
+#include "blip_out.h"
 #include "blip_st.h"
 
 #include <getopt.h>
@@ -33,13 +35,15 @@ static void usage(FILE *f) {
           "\"Reference mode\" lists every difference. --no-autorotate, --no-color-manage switch off one each.\n"
           "--pre-caption cleans texts with BLIP's pre_caption first (as retrieval evaluation does).\n"
           "--json prints {image_feat, text_feat, input_ids, itc, itm_logits}; input_ids hold the real\n"
-          "tokens ([CLS] ... [SEP], no padding).\n"
+          "tokens ([CLS] ... [SEP], no padding); a value that is not finite (NaN, inf) is null.\n"
+          "--threads: 1..4 per core (default: all cores).\n"
           "--precision picks the compute precision of the linear layers (default f32; bf16 and int8 are\n"
           "faster and approximate: see the engine's accuracy figures).\n");
 }
 
 static int fail(const char *what) {
-  fprintf(stderr, "blip-embed: %s: %s\n", what, blip_err_last());
+  blip_err_wrap(BLIP_EINVAL, "%s", what);
+  blip_out_error("blip-embed", blip_err_last());
   return 1;
 }
 
@@ -47,7 +51,7 @@ static json_t *matrix(const float *x, int rows, int cols) {
   json_t *a = json_array();
   for (int i = 0; i < rows; i++) {
     json_t *r = json_array();
-    for (int j = 0; j < cols; j++) json_array_append_new(r, json_real(x[(size_t)i * cols + j]));
+    for (int j = 0; j < cols; j++) json_array_append_new(r, blip_out_json_num(x[(size_t)i * cols + j])); /* NaN: null */
     json_array_append_new(a, r);
   }
   return a;
@@ -84,6 +88,7 @@ int main(int argc, char **argv) {
   const char **images = calloc((size_t)argc, sizeof *images), **texts = calloc((size_t)argc, sizeof *texts);
   int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1, colour = 1,
       reference = 0;
+  int bad = BLIP_EINVAL; /* a bad option value, or why an --image is refused */
   blip_itm_first first = BLIP_ITM_ENC;
   blip_model_opts opts = {.precision = BLIP_PREC_F32};
   static struct option lo[] = {
@@ -106,11 +111,11 @@ int main(int argc, char **argv) {
       break;
     case 'N': naive = 1; break;
     case 'P': pre = 1; break;
-    case 'L': max_len = atoi(optarg); break;
+    case 'L': if (blip_arg_int("--max-len", optarg, 2, 512, &max_len)) goto bad_value; break;
     case 'R': autorot = 0; break;
     case 'C': colour = 0; break;
     case 'r': reference = 1; break;
-    case 'T': threads = atoi(optarg); break;
+    case 'T': if (blip_arg_threads("--threads", optarg, &threads)) goto bad_value; break;
     case 'j': json = 1; break;
     case 'X':
       if (blip_model_parse_precision(optarg, &opts.precision)) {
@@ -121,6 +126,14 @@ int main(int argc, char **argv) {
     case 'h': usage(stdout); free(images), free(texts); return 0;
     default: goto usage_err;
     }
+  }
+  bad = BLIP_OK;
+  for (int i = 0; i < n_img_files && !bad; i++) bad = blip_arg_regular_file(images[i]); /* a FIFO would block */
+  if (bad) {
+  bad_value:
+    blip_out_error("blip-embed", blip_err_last());
+    free(images), free(texts);
+    return bad == BLIP_EIO ? 1 : 2; /* a missing file is an error like a corrupt one; a FIFO is a bad argument */
   }
   if (!model_dir || optind < argc || (!n_img_files && !pixels && !n_txt) || max_len < 2) {
   usage_err:
@@ -236,8 +249,8 @@ int main(int argc, char **argv) {
     fputc('\n', stdout);
     json_decref(o);
   } else {
-    for (int j = 0; j < n_txt; j++) printf("text %d: %d tokens: %s\n", j + 1, lens[j], texts[j]);
-    for (int i = 0; i < n_img; i++) printf("image %d: %s\n", i + 1, i < n_img_files ? images[i] : "(pixels)");
+    for (int j = 0; j < n_txt; j++) printf("text %d: %d tokens: ", j + 1, lens[j]), blip_out_fesc(stdout, texts[j]), putchar('\n');
+    for (int i = 0; i < n_img; i++) printf("image %d: ", i + 1), blip_out_fesc(stdout, i < n_img_files ? images[i] : "(pixels)"), putchar('\n');
     if (itc) {
       printf("%-8s %-8s %10s%s\n", "image", "text", "itc", logits ? "   itm_nomatch  itm_match  p(match)" : "");
       for (int i = 0; i < n_img; i++)

@@ -13,8 +13,8 @@ PKGS=(build-essential cmake pkg-config git ca-certificates curl
       libsqlite3-dev sqlite3 libvips-dev libdnnl-dev
       libutf8proc-dev libxxhash-dev libjansson-dev
       clang libclang-rt-14-dev dpkg-dev python3
-      python3-pil python3-numpy   # scripts/gen-pil-cases.py: PIL's reference values
-      strace)                     # tests/test_repair_kill.sh: a SIGKILL at each sync
+      python3-pil python3-numpy  # scripts/gen-pil-cases.py: PIL's reference values
+      strace)                    # fault injection in the tests (strace -e inject=)
 PREFIX=${BLIP_DEPS_PREFIX:-/usr/local}
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -336,7 +336,11 @@ static int vips_fail(int code, const char *what, const char *name) {
   for (char *p = msg; *p; p++)
     if (*p == '\n') *p = ';';
   if (strstr(msg, "out of memory") || strstr(msg, "unable to allocate")) code = BLIP_ENOMEM;
-  if (code == BLIP_EFORMAT) {
+  if (code == BLIP_EFORMAT) { /* valid files that libvips/libtiff cannot read are not "corrupt" */
+    static const char *unsup[] = {"subsampled images not supported", "separate planes not supported", "Old-style JPEG",
+                                  "OJPEG", "nsupported"};
+    for (size_t i = 0; i < sizeof unsup / sizeof *unsup; i++)
+      if (strstr(msg, unsup[i])) return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image variant (%s)", name, msg);
     static const char *trunc[] = {"truncat", "remature end", "nexpected end", "end of file", "EOF", "not enough data",
                                   "short read", "out of data", "end of stream"};
     for (size_t i = 0; i < sizeof trunc / sizeof *trunc; i++)

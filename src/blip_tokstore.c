@@ -125,6 +125,9 @@ int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int 
     rc = blip_err_errno("read", ts->path);
   } else if (n == TOK_HDR && memcmp(h, want, TOK_HDR) == 0) {
     /* a store of this index */
+  } else if (!write && n < TOK_HDR) { /* a crash cut the header short before any record was committed */
+    close(ts->fd);
+    ts->fd = -1;
   } else if (!write) { /* damaged header: each record still answers for itself (tag, checksum) */
     ts->damaged = 1;
   } else { /* new, cut short by a crash (no record was committed), or a damaged header: the records
@@ -171,10 +174,15 @@ int blip_tokstore_put(blip_tokstore *ts, int64_t id, uint64_t fp, const float *t
   memcpy(ts->rec + 8, &fp, 8);
   blip_tokstore_encode(ts->fmt, ts->T, ts->Dv, tokens, ts->rec + TAG_BYTES);
   *sum = rec_sum(ts, ts->rec);
-  ssize_t w = pwrite(ts->fd, ts->rec, ts->stride, rec_off(ts, id));
-  if (w == (ssize_t)ts->stride) return BLIP_OK;
-  if (w >= 0) errno = ENOSPC; /* a short write: the file system ran out of room */
-  return blip_err_errno("write", ts->path);
+  for (size_t done = 0; done < ts->stride;) { /* a short write is retried: the next one says why (ENOSPC, EFBIG) */
+    ssize_t w = pwrite(ts->fd, ts->rec + done, ts->stride - done, rec_off(ts, id) + (off_t)done);
+    if (w <= 0) {
+      if (w == 0) errno = ENOSPC;
+      return blip_err_errno("write", ts->path);
+    }
+    done += (size_t)w;
+  }
+  return BLIP_OK;
 }
 
 int blip_tokstore_sync(blip_tokstore *ts) {
