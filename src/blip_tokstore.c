@@ -10,7 +10,7 @@
  * the file lazily and remap when a record lies past the mapped length.
  *
  * Damage. Each record's XXH3-64 (tag + payload) is kept in its SQLite row
- * (tok_sum, schema 2), so a reader can tell garbage in a payload from data.
+ * (tok_sum, schema 3), so a reader can tell garbage in a payload from data.
  * Behind a foreign or damaged header the records are read at the index's own
  * geometry and trusted only as far as their tag and checksum go: a reader
  * uses the sound ones, the writer writes the header again and its owner

@@ -6,7 +6,7 @@
  *   load maps the file, checks size and checksum, then lets FAISS read the
  *   mapped payload, so damaged bytes are never searched: such a file is
  *   reported as damaged and rebuilt from SQLite like a stale one. "BLIPFX01"
- *   files (no checksum, before schema 2) count as stale: rewritten by the writer.
+ *   files (no checksum, before schema 3) count as stale: rewritten by the writer.
  * - compare() checks the vectors themselves against SQLite's: IDMap2(Flat)
  *   reconstructs each by id. The 1.7.3 C API cannot reconstruct IVF entries
  *   by sparse id, so for IVF each vector is located (list, offset) from the

@@ -1,4 +1,4 @@
--- 002_token_checksums: a checksum for each token record, so that garbage in
+-- 003_token_checksums: a checksum for each token record, so that garbage in
 -- tokens.bin is told from data.
 -- tok_sum is the XXH3-64 of the row's record (tag + payload) as written; NULL
 -- for records written before this version, until the writer has read them once.
