@@ -179,6 +179,19 @@ static void say_notes(const blip_search_result *r) {
             r->dropped);
 }
 
+/* Damage of the index that queries worked around, once a run, with the way to repair it. */
+static void say_damage(const blip_search *s) {
+  static unsigned said;
+  unsigned d = s ? blip_search_damage(s) & ~said : 0;
+  if (d & BLIP_DAMAGE_CACHE)
+    fprintf(stderr, "blip-query: vectors.faiss is damaged: searching the vectors in index.sqlite instead (slower); "
+                    "run blip-index --repair\n");
+  if (d & BLIP_DAMAGE_TOKENS)
+    fprintf(stderr, "blip-query: tokens.bin: token records missing or damaged: recomputing them from the photos "
+                    "(slower); run blip-index --repair\n");
+  said |= d;
+}
+
 /* Texts of a --texts-file, one a line (empty lines skipped); appended to *v. */
 static int read_texts(const char *path, char ***v, int *n) {
   FILE *f = fopen(path, "r");
@@ -358,6 +371,7 @@ int main(int argc, char **argv) {
     } else if (blip_search_image(s, pix, &o, &r)) {
       goto fail;
     }
+    say_damage(s);
     if (r.truncated) fprintf(stderr, "blip-query: a text was truncated to %d tokens\n", BLIP_SEARCH_MAX_TOKENS);
     if (r.n) print_hits(&pr, &r, NULL, NULL);
     else say_no_match(&r, &o);
@@ -372,6 +386,7 @@ int main(int argc, char **argv) {
       if (!len) continue;
       int e = blip_search_text(s, line, &o, &r);
       if (e && e != BLIP_EINVAL) goto fail;
+      say_damage(s);
       if (e) blip_out_error("blip-query", blip_err_last()); /* a refused line: the session goes on */
       else say_notes(&r);
       if (!e && !r.n) say_no_match(&r, &o);
@@ -382,6 +397,7 @@ int main(int argc, char **argv) {
     ret = any ? 0 : 1;
   } else {
     if (blip_search_text(s, argv[optind], &o, &r)) goto fail;
+    say_damage(s);
     say_notes(&r);
     if (r.n) print_hits(&pr, &r, NULL, NULL);
     else say_no_match(&r, &o);

@@ -6,7 +6,7 @@
  *   real tokens only), so the text layers run once over a [K, len] batch
  *   (K > 64 goes in calls of 64, which bounds the vision-token buffer).
  * - Vision tokens come from the rerank store; a candidate without a record
- *   (index built with --no-rerank-store, or a failed record) is decoded from
+ *   (index built with --no-rerank-store, or a lost or damaged record) is decoded from
  *   its file with the indexer's preprocessing and run through the vision
  *   encoder. A candidate whose tokens cannot be had at all is dropped and
  *   counted (res->dropped), never given a made-up score.
@@ -135,6 +135,8 @@ int blip_search_refresh(blip_search *s, int *reopened) {
 const char *blip_search_meta(const blip_search *s, const char *key) { return blip_store_meta(s->st, key); }
 
 int64_t blip_search_count(blip_search *s) { return blip_store_count(s->st); }
+
+unsigned blip_search_damage(const blip_search *s) { return blip_store_damage(s->st); }
 
 int blip_search_attach(blip_search *s, blip_model *m) {
   const blip_cfg *c = blip_model_cfg(m);
@@ -415,8 +417,9 @@ static int fill_meta(blip_search *s, blip_search_hit *hits, int *n, int want, in
   return rc;
 }
 
-/* Vision tokens of hit h into out [T,Dv]: rerank store, else recomputed from
- * the file. BLIP_ENOTFOUND only when the image left the index meanwhile. */
+/* Vision tokens of hit h into out [T,Dv]: rerank store, else (no record, or a
+ * missing or damaged one) recomputed from the file. BLIP_ENOTFOUND only when
+ * the image left the index meanwhile. */
 static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out) {
   int rc = blip_store_tokens(s->st, h->id, out);
   if (rc == BLIP_OK || rc == BLIP_ENOMEM || rc == BLIP_EDB) return rc;
@@ -425,7 +428,7 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
   if (!m) m = hit_meta(s, q, h); /* the row first: a deleted image's record may be a hole */
   sqlite3_finalize(q);
   if (m) return m;
-  if (rc == BLIP_ENOTFOUND && !(rc = blip_img_init())) {
+  if ((rc == BLIP_ENOTFOUND || rc == BLIP_EFORMAT) && !(rc = blip_img_init())) {
     blip_img_opts io; /* the indexer's preprocessing */
     blip_img_opts_default(&io);
     io.size = s->S;

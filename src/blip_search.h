@@ -91,6 +91,8 @@ int blip_search_refresh(blip_search *s, int *reopened);
 /* Index meta value ("model", "precision", ...) or NULL. */
 const char *blip_search_meta(const blip_search *s, const char *key);
 int64_t blip_search_count(blip_search *s);
+/* BLIP_DAMAGE_* bits (blip_store.h): damaged derived data the queries so far worked around. */
+unsigned blip_search_damage(const blip_search *s);
 /* Use model m (borrowed) for queries; BLIP_EMISMATCH when the index was built
  * by other weights or another geometry. */
 int blip_search_attach(blip_search *s, blip_model *m);
