@@ -18,6 +18,7 @@
 #include "blip_search.h"
 
 #include <ctype.h>
+#include <jansson.h>
 #include <math.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -476,6 +477,35 @@ int blip_search_image(blip_search *s, const float *pixels, const blip_search_opt
   if (!rc) rc = search_feat(s, feat, NULL, 0, o, res);
   free(feat);
   return rc;
+}
+
+static json_t *num_or_null(float v) { return isnan(v) ? json_null() : json_real(v); }
+
+void *blip_search_hit_json(const blip_search_hit *h, int rank, const char *text) {
+  json_t *o = text ? json_pack("{s:i, s:I, s:s}", "rank", rank, "index", (json_int_t)h->id, "text", text)
+                   : json_pack("{s:i, s:I, s:s, s:o}", "rank", rank, "id", (json_int_t)h->id, "path",
+                               h->path ? h->path : "", "taken_at",
+                               h->taken_at[0] ? json_string(h->taken_at) : json_null());
+  if (o && !text) {
+    char mt[20];
+    time_t t = (time_t)(h->mtime_ns / 1000000000);
+    struct tm tm;
+    localtime_r(&t, &tm);
+    strftime(mt, sizeof mt, "%Y-%m-%dT%H:%M:%S", &tm);
+    json_object_set_new(o, "mtime", json_string(mt));
+  }
+  if (o) {
+    json_object_set_new(o, "score", json_real(h->score));
+    json_object_set_new(o, "itm_prob", num_or_null(h->itm_prob));
+    json_object_set_new(o, "itm_logit", num_or_null(h->itm_logit));
+    json_object_set_new(o, "cosine", json_real(h->cosine));
+  }
+  return o;
+}
+
+int blip_search_feat(blip_search *s, const float *feat, const blip_search_opts *o, blip_search_result *res) {
+  memset(res, 0, sizeof *res);
+  return search_feat(s, feat, NULL, 0, o, res);
 }
 
 int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat, const char *const *texts, int n,

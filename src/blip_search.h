@@ -91,6 +91,9 @@ int blip_search_attach(blip_search *s, blip_model *m);
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res);
 /* Image -> images by ITC (pixels [3,S,S] preprocessed). */
 int blip_search_image(blip_search *s, const float *pixels, const blip_search_opts *o, blip_search_result *res);
+/* Images by ITC against a feature [E] (L2-normalized by the caller): "more
+ * like this" from a stored feature, clip-retrieval's embedding input. */
+int blip_search_feat(blip_search *s, const float *feat, const blip_search_opts *o, blip_search_result *res);
 void blip_search_result_free(blip_search_result *res);
 
 /* ---- entry points without an index (tests, image -> text) ---- */
@@ -107,6 +110,11 @@ int blip_search_rerank(blip_model *m, const int32_t *ids, int len, const float *
  * The top `rerank` by cosine get ITM (0 = ITC only); hits[].id = text index. */
 int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat, const char *const *texts, int n,
                            int rerank, blip_search_result *res);
+/* A hit as blip-query --json prints it: {rank, id, path, taken_at, mtime,
+ * score, itm_prob, itm_logit, cosine} (mtime in local time; NANs as null),
+ * or for a ranked text (text != NULL) {rank, index, text, score, ...}.
+ * Returns a new jansson object (json_t *) or NULL. */
+void *blip_search_hit_json(const blip_search_hit *h, int rank, const char *text);
 /* Order hits: reranked ones by score, then the rest by cosine (stable). */
 void blip_search_sort(blip_search_hit *hits, int n);
 
