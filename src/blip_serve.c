@@ -21,6 +21,7 @@
 #include "blip_serve.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -913,10 +914,13 @@ static json_t *knn_json(blip_serve *sv, const job *j, const void *ctx) {
 static int open_indexed(blip_serve *sv, int64_t id, row_info *r, int *fd, struct stat *st) {
   *fd = -1;
   if (meta_row(sv, id, r, 0)) return 404;
+  struct stat ls;
+  if (lstat(r->path, &ls)) return 410;
+  if (S_ISLNK(ls.st_mode)) return 403;
   char *rp = realpath(r->path, NULL);
   int same = rp && !strcmp(rp, r->path);
   free(rp);
-  if (!same) return 410; /* gone, or a directory on the way became a symlink */
+  if (!same) return rp ? 403 : 410; /* a directory on the way became a symlink */
   int f = open(r->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
   if (f < 0) return errno == ELOOP ? 403 : 410;
   char pp[64];
@@ -961,7 +965,8 @@ static enum MHD_Result not_modified(blip_serve *sv, struct MHD_Connection *c, re
 static enum MHD_Result file_error(blip_serve *sv, struct MHD_Connection *c, req *q, int status, int64_t id) {
   switch (status) {
   case 404: return respond_err(sv, c, q, 404, "no indexed photo %" PRId64, id);
-  case 403: return respond_err(sv, c, q, 403, "photo %" PRId64 " is a symbolic link now: not served", id);
+  case 403:
+    return respond_err(sv, c, q, 403, "photo %" PRId64 ": its path leads through a symbolic link now: not served", id);
   case 409:
     return respond_err(sv, c, q, 409, "photo %" PRId64 " changed since it was indexed: run blip-index", id);
   default: return respond_err(sv, c, q, 410, "photo %" PRId64 " is gone from its indexed path", id);
@@ -1408,6 +1413,26 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *c, const char
   return handle(sv, c, q);
 }
 
+/* URL unescaping as MHD's, except that %00 stays as it is: a NUL would cut
+ * "/api/photo/1%00junk" to an id the client did not ask for. */
+static size_t unescape_cb(void *cls, struct MHD_Connection *c, char *s) {
+  char *w = s;
+  for (const char *r = s; *r; r++) {
+    if (*r == '%' && isxdigit((unsigned char)r[1]) && isxdigit((unsigned char)r[2])) {
+      char hex[3] = {r[1], r[2], 0};
+      unsigned long v = strtoul(hex, NULL, 16);
+      if (v) {
+        *w++ = (char)v;
+        r += 2;
+        continue;
+      }
+    }
+    *w++ = *r;
+  }
+  *w = 0;
+  return (size_t)(w - s);
+}
+
 /* A path as a log field: printable ASCII, the rest %XX (no log injection). */
 static void log_escape(const char *in, char *out, size_t cap) {
   size_t k = 0;
@@ -1549,6 +1574,7 @@ int blip_serve_start(const blip_serve_opts *o, blip_serve **out) {
                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)sv->o.max_conns, MHD_OPTION_CONNECTION_TIMEOUT,
                            (unsigned)sv->o.conn_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536,
                            MHD_OPTION_NOTIFY_COMPLETED, completed_cb, sv, MHD_OPTION_LISTEN_BACKLOG_SIZE, 128,
+                           MHD_OPTION_UNESCAPE_CALLBACK, unescape_cb, sv,
                            MHD_OPTION_END);
   if (!sv->d) {
     rc = blip_err_set(BLIP_EIO, "cannot listen on %s: %s", listen, strerror(errno));
