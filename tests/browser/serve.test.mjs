@@ -68,6 +68,7 @@ try {
   check("grid = /api/search order", JSON.stringify(shown) === JSON.stringify(api.results.map((r) => r.path)), [shown.slice(0, 3), api.results.slice(0, 3).map((r) => r.path)]);
   check("first page holds 40", shown.length === 40, shown.length);
   await page.screenshot({ path: path.join(shots, "grid.png") });
+  await page.screenshot({ path: path.join(shots, "grid.jpg"), type: "jpeg", quality: 70 }); // README's
 
   // details on focus
   await page.focus("#grid .hit:nth-child(1) .thumb");

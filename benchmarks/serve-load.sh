@@ -1,0 +1,112 @@
+#!/bin/bash
+# serve-load.sh: blip-serve under load with wrk, on loopback only, bounded in
+# time (about 3 minutes). Reports, for text search with rerank 16 and rerank
+# 0 at 1, 4 and 16 connections: requests/s, p50 and p99 latency and failed
+# requests; RSS across 10,000+ requests; the same load while blip-index adds
+# photos and is SIGKILLed; and the latency of normal requests while a
+# slow-loris client holds connections open by trickling header bytes.
+#   benchmarks/serve-load.sh [BUILD_DIR=build] [MODEL=tests/data/blip-tiny] [PHOTOS=1000] [SECS=8]
+set -euo pipefail
+BIN=$(cd "${1:-build}" && pwd)
+MODEL=$(cd "${2:-tests/data/blip-tiny}" && pwd)
+NPH=${3:-1000}
+SECS=${4:-8}
+command -v wrk >/dev/null || { echo "serve-load: wrk is not installed (scripts/install-deps.sh)"; exit 2; }
+T=$(mktemp -d /tmp/blip_serve_load.XXXXXX)
+SPID=
+trap '[ -n "$SPID" ] && kill "$SPID" 2>/dev/null; rm -rf "$T"' EXIT
+export OMP_WAIT_POLICY=passive
+
+mkdir -p "$T/lib" "$T/more"
+"$BIN/gen_photos" "$T/lib" "$NPH" --size 64x64 >/dev/null
+"$BIN/gen_photos" "$T/more" 400 --size 64x64 --seed 3 --start 100000 >/dev/null
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null
+"$BIN/blip-serve" --db "$T/db" --model "$MODEL" --listen 127.0.0.1:0 >"$T/out" 2>"$T/log" &
+SPID=$!
+for _ in $(seq 600); do grep -q "listening on" "$T/out" && break; sleep 0.1; done
+URL=$(sed -n 's|.*listening on \(http://[0-9.:]*\)/.*|\1|p' "$T/out")
+rss() { awk '/VmRSS/ {print $2}' "/proc/$SPID/status"; }
+echo "blip-serve on $URL, $NPH photos, model $(basename "$MODEL"), $(nproc) cores, wrk ${SECS}s per run"
+
+# wrk's summary as one line: req/s p50 p99 requests failures
+cat >"$T/report.lua" <<'EOF'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local fails = e.connect + e.read + e.write + e.timeout + e.status
+  io.write(string.format("RESULT %.1f %.2f %.2f %d %d\n", summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.requests, fails))
+end
+EOF
+run() { # run CONNS URL [SECS] -> "req/s p50 p99 n fails"
+  wrk -t "$(( $1 < 2 ? 1 : 2 ))" -c "$1" -d "${3:-$SECS}s" --timeout 30s -s "$T/report.lua" "$2" | sed -n 's/^RESULT //p'
+}
+Q="q=a%20dog%20running%20on%20a%20beach&n=20"
+printf '\n%-26s %6s %10s %10s %10s %9s %6s\n' "text search" conns "req/s" "p50 ms" "p99 ms" requests fails
+total_fail=0
+for k in 16 0; do
+  for c in 1 4 16; do
+    read -r rps p50 p99 n f < <(run "$c" "$URL/api/search?$Q&rerank=$k")
+    printf '%-26s %6d %10s %10s %10s %9s %6s\n' "rerank $k" "$c" "$rps" "$p50" "$p99" "$n" "$f"
+    total_fail=$((total_fail + f))
+  done
+done
+
+# RSS across at least 10,000 requests (rerank 0 and thumbnails of every photo)
+r0=$(rss); n_all=0
+while [ "$n_all" -lt 10000 ]; do
+  read -r _ _ _ n f < <(run 4 "$URL/api/search?$Q&rerank=0" 4)
+  n_all=$((n_all + n)); total_fail=$((total_fail + f))
+done
+r1=$(rss)
+while [ "$n_all" -lt 20000 ]; do
+  read -r _ _ _ n f < <(run 4 "$URL/api/search?$Q&rerank=4" 4)
+  n_all=$((n_all + n)); total_fail=$((total_fail + f))
+done
+r2=$(rss)
+printf '\nRSS: %d KiB at start, %d KiB after 10k+, %d KiB after %d requests\n' "$r0" "$r1" "$r2" "$n_all"
+
+# while blip-index adds photos, then is SIGKILLed mid-run
+cp -r "$T/more" "$T/lib/more"
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null & IPID=$!
+read -r rps p50 p99 n f < <(run 4 "$URL/api/search?$Q&rerank=16" 4)
+kill -9 "$IPID" 2>/dev/null || true; wait "$IPID" 2>/dev/null || true
+printf '\nwhile blip-index adds 400 photos: %s req/s, p50 %s ms, p99 %s ms, %s requests, %s failed\n' "$rps" "$p50" "$p99" "$n" "$f"
+total_fail=$((total_fail + f))
+mkdir -p "$T/lib/more2" && "$BIN/gen_photos" "$T/lib/more2" 400 --size 64x64 --seed 4 --start 200000 >/dev/null
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null & IPID=$!
+( sleep 1; kill -9 "$IPID" 2>/dev/null ) &
+read -r rps p50 p99 n f < <(run 4 "$URL/api/search?$Q&rerank=16" 4)
+wait "$IPID" 2>/dev/null || true
+printf 'blip-index SIGKILLed after 1 s:   %s req/s, p50 %s ms, p99 %s ms, %s requests, %s failed\n' "$rps" "$p50" "$p99" "$n" "$f"
+total_fail=$((total_fail + f))
+count=$(python3 -c 'import json,sys,urllib.request; print(json.load(urllib.request.urlopen(sys.argv[1]))["count"])' "$URL/api/status")
+echo "index after the kill: $count photos searchable (consistent: every committed batch)"
+
+# slow loris: 40 connections trickling one header byte a second
+python3 - "$URL" 40 25 <<'EOF' &
+import socket, sys, time
+host, port = sys.argv[1].split("//")[1].split(":")
+socks = []
+for _ in range(int(sys.argv[2])):
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")
+    socks.append(s)
+end = time.time() + float(sys.argv[3])
+while time.time() < end:
+    for s in socks:
+        try:
+            s.sendall(b"X")
+        except OSError:
+            pass
+    time.sleep(1)
+EOF
+LPID=$!
+sleep 2
+read -r rps p50 p99 n f < <(run 4 "$URL/api/search?$Q&rerank=16" 8)
+printf '\nwith 40 slow-loris connections open: %s req/s, p50 %s ms, p99 %s ms, %s requests, %s failed\n' "$rps" "$p50" "$p99" "$n" "$f"
+total_fail=$((total_fail + f))
+kill "$LPID" 2>/dev/null || true; wait "$LPID" 2>/dev/null || true
+echo
+echo "failed requests in all runs: $total_fail"
+kill -TERM "$SPID"; wait "$SPID" || true; SPID=
+echo "log lines: $(grep -c ' ms' "$T/log") (one a request)"
