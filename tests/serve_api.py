@@ -15,7 +15,7 @@ import time
 import urllib.parse
 import zlib
 
-from serve_lib import Server, multipart
+from serve_lib import Server, multipart, sanitizer_reports
 from testlib import write_png
 
 BIN, MODEL, T = sys.argv[1:4]
@@ -433,5 +433,6 @@ check("log: one line per request", len(lines) >= 100, len(lines))
 check("log: control characters escaped", "GET /api/search%0AFAKE%20200 404" in log and "\nFAKE" not in log,
       [l for l in lines if "FAKE" in l])
 
+check("servers ran clean (no sanitizer report)", not sanitizer_reports(), sanitizer_reports()[:5])
 print("serve_api: %d passed, %d failed" % (passed, failed))
 sys.exit(1 if failed else 0)

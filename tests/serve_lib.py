@@ -11,6 +11,7 @@ import time
 import atexit
 
 _running = []
+all_logs = []  # every server's log, for the sanitizer check
 
 
 @atexit.register
@@ -27,6 +28,7 @@ class Server:
     def __init__(self, binary, db, model, *args, log=None, env=None):
         self.log_path = log or os.path.join(db + ".serve.log")
         self.logf = open(self.log_path, "ab")
+        all_logs.append(self.log_path)
         cmd = [binary, "--db", db, "--model", model]
         if not any(a.startswith("--listen") for a in args):
             cmd += ["--listen", "127.0.0.1:0"]
@@ -113,3 +115,13 @@ def multipart(fields, files):
                 "Content-Type: application/octet-stream\r\n\r\n" % (b, k, fn)).encode() + data + b"\r\n"
     out += ("--%s--\r\n" % b).encode()
     return out, "multipart/form-data; boundary=" + b
+
+
+def sanitizer_reports():
+    """ASan/UBSan/LSan lines in the logs of every server started so far."""
+    out = []
+    for p in all_logs:
+        for l in open(p, errors="replace"):
+            if "AddressSanitizer" in l or "LeakSanitizer" in l or "runtime error:" in l:
+                out.append(p + ": " + l.strip())
+    return out

@@ -47,4 +47,8 @@ EMPTY=$(start "$T/no-index" "$T/empty.log")
 SHOTS=$BIN/serve-screenshots
 mkdir -p "$SHOTS"
 (cd "$SRC/tests/browser" && node serve.test.mjs "$URL" "$EMPTY" "$L" "$SHOTS") && ok || bad "browser checks (see FAIL lines above)"
+for p in "${PIDS[@]}"; do kill -TERM "$p"; wait "$p" && ok || bad "blip-serve $p: exit status $?"; done
+PIDS=()
+grep -q "GET /api/search 200 " "$T/serve.log" && ok || bad "no request log"
+! grep -E "AddressSanitizer|LeakSanitizer|runtime error:" "$T/serve.log" "$T/empty.log" && ok || bad "sanitizer report"
 tally
