@@ -34,14 +34,15 @@ touch -d 2022-02-02T12:00:00 "$L"/ab/*
 touch -d 2023-03-15T12:00:00 "$L"/b/*
 "$BIN/blip-index" --db "$T/db" --model "$MODEL" "$L" 2>/dev/null && ok || bad "index"
 
-start() { # start DB LOG -> URL on stdout
+start() { # start DB LOG: the server's URL in $URL (not a subshell: PIDS must see the pid)
   "$BIN/blip-serve" --db "$1" --model "$MODEL" --listen 127.0.0.1:0 >"$2.out" 2>"$2" &
   PIDS+=($!)
   for _ in $(seq 600); do grep -q "listening on" "$2.out" 2>/dev/null && break; sleep 0.1; done
-  sed -n 's|.*listening on \(http://[0-9.:]*\)/.*|\1|p' "$2.out"
+  URL=$(sed -n 's|.*listening on \(http://[0-9.:]*\)/.*|\1|p' "$2.out")
 }
-URL=$(start "$T/db" "$T/serve.log")
-EMPTY=$(start "$T/no-index" "$T/empty.log")
+start "$T/no-index" "$T/empty.log"
+EMPTY=$URL
+start "$T/db" "$T/serve.log"
 [[ $URL && $EMPTY ]] && ok || bad "servers did not start: $(cat "$T/serve.log" "$T/empty.log")"
 
 SHOTS=$BIN/serve-screenshots
