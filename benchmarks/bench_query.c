@@ -213,7 +213,7 @@ int main(int argc, char **argv) {
 
   /* rerank candidates: vision-token-like values, one int8 record per candidate */
   const int KS[2] = {16, 32}, LS[2] = {6, 12}; /* query lengths: [ENC] 4 words [SEP], and 10 words */
-  size_t per = (size_t)T * Dv, rec_bytes = blip_store_record_size(BLIP_TOKENS_I8, T, Dv);
+  size_t per = (size_t)T * Dv, rec_bytes = blip_tokstore_payload_size(BLIP_TOKENS_I8, T, Dv);
   float *tok = malloc(32 * per * sizeof *tok), cos[32];
   uint8_t *rec = malloc(32 * rec_bytes);
   const float *img[32];
@@ -223,10 +223,10 @@ int main(int argc, char **argv) {
   for (int i = 0; i < 32; i++) {
     img[i] = tok + i * per;
     cos[i] = 0.3f * urand();
-    blip_store_encode_tokens(BLIP_TOKENS_I8, T, Dv, img[i], rec + i * rec_bytes);
+    blip_tokstore_encode(BLIP_TOKENS_I8, T, Dv, img[i], rec + i * rec_bytes);
   }
   double dec_ms = TIME_MS(5, for (int i = 0; i < 16; i++)
-                                 blip_store_decode_tokens(BLIP_TOKENS_I8, T, Dv, rec + i * rec_bytes, tok + i * per));
+                                 blip_tokstore_decode(BLIP_TOKENS_I8, T, Dv, rec + i * rec_bytes, tok + i * per));
   double fast_ms[2][2], naive_ms[2][2], diff[2][2];
   for (int li = 0; li < 2; li++) {
     int32_t q[12];

@@ -2,6 +2,7 @@
  * error reporting itself can never fail or allocate. */
 #include "blip_err.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -25,6 +26,13 @@ int blip_err_wrap(int code, const char *fmt, ...) {
   va_end(ap);
   snprintf(g_msg, sizeof g_msg, "%s: %s", pre, prev);
   return code;
+}
+
+int blip_err_errno(const char *what, const char *path) {
+  int e = errno;
+  if (e == ENOSPC || e == EFBIG || e == EDQUOT)
+    return blip_err_set(BLIP_EFULL, "%s %s: disk full or file too large (%s)", what, path, strerror(e));
+  return blip_err_set(BLIP_EIO, "%s %s: %s", what, path, strerror(e));
 }
 
 const char *blip_err_last(void) { return g_msg; }

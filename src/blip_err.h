@@ -29,6 +29,9 @@ enum {
 int blip_err_set(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Prefix the current message with "ctx: " (for adding the file name etc.); returns code. */
 int blip_err_wrap(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Record "what path: strerror(errno)" as BLIP_EFULL for ENOSPC/EFBIG/EDQUOT,
+ * else BLIP_EIO; returns the code. */
+int blip_err_errno(const char *what, const char *path);
 const char *blip_err_last(void);
 const char *blip_err_name(int code);
 

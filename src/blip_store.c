@@ -1,67 +1,42 @@
 /* blip_store: see blip_store.h.
  *
  * Design note.
- * - SQLite is the source of truth. Every change of the set of (id, feature)
- *   pairs bumps meta.generation inside the same transaction. vectors.faiss
- *   starts with a header carrying the generation it mirrors; a cache whose
- *   generation differs is stale and is rebuilt from SQLite (readers build an
- *   exact Flat index in memory, the writer builds the kind the size calls for
- *   and saves it by temp file + fsync + rename, so a reader only ever sees a
- *   whole file). The writer keeps its in-memory index in step with each
- *   commit and writes the file once at flush/close, not per batch: a crash
- *   leaves a stale cache, never a wrong one.
- * - tokens.bin: 64-byte header (format, T, Dv, stride) then one record per
- *   id at HDR + id*stride. A record = {id, fingerprint} tag + payload, so a
- *   reader can tell a record that belongs to the row from a hole or from an
- *   uncommitted leftover. Write order: records are pwrite()n and fdatasync()ed
- *   before the transaction inserting their rows (has_tokens=1) commits.
- *   Ids come from AUTOINCREMENT: a committed id is never reused, so a
- *   committed record is never rewritten (a changed file gets a new row and
- *   id); ids of a rolled-back transaction are reused by the next one, which
- *   overwrites the leftovers. The writer truncates the file past the highest
- *   id ever committed at open, and punches holes for deleted ids.
- * - FAISS kinds: IDMap2(FlatIP) below IVF_MIN = 100k vectors, then
- *   "IVF{4 sqrt N},Flat" with IVF's own ids (IDMap2 over IVF corrupts ids on
- *   remove_ids in 1.7.3), nprobe = nlist/16. benchmarks/bench_faiss.c (E=256,
- *   clustered synthetic features, 2 shared cores): Flat 1.0 / 3.0 / 21.5 /
- *   81 ms per query at 10k / 30k / 100k / 200k; IVF 0.13 / 0.3 / 0.9 / 5.0 ms
- *   at recall@10 0.71 / 0.99 / 1.0 / 1.0. Below 100k Flat is exact and costs
- *   less than encoding the query text; above it Flat grows linearly while IVF
- *   keeps recall >= 0.99. The writer retrains when N leaves [trained/4,
- *   4*trained]. FAISS 1.7.3 has no per-search parameters, so filtered search
- *   is exact over SQLite features for small allow sets and over-fetch +
- *   filter (exact fallback) for large ones; every result is
- *   checked against the allow set, so nothing outside it can leak.
+ * - SQLite is the source of truth, and this file owns it: rows, identity,
+ *   scans, the one transaction per change. The two derived stores are their
+ *   own modules: blip_vcache (vectors.faiss) and blip_tokstore (tokens.bin).
+ * - Every change of the set of (id, feature) pairs bumps meta.generation
+ *   inside the same transaction. A cache whose generation differs is stale and
+ *   is rebuilt from SQLite (readers build an exact Flat index in memory, the
+ *   writer builds the kind the size calls for and saves it at flush).
+ * - Write order of a batch: token records are written and synced before the
+ *   transaction inserting their rows (has_tokens=1) commits; the in-memory
+ *   FAISS index follows after the commit. Deleted ids' records are punched
+ *   after the commit. So a crash leaves stale derived data, never wrong data.
+ * - FAISS 1.7.3 has no per-search parameters, so filtered search is exact
+ *   over SQLite features for small allow sets and over-fetch + filter (exact
+ *   fallback) for large ones; every result is checked against the allow set,
+ *   so nothing outside it can leak.
  * - Schema migrations are embedded below (text identical to schema/NNN_*.sql,
  *   checked by tests/test_store.c) and applied at open in one transaction,
  *   versioned by PRAGMA user_version. */
-#include "blip_st.h"
 #include "blip_store.h"
 
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <math.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
-#include <faiss/c_api/AutoTune_c.h>
-#include <faiss/c_api/IndexIVF_c.h>
-#include <faiss/c_api/Index_c.h>
-#include <faiss/c_api/error_c.h>
-#include <faiss/c_api/impl/AuxIndexStructures_c.h>
-#include <faiss/c_api/index_factory_c.h>
-#include <faiss/c_api/index_io_c.h>
-
 #include "blip_err.h"
+#include "blip_tokstore.h"
+#include "blip_vcache.h"
 
 /* ---- embedded schema (must equal schema/NNN_*.sql byte for byte) ---- */
 
@@ -100,11 +75,6 @@ const char *blip_store_schema_sql(int v) { return v >= 1 && v <= NSCHEMA ? SCHEM
 
 /* ---- constants ---- */
 
-#define TOK_MAGIC "BLIPTOK1"
-#define TOK_HDR 64  /* header bytes before record 0 */
-#define TAG_BYTES 16 /* {int64 id, uint64 fingerprint} at the start of a record */
-#define FX_MAGIC "BLIPFX01"
-#define IVF_MIN 100000   /* default: Flat below, IVF at or above (see bench_faiss.c) */
 #define ALLOW_EXACT 4096 /* filtered search: exact dot products up to this many ids */
 
 enum { M_MODEL, M_PRECISION, M_PREPROCESS, M_EMBED_DIM, M_V_TOKENS, M_V_HIDDEN, M_TOKENS, NMETA };
@@ -119,14 +89,8 @@ struct blip_store {
   char *meta[NMETA];
   int E, T, Dv;
   blip_tokens_fmt tfmt;
-  size_t payload, stride;
-  int tok_fd;
-  uint8_t *tok_map;
-  size_t tok_len;
-  FaissIndex *fx;     /* in-memory index, mirrors generation fx_gen */
-  int64_t fx_gen;     /* -1: none */
-  int64_t fx_trained; /* vectors the IVF was trained on (0: flat) */
-  int fx_saved;       /* file holds fx_gen */
+  blip_tokstore *tok; /* tokens.bin */
+  blip_vcache *vc;    /* vectors.faiss and its in-memory index */
   int ready;          /* open completed (close may flush) */
   int64_t ivf_min;    /* vectors from which the writer builds IVF */
   sqlite3_stmt *q_path, *q_size; /* per-file scan lookups, prepared once */
@@ -148,24 +112,12 @@ static int db_err(blip_store *st, const char *what) {
   return blip_err_set(code, "%s: %s/index.sqlite: %s", what, st->dir, sqlite3_errmsg(st->db));
 }
 
-static int io_err(const char *what, const char *path) {
-  int e = errno;
-  if (e == ENOSPC || e == EFBIG || e == EDQUOT)
-    return blip_err_set(BLIP_EFULL, "%s %s: disk full or file too large (%s)", what, path, strerror(e));
-  return blip_err_set(BLIP_EIO, "%s %s: %s", what, path, strerror(e));
-}
-
 static int exec(blip_store *st, const char *sql) {
   return sqlite3_exec(st->db, sql, NULL, NULL, NULL) == SQLITE_OK ? BLIP_OK : db_err(st, sql);
 }
 
 static int prep(blip_store *st, const char *sql, sqlite3_stmt **s) {
   return sqlite3_prepare_v2(st->db, sql, -1, s, NULL) == SQLITE_OK ? BLIP_OK : db_err(st, "prepare");
-}
-
-static int fx_err(const char *what) {
-  const char *m = faiss_get_last_error();
-  return blip_err_set(BLIP_EDB, "faiss %s: %s", what, m ? m : "failed");
 }
 
 static char *path_in(const blip_store *st, const char *name) {
@@ -205,153 +157,13 @@ static int64_t db_generation(blip_store *st) {
   return db_int(st, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='generation'", 0);
 }
 
-/* ---- token records ---- */
-
-size_t blip_store_record_size(blip_tokens_fmt fmt, int T, int Dv) {
-  if (fmt == BLIP_TOKENS_I8) return (size_t)T * 4 + (size_t)T * Dv;
-  if (fmt == BLIP_TOKENS_F16) return (size_t)T * Dv * 2;
-  return 0;
-}
-
-void blip_store_encode_tokens(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec) {
-  if (fmt == BLIP_TOKENS_F16) {
-    for (size_t i = 0; i < (size_t)T * Dv; i++) {
-      uint16_t h = blip_f32_to_f16(x[i]);
-      memcpy(rec + 2 * i, &h, 2);
-    }
-    return;
-  }
-  int8_t *q = (int8_t *)(rec + (size_t)T * 4);
-  for (int t = 0; t < T; t++) {
-    const float *r = x + (size_t)t * Dv;
-    float m = 0;
-    for (int j = 0; j < Dv; j++) m = fmaxf(m, fabsf(r[j]));
-    float scale = m / 127.0f, inv = m > 0 ? 127.0f / m : 0;
-    memcpy(rec + (size_t)t * 4, &scale, 4);
-    for (int j = 0; j < Dv; j++) {
-      long v = lrintf(r[j] * inv);
-      q[(size_t)t * Dv + j] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
-    }
-  }
-}
-
-void blip_store_decode_tokens(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec, float *x) {
-  if (fmt == BLIP_TOKENS_F16) {
-    for (size_t i = 0; i < (size_t)T * Dv; i++) {
-      uint16_t h;
-      memcpy(&h, rec + 2 * i, 2);
-      x[i] = blip_f16_to_f32(h);
-    }
-    return;
-  }
-  const int8_t *q = (const int8_t *)(rec + (size_t)T * 4);
-  for (int t = 0; t < T; t++) {
-    float scale;
-    memcpy(&scale, rec + (size_t)t * 4, 4);
-    for (int j = 0; j < Dv; j++) x[(size_t)t * Dv + j] = scale * q[(size_t)t * Dv + j];
-  }
-}
-
-static off_t rec_off(const blip_store *st, int64_t id) { return (off_t)TOK_HDR + (off_t)id * (off_t)st->stride; }
-
-/* Open (writer: create) tokens.bin and check its header against the meta. */
-static int tok_open(blip_store *st) {
-  if (st->tfmt == BLIP_TOKENS_NONE) return BLIP_OK;
-  char *p = path_in(st, "tokens.bin");
-  int rc = BLIP_OK;
-  if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  st->tok_fd = open(p, (st->write ? O_RDWR | O_CREAT : O_RDONLY) | O_CLOEXEC, 0644);
-  if (st->tok_fd < 0) {
-    rc = errno == ENOENT ? BLIP_OK : io_err("open", p); /* reader: no store yet */
-    goto done;
-  }
-  uint8_t h[TOK_HDR] = {0}, want[TOK_HDR] = {0};
-  uint32_t v[3] = {(uint32_t)st->tfmt, (uint32_t)st->T, (uint32_t)st->Dv};
-  uint64_t stride = st->stride;
-  memcpy(want, TOK_MAGIC, 8);
-  memcpy(want + 8, v, sizeof v);
-  memcpy(want + 24, &stride, 8);
-  ssize_t n = pread(st->tok_fd, h, TOK_HDR, 0);
-  if (n >= 0 && n < TOK_HDR && st->write) { /* new, or a crash cut the header short: nothing was committed */
-    if (pwrite(st->tok_fd, want, TOK_HDR, 0) != TOK_HDR || fdatasync(st->tok_fd) != 0) rc = io_err("write", p);
-  } else if (n != TOK_HDR || memcmp(h, want, TOK_HDR) != 0) {
-    rc = blip_err_set(BLIP_EFORMAT, "%s: header does not match the index (format %s, T %d, Dv %d)", p,
-                      TOK_NAMES[st->tfmt], st->T, st->Dv);
-  }
-done:
-  free(p);
-  return rc;
-}
-
-/* Map enough of tokens.bin to read record id. */
-static int tok_map(blip_store *st, int64_t id) {
-  size_t need = (size_t)rec_off(st, id) + st->stride;
-  if (st->tok_map && st->tok_len >= need) return BLIP_OK;
-  struct stat sb;
-  if (fstat(st->tok_fd, &sb) != 0) return io_err("stat", "tokens.bin");
-  if ((size_t)sb.st_size < need) return blip_err_set(BLIP_ENOTFOUND, "image %lld has no token record", (long long)id);
-  if (st->tok_map) munmap(st->tok_map, st->tok_len);
-  st->tok_map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, st->tok_fd, 0);
-  if (st->tok_map == MAP_FAILED) {
-    st->tok_map = NULL;
-    st->tok_len = 0;
-    return io_err("mmap", "tokens.bin");
-  }
-  st->tok_len = (size_t)sb.st_size;
-  return BLIP_OK;
-}
-
-/* Free a deleted id's record. Best effort: the row is already gone, so the
- * record is unreachable whether or not the filesystem can punch holes. */
-static void tok_punch(blip_store *st, int64_t id) {
-  if (st->tok_fd >= 0)
-    fallocate(st->tok_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec_off(st, id), (off_t)st->stride);
-}
-
 /* ---- FAISS cache ---- */
 
-int blip_store_ivf_nlist(int64_t n, int64_t ivf_min) {
-  if (n < (ivf_min > 0 ? ivf_min : IVF_MIN)) return 0;
-  int nl = (int)(4 * sqrt((double)n));
-  return nl > 65536 ? 65536 : nl;
-}
-
-static int fx_nprobe(int nlist) { return nlist / 16 > 8 ? nlist / 16 : 8; }
-
-static void fx_drop(blip_store *st) {
-  if (st->fx) faiss_Index_free(st->fx);
-  st->fx = NULL;
-  st->fx_gen = -1;
-  st->fx_trained = 0;
-  st->fx_saved = 0;
-}
-
-/* Build an index over n vectors x with ids. ivf = 0: flat. */
-static int fx_build(int E, int64_t ivf_min, int64_t n, const float *x, const int64_t *ids, int ivf, FaissIndex **out) {
-  FaissIndex *ix = NULL;
-  char desc[64];
-  int nlist = ivf ? blip_store_ivf_nlist(n, ivf_min) : 0;
-  if (nlist) snprintf(desc, sizeof desc, "IVF%d,Flat", nlist);
-  else snprintf(desc, sizeof desc, "IDMap2,Flat");
-  if (faiss_index_factory(&ix, E, desc, METRIC_INNER_PRODUCT) != 0) return fx_err("index_factory");
-  if (nlist) {
-    if (faiss_Index_train(ix, n, x) != 0) goto fail;
-    faiss_IndexIVF_set_nprobe(faiss_IndexIVF_cast(ix), (size_t)fx_nprobe(nlist));
-  }
-  if (n && faiss_Index_add_with_ids(ix, n, x, ids) != 0) goto fail;
-  *out = ix;
-  return BLIP_OK;
-fail:
-  faiss_Index_free(ix);
-  return fx_err("build");
-}
-
-/* Rebuild st->fx from SQLite in one read transaction. */
+/* Rebuild the in-memory index from SQLite in one read transaction. */
 static int fx_rebuild(blip_store *st, int ivf) {
   sqlite3_stmt *s = NULL;
   float *x = NULL;
   int64_t *ids = NULL, n = 0, cap = 0, gen;
-  FaissIndex *ix = NULL;
   int began, rc = read_begin(st, &began);
   if (rc) return rc;
   gen = db_generation(st);
@@ -382,12 +194,7 @@ static int fx_rebuild(blip_store *st, int ivf) {
     rc = db_err(st, "read features");
     goto done;
   }
-  ivf = ivf && blip_store_ivf_nlist(n, st->ivf_min);
-  if ((rc = fx_build(st->E, st->ivf_min, n, x, ids, ivf, &ix))) goto done;
-  fx_drop(st);
-  st->fx = ix;
-  st->fx_gen = gen;
-  st->fx_trained = ivf ? n : 0;
+  rc = blip_vcache_build(st->vc, n, x, ids, ivf, gen);
 done:
   sqlite3_finalize(s);
   read_end(st, began);
@@ -396,106 +203,21 @@ done:
   return rc;
 }
 
-/* Load vectors.faiss if it mirrors generation gen. BLIP_ENOTFOUND if stale/absent. */
-static int fx_load(blip_store *st, int64_t gen) {
-  char *p = path_in(st, "vectors.faiss");
-  if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  FILE *f = fopen(p, "rb");
-  int rc = BLIP_ENOTFOUND;
-  char magic[8];
-  int64_t h[3];
-  FaissIndex *ix = NULL;
-  if (!f) goto done;
-  if (fread(magic, 8, 1, f) != 1 || memcmp(magic, FX_MAGIC, 8) != 0 || fread(h, sizeof h, 1, f) != 1 || h[0] != gen)
-    goto done;
-  if (faiss_read_index(f, 0, &ix) != 0) goto done; /* damaged cache: rebuild */
-  if (faiss_Index_d(ix) != st->E) {
-    faiss_Index_free(ix);
-    goto done;
-  }
-  fx_drop(st);
-  st->fx = ix;
-  st->fx_gen = gen;
-  st->fx_trained = h[2];
-  st->fx_saved = 1;
-  FaissIndexIVF *ivf = faiss_IndexIVF_cast(ix);
-  if (ivf) faiss_IndexIVF_set_nprobe(ivf, (size_t)fx_nprobe((int)faiss_IndexIVF_nlist(ivf)));
-  rc = BLIP_OK;
-done:
-  if (f) fclose(f);
-  free(p);
-  return rc;
-}
-
-/* Generation recorded in vectors.faiss, or -1. */
-static int64_t fx_file_gen(blip_store *st) {
-  char *p = path_in(st, "vectors.faiss");
-  FILE *f = p ? fopen(p, "rb") : NULL;
-  char magic[8];
-  int64_t g = -1;
-  if (f && fread(magic, 8, 1, f) == 1 && memcmp(magic, FX_MAGIC, 8) == 0 && fread(&g, 8, 1, f) != 1) g = -1;
-  if (f) fclose(f);
-  free(p);
-  return g;
-}
-
-/* Make st->fx mirror the current generation. */
+/* Make the in-memory index mirror the current generation. */
 static int fx_current(blip_store *st) {
   int64_t gen = db_generation(st);
-  if (st->fx && st->fx_gen == gen) return BLIP_OK;
-  if (fx_load(st, gen) == BLIP_OK) return BLIP_OK;
+  if (blip_vcache_gen(st->vc) == gen) return BLIP_OK;
+  if (blip_vcache_load(st->vc, gen) == BLIP_OK) return BLIP_OK;
   return fx_rebuild(st, st->write); /* readers never train: exact flat */
-}
-
-static int fsync_dir(const char *dir) {
-  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return -1;
-  int r = fsync(fd);
-  close(fd);
-  return r;
 }
 
 int blip_store_flush(blip_store *st) {
   if (!st->write) return BLIP_OK;
-  if (!st->fx && fx_file_gen(st) == db_generation(st)) return BLIP_OK; /* untouched and fresh */
+  /* untouched and fresh */
+  if (blip_vcache_gen(st->vc) < 0 && blip_vcache_file_gen(st->vc) == db_generation(st)) return BLIP_OK;
   int rc = fx_current(st);
-  if (rc) return rc;
-  int64_t n = faiss_Index_ntotal(st->fx);
-  int want = blip_store_ivf_nlist(n, st->ivf_min);
-  int have = st->fx_trained > 0;
-  /* retrain when the size class changed or the library grew/shrank 4x since training */
-  if ((want != 0) != have || (have && (n > 4 * st->fx_trained || 4 * n < st->fx_trained))) {
-    if ((rc = fx_rebuild(st, 1))) return rc;
-    st->fx_saved = 0;
-  }
-  if (st->fx_saved) return BLIP_OK;
-  char *p = path_in(st, "vectors.faiss"), tmp[4096];
-  if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  snprintf(tmp, sizeof tmp, "%s.tmp.%d", p, (int)getpid());
-  FILE *f = fopen(tmp, "wb");
-  int64_t h[3] = {st->fx_gen, n, st->fx_trained};
-  if (!f) {
-    rc = io_err("create", tmp);
-    goto done;
-  }
-  errno = 0;
-  if (fwrite(FX_MAGIC, 8, 1, f) != 1 || fwrite(h, sizeof h, 1, f) != 1) {
-    rc = io_err("write", tmp);
-  } else if (faiss_write_index(st->fx, f) != 0) {
-    rc = errno ? io_err("write", tmp) : fx_err("write_index");
-  } else if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
-    rc = io_err("write", tmp);
-  }
-  if (fclose(f) != 0 && !rc) rc = io_err("close", tmp);
-  if (!rc && rename(tmp, p) != 0) rc = io_err("rename", tmp);
-  if (rc) unlink(tmp);
-  else {
-    fsync_dir(st->dir);
-    st->fx_saved = 1;
-  }
-done:
-  free(p);
-  return rc;
+  if (!rc && blip_vcache_stale_kind(st->vc)) rc = fx_rebuild(st, 1);
+  return rc ? rc : blip_vcache_save(st->vc);
 }
 
 /* ---- open / close ---- */
@@ -578,7 +300,7 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
      * before the identity commits, so a crash in between just repeats this */
     char *tp = path_in(st, "tokens.bin"), *fp = path_in(st, "vectors.faiss");
     if (!tp || !fp || (unlink(tp) != 0 && errno != ENOENT) || (unlink(fp) != 0 && errno != ENOENT))
-      rc = tp && fp ? io_err("remove stale files in", st->dir) : blip_err_set(BLIP_ENOMEM, "out of memory");
+      rc = tp && fp ? blip_err_errno("remove stale files in", st->dir) : blip_err_set(BLIP_ENOMEM, "out of memory");
     free(tp);
     free(fp);
     if (rc || (rc = exec(st, "BEGIN IMMEDIATE"))) return rc;
@@ -634,7 +356,7 @@ static int remove_index_files(const char *dir) {
   char p[4096];
   for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
     snprintf(p, sizeof p, "%s/%s", dir, names[i]);
-    if (unlink(p) != 0 && errno != ENOENT) return io_err("remove", p);
+    if (unlink(p) != 0 && errno != ENOENT) return blip_err_errno("remove", p);
   }
   return BLIP_OK;
 }
@@ -656,8 +378,7 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
   if (!dir || (o.write && !id)) return blip_err_set(BLIP_EINVAL, "blip_store_open: dir and (for writing) identity required");
   blip_store *st = calloc(1, sizeof *st);
   if (!st) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  st->lock_fd = st->tok_fd = -1;
-  st->fx_gen = -1;
+  st->lock_fd = -1;
   st->write = o.write;
   st->ivf_min = o.ivf_min;
   int rc = BLIP_OK;
@@ -668,13 +389,13 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
   }
   if (o.write) {
     if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
-      rc = io_err("create index directory", dir);
+      rc = blip_err_errno("create index directory", dir);
       goto fail;
     }
     if (!(p = path_in(st, "lock"))) goto oom;
     st->lock_fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (st->lock_fd < 0) {
-      rc = io_err("open", p);
+      rc = blip_err_errno("open", p);
       goto fail;
     }
     if (flock(st->lock_fd, LOCK_EX | LOCK_NB) != 0) {
@@ -708,20 +429,12 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
     rc = blip_err_set(BLIP_EFORMAT, "%s: bad geometry in index meta", dir);
     goto fail;
   }
-  st->payload = blip_store_record_size(st->tfmt, st->T, st->Dv);
-  st->stride = (TAG_BYTES + st->payload + 63) / 64 * 64;
-  if ((rc = tok_open(st))) goto fail;
-  if (o.write && st->tok_fd >= 0) {
-    /* drop records past the highest id ever committed (leftovers of a crash) */
-    int64_t seq = db_int(st, "SELECT seq FROM sqlite_sequence WHERE name='images'", 0);
-    struct stat sb;
-    if (fstat(st->tok_fd, &sb) == 0 && sb.st_size > rec_off(st, seq + 1)) {
-      if (ftruncate(st->tok_fd, rec_off(st, seq + 1)) != 0) {
-        rc = io_err("truncate", "tokens.bin");
-        goto fail;
-      }
-    }
-  }
+  if ((rc = blip_vcache_new(dir, st->E, st->ivf_min, &st->vc)) ||
+      (rc = blip_tokstore_open(dir, st->tfmt, st->T, st->Dv, o.write, &st->tok)))
+    goto fail;
+  /* drop records past the highest id ever committed (leftovers of a crash) */
+  if (o.write && (rc = blip_tokstore_truncate(st->tok, db_int(st, "SELECT seq FROM sqlite_sequence WHERE name='images'", 0))))
+    goto fail;
   free(p);
   st->ready = 1;
   *out = st;
@@ -737,9 +450,8 @@ fail:
 void blip_store_close(blip_store *st) {
   if (!st) return;
   if (st->write && st->ready) blip_store_flush(st); /* best effort: the cache is derived */
-  fx_drop(st);
-  if (st->tok_map) munmap(st->tok_map, st->tok_len);
-  if (st->tok_fd >= 0) close(st->tok_fd);
+  blip_vcache_free(st->vc);
+  blip_tokstore_close(st->tok);
   sqlite3_finalize(st->q_path);
   sqlite3_finalize(st->q_size);
   if (st->db) sqlite3_close(st->db);
@@ -754,7 +466,7 @@ int64_t blip_store_count(blip_store *st) {
   return db_int(st, "SELECT count(*) FROM images WHERE feat IS NOT NULL", 0);
 }
 blip_tokens_fmt blip_store_tokens_fmt(const blip_store *st) { return st->tfmt; }
-size_t blip_store_record_bytes(const blip_store *st) { return st->tfmt ? st->stride : 0; }
+size_t blip_store_record_bytes(const blip_store *st) { return blip_tokstore_stride(st->tok); }
 const char *blip_store_meta(const blip_store *st, const char *key) {
   for (int i = 0; i < NMETA; i++)
     if (strcmp(key, META_KEYS[i]) == 0) return st->meta[i];
@@ -766,7 +478,7 @@ const char *blip_store_meta(const blip_store *st, const char *key) {
 int blip_store_fingerprint_file(const char *path, int64_t size, uint64_t *fp) {
   enum { MIB = 1 << 20 };
   int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return io_err("open", path);
+  if (fd < 0) return blip_err_errno("open", path);
   uint8_t *buf = malloc(MIB);
   XXH3_state_t *x = XXH3_createState();
   int rc = BLIP_OK;
@@ -782,7 +494,7 @@ int blip_store_fingerprint_file(const char *path, int64_t size, uint64_t *fp) {
     while (off < end) {
       ssize_t n = pread(fd, buf, (size_t)(end - off > MIB ? MIB : end - off), off);
       if (n < 0) {
-        rc = io_err("read", path);
+        rc = blip_err_errno("read", path);
         goto done;
       }
       if (n == 0) break; /* file shrank: hash what is there */
@@ -964,31 +676,6 @@ static int bump_generation(blip_store *st) {
   return exec(st, "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'");
 }
 
-/* Apply a committed change to the in-memory index, or drop it (rebuilt later). */
-static void fx_apply(blip_store *st, int64_t gen_before, const int64_t *del, int64_t ndel, const float *x,
-                     const int64_t *ids, int64_t nadd) {
-  if (!st->fx) return;
-  if (st->fx_gen != gen_before) {
-    fx_drop(st);
-    return;
-  }
-  int ok = 1;
-  if (ndel) {
-    FaissIDSelectorBatch *sel = NULL;
-    size_t removed = 0;
-    ok = faiss_IDSelectorBatch_new(&sel, (size_t)ndel, del) == 0 &&
-         faiss_Index_remove_ids(st->fx, (FaissIDSelector *)sel, &removed) == 0;
-    faiss_IDSelector_free((FaissIDSelector *)sel);
-  }
-  if (ok && nadd) ok = faiss_Index_add_with_ids(st->fx, nadd, x, ids) == 0;
-  if (!ok) {
-    fx_drop(st);
-    return;
-  }
-  st->fx_gen = gen_before + 1;
-  st->fx_saved = 0;
-}
-
 int blip_store_put(blip_store *st, const blip_store_row *rows, const int64_t *replace, int n, const float *feats,
                    const float *tokens, int64_t *ids_out) {
   if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
@@ -998,13 +685,12 @@ int blip_store_put(blip_store *st, const blip_store_row *rows, const int64_t *re
   float *addx = malloc(((size_t)n + 1) * st->E * sizeof *addx);
   int64_t *addid = malloc(((size_t)n + 1) * sizeof *addid);
   size_t tsz = (size_t)st->T * st->Dv;
-  uint8_t *rec = calloc(1, st->stride + 1);
-  int store_tok = tokens && st->tok_fd >= 0 && st->tfmt != BLIP_TOKENS_NONE, rc, intx = 0;
-  if (!ids || !dels || !addx || !addid || !rec) {
+  int store_tok = tokens && blip_tokstore_present(st->tok), rc, intx = 0;
+  if (!ids || !dels || !addx || !addid) {
     rc = blip_err_set(BLIP_ENOMEM, "out of memory");
     goto done;
   }
-  if (!st->fx) fx_current(st); /* mirror the index now, then keep it in step (else rebuilt at flush) */
+  if (blip_vcache_gen(st->vc) < 0) fx_current(st); /* mirror the index now, then keep it in step (else rebuilt at flush) */
   if ((rc = exec(st, "BEGIN IMMEDIATE"))) goto done;
   intx = 1;
   gen = db_generation(st);
@@ -1052,28 +738,15 @@ int blip_store_put(blip_store *st, const blip_store_row *rows, const int64_t *re
     if (!ok) continue;
     memcpy(addx + (size_t)nadd * st->E, feats + (size_t)i * st->E, (size_t)st->E * 4);
     addid[nadd++] = ids[i];
-    if (store_tok) {
-      memcpy(rec, &ids[i], 8);
-      memcpy(rec + 8, &r->fingerprint, 8);
-      blip_store_encode_tokens(st->tfmt, st->T, st->Dv, tokens + (size_t)i * tsz, rec + TAG_BYTES);
-      ssize_t w = pwrite(st->tok_fd, rec, st->stride, rec_off(st, ids[i]));
-      if (w != (ssize_t)st->stride) {
-        if (w >= 0) errno = ENOSPC;
-        rc = io_err("write", "tokens.bin");
-        goto done;
-      }
-    }
+    if (store_tok && (rc = blip_tokstore_put(st->tok, ids[i], r->fingerprint, tokens + (size_t)i * tsz))) goto done;
   }
   /* the records must be durable before the rows that point at them */
-  if (store_tok && nadd && fdatasync(st->tok_fd) != 0) {
-    rc = io_err("sync", "tokens.bin");
-    goto done;
-  }
+  if (store_tok && nadd && (rc = blip_tokstore_sync(st->tok))) goto done;
   if ((ndel || nadd) && (rc = bump_generation(st))) goto done;
   if ((rc = exec(st, "COMMIT"))) goto done;
   intx = 0;
-  for (int64_t i = 0; i < ndel; i++) tok_punch(st, dels[i]);
-  if (ndel || nadd) fx_apply(st, gen, dels, ndel, addx, addid, nadd);
+  for (int64_t i = 0; i < ndel; i++) blip_tokstore_punch(st->tok, dels[i]);
+  if (ndel || nadd) blip_vcache_apply(st->vc, gen, dels, ndel, addx, addid, nadd);
   if (ids_out) memcpy(ids_out, ids, (size_t)n * sizeof *ids);
 done:
   if (intx) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
@@ -1083,7 +756,6 @@ done:
   free(dels);
   free(addx);
   free(addid);
-  free(rec);
   return rc;
 }
 
@@ -1094,7 +766,7 @@ int blip_store_delete(blip_store *st, const int64_t *ids, int64_t n) {
   int64_t *gone = malloc((size_t)n * sizeof *gone), ngone = 0, gen;
   int rc, intx = 0;
   if (!gone) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  if (!st->fx) fx_current(st);
+  if (blip_vcache_gen(st->vc) < 0) fx_current(st);
   if ((rc = exec(st, "BEGIN IMMEDIATE"))) goto done;
   intx = 1;
   gen = db_generation(st);
@@ -1111,8 +783,8 @@ int blip_store_delete(blip_store *st, const int64_t *ids, int64_t n) {
   if (ngone && (rc = bump_generation(st))) goto done;
   if ((rc = exec(st, "COMMIT"))) goto done;
   intx = 0;
-  for (int64_t i = 0; i < ngone; i++) tok_punch(st, gone[i]);
-  if (ngone) fx_apply(st, gen, gone, ngone, NULL, NULL, 0);
+  for (int64_t i = 0; i < ngone; i++) blip_tokstore_punch(st->tok, gone[i]);
+  if (ngone) blip_vcache_apply(st->vc, gen, gone, ngone, NULL, NULL, 0);
 done:
   if (intx) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
   sqlite3_finalize(del);
@@ -1183,7 +855,7 @@ int blip_store_search(blip_store *st, const float *query, int k, const int64_t *
     }
   }
   if ((rc = fx_current(st))) goto done;
-  int64_t total = faiss_Index_ntotal(st->fx);
+  int64_t total = blip_vcache_ntotal(st->vc);
   int64_t kk = allow ? (int64_t)k * 8 : k;
   for (;;) {
     if (kk > total) kk = total;
@@ -1196,10 +868,7 @@ int blip_store_search(blip_store *st, const float *query, int k, const int64_t *
       rc = blip_err_set(BLIP_ENOMEM, "out of memory");
       goto done;
     }
-    if (faiss_Index_search(st->fx, 1, query, kk, dis, lab) != 0) {
-      rc = fx_err("search");
-      goto done;
-    }
+    if ((rc = blip_vcache_search(st->vc, 1, query, kk, dis, lab))) goto done;
     n = 0;
     for (int64_t i = 0; i < kk && n < k; i++) {
       if (lab[i] < 0) continue;
@@ -1212,7 +881,7 @@ int blip_store_search(blip_store *st, const float *query, int k, const int64_t *
     kk *= 4;
   }
   /* IVF probes only part of the lists: an allow set it under-serves is searched exactly */
-  if (allow && n < k && st->fx_trained > 0) {
+  if (allow && n < k && blip_vcache_trained(st->vc) > 0) {
     free(lab);
     free(dis);
     lab = NULL;
@@ -1229,8 +898,7 @@ done:
 }
 
 int blip_store_tokens(blip_store *st, int64_t id, float *out) {
-  if (st->tok_fd < 0 || st->tfmt == BLIP_TOKENS_NONE)
-    return blip_err_set(BLIP_ENOTFOUND, "%s has no rerank store", st->dir);
+  if (!blip_tokstore_present(st->tok)) return blip_err_set(BLIP_ENOTFOUND, "%s has no rerank store", st->dir);
   uint64_t fp = 0;
   sqlite3_stmt *s = NULL;
   int rc = prep(st, "SELECT fingerprint FROM images WHERE id=? AND has_tokens=1", &s);
@@ -1239,16 +907,7 @@ int blip_store_tokens(blip_store *st, int64_t id, float *out) {
   if (sqlite3_step(s) == SQLITE_ROW) fp = (uint64_t)sqlite3_column_int64(s, 0);
   else rc = blip_err_set(BLIP_ENOTFOUND, "image %lld has no token record", (long long)id);
   sqlite3_finalize(s);
-  if (rc || (rc = tok_map(st, id))) return rc;
-  const uint8_t *rec = st->tok_map + rec_off(st, id);
-  int64_t rid;
-  uint64_t rfp;
-  memcpy(&rid, rec, 8);
-  memcpy(&rfp, rec + 8, 8);
-  if (rid != id || rfp != fp)
-    return blip_err_set(BLIP_EFORMAT, "tokens.bin: record %lld does not belong to its image", (long long)id);
-  blip_store_decode_tokens(st->tfmt, st->T, st->Dv, rec + TAG_BYTES, out);
-  return BLIP_OK;
+  return rc ? rc : blip_tokstore_get(st->tok, id, fp, out);
 }
 
 int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t cap) {
@@ -1305,7 +964,7 @@ static int verify_chunk(blip_store *st, const float *x, const int64_t *ids, int6
   float *dis = malloc((size_t)n * kk * sizeof *dis);
   int rc = BLIP_OK;
   if (!lab || !dis) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-  else if (faiss_Index_search(st->fx, n, x, kk, dis, lab) != 0) rc = fx_err("search");
+  else rc = blip_vcache_search(st->vc, n, x, kk, dis, lab);
   for (int64_t i = 0; i < n && !rc; i++) {
     int found = 0;
     for (int j = 0; j < kk; j++) found |= lab[i * kk + j] == ids[i];
@@ -1326,7 +985,7 @@ int blip_store_verify(blip_store *st) {
   int rc = tok && x ? read_begin(st, &began) : blip_err_set(BLIP_ENOMEM, "out of memory");
   if (rc || (rc = fx_current(st))) goto done;
   int64_t nrows = blip_store_count(st);
-  ntot = faiss_Index_ntotal(st->fx);
+  ntot = blip_vcache_ntotal(st->vc);
   if (nrows != ntot) {
     rc = blip_err_set(BLIP_EFORMAT, "FAISS holds %lld vectors, SQLite %lld", (long long)ntot, (long long)nrows);
     goto done;

@@ -8,6 +8,7 @@
  *   tokens.bin    rerank store: the vision tokens [T,Dv] of image id at a
  *                 fixed-size record (int8 + per-token scales, or f16), read
  *                 through mmap so that a query touches only its top-k.
+ * The two caches are modules of their own (blip_vcache, blip_tokstore).
  * Invariants (details in blip_store.c): a committed row's token record was
  * synced before the commit and is never rewritten; ids are never reused
  * once committed; the FAISS file is replaced only by rename().
@@ -20,9 +21,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "blip_tokstore.h"
+
 typedef struct blip_store blip_store;
 
-typedef enum { BLIP_TOKENS_NONE = 0, BLIP_TOKENS_I8 = 1, BLIP_TOKENS_F16 = 2 } blip_tokens_fmt;
 
 /* What the vectors were made with. Every field must match to reuse an index. */
 typedef struct {
@@ -144,17 +146,8 @@ int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void 
  * fine; one deleting images meanwhile may make a record look missing.
  * Returns BLIP_OK or BLIP_EFORMAT with the first disagreement. */
 int blip_store_verify(blip_store *st);
-/* FAISS index kind for n vectors (ivf_min as in opts): 0 = flat, else the IVF nlist. */
-int blip_store_ivf_nlist(int64_t n, int64_t ivf_min);
-
 /* Embedded schema migrations (the text of schema/NNN_*.sql), 1-based. */
 int blip_store_schema_count(void);
 const char *blip_store_schema_sql(int version);
-
-/* Token record codec (the payload of a tokens.bin record), exposed for
- * tests and benchmarks. rec must hold blip_store_record_size(fmt,T,Dv) bytes. */
-size_t blip_store_record_size(blip_tokens_fmt fmt, int T, int Dv);
-void blip_store_encode_tokens(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec);
-void blip_store_decode_tokens(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec, float *x);
 
 #endif

@@ -442,11 +442,11 @@ static void test_tokens_roundtrip(void) {
   emb = malloc(n * sizeof *emb);
   float *back = malloc(n * sizeof *back);
   CHECK_OK(blip_st_to_f32(t, emb, (int64_t)n));
-  uint8_t *rec = malloc(blip_store_record_size(BLIP_TOKENS_I8, Tn, Dv));
+  uint8_t *rec = malloc(blip_tokstore_payload_size(BLIP_TOKENS_I8, Tn, Dv));
   double worst_rel = 0, worst_abs = 0, bound_viol = 0;
   for (int i = 0; i < imgs; i++) {
-    blip_store_encode_tokens(BLIP_TOKENS_I8, Tn, Dv, emb + (size_t)i * Tn * Dv, rec);
-    blip_store_decode_tokens(BLIP_TOKENS_I8, Tn, Dv, rec, back + (size_t)i * Tn * Dv);
+    blip_tokstore_encode(BLIP_TOKENS_I8, Tn, Dv, emb + (size_t)i * Tn * Dv, rec);
+    blip_tokstore_decode(BLIP_TOKENS_I8, Tn, Dv, rec, back + (size_t)i * Tn * Dv);
   }
   for (int r = 0; r < imgs * Tn; r++) {
     float m = 0;
@@ -460,19 +460,19 @@ static void test_tokens_roundtrip(void) {
     }
   }
   printf("  int8 tokens: bytes/image %zu (f32 %zu), max|err| %.3g, max err/rowmax %.3g\n",
-         blip_store_record_size(BLIP_TOKENS_I8, Tn, Dv), (size_t)Tn * Dv * 4, worst_abs, worst_rel);
+         blip_tokstore_payload_size(BLIP_TOKENS_I8, Tn, Dv), (size_t)Tn * Dv * 4, worst_abs, worst_rel);
   CHECK(bound_viol == 0, "%g elements beyond half a quantization step", bound_viol);
   CHECK(worst_abs > 0, "quantization is lossy: a zero error means the codec was bypassed");
   free(rec);
-  rec = malloc(blip_store_record_size(BLIP_TOKENS_F16, Tn, Dv));
+  rec = malloc(blip_tokstore_payload_size(BLIP_TOKENS_F16, Tn, Dv));
   double f16_rel = 0;
   for (int i = 0; i < imgs; i++) {
-    blip_store_encode_tokens(BLIP_TOKENS_F16, Tn, Dv, emb + (size_t)i * Tn * Dv, rec);
-    blip_store_decode_tokens(BLIP_TOKENS_F16, Tn, Dv, rec, back + (size_t)i * Tn * Dv);
+    blip_tokstore_encode(BLIP_TOKENS_F16, Tn, Dv, emb + (size_t)i * Tn * Dv, rec);
+    blip_tokstore_decode(BLIP_TOKENS_F16, Tn, Dv, rec, back + (size_t)i * Tn * Dv);
   }
   for (size_t i = 0; i < n; i++)
     if (fabsf(emb[i]) > 1e-4f) f16_rel = fmax(f16_rel, fabs(emb[i] - back[i]) / fabs(emb[i]));
-  printf("  f16 tokens: bytes/image %zu, max relative err %.3g\n", blip_store_record_size(BLIP_TOKENS_F16, Tn, Dv),
+  printf("  f16 tokens: bytes/image %zu, max relative err %.3g\n", blip_tokstore_payload_size(BLIP_TOKENS_F16, Tn, Dv),
          f16_rel);
   CHECK(f16_rel <= 1.0 / 2048 * (1 + 1e-6), "f16 relative error %g > 2^-11", f16_rel);
   free(rec);
@@ -506,10 +506,10 @@ static void test_tokens_itm_error(void) {
   static const blip_tokens_fmt fmts[] = {BLIP_TOKENS_I8, BLIP_TOKENS_F16};
   static const double tol[] = {0.05, 0.005}; /* int8: under bf16 autocast's 4e-2 drift; f16: 10x tighter */
   for (int f = 0; f < 2; f++) {
-    uint8_t *rec = malloc(blip_store_record_size(fmts[f], TT, D));
+    uint8_t *rec = malloc(blip_tokstore_payload_size(fmts[f], TT, D));
     for (int i = 0; i < NI; i++) {
-      blip_store_encode_tokens(fmts[f], TT, D, emb + i * TT * D, rec);
-      blip_store_decode_tokens(fmts[f], TT, D, rec, dec + i * TT * D);
+      blip_tokstore_encode(fmts[f], TT, D, emb + i * TT * D, rec);
+      blip_tokstore_decode(fmts[f], TT, D, rec, dec + i * TT * D);
     }
     free(rec);
     double worst = 0;

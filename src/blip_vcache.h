@@ -1,0 +1,50 @@
+/* blip_vcache: the FAISS cache of an index, vectors.faiss: the image
+ * features of SQLite as a FAISS index, tagged with the SQLite generation it
+ * mirrors.
+ *
+ * The cache is derived data: a file whose generation differs from SQLite's is
+ * stale and ignored, and the owner (blip_store) rebuilds it from the rows. The
+ * file is only ever replaced by temp file + fsync + rename, so a reader sees a
+ * whole file or none. Kinds: IDMap2(FlatIP) below ivf_min vectors, else
+ * "IVF{4 sqrt N},Flat" with IVF's own ids (see blip_vcache.c). */
+#ifndef BLIP_VCACHE_H
+#define BLIP_VCACHE_H
+
+#include <stdint.h>
+
+typedef struct blip_vcache blip_vcache;
+
+/* FAISS index kind for n vectors: 0 = flat, else the IVF nlist. ivf_min 0: the default threshold. */
+int blip_vcache_nlist(int64_t n, int64_t ivf_min);
+
+/* A cache of E-dim vectors for DIR/vectors.faiss; nothing is read yet. */
+int blip_vcache_new(const char *dir, int E, int64_t ivf_min, blip_vcache **out);
+void blip_vcache_free(blip_vcache *vc);
+
+/* Generation the in-memory index mirrors, or -1 when there is none. */
+int64_t blip_vcache_gen(const blip_vcache *vc);
+int64_t blip_vcache_ntotal(const blip_vcache *vc);
+/* Vectors the IVF was trained on (0: flat or none). */
+int64_t blip_vcache_trained(const blip_vcache *vc);
+/* Whether the writer should retrain: the kind for the current size differs,
+ * or the collection grew or shrank 4x since training. */
+int blip_vcache_stale_kind(const blip_vcache *vc);
+
+/* Replace the in-memory index by one over n vectors x [n,E] with ids,
+ * mirroring generation gen. ivf: IVF where the size calls for it, else flat. */
+int blip_vcache_build(blip_vcache *vc, int64_t n, const float *x, const int64_t *ids, int ivf, int64_t gen);
+/* Load the file if it mirrors gen: BLIP_ENOTFOUND when absent, stale or damaged. */
+int blip_vcache_load(blip_vcache *vc, int64_t gen);
+/* Generation recorded in the file, or -1. */
+int64_t blip_vcache_file_gen(const blip_vcache *vc);
+/* Write the in-memory index to the file if it is not there already. */
+int blip_vcache_save(blip_vcache *vc);
+/* Apply a committed change (generation gen_before -> gen_before+1) to the
+ * in-memory index; when it cannot be applied the index is dropped (rebuilt later). */
+void blip_vcache_apply(blip_vcache *vc, int64_t gen_before, const int64_t *del, int64_t ndel, const float *x,
+                       const int64_t *ids, int64_t nadd);
+void blip_vcache_drop(blip_vcache *vc);
+/* k nearest by inner product for nq queries [nq,E]: dis/lab [nq,k], -1 labels past the end. */
+int blip_vcache_search(blip_vcache *vc, int64_t nq, const float *q, int64_t k, float *dis, int64_t *lab);
+
+#endif
