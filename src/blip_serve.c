@@ -30,6 +30,7 @@
 #include <math.h>
 #include <microhttpd.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <sqlite3.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -420,6 +421,7 @@ struct blip_serve {
   ino_t db_ino;
   FILE *log;
   pthread_mutex_t logmu;
+  sem_t thumbs; /* thumbnails being made at once: bounds decode memory under a burst of misses */
 };
 
 /* index.sqlite's inode, 0 when absent. */
@@ -785,14 +787,15 @@ static enum MHD_Result respond_err(blip_serve *sv, struct MHD_Connection *c, req
   json_object_set_new(j, "error", s);
   json_object_set_new(j, "status", json_integer(status));
   struct MHD_Response *r = NULL;
-  if (status == 401) { /* the header must be on the response that carries the JSON */
+  if (status == 401 || status == 503) { /* the header must be on the response that carries the JSON */
     char *t = json_dumps(j, JSON_COMPACT);
     json_decref(j);
     if (!t || !(r = MHD_create_response_from_buffer(strlen(t), t, MHD_RESPMEM_MUST_FREE))) {
       free(t);
       return MHD_NO;
     }
-    MHD_add_response_header(r, "WWW-Authenticate", "Bearer realm=\"blipsearch\"");
+    if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer realm=\"blipsearch\"");
+    else MHD_add_response_header(r, "Retry-After", "5");
     MHD_add_response_header(r, "Cache-Control", "no-store");
     return respond(sv, c, q, status, r, "application/json; charset=utf-8");
   }
@@ -861,7 +864,7 @@ static json_t *result_json(blip_serve *sv, const job *j) {
 static enum MHD_Result answer_job(blip_serve *sv, struct MHD_Connection *c, req *q, job *j,
                                   json_t *(*fmt)(blip_serve *, const job *, const void *), const void *fctx) {
   if (engine_call(sv, j))
-    return respond_err(sv, c, q, 503, "the server is busy: the request waited %.0f s for the engine", sv->o.budget_s);
+    return respond_err(sv, c, q, 503, "the server is busy: the request waited %g s for the engine", sv->o.budget_s);
   enum MHD_Result ret;
   if (j->rc) ret = respond_err(sv, c, q, err_status(j->rc), "%s", j->err);
   else ret = respond_json(sv, c, q, 200, fmt ? fmt(sv, j, fctx) : result_json(sv, j));
@@ -1082,7 +1085,10 @@ static enum MHD_Result serve_thumb(blip_serve *sv, struct MHD_Connection *c, req
     snprintf(dir, sizeof dir, "%s/%d", sv->thumb_dir, size);
     mkdir(sv->thumb_dir, 0700);
     mkdir(dir, 0700);
+    while (sem_wait(&sv->thumbs) && errno == EINTR) {
+    }
     int rc = make_thumb(sv, fd, size, path);
+    sem_post(&sv->thumbs);
     if (rc) {
       close(fd);
       return respond_err(sv, c, q, rc == BLIP_EIO ? 500 : 422, "photo %" PRId64 ": %s", q->id,
@@ -1527,6 +1533,7 @@ int blip_serve_start(const blip_serve_opts *o, blip_serve **out) {
   pthread_mutex_init(&sv->logmu, NULL);
   pthread_cond_init(&sv->qcv, NULL);
   pthread_cond_init(&sv->donecv, NULL);
+  sem_init(&sv->thumbs, 0, 4);
   sv->db_dir = dup_or_null(o->db_dir, &oom);
   sv->model_dir = dup_or_null(o->model_dir, &oom);
   sv->token = dup_or_null(o->token, &oom);
@@ -1622,5 +1629,6 @@ void blip_serve_stop(blip_serve *sv) {
   pthread_mutex_destroy(&sv->logmu);
   pthread_cond_destroy(&sv->qcv);
   pthread_cond_destroy(&sv->donecv);
+  sem_destroy(&sv->thumbs);
   free(sv);
 }

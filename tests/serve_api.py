@@ -341,6 +341,15 @@ r = s2.raw(chunked)
 check("a chunked body over --max-upload: 413", r.startswith(b"HTTP/1.1 413"), r[:60])
 s2.stop()
 
+# ---- the engine wait budget: a request that cannot get the engine in time gets 503 (its job is
+# left to the engine, which frees it: the sanitizer build checks that nothing leaks)
+s7 = Server(SERVE, DB, MODEL, "--budget", "0.000001", log=T + "/s7.log")
+st, h, j = s7.json("GET", q({"q": QUERY}))
+check("budget: 503 with a JSON error and Retry-After", st == 503 and "busy" in j["error"] and h.get("retry-after"), (st, j))
+st, h, j = s7.json("GET", "/api/status")
+check("budget: the server still answers", st == 200, st)
+check("budget: stops clean with an abandoned job", s7.stop() == 0)
+
 # ---- CORS off by default; --cors ORIGIN allows exactly ORIGIN ----
 st, h, _ = s.get("/api/status", {"Origin": "http://evil.example"})
 check("no CORS header by default", "access-control-allow-origin" not in h, h)
