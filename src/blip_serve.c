@@ -976,6 +976,20 @@ static enum MHD_Result file_error(blip_serve *sv, struct MHD_Connection *c, req 
   }
 }
 
+/* A cached file answer: fd (consumed) of size bytes, with its ETag. */
+static enum MHD_Result respond_fd(blip_serve *sv, struct MHD_Connection *c, req *q, int fd, off_t size,
+                                  const char *etag, const char *cache, const char *type) {
+  struct MHD_Response *resp = MHD_create_response_from_fd((uint64_t)size, fd);
+  if (!resp) {
+    close(fd);
+    return MHD_NO;
+  }
+  MHD_add_response_header(resp, "ETag", etag);
+  MHD_add_response_header(resp, "Cache-Control", cache);
+  if (!type) MHD_add_response_header(resp, "Content-Disposition", "attachment");
+  return respond(sv, c, q, 200, resp, type ? type : "application/octet-stream");
+}
+
 static enum MHD_Result serve_photo(blip_serve *sv, struct MHD_Connection *c, req *q) {
   row_info r;
   struct stat st;
@@ -991,15 +1005,7 @@ static enum MHD_Result serve_photo(blip_serve *sv, struct MHD_Connection *c, req
   const char *type = sniff_type(fd);
   int flags = fcntl(fd, F_GETFL);
   if (flags >= 0) fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
-  struct MHD_Response *resp = MHD_create_response_from_fd((uint64_t)st.st_size, fd);
-  if (!resp) {
-    close(fd);
-    return MHD_NO;
-  }
-  MHD_add_response_header(resp, "ETag", etag);
-  MHD_add_response_header(resp, "Cache-Control", cache);
-  if (!type) MHD_add_response_header(resp, "Content-Disposition", "attachment");
-  return respond(sv, c, q, 200, resp, type ? type : "application/octet-stream");
+  return respond_fd(sv, c, q, fd, st.st_size, etag, cache, type);
 }
 
 /* Make the thumbnail of the verified descriptor fd into cache file dst. */
@@ -1102,14 +1108,7 @@ static enum MHD_Result serve_thumb(blip_serve *sv, struct MHD_Connection *c, req
     if (tf >= 0) close(tf);
     return respond_err(sv, c, q, 500, "cannot read the thumbnail cache");
   }
-  struct MHD_Response *resp = MHD_create_response_from_fd((uint64_t)ts.st_size, tf);
-  if (!resp) {
-    close(tf);
-    return MHD_NO;
-  }
-  MHD_add_response_header(resp, "ETag", etag);
-  MHD_add_response_header(resp, "Cache-Control", cache);
-  return respond(sv, c, q, 200, resp, "image/jpeg");
+  return respond_fd(sv, c, q, tf, ts.st_size, etag, cache, "image/jpeg");
 }
 
 /* ---- status ---- */
@@ -1509,6 +1508,31 @@ static char *dup_or_null(const char *s, int *oom) {
   return d;
 }
 
+static void engine_stop(blip_serve *sv) {
+  pthread_mutex_lock(&sv->qmu);
+  sv->stopping = 1;
+  pthread_cond_signal(&sv->qcv);
+  pthread_mutex_unlock(&sv->qmu);
+  pthread_join(sv->eng, NULL);
+}
+
+static void serve_free(blip_serve *sv) {
+  sqlite3_close(sv->db);
+  blip_model_free(sv->m);
+  free(sv->db_dir);
+  free(sv->model_dir);
+  free(sv->token);
+  free(sv->cors);
+  free(sv->thumb_dir);
+  pthread_mutex_destroy(&sv->qmu);
+  pthread_mutex_destroy(&sv->dbmu);
+  pthread_mutex_destroy(&sv->logmu);
+  pthread_cond_destroy(&sv->qcv);
+  pthread_cond_destroy(&sv->donecv);
+  sem_destroy(&sv->thumbs);
+  free(sv);
+}
+
 int blip_serve_start(const blip_serve_opts *o, blip_serve **out) {
   *out = NULL;
   struct sockaddr_storage ss;
@@ -1585,11 +1609,7 @@ int blip_serve_start(const blip_serve_opts *o, blip_serve **out) {
                            MHD_OPTION_END);
   if (!sv->d) {
     rc = blip_err_set(BLIP_EIO, "cannot listen on %s: %s", listen, strerror(errno));
-    pthread_mutex_lock(&sv->qmu);
-    sv->stopping = 1;
-    pthread_cond_signal(&sv->qcv);
-    pthread_mutex_unlock(&sv->qmu);
-    pthread_join(sv->eng, NULL);
+    engine_stop(sv);
     goto fail;
   }
   const union MHD_DaemonInfo *di = MHD_get_daemon_info(sv->d, MHD_DAEMON_INFO_BIND_PORT);
@@ -1597,13 +1617,7 @@ int blip_serve_start(const blip_serve_opts *o, blip_serve **out) {
   *out = sv;
   return BLIP_OK;
 fail:
-  blip_model_free(sv->m);
-  free(sv->db_dir);
-  free(sv->model_dir);
-  free(sv->token);
-  free(sv->cors);
-  free(sv->thumb_dir);
-  free(sv);
+  serve_free(sv);
   return rc;
 }
 
@@ -1612,23 +1626,6 @@ int blip_serve_port(const blip_serve *s) { return s->port; }
 void blip_serve_stop(blip_serve *sv) {
   if (!sv) return;
   MHD_stop_daemon(sv->d); /* joins the connection threads: no job waiter is left */
-  pthread_mutex_lock(&sv->qmu);
-  sv->stopping = 1;
-  pthread_cond_signal(&sv->qcv);
-  pthread_mutex_unlock(&sv->qmu);
-  pthread_join(sv->eng, NULL);
-  sqlite3_close(sv->db);
-  blip_model_free(sv->m);
-  free(sv->db_dir);
-  free(sv->model_dir);
-  free(sv->token);
-  free(sv->cors);
-  free(sv->thumb_dir);
-  pthread_mutex_destroy(&sv->qmu);
-  pthread_mutex_destroy(&sv->dbmu);
-  pthread_mutex_destroy(&sv->logmu);
-  pthread_cond_destroy(&sv->qcv);
-  pthread_cond_destroy(&sv->donecv);
-  sem_destroy(&sv->thumbs);
-  free(sv);
+  engine_stop(sv);
+  serve_free(sv);
 }
