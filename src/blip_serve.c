@@ -696,6 +696,7 @@ typedef struct {
   double t0;
   int status;
   int too_big, multipart, bad_part;
+  size_t got, max; /* body bytes received; the cap */
   struct MHD_PostProcessor *pp;
   buf body, file;   /* raw body; the multipart file part */
   char **texts;     /* multipart "text" fields */
@@ -1169,7 +1170,7 @@ static enum MHD_Result post_iter(void *cls, enum MHD_ValueKind kind, const char 
                                  uint64_t off, size_t size) {
   req *q = cls;
   if (q->too_big) return MHD_YES;
-  size_t max = q->body.cap; /* the cap travels in body.cap (no raw body with multipart) */
+  size_t max = q->max;
   if (filename || (key && (!strcmp(key, "file") || !strcmp(key, "image")))) {
     if (buf_add(&q->file, data, size, max)) q->too_big = 1;
   } else if (key && !strcmp(key, "text")) {
@@ -1224,8 +1225,8 @@ static enum MHD_Result handle_post(blip_serve *sv, struct MHD_Connection *c, req
   char err[512], base[256];
   if (q->too_big) return respond_err(sv, c, q, 413, "the request body is over %zu bytes", sv->o.max_upload);
   if (q->bad_part)
-    return respond_err(sv, c, q, 400, "bad form field (texts: at most %d of %d bytes each)", BLIP_SERVE_MAX_TEXTS,
-                       BLIP_SERVE_MAX_TEXT);
+    return respond_err(sv, c, q, 400, "bad multipart body or form field (texts: at most %d of %d bytes each)",
+                       BLIP_SERVE_MAX_TEXTS, BLIP_SERVE_MAX_TEXT);
   const unsigned char *img = q->multipart ? q->file.p : q->body.p;
   size_t img_n = q->multipart ? q->file.n : q->body.n;
   blip_serve_knn kn = {0};
@@ -1372,6 +1373,7 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *c, const char
     snprintf(q->method, sizeof q->method, "%s", method);
     snprintf(q->path, sizeof q->path, "%s", url);
     q->route = route(sv, method, url, q);
+    q->max = sv->o.max_upload;
     if (q->route == R_OPTIONS) {
       struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
       return respond(sv, c, q, 204, r, NULL);
@@ -1397,14 +1399,15 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *c, const char
       const char *ct = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Type");
       if (ct && !strncasecmp(ct, "multipart/form-data", 19) && q->route != R_KNN) {
         q->multipart = 1;
-        q->body.cap = sv->o.max_upload; /* the cap, read by post_iter */
         if (!(q->pp = MHD_create_post_processor(c, 65536, post_iter, q)))
           return respond_err(sv, c, q, 400, "bad multipart body (no boundary?)");
       }
     }
     return MHD_YES;
   }
-  if (*upload_data_size) { /* body data */
+  if (*upload_data_size) { /* body data: all of it counts against the cap, kept or not */
+    q->got += *upload_data_size;
+    if (q->got > q->max) q->too_big = 1;
     if (q->multipart) {
       if (!q->too_big && MHD_post_process(q->pp, upload_data, *upload_data_size) != MHD_YES) q->bad_part = 1;
     } else if (!q->too_big && buf_add(&q->body, upload_data, *upload_data_size, sv->o.max_upload)) {

@@ -319,7 +319,6 @@ os.rename(v3["path"] + ".gone", v3["path"])
 # ---- request size limits ----
 r = s.raw(b"GET /api/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100000 + b"\r\n\r\n")
 check("a 100 KB header is refused", r[:12] in (b"HTTP/1.1 431", b"HTTP/1.1 413") or r == b"", r[:40])
-st, h, j = s.json("POST", "/api/search/image", b"x", {"Content-Length": "60000000"}) if False else (None, None, None)
 r = s.raw(b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Length: 60000000\r\n\r\n")
 check("an announced 60 MB body: 413 before it is read", r.startswith(b"HTTP/1.1 413") and b"error" in r, r[:200])
 s2 = Server(SERVE, DB, MODEL, "--max-upload", "0.5", log=T + "/s2.log")
@@ -335,6 +334,11 @@ pieces = [body[i:i + 100000] for i in range(0, len(body), 100000)]
 chunked += b"".join(b"%x\r\n" % len(p) + p + b"\r\n" for p in pieces) + b"0\r\n\r\n"
 r = s2.raw(chunked)
 check("a chunked multipart body over --max-upload: 413", r.startswith(b"HTTP/1.1 413"), r[:60])
+body, ct = multipart([("junk", "j" * 600000)], [])  # a field the server does not keep counts too
+chunked = b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: %s\r\n\r\n" % ct.encode()
+chunked += b"".join(b"%x\r\n" % len(p) + p + b"\r\n" for p in [body[i:i + 65536] for i in range(0, len(body), 65536)])
+r = s2.raw(chunked + b"0\r\n\r\n")
+check("a chunked multipart field over --max-upload: 413", r.startswith(b"HTTP/1.1 413"), r[:60])
 chunked = b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 chunked += b"".join(b"%x\r\n" % 100000 + b"a" * 100000 + b"\r\n" for _ in range(7)) + b"0\r\n\r\n"
 r = s2.raw(chunked)
@@ -386,8 +390,6 @@ s4.stop()
 r = subprocess.run([SERVE, "--db", DB, "--model", MODEL, "--listen", "0.0.0.0:0"], capture_output=True, text=True,
                    timeout=60)
 check("0.0.0.0 without a token: refused", r.returncode == 2 and "loopback" in r.stderr, r.stderr)
-r = subprocess.run([SERVE, "--db", DB, "--model", MODEL, "--listen", "[::1]:0", "--insecure-no-auth"],
-                   capture_output=True, text=True, timeout=5) if False else None
 s5 = Server(SERVE, DB, MODEL, "--listen", "0.0.0.0:0", "--insecure-no-auth", log=T + "/s5.log")
 st, _, _ = s5.get("/api/status")
 rc = s5.stop()
