@@ -2,6 +2,8 @@
 T holds lib/ (indexed into T/db) and new/ (photos added while serving).
 Prints one FAIL line per failed check and exits 1 if any failed."""
 import base64
+import fcntl
+import socket
 import hashlib
 import json
 import os
@@ -420,6 +422,38 @@ check("live: --rebuild (new files) is picked up", st == 200 and len(j["results"]
 same_hits("live: parity after --rebuild", j["results"], bq("-n", "20", QUERY))
 st, h, j = s.json("GET", "/api/status")
 check("live: status after --rebuild", j["count"] == 13, j)
+
+# ---- indexer running: seen through the writer's lock, without taking it ----
+with open(DB + "/lock", "a") as lk:
+    fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    st, h, j = s.json("GET", "/api/status")
+    check("status: indexer running while the writer lock is held", j["indexer_running"] is True, j)
+    r = subprocess.run([BIN + "/blip-index", "--db", DB, "--model", MODEL, L], capture_output=True, text=True)
+    check("status: (the lock is the writer's: blip-index waits or refuses)", r.returncode != 0, r.returncode)
+st, h, j = s.json("GET", "/api/status")
+check("status: indexer not running once the lock is free", j["indexer_running"] is False, j)
+
+# ---- connection cap and idle timeout: slow clients cannot hold the server ----
+s8 = Server(SERVE, DB, MODEL, "--max-conns", "3", "--timeout", "1", log=T + "/s8.log")
+loris = []
+for _ in range(3):
+    k = socket.create_connection(("127.0.0.1", s8.port))
+    k.sendall(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")  # never finished
+    loris.append(k)
+time.sleep(0.3)
+r = s8.raw(b"GET /api/status HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+check("connection cap: a 4th connection is not served while 3 are open", not r.startswith(b"HTTP/1.1 200"), r[:40])
+served = False
+for _ in range(60):  # the idle ones are dropped after --timeout 1
+    r = s8.raw(b"GET /api/status HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+    if r.startswith(b"HTTP/1.1 200"):
+        served = True
+        break
+    time.sleep(0.5)
+check("idle timeout: stalled connections are dropped, then others are served", served)
+for k in loris:
+    k.close()
+s8.stop()
 
 # ---- empty and absent index ----
 s6 = Server(SERVE, T + "/no-index-yet", MODEL, log=T + "/s6.log")

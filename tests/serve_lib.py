@@ -85,7 +85,7 @@ class Server:
                     if l.lower().startswith(b"content-length:") and len(rest) >= int(l.split(b":")[1]):
                         s.close()
                         return out
-        except socket.timeout:
+        except (socket.timeout, ConnectionResetError):
             pass
         s.close()
         return out
