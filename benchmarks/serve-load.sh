@@ -5,21 +5,56 @@
 # requests; RSS across 10,000+ requests; the same load while blip-index adds
 # photos and is SIGKILLed; and the latency of normal requests while a
 # slow-loris client holds connections open by trickling header bytes.
-#   benchmarks/serve-load.sh [BUILD_DIR=build] [MODEL=tests/data/blip-tiny] [PHOTOS=1000] [SECS=8]
+#   benchmarks/serve-load.sh [BUILD_DIR=build] [MODEL=tests/data/blip-tiny|random-base] [PHOTOS=1000] [SECS=8] [RSS_N=10000]
+# MODEL random-base: BLIP base geometry (names and shapes of blip-itm-base-coco)
+# with random F16 weights and the real vocab, written to the temp dir.
 set -euo pipefail
 BIN=$(cd "${1:-build}" && pwd)
-MODEL=$(cd "${2:-tests/data/blip-tiny}" && pwd)
+SRC=$(cd "$(dirname "$0")/.." && pwd)
 NPH=${3:-1000}
 SECS=${4:-8}
+RSS_N=${5:-10000}
+MORE=$(( NPH < 400 ? NPH / 2 : 400 ))   # photos added while serving
 command -v wrk >/dev/null || { echo "serve-load: wrk is not installed (scripts/install-deps.sh)"; exit 2; }
 T=$(mktemp -d /tmp/blip_serve_load.XXXXXX)
+if [ "${2:-}" = random-base ]; then
+  MODEL=$T/random-base
+  mkdir -p "$MODEL"
+  cp "$SRC/tests/data/checkpoint-manifest/blip-itm-base-coco.config.json" "$MODEL/config.json"
+  cp "$SRC/tests/data/blip-tiny/vocab.txt" "$MODEL/vocab.txt"
+  python3 - "$SRC/tests/data/checkpoint-manifest/blip-itm-base-coco.tsv" "$MODEL/model.safetensors" <<'EOF'
+import json, random, struct, sys
+random.seed(1)
+ents = [(l.split("\t")[0], [int(x) for x in l.split("\t")[1].split(",")]) for l in open(sys.argv[1]) if l.strip()]
+base = struct.pack("<%de" % (1 << 20), *[random.gauss(0, 0.03) for _ in range(1 << 20)])
+hdr, off = {}, 0
+for name, shape in ents:
+    n = 1
+    for d in shape:
+        n *= d
+    hdr[name] = {"dtype": "F16", "shape": shape, "data_offsets": [off, off + 2 * n]}
+    off += 2 * n
+h = json.dumps(hdr).encode()
+h += b" " * (-len(h) % 8)
+with open(sys.argv[2], "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h)
+    for name, shape in ents:
+        left = hdr[name]["data_offsets"][1] - hdr[name]["data_offsets"][0]
+        while left:
+            k = min(left, len(base))
+            f.write(base[:k])
+            left -= k
+EOF
+else
+  MODEL=$(cd "${2:-tests/data/blip-tiny}" && pwd)
+fi
 SPID=
 trap '[ -n "$SPID" ] && kill "$SPID" 2>/dev/null; rm -rf "$T"' EXIT
 export OMP_WAIT_POLICY=passive
 
 mkdir -p "$T/lib" "$T/more"
 "$BIN/gen_photos" "$T/lib" "$NPH" --size 64x64 >/dev/null
-"$BIN/gen_photos" "$T/more" 400 --size 64x64 --seed 3 --start 100000 >/dev/null
+"$BIN/gen_photos" "$T/more" "$MORE" --size 64x64 --seed 3 --start 100000 >/dev/null
 "$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null
 "$BIN/blip-serve" --db "$T/db" --model "$MODEL" --listen 127.0.0.1:0 >"$T/out" 2>"$T/log" &
 SPID=$!
@@ -51,28 +86,28 @@ for k in 16 0; do
   done
 done
 
-# RSS across at least 10,000 requests (rerank 0 and thumbnails of every photo)
+# RSS across at least RSS_N requests with rerank 0, then as many with rerank 4
 r0=$(rss); n_all=0
-while [ "$n_all" -lt 10000 ]; do
+while [ "$n_all" -lt "$RSS_N" ]; do
   read -r _ _ _ n f < <(run 4 "$URL/api/search?$Q&rerank=0" 4)
   n_all=$((n_all + n)); total_fail=$((total_fail + f))
 done
 r1=$(rss)
-while [ "$n_all" -lt 20000 ]; do
+while [ "$n_all" -lt $((2 * RSS_N)) ]; do
   read -r _ _ _ n f < <(run 4 "$URL/api/search?$Q&rerank=4" 4)
   n_all=$((n_all + n)); total_fail=$((total_fail + f))
 done
 r2=$(rss)
-printf '\nRSS: %d KiB at start, %d KiB after 10k+, %d KiB after %d requests\n' "$r0" "$r1" "$r2" "$n_all"
+printf '\nRSS: %d KiB at start, %d KiB after %d+ requests, %d KiB after %d\n' "$r0" "$r1" "$RSS_N" "$r2" "$n_all"
 
 # while blip-index adds photos, then is SIGKILLed mid-run
 cp -r "$T/more" "$T/lib/more"
 "$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null & IPID=$!
 read -r rps p50 p99 n f < <(run 4 "$URL/api/search?$Q&rerank=16" 4)
 kill -9 "$IPID" 2>/dev/null || true; wait "$IPID" 2>/dev/null || true
-printf '\nwhile blip-index adds 400 photos: %s req/s, p50 %s ms, p99 %s ms, %s requests, %s failed\n' "$rps" "$p50" "$p99" "$n" "$f"
+printf '\nwhile blip-index adds %d photos:' "$MORE"; printf ' %s req/s, p50 %s ms, p99 %s ms, %s requests, %s failed\n' "$rps" "$p50" "$p99" "$n" "$f"
 total_fail=$((total_fail + f))
-mkdir -p "$T/lib/more2" && "$BIN/gen_photos" "$T/lib/more2" 400 --size 64x64 --seed 4 --start 200000 >/dev/null
+mkdir -p "$T/lib/more2" && "$BIN/gen_photos" "$T/lib/more2" "$MORE" --size 64x64 --seed 4 --start 200000 >/dev/null
 "$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null & IPID=$!
 ( sleep 1; kill -9 "$IPID" 2>/dev/null ) &
 read -r rps p50 p99 n f < <(run 4 "$URL/api/search?$Q&rerank=16" 4)

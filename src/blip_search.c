@@ -453,6 +453,37 @@ done:
   return rc;
 }
 
+int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
+                           float *feat) {
+  const int T = BLIP_SEARCH_MAX_TOKENS;
+  int L = 0, rc = BLIP_OK;
+  for (int i = 0; i < n && !rc; i++) {
+    rc = blip_search_prepare_text(m, queries[i], ids + (size_t)i * T, &len[i], &truncated[i]);
+    if (!rc && len[i] < 2) rc = blip_err_set(BLIP_EINVAL, "text of %d tokens", len[i]);
+    if (!rc && len[i] > L) L = len[i];
+  }
+  if (rc || n == 0) return rc;
+  int32_t *pid = malloc((size_t)n * L * sizeof *pid), *mask = malloc((size_t)n * L * sizeof *mask);
+  if (!pid || !mask) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  for (int i = 0; !rc && i < n; i++)
+    for (int t = 0; t < L; t++) {
+      pid[(size_t)i * L + t] = t < len[i] ? ids[(size_t)i * T + t] : 0;
+      mask[(size_t)i * L + t] = t < len[i];
+    }
+  if (!rc) rc = blip_model_text(m, pid, mask, n, L, NULL, feat);
+  free(pid);
+  free(mask);
+  return rc;
+}
+
+int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
+                              const blip_search_opts *o, blip_search_result *res) {
+  memset(res, 0, sizeof *res);
+  int rc = search_feat(s, feat, ids, len, o, res);
+  res->truncated = truncated;
+  return rc;
+}
+
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res) {
   int32_t ids[BLIP_SEARCH_MAX_TOKENS];
   int len = 0, trunc = 0, rc;
@@ -460,9 +491,8 @@ int blip_search_text(blip_search *s, const char *query, const blip_search_opts *
   if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
   float *feat = malloc((size_t)s->E * sizeof *feat);
   if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  if (!(rc = blip_search_prepare_text(s->m, query, ids, &len, &trunc)) &&
-      !(rc = blip_search_text_feat(s->m, ids, len, feat)))
-    rc = search_feat(s, feat, ids, len, o, res);
+  if (!(rc = blip_search_text_feats(s->m, &query, 1, ids, &len, &trunc, feat)))
+    rc = blip_search_text_prepared(s, ids, len, trunc, feat, o, res);
   res->truncated = trunc;
   free(feat);
   return rc;

@@ -89,6 +89,15 @@ int blip_search_attach(blip_search *s, blip_model *m);
 
 /* Text -> images. */
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res);
+/* The same in two steps, so that a server can batch the text encoder over
+ * concurrent queries: blip_search_text_feats prepares n queries (ids [n,35],
+ * len[n], truncated[n]) and computes their features [n,E] in one encoder
+ * call (rows padded to the longest, masked); blip_search_text_prepared then
+ * searches and reranks one of them exactly as blip_search_text does. */
+int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
+                           float *feat);
+int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
+                              const blip_search_opts *o, blip_search_result *res);
 /* Image -> images by ITC (pixels [3,S,S] preprocessed). */
 int blip_search_image(blip_search *s, const float *pixels, const blip_search_opts *o, blip_search_result *res);
 /* Images by ITC against a feature [E] (L2-normalized by the caller): "more

@@ -50,6 +50,7 @@
 #include "blip_store.h"
 
 #define MAX_ARGS 32
+#define BATCH_MAX 16 /* text queries per encoder batch */
 #define THUMB_SMALL 256
 #define THUMB_LARGE 1024
 
@@ -412,6 +413,7 @@ struct blip_serve {
   pthread_cond_t qcv, donecv;
   job *qhead, *qtail;
   int stopping;
+  int64_t batched, batches; /* text queries answered in batches of 2+, and those batches (under qmu) */
   blip_search *s; /* engine thread only */
   ino_t s_ino;
   char s_err[512];
@@ -499,6 +501,31 @@ static void run_job(blip_serve *sv, job *j) {
   if (rc) snprintf(j->err, sizeof j->err, "%s", blip_err_last());
 }
 
+/* Text jobs b[0..n) with one text-encoder call; 0 when it could not be
+ * batched (no index, empty, a query the encoder refuses): run them alone. */
+static int run_text_batch(blip_serve *sv, job **b, int n) {
+  const char *qs[BATCH_MAX];
+  int32_t ids[BATCH_MAX * BLIP_SEARCH_MAX_TOKENS];
+  int len[BATCH_MAX], tr[BATCH_MAX];
+  int64_t count;
+  if (engine_ready(sv) || !(count = blip_search_count(sv->s))) return 0;
+  float *feat = malloc((size_t)n * sv->E * sizeof *feat);
+  for (int i = 0; i < n; i++) qs[i] = b[i]->text;
+  if (!feat || blip_search_text_feats(sv->m, qs, n, ids, len, tr, feat)) {
+    free(feat);
+    return 0;
+  }
+  for (int i = 0; i < n; i++) {
+    job *j = b[i];
+    j->count = count;
+    j->rc = blip_search_text_prepared(sv->s, ids + i * BLIP_SEARCH_MAX_TOKENS, len[i], tr[i],
+                                      feat + (size_t)i * sv->E, &j->opts, &j->res);
+    if (j->rc) snprintf(j->err, sizeof j->err, "%s", blip_err_last());
+  }
+  free(feat);
+  return 1;
+}
+
 static void *engine_main(void *arg) {
   blip_serve *sv = arg;
   blip_k_set_threads(sv->o.threads);
@@ -506,18 +533,42 @@ static void *engine_main(void *arg) {
   for (;;) {
     while (!sv->qhead && !sv->stopping) pthread_cond_wait(&sv->qcv, &sv->qmu);
     if (!sv->qhead) break;
-    job *j = sv->qhead;
-    sv->qhead = j->next;
+    job *b[BATCH_MAX];
+    int n = 0;
+    b[n++] = sv->qhead;
+    sv->qhead = sv->qhead->next;
     if (!sv->qhead) sv->qtail = NULL;
-    if (!j->abandoned) {
-      j->started = 1;
-      pthread_mutex_unlock(&sv->qmu);
-      run_job(sv, j);
-      pthread_mutex_lock(&sv->qmu);
+    if (b[0]->kind == JOB_TEXT && !b[0]->abandoned && !sv->o.no_batch) { /* the other waiting text queries join */
+      job *prev = NULL;
+      for (job *k = sv->qhead, *next; k && n < BATCH_MAX; k = next) {
+        next = k->next;
+        if (k->kind != JOB_TEXT || k->abandoned) {
+          prev = k;
+          continue;
+        }
+        if (prev) prev->next = next;
+        else sv->qhead = next;
+        if (sv->qtail == k) sv->qtail = prev;
+        b[n++] = k;
+      }
     }
-    j->done = 1;
+    if (!b[0]->abandoned) {
+      for (int i = 0; i < n; i++) b[i]->started = 1;
+      pthread_mutex_unlock(&sv->qmu);
+      int batched = n > 1 && run_text_batch(sv, b, n);
+      if (!batched)
+        for (int i = 0; i < n; i++) run_job(sv, b[i]);
+      pthread_mutex_lock(&sv->qmu);
+      if (batched) {
+        sv->batched += n;
+        sv->batches++;
+      }
+    }
+    for (int i = 0; i < n; i++) {
+      b[i]->done = 1;
+      job_unref(sv, b[i]);
+    }
     pthread_cond_broadcast(&sv->donecv);
-    job_unref(sv, j);
   }
   pthread_mutex_unlock(&sv->qmu);
   blip_search_close(sv->s);
@@ -1121,13 +1172,14 @@ static enum MHD_Result serve_status(blip_serve *sv, struct MHD_Connection *c, re
   int depth = 0;
   pthread_mutex_lock(&sv->qmu);
   for (job *j = sv->qhead; j; j = j->next) depth++;
+  int64_t batched = sv->batched, batches = sv->batches;
   pthread_mutex_unlock(&sv->qmu);
-  json_t *j = json_pack("{s:I, s:I, s:I, s:s, s:s, s:s, s:b, s:i, s:i, s:i}", "count", (json_int_t)count, "failed",
+  json_t *j = json_pack("{s:I, s:I, s:I, s:s, s:s, s:s, s:b, s:i, s:i, s:i, s:I, s:I}", "count", (json_int_t)count, "failed",
                         (json_int_t)(failed < 0 ? 0 : failed), "generation", (json_int_t)gen, "model",
                         sv->model_name, "model_fingerprint", blip_model_fingerprint(sv->m), "precision",
                         blip_model_precision_name(blip_model_precision(sv->m)), "indexer_running",
                         indexer_running(sv), "queue", depth, "image_size", sv->S, "rerank_default",
-                        BLIP_SEARCH_RERANK);
+                        BLIP_SEARCH_RERANK, "batched_queries", (json_int_t)batched, "batches", (json_int_t)batches);
   return respond_json(sv, c, q, 200, j);
 }
 

@@ -13,6 +13,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import zlib
@@ -120,6 +121,35 @@ st, h, j = s.json("GET", q({"q": QUERY, "threshold": "1"}))
 check("no match: threshold", st == 200 and j["results"] == [] and j["reason"] == "threshold", j)
 st, h, j = s.json("GET", q({"q": " ".join(["giraffe"] * 40), "n": 1}))
 check("truncated query flagged", st == 200 and j["truncated"] is True, j)
+
+# ---- concurrent text queries share one encoder batch, with the same answers ----
+conc = [({"q": t, "n": 6, "rerank": k}, ["-n", "6", "--rerank", str(k), t])
+        for t, k in [(QUERY, 16), ("red car on a street", 4), ("a cat", 0), ("two people hiking in the snow", 16),
+                     ("a bowl of fruit on a table", 2), ("x", 16), (" ".join(["giraffe"] * 40), 3),
+                     ("a boat", 16)]]
+conc.append(({"q": QUERY, "n": 20, "under": L + "/a"}, ["-n", "20", "--under", L + "/a", QUERY]))
+conc.append(({"q": "a cat", "n": 3, "offset": 2}, None))
+refs = [bq(*a) if a else bq("-n", "5", "a cat")[2:5] for _, a in conc]
+batched = 0
+for attempt in range(8):
+    answers = [None] * len(conc)
+
+    def ask(i):
+        answers[i] = s.json("GET", q(conc[i][0]))
+
+    th = [threading.Thread(target=ask, args=(i,)) for i in range(len(conc))]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    for (params, _), ref, (st, h, j) in zip(conc, refs, answers):
+        check("concurrent %s: 200" % params["q"][:20], st == 200, j)
+        if st == 200:
+            same_hits("concurrent %s = blip-query" % params["q"][:20], j["results"], ref, 1e-5)
+    batched = s.json("GET", "/api/status")[2]["batched_queries"]
+    if batched:
+        break
+check("concurrent text queries were batched", batched >= 2, batched)
 
 # ---- image queries ----
 IMG = L + "/b/img00002.png"
