@@ -56,10 +56,14 @@ mkdir -p "$T/lib" "$T/more"
 "$BIN/gen_photos" "$T/lib" "$NPH" --size 64x64 >/dev/null
 "$BIN/gen_photos" "$T/more" "$MORE" --size 64x64 --seed 3 --start 100000 >/dev/null
 "$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null
-"$BIN/blip-serve" --db "$T/db" --model "$MODEL" --listen 127.0.0.1:0 >"$T/out" 2>"$T/log" &
-SPID=$!
-for _ in $(seq 600); do grep -q "listening on" "$T/out" && break; sleep 0.1; done
-URL=$(sed -n 's|.*listening on \(http://[0-9.:]*\)/.*|\1|p' "$T/out")
+start_server() { # start_server OUT ARGS...: sets NEWPID, NEWURL
+  "$BIN/blip-serve" --db "$T/db" --model "$MODEL" --listen 127.0.0.1:0 "${@:2}" >"$1" 2>>"$T/log" &
+  NEWPID=$!
+  for _ in $(seq 900); do grep -q "listening on" "$1" && break; sleep 0.1; done
+  NEWURL=$(sed -n 's|.*listening on \(http://[0-9.:]*\)/.*|\1|p' "$1")
+}
+start_server "$T/out"
+SPID=$NEWPID URL=$NEWURL
 rss() { awk '/VmRSS/ {print $2}' "/proc/$SPID/status"; }
 echo "blip-serve on $URL, $NPH photos, model $(basename "$MODEL"), $(nproc) cores, wrk ${SECS}s per run"
 
@@ -85,6 +89,21 @@ for k in 16 0; do
     total_fail=$((total_fail + f))
   done
 done
+
+# batching: the same load on a second server answering one query per encoder call
+start_server "$T/out-nb" --no-batch
+printf '\n%-34s %10s %10s %10s   %-s\n' "16 connections" "req/s" "p50 ms" "p99 ms" "(batched / one by one)"
+for k in 16 0; do
+  read -r b_rps b50 b99 _ f1 < <(run 16 "$URL/api/search?$Q&rerank=$k")
+  read -r n_rps n50 n99 _ f2 < <(run 16 "$NEWURL/api/search?$Q&rerank=$k")
+  printf '%-34s %10s %10s %10s\n' "rerank $k, batched" "$b_rps" "$b50" "$b99"
+  printf '%-34s %10s %10s %10s   x%s\n' "rerank $k, one by one (--no-batch)" "$n_rps" "$n50" "$n99" \
+    "$(python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$b_rps" "$n_rps")"
+  total_fail=$((total_fail + f1 + f2))
+done
+kill -TERM "$NEWPID"; wait "$NEWPID" || true
+python3 -c 'import json,sys,urllib.request; s=json.load(urllib.request.urlopen(sys.argv[1]))
+print("batches so far: %d queries in %d batches (mean %.1f)" % (s["batched_queries"], s["batches"], s["batched_queries"] / max(1, s["batches"])))' "$URL/api/status"
 
 # RSS across at least RSS_N requests with rerank 0, then as many with rerank 4
 r0=$(rss); n_all=0
