@@ -8,6 +8,7 @@
 #   benchmarks/serve-load.sh [BUILD_DIR=build] [MODEL=tests/data/blip-tiny|random-base] [PHOTOS=1000] [SECS=8] [RSS_N=10000]
 # MODEL random-base: BLIP base geometry (names and shapes of blip-itm-base-coco)
 # with random F16 weights and the real vocab, written to the temp dir.
+# PREC=int8|bf16|f32 in the environment: the index's (and so the server's) precision.
 set -euo pipefail
 BIN=$(cd "${1:-build}" && pwd)
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,7 +56,7 @@ export OMP_WAIT_POLICY=passive
 mkdir -p "$T/lib" "$T/more"
 "$BIN/gen_photos" "$T/lib" "$NPH" --size 64x64 >/dev/null
 "$BIN/gen_photos" "$T/more" "$MORE" --size 64x64 --seed 3 --start 100000 >/dev/null
-"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" --precision "${PREC:-f32}" "$T/lib" 2>/dev/null
 start_server() { # start_server OUT ARGS...: sets NEWPID, NEWURL
   "$BIN/blip-serve" --db "$T/db" --model "$MODEL" --listen 127.0.0.1:0 "${@:2}" >"$1" 2>>"$T/log" &
   NEWPID=$!
@@ -121,13 +122,13 @@ printf '\nRSS: %d KiB at start, %d KiB after %d+ requests, %d KiB after %d\n' "$
 
 # while blip-index adds photos, then is SIGKILLed mid-run
 cp -r "$T/more" "$T/lib/more"
-"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null & IPID=$!
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" --precision "${PREC:-f32}" "$T/lib" 2>/dev/null & IPID=$!
 read -r rps p50 p99 n f < <(run 4 "$URL/api/search?$Q&rerank=16" 4)
 kill -9 "$IPID" 2>/dev/null || true; wait "$IPID" 2>/dev/null || true
 printf '\nwhile blip-index adds %d photos:' "$MORE"; printf ' %s req/s, p50 %s ms, p99 %s ms, %s requests, %s failed\n' "$rps" "$p50" "$p99" "$n" "$f"
 total_fail=$((total_fail + f))
 mkdir -p "$T/lib/more2" && "$BIN/gen_photos" "$T/lib/more2" "$MORE" --size 64x64 --seed 4 --start 200000 >/dev/null
-"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$T/lib" 2>/dev/null & IPID=$!
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" --precision "${PREC:-f32}" "$T/lib" 2>/dev/null & IPID=$!
 ( sleep 1; kill -9 "$IPID" 2>/dev/null ) &
 read -r rps p50 p99 n f < <(run 4 "$URL/api/search?$Q&rerank=16" 4)
 wait "$IPID" 2>/dev/null || true

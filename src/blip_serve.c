@@ -521,6 +521,10 @@ static int run_text_batch(blip_serve *sv, job **b, int n) {
     j->rc = blip_search_text_prepared(sv->s, ids + i * BLIP_SEARCH_MAX_TOKENS, len[i], tr[i],
                                       feat + (size_t)i * sv->E, &j->opts, &j->res);
     if (j->rc) snprintf(j->err, sizeof j->err, "%s", blip_err_last());
+    pthread_mutex_lock(&sv->qmu); /* its waiter answers now, not after the whole batch */
+    j->done = 1;
+    pthread_cond_broadcast(&sv->donecv);
+    pthread_mutex_unlock(&sv->qmu);
   }
   free(feat);
   return 1;
