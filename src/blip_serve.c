@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
@@ -426,6 +427,12 @@ struct blip_serve {
   sem_t thumbs; /* thumbnails being made at once: bounds decode memory under a burst of misses */
 };
 
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + t.tv_nsec * 1e-9;
+}
+
 /* index.sqlite's inode, 0 when absent. */
 static ino_t index_ino(const blip_serve *sv) {
   char p[PATH_MAX];
@@ -580,18 +587,20 @@ static void *engine_main(void *arg) {
   return NULL;
 }
 
-/* Queue j and wait for it at most budget_s. Returns 0 (j done), or
- * BLIP_EINTR (gave up: j is the engine's now, do not touch it). */
-static int engine_call(blip_serve *sv, job *j) {
-  struct timespec dl;
-  clock_gettime(CLOCK_REALTIME, &dl);
-  double b = sv->o.budget_s;
-  dl.tv_sec += (time_t)b;
-  dl.tv_nsec += (long)((b - (double)(time_t)b) * 1e9);
-  if (dl.tv_nsec >= 1000000000L) {
-    dl.tv_sec++;
-    dl.tv_nsec -= 1000000000L;
-  }
+/* Whether the client hung up (EOF on its socket; bytes of a pipelined
+ * request mean it is still there). */
+static int client_gone(int fd) {
+  char ch;
+  if (fd < 0) return 0;
+  ssize_t r = recv(fd, &ch, 1, MSG_PEEK | MSG_DONTWAIT);
+  return r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
+/* Queue j and wait for it at most budget_s, watching the client's socket
+ * fd. Returns 0 (j done), BLIP_EINTR (budget spent) or BLIP_ENOTFOUND (the
+ * client left): then j is the engine's, which skips it if not started. */
+static int engine_call(blip_serve *sv, job *j, int fd) {
+  double end = now_s() + sv->o.budget_s;
   pthread_mutex_lock(&sv->qmu);
   j->refs = 2;
   j->next = NULL;
@@ -599,15 +608,29 @@ static int engine_call(blip_serve *sv, job *j) {
   else sv->qhead = j;
   sv->qtail = j;
   pthread_cond_signal(&sv->qcv);
-  int rc = 0;
-  while (!j->done && rc != ETIMEDOUT) rc = pthread_cond_timedwait(&sv->donecv, &sv->qmu, &dl);
-  int done = j->done;
-  if (!done) {
+  int ret = 0;
+  while (!j->done) {
+    double t = now_s(), slice = end - t < 0.2 ? end - t : 0.2; /* look at the socket 5 times a second */
+    if (slice <= 0) {
+      ret = BLIP_EINTR;
+      break;
+    }
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    long ns = dl.tv_nsec + (long)(slice * 1e9);
+    dl.tv_sec += ns / 1000000000L;
+    dl.tv_nsec = ns % 1000000000L;
+    if (pthread_cond_timedwait(&sv->donecv, &sv->qmu, &dl) == ETIMEDOUT && !j->done && client_gone(fd)) {
+      ret = BLIP_ENOTFOUND;
+      break;
+    }
+  }
+  if (ret) {
     j->abandoned = 1;
     job_unref(sv, j);
   }
   pthread_mutex_unlock(&sv->qmu);
-  return done ? 0 : BLIP_EINTR;
+  return ret;
 }
 
 static job *job_new(job_kind k) {
@@ -758,12 +781,6 @@ typedef struct {
   int ntexts;
   char method[16], path[256];
 } req;
-
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + t.tv_nsec * 1e-9;
-}
 
 static int buf_add(buf *b, const void *p, size_t n, size_t max) {
   if (n > max - b->n) return -1;
@@ -919,7 +936,13 @@ static json_t *result_json(blip_serve *sv, const job *j) {
 /* Run j (filled in) and answer with its result or its error. */
 static enum MHD_Result answer_job(blip_serve *sv, struct MHD_Connection *c, req *q, job *j,
                                   json_t *(*fmt)(blip_serve *, const job *, const void *), const void *fctx) {
-  if (engine_call(sv, j))
+  const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+  int rc = engine_call(sv, j, ci ? ci->connect_fd : -1);
+  if (rc == BLIP_ENOTFOUND) {
+    q->status = 499; /* the client left: nobody to answer */
+    return MHD_NO;
+  }
+  if (rc)
     return respond_err(sv, c, q, 503, "the server is busy: the request waited %g s for the engine", sv->o.budget_s);
   enum MHD_Result ret;
   if (j->rc) ret = respond_err(sv, c, q, err_status(j->rc), "%s", j->err);
