@@ -524,6 +524,10 @@ static int run_text_batch(blip_serve *sv, job **b, int n) {
   }
   for (int i = 0; i < n; i++) {
     job *j = b[i];
+    pthread_mutex_lock(&sv->qmu);
+    int gone = j->abandoned; /* its client left while the batch ran */
+    pthread_mutex_unlock(&sv->qmu);
+    if (gone) continue;
     j->count = count;
     j->rc = blip_search_text_prepared(sv->s, ids + i * BLIP_SEARCH_MAX_TOKENS, len[i], tr[i],
                                       feat + (size_t)i * sv->E, &j->opts, &j->res);
