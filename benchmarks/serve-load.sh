@@ -91,20 +91,20 @@ for k in 16 0; do
   done
 done
 
-# batching: the same load on a second server answering one query per encoder call
-start_server "$T/out-nb" --no-batch
+# batching: the same load on a second server that batches the text encoder (--batch)
+start_server "$T/out-nb" --batch
 printf '\n%-34s %10s %10s %10s   %-s\n' "16 connections" "req/s" "p50 ms" "p99 ms" "(batched / one by one)"
 for k in 16 0; do
-  read -r b_rps b50 b99 _ f1 < <(run 16 "$URL/api/search?$Q&rerank=$k")
-  read -r n_rps n50 n99 _ f2 < <(run 16 "$NEWURL/api/search?$Q&rerank=$k")
-  printf '%-34s %10s %10s %10s\n' "rerank $k, batched" "$b_rps" "$b50" "$b99"
-  printf '%-34s %10s %10s %10s   x%s\n' "rerank $k, one by one (--no-batch)" "$n_rps" "$n50" "$n99" \
+  read -r n_rps n50 n99 _ f2 < <(run 16 "$URL/api/search?$Q&rerank=$k")
+  read -r b_rps b50 b99 _ f1 < <(run 16 "$NEWURL/api/search?$Q&rerank=$k")
+  printf '%-34s %10s %10s %10s\n' "rerank $k, one by one" "$n_rps" "$n50" "$n99"
+  printf '%-34s %10s %10s %10s   x%s\n' "rerank $k, batched (--batch)" "$b_rps" "$b50" "$b99" \
     "$(python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$b_rps" "$n_rps")"
   total_fail=$((total_fail + f1 + f2))
 done
-kill -TERM "$NEWPID"; wait "$NEWPID" || true
 python3 -c 'import json,sys,urllib.request; s=json.load(urllib.request.urlopen(sys.argv[1]))
-print("batches so far: %d queries in %d batches (mean %.1f)" % (s["batched_queries"], s["batches"], s["batched_queries"] / max(1, s["batches"])))' "$URL/api/status"
+print("batches: %d queries in %d batches (mean %.1f)" % (s["batched_queries"], s["batches"], s["batched_queries"] / max(1, s["batches"])))' "$NEWURL/api/status"
+kill -TERM "$NEWPID"; wait "$NEWPID" || true
 
 # RSS across at least RSS_N requests with rerank 0, then as many with rerank 4
 r0=$(rss); n_all=0

@@ -34,14 +34,14 @@ static const char USAGE[] =
     "  --timeout S         close idle connections after S seconds (default 15)\n"
     "  --budget S          answer 503 when a request waited S seconds for the engine (default 30)\n"
     "  --max-upload MB     request body cap (default 50)\n"
-    "  --no-batch          one text query per encoder call (default: the queries waiting\n"
-    "                      together share one text-encoder batch)\n"
+    "  --batch             text queries waiting together share one text-encoder call\n"
+    "                      (default: one call a query; see benchmarks/serve-load.sh)\n"
     "  --help              this text\n"
     "\n"
     "Logs one line a request on stderr: METHOD PATH STATUS MS. Stops on SIGINT/SIGTERM.\n";
 
 enum { O_DB = 256, O_MODEL, O_LISTEN, O_TOKEN, O_INSECURE, O_CORS, O_THREADS, O_PREC, O_CONNS, O_TIMEOUT, O_BUDGET,
-       O_UPLOAD, O_NOBATCH, O_HELP };
+       O_UPLOAD, O_BATCH, O_HELP };
 
 static int read_token(const char *path, char *tok, size_t cap) {
   FILE *f = fopen(path, "r");
@@ -59,7 +59,7 @@ int main(int argc, char **argv) {
       {"db", 1, 0, O_DB},           {"model", 1, 0, O_MODEL},     {"listen", 1, 0, O_LISTEN},
       {"token-file", 1, 0, O_TOKEN}, {"insecure-no-auth", 0, 0, O_INSECURE}, {"cors", 1, 0, O_CORS},
       {"threads", 1, 0, O_THREADS}, {"precision", 1, 0, O_PREC}, {"max-conns", 1, 0, O_CONNS},
-      {"timeout", 1, 0, O_TIMEOUT}, {"budget", 1, 0, O_BUDGET},  {"max-upload", 1, 0, O_UPLOAD}, {"no-batch", 0, 0, O_NOBATCH},
+      {"timeout", 1, 0, O_TIMEOUT}, {"budget", 1, 0, O_BUDGET},  {"max-upload", 1, 0, O_UPLOAD}, {"batch", 0, 0, O_BATCH},
       {"help", 0, 0, O_HELP},       {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "", token[1024];
   blip_serve_opts o = {0};
@@ -86,7 +86,7 @@ int main(int argc, char **argv) {
     case O_TIMEOUT: o.conn_timeout_s = atoi(optarg); break;
     case O_BUDGET: o.budget_s = atof(optarg); break;
     case O_UPLOAD: o.max_upload = (size_t)(atof(optarg) * 1048576); break;
-    case O_NOBATCH: o.no_batch = 1; break;
+    case O_BATCH: o.batch = 1; break;
     case 'h':
     case O_HELP: fputs(USAGE, stdout); return 0;
     default: fputs(USAGE, stderr); return 2;

@@ -553,7 +553,7 @@ static void *engine_main(void *arg) {
     b[n++] = sv->qhead;
     sv->qhead = sv->qhead->next;
     if (!sv->qhead) sv->qtail = NULL;
-    if (b[0]->kind == JOB_TEXT && !b[0]->abandoned && !sv->o.no_batch) { /* the other waiting text queries join */
+    if (b[0]->kind == JOB_TEXT && !b[0]->abandoned && sv->o.batch) { /* the other waiting text queries join */
       job *prev = NULL;
       for (job *k = sv->qhead, *next; k && n < BATCH_MAX; k = next) {
         next = k->next;

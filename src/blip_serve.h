@@ -8,9 +8,10 @@
  * waits for its job at most budget_s and then answers 503. Photos,
  * thumbnails and status never enter the queue: they read row metadata
  * through a mutex-guarded read-only SQLite connection of their own, so a
- * thumbnail cache miss or a long rerank stalls nobody else. Text queries
- * waiting together are taken as one batch: one text-encoder call for all,
- * then each one's search and rerank (same results as one by one).
+ * thumbnail cache miss or a long rerank stalls nobody else. With batch on,
+ * text queries waiting together are taken as one batch: one text-encoder
+ * call for all, then each one's search and rerank (same results as one by
+ * one). It is off by default: serve-load.sh measured no gain on 2 cores.
  *
  * Live index: the store re-reads its generation on every search; a new
  * index.sqlite (blip-index --rebuild replaced the files) is noticed by its
@@ -53,7 +54,7 @@ typedef struct {
   int conn_timeout_s;      /* idle connection timeout (0: 15) */
   double budget_s;         /* wait for the engine at most this long (0: 30) */
   size_t max_upload;       /* body cap in bytes (0: BLIP_SERVE_MAX_UPLOAD) */
-  int no_batch;            /* one text query per encoder call (benchmarks) */
+  int batch;               /* text queries waiting together share one encoder call */
   const blip_serve_asset *assets;
   int n_assets;
   FILE *log; /* one line a request; NULL = stderr */

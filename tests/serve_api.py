@@ -130,12 +130,13 @@ conc = [({"q": t, "n": 6, "rerank": k}, ["-n", "6", "--rerank", str(k), t])
 conc.append(({"q": QUERY, "n": 20, "under": L + "/a"}, ["-n", "20", "--under", L + "/a", QUERY]))
 conc.append(({"q": "a cat", "n": 3, "offset": 2}, None))
 refs = [bq(*a) if a else bq("-n", "5", "a cat")[2:5] for _, a in conc]
+s9 = Server(SERVE, DB, MODEL, "--batch", log=T + "/s9.log")
 batched = 0
 for attempt in range(8):
     answers = [None] * len(conc)
 
     def ask(i):
-        answers[i] = s.json("GET", q(conc[i][0]))
+        answers[i] = s9.json("GET", q(conc[i][0]))
 
     th = [threading.Thread(target=ask, args=(i,)) for i in range(len(conc))]
     for t in th:
@@ -146,10 +147,11 @@ for attempt in range(8):
         check("concurrent %s: 200" % params["q"][:20], st == 200, j)
         if st == 200:
             same_hits("concurrent %s = blip-query" % params["q"][:20], j["results"], ref, 1e-5)
-    batched = s.json("GET", "/api/status")[2]["batched_queries"]
+    batched = s9.json("GET", "/api/status")[2]["batched_queries"]
     if batched:
         break
-check("concurrent text queries were batched", batched >= 2, batched)
+check("--batch: concurrent text queries were batched", batched >= 2, batched)
+check("--batch: stops clean", s9.stop() == 0)
 
 # ---- image queries ----
 IMG = L + "/b/img00002.png"
