@@ -91,16 +91,26 @@ for k in 16 0; do
   done
 done
 
-# batching: the same load on a second server that batches the text encoder (--batch)
+# batching: the same load on a second server that batches the text encoder
+# (--batch), the two runs interleaved three times (the machine is shared:
+# the best of each of the three is the figure)
 start_server "$T/out-nb" --batch
-printf '\n%-34s %10s %10s %10s   %-s\n' "16 connections" "req/s" "p50 ms" "p99 ms" "(batched / one by one)"
+printf '\n%-34s %10s %10s %10s   %-s\n' "16 connections, best of 3" "req/s" "p50 ms" "p99 ms" "(batched / one by one)"
+best() { # best "LINE" "LINE"...: the one with the most req/s
+  printf '%s\n' "$@" | sort -k1,1 -g -r | head -n1
+}
 for k in 16 0; do
-  read -r n_rps n50 n99 _ f2 < <(run 16 "$URL/api/search?$Q&rerank=$k")
-  read -r b_rps b50 b99 _ f1 < <(run 16 "$NEWURL/api/search?$Q&rerank=$k")
+  a=() b=()
+  for _ in 1 2 3; do
+    a+=("$(run 16 "$URL/api/search?$Q&rerank=$k")")
+    b+=("$(run 16 "$NEWURL/api/search?$Q&rerank=$k")")
+  done
+  read -r n_rps n50 n99 _ f2 < <(best "${a[@]}")
+  read -r b_rps b50 b99 _ f1 < <(best "${b[@]}")
+  for l in "${a[@]}" "${b[@]}"; do total_fail=$((total_fail + $(echo "$l" | awk '{print $5}'))); done
   printf '%-34s %10s %10s %10s\n' "rerank $k, one by one" "$n_rps" "$n50" "$n99"
   printf '%-34s %10s %10s %10s   x%s\n' "rerank $k, batched (--batch)" "$b_rps" "$b50" "$b99" \
     "$(python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$b_rps" "$n_rps")"
-  total_fail=$((total_fail + f1 + f2))
 done
 python3 -c 'import json,sys,urllib.request; s=json.load(urllib.request.urlopen(sys.argv[1]))
 print("batches: %d queries in %d batches (mean %.1f)" % (s["batched_queries"], s["batches"], s["batched_queries"] / max(1, s["batches"])))' "$NEWURL/api/status"
