@@ -6,6 +6,7 @@
  * its GEMMs use (FMA, vdpbf16ps, vpdpbusd). --memory runs one indexing or
  * query workload and reports peak RSS (one process per precision).
  * Nothing here is asserted; the figures go into reports. */
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_kern.h"
 #include "blip_model.h"
@@ -263,8 +264,8 @@ int main(int argc, char **argv) {
                                {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "lt:r:jhp:nm:", lo, NULL)) != -1;) {
     if (c == 'l') large = 1;
-    else if (c == 't') threads = atoi(optarg);
-    else if (c == 'r') reps = atoi(optarg);
+    else if (c == 't') threads = (int)blip_arg_must("bench_engine", "--threads", optarg, 1, blip_arg_max_threads());
+    else if (c == 'r') reps = (int)blip_arg_must("bench_engine", "--reps", optarg, 1, 1000000);
     else if (c == 'j') json = 1;
     else if (c == 'n') naive = 1;
     else if (c == 'm') memory = optarg;

@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "blip_arg.h"
+
 #include <faiss/c_api/IndexIVF_c.h>
 #include <faiss/c_api/Index_c.h>
 #include <faiss/c_api/index_factory_c.h>
@@ -64,7 +66,7 @@ int main(int argc, char **argv) {
   printf("%-8s %-7s %12s %12s %8s %10s %8s\n", "N", "nlist", "flat ms/q", "ivf ms/q", "speedup", "recall@10",
          "train s");
   for (int a = 0; a < nn; a++) {
-    int64_t n = argc > 1 ? atoll(argv[a + 1]) : dflt[a];
+    int64_t n = argc > 1 ? blip_arg_must("bench_faiss", "N", argv[a + 1], 1, 100000000) : dflt[a];
     float *x = malloc(sizeof(float) * n * E);
     int64_t *ids = malloc(sizeof(int64_t) * n), *lf = malloc(sizeof(int64_t) * NQ * K),
             *li = malloc(sizeof(int64_t) * NQ * K);

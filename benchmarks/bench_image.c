@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include <vips/vips.h>
 
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_img.h"
 
@@ -130,8 +131,8 @@ int main(int argc, char **argv) {
   const char *fixtures = "tests/data/preprocess/images";
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--json")) json = 1;
-    else if (!strcmp(argv[i], "--n") && i + 1 < argc) n = atoi(argv[++i]);
-    else if (!strcmp(argv[i], "--runs") && i + 1 < argc) runs = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--n") && i + 1 < argc) n = (int)blip_arg_must("bench_image", "--n", argv[++i], 1, 1000000);
+    else if (!strcmp(argv[i], "--runs") && i + 1 < argc) runs = (int)blip_arg_must("bench_image", "--runs", argv[++i], 1, 1000000);
     else if (!strcmp(argv[i], "--fixtures") && i + 1 < argc) fixtures = argv[++i];
     else {
       usage();

@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_index.h"
@@ -180,18 +181,18 @@ int main(int argc, char **argv) {
                                      {"help", 0, 0, 'h'},
                                      {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "", lo, NULL)) != -1;) {
-    if (c == 'p') P = atoi(optarg);
+    if (c == 'p') P = (int)blip_arg_must("bench_index", "--photos", optarg, 1, 10000000);
     else if (c == 's') size = optarg;
-    else if (c == 'b') B = atoi(optarg);
-    else if (c == 't') threads = atoi(optarg);
+    else if (c == 'b') B = (int)blip_arg_must("bench_index", "--batch", optarg, 1, 256);
+    else if (c == 't') threads = (int)blip_arg_must("bench_index", "--threads", optarg, 1, blip_arg_max_threads());
     else if (c == 'P' && blip_model_parse_precision(optarg, &prec)) {
       fprintf(stderr, "bench_index: %s\n", blip_err_last());
       return 2;
     }
-    else if (c == 'f') files = atoi(optarg);
+    else if (c == 'f') files = (int)blip_arg_must("bench_index", "--files", optarg, 1, 10000000);
     else if (c == 'm') model = optarg;
     else if (c == 'S') skip_vision = 1;
-    else if (c == 'r') rounds = atoi(optarg);
+    else if (c == 'r') rounds = (int)blip_arg_must("bench_index", "--rounds", optarg, 1, 1000000);
     else {
       fprintf(c == 'h' ? stdout : stderr,
               "usage: bench_index [--photos N] [--size WxH] [--batch B] [--threads N] [--precision f32|bf16|int8]\n"

@@ -9,6 +9,7 @@
  * so its gain depends on the query length. Nothing is asserted; the figures
  * go into reports.
  * Usage: bench_query [--threads N] [--data DIR] [--sizes N,N] [--no-load] [--cpu-time] [--json] */
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_kern.h"
 #include "blip_model.h"
@@ -167,11 +168,11 @@ int main(int argc, char **argv) {
                                      {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "", lo, NULL)) != -1;) {
     switch (c) {
-    case 't': threads = atoi(optarg); break;
+    case 't': threads = (int)blip_arg_must("bench_query", "--threads", optarg, 1, blip_arg_max_threads()); break;
     case 'd': data = optarg; break;
     case 's':
       nsizes = 0;
-      for (char *s = strtok(optarg, ","); s && nsizes < 4; s = strtok(NULL, ",")) sizes[nsizes++] = atoll(s);
+      for (char *s = strtok(optarg, ","); s && nsizes < 4; s = strtok(NULL, ",")) sizes[nsizes++] = blip_arg_must("bench_query", "--sizes", s, 1, 100000000);
       break;
     case 'L': load = 0; break;
     case 'j': json = 1; break;

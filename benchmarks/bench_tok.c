@@ -2,6 +2,7 @@
  * path (pre_caption + 35-token encode) and plain encode over the Flickr8k and
  * COCO captions of the tokenizer golden file, single thread, and prints
  * microseconds per caption. */
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_tok.h"
 
@@ -42,7 +43,7 @@ int main(int argc, char **argv) {
     } else if (i + 1 < argc && !strcmp(argv[i], "--captions")) {
       snprintf(golden, sizeof golden, "%s", argv[++i]);
     } else if (i + 1 < argc && !strcmp(argv[i], "--iters")) {
-      iters = atoi(argv[++i]);
+      iters = (int)blip_arg_must("bench_tok", "--iters", argv[++i], 1, 1000000000);
     } else {
       usage(stderr);
       return 2;

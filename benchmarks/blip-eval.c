@@ -5,6 +5,7 @@
  * the options, the report (beside the paper's numbers) and the benchmark. */
 #include <errno.h>
 #include <jansson.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,10 +13,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_evalrun.h"
 #include "blip_kern.h"
 #include "blip_model.h"
+#include "blip_out.h"
 
 typedef struct {
   blip_evalrun_opts run;
@@ -97,9 +100,10 @@ static void print_text(const opts *o, const blip_evalrun_result *r) {
 }
 
 static json_t *recall_json(const blip_eval_recall *x) {
-  return json_pack("{s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f}", "txt_r1", x->tr_r1, "txt_r5", x->tr_r5, "txt_r10",
-                   x->tr_r10, "txt_r_mean", x->tr_mean, "img_r1", x->ir_r1, "img_r5", x->ir_r5, "img_r10", x->ir_r10,
-                   "img_r_mean", x->ir_mean, "r_mean", x->r_mean);
+  json_t *(*num)(double) = blip_out_json_num; /* a NaN would make json_pack drop the whole object */
+  return json_pack("{s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "txt_r1", num(x->tr_r1), "txt_r5", num(x->tr_r5),
+                   "txt_r10", num(x->tr_r10), "txt_r_mean", num(x->tr_mean), "img_r1", num(x->ir_r1), "img_r5",
+                   num(x->ir_r5), "img_r10", num(x->ir_r10), "img_r_mean", num(x->ir_mean), "r_mean", num(x->r_mean));
 }
 
 static int print_json(const opts *o, const blip_evalrun_result *r) {
@@ -274,24 +278,16 @@ static void usage(FILE *f) {
           "  --dump FILE       write sims, score_i2t, score_t2i, txt2img as safetensors\n"
           "  --json            machine-readable output\n"
           "  --report          print the paper's numbers beside ours\n"
-          "  --threads N       compute threads (default: all cores)\n"
+          "  --threads N       compute threads (1..4 per core; default: all cores)\n"
           "  --precision P     f32 (default), bf16 or int8 linear layers, where the engine has them\n"
           "  --bench           time each phase at the base geometry (random weights) and\n"
           "                    extrapolate COCO 5k and Flickr 1k wall times\n");
 }
 
-static int parse_int(const char *s, int *out) {
-  char *end;
-  errno = 0;
-  long v = strtol(s, &end, 10);
-  if (errno || *end || end == s || v < 0 || v > INT32_MAX) return -1;
-  *out = (int)v;
-  return 0;
-}
-
 int main(int argc, char **argv) {
   opts o = {.run = {.k_test = -1, .img_chunk = 32, .txt_chunk = 1024, .itm_chunk = 16}};
   int chunk = 0;
+  signal(SIGXFSZ, SIG_IGN); /* first: a file-size limit fails a cache write (EFBIG, reported) instead of killing us */
   if (isatty(2)) o.run.progress = progress;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -313,10 +309,13 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--dataset")) o.dataset = v;
     else if (!strcmp(a, "--cache")) o.run.cache = v;
     else if (!strcmp(a, "--dump")) o.run.dump = v;
-    else if (!strcmp(a, "--chunk") && !parse_int(v, &chunk) && chunk > 0) o.run.img_chunk = o.run.txt_chunk = o.run.itm_chunk = chunk;
-    else if ((!strcmp(a, "--k-test") && !parse_int(v, &o.run.k_test) && o.run.k_test > 0) ||
-             (!strcmp(a, "--limit") && !parse_int(v, &o.run.limit)) || (!strcmp(a, "--threads") && !parse_int(v, &o.threads)) ||
-             (!strcmp(a, "--precision") && !blip_model_parse_precision(v, &o.run.precision))) {
+    else if (!strcmp(a, "--chunk")) {
+      chunk = (int)blip_arg_must("blip-eval", a, v, 1, 1 << 20);
+      o.run.img_chunk = o.run.txt_chunk = o.run.itm_chunk = chunk;
+    } else if (!strcmp(a, "--k-test")) o.run.k_test = (int)blip_arg_must("blip-eval", a, v, 1, INT32_MAX);
+    else if (!strcmp(a, "--limit")) o.run.limit = (int)blip_arg_must("blip-eval", a, v, 0, INT32_MAX);
+    else if (!strcmp(a, "--threads")) o.threads = (int)blip_arg_must("blip-eval", a, v, 1, blip_arg_max_threads());
+    else if (!strcmp(a, "--precision") && !blip_model_parse_precision(v, &o.run.precision)) {
     } else {
       fprintf(stderr, "blip-eval: bad option %s %s; see --help\n", a, v);
       return 2;
@@ -341,7 +340,7 @@ int main(int argc, char **argv) {
     rc = run_eval(&o);
   }
   if (rc) {
-    fprintf(stderr, "blip-eval: %s\n", blip_err_last());
+    blip_out_error("blip-eval", blip_err_last());
     return 1;
   }
   return 0;

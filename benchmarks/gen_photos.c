@@ -12,6 +12,8 @@
 #include <sys/stat.h>
 #include <vips/vips.h>
 
+#include "blip_arg.h"
+
 static uint64_t mix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -48,13 +50,13 @@ int main(int argc, char **argv) {
     return help ? 0 : 2;
   }
   const char *dir = argv[1], *ext = "jpg";
-  int n = atoi(argv[2]), w = 640, h = 480, start = 0;
+  int n = (int)blip_arg_must("gen_photos", "N", argv[2], 0, 10000000), w = 640, h = 480, start = 0;
   uint64_t seed = 1;
   for (int i = 3; i + 1 < argc; i += 2) {
     if (strcmp(argv[i], "--size") == 0 && sscanf(argv[i + 1], "%dx%d", &w, &h) == 2) continue;
-    if (strcmp(argv[i], "--seed") == 0) seed = strtoull(argv[i + 1], NULL, 10);
+    if (strcmp(argv[i], "--seed") == 0) seed = (uint64_t)blip_arg_must("gen_photos", "--seed", argv[i + 1], 0, INT64_MAX);
     else if (strcmp(argv[i], "--ext") == 0) ext = argv[i + 1];
-    else if (strcmp(argv[i], "--start") == 0) start = atoi(argv[i + 1]);
+    else if (strcmp(argv[i], "--start") == 0) start = (int)blip_arg_must("gen_photos", "--start", argv[i + 1], 0, 99999999);
     else {
       fprintf(stderr, "gen_photos: bad option %s\n", argv[i]);
       return 2;

@@ -28,10 +28,12 @@
 
 #include <jansson.h>
 
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_index.h"
 #include "blip_model.h"
+#include "blip_out.h"
 #include "blip_store.h"
 
 static const char USAGE[] =
@@ -44,17 +46,21 @@ static const char USAGE[] =
     "  --precision P      f32 (default), bf16 or int8\n"
     "  --json             print a JSON summary on stdout\n"
     "  --dry-run          say what would change, change nothing\n"
-    "  --errors           list the images that failed and why\n"
+    "  --errors           list the images that failed and the paths skipped, and why (path TAB\n"
+    "                     reason; with --json, errors and skipped_paths arrays of {path, path_b64,\n"
+    "                     error}: path_b64 is the exact name in base64 when it is not UTF-8, else null)\n"
     "  --rebuild          discard the index and build it again (e.g. for a new model)\n"
     "  --no-rerank-store  do not store vision tokens (saves disk; queries recompute them)\n"
     "  --rerank-f16       store vision tokens as f16 instead of int8 + scales\n"
     "  --exclude GLOB     skip files and folders matching GLOB (path or name); repeatable\n"
-    "  --threads N        decoding threads (default: all cores)\n"
+    "  --threads N        decoding threads (1..4 per core; default: all cores)\n"
     "  --batch N          images per model batch and per commit (default 8)\n"
     "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
     "  --help             this text\n"
     "\n"
+    "Paths in messages, --dry-run, --errors and --dump escape backslash, control bytes and\n"
+    "invalid UTF-8 (\\\\, \\t, \\n, \\r, \\xNN), so a tab-separated row is always one row.\n"
     "Exit status: 0 done, 1 error, 2 usage, 130 interrupted (committed work is kept).\n";
 
 static volatile sig_atomic_t g_stop;
@@ -107,7 +113,7 @@ typedef struct {
   dirkey *dirs; /* visited directories: a loop or a second link to one is skipped */
   int64_t ndirs, capdirs;
   items *out;
-  int64_t skipped;
+  items skipped, why; /* paths left out, and why (same order) */
   items pending; /* symlinked folders, walked after every real one */
 } walker;
 
@@ -124,6 +130,17 @@ static int excluded(const walker *w, const char *path, const char *name) {
   for (int i = 0; i < w->nexcl; i++)
     if (fnmatch(w->excl[i], path, 0) == 0 || fnmatch(w->excl[i], name, 0) == 0) return 1;
   return 0;
+}
+
+/* Say and record that path is left out (--errors, --json list them). */
+static int skip(walker *w, const char *path, const char *why) {
+  fputs("blip-index: skipping ", stderr);
+  blip_out_fesc(stderr, path);
+  fputs(": ", stderr);
+  blip_out_fesc(stderr, why); /* may quote the name too */
+  fputc('\n', stderr);
+  int rc = items_push(&w->skipped, path, 0, 0);
+  return rc ? rc : items_push(&w->why, why, 0, 0);
 }
 
 static int visit_dir_once(walker *w, const struct stat *sb) {
@@ -144,26 +161,31 @@ static int walk(walker *w, const char *path, const struct stat *sb) {
   if (S_ISREG(sb->st_mode)) {
     return items_push(w->out, path, sb->st_size, (int64_t)sb->st_mtim.tv_sec * 1000000000 + sb->st_mtim.tv_nsec);
   }
-  if (!S_ISDIR(sb->st_mode)) return BLIP_OK;
+  if (!S_ISDIR(sb->st_mode)) return skip(w, path, "not a regular file or a folder"); /* FIFO, device, socket */
   int v = visit_dir_once(w, sb);
   if (v < 0) return blip_err_set(BLIP_ENOMEM, "out of memory");
   if (v == 0) return BLIP_OK;
   DIR *d = opendir(path);
-  if (!d) {
-    fprintf(stderr, "blip-index: skipping %s: %s\n", path, strerror(errno));
-    w->skipped++;
-    return BLIP_OK;
-  }
+  if (!d) return skip(w, path, strerror(errno));
   int rc = BLIP_OK;
   struct dirent *e;
   char child[PATH_MAX];
   while (!rc && (e = readdir(d))) {
     if (e->d_name[0] == '.') continue; /* ".", "..", hidden files and folders */
-    if (snprintf(child, sizeof child, "%s/%s", strcmp(path, "/") ? path : "", e->d_name) >= (int)sizeof child) continue;
+    if (snprintf(child, sizeof child, "%s/%s", strcmp(path, "/") ? path : "", e->d_name) >= (int)sizeof child) {
+      struct stat cs; /* too long for the system's calls by path: say so if it is a folder or an image */
+      if (fstatat(dirfd(d), e->d_name, &cs, 0) == 0 && (S_ISDIR(cs.st_mode) || is_image(e->d_name))) {
+        char *full = NULL;
+        if (asprintf(&full, "%s/%s", path, e->d_name) < 0) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+        else rc = skip(w, full, "path of 4096 bytes or more (PATH_MAX)");
+        free(full);
+      }
+      continue;
+    }
     if (excluded(w, child, e->d_name)) continue;
     struct stat cs, ls;
     if (stat(child, &cs) != 0 || lstat(child, &ls) != 0) continue; /* dangling link, vanished */
-    if (S_ISREG(cs.st_mode) && !is_image(e->d_name)) continue;
+    if (!S_ISDIR(cs.st_mode) && !is_image(e->d_name)) continue;
     /* a folder reached through a link is walked last, so that a file reachable
      * both ways is always recorded under the same (link-free) path */
     if (S_ISDIR(cs.st_mode) && S_ISLNK(ls.st_mode)) rc = items_push(&w->pending, child, 0, 0);
@@ -201,9 +223,32 @@ static void show_progress(void *ctx, int64_t done, int64_t total) {
   p->shown = 1;
 }
 
-static int print_error_row(void *ctx, int64_t id, const blip_store_row *r, const float *feat) {
-  printf("%s\t%s\n", r->path, r->error ? r->error : "");
+/* "VERB PATH[ -> PATH2]" on stdout (--dry-run), names escaped */
+static void say_change(const char *verb, const char *a, const char *b) {
+  printf("%s ", verb);
+  blip_out_fesc(stdout, a);
+  if (b) fputs(" -> ", stdout), blip_out_fesc(stdout, b);
+  putchar('\n');
+}
+
+/* One --errors entry: {path, path_b64, error} into the JSON array a, else an escaped TSV row. */
+static int error_entry(json_t *a, const char *path, const char *why) {
+  if (!a) {
+    blip_out_fesc(stdout, path);
+    putchar('\t');
+    blip_out_fesc(stdout, why);
+    putchar('\n');
+    return 0;
+  }
+  json_t *o = json_object();
+  if (!o || blip_out_json_name(o, "path", path) || json_object_set_new(o, "error", blip_out_json_text(why)) ||
+      json_array_append_new(a, o))
+    return blip_err_set(BLIP_ENOMEM, "out of memory");
   return 0;
+}
+
+static int print_error_row(void *ctx, int64_t id, const blip_store_row *r, const float *feat) {
+  return error_entry(ctx, r->path, r->error ? r->error : "");
 }
 
 typedef struct {
@@ -212,7 +257,8 @@ typedef struct {
 
 static int print_dump_row(void *ctx, int64_t id, const blip_store_row *r, const float *feat) {
   const dump_ctx *c = ctx;
-  printf("%s\t%016llx\t%s", r->path, (unsigned long long)r->fingerprint, feat ? "ok" : "error");
+  blip_out_fesc(stdout, r->path);
+  printf("\t%016llx\t%s", (unsigned long long)r->fingerprint, feat ? "ok" : "error");
   for (int j = 0; feat && j < c->E; j++) printf("%c%.6f", j ? ',' : '\t', feat[j]);
   putchar('\n');
   return 0;
@@ -251,6 +297,7 @@ int main(int argc, char **argv) {
   const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
   int check = 0, dump = 0, c;
+  signal(SIGXFSZ, SIG_IGN); /* first: a file-size limit fails the write (EFBIG, reported) instead of killing us */
   char **excl = calloc((size_t)argc + 1, sizeof *excl);
   int nexcl = 0;
   if (!excl) return 1;
@@ -266,8 +313,15 @@ int main(int argc, char **argv) {
     case OPT_NORR: norr = 1; break;
     case OPT_F16: f16 = 1; break;
     case OPT_EXCL: excl[nexcl++] = optarg; break;
-    case OPT_THREADS: threads = atoi(optarg); break;
-    case OPT_BATCH: B = atoi(optarg); break;
+    case OPT_THREADS:
+    case OPT_BATCH:
+      if (c == OPT_THREADS ? blip_arg_threads("--threads", optarg, &threads)
+                           : blip_arg_int("--batch", optarg, 1, 256, &B)) {
+        blip_out_error("blip-index", blip_err_last());
+        free(excl);
+        return 2;
+      }
+      break;
     case OPT_CHECK: check = 1; break;
     case OPT_DUMP: dump = 1; break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
@@ -281,15 +335,12 @@ int main(int argc, char **argv) {
   char **roots = NULL;
   int64_t *gone = NULL, ngone = 0;
   counts cn = {0};
+  walker w = {0};
+  int flushing = 0;
   double t0 = now_s();
 
   if (!dbdir[0] && blip_store_default_dir(dbdir, sizeof dbdir) != 0) {
-    fprintf(stderr, "blip-index: %s\n", blip_err_last());
-    ret = 2;
-    goto out;
-  }
-  if (threads < 1 || B < 1 || B > 256) {
-    fprintf(stderr, "blip-index: --threads must be >= 1 and --batch in 1..256\n");
+    blip_out_error("blip-index", blip_err_last());
     ret = 2;
     goto out;
   }
@@ -303,7 +354,7 @@ int main(int argc, char **argv) {
       rc = blip_store_each(st, 0, print_dump_row, &dc);
     }
     if (rc) {
-      fprintf(stderr, "blip-index: %s\n", blip_err_last());
+      blip_out_error("blip-index", blip_err_last());
       goto out;
     }
     if (check) {
@@ -326,7 +377,7 @@ int main(int argc, char **argv) {
   }
   blip_model_opts mo = {BLIP_PREC_F32, NULL};
   if (blip_model_parse_precision(prec_name, &mo.precision)) {
-    fprintf(stderr, "blip-index: %s\n", blip_err_last());
+    blip_out_error("blip-index", blip_err_last());
     ret = 2;
     goto out;
   }
@@ -336,13 +387,14 @@ int main(int argc, char **argv) {
   if (!(roots = calloc((size_t)nroots, sizeof *roots))) goto oom;
   for (int i = 0; i < nroots; i++) {
     if (!(roots[i] = realpath(argv[optind + i], NULL))) {
-      fprintf(stderr, "blip-index: %s: %s\n", argv[optind + i], strerror(errno));
+      blip_err_set(BLIP_EIO, "%s: %s", argv[optind + i], strerror(errno));
+      blip_out_error("blip-index", blip_err_last());
       goto out;
     }
   }
 
   if (blip_img_init() || blip_model_load(model_dir, &mo, &model)) {
-    fprintf(stderr, "blip-index: %s\n", blip_err_last());
+    blip_out_error("blip-index", blip_err_last());
     goto out;
   }
   const blip_cfg *cfg = blip_model_cfg(model);
@@ -360,7 +412,7 @@ int main(int argc, char **argv) {
     st = NULL;
   }
   if (rc) {
-    fprintf(stderr, "blip-index: %s\n", blip_err_last());
+    blip_out_error("blip-index", blip_err_last());
     goto out;
   }
 
@@ -369,27 +421,26 @@ int main(int argc, char **argv) {
   sa.sa_handler = on_signal;
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
-  signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails the write (EFBIG, reported) instead of killing us */
 
   /* walk */
-  walker w = {excl, nexcl, NULL, 0, 0, &found, 0, {0}};
+  w.excl = excl;
+  w.nexcl = nexcl;
+  w.out = &found;
   for (int i = 0; i < nroots && !rc; i++) {
     struct stat sb;
-    if (stat(roots[i], &sb) != 0) continue;
-    if (S_ISREG(sb.st_mode) && !is_image(roots[i])) continue;
-    rc = walk(&w, roots[i], &sb);
+    if (stat(roots[i], &sb) != 0) rc = skip(&w, roots[i], strerror(errno));
+    else if (S_ISREG(sb.st_mode) && !is_image(roots[i])) rc = skip(&w, roots[i], "not an image (by its extension)");
+    else rc = walk(&w, roots[i], &sb);
   }
   for (int64_t i = 0; i < w.pending.n && !rc; i++) { /* grows while walked: breadth-first over links */
     struct stat sb;
     if (stat(w.pending.v[i].path, &sb) == 0) rc = walk(&w, w.pending.v[i].path, &sb);
   }
-  free(w.dirs);
-  items_free(&w.pending);
   if (rc) {
-    fprintf(stderr, "blip-index: %s\n", blip_err_last());
+    blip_out_error("blip-index", blip_err_last());
     goto out;
   }
-  qsort(found.v, (size_t)found.n, sizeof *found.v, cmp_item);
+  if (found.n) qsort(found.v, (size_t)found.n, sizeof *found.v, cmp_item); /* (NULL when nothing was found) */
 
   /* classify; moves and touches go in one transaction */
   if (st && (rc = blip_store_scan_begin(st))) goto fail;
@@ -405,8 +456,8 @@ int main(int argc, char **argv) {
     }
     /* a new file needs its fingerprint now only if it could be a move */
     if ((kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
-      if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) {
-        fprintf(stderr, "blip-index: skipping %s\n", blip_err_last()); /* vanished or unreadable */
+      if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) { /* vanished or unreadable */
+        if ((rc = skip(&w, it->path, blip_err_last()))) break;
         continue;
       }
       it->has_fp = 1;
@@ -420,12 +471,12 @@ int main(int argc, char **argv) {
         continue;
       }
       it->replace = rid;
-      if (dry) printf("update %s\n", it->path);
+      if (dry) say_change("update", it->path, NULL);
     } else if (it->has_fp && (rc = blip_store_find_moved(st, it->fp, it->size, &src)) == BLIP_OK && src) {
       if (dry) {
         char old[PATH_MAX];
         blip_store_get(st, src, NULL, old, sizeof old);
-        printf("move %s -> %s\n", old, it->path);
+        say_change("move", old, it->path);
       } else if ((rc = blip_store_move(st, src, it->path, it->mtime_ns))) {
         break;
       }
@@ -434,7 +485,7 @@ int main(int argc, char **argv) {
     } else if (rc) {
       break;
     } else if (dry) {
-      printf("add %s\n", it->path);
+      say_change("add", it->path, NULL);
     }
     if ((rc = items_push(&work, it->path, it->size, it->mtime_ns))) break;
     work.v[work.n - 1].replace = it->replace;
@@ -454,7 +505,7 @@ int main(int argc, char **argv) {
   if (dry) {
     for (int64_t i = 0; i < ngone; i++) {
       char p[PATH_MAX];
-      if (blip_store_get(st, gone[i], NULL, p, sizeof p) == BLIP_OK) printf("delete %s\n", p);
+      if (blip_store_get(st, gone[i], NULL, p, sizeof p) == BLIP_OK) say_change("delete", p, NULL);
     }
     for (int64_t i = 0; i < work.n; i++) *(work.v[i].replace ? &cn.updated : &cn.added) += 1;
     ret = 0;
@@ -479,6 +530,7 @@ int main(int argc, char **argv) {
   cn.failed = ic.failed;
   if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
   if (rc) goto fail;
+  flushing = 1; /* every batch is committed: only the derived cache is left to write */
   if ((rc = blip_store_flush(st))) goto fail;
   ret = 0;
   goto summary;
@@ -487,32 +539,46 @@ interrupted:
   if (st && !dry) blip_store_flush(st);
   fprintf(stderr, "blip-index: interrupted; committed work is kept, run again to finish\n");
   ret = 130;
-summary:
-  if (errors && st) blip_store_each(st, 1, print_error_row, NULL);
+summary:;
+  json_t *jerr = json && errors ? json_array() : NULL, *jskip = json && errors ? json_array() : NULL;
+  if (errors && st) blip_store_each(st, 1, print_error_row, jerr);
+  for (int64_t i = 0; errors && i < w.skipped.n; i++) error_entry(jskip, w.skipped.v[i].path, w.why.v[i].path);
   if (json) {
-    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added, "updated",
+    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added, "updated",
                           (json_int_t)cn.updated, "moved", (json_int_t)cn.moved, "deleted", (json_int_t)cn.deleted,
-                          "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed, "seconds",
-                          now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
-    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+                          "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed, "skipped",
+                          (json_int_t)w.skipped.n, "seconds", now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
+    if (j && jerr) json_object_set_new(j, "errors", jerr), jerr = NULL;
+    if (j && jskip) json_object_set_new(j, "skipped_paths", jskip), jskip = NULL;
+    json_decref(jerr);
+    json_decref(jskip);
+    char *s = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
     if (s) printf("%s\n", s);
     free(s);
     json_decref(j);
   } else {
-    fprintf(stderr, "%s%lld added, %lld updated, %lld moved, %lld deleted, %lld unchanged, %lld failed in %.1f s\n",
-            dry ? "dry run: " : "", (long long)cn.added, (long long)cn.updated, (long long)cn.moved,
-            (long long)cn.deleted, (long long)cn.unchanged, (long long)cn.failed, now_s() - t0);
+    fprintf(stderr, "%s%lld added, %lld updated, %lld moved, %lld deleted, %lld unchanged, %lld failed, %lld skipped "
+                    "in %.1f s\n", dry ? "dry run: " : "", (long long)cn.added, (long long)cn.updated,
+            (long long)cn.moved, (long long)cn.deleted, (long long)cn.unchanged, (long long)cn.failed,
+            (long long)w.skipped.n, now_s() - t0);
   }
   goto out;
 oom:
   blip_err_set(BLIP_ENOMEM, "out of memory");
 fail:
-  if (rc == BLIP_EFULL)
-    fprintf(stderr, "blip-index: %s\nblip-index: the index is consistent (the last batch was not committed); free "
-                    "some space and run again to continue\n", blip_err_last());
-  else fprintf(stderr, "blip-index: %s\n", blip_err_last());
+  blip_out_error("blip-index", blip_err_last());
+  if (flushing)
+    fprintf(stderr, "blip-index: every batch is committed to index.sqlite; only its cache vectors.faiss could not be "
+                    "written: the next run writes it again, and queries meanwhile rebuild it in memory from index.sqlite\n");
+  else if (rc == BLIP_EFULL)
+    fprintf(stderr, "blip-index: the index is consistent: committed work is kept and the change in progress was "
+                    "rolled back; free some space (or raise the file size limit) and run again to continue\n");
   ret = 1;
 out:
+  free(w.dirs);
+  items_free(&w.pending);
+  items_free(&w.skipped);
+  items_free(&w.why);
   blip_store_close(st);
   blip_model_free(model);
   free(gone);

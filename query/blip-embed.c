@@ -1,13 +1,15 @@
 /* blip-embed: BLIP features and scores for scripts and diagnostics.
  * Images come from files (decoded by blip_img, exact path, EXIF applied
- * unless --no-autorotate) or from preprocessed pixel tensors in a
+ * unless --no-autorotate; PIL's decoding with --reference) or from preprocessed pixel tensors in a
  * safetensors file; texts are tokenized to --max-len ids (35, BLIP's
  * retrieval setting). Prints ITC similarities and, with --itm, ITM logits
  * for every image-text pair. */
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
 #include "blip_model.h"
+#include "blip_out.h"
 #include "blip_st.h"
 
 #include <getopt.h>
@@ -21,22 +23,27 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: blip-embed --model DIR [--image FILE]... [--pixels FILE.safetensors:TENSOR] [--text STR]...\n"
           "                  [--itm] [--itm-first-token enc|cls] [--naive-itm] [--pre-caption] [--max-len N]\n"
-          "                  [--no-autorotate] [--no-color-manage] [--threads N] [--precision f32|bf16|int8] [--json]\n"
+          "                  [--reference | --no-autorotate --no-color-manage] [--threads N] [--precision f32|bf16|int8]\n"
+          "                  [--json]\n"
           "\n"
           "Computes BLIP image features (--image, --pixels: F32 [N,3,S,S] already preprocessed), text features\n"
           "(--text), their ITC cosine similarities, and with --itm the ITM logits [no-match, match] of every\n"
           "image-text pair. ITM puts [ENC] first (the paper's protocol) unless --itm-first-token cls (HF's).\n"
-          "Images are decoded on the exact path with EXIF orientation and ICC profiles applied; the reference\n"
-          "preprocessing (PIL, as in BLIP's evaluation) applies neither: --no-autorotate --no-color-manage.\n"
+          "Images are decoded on the exact path with EXIF orientation and ICC profiles applied (product mode,\n"
+          "as blip-index). --reference decodes as BLIP's evaluation does, PIL's Image.open().convert(\"RGB\"),\n"
+          "byte for byte (as blip-eval): no EXIF orientation, no ICC, naive CMYK, 16-bit grey clipped; README\n"
+          "\"Reference mode\" lists every difference. --no-autorotate, --no-color-manage switch off one each.\n"
           "--pre-caption cleans texts with BLIP's pre_caption first (as retrieval evaluation does).\n"
           "--json prints {image_feat, text_feat, input_ids, itc, itm_logits}; input_ids hold the real\n"
-          "tokens ([CLS] ... [SEP], no padding).\n"
+          "tokens ([CLS] ... [SEP], no padding); a value that is not finite (NaN, inf) is null.\n"
+          "--threads: 1..4 per core (default: all cores).\n"
           "--precision picks the compute precision of the linear layers (default f32; bf16 and int8 are\n"
           "faster and approximate: see the engine's accuracy figures).\n");
 }
 
 static int fail(const char *what) {
-  fprintf(stderr, "blip-embed: %s: %s\n", what, blip_err_last());
+  blip_err_wrap(BLIP_EINVAL, "%s", what);
+  blip_out_error("blip-embed", blip_err_last());
   return 1;
 }
 
@@ -44,7 +51,7 @@ static json_t *matrix(const float *x, int rows, int cols) {
   json_t *a = json_array();
   for (int i = 0; i < rows; i++) {
     json_t *r = json_array();
-    for (int j = 0; j < cols; j++) json_array_append_new(r, json_real(x[(size_t)i * cols + j]));
+    for (int j = 0; j < cols; j++) json_array_append_new(r, blip_out_json_num(x[(size_t)i * cols + j])); /* NaN: null */
     json_array_append_new(a, r);
   }
   return a;
@@ -79,13 +86,16 @@ done:
 int main(int argc, char **argv) {
   const char *model_dir = NULL, *pixels = NULL;
   const char **images = calloc((size_t)argc, sizeof *images), **texts = calloc((size_t)argc, sizeof *texts);
-  int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1, colour = 1;
+  int n_img_files = 0, n_txt = 0, itm = 0, json = 0, threads = 0, max_len = 35, pre = 0, naive = 0, autorot = 1, colour = 1,
+      reference = 0;
+  int bad = BLIP_EINVAL; /* a bad option value, or why an --image is refused */
   blip_itm_first first = BLIP_ITM_ENC;
   blip_model_opts opts = {.precision = BLIP_PREC_F32};
   static struct option lo[] = {
     {"model", 1, 0, 'm'}, {"image", 1, 0, 'i'}, {"pixels", 1, 0, 'p'}, {"text", 1, 0, 't'},
     {"itm", 0, 0, 'I'}, {"itm-first-token", 1, 0, 'F'}, {"naive-itm", 0, 0, 'N'}, {"pre-caption", 0, 0, 'P'},
-    {"max-len", 1, 0, 'L'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"threads", 1, 0, 'T'},
+    {"max-len", 1, 0, 'L'}, {"no-autorotate", 0, 0, 'R'}, {"no-color-manage", 0, 0, 'C'}, {"reference", 0, 0, 'r'},
+    {"threads", 1, 0, 'T'},
     {"json", 0, 0, 'j'}, {"precision", 1, 0, 'X'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "m:i:p:t:h", lo, NULL)) != -1;) {
     switch (c) {
@@ -101,10 +111,11 @@ int main(int argc, char **argv) {
       break;
     case 'N': naive = 1; break;
     case 'P': pre = 1; break;
-    case 'L': max_len = atoi(optarg); break;
+    case 'L': if (blip_arg_int("--max-len", optarg, 2, 512, &max_len)) goto bad_value; break;
     case 'R': autorot = 0; break;
     case 'C': colour = 0; break;
-    case 'T': threads = atoi(optarg); break;
+    case 'r': reference = 1; break;
+    case 'T': if (blip_arg_threads("--threads", optarg, &threads)) goto bad_value; break;
     case 'j': json = 1; break;
     case 'X':
       if (blip_model_parse_precision(optarg, &opts.precision)) {
@@ -115,6 +126,14 @@ int main(int argc, char **argv) {
     case 'h': usage(stdout); free(images), free(texts); return 0;
     default: goto usage_err;
     }
+  }
+  bad = BLIP_OK;
+  for (int i = 0; i < n_img_files && !bad; i++) bad = blip_arg_regular_file(images[i]); /* a FIFO would block */
+  if (bad) {
+  bad_value:
+    blip_out_error("blip-embed", blip_err_last());
+    free(images), free(texts);
+    return bad == BLIP_EIO ? 1 : 2; /* a missing file is an error like a corrupt one; a FIFO is a bad argument */
   }
   if (!model_dir || optind < argc || (!n_img_files && !pixels && !n_txt) || max_len < 2) {
   usage_err:
@@ -151,6 +170,7 @@ int main(int argc, char **argv) {
     io.size = S;
     io.autorotate = autorot;
     io.color_manage = colour;
+    io.reference = reference;
     for (int i = 0; i < n_img_files; i++)
       if (blip_img_load_file(images[i], &io, px + (size_t)i * 3 * S * S, NULL, NULL)) { fail(images[i]); goto out; }
     emb = malloc(sizeof(float) * n_img * T * D);
@@ -229,8 +249,8 @@ int main(int argc, char **argv) {
     fputc('\n', stdout);
     json_decref(o);
   } else {
-    for (int j = 0; j < n_txt; j++) printf("text %d: %d tokens: %s\n", j + 1, lens[j], texts[j]);
-    for (int i = 0; i < n_img; i++) printf("image %d: %s\n", i + 1, i < n_img_files ? images[i] : "(pixels)");
+    for (int j = 0; j < n_txt; j++) printf("text %d: %d tokens: ", j + 1, lens[j]), blip_out_fesc(stdout, texts[j]), putchar('\n');
+    for (int i = 0; i < n_img; i++) printf("image %d: ", i + 1), blip_out_fesc(stdout, i < n_img_files ? images[i] : "(pixels)"), putchar('\n');
     if (itc) {
       printf("%-8s %-8s %10s%s\n", "image", "text", "itc", logits ? "   itm_nomatch  itm_match  p(match)" : "");
       for (int i = 0; i < n_img; i++)

@@ -15,10 +15,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
 #include "blip_model.h"
+#include "blip_out.h"
 #include "blip_search.h"
 #include "blip_store.h"
 
@@ -32,36 +34,43 @@ static const char USAGE[] =
     "  --db DIR          index directory (default $BLIPSEARCH_DB, else\n"
     "                    $XDG_DATA_HOME/blipsearch, else ~/.local/share/blipsearch)\n"
     "  --model DIR       BLIP model directory (default $BLIPSEARCH_MODEL); must be the indexing model\n"
-    "  -n N              results to print (default 10)\n"
-    "  --rerank K        ITM-rerank the K best by cosine (default 16: about 0.3 s at base size on\n"
+    "  -n N              results to print (1..1000000, default 10)\n"
+    "  --rerank K        ITM-rerank the K best by cosine (0..4096, default 16: about 0.3 s at base size on\n"
     "                    2 cores); 0 = ITC cosine only. Score = ITM match logit + cosine\n"
     "  --threshold P     keep results with ITM probability >= P (0..1); none: exit 1\n"
     "  --sort score|date order of the printed results (date: newest first; default score)\n"
-    "  --under DIR       only photos under DIR\n"
+    "  --under DIR       only photos under DIR (as given, or its realpath: a symlinked folder works)\n"
     "  --after DATE      only photos taken (EXIF, else file mtime) on or after DATE\n"
-    "  --before DATE     only photos taken before DATE (YYYY-MM-DD[THH:MM[:SS]], local time)\n"
+    "  --before DATE     only photos taken before DATE (YYYY-MM-DD[THH:MM[:SS]], local time, a real day)\n"
     "  --ext LIST        only these extensions, e.g. jpg,png (case-insensitive; jpg also\n"
     "                    matches .jpeg, tif .tiff)\n"
-    "  --json            JSON array of {rank, id, path, score, itm_prob, itm_logit, cosine,\n"
-    "                    taken_at, mtime}; with --stdin one {query, results} object a line\n"
-    "  --paths           one path a line (for xargs, feh)\n"
+    "  --json            JSON array of {rank, id, path, path_b64, score, itm_prob, itm_logit, cosine,\n"
+    "                    taken_at, mtime}; with --stdin one {query, query_b64, truncated, error,\n"
+    "                    results} object a line. Every key is always there: a name that is not\n"
+    "                    UTF-8 is in path (invalid bytes as U+FFFD) and, exactly, in path_b64\n"
+    "                    (base64; null when path is exact); a number that is not finite is null\n"
+    "  --paths           one path a line (escaped on a terminal: \\xNN for control bytes)\n"
+    "  -0                with --paths: end each path with a NUL byte instead (for xargs -0)\n"
     "  --image FILE      query by image: similar photos (ITC image-image), or with texts,\n"
     "                    rank the texts for this image (ITC + ITM)\n"
     "  --text T          a candidate text for --image (repeatable)\n"
     "  --texts-file F    candidate texts for --image, one a line (also --texts F)\n"
     "  --rank-texts      rank the candidate texts (implied by --text/--texts-file)\n"
     "  --stdin           read one text query a line from stdin; the model loads once\n"
-    "  --precision P     f32, bf16 or int8 (default: the index's)\n"
-    "  --threads N       compute threads (default: all cores)\n"
+    "  --precision P     f32, bf16 or int8 (default and only choice with an index: the index's)\n"
+    "  --threads N       compute threads (1..4 per core; default: all cores)\n"
     "  --naive-itm       use the naive cross-attention in the rerank (for checks)\n"
     "  --help            this text\n"
     "\n"
+    "Names printed in the table and in messages escape backslash, control bytes and invalid\n"
+    "UTF-8 (\\\\, \\t, \\n, \\r, \\xNN).\n"
     "Exit status: 0 results, 1 no match, 2 usage or error.\n";
 
 enum { OUT_TABLE, OUT_JSON, OUT_PATHS };
 
 typedef struct {
   int out;
+  int nul; /* --paths -0 */
   const char *const *texts; /* rank-texts mode: hit ids index these */
 } printer;
 
@@ -78,30 +87,39 @@ static void print_json(json_t *j) {
   free(s);
 }
 
-static void print_hits(const printer *p, const blip_search_result *r, const char *query) {
+/* query: the --stdin line (NULL for one query); error: why it was refused, or NULL */
+static void print_hits(const printer *p, const blip_search_result *r, const char *query, const char *error) {
+  int tty = isatty(1);
   if (p->out == OUT_JSON) {
     json_t *a = hits_json(p, r);
     if (query) { /* --stdin: one object a line */
       json_t *o = json_object();
-      json_object_set_new(o, "query", json_string(query));
+      blip_out_json_name(o, "query", query);
       json_object_set_new(o, "truncated", json_boolean(r->truncated));
+      json_object_set_new(o, "error", error ? blip_out_json_text(error) : json_null());
       json_object_set_new(o, "results", a);
       a = o;
     }
     print_json(a);
     json_decref(a);
   } else if (p->out == OUT_PATHS) {
-    for (int i = 0; i < r->n; i++) puts(p->texts ? p->texts[r->hits[i].id] : r->hits[i].path);
-    if (query) putchar('\n');
+    for (int i = 0; i < r->n; i++) {
+      const char *t = p->texts ? p->texts[r->hits[i].id] : r->hits[i].path;
+      if (p->nul) fwrite(t, 1, strlen(t) + 1, stdout);
+      else if (tty) blip_out_fesc(stdout, t), putchar('\n');
+      else puts(t);
+    }
+    if (query) putchar(p->nul ? 0 : '\n');
   } else {
-    if (query) printf("# %s\n", query);
+    if (query) fputs("# ", stdout), blip_out_fesc(stdout, query), putchar('\n');
     printf("%4s  %8s  %8s  %8s  %s\n", "rank", "score", "itm_prob", "cosine", p->texts ? "text" : "path");
     for (int i = 0; i < r->n; i++) {
       const blip_search_hit *h = &r->hits[i];
       char prob[16] = "-";
       if (!isnan(h->itm_prob)) snprintf(prob, sizeof prob, "%.4f", h->itm_prob);
-      printf("%4d  %8.4f  %8s  %8.4f  %s\n", i + 1, h->score, prob, h->cosine,
-             p->texts ? p->texts[h->id] : h->path);
+      printf("%4d  %8.4f  %8s  %8.4f  ", i + 1, h->score, prob, h->cosine);
+      blip_out_fesc(stdout, p->texts ? p->texts[h->id] : h->path);
+      putchar('\n');
     }
     if (query) putchar('\n');
   }
@@ -148,16 +166,6 @@ static int read_texts(const char *path, char ***v, int *n) {
   return rc;
 }
 
-/* Absolute form of DIR for --under: realpath when it exists (stored paths
- * are canonical), else DIR made absolute. */
-static int abs_dir(const char *in, char out[PATH_MAX]) {
-  if (realpath(in, out)) return 0;
-  if (in[0] == '/') return snprintf(out, PATH_MAX, "%s", in) < PATH_MAX ? 0 : -1;
-  char cwd[PATH_MAX];
-  if (!getcwd(cwd, sizeof cwd)) return -1;
-  return snprintf(out, PATH_MAX, "%s/%s", cwd, in) < PATH_MAX ? 0 : -1;
-}
-
 enum { O_DB = 256, O_MODEL, O_RERANK, O_THRESH, O_SORT, O_UNDER, O_AFTER, O_BEFORE, O_EXT, O_JSON, O_PATHS, O_IMAGE,
        O_TEXT, O_TEXTS, O_RANKT, O_STDIN, O_PREC, O_THREADS, O_NAIVE, O_HELP };
 
@@ -170,11 +178,11 @@ int main(int argc, char **argv) {
       {"text", 1, 0, O_TEXT},     {"texts-file", 1, 0, O_TEXTS},  {"texts", 1, 0, O_TEXTS},  {"rank-texts", 0, 0, O_RANKT},
       {"stdin", 0, 0, O_STDIN},   {"precision", 1, 0, O_PREC},    {"threads", 1, 0, O_THREADS},
       {"naive-itm", 0, 0, O_NAIVE}, {"help", 0, 0, O_HELP},       {0, 0, 0, 0}};
-  char dbdir[PATH_MAX] = "", under[PATH_MAX], after[20], before[20];
+  char dbdir[PATH_MAX] = "", after[20], before[20];
   const char *model_dir = NULL, *image = NULL, *prec_name = NULL, *texts_file = NULL;
   char **texts = NULL;
   int ntexts = 0, n_arg_texts = argc, rank_texts = 0, use_stdin = 0, threads = 0, ret = 2, c;
-  printer pr = {OUT_TABLE, NULL};
+  printer pr = {OUT_TABLE, 0, NULL};
   blip_search_opts o;
   blip_search_opts_default(&o);
   blip_search *s = NULL;
@@ -184,46 +192,38 @@ int main(int argc, char **argv) {
   blip_search_result r = {0};
   if (!(texts = calloc((size_t)argc, sizeof *texts))) return 2;
 
-  while ((c = getopt_long(argc, argv, "n:h", lo, NULL)) != -1) {
-    char *end = NULL;
+  while ((c = getopt_long(argc, argv, "n:h0", lo, NULL)) != -1) {
+    double thr;
     switch (c) {
-    case 'n': o.n = (int)strtol(optarg, &end, 10); if (*end || o.n < 1) goto usage; break;
+    case 'n': if (blip_arg_int("-n", optarg, 1, 1000000, &o.n)) goto fail; break;
     case O_DB: snprintf(dbdir, sizeof dbdir, "%s", optarg); break;
     case O_MODEL: model_dir = optarg; break;
-    case O_RERANK: o.rerank = (int)strtol(optarg, &end, 10); if (*end || o.rerank < 0 || o.rerank > 4096) goto usage; break;
+    case O_RERANK: if (blip_arg_int("--rerank", optarg, 0, 4096, &o.rerank)) goto fail; break;
     case O_THRESH:
-      o.threshold = strtof(optarg, &end);
-      if (*end || !(o.threshold >= 0 && o.threshold <= 1)) {
-        fprintf(stderr, "blip-query: --threshold takes a probability in 0..1\n");
-        goto out;
-      }
+      if (blip_arg_real("--threshold", optarg, 0, 1, &thr)) goto fail;
+      o.threshold = (float)thr;
       break;
     case O_SORT:
       if (!strcmp(optarg, "date")) o.sort_date = 1;
       else if (strcmp(optarg, "score")) goto usage;
       break;
-    case O_UNDER:
-      if (abs_dir(optarg, under)) goto usage;
-      o.filter.under = under;
-      break;
+    case O_UNDER: o.filter.under = optarg; break;
     case O_AFTER:
     case O_BEFORE:
-      if (blip_search_parse_date(optarg, c == O_AFTER ? after : before)) {
-        fprintf(stderr, "blip-query: %s\n", blip_err_last());
-        goto out;
-      }
+      if (blip_arg_date(c == O_AFTER ? "--after" : "--before", optarg, c == O_AFTER ? after : before)) goto fail;
       *(c == O_AFTER ? &o.filter.after : &o.filter.before) = c == O_AFTER ? after : before;
       break;
     case O_EXT: o.filter.exts = optarg; break;
     case O_JSON: pr.out = OUT_JSON; break;
     case O_PATHS: pr.out = OUT_PATHS; break;
+    case '0': pr.nul = 1; break;
     case O_IMAGE: image = optarg; break;
     case O_TEXT: texts[ntexts++] = optarg; break;
     case O_TEXTS: texts_file = optarg; break;
     case O_RANKT: rank_texts = 1; break;
     case O_STDIN: use_stdin = 1; break;
     case O_PREC: prec_name = optarg; break;
-    case O_THREADS: threads = atoi(optarg); break;
+    case O_THREADS: if (blip_arg_threads("--threads", optarg, &threads)) goto fail; break;
     case O_NAIVE: o.naive = 1; break;
     case 'h':
     case O_HELP: fputs(USAGE, stdout); ret = 0; goto out;
@@ -238,6 +238,11 @@ int main(int argc, char **argv) {
   }
   if ((use_stdin || image) ? nargs != 0 : nargs != 1) goto usage;
   if (use_stdin && image) goto usage;
+  if (pr.nul && pr.out != OUT_PATHS) {
+    fprintf(stderr, "blip-query: -0 goes with --paths\n");
+    goto out;
+  }
+  if (image && blip_arg_regular_file(image)) goto fail; /* a FIFO would block the decoder */
   if (o.threshold >= 0 && (o.rerank == 0 || (image && !rank_texts))) {
     fprintf(stderr, "blip-query: --threshold needs the ITM rerank: a text query (or --image with texts) and --rerank >= 1\n");
     goto out;
@@ -254,10 +259,21 @@ int main(int argc, char **argv) {
       fprintf(stderr, "blip-query: the index at %s is empty: run blip-index on your photos first\n", dbdir);
       goto out;
     }
-    if (!prec_name) prec_name = blip_search_meta(s, "precision");
+    /* the index's vectors were computed at its precision: a query at another
+     * one would score against features it did not make */
+    const char *ip = blip_search_meta(s, "precision");
+    blip_prec want;
+    if (prec_name && ip && !blip_model_parse_precision(ip, &want) &&
+        !blip_model_parse_precision(prec_name, &mo.precision) && want != mo.precision) {
+      fprintf(stderr, "blip-query: the index at %s was built with --precision %s, not %s: omit --precision (it "
+                      "takes the index's) or rebuild the index (blip-index --rebuild --precision %s)\n",
+              dbdir, ip, prec_name, prec_name);
+      goto out;
+    }
+    if (!prec_name) prec_name = ip;
   }
   if (blip_model_parse_precision(prec_name ? prec_name : "f32", &mo.precision)) {
-    fprintf(stderr, "blip-query: %s\n", blip_err_last());
+    blip_out_error("blip-query", blip_err_last());
     goto out;
   }
   if (!model_dir) model_dir = getenv("BLIPSEARCH_MODEL");
@@ -303,7 +319,7 @@ int main(int argc, char **argv) {
       goto fail;
     }
     if (r.truncated) fprintf(stderr, "blip-query: a text was truncated to %d tokens\n", BLIP_SEARCH_MAX_TOKENS);
-    if (r.n) print_hits(&pr, &r, NULL);
+    if (r.n) print_hits(&pr, &r, NULL, NULL);
     else say_no_match(&r, &o);
     ret = r.n ? 0 : 1;
   } else if (use_stdin) {
@@ -314,10 +330,12 @@ int main(int argc, char **argv) {
     while ((len = getline(&line, &cap, stdin)) >= 0) {
       while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
       if (!len) continue;
-      if (blip_search_text(s, line, &o, &r)) goto fail;
-      say_notes(&r);
-      if (!r.n) say_no_match(&r, &o);
-      print_hits(&pr, &r, line); /* an empty result is printed too: one answer a query */
+      int e = blip_search_text(s, line, &o, &r);
+      if (e && e != BLIP_EINVAL) goto fail;
+      if (e) blip_out_error("blip-query", blip_err_last()); /* a refused line: the session goes on */
+      else say_notes(&r);
+      if (!e && !r.n) say_no_match(&r, &o);
+      print_hits(&pr, &r, line, e ? blip_err_last() : NULL); /* an empty result is printed too: one answer a query */
       any |= r.n > 0;
       blip_search_result_free(&r);
     }
@@ -325,7 +343,7 @@ int main(int argc, char **argv) {
   } else {
     if (blip_search_text(s, argv[optind], &o, &r)) goto fail;
     say_notes(&r);
-    if (r.n) print_hits(&pr, &r, NULL);
+    if (r.n) print_hits(&pr, &r, NULL, NULL);
     else say_no_match(&r, &o);
     ret = r.n ? 0 : 1;
   }
@@ -336,7 +354,7 @@ usage:
   ret = 2;
   goto out;
 fail:
-  fprintf(stderr, "blip-query: %s\n", blip_err_last());
+  blip_out_error("blip-query", blip_err_last());
   ret = 2;
 out:
   blip_search_result_free(&r);

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_serve.h"
 #include "blip_store.h"
@@ -54,6 +55,11 @@ static int read_token(const char *path, char *tok, size_t cap) {
   return BLIP_OK;
 }
 
+static int bad_arg(void) {
+  fprintf(stderr, "blip-serve: %s\n", blip_err_last());
+  return 2;
+}
+
 int main(int argc, char **argv) {
   static const struct option lo[] = {
       {"db", 1, 0, O_DB},           {"model", 1, 0, O_MODEL},     {"listen", 1, 0, O_LISTEN},
@@ -80,19 +86,24 @@ int main(int argc, char **argv) {
       break;
     case O_INSECURE: o.insecure_no_auth = 1; break;
     case O_CORS: o.cors_origin = optarg; break;
-    case O_THREADS: o.threads = atoi(optarg); break;
+    case O_THREADS: if (blip_arg_threads("--threads", optarg, &o.threads)) return bad_arg(); break;
     case O_PREC: o.precision = optarg; break;
-    case O_CONNS: o.max_conns = atoi(optarg); break;
-    case O_TIMEOUT: o.conn_timeout_s = atoi(optarg); break;
-    case O_BUDGET: o.budget_s = atof(optarg); break;
-    case O_UPLOAD: o.max_upload = (size_t)(atof(optarg) * 1048576); break;
+    case O_CONNS: if (blip_arg_int("--max-conns", optarg, 1, 100000, &o.max_conns)) return bad_arg(); break;
+    case O_TIMEOUT: if (blip_arg_int("--timeout", optarg, 1, 86400, &o.conn_timeout_s)) return bad_arg(); break;
+    case O_BUDGET: if (blip_arg_real("--budget", optarg, 1e-6, 86400, &o.budget_s)) return bad_arg(); break;
+    case O_UPLOAD: {
+      double mb;
+      if (blip_arg_real("--max-upload", optarg, 0.001, 4096, &mb)) return bad_arg();
+      o.max_upload = (size_t)(mb * 1048576);
+      break;
+    }
     case O_BATCH: o.batch = 1; break;
     case 'h':
     case O_HELP: fputs(USAGE, stdout); return 0;
     default: fputs(USAGE, stderr); return 2;
     }
   }
-  if (optind != argc || o.max_conns < 0 || o.conn_timeout_s < 0 || o.budget_s < 0) {
+  if (optind != argc) {
     fputs(USAGE, stderr);
     return 2;
   }

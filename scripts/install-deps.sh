@@ -13,6 +13,8 @@ PKGS=(build-essential cmake pkg-config git ca-certificates curl
       libsqlite3-dev sqlite3 libvips-dev libdnnl-dev
       libutf8proc-dev libxxhash-dev libjansson-dev
       clang libclang-rt-14-dev dpkg-dev python3
+      python3-pil python3-numpy  # scripts/gen-pil-cases.py: PIL's reference values
+      strace                     # fault injection in the tests (strace -e inject=)
       libmicrohttpd-dev chromium wrk)
 # blip-serve's browser test drives chromium with playwright-core (npm): Debian's
 # node and npm unless some node is installed already

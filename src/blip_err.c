@@ -31,7 +31,9 @@ int blip_err_wrap(int code, const char *fmt, ...) {
 int blip_err_errno(const char *what, const char *path) {
   int e = errno;
   if (e == ENOSPC || e == EFBIG || e == EDQUOT)
-    return blip_err_set(BLIP_EFULL, "%s %s: disk full or file too large (%s)", what, path, strerror(e));
+    return blip_err_set(BLIP_EFULL, "%s %s: %s", what, path,
+                        e == ENOSPC ? "disk full (ENOSPC)" : e == EDQUOT ? "disk quota exceeded (EDQUOT)"
+                                                           : "file size limit reached (EFBIG: see ulimit -f)");
   return blip_err_set(BLIP_EIO, "%s %s: %s", what, path, strerror(e));
 }
 

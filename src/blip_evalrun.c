@@ -233,9 +233,7 @@ static int load_images(ev *e, int s, int n, float *pix) {
   blip_img_opts io;
   blip_img_opts_default(&io);
   io.size = e->c->image_size;
-  io.autorotate = 0;     /* BLIP's PIL path ignores EXIF orientation */
-  io.shrink_on_load = 0; /* exact resampling */
-  io.color_manage = 0;   /* PIL's convert("RGB") ignores ICC profiles */
+  io.reference = 1; /* BLIP's PIL path: Image.open(f).convert("RGB"), exact resampling */
   size_t px = (size_t)3 * io.size * io.size;
   for (int i = 0; i < n; i++) {
     char path[4096];
@@ -546,7 +544,8 @@ int blip_evalrun(const blip_evalrun_opts *o, blip_evalrun_result *out) {
   }
   if (o->cache && (rc = cache_lock(&e))) goto done;
   e.model_key = hash_str(blip_model_fingerprint(e.m), (uint64_t)o->precision);
-  e.img_base = hash_str(o->images, XXH64("tok", 4, e.model_key) + (o->f16 ? 16 : 32));
+  /* "ref": images decoded in blip_img's reference mode (caches made before it are recomputed) */
+  e.img_base = hash_str(o->images, XXH64("tok-ref", 8, e.model_key) + (o->f16 ? 16 : 32));
   e.img_all = e.img_base;
   for (int i = 0; i < ni; i++) e.img_all = hash_str(e.ann.image[i], e.img_all);
   e.n_ch = (ni + o->img_chunk - 1) / o->img_chunk;

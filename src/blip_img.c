@@ -12,13 +12,16 @@
  *  3. colour (lazy libvips pipeline, sequential access): CMYK and non-sRGB
  *     ICC profiles go through LittleCMS to sRGB; 16-bit is reduced by taking
  *     the high byte (v >> 8), which is what PIL's "RGB;16B"/"RGBA;16B"/
- *     "LA;16B" unpackers do. PIL turns 16-bit *grey* PNGs into mode "I" and
- *     clips every value above 255 to white on convert("RGB"); we deliberately
- *     use v >> 8 there too. Grey is replicated, alpha is dropped with
- *     extract_band (no compositing), as PIL does.
+ *     "LA;16B" unpackers do; PNM samples are scaled by maxval. Grey is
+ *     replicated, alpha is dropped with extract_band (no compositing), as
+ *     PIL does. Reference mode follows PIL where the product path is better
+ *     for photos or PIL cannot be matched by libvips alone (README's table):
+ *     naive CMYK, 16-bit grey clipped at 255, PNM scaled as Pillow does, GIF
+ *     key colour (CMYK and GIF finish in C on the packed pixels, pack4).
  *  4. orientation: applied in C on the packed buffer (a 90-degree rotation
  *     needs random access, which a sequential libvips load does not give);
- *     never for HEIF/AVIF, whose pixels libheif has already turned.
+ *     never for HEIF/AVIF, whose pixels libheif has already turned. In
+ *     reference mode: TIFF's Orientation tag only, as Pillow does.
  *  5. resize: PIL's Resample.c algorithm in fixed point, bit-exact.
  *  6. normalize: the float32 expression of HF's BlipImageProcessor.
  * libvips runs with concurrency 1 and no operation cache: callers decode
@@ -313,6 +316,7 @@ void blip_img_opts_default(blip_img_opts *o) {
   o->max_file_bytes = (int64_t)1 << 30;
   o->time_budget_s = 60.0;
   o->color_manage = 1;
+  o->reference = 0;
 }
 
 static double now_s(void) {
@@ -332,7 +336,11 @@ static int vips_fail(int code, const char *what, const char *name) {
   for (char *p = msg; *p; p++)
     if (*p == '\n') *p = ';';
   if (strstr(msg, "out of memory") || strstr(msg, "unable to allocate")) code = BLIP_ENOMEM;
-  if (code == BLIP_EFORMAT) {
+  if (code == BLIP_EFORMAT) { /* valid files that libvips/libtiff cannot read are not "corrupt" */
+    static const char *unsup[] = {"subsampled images not supported", "separate planes not supported", "Old-style JPEG",
+                                  "OJPEG", "nsupported"};
+    for (size_t i = 0; i < sizeof unsup / sizeof *unsup; i++)
+      if (strstr(msg, unsup[i])) return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image variant (%s)", name, msg);
     static const char *trunc[] = {"truncat", "remature end", "nexpected end", "end of file", "EOF", "not enough data",
                                   "short read", "out of data", "end of stream"};
     for (size_t i = 0; i < sizeof trunc / sizeof *trunc; i++)
@@ -365,12 +373,59 @@ static int icc_is_srgb(const uint8_t *p, size_t n) {
   return 0;
 }
 
-/* Lazy pipeline: any decoded image -> 8-bit sRGB, exactly 3 bands. */
-static int to_srgb8(VipsImage *in, int color_manage, VipsImage **out) {
+/* How a decoded image becomes RGB: which loader made it, and whether to
+ * follow PIL (reference) or the product path where they differ. */
+typedef struct {
+  int reference, color_manage;
+  char kind;     /* 'g' GIF, 'p' PNG, 'n' PNM, 't' TIFF, 0 any other */
+  int png_ctype; /* PNG IHDR colour type, -1 when unknown */
+} conv;
+
+/* What to_srgb8 leaves for C on the packed pixels: 4 bands to 3. */
+enum { POST_NONE, POST_CMYK, POST_KEY };
+
+/* PNM samples scaled by maxval through a LUT. Product: round(v*255/maxval).
+ * Reference, as Pillow 9.4's PpmDecoder: round half even of v/maxval*out_max
+ * with out_max 65535 for 16-bit grey (mode I, then clipped at 255 by
+ * convert("RGB"); maxval 65535 is read raw) and 255 otherwise (8-bit, and
+ * 16-bit RGB). libvips' ppmload returns the samples unscaled. */
+static int pnm_scale(VipsImage *x, int reference, VipsImage *ctx, VipsImage **out) {
+  double m = 0;
+  int wide = x->BandFmt == VIPS_FORMAT_USHORT;
+  *out = x;
+  if (!vips_image_get_typeof(x, "ppm-max-value") || vips_image_get_double(x, "ppm-max-value", &m) || m < 1 ||
+      m > 65535 || (!wide && m == 255) || (x->BandFmt != VIPS_FORMAT_UCHAR && !wide))
+    return 0; /* PBM (maxval 0) comes as 0/255 already */
+  int n = wide ? 65536 : 256, grey16 = wide && x->Bands == 1;
+  uint8_t *lut = malloc((size_t)n);
+  if (!lut) {
+    vips_error("blip_img", "out of memory");
+    return -1;
+  }
+  for (int v = 0; v < n; v++) {
+    double r = !reference        ? floor(v * 255.0 / m + 0.5)
+               : !grey16         ? nearbyint((double)v / m * 255.0)
+               : m == 65535      ? v
+                                 : nearbyint((double)v / m * 65535.0);
+    lut[v] = r > 255 ? 255 : (uint8_t)r;
+  }
+  VipsImage **t = (VipsImage **)vips_object_local_array(VIPS_OBJECT(ctx), 2);
+  t[0] = vips_image_new_from_memory_copy(lut, (size_t)n, n, 1, 1, VIPS_FORMAT_UCHAR);
+  free(lut);
+  if (!t[0] || vips_maplut(x, &t[1], t[0], NULL)) return -1;
+  *out = t[1];
+  return 0;
+}
+
+/* Lazy pipeline: any decoded image -> 8-bit sRGB, 3 bands, or 4 bands that
+ * *post says how to pack (reference mode's CMYK formula and GIF key colour
+ * need C on the pixels). */
+static int to_srgb8(VipsImage *in, const conv *cv, VipsImage **out, int *post) {
   VipsImage *ctx = vips_image_new();
   VipsImage **t = (VipsImage **)vips_object_local_array(VIPS_OBJECT(ctx), 8);
   VipsImage *x = in;
   int rc = -1;
+  *post = POST_NONE;
   if (x->Coding != VIPS_CODING_NONE) {
     if (vips_image_decode(x, &t[0])) goto done;
     x = t[0];
@@ -380,20 +435,39 @@ static int to_srgb8(VipsImage *in, int color_manage, VipsImage **out) {
   size_t icc_len = 0;
   if (vips_image_get_typeof(x, VIPS_META_ICC_NAME) && vips_image_get_blob(x, VIPS_META_ICC_NAME, &icc, &icc_len))
     icc = NULL;
+  if (interp == VIPS_INTERPRETATION_CMYK && x->Bands >= 4 && cv->reference &&
+      (x->BandFmt == VIPS_FORMAT_UCHAR || x->BandFmt == VIPS_FORMAT_USHORT)) {
+    /* PIL: CMYK as stored (16-bit by the high byte), formula applied in C */
+    if (vips_extract_band(x, &t[1], 0, "n", 4, NULL)) goto done;
+    x = t[1];
+    if (x->BandFmt == VIPS_FORMAT_USHORT) {
+      if (vips_rshift_const1(x, &t[2], 8, NULL) || vips_cast_uchar(t[2], &t[3], NULL)) goto done;
+      x = t[3];
+    }
+    *post = POST_CMYK;
+    goto keep;
+  }
   if (interp == VIPS_INTERPRETATION_CMYK && x->Bands >= 4) {
     /* embedded profile if any, else libvips' built-in CMYK profile */
     if (vips_icc_transform(x, &t[1], "srgb", "embedded", TRUE, "input_profile", "cmyk", "intent",
                            VIPS_INTENT_RELATIVE, "depth", 8, NULL))
       goto done;
     x = t[1];
-  } else if (color_manage && icc && x->Bands >= 3 && !icc_is_srgb(icc, icc_len)) {
+  } else if (cv->color_manage && !cv->reference && icc && x->Bands >= 3 && !icc_is_srgb(icc, icc_len)) {
     /* a broken profile is ignored, as PIL ignores every profile */
     if (vips_icc_transform(x, &t[1], "srgb", "embedded", TRUE, "intent", VIPS_INTENT_RELATIVE, "depth", 8, NULL))
       vips_error_clear();
     else
       x = t[1];
   }
-  if (x->BandFmt == VIPS_FORMAT_USHORT) {
+  if (cv->kind == 'n' && pnm_scale(x, cv->reference, ctx, &x)) goto done;
+  if (x->BandFmt == VIPS_FORMAT_USHORT && cv->reference &&
+      (x->Bands == 1 || (cv->kind == 'p' && cv->png_ctype == 0))) {
+    /* PIL reads 16-bit grey as mode I (a PNG's tRNS only sets info) and
+     * convert("RGB") clips it at 255; vips_cast clips too */
+    if (vips_extract_band(x, &t[2], 0, NULL) || vips_cast_uchar(t[2], &t[3], NULL)) goto done;
+    x = t[3];
+  } else if (x->BandFmt == VIPS_FORMAT_USHORT) {
     if (vips_rshift_const1(x, &t[2], 8, NULL) || vips_cast_uchar(t[2], &t[3], NULL)) goto done;
     x = t[3];
   } else if (x->BandFmt != VIPS_FORMAT_UCHAR) {
@@ -414,16 +488,117 @@ static int to_srgb8(VipsImage *in, int color_manage, VipsImage **out) {
     VipsImage *g[3] = {t[4], t[4], t[4]};
     if (vips_bandjoin(g, &t[5], 3, NULL)) goto done;
     x = t[5];
+  } else if (cv->reference && cv->kind == 'g' && x->Bands <= 4) { /* key colour in C (pack4) */
+    if (x->Bands == 3) {
+      if (vips_bandjoin_const1(x, &t[6], 255, NULL)) goto done;
+      x = t[6];
+    }
+    *post = POST_KEY;
   } else if (x->Bands > 3) { /* drop alpha (and anything else) unblended */
     if (vips_extract_band(x, &t[5], 0, "n", 3, NULL)) goto done;
     x = t[5];
   }
+keep:
   g_object_ref(x);
   *out = x;
   rc = 0;
 done:
   g_object_unref(ctx);
   return rc;
+}
+
+/* Where PIL's first GIF frame differs from libvips': PIL gives transparent
+ * pixels, and the screen outside a frame smaller than it, the key colour;
+ * libvips gives black. */
+typedef struct {
+  uint8_t key[3];
+  int x0, y0, x1, y1; /* the frame's rectangle on the screen */
+} gif_frame;
+
+/* The key colour is the entry of the frame's transparent index (the last
+ * graphic control extension with the flag set wins) in its colour table
+ * (local, else global), or of index 0 without one; without any table PIL
+ * reads indices as grey. Pillow 9.4 GifImagePlugin _seek/load_prepare.
+ * Returns 0, or -1 when the bytes are not a GIF that far. */
+static int gif_first_frame(const uint8_t *p, size_t n, gif_frame *g) {
+  uint8_t *rgb = g->key;
+  if (n < 13 || memcmp(p, "GIF8", 4)) return -1;
+  const uint8_t *pal = NULL;
+  size_t pal_n = 0, i = 13;
+  int idx = 0;
+  if (p[10] & 0x80) {
+    pal_n = (size_t)3 << ((p[10] & 7) + 1);
+    pal = p + 13;
+    i += pal_n;
+  }
+  for (;;) {
+    if (i >= n) return -1;
+    if (p[i] == 0x2C) {
+      if (n - i < 10) return -1;
+      g->x0 = p[i + 1] | p[i + 2] << 8;
+      g->y0 = p[i + 3] | p[i + 4] << 8;
+      g->x1 = g->x0 + (p[i + 5] | p[i + 6] << 8);
+      g->y1 = g->y0 + (p[i + 7] | p[i + 8] << 8);
+      if (p[i + 9] & 0x80) {
+        pal_n = (size_t)3 << ((p[i + 9] & 7) + 1);
+        pal = p + i + 10;
+      }
+      break;
+    }
+    if (p[i] != 0x21 || n - i < 3) return -1;
+    int gce = p[i + 1] == 0xF9; /* flags, delay (2), index in its first sub-block */
+    for (i += 2; i < n && p[i]; gce = 0, i += (size_t)p[i] + 1)
+      if (gce && p[i] >= 4 && n - i > 4 && (p[i + 1] & 1)) idx = p[i + 4];
+    i++;
+  }
+  if (pal && pal_n > n - (size_t)(pal - p)) return -1;
+  if (!pal)
+    rgb[0] = rgb[1] = rgb[2] = (uint8_t)idx;
+  else if ((size_t)idx * 3 + 3 <= pal_n)
+    memcpy(rgb, pal + (size_t)idx * 3, 3);
+  else
+    rgb[0] = rgb[1] = rgb[2] = 0;
+  return 0;
+}
+
+/* 4 bands to 3 in place, front to back. CMYK: Pillow 9.4's cmyk2rgb
+ * (Convert.c): nk = 255-K, R = nk - MULDIV255(C, nk), no profile. KEY:
+ * pixels with alpha 0 or outside the frame take the key colour, the rest
+ * drop their alpha. */
+static void pack4(uint8_t *p, int w, int h, int post, const gif_frame *g) {
+  for (size_t i = 0, y = 0; y < (size_t)h; y++)
+    for (size_t x = 0; x < (size_t)w; x++, i++) {
+      const uint8_t *s = p + 4 * i;
+      uint8_t r[3];
+      if (post == POST_CMYK) {
+        int nk = 255 - s[3];
+        for (int c = 0; c < 3; c++) {
+          int tmp = s[c] * nk + 128, v = nk - (((tmp >> 8) + tmp) >> 8);
+          r[c] = (uint8_t)(v < 0 ? 0 : v);
+        }
+      } else {
+        int in = (int)x >= g->x0 && (int)x < g->x1 && (int)y >= g->y0 && (int)y < g->y1;
+        memcpy(r, s[3] && in ? s : g->key, 3);
+      }
+      memcpy(p + 3 * i, r, 3);
+    }
+}
+
+/* The conversion plan for a file, from its magic bytes (the ones libvips'
+ * loaders test) and, for a PNG, the IHDR colour type. Call it before the
+ * loader reads the source. */
+static conv conv_for(VipsSource *src, const blip_img_opts *o) {
+  conv cv = {o->reference, o->color_manage, 0, -1};
+  const unsigned char *p = NULL;
+  gint64 n = vips_source_sniff_at_most(src, (unsigned char **)&p, 26);
+  vips_error_clear();
+  if (n < 4 || !p) return cv;
+  if (!memcmp(p, "GIF8", 4)) cv.kind = 'g';
+  if (!memcmp(p, "\x89PNG", 4)) cv.kind = 'p', cv.png_ctype = n >= 26 ? p[25] : -1;
+  if (!memcmp(p, "II*\0", 4) || !memcmp(p, "MM\0*", 4) || !memcmp(p, "II+\0", 4) || !memcmp(p, "MM\0+", 4))
+    cv.kind = 't';
+  if (p[0] == 'P' && p[1] >= '1' && p[1] <= '6') cv.kind = 'n';
+  return cv;
 }
 
 typedef struct {
@@ -492,6 +667,7 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
     if (fmt) return blip_err_set(BLIP_EFORMAT, "%s: corrupt or truncated %s image (no decoder accepts it)", name, fmt);
     return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image format", name);
   }
+  const conv cv = conv_for(src, o);
   im = vips_image_new_from_source(src, "", "access", VIPS_ACCESS_SEQUENTIAL, "fail_on", VIPS_FAIL_ON_ERROR, NULL);
   if (!im) {
     rc = vips_fail(BLIP_EFORMAT, "bad header", name);
@@ -531,7 +707,8 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
       }
     }
   }
-  if (to_srgb8(im, o->color_manage, &srgb)) {
+  int post;
+  if (to_srgb8(im, &cv, &srgb, &post)) {
     rc = vips_fail(BLIP_EFORMAT, "colour conversion failed", name);
     goto done;
   }
@@ -550,10 +727,23 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
     goto done;
   }
   int dw = srgb->Xsize, dh = srgb->Ysize;
-  if (n != (size_t)dw * dh * 3) {
+  if (n != (size_t)dw * dh * (post ? 4 : 3)) {
     rc = blip_err_set(BLIP_EFORMAT, "%s: decoder returned %zu bytes for %dx%d", name, n, dw, dh);
     goto done;
   }
+  if (post) {
+    gif_frame g = {{0, 0, 0}, 0, 0, dw, dh}; /* libvips' rendering if the bytes do not parse */
+    size_t len = 0;
+    const void *bytes = post == POST_KEY ? vips_source_map(src, &len) : NULL;
+    if (post == POST_KEY && (!bytes || gif_first_frame(bytes, len, &g))) {
+      vips_error_clear();
+      g = (gif_frame){{0, 0, 0}, 0, 0, dw, dh};
+    }
+    pack4(pix, dw, dh, post, &g);
+  }
+  /* PIL (>= 6.2) turns every TIFF by its Orientation tag on load, and
+   * ignores EXIF orientation everywhere else */
+  if (o->reference) apply = cv.kind == 't';
   const uint8_t *img = pix;
   if (apply && orient != 1) {
     if ((rc = orient_rgb(pix, dw, dh, orient, &rot, &dw, &dh))) goto done;
@@ -581,6 +771,8 @@ done:
 static int check_opts(const blip_img_opts *o) {
   if (!o || o->size < 1 || o->size > 8192 || o->max_pixels < 1 || o->max_file_bytes < 1 || !(o->time_budget_s > 0))
     return blip_err_set(BLIP_EINVAL, "blip_img: bad options");
+  if (o->reference && o->shrink_on_load) /* PIL decodes every pixel */
+    return blip_err_set(BLIP_EINVAL, "blip_img: reference mode decodes exactly: shrink_on_load must be 0");
   return blip_img_init();
 }
 

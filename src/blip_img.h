@@ -20,8 +20,13 @@ typedef struct {
   int64_t max_file_bytes; /* refuse larger files */
   double time_budget_s;   /* per-image decode+preprocess budget */
   int color_manage;       /* non-sRGB ICC profiles -> sRGB (photo libraries: 1; the PIL reference ignores
-                           * profiles, so fidelity checks and recall benchmarks use 0). CMYK is always
-                           * converted through an ICC profile. */
+                           * profiles). CMYK goes through an ICC profile unless reference is set. */
+  int reference;          /* 1: reproduce PIL's Image.open(f).convert("RGB") byte for byte, as BLIP's
+                           * evaluation decodes (blip-eval, fidelity checks). Overrides autorotate and
+                           * color_manage (shrink_on_load must be 0): no ICC, naive CMYK, 16-bit grey clipped
+                           * at 255, PNM scaled by maxval, GIF transparent pixels keep their palette
+                           * colour, TIFF Orientation applied, EXIF orientation ignored. README.md,
+                           * "Reference mode", lists every difference from the default (product) mode. */
 } blip_img_opts;
 
 typedef struct {
@@ -30,7 +35,7 @@ typedef struct {
   char taken_at[20];     /* EXIF DateTimeOriginal "YYYY-MM-DDTHH:MM:SS", or "" when none */
 } blip_img_meta;
 
-/* Defaults: size 384, autorotate on, exact path, 250 Mpx, 1 GiB, 60 s, colour managed. */
+/* Defaults: size 384, autorotate on, exact path, 250 Mpx, 1 GiB, 60 s, colour managed, product mode. */
 void blip_img_opts_default(blip_img_opts *o);
 
 /* Start libvips once (idempotent, thread-safe after the first call). */

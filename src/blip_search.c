@@ -19,6 +19,7 @@
 
 #include <ctype.h>
 #include <jansson.h>
+#include <limits.h>
 #include <math.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -26,9 +27,12 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
+#include <utf8proc.h>
 
 #include "blip_err.h"
 #include "blip_img.h"
+#include "blip_out.h"
 #include "blip_store.h"
 
 #define MAX_EXTS 16
@@ -47,32 +51,6 @@ void blip_search_opts_default(blip_search_opts *o) {
   o->n = 10;
   o->rerank = BLIP_SEARCH_RERANK;
   o->threshold = -1;
-}
-
-static int digits(const char *s, int n) {
-  for (int i = 0; i < n; i++)
-    if (!isdigit((unsigned char)s[i])) return 0;
-  return 1;
-}
-
-int blip_search_parse_date(const char *in, char out[20]) {
-  size_t n = strlen(in);
-  int ok = (n == 10 || n == 16 || n == 19) && digits(in, 4) && in[4] == '-' && digits(in + 5, 2) && in[7] == '-' &&
-           digits(in + 8, 2);
-  if (ok && n > 10)
-    ok = (in[10] == 'T' || in[10] == ' ') && digits(in + 11, 2) && in[13] == ':' && digits(in + 14, 2) &&
-         (n == 16 || (in[16] == ':' && digits(in + 17, 2)));
-  if (ok) {
-    int mo = atoi(in + 5), d = atoi(in + 8);
-    ok = mo >= 1 && mo <= 12 && d >= 1 && d <= 31 && (n == 10 || (atoi(in + 11) < 24 && atoi(in + 14) < 60));
-  }
-  if (!ok) return blip_err_set(BLIP_EINVAL, "bad date '%s' (want YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS])", in);
-  memcpy(out, in, 10);
-  memcpy(out + 10, n > 10 ? in + 10 : "T00:00", 6);
-  memcpy(out + 16, n == 19 ? in + 16 : ":00", 3);
-  out[10] = 'T';
-  out[19] = 0;
-  return BLIP_OK;
 }
 
 /* ---- open / close ---- */
@@ -221,20 +199,58 @@ void blip_search_result_free(blip_search_result *res) {
 
 /* ---- filters and metadata ---- */
 
+#define UNDER_FORMS 3
+
+/* The spellings of the --under folder that stored paths can start with, each
+ * ending in '/': the indexer canonicalizes its roots but keeps the path
+ * through a symlinked folder inside a library, so DIR as given (absolute,
+ * "." and ".." removed), its realpath and realpath(parent)/name are all
+ * tried. *n = 0 when DIR is "/" (no filter). */
+static int under_forms(const char *dir, char f[UNDER_FORMS][PATH_MAX + 1], int *n) {
+  char abs[2 * PATH_MAX], real[PATH_MAX], *comp[PATH_MAX / 2];
+  int nc = 0, k = 0;
+  *n = 0;
+  if (dir[0] != '/' && !getcwd(abs, PATH_MAX)) return blip_err_set(BLIP_EIO, "--under: cannot read the current folder");
+  size_t at = dir[0] == '/' ? 0 : strlen(abs); /* the normal form is no longer than abs: it fits f[0] */
+  if (at + 1 + strlen(dir) >= PATH_MAX) return blip_err_set(BLIP_EINVAL, "--under: path too long");
+  snprintf(abs + at, PATH_MAX, "%s%s", at ? "/" : "", dir);
+  for (char *save = NULL, *c = strtok_r(abs, "/", &save); c; c = strtok_r(NULL, "/", &save))
+    if (!strcmp(c, "..")) nc -= nc > 0;
+    else if (strcmp(c, ".")) comp[nc++] = c;
+  if (!nc) return BLIP_OK; /* "/" */
+  for (int i = 0; i < nc; i++) k += snprintf(f[0] + k, PATH_MAX + 1 - (size_t)k, "/%s", comp[i]);
+  *n = 1;
+  const char *base = strrchr(f[0], '/') + 1;
+  if (realpath(f[0], real)) snprintf(f[(*n)++], PATH_MAX + 1, "%s", real);
+  char parent[PATH_MAX + 1];
+  snprintf(parent, sizeof parent, "%.*s", (int)(base - 1 - f[0]), f[0]);
+  if (realpath(parent[0] ? parent : "/", real) &&
+      snprintf(f[*n], PATH_MAX + 1, "%s/%s", strcmp(real, "/") ? real : "", base) < PATH_MAX)
+    (*n)++;
+  int m = 0; /* distinct forms, each with its trailing '/'; a "/" form matches all */
+  for (int i = 0; i < *n; i++) {
+    size_t l = strlen(f[i]);
+    if (l == 1) return *n = 0, BLIP_OK;
+    if (l >= PATH_MAX) continue; /* no room for the '/' (cannot name a real folder anyway) */
+    memcpy(f[i] + l, "/", 2);
+    int dup = 0;
+    for (int j = 0; j < m; j++) dup |= !strcmp(f[j], f[i]);
+    if (!dup && m != i) memcpy(f[m], f[i], l + 2);
+    m += !dup;
+  }
+  *n = m;
+  return BLIP_OK;
+}
+
 /* Allowed ids for f, in one statement. *active = 0 when f filters nothing. */
 static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **ids, int64_t *n, int *active) {
   static const char DATE[] = "COALESCE(NULLIF(taken_at,''),strftime('%Y-%m-%dT%H:%M:%S',mtime_ns/1000000000,"
                              "'unixepoch','localtime'))";
-  char sql[2048], exts[MAX_EXTS][16];
-  int next = 0, rc = BLIP_OK;
-  size_t ul = 0;
+  char sql[2048], exts[MAX_EXTS][16], under[UNDER_FORMS][PATH_MAX + 1];
+  int next = 0, nu = 0, rc = BLIP_OK;
   *ids = NULL;
   *n = 0;
-  if (f->under) {
-    ul = strlen(f->under);
-    while (ul > 1 && f->under[ul - 1] == '/') ul--;
-    if (ul == 1 && f->under[0] == '/') ul = 0; /* "/" filters nothing */
-  }
+  if (f->under && (rc = under_forms(f->under, under, &nu))) return rc;
   if (f->exts) {
     for (const char *p = f->exts; *p;) {
       size_t l = strcspn(p, ",");
@@ -258,30 +274,21 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
       p += l + (p[l] == ',');
     }
   }
-  *active = ul || f->after || f->before || next;
+  *active = nu || f->after || f->before || next;
   if (!*active) return BLIP_OK;
   int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL");
-  if (ul) len += snprintf(sql + len, sizeof sql - len, " AND substr(path,1,?1)=?2");
+  for (int i = 0; i < nu; i++) /* bytes, not characters: a path need not be UTF-8 */
+    len += snprintf(sql + len, sizeof sql - len, "%s substr(CAST(path AS BLOB),1,length(?%d))=?%d%s",
+                    i ? " OR" : " AND (", 21 + i, 21 + i, i == nu - 1 ? ")" : "");
   if (f->after) len += snprintf(sql + len, sizeof sql - len, " AND %s>=?3", DATE);
   if (f->before) len += snprintf(sql + len, sizeof sql - len, " AND %s<?4", DATE);
   for (int i = 0; i < next; i++) /* LIKE is ASCII case-insensitive; extensions are alnum, no wildcards */
     len += snprintf(sql + len, sizeof sql - len, "%s path LIKE ('%%.'||?%d)%s", i ? " OR" : " AND (", 5 + i,
                     i == next - 1 ? ")" : "");
   sqlite3_stmt *st = NULL;
-  char *dir = NULL;
   int64_t cap = 0;
   if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) return db_err(s, "filter");
-  if (ul) {
-    if (!(dir = malloc(ul + 2))) {
-      rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-      goto done;
-    }
-    memcpy(dir, f->under, ul);
-    dir[ul] = '/';
-    dir[ul + 1] = 0;
-    sqlite3_bind_int64(st, 1, (int64_t)ul + 1);
-    sqlite3_bind_text(st, 2, dir, (int)ul + 1, SQLITE_STATIC);
-  }
+  for (int i = 0; i < nu; i++) sqlite3_bind_blob(st, 21 + i, under[i], (int)strlen(under[i]), SQLITE_STATIC);
   if (f->after) sqlite3_bind_text(st, 3, f->after, -1, SQLITE_STATIC);
   if (f->before) sqlite3_bind_text(st, 4, f->before, -1, SQLITE_STATIC);
   for (int i = 0; i < next; i++) sqlite3_bind_text(st, 5 + i, exts[i], -1, SQLITE_STATIC);
@@ -301,7 +308,6 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
   if (r != SQLITE_DONE) rc = db_err(s, "filter");
 done:
   sqlite3_finalize(st);
-  free(dir);
   if (rc) {
     free(*ids);
     *ids = NULL;
@@ -453,13 +459,39 @@ done:
   return rc;
 }
 
+/* Does text hold a word: a character other than punctuation, space, control
+ * (or an invalid byte)? pre_caption keeps '?' and ',', which BERT then
+ * tokenizes, so a query of punctuation alone would still embed and match. */
+static int has_word(const char *text) {
+  const utf8proc_uint8_t *p = (const utf8proc_uint8_t *)text;
+  utf8proc_ssize_t n = (utf8proc_ssize_t)strlen(text);
+  for (utf8proc_ssize_t i = 0; i < n;) {
+    utf8proc_int32_t c;
+    utf8proc_ssize_t k = utf8proc_iterate(p + i, n - i, &c);
+    if (k <= 0) { /* an invalid byte */
+      i++;
+      continue;
+    }
+    i += k;
+    switch (utf8proc_category(c)) {
+    case UTF8PROC_CATEGORY_PC: case UTF8PROC_CATEGORY_PD: case UTF8PROC_CATEGORY_PS: case UTF8PROC_CATEGORY_PE:
+    case UTF8PROC_CATEGORY_PI: case UTF8PROC_CATEGORY_PF: case UTF8PROC_CATEGORY_PO: case UTF8PROC_CATEGORY_ZS:
+    case UTF8PROC_CATEGORY_ZL: case UTF8PROC_CATEGORY_ZP: case UTF8PROC_CATEGORY_CC: case UTF8PROC_CATEGORY_CF:
+    case UTF8PROC_CATEGORY_CN: break;
+    default: return 1;
+    }
+  }
+  return 0;
+}
+
 int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
                            float *feat) {
   const int T = BLIP_SEARCH_MAX_TOKENS;
   int L = 0, rc = BLIP_OK;
   for (int i = 0; i < n && !rc; i++) {
     rc = blip_search_prepare_text(m, queries[i], ids + (size_t)i * T, &len[i], &truncated[i]);
-    if (!rc && len[i] < 2) rc = blip_err_set(BLIP_EINVAL, "text of %d tokens", len[i]);
+    if (!rc && (len[i] <= 2 || !has_word(queries[i])))
+      rc = blip_err_set(BLIP_EINVAL, "the query has no words to search for (it is empty, or only punctuation)");
     if (!rc && len[i] > L) L = len[i];
   }
   if (rc || n == 0) return rc;
@@ -509,27 +541,28 @@ int blip_search_image(blip_search *s, const float *pixels, const blip_search_opt
   return rc;
 }
 
-static json_t *num_or_null(float v) { return isnan(v) ? json_null() : json_real(v); }
-
 void *blip_search_hit_json(const blip_search_hit *h, int rank, const char *text) {
-  json_t *o = text ? json_pack("{s:i, s:I, s:s}", "rank", rank, "index", (json_int_t)h->id, "text", text)
-                   : json_pack("{s:i, s:I, s:s, s:o}", "rank", rank, "id", (json_int_t)h->id, "path",
-                               h->path ? h->path : "", "taken_at",
-                               h->taken_at[0] ? json_string(h->taken_at) : json_null());
-  if (o && !text) {
+  json_t *o = json_object();
+  if (!o) return NULL;
+  json_object_set_new(o, "rank", json_integer(rank));
+  if (text) {
+    json_object_set_new(o, "index", json_integer(h->id));
+    blip_out_json_name(o, "text", text);
+  } else {
     char mt[20];
     time_t t = (time_t)(h->mtime_ns / 1000000000);
     struct tm tm;
     localtime_r(&t, &tm);
     strftime(mt, sizeof mt, "%Y-%m-%dT%H:%M:%S", &tm);
+    json_object_set_new(o, "id", json_integer(h->id));
+    blip_out_json_name(o, "path", h->path);
+    json_object_set_new(o, "taken_at", h->taken_at[0] ? blip_out_json_text(h->taken_at) : json_null());
     json_object_set_new(o, "mtime", json_string(mt));
   }
-  if (o) {
-    json_object_set_new(o, "score", json_real(h->score));
-    json_object_set_new(o, "itm_prob", num_or_null(h->itm_prob));
-    json_object_set_new(o, "itm_logit", num_or_null(h->itm_logit));
-    json_object_set_new(o, "cosine", json_real(h->cosine));
-  }
+  json_object_set_new(o, "score", blip_out_json_num(h->score));
+  json_object_set_new(o, "itm_prob", blip_out_json_num(h->itm_prob));
+  json_object_set_new(o, "itm_logit", blip_out_json_num(h->itm_logit));
+  json_object_set_new(o, "cosine", blip_out_json_num(h->cosine));
   return o;
 }
 

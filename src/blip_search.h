@@ -53,8 +53,9 @@ typedef struct {
 /* Filters; NULL fields are off. Dates are compared as "YYYY-MM-DDTHH:MM:SS"
  * strings against taken_at, else the file's mtime in local time. */
 typedef struct {
-  const char *under;  /* absolute directory: path is under it */
-  const char *after;  /* normalized date (blip_search_parse_date): date >= after */
+  const char *under;  /* directory (relative to the cwd or absolute): path is under it as given,
+                         under its realpath or under realpath(parent)/name (a symlinked folder) */
+  const char *after;  /* normalized date (blip_arg_date): date >= after */
   const char *before; /* date < before */
   const char *exts;   /* "jpg,png": extension, case-insensitive; jpg = jpeg, tif = tiff */
 } blip_search_filter;
@@ -73,10 +74,6 @@ void blip_search_opts_default(blip_search_opts *o);
 /* Default index directory: $BLIPSEARCH_DB, else $XDG_DATA_HOME/blipsearch,
  * else ~/.local/share/blipsearch. */
 
-/* "YYYY-MM-DD", "YYYY-MM-DDTHH:MM[:SS]" (or a space for T) -> out[20]
- * "YYYY-MM-DDTHH:MM:SS". BLIP_EINVAL on anything else. */
-int blip_search_parse_date(const char *in, char out[20]);
-
 /* Open the index at dir read-only. BLIP_ENOTFOUND when there is none. */
 int blip_search_open(const char *dir, blip_search **out);
 void blip_search_close(blip_search *s);
@@ -87,7 +84,8 @@ int64_t blip_search_count(blip_search *s);
  * by other weights or another geometry. */
 int blip_search_attach(blip_search *s, blip_model *m);
 
-/* Text -> images. */
+/* Text -> images. BLIP_EINVAL for a query without a word (empty or only
+ * punctuation after pre_caption): its embedding would match at random. */
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res);
 /* The same in two steps, so that a server can batch the text encoder over
  * concurrent queries: blip_search_text_feats prepares n queries (ids [n,35],

@@ -44,10 +44,12 @@
 #include <unistd.h>
 #include <vips/vips.h>
 
+#include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
 #include "blip_model.h"
+#include "blip_out.h"
 #include "blip_store.h"
 
 #define MAX_ARGS 32
@@ -69,14 +71,7 @@ static int perr(char *err, size_t cap, const char *fmt, ...) {
   return BLIP_EINVAL;
 }
 
-static int parse_int(const char *v, int lo, int hi, int *out) {
-  char *end;
-  errno = 0;
-  long x = strtol(v, &end, 10);
-  if (!*v || *end || errno || x < lo || x > hi) return -1;
-  *out = (int)x;
-  return 0;
-}
+static int parse_int(const char *v, int lo, int hi, int *out) { return blip_arg_int("", v, lo, hi, out) ? -1 : 0; }
 
 int blip_serve_parse_query(const blip_serve_kv *kv, int n, int need_q, blip_serve_query *q, char *err, size_t cap) {
   memset(q, 0, sizeof *q);
@@ -113,7 +108,7 @@ int blip_serve_parse_query(const blip_serve_kv *kv, int n, int need_q, blip_serv
       free(rp);
     } else if (!strcmp(k, "after") || !strcmp(k, "before")) {
       if (!*v) continue;
-      if (blip_search_parse_date(v, k[0] == 'a' ? q->after : q->before)) return perr(err, cap, "%s", blip_err_last());
+      if (blip_arg_date(k, v, k[0] == 'a' ? q->after : q->before)) return perr(err, cap, "%s", blip_err_last());
     } else if (!strcmp(k, "ext")) {
       if (strlen(v) >= sizeof q->ext) return perr(err, cap, "ext is too long");
       for (const char *c = v; *c; c++)
@@ -987,9 +982,11 @@ static json_t *knn_json(blip_serve *sv, const job *j, const void *ctx) {
     char u[512];
     snprintf(u, sizeof u, "%s/api/photo/%" PRId64, base, h->id);
     const char *slash = strrchr(h->path, '/');
-    json_array_append_new(a, json_pack("{s:I, s:f, s:s, s:s, s:s}", "id", (json_int_t)h->id, "similarity",
-                                       (double)h->score, "url", u, "caption", slash ? slash + 1 : h->path, "path",
-                                       h->path));
+    json_t *o = json_pack("{s:I, s:o, s:s}", "id", (json_int_t)h->id, "similarity", blip_out_json_num(h->score),
+                          "url", u);
+    blip_out_json_name(o, "caption", slash ? slash + 1 : h->path); /* names as every tool writes them */
+    blip_out_json_name(o, "path", h->path);
+    json_array_append_new(a, o);
   }
   return a;
 }

@@ -100,19 +100,31 @@ struct blip_store {
 
 /* ---- small helpers ---- */
 
+/* SQLite says SQLITE_FULL for ENOSPC on its files, but a plain SQLITE_IOERR_*
+ * for the same ENOSPC on the -shm file, for a size limit (EFBIG) and for a
+ * real EIO alike. sqlite3_system_errno tells them apart, except for errors
+ * at COMMIT, which it does not record: there errno itself, cleared before the
+ * statement (exec), still holds the failed write's cause. So a full disk is
+ * called full and a failing disk is not. */
 static int db_err(blip_store *st, const char *what) {
-  int ec = sqlite3_extended_errcode(st->db), code = BLIP_EDB;
-  /* SQLite reports ENOSPC as SQLITE_FULL but a size limit (EFBIG) as a plain
-   * write error, and may lose the errno on the rollback: a failed write is
-   * reported as a full disk, the cause users can act on. */
-  if ((ec & 0xff) == SQLITE_FULL || ec == SQLITE_IOERR_WRITE || ec == SQLITE_IOERR_FSYNC) code = BLIP_EFULL;
-  if (code == BLIP_EFULL)
-    return blip_err_set(code, "%s: could not write %s/index.sqlite (disk full or file too large?): %s", what,
-                        st->dir, sqlite3_errmsg(st->db));
-  return blip_err_set(code, "%s: %s/index.sqlite: %s", what, st->dir, sqlite3_errmsg(st->db));
+  int e = errno, ec = sqlite3_extended_errcode(st->db), se = 0;
+  if ((ec & 0xff) == SQLITE_IOERR && !(se = sqlite3_system_errno(st->db)) && (e == ENOSPC || e == EDQUOT || e == EFBIG))
+    se = e;
+  const char *doing = st->ready ? "writing" : "opening";
+  if ((ec & 0xff) == SQLITE_FULL || se == ENOSPC || se == EDQUOT)
+    return blip_err_set(BLIP_EFULL, "%s (%s) while %s the index at %s (%s)", se == EDQUOT ? "disk quota exceeded" :
+                        "disk full", se == EDQUOT ? "EDQUOT" : "ENOSPC", doing, st->dir, what);
+  if (se == EFBIG)
+    return blip_err_set(BLIP_EFULL, "file size limit reached (EFBIG: see ulimit -f) while %s the index at %s (%s)",
+                        doing, st->dir, what);
+  if ((ec & 0xff) == SQLITE_IOERR)
+    return blip_err_set(BLIP_EIO, "I/O error while %s the index at %s (%s): %s%s%s", doing, st->dir, what,
+                        sqlite3_errmsg(st->db), se ? ": " : "", se ? strerror(se) : "");
+  return blip_err_set(BLIP_EDB, "%s: %s/index.sqlite: %s", what, st->dir, sqlite3_errmsg(st->db));
 }
 
 static int exec(blip_store *st, const char *sql) {
+  errno = 0; /* see db_err */
   return sqlite3_exec(st->db, sql, NULL, NULL, NULL) == SQLITE_OK ? BLIP_OK : db_err(st, sql);
 }
 
@@ -291,7 +303,9 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
   int rc = load_meta(st);
   if (rc) return rc;
   if (!st->meta[M_MODEL]) {
-    if (!st->write || !id) return blip_err_set(BLIP_ENOTFOUND, "%s: index has no model identity", st->dir);
+    if (!st->write || !id) /* the first run (or a --rebuild) is at work, or was stopped before its first commit */
+      return blip_err_set(BLIP_ENOTFOUND, "%s: the index is empty (blip-index is creating it, or was stopped before "
+                                          "its first commit): run blip-index on your photos", st->dir);
     char num[3][24], ts[24];
     const char *v[NMETA - 1];
     identity_strings(id, num, v);

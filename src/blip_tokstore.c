@@ -114,6 +114,9 @@ int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int 
   ssize_t n = pread(ts->fd, h, TOK_HDR, 0);
   if (n >= 0 && n < TOK_HDR && write) { /* new, or a crash cut the header short: nothing was committed */
     if (pwrite(ts->fd, want, TOK_HDR, 0) != TOK_HDR || fdatasync(ts->fd) != 0) rc = blip_err_errno("write", ts->path);
+  } else if (n >= 0 && n < TOK_HDR) { /* reader: the same, seen before the writer's next run: no records yet */
+    close(ts->fd);
+    ts->fd = -1;
   } else if (n != TOK_HDR || memcmp(h, want, TOK_HDR) != 0) {
     rc = blip_err_set(BLIP_EFORMAT, "%s: header does not match the index (format %s, T %d, Dv %d)", ts->path,
                       TOK_NAMES[fmt], T, Dv);
@@ -142,10 +145,15 @@ int blip_tokstore_put(blip_tokstore *ts, int64_t id, uint64_t fp, const float *t
   memcpy(ts->rec, &id, 8);
   memcpy(ts->rec + 8, &fp, 8);
   blip_tokstore_encode(ts->fmt, ts->T, ts->Dv, tokens, ts->rec + TAG_BYTES);
-  ssize_t w = pwrite(ts->fd, ts->rec, ts->stride, rec_off(ts, id));
-  if (w == (ssize_t)ts->stride) return BLIP_OK;
-  if (w >= 0) errno = ENOSPC; /* a short write: the file system ran out of room */
-  return blip_err_errno("write", ts->path);
+  for (size_t done = 0; done < ts->stride;) { /* a short write is retried: the next one says why (ENOSPC, EFBIG) */
+    ssize_t w = pwrite(ts->fd, ts->rec + done, ts->stride - done, rec_off(ts, id) + (off_t)done);
+    if (w <= 0) {
+      if (w == 0) errno = ENOSPC;
+      return blip_err_errno("write", ts->path);
+    }
+    done += (size_t)w;
+  }
+  return BLIP_OK;
 }
 
 int blip_tokstore_sync(blip_tokstore *ts) {

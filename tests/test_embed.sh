@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test_embed: blip-embed end to end on the blip-tiny fixture. Its --json
 # ITC and ITM numbers must equal the upstream golden ones, for both ITM
-# first-token conventions and both ITM paths; bad invocations fail cleanly.
+# first-token conventions and both ITM paths; --reference decodes as PIL;
+# bad invocations fail cleanly.
 set -u
 B=${BLIP_BIN:-build}; D=${BLIP_TEST_DATA:-tests/data}
 . "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
@@ -55,6 +56,28 @@ d = max(abs(x - y) for x, y in zip([v for r in out['image_feat'] for v in r], g)
 print(f"  blip-embed --image vs golden image_feat[2:4] max|diff| {d:.2e}")
 sys.exit(0 if d <= 2e-5 else 1)
 PY
+# --reference decodes as PIL does: a CMYK JPEG and a 16-bit grey PNG must give the features of
+# PNGs holding PIL's convert("RGB") of them (tests/data/pil-cases), and the product mode must not.
+want python3 - "$D/pil-cases/expected.safetensors" "$tmp" <<'PY'
+import sys
+import testlib as st
+g = st.read(sys.argv[1])
+for f in ("cmyk_adobe.jpg", "grey16.png"):
+    _, shape, v = g["ref." + f]
+    st.write_png(f"{sys.argv[2]}/{f}.png", shape[1], shape[0], bytes(v))
+PY
+for mode in --reference ""; do
+  "$B/blip-embed" --model "$D/blip-tiny" $mode --image "$D/pil-cases/cmyk_adobe.jpg" --image "$tmp/cmyk_adobe.jpg.png" \
+    --image "$D/pil-cases/grey16.png" --image "$tmp/grey16.png.png" --json >"$tmp/ref.json"
+  want test $? -eq 0
+  want python3 - "$tmp/ref.json" "${mode:-product}" <<'PY'
+import json, sys
+f = json.load(open(sys.argv[1]))["image_feat"]
+same = [f[0] == f[1], f[2] == f[3]]
+print(f"  blip-embed {sys.argv[2]}: features equal to PIL's pixels: {same}")
+sys.exit(0 if same == ([True, True] if sys.argv[2] == "--reference" else [False, False]) else 1)
+PY
+done
 "$B/blip-embed" --model "$D/blip-tiny" --image "$tmp/missing.jpg" 2>"$tmp/err"; want test $? -eq 1
 want grep -q 'missing.jpg' "$tmp/err"
 

@@ -1,8 +1,8 @@
 /* test_img_golden: blip_img against the PIL/HF reference.
- *  1. Every fixture photo (tests/data/preprocess/images.json) through the
- *     exact path with autorotate and colour management off (the reference
- *     ignores EXIF and ICC): resized_u8 level differences are reported, hf
- *     tensors must be within max 0.02 / mean 0.002.
+ *  1. Every fixture photo (tests/data/preprocess/images.json) in reference
+ *     mode (PIL's decoding: no EXIF orientation, no ICC): resized_u8 level
+ *     differences are reported, hf tensors must be within max 0.02 / mean
+ *     0.002. (tests/test_img_pil.c covers reference mode's conversions.)
  *  2. blip_img_resize_rgb against a naive double-precision implementation of
  *     the same filter (weights from the distance to every input pixel,
  *     rounding after each pass) on random images, up and down, odd sizes.
@@ -30,8 +30,7 @@ static void test_fixtures(void) {
   }
   blip_img_opts o;
   blip_img_opts_default(&o);
-  o.autorotate = 0;
-  o.color_manage = 0;
+  o.reference = 1;
   float *out = malloc(sizeof(float) * 3 * S * S), *want = malloc(sizeof(float) * 3 * S * S);
   uint8_t *rgb = malloc(3 * S * S);
   long all_n = 0, all_exact = 0;
@@ -84,7 +83,8 @@ static void test_fixtures(void) {
     if (hmax > all_max) all_max = hmax;
     /* shrink-on-load only shrinks JPEGs whose short side is >= 4*S: no
      * fixture is that large, so the fast path must give the same tensor */
-    blip_img_opts fast = o;
+    blip_img_opts fast = o; /* product mode without EXIF and ICC: the same pixels here */
+    fast.reference = fast.autorotate = fast.color_manage = 0;
     fast.shrink_on_load = 1;
     float *f2 = malloc(sizeof(float) * 3 * S * S);
     CHECK(f2 && blip_img_load_file(test_data(rel), &fast, f2, NULL, NULL) == 0 &&

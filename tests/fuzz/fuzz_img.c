@@ -22,9 +22,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   o.size = 32;
   o.max_pixels = 4000000;
   o.time_budget_s = 5;
-  /* the low bit of the length picks the shrink-on-load path, the next one
-   * autorotation, so both variants see the whole corpus */
-  o.shrink_on_load = size & 1;
+  /* the low bits of the length pick the shrink-on-load path, autorotation
+   * and reference mode, so every variant sees the whole corpus */
+  o.reference = (size >> 2) & 1;
+  o.shrink_on_load = (size & 1) && !o.reference; /* reference mode refuses it */
   o.autorotate = (size >> 1) & 1;
   float out[3 * 32 * 32];
   uint8_t rgb[3 * 32 * 32];
