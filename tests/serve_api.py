@@ -443,10 +443,22 @@ shutil.copytree(T + "/new", L + "/new")
 r = subprocess.run([BIN + "/blip-index", "--db", DB, "--model", MODEL, L], capture_output=True, text=True)
 check("index new photos while serving", r.returncode == 0, r.stderr[-300:])
 st, h, j = s.json("GET", "/api/status")
-check("live: status sees the new photos", j["count"] == 16 and j["generation"] >= 2, j)
-st, h, j = s.json("GET", q({"q": QUERY, "n": 16, "rerank": 0}))
-check("live: search finds the new photos", st == 200 and sum(r["path"].startswith(L + "/new/") for r in j["results"]) == 3, j)
-same_hits("live: parity after the update", j["results"], bq("-n", "16", "--rerank", "0", QUERY))
+check("live: status sees the new photos", j["count"] == 17 and j["generation"] >= 2, j)
+st, h, j = s.json("GET", q({"q": QUERY, "n": 17, "rerank": 0}))
+check("live: search finds the new photos", st == 200 and sum(r["path"].startswith(L + "/new/") for r in j["results"]) == 4, j)
+same_hits("live: parity after the update", j["results"], bq("-n", "17", "--rerank", "0", QUERY))
+# a file name that is not UTF-8: the path as text with U+FFFD, its bytes in path_b64, and served by id
+odd = [r for r in j["results"] if r.get("path_b64")]
+want = os.fsencode(L + "/new/") + b"caf\xe9-\xff.jpg"
+check("non-UTF-8 name: path_b64 holds its bytes", len(odd) == 1 and base64.b64decode(odd[0]["path_b64"]) == want, odd)
+if odd:
+    st, h, d = s.get("/api/photo/%d" % odd[0]["id"])
+    check("non-UTF-8 name: the photo is served", st == 200 and d == open(want, "rb").read(), st)
+    st, h, d = s.get("/api/thumb/%d" % odd[0]["id"])
+    check("non-UTF-8 name: its thumbnail", st == 200 and d[:2] == b"\xff\xd8", st)
+    st, h, j2 = s.json("POST", "/knn-service", clip_body(text=QUERY, num_images=17))
+    k = [r for r in j2 if r["id"] == odd[0]["id"]]
+    check("non-UTF-8 name: knn caption_b64", len(k) == 1 and base64.b64decode(k[0]["caption_b64"]) == b"caf\xe9-\xff.jpg", k)
 shutil.rmtree(L + "/new")
 r = subprocess.run([BIN + "/blip-index", "--db", DB, "--model", MODEL, "--rebuild", L], capture_output=True, text=True)
 st, h, j = s.json("GET", q({"q": QUERY, "n": 20}))

@@ -22,6 +22,7 @@ mkdir -p "$L/a" "$L/ab" "$L/b" "$T/new"
 "$BIN/gen_photos" "$L/ab" 3 --size 80x80 --seed 5 >/dev/null
 "$BIN/gen_photos" "$L/b" 4 --size 64x64 --seed 2 --ext png >/dev/null
 "$BIN/gen_photos" "$T/new" 3 --size 72x72 --seed 8 --start 50 >/dev/null
+"$BIN/gen_photos" "$T" 1 --size 70x50 --seed 9 --start 60 >/dev/null && mv "$T/img00060.jpg" "$T/new/"$'caf\xe9-\xff'.jpg""
 touch -d 2021-06-01T12:00:00 "$L"/a/*
 touch -d 2022-02-02T12:00:00 "$L"/ab/*
 touch -d 2023-03-15T12:00:00 "$L"/b/*
