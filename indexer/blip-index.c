@@ -3,8 +3,10 @@
  * One run: walk the paths (hidden folders skipped, symlinked folders
  * followed once each by device/inode, so loops end), classify every image
  * against the index (unchanged by size+mtime, changed, new, moved = same
- * content fingerprint at a new path whose old path is gone), apply moves and
- * deletions, then embed new and changed images with blip_index_embed()
+ * content fingerprint at a new path whose old path is gone; a failed image is
+ * retried when its failure may pass, else when its content changed), apply
+ * moves and deletions (rows that could not be looked at go offline instead:
+ * see "offline" below), then embed new and changed images with blip_index_embed()
  * (decoder thread + batched model + one commit per batch, rerank records
  * synced before the commit): a kill loses at most the batches in flight, and
  * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.
@@ -57,6 +59,8 @@ static const char USAGE[] =
     "  --batch N          images per model batch and per commit (default 8)\n"
     "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
+    "  --prune-offline    delete the rows of photos that could not be looked at (unreadable\n"
+    "                     folder, missing root, unmounted drive) instead of keeping them offline\n"
     "  --help             this text\n"
     "\n"
     "Paths in messages, --dry-run, --errors and --dump escape backslash, control bytes and\n"
@@ -115,6 +119,8 @@ typedef struct {
   items *out;
   items skipped, why; /* paths left out, and why (same order) */
   items pending; /* symlinked folders, walked after every real one */
+  items unread;  /* folders (and entries) that could not be read: their rows go offline, not away */
+  items mounts;  /* folders on another device than their parent (mount points); size = st_dev */
 } walker;
 
 static int is_image(const char *name) {
@@ -166,11 +172,14 @@ static int walk(walker *w, const char *path, const struct stat *sb) {
   if (v < 0) return blip_err_set(BLIP_ENOMEM, "out of memory");
   if (v == 0) return BLIP_OK;
   DIR *d = opendir(path);
-  if (!d) return skip(w, path, strerror(errno));
+  if (!d) {
+    int rc0 = skip(w, path, strerror(errno));
+    return rc0 ? rc0 : items_push(&w->unread, path, 0, 0);
+  }
   int rc = BLIP_OK;
   struct dirent *e;
   char child[PATH_MAX];
-  while (!rc && (e = readdir(d))) {
+  while (!rc && (errno = 0, e = readdir(d))) {
     if (e->d_name[0] == '.') continue; /* ".", "..", hidden files and folders */
     if (snprintf(child, sizeof child, "%s/%s", strcmp(path, "/") ? path : "", e->d_name) >= (int)sizeof child) {
       struct stat cs; /* too long for the system's calls by path: say so if it is a folder or an image */
@@ -184,15 +193,104 @@ static int walk(walker *w, const char *path, const struct stat *sb) {
     }
     if (excluded(w, child, e->d_name)) continue;
     struct stat cs, ls;
-    if (stat(child, &cs) != 0 || lstat(child, &ls) != 0) continue; /* dangling link, vanished */
+    if (stat(child, &cs) != 0 || lstat(child, &ls) != 0) { /* dangling link or vanished: gone; else unreadable */
+      if (errno != ENOENT && errno != ENOTDIR) rc = items_push(&w->unread, child, 0, 0);
+      continue;
+    }
     if (!S_ISDIR(cs.st_mode) && !is_image(e->d_name)) continue;
+    if (S_ISDIR(cs.st_mode) && cs.st_dev != sb->st_dev && (rc = items_push(&w->mounts, child, (int64_t)cs.st_dev, 0)))
+      break;
     /* a folder reached through a link is walked last, so that a file reachable
      * both ways is always recorded under the same (link-free) path */
     if (S_ISDIR(cs.st_mode) && S_ISLNK(ls.st_mode)) rc = items_push(&w->pending, child, 0, 0);
     else rc = walk(w, child, &cs);
   }
+  if (!rc && !e && errno) { /* a read error part-way: what was not listed is not gone */
+    fprintf(stderr, "blip-index: reading %s: %s\n", path, strerror(errno));
+    rc = items_push(&w->unread, path, 0, 0);
+  }
   closedir(d);
   return rc;
+}
+
+/* ---- offline: what a run cannot look at is kept, not deleted ----
+ *
+ * Rows under a folder that could not be read, under a root that is not
+ * there, or under a drive that is not mounted go offline (kept, out of the
+ * search set) instead of away. A drive is recognised by device: the store
+ * records the st_dev of each root and of each mount point found under one
+ * (a folder on another device than its parent); an unmounted drive's mount
+ * point is then an empty folder on its parent's device, or a missing one. A
+ * recorded folder whose device changed is taken for a remount under a new
+ * device number when files already indexed are seen under it (its record is
+ * updated), else for an absent drive. A root that is an empty folder is
+ * taken for an empty mount point too. --prune-offline deletes instead. */
+
+static int under(const char *path, const char *dir) {
+  size_t n = strlen(dir);
+  while (n > 1 && dir[n - 1] == '/') n--;
+  if (n == 1 && dir[0] == '/') return 1;
+  return strncmp(path, dir, n) == 0 && (path[n] == 0 || path[n] == '/');
+}
+
+static int under_any(const items *dirs, const char *path) {
+  for (int64_t i = 0; i < dirs->n; i++)
+    if (under(path, dirs->v[i].path)) return 1;
+  return 0;
+}
+
+/* A root that does not resolve, made absolute as given (malloc'd). */
+static char *abs_path(const char *a) {
+  char cwd[PATH_MAX], *p = malloc(PATH_MAX);
+  if (p && a[0] != '/' && !getcwd(cwd, sizeof cwd)) cwd[0] = 0;
+  if (p && snprintf(p, PATH_MAX, "%s%s%s", a[0] == '/' ? "" : cwd, a[0] == '/' ? "" : "/", a) >= PATH_MAX) {
+    free(p);
+    return NULL;
+  }
+  return p;
+}
+
+static int dir_empty(const char *path) {
+  DIR *d = opendir(path);
+  struct dirent *e;
+  int empty = d != NULL;
+  while (d && empty && (e = readdir(d))) empty = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
+  if (d) closedir(d);
+  return empty;
+}
+
+typedef struct {
+  char **roots;
+  int nroots;
+  items *absent, *changed;
+} mount_check;
+
+static int check_mount(void *ctx, const char *path, int64_t dev) {
+  mount_check *c = ctx;
+  int in = 0;
+  for (int i = 0; i < c->nroots && !in; i++) in = under(path, c->roots[i]);
+  struct stat sb;
+  if (!in) return 0;
+  if (stat(path, &sb) != 0) return items_push(c->absent, path, 0, 0);
+  return (int64_t)sb.st_dev == dev ? 0 : items_push(c->changed, path, dev, 0);
+}
+
+/* An indexed file was seen at path: a changed folder above it is the same drive (.replace counts them). */
+static void note_indexed(items *changed, const char *path) {
+  for (int64_t i = 0; i < changed->n; i++) changed->v[i].replace += under(path, changed->v[i].path);
+}
+
+/* Record the devices seen in this walk, except those of changed folders under which no indexed file was seen. */
+static int record_mounts(blip_store *st, const items *mounts, const items *changed, int prune) {
+  int rc = blip_store_begin(st);
+  for (int64_t i = 0; i < mounts->n && !rc; i++) {
+    int keep = 0;
+    for (int64_t j = 0; j < changed->n && !prune; j++)
+      keep |= !changed->v[j].replace && !strcmp(changed->v[j].path, mounts->v[i].path);
+    if (!keep) rc = blip_store_mount_set(st, mounts->v[i].path, mounts->v[i].size);
+  }
+  if (rc) blip_store_rollback(st);
+  return rc ? rc : blip_store_commit(st);
 }
 
 /* ---- output helpers ---- */
@@ -279,11 +377,11 @@ static void make_parents(const char *dir) {
 /* ---- main ---- */
 
 typedef struct {
-  int64_t added, updated, moved, deleted, unchanged, failed;
+  int64_t added, updated, moved, deleted, unchanged, failed, offline, retried;
 } counts;
 
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
-       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP };
+       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE };
 
 int main(int argc, char **argv) {
   static const struct option lopts[] = {
@@ -292,11 +390,11 @@ int main(int argc, char **argv) {
       {"rebuild", 0, 0, OPT_REBUILD}, {"no-rerank-store", 0, 0, OPT_NORR}, {"rerank-f16", 0, 0, OPT_F16},
       {"exclude", 1, 0, OPT_EXCL},   {"threads", 1, 0, OPT_THREADS}, {"batch", 1, 0, OPT_BATCH},
       {"check", 0, 0, OPT_CHECK},    {"dump", 0, 0, OPT_DUMP},       {"help", 0, 0, OPT_HELP},
-      {0, 0, 0, 0}};
+      {"prune-offline", 0, 0, OPT_PRUNE}, {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "";
   const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
-  int check = 0, dump = 0, c;
+  int check = 0, dump = 0, prune = 0, c;
   signal(SIGXFSZ, SIG_IGN); /* first: a file-size limit fails the write (EFBIG, reported) instead of killing us */
   char **excl = calloc((size_t)argc + 1, sizeof *excl);
   int nexcl = 0;
@@ -324,6 +422,7 @@ int main(int argc, char **argv) {
       break;
     case OPT_CHECK: check = 1; break;
     case OPT_DUMP: dump = 1; break;
+    case OPT_PRUNE: prune = 1; break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
     default: fputs(USAGE, stderr); free(excl); return 2;
     }
@@ -333,7 +432,9 @@ int main(int argc, char **argv) {
   blip_store *st = NULL;
   items found = {0}, work = {0};
   char **roots = NULL;
-  int64_t *gone = NULL, ngone = 0;
+  int *missing = NULL;
+  int64_t *gone = NULL, ngone = 0, *off = NULL, noff = 0;
+  items absent = {0}, mounts = {0}, changed = {0}; /* see "offline" above */
   counts cn = {0};
   walker w = {0};
   int flushing = 0;
@@ -382,12 +483,17 @@ int main(int argc, char **argv) {
     goto out;
   }
 
-  /* roots, canonical so that stored paths are stable whatever the cwd */
+  /* roots, canonical so that stored paths are stable whatever the cwd; a
+   * root that is not there (an unmounted drive) keeps its rows offline if the
+   * index has any under it, else it is an error */
   int nroots = argc - optind;
-  if (!(roots = calloc((size_t)nroots, sizeof *roots))) goto oom;
+  if (!(roots = calloc((size_t)nroots, sizeof *roots)) || !(missing = calloc((size_t)nroots, sizeof *missing))) goto oom;
   for (int i = 0; i < nroots; i++) {
-    if (!(roots[i] = realpath(argv[optind + i], NULL))) {
-      blip_err_set(BLIP_EIO, "%s: %s", argv[optind + i], strerror(errno));
+    const char *a = argv[optind + i];
+    if ((roots[i] = realpath(a, NULL))) continue;
+    missing[i] = errno;
+    if ((errno != ENOENT && errno != ENOTDIR && errno != EACCES) || !(roots[i] = abs_path(a))) {
+      blip_err_set(BLIP_EIO, "%s: %s", a, strerror(missing[i]));
       blip_out_error("blip-index", blip_err_last());
       goto out;
     }
@@ -422,20 +528,43 @@ int main(int argc, char **argv) {
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
 
+  for (int i = 0; i < nroots && !rc; i++) {
+    if (!missing[i]) continue;
+    int64_t *rows = NULL, nu = 0;
+    if (st && (rc = blip_store_scan_unseen(st, (const char *const *)&roots[i], 1, &rows, &nu))) goto fail;
+    free(rows);
+    if (!nu) {
+      fprintf(stderr, "blip-index: %s: %s\n", argv[optind + i], strerror(missing[i]));
+      goto out;
+    }
+    fprintf(stderr, "blip-index: %s: %s (drive not mounted?): its %lld photos are %s\n", roots[i],
+            strerror(missing[i]), (long long)nu, prune ? "deleted (--prune-offline)" : "kept offline");
+    if ((rc = items_push(&absent, roots[i], 0, 0))) goto fail;
+  }
+
   /* walk */
   w.excl = excl;
   w.nexcl = nexcl;
   w.out = &found;
   for (int i = 0; i < nroots && !rc; i++) {
     struct stat sb;
+    if (missing[i]) continue;
     if (stat(roots[i], &sb) != 0) rc = skip(&w, roots[i], strerror(errno));
     else if (S_ISREG(sb.st_mode) && !is_image(roots[i])) rc = skip(&w, roots[i], "not an image (by its extension)");
+    else if (S_ISDIR(sb.st_mode) && (rc = items_push(&w.mounts, roots[i], (int64_t)sb.st_dev, 0))) break;
+    else if (S_ISDIR(sb.st_mode) && dir_empty(roots[i]) && (rc = items_push(&w.unread, roots[i], 0, 0))) break;
     else rc = walk(&w, roots[i], &sb);
   }
   for (int64_t i = 0; i < w.pending.n && !rc; i++) { /* grows while walked: breadth-first over links */
     struct stat sb;
     if (stat(w.pending.v[i].path, &sb) == 0) rc = walk(&w, w.pending.v[i].path, &sb);
   }
+  for (int64_t i = 0; i < w.unread.n && !rc; i++) rc = items_push(&absent, w.unread.v[i].path, 0, 0);
+  items_free(&w.unread);
+  mounts = w.mounts;
+  memset(&w.mounts, 0, sizeof w.mounts);
+  mount_check mc = {roots, nroots, &absent, &changed};
+  if (!rc && st) rc = blip_store_mounts(st, check_mount, &mc);
   if (rc) {
     blip_out_error("blip-index", blip_err_last());
     goto out;
@@ -450,19 +579,24 @@ int main(int argc, char **argv) {
     blip_scan_kind kind = BLIP_SCAN_NEW;
     int64_t rid = 0, src = 0;
     if (st && (rc = blip_store_scan_file(st, it->path, it->size, it->mtime_ns, &kind, &rid))) break;
+    if (kind != BLIP_SCAN_NEW) note_indexed(&changed, it->path);
     if (kind == BLIP_SCAN_UNCHANGED) {
       cn.unchanged++;
       continue;
     }
     /* a new file needs its fingerprint now only if it could be a move */
-    if ((kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
+    if (kind != BLIP_SCAN_RETRY && (kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
       if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) { /* vanished or unreadable */
         if ((rc = skip(&w, it->path, blip_err_last()))) break;
         continue;
       }
       it->has_fp = 1;
     }
-    if (kind == BLIP_SCAN_CHANGED) {
+    if (kind == BLIP_SCAN_RETRY) { /* failed for a reason that may have passed: decode again */
+      it->replace = rid;
+      cn.retried++;
+      if (dry) printf("retry %s\n", it->path);
+    } else if (kind == BLIP_SCAN_CHANGED) {
       uint64_t old = 0;
       if ((rc = blip_store_row_fingerprint(st, rid, &old))) break;
       if (old == it->fp) { /* touched, same content */
@@ -499,8 +633,28 @@ int main(int argc, char **argv) {
   if (rc) goto fail;
   if (g_stop) goto interrupted;
 
-  /* deletions: rows under the roots that no file claimed */
+  /* rows under the roots that no file claimed: deleted, or kept offline when
+   * what held them could not be looked at */
   if (st && (rc = blip_store_scan_unseen(st, (const char *const *)roots, nroots, &gone, &ngone))) goto fail;
+  for (int64_t i = 0; i < changed.n && !rc; i++)
+    if (!changed.v[i].replace) {
+      fprintf(stderr, "blip-index: %s is on another device than when indexed (drive not mounted?)\n",
+              changed.v[i].path);
+      rc = items_push(&absent, changed.v[i].path, 0, 0);
+    }
+  if (rc) goto fail;
+  if (ngone && !(off = malloc((size_t)ngone * sizeof *off))) goto oom;
+  int64_t kept = 0;
+  for (int64_t i = 0; i < ngone; i++) {
+    char p[PATH_MAX];
+    if (!prune && absent.n && blip_store_get(st, gone[i], NULL, p, sizeof p) == BLIP_OK && under_any(&absent, p)) {
+      if (dry) printf("offline %s\n", p);
+      off[noff++] = gone[i];
+    } else {
+      gone[kept++] = gone[i];
+    }
+  }
+  ngone = kept;
   cn.deleted = ngone;
   if (dry) {
     for (int64_t i = 0; i < ngone; i++) {
@@ -511,7 +665,9 @@ int main(int argc, char **argv) {
     ret = 0;
     goto summary;
   }
-  if ((rc = blip_store_delete(st, gone, ngone))) goto fail;
+  if ((rc = blip_store_scan_offline(st, off, noff)) || (rc = blip_store_delete(st, gone, ngone)) ||
+      (rc = record_mounts(st, &mounts, &changed, prune)))
+    goto fail;
 
   /* embed */
   blip_index_item *wi = calloc((size_t)work.n + 1, sizeof *wi);
@@ -527,7 +683,6 @@ int main(int argc, char **argv) {
   if (pc.shown) fputc('\n', stderr);
   cn.added = ic.added;
   cn.updated = ic.updated;
-  cn.failed = ic.failed;
   if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
   if (rc) goto fail;
   flushing = 1; /* every batch is committed: only the derived cache is left to write */
@@ -543,10 +698,12 @@ summary:;
   json_t *jerr = json && errors ? json_array() : NULL, *jskip = json && errors ? json_array() : NULL;
   if (errors && st) blip_store_each(st, 1, print_error_row, jerr);
   for (int64_t i = 0; errors && i < w.skipped.n; i++) error_entry(jskip, w.skipped.v[i].path, w.why.v[i].path);
+  if (st) blip_store_tally(st, &cn.failed, &cn.offline); /* failed and offline: the whole index, not this run */
   if (json) {
-    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added, "updated",
-                          (json_int_t)cn.updated, "moved", (json_int_t)cn.moved, "deleted", (json_int_t)cn.deleted,
-                          "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed, "skipped",
+    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added,
+                          "updated", (json_int_t)cn.updated, "moved", (json_int_t)cn.moved, "deleted",
+                          (json_int_t)cn.deleted, "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed,
+                          "retried", (json_int_t)cn.retried, "offline", (json_int_t)cn.offline, "skipped",
                           (json_int_t)w.skipped.n, "seconds", now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
     if (j && jerr) json_object_set_new(j, "errors", jerr), jerr = NULL;
     if (j && jskip) json_object_set_new(j, "skipped_paths", jskip), jskip = NULL;
@@ -557,10 +714,15 @@ summary:;
     free(s);
     json_decref(j);
   } else {
-    fprintf(stderr, "%s%lld added, %lld updated, %lld moved, %lld deleted, %lld unchanged, %lld failed, %lld skipped "
-                    "in %.1f s\n", dry ? "dry run: " : "", (long long)cn.added, (long long)cn.updated,
-            (long long)cn.moved, (long long)cn.deleted, (long long)cn.unchanged, (long long)cn.failed,
-            (long long)w.skipped.n, now_s() - t0);
+    fprintf(stderr,
+            "%s%lld added, %lld updated, %lld moved, %lld deleted, %lld unchanged, %lld skipped in %.1f s; index: "
+            "%lld failed, %lld offline\n",
+            dry ? "dry run: " : "", (long long)cn.added, (long long)cn.updated, (long long)cn.moved,
+            (long long)cn.deleted, (long long)cn.unchanged, (long long)w.skipped.n, now_s() - t0, (long long)cn.failed,
+            (long long)cn.offline);
+    if (cn.offline)
+      fprintf(stderr, "blip-index: offline photos could not be looked at (unreadable folder, missing root, drive not "
+                      "mounted): they are kept out of results until seen again; --prune-offline deletes them\n");
   }
   goto out;
 oom:
@@ -582,6 +744,11 @@ out:
   blip_store_close(st);
   blip_model_free(model);
   free(gone);
+  free(off);
+  free(missing);
+  items_free(&absent);
+  items_free(&mounts);
+  items_free(&changed);
   items_free(&found);
   items_free(&work);
   if (roots)

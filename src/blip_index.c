@@ -10,11 +10,15 @@
  * at all (blip_store_put is one transaction). */
 #include "blip_index.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "blip_err.h"
 #include "blip_img.h"
@@ -28,6 +32,7 @@ typedef struct {
   blip_img_meta meta[MAXB];
   uint64_t fp[MAXB];
   char err[MAXB][256]; /* "" = decoded */
+  int retry[MAXB];     /* with err: a failure that may pass (retried on the next run) */
   int ready;
 } slot;
 
@@ -50,6 +55,29 @@ static double now_s(void) {
 
 static int stopping(const pipeline *p) { return p->quit || (p->stop && *p->stop); }
 
+/* Whether a failure may pass by the next run: the file could not be read
+ * (permission, vanished, I/O error), the decoder ran out of time or memory,
+ * or the file changed while it was read (e.g. a truncated copy being
+ * restored). Decoders report a failed read as a corrupt file, so a file
+ * called corrupt is read through once more. */
+static int transient(int rc, const blip_index_item *it) {
+  if (rc == BLIP_EIO || rc == BLIP_EINTR || rc == BLIP_ENOMEM) return 1;
+  struct stat sb;
+  int fd = open(it->path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || fstat(fd, &sb) != 0) {
+    if (fd >= 0) close(fd);
+    return 1;
+  }
+  int passes = sb.st_size != it->size || /* changed since the walk */
+               (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec != it->mtime_ns;
+  char buf[1 << 16];
+  ssize_t n;
+  while (!passes && (n = read(fd, buf, sizeof buf)) != 0)
+    if (n < 0 && errno != EINTR) passes = 1; /* an I/O error */
+  close(fd);
+  return passes;
+}
+
 static void decode(pipeline *p, slot *b) {
   blip_img_opts o;
   blip_img_opts_default(&o);
@@ -66,6 +94,7 @@ static void decode(pipeline *p, slot *b) {
     if (!it->has_fingerprint && blip_store_fingerprint_file(it->path, it->size, &b->fp[i]) && !rc) rc = BLIP_EIO;
     if (rc) snprintf(b->err[i], sizeof b->err[i], "%s", blip_err_last()[0] ? blip_err_last() : blip_err_name(rc));
     else b->err[i][0] = 0;
+    b->retry[i] = rc && transient(rc, it);
   }
 }
 
@@ -114,7 +143,7 @@ static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, 
       const blip_index_item *it = b->it[i];
       rows[r] = (blip_store_row){it->path, it->size, it->mtime_ns, b->fp[i], b->meta[i].width,
                                  b->meta[i].height, b->meta[i].orientation, b->meta[i].taken_at,
-                                 pass ? b->err[i] : NULL};
+                                 pass ? b->err[i] : NULL, pass && b->retry[i], 0};
       rep[r++] = it->replace;
     }
   if ((rc = blip_store_put(st, rows, rep, b->n, feats, tokens ? embeds : NULL, NULL))) return rc;

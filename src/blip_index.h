@@ -5,9 +5,11 @@
  * blip_img_load_file) fills one batch while the model runs on the previous
  * one (double buffering), so the model waits only when decoding is slower
  * than inference. Each batch is one blip_store_put() transaction; images that
- * fail to decode become error rows (reported, never retried until the file
- * changes). Stopping (*opts.stop set, e.g. by SIGINT) finishes and commits
- * the batch in the model, then returns BLIP_EINTR. */
+ * fail to decode become error rows: a failure that may pass (unreadable,
+ * vanished, I/O error, time-out, file changed while read) is marked for retry
+ * on the next run, any other is retried only when the file's content changes.
+ * Stopping (*opts.stop set, e.g. by SIGINT) finishes and commits the batch in
+ * the model, then returns BLIP_EINTR. */
 #ifndef BLIP_INDEX_H
 #define BLIP_INDEX_H
 

@@ -13,6 +13,11 @@
  * - The filter is one parameterized SQL statement over images (the store's
  *   source of truth) returning the allowed ids; the store restricts its
  *   search to them and re-checks every result, so filters cannot leak.
+ * - Readers beside a writer: the store's FAISS snapshot may return an id
+ *   that a writer deleted (or replaced by a new row) before its tokens or
+ *   metadata were read; such a candidate is skipped (res->vanished), never an
+ *   error. A rebuild replaces index.sqlite: blip_search_refresh compares its
+ *   device/inode with the file opened and reopens, so sessions follow it.
  * - Dates: EXIF taken_at is local time without a zone, so mtime is turned
  *   into local time as well and both compare as ISO strings. */
 #include "blip_search.h"
@@ -26,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <utf8proc.h>
@@ -41,9 +47,10 @@
 struct blip_search {
   char *dir;
   blip_store *st;
-  sqlite3 *db; /* read-only: filters and row metadata */
+  sqlite3 *db; /* the store's (read-only) connection: filters and row metadata */
   blip_model *m;
   int E, T, Dv, S;
+  struct stat file; /* index.sqlite as opened: another file there means a rebuild */
 };
 
 void blip_search_opts_default(blip_search_opts *o) {
@@ -59,38 +66,33 @@ static int db_err(blip_search *s, const char *what) {
   return blip_err_set(BLIP_EDB, "%s: %s/index.sqlite: %s", what, s->dir, sqlite3_errmsg(s->db));
 }
 
+/* DIR/index.sqlite{suffix} of s, as it is on disk now */
+static int db_stat(const blip_search *s, const char *suffix, struct stat *sb) {
+  char p[4096];
+  snprintf(p, sizeof p, "%s/index.sqlite%s", s->dir, suffix);
+  return stat(p, sb);
+}
+
 int blip_search_open(const char *dir, blip_search **out) {
   *out = NULL;
   blip_search *s = calloc(1, sizeof *s);
-  char *p = NULL;
   int rc = BLIP_OK;
   if (!s || !(s->dir = strdup(dir))) {
     rc = blip_err_set(BLIP_ENOMEM, "out of memory");
     goto fail;
   }
+  db_stat(s, "", &s->file); /* before the open: a file replaced in between only costs a needless reopen */
   blip_store_opts so = {0};
   if ((rc = blip_store_open(dir, NULL, &so, &s->st))) goto fail;
-  size_t n = strlen(dir) + 16;
-  if (!(p = malloc(n))) {
-    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-    goto fail;
-  }
-  snprintf(p, n, "%s/index.sqlite", dir);
-  if (sqlite3_open_v2(p, &s->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
-    rc = s->db ? db_err(s, "open") : blip_err_set(BLIP_ENOMEM, "out of memory");
-    goto fail;
-  }
-  sqlite3_busy_timeout(s->db, 10000);
+  s->db = blip_store_sqlite(s->st);
   const char *e = blip_store_meta(s->st, "embed_dim"), *t = blip_store_meta(s->st, "v_tokens"),
              *v = blip_store_meta(s->st, "v_hidden");
   s->E = e ? atoi(e) : 0;
   s->T = t ? atoi(t) : 0;
   s->Dv = v ? atoi(v) : 0;
-  free(p);
   *out = s;
   return BLIP_OK;
 fail:
-  free(p);
   blip_search_close(s);
   return rc;
 }
@@ -98,9 +100,35 @@ fail:
 void blip_search_close(blip_search *s) {
   if (!s) return;
   blip_store_close(s->st);
-  sqlite3_close(s->db);
   free(s->dir);
   free(s);
+}
+
+int blip_search_refresh(blip_search *s, int *reopened) {
+  struct stat sb;
+  if (reopened) *reopened = 0;
+  if (db_stat(s, "", &sb) != 0) return BLIP_OK; /* a rebuild between removing the old file and creating the new */
+  int same = sb.st_dev == s->file.st_dev && sb.st_ino == s->file.st_ino;
+  if (same && blip_store_immutable(s->st)) { /* it sees no commits: reopen when the file changed or a writer came */
+    struct stat w;
+    same = sb.st_size == s->file.st_size && sb.st_mtim.tv_sec == s->file.st_mtim.tv_sec &&
+           sb.st_mtim.tv_nsec == s->file.st_mtim.tv_nsec && db_stat(s, "-wal", &w) != 0;
+  }
+  if (same) return BLIP_OK;
+  blip_search *n = NULL;
+  int rc = blip_search_open(s->dir, &n);
+  if (rc == BLIP_ENOTFOUND) return BLIP_OK; /* a rebuild that has not written its identity yet */
+  if (!rc && s->m) rc = blip_search_attach(n, s->m);
+  if (rc) {
+    blip_search_close(n);
+    return blip_err_wrap(rc, "reopening the rebuilt index %s", s->dir);
+  }
+  blip_search old = *s;
+  *s = *n;
+  *n = old;
+  blip_search_close(n);
+  if (reopened) *reopened = 1;
+  return BLIP_OK;
 }
 
 const char *blip_search_meta(const blip_search *s, const char *key) { return blip_store_meta(s->st, key); }
@@ -276,7 +304,7 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
   }
   *active = nu || f->after || f->before || next;
   if (!*active) return BLIP_OK;
-  int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL");
+  int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL AND offline=0");
   for (int i = 0; i < nu; i++) /* bytes, not characters: a path need not be UTF-8 */
     len += snprintf(sql + len, sizeof sql - len, "%s substr(CAST(path AS BLOB),1,length(?%d))=?%d%s",
                     i ? " OR" : " AND (", 21 + i, 21 + i, i == nu - 1 ? ")" : "");
@@ -316,49 +344,72 @@ done:
   return rc;
 }
 
-/* Path, taken_at and mtime of each hit. */
-static int fill_meta(blip_search *s, blip_search_hit *hits, int n) {
-  sqlite3_stmt *st = NULL;
-  int rc = BLIP_OK;
-  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns FROM images WHERE id=?", -1, &st, NULL) != SQLITE_OK)
-    return db_err(s, "metadata");
-  for (int i = 0; i < n && !rc; i++) {
-    if (hits[i].path) continue;
-    sqlite3_reset(st);
-    sqlite3_bind_int64(st, 1, hits[i].id);
-    if (sqlite3_step(st) != SQLITE_ROW) {
-      rc = blip_err_set(BLIP_ENOTFOUND, "image %lld vanished from the index", (long long)hits[i].id);
-      break;
-    }
-    const char *p = (const char *)sqlite3_column_text(st, 0), *t = (const char *)sqlite3_column_text(st, 1);
-    if (!(hits[i].path = strdup(p ? p : ""))) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-    snprintf(hits[i].taken_at, sizeof hits[i].taken_at, "%s", t ? t : "");
-    hits[i].mtime_ns = sqlite3_column_int64(st, 2);
+/* Path, taken_at and mtime of hit h (q: "SELECT path, taken_at, mtime_ns ...
+ * WHERE id=?"). BLIP_ENOTFOUND when a writer deleted or replaced the image
+ * since the search that found it: the caller skips it. */
+static int hit_meta(blip_search *s, sqlite3_stmt *q, blip_search_hit *h) {
+  sqlite3_reset(q);
+  sqlite3_bind_int64(q, 1, h->id);
+  int r = sqlite3_step(q);
+  if (r == SQLITE_DONE) return BLIP_ENOTFOUND;
+  if (r != SQLITE_ROW) return db_err(s, "metadata");
+  const char *p = (const char *)sqlite3_column_text(q, 0), *t = (const char *)sqlite3_column_text(q, 1);
+  if (!(h->path = strdup(p ? p : ""))) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  snprintf(h->taken_at, sizeof h->taken_at, "%s", t ? t : "");
+  h->mtime_ns = sqlite3_column_int64(q, 2);
+  return BLIP_OK;
+}
+
+static int meta_stmt(blip_search *s, sqlite3_stmt **q) {
+  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns FROM images WHERE id=?", -1, q, NULL) == SQLITE_OK)
+    return BLIP_OK;
+  return db_err(s, "metadata");
+}
+
+/* Metadata of the first `want` hits that are still in the index; vanished
+ * ones leave the list (counted in *vanished). *n becomes the number kept. */
+static int fill_meta(blip_search *s, blip_search_hit *hits, int *n, int want, int *vanished) {
+  sqlite3_stmt *q = NULL;
+  int rc = meta_stmt(s, &q), m = 0;
+  for (int i = 0; !rc && i < *n && m < want; i++) {
+    int r = hit_meta(s, q, &hits[i]);
+    if (r == BLIP_ENOTFOUND) (*vanished)++;
+    else if (r) rc = r;
+    else hits[m++] = hits[i];
   }
-  sqlite3_finalize(st);
+  sqlite3_finalize(q);
+  if (!rc) *n = m;
   return rc;
 }
 
-/* Vision tokens of hit h into out [T,Dv]: rerank store, else recomputed from the file. */
+/* Vision tokens of hit h into out [T,Dv]: rerank store, else recomputed from
+ * the file. BLIP_ENOTFOUND only when the image left the index meanwhile. */
 static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out) {
   int rc = blip_store_tokens(s->st, h->id, out);
-  if (rc != BLIP_ENOTFOUND) return rc;
-  if ((rc = fill_meta(s, h, 1)) || (rc = blip_img_init())) return rc;
-  blip_img_opts io; /* the indexer's preprocessing */
-  blip_img_opts_default(&io);
-  io.size = s->S;
-  io.autorotate = 1;
-  io.shrink_on_load = 0;
-  rc = blip_img_load_file(h->path, &io, pix, NULL, NULL);
+  if (rc == BLIP_OK || rc == BLIP_ENOMEM || rc == BLIP_EDB) return rc;
+  sqlite3_stmt *q = NULL;
+  int m = meta_stmt(s, &q);
+  if (!m) m = hit_meta(s, q, h); /* the row first: a deleted image's record may be a hole */
+  sqlite3_finalize(q);
+  if (m) return m;
+  if (rc == BLIP_ENOTFOUND && !(rc = blip_img_init())) {
+    blip_img_opts io; /* the indexer's preprocessing */
+    blip_img_opts_default(&io);
+    io.size = s->S;
+    io.autorotate = 1;
+    io.shrink_on_load = 0;
+    if (!(rc = blip_img_load_file(h->path, &io, pix, NULL, NULL))) rc = blip_model_vision(s->m, pix, 1, out, NULL);
+  }
   free(h->path); /* hits get their metadata once the final cut is known */
   h->path = NULL;
-  return rc ? rc : blip_model_vision(s->m, pix, 1, out, NULL);
+  return rc;
 }
 
 /* Rerank hits[0..k) in place, RERANK_CHUNK candidates per ITM call; hits
- * whose tokens cannot be had are moved behind the others and counted. */
+ * whose tokens cannot be had are moved behind the others and counted in
+ * *dropped, those among them that left the index also in *vanished. */
 static int rerank_hits(blip_search *s, const int32_t *ids, int len, blip_search_hit *hits, int k, int naive,
-                       int *dropped) {
+                       int *dropped, int *vanished) {
   const int chunk = k < RERANK_CHUNK ? k : RERANK_CHUNK;
   size_t per = (size_t)s->T * s->Dv;
   float *tok = malloc((size_t)chunk * per * sizeof *tok), *pix = malloc((size_t)3 * s->S * s->S * sizeof *pix);
@@ -380,6 +431,7 @@ static int rerank_hits(blip_search *s, const int32_t *ids, int len, blip_search_
       }
       if (r) {
         tmp[k - 1 - bad++] = hits[i];
+        *vanished += r == BLIP_ENOTFOUND;
         continue;
       }
       img[n] = tok + (size_t)n * per;
@@ -434,12 +486,12 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
   int kr = K < got ? K : got, dropped = 0;
   if (kr) {
     blip_search_sort(res->hits, got); /* the K best by cosine first */
-    if ((rc = rerank_hits(s, ids, len, res->hits, kr, o->naive, &dropped))) goto done;
+    if ((rc = rerank_hits(s, ids, len, res->hits, kr, o->naive, &dropped, &res->vanished))) goto done;
     /* dropped candidates (at the end of the reranked block) leave the result */
     memmove(res->hits + kr - dropped, res->hits + kr, (size_t)(got - kr) * sizeof *res->hits);
     res->n = got - dropped;
     res->reranked = kr - dropped;
-    res->dropped = dropped;
+    res->dropped = dropped - res->vanished;
   }
   blip_search_sort(res->hits, res->n);
   if (o->threshold >= 0) {
@@ -448,8 +500,7 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
       if (res->hits[i].itm_prob >= o->threshold) res->hits[m++] = res->hits[i]; /* NAN never passes */
     res->n = m;
   }
-  if (res->n > o->n) res->n = o->n;
-  if ((rc = fill_meta(s, res->hits, res->n))) goto done;
+  if ((rc = fill_meta(s, res->hits, &res->n, o->n, &res->vanished))) goto done;
   if (o->sort_date && res->n > 1) qsort(res->hits, (size_t)res->n, sizeof *res->hits, cmp_date);
 done:
   free(allow);
@@ -511,7 +562,8 @@ int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int
 int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
                               const blip_search_opts *o, blip_search_result *res) {
   memset(res, 0, sizeof *res);
-  int rc = search_feat(s, feat, ids, len, o, res);
+  int rc = blip_search_refresh(s, NULL);
+  if (!rc) rc = search_feat(s, feat, ids, len, o, res);
   res->truncated = truncated;
   return rc;
 }
@@ -521,6 +573,7 @@ int blip_search_text(blip_search *s, const char *query, const blip_search_opts *
   int len = 0, trunc = 0, rc;
   memset(res, 0, sizeof *res);
   if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
+  if ((rc = blip_search_refresh(s, NULL))) return rc;
   float *feat = malloc((size_t)s->E * sizeof *feat);
   if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
   if (!(rc = blip_search_text_feats(s->m, &query, 1, ids, &len, &trunc, feat)))
@@ -533,9 +586,11 @@ int blip_search_text(blip_search *s, const char *query, const blip_search_opts *
 int blip_search_image(blip_search *s, const float *pixels, const blip_search_opts *o, blip_search_result *res) {
   memset(res, 0, sizeof *res);
   if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
+  int rc = blip_search_refresh(s, NULL);
+  if (rc) return rc;
   float *feat = malloc((size_t)s->E * sizeof *feat);
   if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  int rc = blip_model_vision(s->m, pixels, 1, NULL, feat);
+  rc = blip_model_vision(s->m, pixels, 1, NULL, feat);
   if (!rc) rc = search_feat(s, feat, NULL, 0, o, res);
   free(feat);
   return rc;
@@ -568,7 +623,8 @@ void *blip_search_hit_json(const blip_search_hit *h, int rank, const char *text)
 
 int blip_search_feat(blip_search *s, const float *feat, const blip_search_opts *o, blip_search_result *res) {
   memset(res, 0, sizeof *res);
-  return search_feat(s, feat, NULL, 0, o, res);
+  int rc = blip_search_refresh(s, NULL);
+  return rc ? rc : search_feat(s, feat, NULL, 0, o, res);
 }
 
 int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat, const char *const *texts, int n,

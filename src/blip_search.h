@@ -12,9 +12,9 @@
  * blip_store_search (exact over small sets), so a result outside the filter
  * can never be returned.
  *
- * A blip_search holds the store, a read-only SQLite connection of its own
- * (filters, row metadata: the store's API has no query by attribute) and the
- * rerank scratch; like the model, one context is not for two threads. */
+ * A blip_search holds the store (whose read-only SQLite connection it uses
+ * for filters and row metadata: the store's API has no query by attribute);
+ * like the model, one context is not for two threads. */
 #ifndef BLIP_SEARCH_H
 #define BLIP_SEARCH_H
 
@@ -46,6 +46,7 @@ typedef struct {
   int truncated; /* the query had more than 35 tokens */
   int reranked;  /* candidates scored by ITM */
   int dropped;   /* rerank candidates left out: no stored tokens and the file could not be read */
+  int vanished;  /* candidates skipped because a writer deleted or replaced them during the query */
   int filtered;  /* a filter was active; n_allowed = its size */
   int64_t n_allowed;
 } blip_search_result;
@@ -77,6 +78,14 @@ void blip_search_opts_default(blip_search_opts *o);
 /* Open the index at dir read-only. BLIP_ENOTFOUND when there is none. */
 int blip_search_open(const char *dir, blip_search **out);
 void blip_search_close(blip_search *s);
+/* Reopen the index when its directory now holds another one (blip-index
+ * --rebuild replaced index.sqlite), re-attaching the model: a long-lived
+ * session (blip-query --stdin, a server) then answers from the new index.
+ * Cheap (one stat); blip_search_text/image call it first. Keeps the open
+ * index while a rebuild has not written its identity yet; BLIP_EMISMATCH when
+ * the new index was built with another model. *reopened (may be NULL) says
+ * whether it reopened. */
+int blip_search_refresh(blip_search *s, int *reopened);
 /* Index meta value ("model", "precision", ...) or NULL. */
 const char *blip_search_meta(const blip_search *s, const char *key);
 int64_t blip_search_count(blip_search *s);

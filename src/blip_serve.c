@@ -103,9 +103,7 @@ int blip_serve_parse_query(const blip_serve_kv *kv, int n, int need_q, blip_serv
       if (!*v) continue;
       if (v[0] != '/') return perr(err, cap, "under must be an absolute directory");
       if (strlen(v) >= sizeof q->under) return perr(err, cap, "under is too long");
-      char *rp = realpath(v, NULL); /* stored paths are canonical: compare like blip-query */
-      snprintf(q->under, sizeof q->under, "%s", rp && strlen(rp) < sizeof q->under ? rp : v);
-      free(rp);
+      snprintf(q->under, sizeof q->under, "%s", v); /* blip_search matches it as given and by realpath */
     } else if (!strcmp(k, "after") || !strcmp(k, "before")) {
       if (!*v) continue;
       if (blip_arg_date(k, v, k[0] == 'a' ? q->after : q->before)) return perr(err, cap, "%s", blip_err_last());
@@ -411,7 +409,6 @@ struct blip_serve {
   int stopping;
   int64_t batched, batches; /* text queries answered in batches of 2+, and those batches (under qmu) */
   blip_search *s; /* engine thread only */
-  ino_t s_ino;
   char s_err[512];
   /* metadata connection (any thread, under dbmu) */
   pthread_mutex_t dbmu;
@@ -428,6 +425,12 @@ static double now_s(void) {
   return (double)t.tv_sec + t.tv_nsec * 1e-9;
 }
 
+static int index_exists(const blip_serve *sv) {
+  char p[PATH_MAX];
+  snprintf(p, sizeof p, "%s/index.sqlite", sv->db_dir);
+  return access(p, F_OK) == 0;
+}
+
 /* index.sqlite's inode, 0 when absent. */
 static ino_t index_ino(const blip_serve *sv) {
   char p[PATH_MAX];
@@ -438,24 +441,21 @@ static ino_t index_ino(const blip_serve *sv) {
 
 /* ---- engine thread ---- */
 
-/* Open (or reopen after a rebuild) the search context. */
+/* Open the search context once an index exists; later, blip_search_refresh
+ * reopens it after a rebuild. */
 static int engine_ready(blip_serve *sv) {
-  ino_t ino = index_ino(sv);
-  if (sv->s && ino == sv->s_ino) return BLIP_OK;
-  blip_search_close(sv->s);
-  sv->s = NULL;
-  if (!ino) return BLIP_ENOTFOUND;
-  int rc = blip_search_open(sv->db_dir, &sv->s);
-  if (!rc && (rc = blip_search_attach(sv->s, sv->m))) {
+  int rc;
+  if (sv->s) {
+    if ((rc = blip_search_refresh(sv->s, NULL))) snprintf(sv->s_err, sizeof sv->s_err, "%s", blip_err_last());
+    return rc;
+  }
+  if (!index_exists(sv)) return BLIP_ENOTFOUND;
+  if (!(rc = blip_search_open(sv->db_dir, &sv->s)) && (rc = blip_search_attach(sv->s, sv->m))) {
     blip_search_close(sv->s);
     sv->s = NULL;
   }
-  if (rc) {
-    snprintf(sv->s_err, sizeof sv->s_err, "%s", blip_err_last());
-    return rc;
-  }
-  sv->s_ino = ino;
-  return BLIP_OK;
+  if (rc) snprintf(sv->s_err, sizeof sv->s_err, "%s", blip_err_last());
+  return rc;
 }
 
 static void job_free(job *j) {
@@ -1194,16 +1194,18 @@ static enum MHD_Result serve_thumb(blip_serve *sv, struct MHD_Connection *c, req
 /* ---- status ---- */
 
 static enum MHD_Result serve_status(blip_serve *sv, struct MHD_Connection *c, req *q) {
-  int64_t count = meta_int(sv, "SELECT count(*) FROM images WHERE feat IS NOT NULL");
+  int64_t count = meta_int(sv, "SELECT count(*) FROM images WHERE feat IS NOT NULL AND offline=0");
   int64_t failed = meta_int(sv, "SELECT count(*) FROM images WHERE state='error'");
+  int64_t offline = meta_int(sv, "SELECT count(*) FROM images WHERE offline=1");
   int64_t gen = meta_int(sv, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='generation'");
   int depth = 0;
   pthread_mutex_lock(&sv->qmu);
   for (job *j = sv->qhead; j; j = j->next) depth++;
   int64_t batched = sv->batched, batches = sv->batches;
   pthread_mutex_unlock(&sv->qmu);
-  json_t *j = json_pack("{s:I, s:I, s:I, s:s, s:s, s:s, s:b, s:i, s:i, s:i, s:I, s:I}", "count", (json_int_t)count, "failed",
-                        (json_int_t)(failed < 0 ? 0 : failed), "generation", (json_int_t)gen, "model",
+  json_t *j = json_pack("{s:I, s:I, s:I, s:I, s:s, s:s, s:s, s:b, s:i, s:i, s:i, s:I, s:I}", "count",
+                        (json_int_t)count, "failed", (json_int_t)(failed < 0 ? 0 : failed), "offline",
+                        (json_int_t)(offline < 0 ? 0 : offline), "generation", (json_int_t)gen, "model",
                         sv->model_name, "model_fingerprint", blip_model_fingerprint(sv->m), "precision",
                         blip_model_precision_name(blip_model_precision(sv->m)), "indexer_running",
                         indexer_running(sv), "queue", depth, "image_size", sv->S, "rerank_default",

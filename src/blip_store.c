@@ -12,6 +12,13 @@
  *   transaction inserting their rows (has_tokens=1) commits; the in-memory
  *   FAISS index follows after the commit. Deleted ids' records are punched
  *   after the commit. So a crash leaves stale derived data, never wrong data.
+ * - Offline rows (files a scan could not look at: unreadable folder, missing
+ *   root, unmounted drive) keep their row, feature and record but are not in
+ *   the search set: the FAISS cache, count and exact search skip them, and
+ *   taking them offline or back online is a change of generation.
+ * - A reader opens index.sqlite read-only; where the WAL index cannot be
+ *   created (read-only directory, another user's index) it falls back to an
+ *   immutable open, so reading never needs write access.
  * - FAISS 1.7.3 has no per-search parameters, so filtered search is exact
  *   over SQLite features for small allow sets and over-fetch + filter (exact
  *   fallback) for large ones; every result is checked against the allow set,
@@ -67,6 +74,24 @@ static const char *const SCHEMA[] = {
     "  key   TEXT PRIMARY KEY,\n"
     "  value TEXT NOT NULL\n"
     ");\n",
+    /* schema/002_offline.sql */
+    "-- 002_offline: change detection that keeps what it cannot see.\n"
+    "-- retry = 1: the image failed for a reason that may pass (unreadable, vanished,\n"
+    "--   I/O error, time-out): the next scan tries it again whatever its size and mtime.\n"
+    "-- offline = 1: the file could not be looked at (unreadable folder, missing root,\n"
+    "--   unmounted drive): the row keeps its feature but leaves the search set until\n"
+    "--   a scan sees the file again.\n"
+    "-- mounts: the device of each indexed root and of each mount point found under\n"
+    "--   one, so that an unmounted drive's empty mount point is not taken for deletions.\n"
+    "ALTER TABLE images ADD COLUMN retry INTEGER NOT NULL DEFAULT 0;\n"
+    "ALTER TABLE images ADD COLUMN offline INTEGER NOT NULL DEFAULT 0;\n"
+    "-- the few failed and offline rows, found without reading every row (and its feature)\n"
+    "CREATE INDEX images_failed ON images(id) WHERE state = 'error';\n"
+    "CREATE INDEX images_offline ON images(id) WHERE offline = 1;\n"
+    "CREATE TABLE mounts (\n"
+    "  path TEXT PRIMARY KEY,\n"
+    "  dev  INTEGER NOT NULL\n"
+    ");\n",
 };
 #define NSCHEMA ((int)(sizeof SCHEMA / sizeof SCHEMA[0]))
 
@@ -92,6 +117,7 @@ struct blip_store {
   blip_tokstore *tok; /* tokens.bin */
   blip_vcache *vc;    /* vectors.faiss and its in-memory index */
   int ready;          /* open completed (close may flush) */
+  int immutable;      /* reader without a WAL index: reads the file as immutable */
   int64_t ivf_min;    /* vectors from which the writer builds IVF */
   sqlite3_stmt *q_path, *q_size; /* per-file scan lookups, prepared once */
   uint8_t *seen;      /* scan: seen[id] */
@@ -171,6 +197,23 @@ static int64_t db_generation(blip_store *st) {
 
 /* ---- FAISS cache ---- */
 
+/* Append (id, feature) to the growing arrays ids/x of *n pairs. */
+static int feat_push(int E, float **x, int64_t **ids, int64_t *n, int64_t *cap, int64_t id, const void *feat) {
+  if (*n == *cap) {
+    int64_t c = *cap ? *cap * 2 : 1024;
+    float *nx = realloc(*x, (size_t)c * E * sizeof **x);
+    int64_t *ni = nx ? realloc(*ids, (size_t)c * sizeof **ids) : NULL;
+    if (nx) *x = nx;
+    if (!ni) return blip_err_set(BLIP_ENOMEM, "out of memory reading features");
+    *ids = ni;
+    *cap = c;
+  }
+  (*ids)[*n] = id;
+  memcpy(*x + *n * E, feat, (size_t)E * 4);
+  (*n)++;
+  return BLIP_OK;
+}
+
 /* Rebuild the in-memory index from SQLite in one read transaction. */
 static int fx_rebuild(blip_store *st, int ivf) {
   sqlite3_stmt *s = NULL;
@@ -179,7 +222,7 @@ static int fx_rebuild(blip_store *st, int ivf) {
   int began, rc = read_begin(st, &began);
   if (rc) return rc;
   gen = db_generation(st);
-  if ((rc = prep(st, "SELECT id, feat FROM images WHERE feat IS NOT NULL", &s))) goto done;
+  if ((rc = prep(st, "SELECT id, feat FROM images WHERE feat IS NOT NULL AND offline=0", &s))) goto done;
   int r;
   while ((r = sqlite3_step(s)) == SQLITE_ROW) {
     if (sqlite3_column_bytes(s, 1) != st->E * 4) {
@@ -187,20 +230,8 @@ static int fx_rebuild(blip_store *st, int ivf) {
                         sqlite3_column_bytes(s, 1), st->E * 4);
       goto done;
     }
-    if (n == cap) {
-      cap = cap ? cap * 2 : 1024;
-      float *nx = realloc(x, (size_t)cap * st->E * sizeof *x);
-      int64_t *ni = nx ? realloc(ids, (size_t)cap * sizeof *ids) : NULL;
-      if (nx) x = nx;
-      if (!ni) {
-        rc = blip_err_set(BLIP_ENOMEM, "out of memory reading features");
-        goto done;
-      }
-      ids = ni;
-    }
-    ids[n] = sqlite3_column_int64(s, 0);
-    memcpy(x + n * st->E, sqlite3_column_blob(s, 1), (size_t)st->E * 4);
-    n++;
+    if ((rc = feat_push(st->E, &x, &ids, &n, &cap, sqlite3_column_int64(s, 0), sqlite3_column_blob(s, 1))))
+      goto done;
   }
   if (r != SQLITE_DONE) {
     rc = db_err(st, "read features");
@@ -240,6 +271,9 @@ static int migrate(blip_store *st) {
     return blip_err_set(BLIP_EUNSUPPORTED, "%s: schema version %lld is newer than this blipsearch (%d)", st->dir,
                         (long long)v, NSCHEMA);
   if (v == NSCHEMA) return BLIP_OK;
+  if (!st->write && v > 0)
+    return blip_err_set(BLIP_EUNSUPPORTED, "%s: index schema version %lld is older than this blipsearch (%d): run "
+                        "blip-index once to upgrade it", st->dir, (long long)v, NSCHEMA);
   if (!st->write) return blip_err_set(BLIP_ENOTFOUND, "%s: no index here (run blip-index first)", st->dir);
   int rc = exec(st, "BEGIN IMMEDIATE");
   if (rc) return rc;
@@ -385,6 +419,36 @@ int blip_store_default_dir(char *buf, size_t cap) {
   return n >= 0 && (size_t)n < cap ? BLIP_OK : blip_err_set(BLIP_EINVAL, "index path too long");
 }
 
+/* Reader: reading a WAL database needs its WAL index (index.sqlite-shm).
+ * Where it neither exists nor can be created (a read-only directory, another
+ * user's index), the file is opened immutable: no locks and no WAL, which is
+ * consistent while nobody writes; blip_search reopens when the file changes. */
+static int open_reader(blip_store *st, const char *p) {
+  if (sqlite3_open_v2(p, &st->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK)
+    return st->db ? db_err(st, "open") : blip_err_set(BLIP_ENOMEM, "out of memory");
+  sqlite3_busy_timeout(st->db, 10000); /* the probe may meet a writer's checkpoint */
+  int r = sqlite3_exec(st->db, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL) & 0xff;
+  if (r == SQLITE_OK) return BLIP_OK;
+  if (r != SQLITE_READONLY && r != SQLITE_CANTOPEN) return db_err(st, "open");
+  sqlite3_close(st->db);
+  st->db = NULL;
+  size_t n = strlen(p);
+  char *uri = malloc(3 * n + 32), *u = uri;
+  if (!uri) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  u += sprintf(u, "file:");
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)p[i];
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || strchr("/-._~", c)) *u++ = (char)c;
+    else u += sprintf(u, "%%%02X", c);
+  }
+  strcpy(u, "?immutable=1");
+  r = sqlite3_open_v2(uri, &st->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI | SQLITE_OPEN_NOMUTEX, NULL);
+  free(uri);
+  if (r != SQLITE_OK) return st->db ? db_err(st, "open") : blip_err_set(BLIP_ENOMEM, "out of memory");
+  st->immutable = 1;
+  return BLIP_OK;
+}
+
 int blip_store_open(const char *dir, const blip_store_identity *id, const blip_store_opts *opts, blip_store **out) {
   blip_store_opts o = {0};
   if (opts) o = *opts;
@@ -426,11 +490,10 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
     rc = blip_err_set(BLIP_ENOTFOUND, "%s: no index here (run blip-index first)", dir);
     goto fail;
   }
-  int flags = (o.write ? SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE : SQLITE_OPEN_READONLY) | SQLITE_OPEN_NOMUTEX;
-  if (sqlite3_open_v2(p, &st->db, flags, NULL) != SQLITE_OK) {
+  if (!o.write) rc = open_reader(st, p);
+  else if (sqlite3_open_v2(p, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK)
     rc = st->db ? db_err(st, "open") : blip_err_set(BLIP_ENOMEM, "out of memory");
-    goto fail;
-  }
+  if (rc) goto fail;
   sqlite3_busy_timeout(st->db, 10000);
   if (o.write && ((rc = exec(st, "PRAGMA journal_mode=WAL")) || (rc = exec(st, "PRAGMA synchronous=FULL")))) goto fail;
   if ((rc = migrate(st)) || (rc = check_identity(st, id, o.tokens))) goto fail;
@@ -477,8 +540,26 @@ void blip_store_close(blip_store *st) {
 }
 
 int64_t blip_store_count(blip_store *st) {
-  return db_int(st, "SELECT count(*) FROM images WHERE feat IS NOT NULL", 0);
+  return db_int(st, "SELECT count(*) FROM images WHERE feat IS NOT NULL AND offline=0", 0);
 }
+
+int blip_store_tally(blip_store *st, int64_t *failed, int64_t *offline) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT (SELECT count(*) FROM images WHERE state='error'), "
+                   "(SELECT count(*) FROM images WHERE offline=1)", &s);
+  if (rc) return rc;
+  if (sqlite3_step(s) == SQLITE_ROW) {
+    *failed = sqlite3_column_int64(s, 0);
+    *offline = sqlite3_column_int64(s, 1);
+  } else {
+    rc = db_err(st, "count images");
+  }
+  sqlite3_finalize(s);
+  return rc;
+}
+
+struct sqlite3 *blip_store_sqlite(blip_store *st) { return st->db; }
+int blip_store_immutable(const blip_store *st) { return st->immutable; }
 blip_tokens_fmt blip_store_tokens_fmt(const blip_store *st) { return st->tfmt; }
 size_t blip_store_record_bytes(const blip_store *st) { return blip_tokstore_stride(st->tok); }
 const char *blip_store_meta(const blip_store *st, const char *key) {
@@ -550,7 +631,10 @@ int blip_store_scan_begin(blip_store *st) {
 
 int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t mtime_ns, blip_scan_kind *kind,
                          int64_t *id) {
-  int rc = st->q_path ? BLIP_OK : prep(st, "SELECT id, size, mtime_ns FROM images WHERE path=?", &st->q_path);
+  int rc = st->q_path ? BLIP_OK
+                      /* retry is stored after the feature: read only for failed rows */
+                      : prep(st, "SELECT id, size, mtime_ns, CASE WHEN state='error' THEN 1 + retry ELSE 0 END "
+                                 "FROM images WHERE path=?", &st->q_path);
   if (rc) return rc;
   sqlite3_stmt *s = st->q_path;
   sqlite3_bind_text(s, 1, path, -1, SQLITE_STATIC);
@@ -559,8 +643,9 @@ int blip_store_scan_file(blip_store *st, const char *path, int64_t size, int64_t
   int r = sqlite3_step(s);
   if (r == SQLITE_ROW) {
     *id = sqlite3_column_int64(s, 0);
-    *kind = sqlite3_column_int64(s, 1) == size && sqlite3_column_int64(s, 2) == mtime_ns ? BLIP_SCAN_UNCHANGED
-                                                                                         : BLIP_SCAN_CHANGED;
+    int same = sqlite3_column_int64(s, 1) == size && sqlite3_column_int64(s, 2) == mtime_ns;
+    int failed = sqlite3_column_int(s, 3); /* 0 ok, 1 failed, 2 failed and may pass */
+    *kind = failed == 2 ? BLIP_SCAN_RETRY : same && !failed ? BLIP_SCAN_UNCHANGED : BLIP_SCAN_CHANGED;
     rc = seen_mark(st, *id);
   } else if (r != SQLITE_DONE) {
     rc = db_err(st, "look up path");
@@ -680,6 +765,32 @@ int blip_store_row_fingerprint(blip_store *st, int64_t id, uint64_t *fingerprint
   return rc;
 }
 
+int blip_store_mounts(blip_store *st, blip_store_mount_fn fn, void *ctx) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT path, dev FROM mounts ORDER BY path", &s), r;
+  if (rc) return rc;
+  while ((r = sqlite3_step(s)) == SQLITE_ROW && !(rc = fn(ctx, (const char *)sqlite3_column_text(s, 0),
+                                                           sqlite3_column_int64(s, 1))))
+    ;
+  if (!rc && r != SQLITE_DONE) rc = db_err(st, "list mounts");
+  sqlite3_finalize(s);
+  return rc;
+}
+
+int blip_store_mount_set(blip_store *st, const char *path, int64_t dev) {
+  if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, /* an unchanged record is not rewritten: a no-op run writes nothing */
+                "INSERT INTO mounts(path, dev) VALUES (?, ?) ON CONFLICT(path) DO UPDATE SET dev=excluded.dev "
+                "WHERE dev != excluded.dev", &s);
+  if (rc) return rc;
+  sqlite3_bind_text(s, 1, path, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(s, 2, dev);
+  if (sqlite3_step(s) != SQLITE_DONE) rc = db_err(st, "record mount");
+  sqlite3_finalize(s);
+  return rc;
+}
+
 /* ---- writes ---- */
 
 int blip_store_begin(blip_store *st) { return exec(st, "BEGIN IMMEDIATE"); }
@@ -711,7 +822,7 @@ int blip_store_put(blip_store *st, const blip_store_row *rows, const int64_t *re
   if ((rc = prep(st, "DELETE FROM images WHERE id=?", &del)) ||
       (rc = prep(st,
                  "INSERT INTO images(path, size, mtime_ns, fingerprint, width, height, orientation, taken_at, "
-                 "state, error, feat, has_tokens, indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                 "state, error, feat, has_tokens, indexed_at, retry) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                  &ins)))
     goto done;
   for (int i = 0; i < n; i++) {
@@ -744,6 +855,7 @@ int blip_store_put(blip_store *st, const blip_store_row *rows, const int64_t *re
     if (ok) sqlite3_bind_blob(ins, 11, feats + (size_t)i * st->E, st->E * 4, SQLITE_STATIC);
     sqlite3_bind_int(ins, 12, ok && store_tok);
     sqlite3_bind_int64(ins, 13, now_s());
+    sqlite3_bind_int(ins, 14, !ok && r->retry);
     if (sqlite3_step(ins) != SQLITE_DONE) {
       rc = db_err(st, "insert image");
       goto done;
@@ -770,6 +882,63 @@ done:
   free(dels);
   free(addx);
   free(addid);
+  return rc;
+}
+
+int blip_store_scan_offline(blip_store *st, const int64_t *ids, int64_t n) {
+  if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
+  sqlite3_stmt *q = NULL, *on = NULL, *off = NULL;
+  int64_t *del = malloc(((size_t)n + 1) * sizeof *del), *add = NULL, ndel = 0, nadd = 0, cap = 0, gen = 0;
+  float *x = NULL;
+  int rc, intx = 0, r;
+  if (!del) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (blip_vcache_gen(st->vc) < 0) fx_current(st);
+  if ((rc = exec(st, "BEGIN IMMEDIATE"))) goto done;
+  intx = 1;
+  gen = db_generation(st);
+  if ((rc = prep(st, "SELECT id, feat FROM images WHERE offline=1", &q)) ||
+      (rc = prep(st, "UPDATE images SET offline=0 WHERE id=?", &on)) ||
+      (rc = prep(st, "UPDATE images SET offline=1 WHERE id=? AND offline=0 RETURNING feat IS NOT NULL", &off)))
+    goto done;
+  while ((r = sqlite3_step(q)) == SQLITE_ROW) { /* seen again: back online, back in the search set */
+    int64_t id = sqlite3_column_int64(q, 0);
+    if (!seen_has(st, id)) continue;
+    sqlite3_bind_int64(on, 1, id);
+    if (sqlite3_step(on) != SQLITE_DONE) {
+      rc = db_err(st, "bring image online");
+      goto done;
+    }
+    sqlite3_reset(on);
+    if (sqlite3_column_bytes(q, 1) == st->E * 4 &&
+        (rc = feat_push(st->E, &x, &add, &nadd, &cap, id, sqlite3_column_blob(q, 1))))
+      goto done;
+  }
+  if (r != SQLITE_DONE) {
+    rc = db_err(st, "list offline images");
+    goto done;
+  }
+  for (int64_t i = 0; i < n; i++) {
+    sqlite3_bind_int64(off, 1, ids[i]);
+    r = sqlite3_step(off);
+    if (r == SQLITE_ROW && sqlite3_column_int(off, 0)) del[ndel++] = ids[i];
+    else if (r != SQLITE_ROW && r != SQLITE_DONE) {
+      rc = db_err(st, "take image offline");
+      goto done;
+    }
+    sqlite3_reset(off);
+  }
+  if ((ndel || nadd) && (rc = bump_generation(st))) goto done;
+  if ((rc = exec(st, "COMMIT"))) goto done;
+  intx = 0;
+  if (ndel || nadd) blip_vcache_apply(st->vc, gen, del, ndel, x, add, nadd);
+done:
+  if (intx) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+  sqlite3_finalize(q);
+  sqlite3_finalize(on);
+  sqlite3_finalize(off);
+  free(del);
+  free(add);
+  free(x);
   return rc;
 }
 
@@ -833,7 +1002,7 @@ static int search_exact(blip_store *st, const float *q, int k, const int64_t *al
   sqlite3_stmt *s = NULL;
   int n = 0, began, rc = read_begin(st, &began);
   if (rc) return rc;
-  if ((rc = prep(st, "SELECT feat FROM images WHERE id=? AND feat IS NOT NULL", &s))) goto done;
+  if ((rc = prep(st, "SELECT feat FROM images WHERE id=? AND feat IS NOT NULL AND offline=0", &s))) goto done;
   for (int64_t i = 0; i < n_allow; i++) {
     if (i && allow[i] == allow[i - 1]) continue;
     sqlite3_bind_int64(s, 1, allow[i]);
@@ -948,9 +1117,9 @@ int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void 
   sqlite3_stmt *s = NULL;
   int rc = prep(st,
                 errors_only ? "SELECT id, path, size, mtime_ns, fingerprint, width, height, orientation, taken_at, "
-                              "error, feat FROM images WHERE state='error' ORDER BY path"
+                              "error, feat, retry, offline FROM images WHERE state='error' ORDER BY path"
                             : "SELECT id, path, size, mtime_ns, fingerprint, width, height, orientation, taken_at, "
-                              "error, feat FROM images ORDER BY path",
+                              "error, feat, retry, offline FROM images ORDER BY path",
                 &s),
       r;
   if (rc) return rc;
@@ -958,7 +1127,8 @@ int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void 
     blip_store_row row = {
         (const char *)sqlite3_column_text(s, 1), sqlite3_column_int64(s, 2), sqlite3_column_int64(s, 3),
         (uint64_t)sqlite3_column_int64(s, 4), sqlite3_column_int(s, 5), sqlite3_column_int(s, 6),
-        sqlite3_column_int(s, 7), (const char *)sqlite3_column_text(s, 8), (const char *)sqlite3_column_text(s, 9)};
+        sqlite3_column_int(s, 7), (const char *)sqlite3_column_text(s, 8), (const char *)sqlite3_column_text(s, 9),
+        sqlite3_column_int(s, 11), sqlite3_column_int(s, 12)};
     const float *feat = sqlite3_column_bytes(s, 10) == st->E * 4 ? sqlite3_column_blob(s, 10) : NULL;
     if (row.error == NULL && !feat) row.error = "no feature";
     if ((rc = fn(ctx, sqlite3_column_int64(s, 0), &row, feat))) break;
@@ -1004,7 +1174,7 @@ int blip_store_verify(blip_store *st) {
     rc = blip_err_set(BLIP_EFORMAT, "FAISS holds %lld vectors, SQLite %lld", (long long)ntot, (long long)nrows);
     goto done;
   }
-  if ((rc = prep(st, "SELECT id, feat, has_tokens, state FROM images", &s))) goto done;
+  if ((rc = prep(st, "SELECT id, feat, has_tokens, state, offline FROM images", &s))) goto done;
   while (!rc && (r = sqlite3_step(s)) == SQLITE_ROW) {
     int64_t id = sqlite3_column_int64(s, 0);
     int has_feat = sqlite3_column_bytes(s, 1) == st->E * 4;
@@ -1019,6 +1189,7 @@ int blip_store_verify(blip_store *st) {
       rc = blip_err_wrap(BLIP_EFORMAT, "verify");
       break;
     }
+    if (sqlite3_column_int(s, 4)) continue; /* offline: not in the search set */
     memcpy(x + nx * st->E, sqlite3_column_blob(s, 1), (size_t)st->E * 4);
     ids[nx++] = id;
     if (nx == CHUNK) {

@@ -50,13 +50,17 @@ typedef struct {
   int width, height, orientation;
   const char *taken_at; /* "" or NULL when unknown */
   const char *error;
+  int retry;   /* with error: it may pass (unreadable, vanished, I/O error, time-out): retry on the next scan */
+  int offline; /* blip_store_each only: the file could not be looked at by the last scan */
 } blip_store_row;
 
 /* What a scanned file is, relative to the index. */
 typedef enum {
   BLIP_SCAN_NEW = 0,       /* path not in the index */
   BLIP_SCAN_UNCHANGED = 1, /* same size and mtime */
-  BLIP_SCAN_CHANGED = 2,   /* path known, size or mtime differ */
+  BLIP_SCAN_CHANGED = 2,   /* path known, size or mtime differ, or a failed image (compare fingerprints:
+                              a permanent failure is retried only when the content changed) */
+  BLIP_SCAN_RETRY = 3,     /* a failed image whose error may pass: embed it again */
 } blip_scan_kind;
 
 /* Open DIR (created if write). id may be NULL only for read-only opens: the
@@ -70,7 +74,9 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
 /* Writes the FAISS cache if the writer changed it, then frees everything. */
 void blip_store_close(blip_store *st);
 
-int64_t blip_store_count(blip_store *st); /* rows with a feature (searchable) */
+int64_t blip_store_count(blip_store *st); /* rows with a feature, online (searchable) */
+/* Failed images (error rows) and offline rows in the whole index. */
+int blip_store_tally(blip_store *st, int64_t *failed, int64_t *offline);
 blip_tokens_fmt blip_store_tokens_fmt(const blip_store *st);
 size_t blip_store_record_bytes(const blip_store *st); /* bytes per image in tokens.bin */
 /* Stored identity value for key ("model", "precision", ...), NULL if absent. Valid until close. */
@@ -97,6 +103,17 @@ int blip_store_touch(blip_store *st, int64_t id, int64_t size, int64_t mtime_ns)
 /* Ids of rows not seen in this scan whose path is under one of roots
  * (absolute directory or file paths). *ids is malloc'd; caller frees. */
 int blip_store_scan_unseen(blip_store *st, const char *const *roots, int nroots, int64_t **ids, int64_t *n);
+/* End a scan's offline bookkeeping in one transaction: rows ids[0..n) (not
+ * seen: under a folder that could not be read or a drive that is not there)
+ * go offline, and every offline row seen in this scan comes back online.
+ * Offline rows keep their feature and tokens but leave the search set. */
+int blip_store_scan_offline(blip_store *st, const int64_t *ids, int64_t n);
+/* Devices recorded for folders (roots and mount points under them): fn is
+ * called for each; a non-zero return stops and is returned. */
+typedef int (*blip_store_mount_fn)(void *ctx, const char *path, int64_t dev);
+int blip_store_mounts(blip_store *st, blip_store_mount_fn fn, void *ctx);
+/* Record (or update) the device of folder path. */
+int blip_store_mount_set(blip_store *st, const char *path, int64_t dev);
 /* Fingerprint and size of row id (for classifying a CHANGED file). */
 int blip_store_row_fingerprint(blip_store *st, int64_t id, uint64_t *fingerprint);
 
@@ -130,6 +147,13 @@ int blip_store_search(blip_store *st, const float *query, int k, const int64_t *
  * by a writer since the search that found it may also give BLIP_EFORMAT (its
  * record is a hole now): skip such a candidate. */
 int blip_store_tokens(blip_store *st, int64_t id, float *out);
+/* The store's SQLite connection (read-only for readers), for queries by
+ * attribute (blip_search's filters). Do not write through it. */
+struct sqlite3 *blip_store_sqlite(blip_store *st);
+/* A reader that could not create the WAL index (read-only directory, another
+ * user's index) reads the database file as immutable: it does not see later
+ * commits, so a long-lived reader reopens when index.sqlite changes. */
+int blip_store_immutable(const blip_store *st);
 /* Feature [E] and path (copied into path, cap bytes) of image id. */
 int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t cap);
 

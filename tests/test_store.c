@@ -58,7 +58,7 @@ static void mk_rows(blip_store_row *rows, char (*paths)[64], int n, int base, ui
   for (int i = 0; i < n; i++) {
     snprintf(paths[i], 64, "/photos/a/img%04d.jpg", base + i);
     rows[i] = (blip_store_row){paths[i], 1000 + base + i, 5000 + base + i, fp0 + (uint64_t)(base + i), 640, 480, 1,
-                               "2020-01-02T03:04:05", NULL};
+                               "2020-01-02T03:04:05", NULL, 0, 0};
   }
 }
 
