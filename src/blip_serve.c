@@ -1197,6 +1197,8 @@ static enum MHD_Result serve_status(blip_serve *sv, struct MHD_Connection *c, re
   int64_t count = meta_int(sv, "SELECT count(*) FROM images WHERE feat IS NOT NULL AND offline=0");
   int64_t failed = meta_int(sv, "SELECT count(*) FROM images WHERE state='error'");
   int64_t offline = meta_int(sv, "SELECT count(*) FROM images WHERE offline=1");
+  if (count < 0) /* an index from before the offline column (no writer has migrated it yet) */
+    count = meta_int(sv, "SELECT count(*) FROM images WHERE feat IS NOT NULL");
   int64_t gen = meta_int(sv, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='generation'");
   int depth = 0;
   pthread_mutex_lock(&sv->qmu);
