@@ -3,10 +3,11 @@
  * One run: walk the paths (hidden folders skipped, symlinked folders
  * followed once each by device/inode, so loops end), classify every image
  * against the index (unchanged by size+mtime, changed, new, moved = same
- * content fingerprint at a new path whose old path is gone; a failed image is
- * retried when its failure may pass, else when its content changed), apply
- * moves and deletions (rows that could not be looked at go offline instead:
- * see "offline" below), then embed new and changed images with blip_index_embed()
+ * content fingerprint, XXH3-64 of every byte, at a new path whose old path
+ * is gone; a changed file with the same fingerprint is only touched; a failed
+ * image is retried when its failure may pass, else when its content changed),
+ * apply moves and deletions (rows that could not be looked at go offline
+ * instead: see "offline" below), then embed new and changed images with blip_index_embed()
  * (decoder thread + batched model + one commit per batch, rerank records
  * synced before the commit): a kill loses at most the batches in flight, and
  * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.
@@ -31,6 +32,7 @@
 #include <jansson.h>
 
 #include "blip_arg.h"
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_index.h"
@@ -45,7 +47,9 @@ static const char USAGE[] =
     "  --db DIR           index directory (default $BLIPSEARCH_DB, else\n"
     "                     $XDG_DATA_HOME/blipsearch, else ~/.local/share/blipsearch)\n"
     "  --model DIR        BLIP model directory (default $BLIPSEARCH_MODEL)\n"
-    "  --precision P      f32 (default), bf16 or int8\n"
+    "  --precision P      auto (default), f32, bf16 or int8; auto = the precision an existing\n"
+    "                     index was built with, else bf16 where the CPU has native bf16 dot\n"
+    "                     products (AVX512_BF16, AMX), else f32\n"
     "  --json             print a JSON summary on stdout\n"
     "  --dry-run          say what would change, change nothing\n"
     "  --errors           list the images that failed and the paths skipped, and why (path TAB\n"
@@ -57,6 +61,9 @@ static const char USAGE[] =
     "  --exclude GLOB     skip files and folders matching GLOB (path or name); repeatable\n"
     "  --threads N        decoding threads (1..4 per core; default: all cores)\n"
     "  --batch N          images per model batch and per commit (default 8)\n"
+    "  --decode-timeout S seconds one image may take to decode before its decoder\n"
+    "                     process is killed and the image recorded as failed (default 60)\n"
+    "  --decode-memory MB memory one decoder process may add (default 4096)\n"
     "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
     "  --prune-offline    delete the rows of photos that could not be looked at (unreadable\n"
@@ -381,7 +388,7 @@ typedef struct {
 } counts;
 
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
-       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE };
+       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE, OPT_DTIME, OPT_DMEM };
 
 int main(int argc, char **argv) {
   static const struct option lopts[] = {
@@ -390,11 +397,13 @@ int main(int argc, char **argv) {
       {"rebuild", 0, 0, OPT_REBUILD}, {"no-rerank-store", 0, 0, OPT_NORR}, {"rerank-f16", 0, 0, OPT_F16},
       {"exclude", 1, 0, OPT_EXCL},   {"threads", 1, 0, OPT_THREADS}, {"batch", 1, 0, OPT_BATCH},
       {"check", 0, 0, OPT_CHECK},    {"dump", 0, 0, OPT_DUMP},       {"help", 0, 0, OPT_HELP},
-      {"prune-offline", 0, 0, OPT_PRUNE}, {0, 0, 0, 0}};
+      {"prune-offline", 0, 0, OPT_PRUNE}, {"decode-timeout", 1, 0, OPT_DTIME}, {"decode-memory", 1, 0, OPT_DMEM},
+      {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "";
-  const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
+  const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "auto";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
   int check = 0, dump = 0, prune = 0, c;
+  double decode_s = 60, decode_mb = 4096;
   signal(SIGXFSZ, SIG_IGN); /* first: a file-size limit fails the write (EFBIG, reported) instead of killing us */
   char **excl = calloc((size_t)argc + 1, sizeof *excl);
   int nexcl = 0;
@@ -423,6 +432,15 @@ int main(int argc, char **argv) {
     case OPT_CHECK: check = 1; break;
     case OPT_DUMP: dump = 1; break;
     case OPT_PRUNE: prune = 1; break;
+    case OPT_DTIME:
+    case OPT_DMEM:
+      if (c == OPT_DTIME ? blip_arg_real("--decode-timeout", optarg, 0.001, 86400, &decode_s)
+                         : blip_arg_real("--decode-memory", optarg, 64, 1 << 24, &decode_mb)) {
+        blip_out_error("blip-index", blip_err_last());
+        free(excl);
+        return 2;
+      }
+      break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
     default: fputs(USAGE, stderr); free(excl); return 2;
     }
@@ -477,11 +495,21 @@ int main(int argc, char **argv) {
     goto out;
   }
   blip_model_opts mo = {BLIP_PREC_F32, NULL};
+  if (!strcmp(prec_name, "auto") && !rebuild) { /* an existing index keeps its precision */
+    blip_store_opts ro = {0};
+    blip_store *old = NULL;
+    if (blip_store_open(dbdir, NULL, &ro, &old) == BLIP_OK) {
+      const char *p = blip_store_meta(old, "precision");
+      if (p && !blip_model_parse_precision(p, &mo.precision)) prec_name = blip_model_precision_name(mo.precision);
+      blip_store_close(old);
+    }
+  }
   if (blip_model_parse_precision(prec_name, &mo.precision)) {
     blip_out_error("blip-index", blip_err_last());
     ret = 2;
     goto out;
   }
+  prec_name = blip_model_precision_name(mo.precision); /* the index records what auto chose */
 
   /* roots, canonical so that stored paths are stable whatever the cwd; a
    * root that is not there (an unmounted drive) keeps its rows offline if the
@@ -586,10 +614,15 @@ int main(int argc, char **argv) {
     }
     /* a new file needs its fingerprint now only if it could be a move */
     if (kind != BLIP_SCAN_RETRY && (kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
-      if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) { /* vanished or unreadable */
+      blip_decode_info fi;
+      blip_img_opts dflt;
+      blip_img_opts_default(&dflt);
+      if (blip_decode_fingerprint(it->path, dflt.max_file_bytes, &fi) != BLIP_OK) { /* vanished or unreadable */
         if ((rc = skip(&w, it->path, blip_err_last()))) break;
         continue;
       }
+      it->fp = fi.fingerprint; /* of every byte: an edit anywhere is a change */
+      it->size = fi.size;
       it->has_fp = 1;
     }
     if (kind == BLIP_SCAN_RETRY) { /* failed for a reason that may have passed: decode again */
@@ -676,7 +709,10 @@ int main(int argc, char **argv) {
     wi[i] = (blip_index_item){work.v[i].path, work.v[i].size, work.v[i].mtime_ns, work.v[i].fp, work.v[i].has_fp,
                               work.v[i].replace};
   progress_ctx pc = {now_s(), 0};
-  blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc};
+  char journal[PATH_MAX + 16];
+  snprintf(journal, sizeof journal, "%s/decoding", dbdir);
+  blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc, decode_s,
+                        (int64_t)(decode_mb * (1 << 20)), journal};
   blip_index_counts ic = {0};
   rc = blip_index_embed(model, st, wi, work.n, &io, &ic);
   free(wi);

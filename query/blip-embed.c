@@ -5,6 +5,7 @@
  * retrieval setting). Prints ITC similarities and, with --itm, ITM logits
  * for every image-text pair. */
 #include "blip_arg.h"
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
@@ -171,8 +172,7 @@ int main(int argc, char **argv) {
     io.autorotate = autorot;
     io.color_manage = colour;
     io.reference = reference;
-    for (int i = 0; i < n_img_files; i++)
-      if (blip_img_load_file(images[i], &io, px + (size_t)i * 3 * S * S, NULL, NULL)) { fail(images[i]); goto out; }
+    if (n_img_files && blip_decode_paths((const char *const *)images, n_img_files, &io, px)) { fail("image"); goto out; }
     emb = malloc(sizeof(float) * n_img * T * D);
     ifeat = malloc(sizeof(float) * n_img * E);
     if (!emb || !ifeat) { blip_err_set(BLIP_ENOMEM, "out of memory"); fail("images"); goto out; }

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "blip_arg.h"
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
@@ -57,7 +58,8 @@ static const char USAGE[] =
     "  --texts-file F    candidate texts for --image, one a line (also --texts F)\n"
     "  --rank-texts      rank the candidate texts (implied by --text/--texts-file)\n"
     "  --stdin           read one text query a line from stdin; the model loads once\n"
-    "  --precision P     f32, bf16 or int8 (default and only choice with an index: the index's)\n"
+    "  --precision P     auto, f32, bf16 or int8 (default and only choice with an index: the index's;\n"
+    "                    without one auto: bf16 where the CPU has native bf16 dot products, else f32)\n"
     "  --threads N       compute threads (1..4 per core; default: all cores)\n"
     "  --naive-itm       use the naive cross-attention in the rerank (for checks)\n"
     "  --help            this text\n"
@@ -272,7 +274,7 @@ int main(int argc, char **argv) {
     }
     if (!prec_name) prec_name = ip;
   }
-  if (blip_model_parse_precision(prec_name ? prec_name : "f32", &mo.precision)) {
+  if (blip_model_parse_precision(prec_name ? prec_name : "auto", &mo.precision)) {
     blip_out_error("blip-query", blip_err_last());
     goto out;
   }
@@ -296,7 +298,7 @@ int main(int argc, char **argv) {
       blip_err_set(BLIP_ENOMEM, "out of memory");
       goto fail;
     }
-    if (blip_img_load_file(image, &io, pix, NULL, NULL)) goto fail;
+    if (blip_decode_paths(&image, 1, &io, pix)) goto fail;
     if (rank_texts) {
       n_arg_texts = ntexts; /* texts past these are owned */
       if (texts_file && read_texts(texts_file, &texts, &ntexts)) goto fail;

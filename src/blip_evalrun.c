@@ -32,6 +32,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
@@ -75,6 +76,7 @@ typedef struct {
   float *match; /* [plan.n_pairs] ITM match logits */
   double sec_text, sec_img, sec_itm, sec_score;
   int cached_text, cached_img, cached_itm; /* chunks reused from the cache */
+  blip_decode *dec; /* the guarded decode path (isolated worker) */
 } ev;
 
 static double now(void) {
@@ -238,7 +240,7 @@ static int load_images(ev *e, int s, int n, float *pix) {
   for (int i = 0; i < n; i++) {
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", e->o.images, e->ann.image[s + i]);
-    int rc = blip_img_load_file(path, &io, pix + i * px, NULL, NULL);
+    int rc = blip_decode_file(e->dec, path, &io, pix + i * px, NULL, NULL, NULL);
     if (rc) return blip_err_wrap(rc, "image %d", s + i);
   }
   return BLIP_OK;
@@ -524,6 +526,7 @@ static void ev_free(ev *e) {
   blip_eval_plan_free(&e->plan);
   blip_eval_ann_free(&e->ann);
   blip_model_free(e->m);
+  blip_decode_free(e->dec);
   if (e->lock_fd > 0) close(e->lock_fd);
 }
 
@@ -532,8 +535,11 @@ int blip_evalrun(const blip_evalrun_opts *o, blip_evalrun_result *out) {
   memset(out, 0, sizeof *out);
   int rc;
   if ((rc = blip_img_init())) return rc;
+  blip_decode_opts dopt;
+  blip_decode_opts_default(&dopt);
+  if ((rc = blip_decode_new(&dopt, &e.dec))) return rc;
   blip_model_opts mo = {.precision = o->precision};
-  if ((rc = blip_model_load(o->model, &mo, &e.m))) return rc;
+  if ((rc = blip_model_load(o->model, &mo, &e.m))) goto done;
   e.c = blip_model_cfg(e.m);
   e.T = e.c->v_tokens, e.Dv = e.c->v_hidden, e.E = e.c->embed_dim;
   if ((rc = blip_eval_ann_load(o->ann, MAX_WORDS, o->limit, &e.ann))) goto done;

@@ -1,15 +1,21 @@
 /* blip_index: the embedding pipeline of the indexer: decode images, run the
  * vision model in batches, commit each batch to the store.
  *
- * A decoder thread (an OpenMP team of opts.threads calling
- * blip_img_load_file) fills one batch while the model runs on the previous
- * one (double buffering), so the model waits only when decoding is slower
- * than inference. Each batch is one blip_store_put() transaction; images that
- * fail to decode become error rows: a failure that may pass (unreadable,
- * vanished, I/O error, time-out, file changed while read) is marked for retry
- * on the next run, any other is retried only when the file's content changes.
- * Stopping (*opts.stop set, e.g. by SIGINT) finishes and commits the batch in
- * the model, then returns BLIP_EINTR. */
+ * A decoder thread (an OpenMP team of opts.threads, each decoding through
+ * an isolated worker process of a blip_decode pool) fills one batch while
+ * the model runs on the previous one (double buffering), so the model waits
+ * only when decoding is slower than inference. Each batch is one
+ * blip_store_put() transaction; images that fail to decode (a crashed, hung
+ * or ballooning decoder included) become error rows: a failure that may pass
+ * (unreadable, vanished, I/O error, time-out, file changed while read) is
+ * marked for retry on the next run, any other is retried only when the
+ * file's content changes. Every row records the fingerprint (XXH3-64 of all
+ * bytes), size and mtime of the bytes that were decoded, taken through that
+ * one descriptor, never those of the walk.
+ * A file during whose (long) read or decode two runs died is recorded as
+ * failed without being decoded again until it changes (opts.journal).
+ * Stopping (*opts.stop set, e.g. by SIGINT) abandons the batch being decoded,
+ * finishes and commits the batch in the model, then returns BLIP_EINTR. */
 #ifndef BLIP_INDEX_H
 #define BLIP_INDEX_H
 
@@ -22,8 +28,8 @@
 typedef struct {
   const char *path;
   int64_t size, mtime_ns;
-  uint64_t fingerprint;
-  int has_fingerprint; /* 0: computed by the decoder (file already in the page cache) */
+  uint64_t fingerprint; /* from the classification, for a file that cannot even be read now */
+  int has_fingerprint;
   int64_t replace; /* id of the row this file supersedes (changed file), or 0 */
 } blip_index_item;
 
@@ -36,6 +42,9 @@ typedef struct {
   volatile sig_atomic_t *stop; /* may be NULL */
   void (*progress)(void *ctx, int64_t done, int64_t total); /* after each commit; may be NULL */
   void *ctx;
+  double time_budget_s; /* per image decode budget (0: blip_img's default, 60 s) */
+  int64_t memory_cap;   /* per decoder process (0: blip_decode's default) */
+  const char *journal;  /* attempts journal (the index's "decoding" file), or NULL: see blip_index.c */
 } blip_index_opts;
 
 typedef struct {

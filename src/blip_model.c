@@ -18,6 +18,7 @@
 #include "blip_kern.h"
 #include "blip_st.h"
 
+#include <cpuid.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +43,7 @@ typedef struct { /* ViT pre-norm block */
 
 typedef struct { /* BERT post-norm layer with cross-attention */
   blip_k_linear q, k, v, o;     /* self-attention */
+  blip_k_linear qkv;            /* q, k, v fused at pack time: one GEMM, rows [q | k | v] */
   ln_w ln_self;
   blip_k_linear cq, ck, cv, co; /* cross-attention to image tokens */
   ln_w ln_cross;
@@ -227,9 +229,32 @@ static int pack_vis_layer(blip_model *m, vis_layer *L) {
   return pack_list(m, ls, 4, (blip_k_prec)m->opts.precision);
 }
 
+/* Text layers: the self-attention q, k, v are packed as one [3D, D] layer
+ * (a 12-token query is bound by reading weights and by per-call overhead:
+ * one GEMM launch instead of three per layer). */
 static int pack_txt_layer(blip_model *m, txt_layer *L) {
-  blip_k_linear *ls[8] = {&L->q, &L->k, &L->v, &L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2};
-  return pack_list(m, ls, 8, (blip_k_prec)m->opts.precision);
+  const int D = L->q.in, N = L->q.out;
+  const blip_k_linear *src[3] = {&L->q, &L->k, &L->v};
+  float *w = malloc(sizeof(float) * 3 * N * D), *b = malloc(sizeof(float) * 3 * N);
+  if (!w || !b || own(m, b)) {
+    free(w);
+    free(b);
+    return blip_err_set(BLIP_ENOMEM, "out of memory packing a text layer");
+  }
+  for (int i = 0; i < 3; i++) {
+    memcpy(w + (size_t)i * N * D, src[i]->w, sizeof(float) * N * D);
+    memcpy(b + (size_t)i * N, src[i]->b, sizeof(float) * N);
+  }
+  L->qkv = (blip_k_linear){.in = D, .out = 3 * N, .w = w, .b = b};
+  int rc = blip_k_linear_pack(&L->qkv, (blip_k_prec)m->opts.precision, &m->ws);
+  free(w);
+  L->qkv.w = NULL;
+  if (rc) return rc;
+  release_f32(m, &L->q);
+  release_f32(m, &L->k);
+  release_f32(m, &L->v);
+  blip_k_linear *ls[5] = {&L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2};
+  return pack_list(m, ls, 5, (blip_k_prec)m->opts.precision);
 }
 
 static int bind_all(blip_model *m) {
@@ -330,14 +355,14 @@ static int all_linears(blip_model *m, blip_k_linear **out) {
   }
   for (int i = 0; i < m->cfg.t_layers; i++) {
     txt_layer *L = &m->tl[i];
-    out[n++] = &L->q, out[n++] = &L->k, out[n++] = &L->v, out[n++] = &L->o, out[n++] = &L->cq, out[n++] = &L->ck;
+    out[n++] = &L->q, out[n++] = &L->k, out[n++] = &L->v, out[n++] = &L->qkv, out[n++] = &L->o, out[n++] = &L->cq, out[n++] = &L->ck;
     out[n++] = &L->cv, out[n++] = &L->co, out[n++] = &L->ffn1, out[n++] = &L->ffn2;
   }
   out[n++] = &m->vision_proj, out[n++] = &m->text_proj, out[n++] = &m->itm_head;
   return n;
 }
 
-static int n_linears(const blip_cfg *c) { return 4 + 4 * c->v_layers + 10 * c->t_layers; }
+static int n_linears(const blip_cfg *c) { return 4 + 4 * c->v_layers + 11 * c->t_layers; }
 
 void blip_model_free(blip_model *m) {
   if (!m) return;
@@ -427,14 +452,39 @@ int blip_model_random(const blip_cfg *cfg, const blip_model_opts *opts, uint64_t
 
 const blip_cfg *blip_model_cfg(const blip_model *m) { return &m->cfg; }
 const blip_tok *blip_model_tok(const blip_model *m) { return m->tok; }
+/* XCR0 says which register state the OS saves (xgetbv, valid once OSXSAVE is set). */
+static uint64_t xcr0(void) {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((uint64_t)hi << 32) | lo;
+}
+
+blip_prec blip_model_auto_precision(void) {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return BLIP_PREC_F32; /* no OSXSAVE */
+  const uint64_t x = xcr0();
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return BLIP_PREC_F32;
+  const int amx_bf16 = (d >> 22) & 1, amx_os = (x & 0x60000) == 0x60000;  /* TILECFG + TILEDATA state */
+  const int avx512_os = (x & 0xe6) == 0xe6;                                   /* SSE, AVX, opmask, ZMM state */
+  const int avx512f = (b >> 16) & 1;
+  unsigned a1 = 0, b1, c1, d1;
+  if (!__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) a1 = 0;
+  const int avx512_bf16 = (a1 >> 5) & 1;
+  return ((avx512f && avx512_bf16 && avx512_os) || (amx_bf16 && amx_os)) ? BLIP_PREC_BF16 : BLIP_PREC_F32;
+}
+
 int blip_model_parse_precision(const char *name, blip_prec *out) {
   static const char *const names[] = {"f32", "bf16", "int8"};
+  if (name && !strcmp(name, "auto")) {
+    *out = blip_model_auto_precision();
+    return BLIP_OK;
+  }
   for (int i = 0; i < 3; i++)
     if (name && !strcmp(name, names[i])) {
       *out = (blip_prec)i;
       return BLIP_OK;
     }
-  return blip_err_set(BLIP_EINVAL, "precision '%s': use f32, bf16 or int8", name ? name : "");
+  return blip_err_set(BLIP_EINVAL, "precision '%s': use auto, f32, bf16 or int8", name ? name : "");
 }
 
 const char *blip_model_precision_name(blip_prec p) {
@@ -458,10 +508,12 @@ static float *arena(blip_model *m, size_t nfloats) {
 }
 
 /* Self-attention in the model's precision: f32 per head, or bf16 operands
- * (f32 softmax and accumulation) for the bf16 and int8 models. */
+ * (f32 softmax and accumulation) for the bf16 and int8 models. Texts
+ * (up to 64 tokens) run f32 at every precision: their attention is a few
+ * direct loops, cheaper than converting operands for GEMMs. */
 static int self_attn(blip_model *m, float *out, int ldo, const float *q, const float *k, const float *v, int ld, int L, int H,
                      int dh, float scale, const float *mask_add) {
-  if (m->opts.precision == BLIP_PREC_F32)
+  if (m->opts.precision == BLIP_PREC_F32 || L <= 64)
     return blip_k_attention(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
   return blip_k_attention_bf16(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
 }
@@ -505,17 +557,33 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
     blip_k_add(xb, m->vpos, (long)T * D);
   }
   const float scale = 1.0f / sqrtf((float)dh);
+  /* bf16 model: LayerNorm -> qkv -> attention -> projection and LayerNorm ->
+   * MLP hand over bf16 (no f32 round trips, no conversion passes); int8
+   * model: qkv's epilogue writes the bf16 that attention reads. The bf16
+   * buffers live in the f32 ones (half their size). */
+  const int bf = m->opts.precision == BLIP_PREC_BF16, lp = m->opts.precision != BLIP_PREC_F32;
+  const int in16 = bf ? BLIP_K_IN_BF16 : 0;
+  uint16_t *h16 = (uint16_t *)(void *)h, *qkv16 = (uint16_t *)(void *)qkv, *att16 = (uint16_t *)(void *)att;
   for (int l = 0; l < c->v_layers; l++) {
     const vis_layer *L = &m->vl[l];
-    blip_k_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
-    TRY(blip_k_linear_fwd(qkv, h, &L->qkv, M));
+    if (bf) blip_k_layernorm_bf16(h16, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
+    else blip_k_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
+    TRY(blip_k_linear_fwd_ex(lp ? (void *)qkv16 : qkv, bf ? (void *)h16 : h, &L->qkv, M, in16 | (lp ? BLIP_K_OUT_BF16 : 0)));
     for (int b = 0; b < n; b++) {
-      const float *q = qkv + (size_t)b * T * 3 * D;
-      TRY(self_attn(m, att + (size_t)b * T * D, D, q, q + D, q + 2 * D, 3 * D, T, H, dh, scale, NULL));
+      const size_t o = (size_t)b * T * D;
+      if (lp) {
+        const uint16_t *q = qkv16 + 3 * o;
+        TRY(blip_k_attention_bf16in(bf ? (void *)(att16 + o) : (void *)(att + o), D, bf, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H,
+                                    dh, scale, NULL, &m->ws));
+      } else {
+        const float *q = qkv + 3 * o;
+        TRY(blip_k_attention(att + o, D, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, NULL, &m->ws));
+      }
     }
-    TRY(blip_k_linear_fwd_ex(x, att, &L->proj, M, BLIP_K_ACCUM));
-    blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
-    TRY(blip_k_mlp(x, h, &L->fc1, &L->fc2, M, mlp));
+    TRY(blip_k_linear_fwd_ex(x, bf ? (void *)att16 : att, &L->proj, M, BLIP_K_ACCUM | in16));
+    if (bf) blip_k_layernorm_bf16(h16, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+    else blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+    TRY(blip_k_mlp(x, bf ? (void *)h16 : h, in16, &L->fc1, &L->fc2, M, mlp));
   }
   blip_k_layernorm(x, x, m->post_ln.g, m->post_ln.b, M, D, c->v_eps);
   if (embeds) memcpy(embeds, x, (size_t)M * D * sizeof(float));
@@ -599,18 +667,16 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
                        const uint16_t *const *images16, int fast, float *buf) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden, H = c->t_heads, dh = D / H, M = rows * L, T = c->v_tokens, Dx = c->t_enc_hidden;
-  float *q = buf, *k = q + (size_t)M * D, *v = k + (size_t)M * D, *att = v + (size_t)M * D;
+  float *q = buf, *att = q + (size_t)M * 3 * D; /* q: [M, 3D] self-attention q|k|v, then [M, D] cross queries */
   float *ff = att + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
   const float scale = 1.0f / sqrtf((float)dh);
   int rc = BLIP_OK;
   for (int l = 0; l < c->t_layers; l++) {
     const txt_layer *Ly = &m->tl[l];
-    TRY(blip_k_linear_fwd(q, x, &Ly->q, M));
-    TRY(blip_k_linear_fwd(k, x, &Ly->k, M));
-    TRY(blip_k_linear_fwd(v, x, &Ly->v, M));
+    TRY(blip_k_linear_fwd(q, x, &Ly->qkv, M)); /* [M, 3D] over q, k, v */
     for (int r = 0; r < rows; r++) {
-      size_t o = (size_t)r * L * D;
-      TRY(self_attn(m, att + o, D, q + o, k + o, v + o, D, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
+      const float *qr = q + (size_t)r * L * 3 * D;
+      TRY(self_attn(m, att + (size_t)r * L * D, D, qr, qr + D, qr + 2 * D, 3 * D, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
     }
     TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
     blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
@@ -629,7 +695,7 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
       TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
       blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
     }
-    TRY(blip_k_mlp(x, x, &Ly->ffn1, &Ly->ffn2, M, ff));
+    TRY(blip_k_mlp(x, x, 0, &Ly->ffn1, &Ly->ffn2, M, ff));
     blip_k_layernorm(x, x, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
   }
   (void)Dx;

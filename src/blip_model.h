@@ -6,7 +6,7 @@
  * int8 with per-output-channel scales (activations quantized per row).
  * LayerNorm, softmax, GELU and residuals stay f32 in every precision; the
  * patch embedding, cross-attention key/value and heads stay f32; the
- * bf16/int8 models run self-attention with bf16 operands. The weights'
+ * bf16/int8 models run the vision self-attention with bf16 operands. The weights'
  * f32 copies are released after conversion. Forward passes are batched
  * and reentrant for different contexts; one context must not be used
  * from two threads at once (it owns scratch buffers and oneDNN
@@ -43,8 +43,12 @@ void blip_model_free(blip_model *m);
 const blip_cfg *blip_model_cfg(const blip_model *m);
 const blip_tok *blip_model_tok(const blip_model *m); /* NULL for random models */
 blip_prec blip_model_precision(const blip_model *m);
-/* "f32" | "bf16" | "int8" <-> blip_prec (every tool's --precision). */
+/* "f32" | "bf16" | "int8" <-> blip_prec (every tool's --precision); "auto"
+ * parses as blip_model_auto_precision(). */
 int blip_model_parse_precision(const char *name, blip_prec *out);
+/* bf16 where this CPU has native bf16 dot products that the OS enables
+ * (AVX512_BF16 or AMX-BF16; cpuid + xgetbv), else f32. */
+blip_prec blip_model_auto_precision(void);
 const char *blip_model_precision_name(blip_prec p);
 /* 16 hex digits identifying config + weights bytes; stable across runs. */
 const char *blip_model_fingerprint(const blip_model *m);

@@ -36,6 +36,7 @@
 #include <unistd.h>
 #include <utf8proc.h>
 
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_out.h"
@@ -51,6 +52,7 @@ struct blip_search {
   blip_model *m;
   int E, T, Dv, S;
   struct stat file; /* index.sqlite as opened: another file there means a rebuild */
+  blip_decode *dec; /* started when a candidate's tokens must come from its file */
 };
 
 void blip_search_opts_default(blip_search_opts *o) {
@@ -100,6 +102,7 @@ fail:
 void blip_search_close(blip_search *s) {
   if (!s) return;
   blip_store_close(s->st);
+  blip_decode_free(s->dec);
   free(s->dir);
   free(s);
 }
@@ -398,7 +401,11 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
     io.size = s->S;
     io.autorotate = 1;
     io.shrink_on_load = 0;
-    if (!(rc = blip_img_load_file(h->path, &io, pix, NULL, NULL))) rc = blip_model_vision(s->m, pix, 1, out, NULL);
+    blip_decode_opts dopt;
+    blip_decode_opts_default(&dopt);
+    if ((s->dec || !(rc = blip_decode_new(&dopt, &s->dec))) &&
+        !(rc = blip_decode_file(s->dec, h->path, &io, pix, NULL, NULL, NULL)))
+      rc = blip_model_vision(s->m, pix, 1, out, NULL);
   }
   free(h->path); /* hits get their metadata once the final cut is known */
   h->path = NULL;

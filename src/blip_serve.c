@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -45,6 +46,7 @@
 #include <vips/vips.h>
 
 #include "blip_arg.h"
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
@@ -401,6 +403,7 @@ struct blip_serve {
   int port;
   blip_model *m;
   int S, E;
+  blip_decode *dec; /* uploads are decoded in decoder processes, as the indexer's photos */
   /* engine thread and its queue */
   pthread_t eng;
   pthread_mutex_t qmu;
@@ -950,14 +953,30 @@ static enum MHD_Result answer_job(blip_serve *sv, struct MHD_Connection *c, req 
   return ret;
 }
 
-/* Decode an uploaded image with the indexer's preprocessing and guards. */
+/* Decode an uploaded image as the indexer decodes a photo: its
+ * preprocessing and guards, in a decoder process (the bytes go through a
+ * memfd, which the decoder opens like a file). */
 static int decode_upload(blip_serve *sv, const unsigned char *p, size_t n, float **pix) {
   blip_img_opts io;
   blip_img_opts_default(&io);
   io.size = sv->S;
   io.autorotate = 1;
   if (!(*pix = malloc((size_t)3 * sv->S * sv->S * sizeof **pix))) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  int rc = blip_img_load_buffer(p, n, &io, *pix, NULL, NULL);
+  int fd = memfd_create("blip-upload", MFD_CLOEXEC), rc = BLIP_OK;
+  size_t off = 0;
+  while (fd >= 0 && off < n) {
+    ssize_t w = write(fd, p + off, n - off);
+    if (w <= 0) break;
+    off += (size_t)w;
+  }
+  if (fd < 0 || off != n) {
+    rc = blip_err_set(BLIP_EIO, "cannot hold the upload: %s", strerror(errno));
+  } else {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    rc = blip_decode_file(sv->dec, path, &io, *pix, NULL, NULL, NULL);
+  }
+  if (fd >= 0) close(fd);
   if (rc) {
     free(*pix);
     *pix = NULL;
@@ -1007,10 +1026,10 @@ static int open_indexed(blip_serve *sv, int64_t id, row_info *r, int *fd, struct
   int f = open(r->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
   if (f < 0) return errno == ELOOP ? 403 : 410;
   char pp[64];
-  uint64_t fp = 0;
+  blip_decode_info di = {0};
   snprintf(pp, sizeof pp, "/proc/self/fd/%d", f);
-  if (fstat(f, st) || !S_ISREG(st->st_mode) || st->st_size != r->size || blip_store_fingerprint_file(pp, r->size, &fp) ||
-      fp != r->fp) {
+  if (fstat(f, st) || !S_ISREG(st->st_mode) || st->st_size != r->size ||
+      blip_decode_fingerprint(pp, r->size, &di) || di.fingerprint != r->fp) {
     close(f);
     return 409;
   }
@@ -1604,6 +1623,7 @@ static void engine_stop(blip_serve *sv) {
 }
 
 static void serve_free(blip_serve *sv) {
+  blip_decode_free(sv->dec);
   sqlite3_close(sv->db);
   blip_model_free(sv->m);
   free(sv->db_dir);
@@ -1668,7 +1688,12 @@ int blip_serve_start(const blip_serve_opts *o, blip_serve **out) {
     goto fail;
   }
   blip_search_close(probe);
-  if ((rc = blip_img_init()) || (rc = blip_model_load(sv->model_dir, &mo, &sv->m))) goto fail;
+  blip_decode_opts dopt;
+  blip_decode_opts_default(&dopt);
+  dopt.workers = 2;
+  if ((rc = blip_img_init()) || (rc = blip_decode_new(&dopt, &sv->dec)) || (rc = blip_decode_start(sv->dec)) ||
+      (rc = blip_model_load(sv->model_dir, &mo, &sv->m)))
+    goto fail;
   if (!blip_model_tok(sv->m)) {
     rc = blip_err_set(BLIP_EINVAL, "%s: the model has no tokenizer", sv->model_dir);
     goto fail;

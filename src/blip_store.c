@@ -39,7 +39,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "blip_err.h"
 #include "blip_tokstore.h"
@@ -566,44 +565,6 @@ const char *blip_store_meta(const blip_store *st, const char *key) {
   for (int i = 0; i < NMETA; i++)
     if (strcmp(key, META_KEYS[i]) == 0) return st->meta[i];
   return NULL;
-}
-
-/* ---- fingerprint ---- */
-
-int blip_store_fingerprint_file(const char *path, int64_t size, uint64_t *fp) {
-  enum { MIB = 1 << 20 };
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return blip_err_errno("open", path);
-  uint8_t *buf = malloc(MIB);
-  XXH3_state_t *x = XXH3_createState();
-  int rc = BLIP_OK;
-  if (!buf || !x) {
-    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-    goto done;
-  }
-  XXH3_64bits_reset(x);
-  /* first MiB, then the last MiB not already read */
-  int64_t second = size > 2 * (int64_t)MIB ? size - MIB : MIB;
-  for (int part = 0; part < 2; part++) {
-    int64_t off = part ? second : 0, end = part ? size : (size < MIB ? size : MIB);
-    while (off < end) {
-      ssize_t n = pread(fd, buf, (size_t)(end - off > MIB ? MIB : end - off), off);
-      if (n < 0) {
-        rc = blip_err_errno("read", path);
-        goto done;
-      }
-      if (n == 0) break; /* file shrank: hash what is there */
-      XXH3_64bits_update(x, buf, (size_t)n);
-      off += n;
-    }
-  }
-  XXH3_64bits_update(x, &size, sizeof size);
-  *fp = XXH3_64bits_digest(x);
-done:
-  XXH3_freeState(x);
-  free(buf);
-  close(fd);
-  return rc;
 }
 
 /* ---- scan ---- */

@@ -45,7 +45,12 @@ typedef struct {
  * (no feature, no tokens). */
 typedef struct {
   const char *path;
-  int64_t size, mtime_ns;
+  int64_t size, mtime_ns; /* fstat of the descriptor the decoded bytes came from */
+  /* XXH3-64 of every byte of the file (blip_decode). Rows written before
+   * that held a hash of the first and last MiB and the size: such a value
+   * equals no whole-file hash (but by a 2^-64 chance), so an old row whose
+   * file is touched or moved is simply re-embedded once; unchanged files keep
+   * their rows, and their token records stay tagged with the value they had. */
   uint64_t fingerprint;
   int width, height, orientation;
   const char *taken_at; /* "" or NULL when unknown */
@@ -133,8 +138,6 @@ int blip_store_delete(blip_store *st, const int64_t *ids, int64_t n);
 /* Write vectors.faiss now if it is stale (atomic temp + rename). */
 int blip_store_flush(blip_store *st);
 
-/* Content fingerprint: xxh3-64 of the first and last MiB and the size. */
-int blip_store_fingerprint_file(const char *path, int64_t size, uint64_t *fp);
 
 /* ---- queries ---- */
 

@@ -69,8 +69,9 @@ s = Server(SERVE, DB, MODEL)
 
 # ---- status and page ----
 st, h, j = s.json("GET", "/api/status")
-check("status", st == 200 and j["count"] == 13 and j["model"] == "blip-tiny" and j["precision"] == "f32"
-      and j["indexer_running"] is False, j)
+prec = sqlite3.connect(DB + "/index.sqlite").execute("SELECT value FROM meta WHERE key='precision'").fetchone()[0]
+check("status", st == 200 and j["count"] == 13 and j["model"] == "blip-tiny" and j["precision"] == prec
+      and j["indexer_running"] is False, (j, prec))
 security_headers("status", h)
 check("status is JSON", h.get("content-type", "").startswith("application/json"), h)
 st, h, d = s.get("/")
@@ -292,6 +293,7 @@ ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
 bomb += struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
 idat = zlib.compress(b"\0" * 1000)
 bomb += struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+bomb += struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
 st, h, j = s.json("POST", "/api/search/image", bomb)
 check("decompression bomb upload: 413", st == 413 and "error" in j, (st, j))
 

@@ -37,7 +37,7 @@ cp "$L/real/img00000.jpg" "$L/real/$ESCNAME"
 cp "$L/real/img00001.jpg" "$L/real/$TABNAME"
 ln -s "$T/ext" "$L/linked"      # a symlinked folder inside the library
 N=7
-"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$L" 2>"$T/idx.err" || bad "index: $(cat "$T/idx.err")"
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" --precision f32 "$L" 2>"$T/idx.err" || bad "index: $(cat "$T/idx.err")"
 Q=("$BIN/blip-query" --db "$T/db" --model "$MODEL")
 q() { "${Q[@]}" "$@"; }
 QUERY="a dog running on a beach"

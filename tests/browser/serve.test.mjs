@@ -57,7 +57,7 @@ try {
   await page.goto(base + "/");
   await waitFor(() => /photos/.test(document.getElementById("status").textContent));
   const status = await page.textContent("#status");
-  check("status line: count, model, precision", /46 photos/.test(status) && /blip-tiny/.test(status) && /f32/.test(status), status);
+  check("status line: count, model, precision", /46 photos/.test(status) && /blip-tiny/.test(status) && /f32|bf16|int8/.test(status), status);
 
   // a text query: the grid shows the API's answer in its order
   await page.fill("#q", "a dog running on a beach");
