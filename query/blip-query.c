@@ -13,7 +13,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "blip_arg.h"
@@ -80,37 +79,10 @@ typedef struct {
   const char *const *texts; /* rank-texts mode: hit ids index these */
 } printer;
 
-static void fmt_mtime(int64_t ns, char out[20]) {
-  time_t t = (time_t)(ns / 1000000000);
-  struct tm tm;
-  localtime_r(&t, &tm);
-  strftime(out, 20, "%Y-%m-%dT%H:%M:%S", &tm);
-}
-
 static json_t *hits_json(const printer *p, const blip_search_result *r) {
   json_t *a = json_array();
-  for (int i = 0; a && i < r->n; i++) {
-    const blip_search_hit *h = &r->hits[i];
-    json_t *o = json_object();
-    json_object_set_new(o, "rank", json_integer(i + 1));
-    if (p->texts) {
-      json_object_set_new(o, "index", json_integer(h->id));
-      blip_out_json_name(o, "text", p->texts[h->id]);
-    } else {
-      char mt[20];
-      fmt_mtime(h->mtime_ns, mt);
-      json_object_set_new(o, "id", json_integer(h->id));
-      blip_out_json_name(o, "path", h->path);
-      json_object_set_new(o, "taken_at", h->taken_at[0] ? blip_out_json_text(h->taken_at) : json_null());
-      json_object_set_new(o, "mtime", json_string(mt));
-      json_object_set_new(o, "caption", h->caption ? blip_out_json_text(h->caption) : json_null());
-    }
-    json_object_set_new(o, "score", blip_out_json_num(h->score));
-    json_object_set_new(o, "itm_prob", blip_out_json_num(h->itm_prob));
-    json_object_set_new(o, "itm_logit", blip_out_json_num(h->itm_logit));
-    json_object_set_new(o, "cosine", blip_out_json_num(h->cosine));
-    json_array_append_new(a, o);
-  }
+  for (int i = 0; a && i < r->n; i++)
+    json_array_append_new(a, blip_search_hit_json(&r->hits[i], i + 1, p->texts ? p->texts[r->hits[i].id] : NULL));
   return a;
 }
 
