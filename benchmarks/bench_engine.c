@@ -30,10 +30,10 @@ static double now(void) {
  * cover FMA latency x pipes), on every thread at once. */
 #define FMA16(op)                                                                                  \
   op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11) op(12) op(13) op(14) op(15)
-__attribute__((target("avx512f"))) static double peak_f32(int threads) {
+__attribute__((target("avx512f"))) static double peak_f32(int threads, int reps) {
   const long iters = 10000000;
   double best = 0;
-  for (int rep = 0; rep < 3; rep++) {
+  for (int rep = 0; rep < reps; rep++) {
     double t0 = now();
     float sink = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
@@ -56,10 +56,10 @@ __attribute__((target("avx512f"))) static double peak_f32(int threads) {
 }
 
 /* Peak bf16 FLOP/s: vdpbf16ps does 16 lanes x 2 products = 64 FLOP. */
-__attribute__((target("avx512f,avx512bf16"))) static double peak_bf16(int threads) {
+__attribute__((target("avx512f,avx512bf16"))) static double peak_bf16(int threads, int reps) {
   const long iters = 10000000;
   double best = 0;
-  for (int rep = 0; rep < 3; rep++) {
+  for (int rep = 0; rep < reps; rep++) {
     double t0 = now();
     float sink = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
@@ -81,10 +81,10 @@ __attribute__((target("avx512f,avx512bf16"))) static double peak_bf16(int thread
 }
 
 /* Peak int8 OP/s: vpdpbusd does 16 lanes x 4 u8*s8 products = 128 OP. */
-__attribute__((target("avx512f,avx512vnni"))) static double peak_int8(int threads) {
+__attribute__((target("avx512f,avx512vnni"))) static double peak_int8(int threads, int reps) {
   const long iters = 10000000;
   double best = 0;
-  for (int rep = 0; rep < 3; rep++) {
+  for (int rep = 0; rep < reps; rep++) {
     double t0 = now();
     int sink = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
@@ -237,15 +237,157 @@ done:
   return rc;
 }
 
+/* Memory read bandwidth in bytes/s: every thread sums its share of a
+ * buffer far larger than the last-level cache with 512-bit loads, best of
+ * `reps`. The 12-token text encoder reads each weight once per query, so
+ * weight bytes / this bandwidth bounds its time from below. */
+#define BW_BYTES (512L << 20)
+__attribute__((target("avx512f"))) static double bandwidth(int threads, int reps) {
+  static float *buf;
+  if (!buf) {
+    if (!(buf = aligned_alloc(64, BW_BYTES))) return 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < BW_BYTES / 4; i++) buf[i] = (float)(i & 7);
+  }
+  double best = 0;
+  for (int rep = 0; rep < reps; rep++) {
+    double t0 = now();
+    float sink = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : sink)
+    for (long i = 0; i < BW_BYTES / 4; i += 64) {
+      __m512 a = _mm512_load_ps(buf + i), b = _mm512_load_ps(buf + i + 16), c = _mm512_load_ps(buf + i + 32),
+             d = _mm512_load_ps(buf + i + 48);
+      sink += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+    }
+    double bw = BW_BYTES / (now() - t0);
+    if (bw > best) best = bw;
+    if (sink == 12345.0f) printf(" ");
+  }
+  return best;
+}
+
+/* Bytes of weights the text encoder reads per query at a precision (its
+ * packed GEMM weights; embeddings and LayerNorms are negligible). */
+static double text_weight_bytes(const blip_cfg *c, blip_prec p) {
+  double params = (double)c->t_layers * (4.0 * c->t_hidden * c->t_hidden + 2.0 * c->t_hidden * c->t_mlp);
+  return params * (p == BLIP_PREC_F32 ? 4 : p == BLIP_PREC_BF16 ? 2 : 1);
+}
+
+static int read_f32(const char *dir, const char *name, float *dst, size_t n) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s/%s", dir, name);
+  FILE *f = fopen(path, "rb");
+  size_t got = f ? fread(dst, sizeof(float), n, f) : 0;
+  if (f) fclose(f);
+  if (got != n) return blip_err_set(BLIP_EIO, "%s: expected %zu floats", path, n);
+  return BLIP_OK;
+}
+
+static double cpu_s(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
+}
+
+static void print_floats(const char *key, const float *v, int n) {
+  printf(",\"%s\":[", key);
+  for (int i = 0; i < n; i++) printf("%s%.7g", i ? "," : "", v[i]);
+  printf("]");
+}
+
+/* --serve: one model from files, commands on stdin, one JSON line each on
+ * stdout, so that a driver can interleave this engine with another one
+ * call by call (benchmarks/vs-onnxruntime/run.py). Commands:
+ *   vision B | text | itm K [naive] : one timed call (ms, CPU s, outputs)
+ *   peaks | bandwidth | rss | quit
+ * Inputs: DIR/pixels.f32 [8,3,S,S] and DIR/itm_images.f32 [16,T,Dv]. The
+ * peak-RSS mark is reset after the load, so "peak" is the workloads'. */
+static int serve(const char *model_dir, const char *inputs, blip_prec prec, int threads) {
+  blip_model_opts o = {.precision = prec};
+  blip_model *m = NULL;
+  double t0 = now();
+  if (blip_model_load(model_dir, &o, &m)) return -1;
+  double load_s = now() - t0;
+  const blip_cfg *c = blip_model_cfg(m);
+  enum { KMAX = 16 };
+  const int S = c->image_size, T = c->v_tokens, D = c->v_hidden, E = c->embed_dim;
+  float *px = malloc(sizeof(float) * 8 * 3 * S * S), *imgs = malloc(sizeof(float) * KMAX * T * D);
+  float *feat = malloc(sizeof(float) * 8 * E), logits[2 * KMAX];
+  int rc = -1;
+  if (!px || !imgs || !feat) {
+    blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto done;
+  }
+  if (read_f32(inputs, "pixels.f32", px, (size_t)8 * 3 * S * S) || read_f32(inputs, "itm_images.f32", imgs, (size_t)KMAX * T * D))
+    goto done;
+  long load_hwm = proc_kib("VmHWM");
+  int reset = reset_hwm() == 0;
+  printf("{\"engine\":\"blipsearch\",\"precision\":\"%s\",\"load_s\":%.3f,\"load_peak_rss_mib\":%.1f}\n", blip_model_precision_name(prec),
+         load_s, load_hwm / 1024.0);
+  fflush(stdout);
+  const int32_t ids[12] = {101, 1037, 3899, 2770, 2006, 1037, 3509, 2007, 2019, 4399, 2067, 102};
+  const int32_t mask[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  const float *im[KMAX];
+  for (int i = 0; i < KMAX; i++) im[i] = imgs + (size_t)i * T * D;
+  char line[256];
+  while (fgets(line, sizeof line, stdin)) {
+    char cmd[32] = "", opt[32] = "";
+    int arg = 0;
+    sscanf(line, "%31s %d %31s", cmd, &arg, opt);
+    if (!strcmp(cmd, "quit")) break;
+    double w0 = now(), c0 = cpu_s();
+    int e = 0, nout = 0;
+    const float *out = NULL;
+    if (!strcmp(cmd, "vision") && arg >= 1 && arg <= 8) {
+      e = blip_model_vision(m, px, arg, NULL, feat);
+      out = feat, nout = arg * E;
+    } else if (!strcmp(cmd, "text")) {
+      e = blip_model_text(m, ids, mask, 1, 12, NULL, feat);
+      out = feat, nout = E;
+    } else if (!strcmp(cmd, "itm") && arg >= 1 && arg <= KMAX) {
+      e = blip_model_itm(m, ids, 12, im, arg, BLIP_ITM_ENC, strcmp(opt, "naive") != 0, logits, NULL);
+      out = logits, nout = 2 * arg;
+    } else if (!strcmp(cmd, "peaks")) {
+      printf("{\"f32_gflops\":%.1f,\"bf16_gflops\":%.1f,\"int8_gops\":%.1f}\n", peak_f32(threads, 1) / 1e9, peak_bf16(threads, 1) / 1e9,
+             peak_int8(threads, 1) / 1e9);
+    } else if (!strcmp(cmd, "bandwidth")) {
+      printf("{\"read_gb_s\":%.2f,\"text_weight_mb\":%.1f,\"vision_gflop\":%.3f}\n", bandwidth(threads, 3) / 1e9,
+             text_weight_bytes(c, prec) / 1e6, vision_flops(c) / 1e9);
+    } else if (!strcmp(cmd, "rss")) {
+      printf("{\"rss_mib\":%.1f,\"peak_rss_mib\":%.1f,\"peak_since_load\":%s}\n", proc_kib("VmRSS") / 1024.0, proc_kib("VmHWM") / 1024.0,
+             reset ? "true" : "false");
+    } else {
+      printf("{\"error\":\"unknown command\"}\n");
+    }
+    if (e) printf("{\"error\":\"%s\"}\n", blip_err_last());
+    else if (out) {
+      printf("{\"ms\":%.3f,\"cpu_s\":%.4f", (now() - w0) * 1e3, cpu_s() - c0);
+      print_floats("out", out, nout);
+      printf("}\n");
+    }
+    fflush(stdout);
+  }
+  rc = 0;
+done:
+  free(px);
+  free(imgs);
+  free(feat);
+  blip_model_free(m);
+  return rc;
+}
+
 static void usage(FILE *f) {
   fprintf(f,
           "usage: bench_engine [--precision all|f32|bf16|int8] [--large] [--threads N] [--reps N] [--naive] [--json]\n"
           "       bench_engine --memory index|query --precision f32|bf16|int8 [--large] [--json]\n"
+          "       bench_engine --serve --model DIR --inputs DIR --precision f32|bf16|int8 [--threads N]\n"
           "Engine speed at the real BLIP base (or large) geometry with random weights, per precision,\n"
           "in one process, precisions interleaved round by round, best of N: vision images/s at batch 1 and 8, text encoder ms (12 tokens), ITM rerank ms\n"
           "(reassociated; --naive adds the unreassociated one) for k = 1, 16, 32, the share of the\n"
           "precision's peak (measured in the same run) and the speed-up over f32.\n"
           "--memory: peak RSS of one indexing (vision, batch 8) or query (text + ITM k=32) workload.\n"
+          "--serve: load DIR's model, answer commands on stdin with JSON lines (vision B, text, itm K [naive],\n"
+          "peaks, bandwidth, rss, quit) for a driver that interleaves engines (benchmarks/vs-onnxruntime).\n"
           "On a machine shared with other jobs, run with OMP_WAIT_POLICY=passive: spinning OpenMP\n"
           "threads otherwise steal the cores they wait for (measured 4x slower tests under load).\n");
 }
@@ -258,23 +400,32 @@ static int parse_prec(const char *s) {
 
 int main(int argc, char **argv) {
   int large = 0, threads = 2, reps = 3, json = 0, naive = 0, prec = 3;
-  const char *memory = NULL;
+  const char *memory = NULL, *model_dir = NULL, *inputs = NULL;
+  int serve_mode = 0;
   static struct option lo[] = {{"large", 0, 0, 'l'}, {"threads", 1, 0, 't'}, {"reps", 1, 0, 'r'}, {"json", 0, 0, 'j'},
                                {"help", 0, 0, 'h'},  {"precision", 1, 0, 'p'}, {"naive", 0, 0, 'n'}, {"memory", 1, 0, 'm'},
-                               {0, 0, 0, 0}};
-  for (int c; (c = getopt_long(argc, argv, "lt:r:jhp:nm:", lo, NULL)) != -1;) {
+                               {"serve", 0, 0, 's'}, {"model", 1, 0, 'M'}, {"inputs", 1, 0, 'I'}, {0, 0, 0, 0}};
+  for (int c; (c = getopt_long(argc, argv, "lt:r:jhp:nm:sM:I:", lo, NULL)) != -1;) {
     if (c == 'l') large = 1;
     else if (c == 't') threads = (int)blip_arg_must("bench_engine", "--threads", optarg, 1, blip_arg_max_threads());
     else if (c == 'r') reps = (int)blip_arg_must("bench_engine", "--reps", optarg, 1, 1000000);
     else if (c == 'j') json = 1;
     else if (c == 'n') naive = 1;
     else if (c == 'm') memory = optarg;
+    else if (c == 's') serve_mode = 1;
+    else if (c == 'M') model_dir = optarg;
+    else if (c == 'I') inputs = optarg;
     else if (c == 'p') {
       if ((prec = parse_prec(optarg)) < 0) { fprintf(stderr, "bench_engine: unknown precision '%s'\n", optarg); return 2; }
     } else { usage(c == 'h' ? stdout : stderr); return c == 'h' ? 0 : 2; }
   }
   if (memory && (prec == 3 || (strcmp(memory, "index") && strcmp(memory, "query")))) { usage(stderr); return 2; }
   blip_k_set_threads(threads);
+  if (serve_mode) {
+    if (!model_dir || !inputs || prec == 3) { usage(stderr); return 2; }
+    if (serve(model_dir, inputs, (blip_prec)prec, threads)) { fprintf(stderr, "bench_engine: %s\n", blip_err_last()); return 1; }
+    return 0;
+  }
   blip_cfg c = {.v_hidden = large ? 1024 : 768, .v_layers = large ? 24 : 12, .v_heads = large ? 16 : 12,
                 .v_mlp = large ? 4096 : 3072, .image_size = 384, .patch = 16, .v_eps = 1e-5f, .v_tokens = 577,
                 .t_vocab = 30524, .t_hidden = 768, .t_layers = 12, .t_heads = 12, .t_mlp = 3072, .t_max_pos = 512,
@@ -284,7 +435,7 @@ int main(int argc, char **argv) {
     if (run_memory(&c, (blip_prec)prec, memory, json)) { fprintf(stderr, "bench_engine: %s\n", blip_err_last()); return 1; }
     return 0;
   }
-  double peaks[3] = {peak_f32(threads), peak_bf16(threads), peak_int8(threads)};
+  double peaks[3] = {peak_f32(threads, 3), peak_bf16(threads, 3), peak_int8(threads, 3)};
   const int S = c.image_size, T = c.v_tokens;
   float *px = malloc(sizeof(float) * 8 * 3 * S * S), *emb = malloc(sizeof(float) * 32 * T * c.v_hidden);
   if (!px || !emb) { fprintf(stderr, "bench_engine: out of memory\n"); return 1; }

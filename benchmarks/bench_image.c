@@ -5,7 +5,9 @@
  *  - the level difference shrink-on-load makes, on the fixture photos
  *    enlarged to 12 MP (the fixtures themselves are too small to shrink);
  *  - images/s over a folder of generated photos with 1 and 2 threads
- *    (one image per thread, libvips concurrency 1).
+ *    (one image per thread, libvips concurrency 1);
+ *  - the same through blip_decode's isolated worker processes (what every
+ *    tool uses), against the in-process decode: the price of isolation.
  * Usage: bench_image [--json] [--n N] [--runs R] [--fixtures DIR] */
 #include <dirent.h>
 #include <pthread.h>
@@ -18,6 +20,7 @@
 #include <vips/vips.h>
 
 #include "blip_arg.h"
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 
@@ -26,6 +29,11 @@
 static char g_dir[256];
 static int g_nfiles;
 static char (*g_files)[300];
+static blip_decode *g_dec; /* when set, decodes go through the isolated workers */
+
+static int load(const char *path, const blip_img_opts *o, float *out, uint8_t *rgb) {
+  return g_dec ? blip_decode_file(g_dec, path, o, out, rgb, NULL, NULL) : blip_img_load_file(path, o, out, rgb, NULL);
+}
 
 static double now_s(void) {
   struct timespec ts;
@@ -73,7 +81,7 @@ static double time_load(const char *path, const blip_img_opts *o, int runs, floa
   if (runs > 64) runs = 64;
   for (int r = 0; r < runs; r++) {
     double t0 = now_s(), c0 = cpu_s();
-    if (blip_img_load_file(path, o, out, rgb, NULL)) {
+    if (load(path, o, out, rgb)) {
       fprintf(stderr, "bench_image: %s\n", blip_err_last());
       return -1;
     }
@@ -96,7 +104,7 @@ static void *worker(void *arg) {
   int s = p->o->size;
   float *out = malloc(sizeof(float) * 3 * s * s);
   for (int i; out && (i = atomic_fetch_add(&p->next, 1)) < g_nfiles;)
-    if (blip_img_load_file(g_files[i], p->o, out, NULL, NULL)) atomic_fetch_add(&p->errors, 1);
+    if (load(g_files[i], p->o, out, NULL)) atomic_fetch_add(&p->errors, 1);
   free(out);
   vips_thread_shutdown();
   return NULL;
@@ -208,6 +216,18 @@ int main(int argc, char **argv) {
   snprintf(small, sizeof small, "%s/small.jpg", g_dir);
   if (make_photo(small, content[0], 640, 480, 7)) return 1;
   double c_small, t_small = time_load(small, &ex, runs, out, a, &c_small);
+  /* the same two through warm isolated workers (2, for the folder run below) */
+  blip_decode_opts dopt;
+  blip_decode_opts_default(&dopt);
+  dopt.workers = 2;
+  if (blip_decode_new(&dopt, &g_dec) || blip_decode_start(g_dec)) {
+    fprintf(stderr, "bench_image: %s\n", blip_err_last());
+    return 1;
+  }
+  double c_iso, t_iso_exact = time_load(one, &ex, runs, out, a, &c_iso);
+  double t_iso_small = time_load(small, &ex, runs, out, a, &c_iso);
+  blip_decode *dec = g_dec;
+  g_dec = NULL;
   unlink(small);
   /* the resize alone, on the full-resolution pixels */
   uint8_t *full = malloc((size_t)4000 * 3000 * 3);
@@ -265,6 +285,11 @@ int main(int argc, char **argv) {
   double cpu_ex1, cpu_ex2, cpu_sh1, cpu_sh2;
   double ips_ex1 = images_per_s(&ex, 1, &cpu_ex1), ips_ex2 = images_per_s(&ex, 2, &cpu_ex2);
   double ips_sh1 = images_per_s(&sh, 1, &cpu_sh1), ips_sh2 = images_per_s(&sh, 2, &cpu_sh2);
+  double cpu_iso;
+  g_dec = dec;
+  double ips_iso2 = images_per_s(&ex, 2, &cpu_iso);
+  g_dec = NULL;
+  blip_decode_free(dec);
   (void)all;
 
   if (json) {
@@ -274,9 +299,11 @@ int main(int argc, char **argv) {
            "\"tensor_max_abs\": %.5f, \"tensor_mean_abs\": %.6f}, "
            "\"folder\": {\"photos\": %d, \"exact_1t\": %.2f, \"exact_2t\": %.2f, \"shrink_1t\": %.2f, \"shrink_2t\": %.2f, "
            "\"exact_cpu_ms_per_image\": %.1f, \"shrink_cpu_ms_per_image\": %.1f}, "
+           "\"isolated\": {\"jpeg_12mp_exact_ms\": %.2f, \"jpeg_640x480_exact_ms\": %.2f, \"folder_exact_2t\": %.2f}, "
            "\"vision_forward_s\": %.2f}\n",
            t_exact * 1e3, t_shrink * 1e3, t_resize * 1e3, t_small * 1e3, c_small * 1e3, c_exact * 1e3, c_shrink * 1e3, c_resize * 1e3, ncontent, dmax, dsum / cnt, exact_frac, tmax, tsum / cnt, n,
-           ips_ex1, ips_ex2, ips_sh1, ips_sh2, cpu_ex2, cpu_sh2, VISION_S);
+           ips_ex1, ips_ex2, ips_sh1, ips_sh2, cpu_ex2, cpu_sh2, t_iso_exact * 1e3, t_iso_small * 1e3, ips_iso2,
+           VISION_S);
   } else {
     printf("12 MP JPEG (4000x3000, Q90) -> %dx%d tensor, median of %d (wall / CPU):\n", S, S, runs);
     printf("  exact path         %7.1f / %6.1f ms  (CPU = %4.1f%% of a %.2f s vision forward)\n", t_exact * 1e3,
@@ -295,6 +322,10 @@ int main(int argc, char **argv) {
            cpu_ex1, cpu_ex2);
     printf("  shrink-on-load    %6.2f / %6.2f   CPU per image %5.1f ms (1t) %5.1f ms (2t)\n", ips_sh1, ips_sh2,
            cpu_sh1, cpu_sh2);
+    printf("isolated decode (blip_decode worker processes, wall): 12 MP %.1f ms (%.2fx in-process), "
+           "640x480 %.1f ms (%.2fx), folder %.2f images/s with 2 workers (%.2fx)\n",
+           t_iso_exact * 1e3, t_iso_exact / t_exact, t_iso_small * 1e3, t_iso_small / t_small, ips_iso2,
+           ips_iso2 / ips_ex2);
     printf("  the fp32 vision encoder: ~%.1f images/s, %.0f CPU-ms per image on the same 2 cores;\n"
            "  preprocessing share of CPU: exact %.1f%%, shrink-on-load %.1f%%\n",
            1 / VISION_S, 2e3 * VISION_S, 100 * cpu_ex2 / (2e3 * VISION_S), 100 * cpu_sh2 / (2e3 * VISION_S));

@@ -3,13 +3,20 @@
  * One run: walk the paths (hidden folders skipped, symlinked folders
  * followed once each by device/inode, so loops end), classify every image
  * against the index (unchanged by size+mtime, changed, new, moved = same
- * content fingerprint at a new path whose old path is gone; a failed image is
- * retried when its failure may pass, else when its content changed), apply
- * moves and deletions (rows that could not be looked at go offline instead:
- * see "offline" below), then embed new and changed images with blip_index_embed()
+ * content fingerprint, XXH3-64 of every byte, at a new path whose old path
+ * is gone; a changed file with the same fingerprint is only touched; a failed
+ * image is retried when its failure may pass, else when its content changed),
+ * apply moves and deletions (rows that could not be looked at go offline
+ * instead: see "offline" below), then embed new and changed images with blip_index_embed()
  * (decoder thread + batched model + one commit per batch, rerank records
  * synced before the commit): a kill loses at most the batches in flight, and
  * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.
+ * --captions then captions every image without one (blip_capindex), also
+ * one commit per batch.
+ * Derived data repairs itself: token records the store lost (tokens.bin
+ * deleted, truncated, damaged header) are recomputed, for those photos only,
+ * and a damaged vectors.faiss is rewritten; --repair also reads every record,
+ * compares every FAISS vector and rebuilds a damaged SQLite from its rows.
  * Exit: 0 done (failed images are reported, not fatal), 1 error, 2 usage,
  * 130 interrupted. */
 #include <dirent.h>
@@ -31,6 +38,8 @@
 #include <jansson.h>
 
 #include "blip_arg.h"
+#include "blip_capindex.h"
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_index.h"
@@ -48,7 +57,9 @@ static const char USAGE[] =
     "  --db DIR           index directory (default $BLIPSEARCH_DB, else\n"
     "                     $XDG_DATA_HOME/blipsearch, else ~/.local/share/blipsearch)\n"
     "  --model DIR        BLIP model directory (default $BLIPSEARCH_MODEL)\n"
-    "  --precision P      f32 (default), bf16 or int8\n"
+    "  --precision P      auto (default), f32, bf16 or int8; auto = the precision an existing\n"
+    "                     index was built with, else bf16 where the CPU has native bf16 dot\n"
+    "                     products (AVX512_BF16, AMX), else f32\n"
     "  --json             print a JSON summary on stdout\n"
     "  --dry-run          say what would change, change nothing\n"
     "  --errors           list the images that failed and the paths skipped, and why (path TAB\n"
@@ -66,8 +77,19 @@ static const char USAGE[] =
     "                     path below its root; default from SLURM_ARRAY_TASK_ID/_COUNT, or from\n"
     "                     JOB_COMPLETION_INDEX with --shard-count; each shard uses its own --db\n"
     "  --shard-count N    shard count for a Kubernetes Indexed Job (JOB_COMPLETION_INDEX)\n"
-    "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
+    "  --decode-timeout S seconds one image may take to decode before its decoder\n"
+    "                     process is killed and the image recorded as failed (default 60)\n"
+    "  --decode-memory MB memory one decoder process may add (default 4096)\n"
+    "  --check            verify SQLite's integrity, every FAISS vector and every token record\n"
+    "                     against SQLite, then exit (1 when something is damaged)\n"
+    "  --repair           check as --check does and fix what is damaged: token records are\n"
+    "                     recomputed for the damaged photos only, vectors.faiss is rebuilt,\n"
+    "                     a damaged index.sqlite is rebuilt from its readable rows (PATH... optional)\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
+    "  --captions         caption every image without a caption (searchable: blip-query --words)\n"
+    "  --caption-model DIR  captioner, e.g. blip-image-captioning-base (default\n"
+    "                     $BLIPSEARCH_CAPTION_MODEL); runs at --precision, generate() defaults\n"
+    "  --recaption        redo all captions (needed after changing the captioner)\n"
     "  --prune-offline    delete the rows of photos that could not be looked at (unreadable\n"
     "                     folder, missing root, unmounted drive) instead of keeping them offline\n"
     "  --help             this text\n"
@@ -381,6 +403,70 @@ static int print_dump_row(void *ctx, int64_t id, const blip_store_row *r, const 
   return 0;
 }
 
+/* ---- check and repair ---- */
+
+/* Print what --check found; the exit status: 0 sound, 1 damaged. */
+static int print_check(blip_store *st, const blip_store_report *r, int json) {
+  char msg[6][1200], path[PATH_MAX];
+  int n = 0;
+  if (r->sqlite[0])
+    snprintf(msg[n++], sizeof msg[0], "index.sqlite is damaged: %s", r->sqlite);
+  if (r->cache[0])
+    snprintf(msg[n++], sizeof msg[0], "%s; queries search SQLite's vectors until it is rewritten", r->cache);
+  if (r->cache_bad) {
+    if (blip_store_get(st, r->cache_first, NULL, path, sizeof path)) snprintf(path, sizeof path, "image %lld", (long long)r->cache_first);
+    snprintf(msg[n++], sizeof msg[0], "vectors.faiss: %lld vectors missing or differing from SQLite's (first: %s)",
+             (long long)r->cache_bad, path);
+  }
+  if (r->tok_bad) {
+    if (blip_store_get(st, r->tok_first, NULL, path, sizeof path)) snprintf(path, sizeof path, "image %lld", (long long)r->tok_first);
+    snprintf(msg[n++], sizeof msg[0], "tokens.bin: %lld token records missing or damaged (first: %s: %s); queries "
+             "recompute them from the files", (long long)r->tok_bad, path, r->tok_why);
+  }
+  if (r->rows_bad)
+    snprintf(msg[n++], sizeof msg[0], "index.sqlite: %lld rows whose state and feature disagree", (long long)r->rows_bad);
+  if (r->tok_header)
+    snprintf(msg[n++], sizeof msg[0], "tokens.bin: damaged header (each record is still checked on its own)");
+  if (json) {
+    json_t *j = json_pack("{s:b,s:I,s:I,s:[]}", "ok", n == 0, "images", (json_int_t)r->images, "unchecksummed",
+                          (json_int_t)r->tok_unsummed, "problems");
+    for (int i = 0; j && i < n; i++) json_array_append_new(json_object_get(j, "problems"), blip_out_json_text(msg[i]));
+    char *s = j ? json_dumps(j, 0) /* the separators --check always printed */ : NULL;
+    if (s) printf("%s\n", s);
+    free(s);
+    json_decref(j);
+  } else if (!n) {
+    printf("ok: %lld searchable images, SQLite, FAISS and rerank store agree\n", (long long)r->images);
+  }
+  for (int i = 0; i < n; i++) blip_out_error("blip-index", msg[i]); /* they quote photo paths */
+  if (n)
+    fprintf(stderr, "blip-index: run blip-index --repair to fix it (model work only for photos whose token records "
+                    "are lost)%s\n", r->sqlite[0] ? "; if index.sqlite cannot be repaired, restore it from a backup "
+                    "or rebuild the index (--rebuild)" : "");
+  if (r->tok_unsummed)
+    fprintf(stderr, "blip-index: %lld token records have no checksum yet (made by an older version); the next "
+                    "blip-index run adds them\n", (long long)r->tok_unsummed);
+  return n ? 1 : 0;
+}
+
+/* At the start of a run: give records from before checksums theirs (once),
+ * and with --repair first check everything and fix SQLite and the cache. The
+ * lost records are marked; repair_tokens recomputes them. */
+static int check_and_mark(blip_store *st, int repair) {
+  blip_store_report r;
+  int64_t marked = 0;
+  int rc = BLIP_OK, full = 0, fixed = 0;
+  if (repair) {
+    if ((rc = blip_store_repair_db(st, &fixed))) return rc;
+    if (fixed) fprintf(stderr, "blip-index: index.sqlite was damaged; rebuilt from its rows\n");
+    if ((rc = blip_store_check(st, &r))) return rc;
+    if ((r.cache[0] || r.cache_bad) && (rc = blip_store_rebuild_cache(st))) return rc;
+    if (r.cache[0] || r.cache_bad) fprintf(stderr, "blip-index: vectors.faiss rebuilt from index.sqlite\n");
+    full = r.tok_bad > 0;
+  }
+  return blip_store_tokens_scan(st, full, &marked);
+}
+
 /* mkdir -p for the parents of the index directory */
 static void make_parents(const char *dir) {
   char p[PATH_MAX];
@@ -396,7 +482,7 @@ static void make_parents(const char *dir) {
 /* ---- main ---- */
 
 typedef struct {
-  int64_t added, updated, moved, deleted, unchanged, failed, offline, retried;
+  int64_t added, updated, moved, deleted, unchanged, failed, offline, retried, embedded, repaired, unrepaired;
 } counts;
 
 /* blip-index merge --db OUT SHARD_DIR... */
@@ -434,7 +520,9 @@ static int merge_main(int argc, char **argv) {
 }
 
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
-       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE, OPT_SHARD, OPT_SHARD_COUNT, OPT_RSTORE };
+       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE, OPT_DTIME, OPT_DMEM, OPT_REPAIR,
+       OPT_SHARD, OPT_SHARD_COUNT, OPT_RSTORE };
+enum { OPT_CAPTIONS = 512, OPT_CAPMODEL, OPT_RECAPTION };
 
 int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "merge")) return merge_main(argc - 1, argv + 1);
@@ -445,11 +533,18 @@ int main(int argc, char **argv) {
       {"rebuild", 0, 0, OPT_REBUILD}, {"no-rerank-store", 0, 0, OPT_NORR}, {"rerank-f16", 0, 0, OPT_F16},
       {"exclude", 1, 0, OPT_EXCL},   {"threads", 1, 0, OPT_THREADS}, {"batch", 1, 0, OPT_BATCH},
       {"check", 0, 0, OPT_CHECK},    {"dump", 0, 0, OPT_DUMP},       {"help", 0, 0, OPT_HELP},
-      {"prune-offline", 0, 0, OPT_PRUNE}, {0, 0, 0, 0}};
+      {"prune-offline", 0, 0, OPT_PRUNE}, {"decode-timeout", 1, 0, OPT_DTIME}, {"decode-memory", 1, 0, OPT_DMEM},
+      {"captions", 0, 0, OPT_CAPTIONS}, {"caption-model", 1, 0, OPT_CAPMODEL}, {"recaption", 0, 0, OPT_RECAPTION},
+      {"repair", 0, 0, OPT_REPAIR}, {0, 0, 0, 0}};
+  const char *cap_dir = getenv("BLIPSEARCH_CAPTION_MODEL");
+  int captions = 0, recaption = 0;
+  int64_t captioned = 0, cap_failed = 0;
+  blip_model *capm = NULL;
   char dbdir[PATH_MAX] = "";
-  const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "f32";
+  const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "auto";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
-  int check = 0, dump = 0, prune = 0, c, shard_count = 0, rstore = -1;
+  int check = 0, dump = 0, prune = 0, repair = 0, c, shard_count = 0, rstore = -1;
+  double decode_s = 60, decode_mb = 4096;
   signal(SIGXFSZ, SIG_IGN); /* first: a file-size limit fails the write (EFBIG, reported) instead of killing us */
   const char *shard_spec = NULL;
   blip_shard shard;
@@ -479,6 +574,9 @@ int main(int argc, char **argv) {
       break;
     case OPT_CHECK: check = 1; break;
     case OPT_DUMP: dump = 1; break;
+    case OPT_CAPTIONS: captions = 1; break;
+    case OPT_CAPMODEL: cap_dir = optarg; break;
+    case OPT_RECAPTION: recaption = captions = 1; break;
     case OPT_PRUNE: prune = 1; break;
     case OPT_SHARD: shard_spec = optarg; break;
     case OPT_RSTORE:
@@ -488,7 +586,17 @@ int main(int argc, char **argv) {
         return 2;
       }
       break;
+    case OPT_DTIME:
+    case OPT_DMEM:
+      if (c == OPT_DTIME ? blip_arg_real("--decode-timeout", optarg, 0.001, 86400, &decode_s)
+                         : blip_arg_real("--decode-memory", optarg, 64, 1 << 24, &decode_mb)) {
+        blip_out_error("blip-index", blip_err_last());
+        free(excl);
+        return 2;
+      }
+      break;
     case OPT_SHARD_COUNT: shard_count = (int)blip_arg_must("blip-index", "--shard-count", optarg, 1, 1000000); break;
+    case OPT_REPAIR: repair = 1; break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
     default: fputs(USAGE, stderr); free(excl); return 2;
     }
@@ -522,7 +630,13 @@ int main(int argc, char **argv) {
   if (check || dump) { /* maintenance: read-only, no model */
     blip_store_opts ro = {0};
     int rc = blip_store_open(dbdir, NULL, &ro, &st);
-    if (!rc && check) rc = blip_store_verify(st);
+    if (!rc && check) {
+      blip_store_report rep;
+      if ((rc = blip_store_check(st, &rep)) == BLIP_OK) {
+        ret = print_check(st, &rep, json);
+        goto out;
+      }
+    }
     if (!rc && dump) {
       dump_ctx dc = {atoi(blip_store_meta(st, "embed_dim"))};
       rc = blip_store_each(st, 0, print_dump_row, &dc);
@@ -531,15 +645,11 @@ int main(int argc, char **argv) {
       blip_out_error("blip-index", blip_err_last());
       goto out;
     }
-    if (check) {
-      if (json) printf("{\"ok\": true, \"images\": %lld}\n", (long long)blip_store_count(st));
-      else printf("ok: %lld searchable images, SQLite, FAISS and rerank store agree\n", (long long)blip_store_count(st));
-    }
     ret = 0;
     goto out;
   }
 
-  if (optind >= argc) {
+  if ((optind >= argc && !repair) || (repair && dry)) {
     fputs(USAGE, stderr);
     ret = 2;
     goto out;
@@ -550,17 +660,28 @@ int main(int argc, char **argv) {
     goto out;
   }
   blip_model_opts mo = {BLIP_PREC_F32, NULL};
+  if (!strcmp(prec_name, "auto") && !rebuild) { /* an existing index keeps its precision */
+    blip_store_opts ro = {0};
+    blip_store *old = NULL;
+    if (blip_store_open(dbdir, NULL, &ro, &old) == BLIP_OK) {
+      const char *p = blip_store_meta(old, "precision");
+      if (p && !blip_model_parse_precision(p, &mo.precision)) prec_name = blip_model_precision_name(mo.precision);
+      blip_store_close(old);
+    }
+  }
   if (blip_model_parse_precision(prec_name, &mo.precision)) {
     blip_out_error("blip-index", blip_err_last());
     ret = 2;
     goto out;
   }
+  prec_name = blip_model_precision_name(mo.precision); /* the index records what auto chose */
 
   /* roots, canonical so that stored paths are stable whatever the cwd; a
    * root that is not there (an unmounted drive) keeps its rows offline if the
    * index has any under it, else it is an error */
   int nroots = argc - optind;
-  if (!(roots = calloc((size_t)nroots, sizeof *roots)) || !(missing = calloc((size_t)nroots, sizeof *missing))) goto oom;
+  if (!(roots = calloc((size_t)nroots + 1, sizeof *roots)) || !(missing = calloc((size_t)nroots + 1, sizeof *missing)))
+    goto oom; /* (+1: --repair may name no path) */
   for (int i = 0; i < nroots; i++) {
     const char *a = argv[optind + i];
     if ((roots[i] = realpath(a, NULL))) continue;
@@ -575,6 +696,18 @@ int main(int argc, char **argv) {
   if (blip_img_init() || blip_model_load(model_dir, &mo, &model)) {
     blip_out_error("blip-index", blip_err_last());
     goto out;
+  }
+  if (captions && !dry) { /* before any work, so that a wrong captioner costs nothing */
+    if (!cap_dir) {
+      fprintf(stderr, "blip-index: --captions needs --caption-model DIR or BLIPSEARCH_CAPTION_MODEL\n");
+      ret = 2;
+      goto out;
+    }
+    if (blip_model_load(cap_dir, &mo, &capm) ||
+        (!blip_model_cfg(capm)->captioner && blip_err_set(BLIP_EINVAL, "%s is not a captioning model", cap_dir))) {
+      fprintf(stderr, "blip-index: caption model: %s\n", blip_err_last());
+      goto out;
+    }
   }
   const blip_cfg *cfg = blip_model_cfg(model);
   char prep[96];
@@ -603,6 +736,7 @@ int main(int argc, char **argv) {
   sa.sa_handler = on_signal;
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
+  if (st && !dry && (rc = check_and_mark(st, repair))) goto fail;
 
   for (int i = 0; i < nroots && !rc; i++) {
     if (!missing[i]) continue;
@@ -676,10 +810,15 @@ int main(int argc, char **argv) {
     }
     /* a new file needs its fingerprint now only if it could be a move */
     if (kind != BLIP_SCAN_RETRY && (kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
-      if (blip_store_fingerprint_file(it->path, it->size, &it->fp) != BLIP_OK) { /* vanished or unreadable */
+      blip_decode_info fi;
+      blip_img_opts dflt;
+      blip_img_opts_default(&dflt);
+      if (blip_decode_fingerprint(it->path, dflt.max_file_bytes, &fi) != BLIP_OK) { /* vanished or unreadable */
         if ((rc = skip(&w, it->path, blip_err_last()))) break;
         continue;
       }
+      it->fp = fi.fingerprint; /* of every byte: an edit anywhere is a change */
+      it->size = fi.size;
       it->has_fp = 1;
     }
     if (kind == BLIP_SCAN_RETRY) { /* failed for a reason that may have passed: decode again */
@@ -766,17 +905,36 @@ int main(int argc, char **argv) {
     wi[i] = (blip_index_item){work.v[i].path, work.v[i].size, work.v[i].mtime_ns, work.v[i].fp, work.v[i].has_fp,
                               work.v[i].replace};
   progress_ctx pc = {now_s(), 0};
-  blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc};
+  char journal[PATH_MAX + 16];
+  snprintf(journal, sizeof journal, "%s/decoding", dbdir);
+  blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc, decode_s,
+                        (int64_t)(decode_mb * (1 << 20)), journal, 0};
   blip_index_counts ic = {0};
   rc = blip_index_embed(model, st, wi, work.n, &io, &ic);
   free(wi);
+  if (rc == BLIP_OK && !g_stop && !norr) rc = blip_index_repair_tokens(model, st, &io, &ic);
   if (pc.shown) fputc('\n', stderr);
   cn.added = ic.added;
   cn.updated = ic.updated;
+  cn.embedded = ic.embedded;
+  cn.repaired = ic.repaired;
+  cn.unrepaired = ic.unrepaired;
   if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
   if (rc) goto fail;
   flushing = 1; /* every batch is committed: only the derived cache is left to write */
   if ((rc = blip_store_flush(st))) goto fail;
+  if (capm) {
+    char cid[64];
+    blip_cap_opts gen;
+    blip_cap_defaults(capm, &gen);
+    blip_capindex_identity(capm, cid, sizeof cid);
+    progress_ctx cp = {now_s(), 0};
+    blip_capindex_opts co = {B, threads, &g_stop, isatty(2) ? show_progress : NULL, &cp};
+    if (!(rc = blip_store_caption_identity(st, cid, recaption))) rc = blip_capindex_run(capm, st, &gen, &co, &captioned, &cap_failed);
+    if (cp.shown) fputc('\n', stderr);
+    if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
+    if (rc) goto fail;
+  }
   ret = 0;
   goto summary;
 
@@ -789,16 +947,25 @@ summary:;
   if (errors && st) blip_store_each(st, 1, print_error_row, jerr);
   for (int64_t i = 0; errors && i < w.skipped.n; i++) error_entry(jskip, w.skipped.v[i].path, w.why.v[i].path);
   if (st) blip_store_tally(st, &cn.failed, &cn.offline); /* failed and offline: the whole index, not this run */
+  if (st && !dry && (blip_store_damage(st) & BLIP_DAMAGE_CACHE))
+    fprintf(stderr, "blip-index: vectors.faiss was damaged; rewritten from index.sqlite\n");
+  if (cn.repaired) fprintf(stderr, "blip-index: tokens.bin: %lld lost or damaged records recomputed\n", (long long)cn.repaired);
+  if (cn.unrepaired)
+    fprintf(stderr, "blip-index: %lld token records could not be recomputed (file unreadable or changed); queries "
+                    "read those photos' files\n", (long long)cn.unrepaired);
   if (json) {
-    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added,
+    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added,
                           "updated", (json_int_t)cn.updated, "moved", (json_int_t)cn.moved, "deleted",
                           (json_int_t)cn.deleted, "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed,
                           "retried", (json_int_t)cn.retried, "offline", (json_int_t)cn.offline, "skipped",
-                          (json_int_t)w.skipped.n, "seconds", now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
+                          (json_int_t)w.skipped.n, "embedded", (json_int_t)cn.embedded, "repaired", (json_int_t)cn.repaired,
+                          "seconds", now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
     if (j && jerr) json_object_set_new(j, "errors", jerr), jerr = NULL;
     if (j && jskip) json_object_set_new(j, "skipped_paths", jskip), jskip = NULL;
     json_decref(jerr);
     json_decref(jskip);
+    if (j && captions)
+      json_object_update_new(j, json_pack("{s:I,s:I}", "captioned", (json_int_t)captioned, "caption_failed", (json_int_t)cap_failed));
     char *s = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
     if (s) printf("%s\n", s);
     free(s);
@@ -813,6 +980,8 @@ summary:;
     if (cn.offline)
       fprintf(stderr, "blip-index: offline photos could not be looked at (unreadable folder, missing root, drive not "
                       "mounted): they are kept out of results until seen again; --prune-offline deletes them\n");
+    if (captions && !dry)
+      fprintf(stderr, "%lld captioned, %lld could not be read for captions\n", (long long)captioned, (long long)cap_failed);
   }
   goto out;
 oom:
@@ -833,6 +1002,7 @@ out:
   items_free(&w.why);
   blip_store_close(st);
   blip_model_free(model);
+  blip_model_free(capm);
   free(gone);
   free(off);
   free(missing);

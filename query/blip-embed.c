@@ -5,6 +5,7 @@
  * retrieval setting). Prints ITC similarities and, with --itm, ITM logits
  * for every image-text pair. */
 #include "blip_arg.h"
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
@@ -55,32 +56,6 @@ static json_t *matrix(const float *x, int rows, int cols) {
     json_array_append_new(a, r);
   }
   return a;
-}
-
-/* Load pixels "FILE:TENSOR" [N,3,S,S] F32; returns malloc'd floats. */
-static int load_pixels(const char *spec, int S, float **out, int *n) {
-  char *file = strdup(spec), *colon = strrchr(file, ':');
-  int rc = BLIP_OK;
-  blip_st *st = NULL;
-  if (!colon) {
-    free(file);
-    return blip_err_set(BLIP_EINVAL, "--pixels wants FILE.safetensors:TENSOR, got '%s'", spec);
-  }
-  *colon = 0;
-  if ((rc = blip_st_open(file, &st))) goto done;
-  const blip_st_tensor *t = blip_st_find(st, colon + 1);
-  if (!t) { rc = blip_err_set(BLIP_EMISSING, "%s has no tensor '%s'", file, colon + 1); goto done; }
-  if (t->dtype != BLIP_DT_F32 || t->ndim != 4 || t->shape[1] != 3 || t->shape[2] != S || t->shape[3] != S) {
-    rc = blip_err_set(BLIP_ESHAPE, "tensor '%s' must be F32 [N,3,%d,%d] for this model", colon + 1, S, S);
-    goto done;
-  }
-  *n = (int)t->shape[0];
-  if (!(*out = malloc((size_t)t->numel * sizeof(float)))) { rc = blip_err_set(BLIP_ENOMEM, "out of memory"); goto done; }
-  rc = blip_st_to_f32(t, *out, t->numel);
-done:
-  blip_st_close(st);
-  free(file);
-  return rc;
 }
 
 int main(int argc, char **argv) {
@@ -156,7 +131,7 @@ int main(int argc, char **argv) {
   float *px = NULL, *emb = NULL, *ifeat = NULL, *tfeat = NULL, *itc = NULL, *logits = NULL;
   int32_t *ids = calloc((size_t)(n_txt ? n_txt : 1) * max_len, sizeof *ids), *mask = calloc((size_t)(n_txt ? n_txt : 1) * max_len, sizeof *mask);
   int *lens = calloc((size_t)(n_txt ? n_txt : 1), sizeof *lens);
-  if (pixels && load_pixels(pixels, S, &px, &n_pix)) { fail(pixels); goto out; }
+  if (pixels && blip_img_load_pixels(pixels, S, &px, &n_pix)) { fail(pixels); goto out; }
   n_img = n_img_files + n_pix;
   if (n_img) {
     float *all = malloc(sizeof(float) * n_img * 3 * S * S);
@@ -171,8 +146,7 @@ int main(int argc, char **argv) {
     io.autorotate = autorot;
     io.color_manage = colour;
     io.reference = reference;
-    for (int i = 0; i < n_img_files; i++)
-      if (blip_img_load_file(images[i], &io, px + (size_t)i * 3 * S * S, NULL, NULL)) { fail(images[i]); goto out; }
+    if (n_img_files && blip_decode_paths((const char *const *)images, n_img_files, &io, px)) { fail("image"); goto out; }
     emb = malloc(sizeof(float) * n_img * T * D);
     ifeat = malloc(sizeof(float) * n_img * E);
     if (!emb || !ifeat) { blip_err_set(BLIP_ENOMEM, "out of memory"); fail("images"); goto out; }

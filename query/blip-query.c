@@ -13,10 +13,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "blip_arg.h"
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
@@ -45,12 +45,15 @@ static const char USAGE[] =
     "  --before DATE     only photos taken before DATE (YYYY-MM-DD[THH:MM[:SS]], local time, a real day)\n"
     "  --ext LIST        only these extensions, e.g. jpg,png (case-insensitive; jpg also\n"
     "                    matches .jpeg, tif .tiff)\n"
+    "  --words \"W...\"    only photos whose caption (blip-index --captions) has every word\n"
+    "                    (full-text, case and accent blind)\n"
     "  --json            JSON array of {rank, id, path, path_b64, score, itm_prob, itm_logit, cosine,\n"
-    "                    taken_at, mtime}; with --stdin one {query, query_b64, truncated, error,\n"
+    "                    taken_at, mtime, caption}; with --stdin one {query, query_b64, truncated, error,\n"
     "                    results} object a line. Every key is always there: a name that is not\n"
     "                    UTF-8 is in path (invalid bytes as U+FFFD) and, exactly, in path_b64\n"
     "                    (base64; null when path is exact); a number that is not finite is null\n"
-    "  --paths           one path a line (escaped on a terminal: \\xNN for control bytes)\n"
+    "  --paths           one path a line (escaped on a terminal: \\xNN for control bytes); the\n"
+    "                    table shows captions under the paths, --paths prints paths only\n"
     "  -0                with --paths: end each path with a NUL byte instead (for xargs -0)\n"
     "  --image FILE      query by image: similar photos (ITC image-image), or with texts,\n"
     "                    rank the texts for this image (ITC + ITM)\n"
@@ -58,7 +61,8 @@ static const char USAGE[] =
     "  --texts-file F    candidate texts for --image, one a line (also --texts F)\n"
     "  --rank-texts      rank the candidate texts (implied by --text/--texts-file)\n"
     "  --stdin           read one text query a line from stdin; the model loads once\n"
-    "  --precision P     f32, bf16 or int8 (default and only choice with an index: the index's)\n"
+    "  --precision P     auto, f32, bf16 or int8 (default and only choice with an index: the index's;\n"
+    "                    without one auto: bf16 where the CPU has native bf16 dot products, else f32)\n"
     "  --threads N       compute threads (1..4 per core; default: all cores)\n"
     "  --naive-itm       use the naive cross-attention in the rerank (for checks)\n"
     "  --help            this text\n"
@@ -75,36 +79,10 @@ typedef struct {
   const char *const *texts; /* rank-texts mode: hit ids index these */
 } printer;
 
-static void fmt_mtime(int64_t ns, char out[20]) {
-  time_t t = (time_t)(ns / 1000000000);
-  struct tm tm;
-  localtime_r(&t, &tm);
-  strftime(out, 20, "%Y-%m-%dT%H:%M:%S", &tm);
-}
-
 static json_t *hits_json(const printer *p, const blip_search_result *r) {
   json_t *a = json_array();
-  for (int i = 0; a && i < r->n; i++) {
-    const blip_search_hit *h = &r->hits[i];
-    json_t *o = json_object();
-    json_object_set_new(o, "rank", json_integer(i + 1));
-    if (p->texts) {
-      json_object_set_new(o, "index", json_integer(h->id));
-      blip_out_json_name(o, "text", p->texts[h->id]);
-    } else {
-      char mt[20];
-      fmt_mtime(h->mtime_ns, mt);
-      json_object_set_new(o, "id", json_integer(h->id));
-      blip_out_json_name(o, "path", h->path);
-      json_object_set_new(o, "taken_at", h->taken_at[0] ? blip_out_json_text(h->taken_at) : json_null());
-      json_object_set_new(o, "mtime", json_string(mt));
-    }
-    json_object_set_new(o, "score", blip_out_json_num(h->score));
-    json_object_set_new(o, "itm_prob", blip_out_json_num(h->itm_prob));
-    json_object_set_new(o, "itm_logit", blip_out_json_num(h->itm_logit));
-    json_object_set_new(o, "cosine", blip_out_json_num(h->cosine));
-    json_array_append_new(a, o);
-  }
+  for (int i = 0; a && i < r->n; i++)
+    json_array_append_new(a, blip_search_hit_json(&r->hits[i], i + 1, p->texts ? p->texts[r->hits[i].id] : NULL));
   return a;
 }
 
@@ -147,6 +125,11 @@ static void print_hits(const printer *p, const blip_search_result *r, const char
       printf("%4d  %8.4f  %8s  %8.4f  ", i + 1, h->score, prob, h->cosine);
       blip_out_fesc(stdout, p->texts ? p->texts[h->id] : h->path);
       putchar('\n');
+      if (!p->texts && h->caption) {
+        printf("%36s\"", "");
+        blip_out_fesc(stdout, h->caption);
+        puts("\"");
+      }
     }
     if (query) putchar('\n');
   }
@@ -166,6 +149,19 @@ static void say_notes(const blip_search_result *r) {
   if (r->dropped)
     fprintf(stderr, "blip-query: %d candidate(s) skipped: no stored vision tokens and the file could not be read\n",
             r->dropped);
+}
+
+/* Damage of the index that queries worked around, once a run, with the way to repair it. */
+static void say_damage(const blip_search *s) {
+  static unsigned said;
+  unsigned d = s ? blip_search_damage(s) & ~said : 0;
+  if (d & BLIP_DAMAGE_CACHE)
+    fprintf(stderr, "blip-query: vectors.faiss is damaged: searching the vectors in index.sqlite instead (slower); "
+                    "run blip-index --repair\n");
+  if (d & BLIP_DAMAGE_TOKENS)
+    fprintf(stderr, "blip-query: tokens.bin: token records missing or damaged: recomputing them from the photos "
+                    "(slower); run blip-index --repair\n");
+  said |= d;
 }
 
 /* Texts of a --texts-file, one a line (empty lines skipped); appended to *v. */
@@ -193,6 +189,7 @@ static int read_texts(const char *path, char ***v, int *n) {
   return rc;
 }
 
+enum { O_WORDS = 1024 };
 enum { O_DB = 256, O_MODEL, O_RERANK, O_THRESH, O_SORT, O_UNDER, O_AFTER, O_BEFORE, O_EXT, O_JSON, O_PATHS, O_IMAGE,
        O_TEXT, O_TEXTS, O_RANKT, O_STDIN, O_PREC, O_THREADS, O_NAIVE, O_HELP };
 
@@ -200,7 +197,7 @@ int main(int argc, char **argv) {
   static const struct option lo[] = {
       {"db", 1, 0, O_DB},         {"model", 1, 0, O_MODEL},       {"rerank", 1, 0, O_RERANK},
       {"threshold", 1, 0, O_THRESH}, {"sort", 1, 0, O_SORT},      {"under", 1, 0, O_UNDER},
-      {"after", 1, 0, O_AFTER},   {"before", 1, 0, O_BEFORE},     {"ext", 1, 0, O_EXT},
+      {"after", 1, 0, O_AFTER},   {"before", 1, 0, O_BEFORE},     {"ext", 1, 0, O_EXT}, {"words", 1, 0, O_WORDS},
       {"json", 0, 0, O_JSON},     {"paths", 0, 0, O_PATHS},       {"image", 1, 0, O_IMAGE},
       {"text", 1, 0, O_TEXT},     {"texts-file", 1, 0, O_TEXTS},  {"texts", 1, 0, O_TEXTS},  {"rank-texts", 0, 0, O_RANKT},
       {"stdin", 0, 0, O_STDIN},   {"precision", 1, 0, O_PREC},    {"threads", 1, 0, O_THREADS},
@@ -241,6 +238,7 @@ int main(int argc, char **argv) {
       *(c == O_AFTER ? &o.filter.after : &o.filter.before) = c == O_AFTER ? after : before;
       break;
     case O_EXT: o.filter.exts = optarg; break;
+    case O_WORDS: o.filter.words = optarg; break;
     case O_JSON: pr.out = OUT_JSON; break;
     case O_PATHS: pr.out = OUT_PATHS; break;
     case '0': pr.nul = 1; break;
@@ -299,7 +297,7 @@ int main(int argc, char **argv) {
     }
     if (!prec_name) prec_name = ip;
   }
-  if (blip_model_parse_precision(prec_name ? prec_name : "f32", &mo.precision)) {
+  if (blip_model_parse_precision(prec_name ? prec_name : "auto", &mo.precision)) {
     blip_out_error("blip-query", blip_err_last());
     goto out;
   }
@@ -323,7 +321,7 @@ int main(int argc, char **argv) {
       blip_err_set(BLIP_ENOMEM, "out of memory");
       goto fail;
     }
-    if (blip_img_load_file(image, &io, pix, NULL, NULL)) goto fail;
+    if (blip_decode_paths(&image, 1, &io, pix)) goto fail;
     if (rank_texts) {
       n_arg_texts = ntexts; /* texts past these are owned */
       if (texts_file && read_texts(texts_file, &texts, &ntexts)) goto fail;
@@ -345,6 +343,7 @@ int main(int argc, char **argv) {
     } else if (blip_search_image(s, pix, &o, &r)) {
       goto fail;
     }
+    say_damage(s);
     if (r.truncated) fprintf(stderr, "blip-query: a text was truncated to %d tokens\n", BLIP_SEARCH_MAX_TOKENS);
     if (r.n) print_hits(&pr, &r, NULL, NULL);
     else say_no_match(&r, &o);
@@ -359,6 +358,7 @@ int main(int argc, char **argv) {
       if (!len) continue;
       int e = blip_search_text(s, line, &o, &r);
       if (e && e != BLIP_EINVAL) goto fail;
+      say_damage(s);
       if (e) blip_out_error("blip-query", blip_err_last()); /* a refused line: the session goes on */
       else say_notes(&r);
       if (!e && !r.n) say_no_match(&r, &o);
@@ -369,6 +369,7 @@ int main(int argc, char **argv) {
     ret = any ? 0 : 1;
   } else {
     if (blip_search_text(s, argv[optind], &o, &r)) goto fail;
+    say_damage(s);
     say_notes(&r);
     if (r.n) print_hits(&pr, &r, NULL, NULL);
     else say_no_match(&r, &o);

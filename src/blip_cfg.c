@@ -41,6 +41,60 @@ static int check_act(json_t *obj, const char *sec) {
   return BLIP_OK;
 }
 
+/* Float key: absent or null -> def, range [lo,hi]. */
+static int get_float(json_t *obj, const char *key, float def, float lo, float hi, float *out) {
+  json_t *v = json_object_get(obj, key);
+  if (!v || json_is_null(v)) {
+    *out = def;
+    return BLIP_OK;
+  }
+  if (!json_is_number(v)) return blip_err_set(BLIP_EFORMAT, "config.json: text_config.%s is not a number", key);
+  double x = json_number_value(v);
+  if (!(x >= lo && x <= hi)) return blip_err_set(BLIP_EFORMAT, "config.json: text_config.%s = %g is outside [%g, %g]", key, x, lo, hi);
+  *out = (float)x;
+  return BLIP_OK;
+}
+
+/* Boolean key (early_stopping may also be the string "never" -> 2). */
+static int get_flag(json_t *obj, const char *key, int *out) {
+  json_t *v = json_object_get(obj, key);
+  *out = 0;
+  if (!v || json_is_null(v) || json_is_false(v)) return BLIP_OK;
+  if (json_is_true(v)) *out = 1;
+  else if (json_is_string(v) && !strcmp(json_string_value(v), "never")) *out = 2;
+  else return blip_err_set(BLIP_EFORMAT, "config.json: text_config.%s is not a boolean", key);
+  return BLIP_OK;
+}
+
+/* generate() defaults. BlipForConditionalGeneration.generate calls
+ * text_decoder.generate, whose GenerationConfig comes from text_config:
+ * the top-level keys do not reach it. */
+static int parse_gen(json_t *t, blip_cfg *c) {
+  int rc;
+  if ((rc = get_int(t, "text_config", "max_length", 20, 1, 1 << 16, &c->gen.max_length)) ||
+      (rc = get_int(t, "text_config", "min_length", 0, 0, 1 << 16, &c->gen.min_length)) ||
+      (rc = get_int(t, "text_config", "num_beams", 1, 1, 1024, &c->gen.num_beams)) ||
+      (rc = get_int(t, "text_config", "top_k", 50, 0, 1 << 22, &c->gen.top_k)) ||
+      (rc = get_int(t, "text_config", "no_repeat_ngram_size", 0, 0, 1 << 16, &c->gen.no_repeat_ngram_size)) ||
+      (rc = get_float(t, "temperature", 1.0f, 1e-6f, 1e6f, &c->gen.temperature)) ||
+      (rc = get_flag(t, "do_sample", &c->gen.do_sample)) || (rc = get_flag(t, "early_stopping", &c->gen.early_stopping)) ||
+      (rc = get_float(t, "repetition_penalty", 1.0f, 1e-6f, 1e6f, &c->gen.repetition_penalty)) ||
+      (rc = get_float(t, "length_penalty", 1.0f, -1e6f, 1e6f, &c->gen.length_penalty)) ||
+      (rc = get_float(t, "top_p", 1.0f, 0.0f, 1.0f, &c->gen.top_p)))
+    return rc;
+  if (c->gen.do_sample == 2) return blip_err_set(BLIP_EFORMAT, "config.json: text_config.do_sample is not a boolean");
+  return BLIP_OK;
+}
+
+static int is_captioner(json_t *root) {
+  json_t *a = json_object_get(root, "architectures");
+  for (size_t i = 0; json_is_array(a) && i < json_array_size(a); i++) {
+    json_t *s = json_array_get(a, i);
+    if (json_is_string(s) && !strcmp(json_string_value(s), "BlipForConditionalGeneration")) return 1;
+  }
+  return 0;
+}
+
 static int parse_root(json_t *root, blip_cfg *c) {
   if (!json_is_object(root)) return blip_err_set(BLIP_EFORMAT, "config.json: not a JSON object");
   json_t *v = json_object_get(root, "vision_config"), *t = json_object_get(root, "text_config");
@@ -70,8 +124,9 @@ static int parse_root(json_t *root, blip_cfg *c) {
       (rc = get_int(t, "text_config", "pad_token_id", 0, 0, 1 << 22, &c->pad_id)) ||
       (rc = get_int(t, "text_config", "sep_token_id", 102, 0, 1 << 22, &c->sep_id)) ||
       (rc = get_int(t, "text_config", "bos_token_id", 30522, 0, 1 << 22, &c->bos_id)) ||
-      (rc = get_int(root, "config", "image_text_hidden_size", 256, 1, BIG, &c->embed_dim)))
+      (rc = get_int(root, "config", "image_text_hidden_size", 256, 1, BIG, &c->embed_dim)) || (rc = parse_gen(t, c)))
     return rc;
+  c->captioner = is_captioner(root);
   if (c->v_hidden % c->v_heads)
     return blip_err_set(BLIP_EFORMAT, "config.json: vision hidden_size %d is not divisible by %d heads", c->v_hidden, c->v_heads);
   if (c->t_hidden % c->t_heads)

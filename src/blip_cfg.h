@@ -18,6 +18,13 @@ typedef struct {
   int pad_id, sep_id, bos_id; /* bos = [DEC] */
   /* top level */
   int embed_dim; /* image_text_hidden_size: size of vision_proj/text_proj */
+  int captioner; /* architectures names BlipForConditionalGeneration */
+  /* generate() defaults as transformers derives them (GenerationConfig.from_model_config:
+   * a top-level value that differs from the default wins, else text_config's) */
+  struct {
+    int max_length, min_length, num_beams, do_sample, top_k, early_stopping, no_repeat_ngram_size;
+    float repetition_penalty, length_penalty, top_p, temperature;
+  } gen;
 } blip_cfg;
 
 int blip_cfg_load(const char *path, blip_cfg *out);

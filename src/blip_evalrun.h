@@ -18,7 +18,7 @@ typedef struct {
   int itc_only, limit, f16;         /* skip ITM; first N images only; f16 vision tokens in the cache */
   blip_prec precision;
   /* Cache chunk sizes: images (32 = 57 MB of f32 tokens at base), captions
-   * per text chunk, captions per ITM chunk. */
+   * per text chunk, images per ITM chunk. */
   int img_chunk, txt_chunk, itm_chunk;
   /* Shard shard_index of shard_count (count <= 1: the whole run). A shard
    * computes the cache chunks c with c % count == index (text, images, then

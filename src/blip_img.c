@@ -3,9 +3,20 @@
  * x*(1/255) -> (x-mean)/std, CHW float32) produces.
  *
  * Stages and their invariants:
- *  1. open: file size and readability are checked before libvips sees the
- *     file; the loader is chosen by content sniffing on a VipsSource (so file
- *     names are never parsed for "[options]"); ImageMagick is blocked.
+ *  1. open: one descriptor (O_NONBLOCK, so a FIFO cannot block; regular
+ *     files only) gives the size and the bytes, read whole into memory; the
+ *     decode works on that buffer. The format is decided here from the magic
+ *     bytes, and only that format's loader is called: JPEG, PNG, GIF, WebP,
+ *     TIFF, HEIF/AVIF. libvips' untrusted operations (openjpeg, librsvg,
+ *     poppler, cfitsio, Radiance, ImageMagick, ...) are blocked at init, and
+ *     libvips' own loader detection is never used, so no file name or content
+ *     reaches them. PNG chunk lengths are checked against the buffer before
+ *     libpng sees it (a 57-byte file declaring a 1 GiB iTXt is refused).
+ *     BMP is recognised but not decoded: libvips reads it only through
+ *     ImageMagick, which parses hundreds of formats and stays blocked. PNM
+ *     passes too (libvips' own small ppmload, unblocked by name), for the
+ *     evaluation and fidelity sets that hold it; the indexer's walk does
+ *     not pick .pgm/.ppm files.
  *  2. header: width*height is checked against max_pixels before any pixel is
  *     decoded. Loaders run with fail_on=ERROR so truncated or broken data is
  *     an error, never grey filler.
@@ -41,6 +52,7 @@
 #include <vips/vips.h>
 
 #include "blip_err.h"
+#include "blip_st.h"
 
 /* ---------------------------------------------------------------- resize */
 
@@ -294,9 +306,14 @@ static void init_once(void) {
   }
   vips_concurrency_set(1);
   vips_cache_set_max(0);
-  /* ImageMagick parses hundreds of formats and is not fuzzed by libvips:
-   * a photo folder is untrusted input. */
+  /* A photo folder is untrusted input: every operation libvips marks
+   * untrusted (openjpeg, librsvg, poppler, cfitsio, Radiance, ImageMagick...)
+   * is refused, even if some code path asked for it by name. */
+  vips_block_untrusted_set(TRUE);
   vips_operation_block_set("VipsForeignLoadMagick", TRUE);
+  /* libvips' own small PNM parser (marked untrusted as not fuzzed upstream):
+   * evaluation and fidelity sets hold PGM/PPM, and it runs isolated */
+  vips_operation_block_set("VipsForeignLoadPpm", FALSE);
   /* Damaged photos are reported through our error codes; libvips' warnings
    * on stderr ("read gave 1 warnings") would flood an indexer's output. */
   if (!getenv("BLIP_IMG_VIPS_WARNINGS")) g_log_set_handler("VIPS", G_LOG_LEVEL_WARNING, drop_log, NULL);
@@ -316,6 +333,8 @@ void blip_img_opts_default(blip_img_opts *o) {
   o->max_file_bytes = (int64_t)1 << 30;
   o->time_budget_s = 60.0;
   o->color_manage = 1;
+  o->admit = NULL;
+  o->admit_ctx = NULL;
   o->reference = 0;
 }
 
@@ -640,36 +659,141 @@ static int jpeg_shrink(int w, int h, int size) {
   return f;
 }
 
-/* Name the format from its signature, for files no loader accepts. */
-static const char *magic_name(VipsSource *src) {
-  const unsigned char *p = NULL;
-  gint64 n = vips_source_sniff_at_most(src, (unsigned char **)&p, 12);
-  if (n < 4 || !p) return NULL;
-  if (p[0] == 0xFF && p[1] == 0xD8 && p[2] == 0xFF) return "JPEG";
-  if (!memcmp(p, "\x89PNG", 4)) return "PNG";
-  if (!memcmp(p, "GIF8", 4)) return "GIF";
-  if (!memcmp(p, "II*", 4) || !memcmp(p, "MM\0*", 4)) return "TIFF";
-  if (n >= 12 && !memcmp(p, "RIFF", 4) && !memcmp(p + 8, "WEBP", 4)) return "WebP";
-  if (n >= 12 && !memcmp(p + 4, "ftyp", 4)) return "HEIF/AVIF";
-  return NULL;
+/* ------------------------------------------------------------- sniffing */
+
+#define PNG_TEXT_MAX (16u << 20)
+
+static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
+
+/* An ISO-BMFF ftyp box whose major or compatible brands name HEIF or AVIF. */
+static int heif_brand(const uint8_t *p, size_t n) {
+  static const char *const brands[] = {"heic", "heix", "heim", "heis", "hevc", "hevx", "hevm", "hevs",
+                                       "mif1", "msf1", "avif", "avis"};
+  if (n < 16 || memcmp(p + 4, "ftyp", 4)) return 0;
+  size_t box = be32(p);
+  if (box < 16 || box > n) box = n < 64 ? n : 64; /* a short read: look at what is there */
+  for (size_t off = 8; off + 4 <= box; off += 4) {
+    if (off == 12) continue; /* minor version */
+    for (size_t b = 0; b < sizeof brands / sizeof *brands; b++)
+      if (!memcmp(p + off, brands[b], 4)) return 1;
+  }
+  return 0;
 }
 
-static int load_source(VipsSource *src, const char *name, const blip_img_opts *o, float *out, uint8_t *rgb,
-                       blip_img_meta *meta, double t0) {
+blip_img_format blip_img_sniff(const void *buf, size_t n, const char **name) {
+  const uint8_t *p = buf;
+  const char *dummy;
+  if (!name) name = &dummy;
+  *name = NULL;
+  if (!p || n < 4) return BLIP_IMG_UNKNOWN;
+  if (n >= 3 && p[0] == 0xFF && p[1] == 0xD8 && p[2] == 0xFF) return *name = "JPEG", BLIP_IMG_JPEG;
+  if (n >= 8 && !memcmp(p, "\x89PNG\r\n\x1a\n", 8)) return *name = "PNG", BLIP_IMG_PNG;
+  if (n >= 6 && (!memcmp(p, "GIF87a", 6) || !memcmp(p, "GIF89a", 6))) return *name = "GIF", BLIP_IMG_GIF;
+  if (!memcmp(p, "II*\0", 4) || !memcmp(p, "MM\0*", 4) || !memcmp(p, "II+\0", 4) || !memcmp(p, "MM\0+", 4))
+    return *name = "TIFF", BLIP_IMG_TIFF;
+  if (n >= 12 && !memcmp(p, "RIFF", 4) && !memcmp(p + 8, "WEBP", 4)) return *name = "WebP", BLIP_IMG_WEBP;
+  if (heif_brand(p, n)) return *name = "HEIF/AVIF", BLIP_IMG_HEIF;
+  if (n >= 14 && p[0] == 'B' && p[1] == 'M') return *name = "BMP", BLIP_IMG_BMP;
+  if (p[0] == 'P' && p[1] >= '1' && p[1] <= '6' && (p[2] == ' ' || p[2] == '\t' || p[2] == '\n' || p[2] == '\r'))
+    return *name = "PNM", BLIP_IMG_PNM;
+  /* recognised only to name them in the error */
+  static const struct {
+    const char *magic;
+    size_t len, off;
+    const char *name;
+  } other[] = {
+      {"\xFF\x4F\xFF\x51", 4, 0, "JPEG 2000"},   {"\0\0\0\x0CjP  ", 8, 0, "JPEG 2000"},
+      {"\xFF\x0A", 2, 0, "JPEG XL"},             {"\0\0\0\x0CJXL ", 8, 0, "JPEG XL"},
+      {"<svg", 4, 0, "SVG"},                     {"<?xml", 5, 0, "XML/SVG"},
+      {"\x1F\x8B", 2, 0, "gzip (SVGZ?)"},        {"%PDF", 4, 0, "PDF"},
+      {"SIMPLE  =", 9, 0, "FITS"},               {"#?RADIANCE", 10, 0, "Radiance HDR"},
+      {"#?RGBE", 6, 0, "Radiance HDR"},          {"8BPS", 4, 0, "Photoshop"},
+      {"\x76\x2F\x31\x01", 4, 0, "OpenEXR"},     {"ftyp", 4, 4, "ISO media (not HEIF/AVIF)"},
+  };
+  for (size_t i = 0; i < sizeof other / sizeof *other; i++)
+    if (n >= other[i].off + other[i].len && !memcmp(p + other[i].off, other[i].magic, other[i].len)) {
+      *name = other[i].name;
+      break;
+    }
+  return BLIP_IMG_UNKNOWN;
+}
+
+/* PNG: signature, then chunks {u32 length, type, data, u32 crc} up to IEND.
+ * libpng allocates a chunk's declared length before reading it, so every
+ * chunk must fit in the bytes we hold, and no length may exceed 2^31-1;
+ * a text chunk over PNG_TEXT_MAX is refused even when it fits. A
+ * chunk cut by the end of the buffer is a truncated file; trailing bytes
+ * after IEND are ignored, as libpng does. */
+int blip_img_png_check(const void *buf, size_t n, const char *name) {
+  const uint8_t *p = buf;
+  if (!name) name = "<buffer>";
+  if (!p || n < 8 || memcmp(p, "\x89PNG\r\n\x1a\n", 8)) return blip_err_set(BLIP_EFORMAT, "%s: not a PNG", name);
+  size_t off = 8;
+  for (int k = 0;; k++) {
+    if (n - off < 12)
+      return blip_err_set(BLIP_EFORMAT, "%s: truncated image (PNG ends after %zu bytes, before IEND)", name, n);
+    uint32_t len = be32(p + off);
+    char type[5];
+    for (int i = 0; i < 4; i++) {
+      uint8_t c = p[off + 4 + i];
+      if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z')))
+        return blip_err_set(BLIP_EFORMAT, "%s: corrupt image (PNG chunk %d at byte %zu has an invalid type)", name,
+                            k, off);
+      type[i] = (char)c;
+    }
+    type[4] = 0;
+    if (k == 0 && (strcmp(type, "IHDR") || len != 13))
+      return blip_err_set(BLIP_EFORMAT, "%s: corrupt image (PNG does not start with a 13-byte IHDR)", name);
+    if (len > 0x7FFFFFFFu)
+      return blip_err_set(BLIP_EFORMAT, "%s: corrupt image (PNG chunk %s declares %u bytes)", name, type, len);
+    int text = !strcmp(type, "tEXt") || !strcmp(type, "zTXt") || !strcmp(type, "iTXt");
+    if ((uint64_t)len + 12 > n - off) {
+      if (text || (uint64_t)len + 12 > (uint64_t)n + (1u << 20)) /* far beyond the end: a forged length */
+        return blip_err_set(BLIP_EFORMAT, "%s: corrupt image (PNG chunk %s declares %u bytes, the file has %zu left)",
+                            name, type, len, n - off - 8);
+      return blip_err_set(BLIP_EFORMAT, "%s: truncated image (PNG chunk %s runs past the end of the file)", name, type);
+    }
+    if (text && len > PNG_TEXT_MAX) /* libvips keeps text chunks as metadata strings */
+      return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported PNG: a %s chunk of %u bytes (photo metadata is KBs)",
+                          name, type, len);
+    off += (size_t)len + 12;
+    if (!strcmp(type, "IEND")) return BLIP_OK;
+  }
+}
+
+/* ------------------------------------------------------------------ load */
+
+typedef int (*vips_loader)(VipsSource *src, VipsImage **out, ...);
+
+static vips_loader loader_of(blip_img_format f) {
+  switch (f) {
+  case BLIP_IMG_JPEG: return vips_jpegload_source;
+  case BLIP_IMG_PNG: return vips_pngload_source;
+  case BLIP_IMG_GIF: return vips_gifload_source;
+  case BLIP_IMG_TIFF: return vips_tiffload_source;
+  case BLIP_IMG_WEBP: return vips_webpload_source;
+  case BLIP_IMG_HEIF: return vips_heifload_source;
+  case BLIP_IMG_PNM: return vips_ppmload_source;
+  default: return NULL;
+  }
+}
+
+/* Bytes a decode holds at its peak, from the header: the decoded image at
+ * its own depth (loaders that need the whole image, e.g. interlaced PNG),
+ * the packed 8-bit RGB copy and its oriented copy. */
+static int64_t decode_bytes(const VipsImage *im) {
+  int64_t px = (int64_t)im->Xsize * im->Ysize;
+  return px * ((int64_t)im->Bands * (int64_t)vips_format_sizeof(im->BandFmt) + 6);
+}
+
+static int load_source(VipsSource *src, blip_img_format fmt, const char *name, const blip_img_opts *o, float *out,
+                       uint8_t *rgb, blip_img_meta *meta, double t0) {
   VipsImage *im = NULL, *srgb = NULL;
   uint8_t *pix = NULL, *rot = NULL, *own_rgb = NULL;
   int rc = BLIP_OK;
-  const char *loader = vips_foreign_find_load_source(src);
-  if (!loader) {
-    vips_error_clear();
-    const char *fmt = magic_name(src);
-    vips_error_clear();
-    if (fmt) return blip_err_set(BLIP_EFORMAT, "%s: corrupt or truncated %s image (no decoder accepts it)", name, fmt);
-    return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image format", name);
-  }
   const conv cv = conv_for(src, o);
-  im = vips_image_new_from_source(src, "", "access", VIPS_ACCESS_SEQUENTIAL, "fail_on", VIPS_FAIL_ON_ERROR, NULL);
-  if (!im) {
+  vips_loader load = loader_of(fmt);
+  if (load(src, &im, "access", VIPS_ACCESS_SEQUENTIAL, "fail_on", VIPS_FAIL_ON_ERROR, NULL) || !im) {
     rc = vips_fail(BLIP_EFORMAT, "bad header", name);
     goto done;
   }
@@ -688,14 +812,15 @@ static int load_source(VipsSource *src, const char *name, const blip_img_opts *o
   /* HEIF/AVIF: libheif has already applied the container's irot/imir, and
    * the EXIF tag (which Apple also writes) only repeats them; applying it
    * again would turn every portrait sideways. It is still reported. */
-  int apply = o->autorotate && strncmp(loader, "VipsForeignLoadHeif", 19) != 0;
+  int apply = o->autorotate && fmt != BLIP_IMG_HEIF;
   if (meta) {
     meta->width = w;
     meta->height = h;
     meta->orientation = orient;
     exif_date(im, meta->taken_at);
   }
-  if (o->shrink_on_load && !strcmp(loader, "VipsForeignLoadJpegSource")) {
+  if (o->admit && (rc = o->admit(o->admit_ctx, decode_bytes(im)))) goto done;
+  if (o->shrink_on_load && fmt == BLIP_IMG_JPEG) {
     int f = jpeg_shrink(w, h, o->size);
     if (f > 1) {
       g_object_unref(im);
@@ -776,42 +901,130 @@ static int check_opts(const blip_img_opts *o) {
   return blip_img_init();
 }
 
-int blip_img_load_buffer(const void *buf, size_t len, const blip_img_opts *o, float *out, uint8_t *rgb,
-                         blip_img_meta *meta) {
-  double t0 = now_s();
-  int rc = check_opts(o);
+/* The format gate: magic bytes decide, only photo formats (and PNM) pass. */
+static int gate(const void *buf, size_t len, const char *name, blip_img_format *fmt) {
+  const char *what = NULL;
+  *fmt = blip_img_sniff(buf, len, &what);
+  if (*fmt == BLIP_IMG_BMP)
+    return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image format (BMP: libvips reads it only through "
+                        "ImageMagick, which blipsearch blocks; convert it to PNG)", name);
+  if (*fmt == BLIP_IMG_UNKNOWN) {
+    if (what) return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image format (%s)", name, what);
+    return blip_err_set(BLIP_EUNSUPPORTED, "%s: unsupported image format", name);
+  }
+  if (*fmt == BLIP_IMG_PNG) return blip_img_png_check(buf, len, name);
+  return BLIP_OK;
+}
+
+static int load_mem(const void *buf, size_t len, const char *name, const blip_img_opts *o, float *out, uint8_t *rgb,
+                    blip_img_meta *meta, double t0) {
+  blip_img_format fmt;
+  int rc = gate(buf, len, name, &fmt);
   if (rc) return rc;
-  if (!buf && len) return blip_err_set(BLIP_EINVAL, "blip_img_load_buffer: NULL buffer");
-  if (len == 0) return blip_err_set(BLIP_EFORMAT, "<buffer>: truncated image (empty)");
-  if ((uint64_t)len > (uint64_t)o->max_file_bytes)
-    return blip_err_set(BLIP_ETOOBIG, "<buffer>: too large: %zu bytes > max_file_bytes %lld", len,
-                        (long long)o->max_file_bytes);
   VipsSource *src = vips_source_new_from_memory(buf, len);
-  if (!src) return vips_fail(BLIP_ENOMEM, "cannot wrap buffer", "<buffer>");
-  rc = load_source(src, "<buffer>", o, out, rgb, meta, t0);
+  if (!src) return vips_fail(BLIP_ENOMEM, "cannot wrap buffer", name);
+  rc = load_source(src, fmt, name, o, out, rgb, meta, t0);
   g_object_unref(src);
   return rc;
 }
 
-int blip_img_load_file(const char *path, const blip_img_opts *o, float *out, uint8_t *rgb, blip_img_meta *meta) {
+int blip_img_load_memory(const void *buf, size_t len, const char *name, const blip_img_opts *o, float *out,
+                         uint8_t *rgb, blip_img_meta *meta) {
   double t0 = now_s();
   int rc = check_opts(o);
   if (rc) return rc;
-  if (!path) return blip_err_set(BLIP_EINVAL, "blip_img_load_file: NULL path");
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (!name) name = "<buffer>";
+  if (!buf && len) return blip_err_set(BLIP_EINVAL, "blip_img_load_memory: NULL buffer");
+  if (len == 0) return blip_err_set(BLIP_EFORMAT, "%s: truncated image (empty)", name);
+  if ((uint64_t)len > (uint64_t)o->max_file_bytes)
+    return blip_err_set(BLIP_ETOOBIG, "%s: too large: %zu bytes > max_file_bytes %lld", name, len,
+                        (long long)o->max_file_bytes);
+  return load_mem(buf, len, name, o, out, rgb, meta, t0);
+}
+
+int blip_img_load_buffer(const void *buf, size_t len, const blip_img_opts *o, float *out, uint8_t *rgb,
+                         blip_img_meta *meta) {
+  return blip_img_load_memory(buf, len, "<buffer>", o, out, rgb, meta);
+}
+
+int blip_img_open(const char *path, int64_t max_bytes, int *fd_out, blip_img_stat *info) {
+  *fd_out = -1;
+  /* O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer */
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) return blip_err_set(BLIP_EIO, "%s: unreadable: %s", path, strerror(errno));
   struct stat st;
-  int serr = fstat(fd, &st) ? errno : 0;
+  int rc = BLIP_OK;
+  if (fstat(fd, &st)) rc = blip_err_set(BLIP_EIO, "%s: unreadable: %s", path, strerror(errno));
+  else if (!S_ISREG(st.st_mode)) rc = blip_err_set(BLIP_EIO, "%s: unreadable: not a regular file", path);
+  else if (st.st_size == 0) rc = blip_err_set(BLIP_EFORMAT, "%s: truncated image (empty file)", path);
+  else if (st.st_size > max_bytes)
+    rc = blip_err_set(BLIP_ETOOBIG, "%s: too large: %lld bytes > max_file_bytes %lld", path, (long long)st.st_size,
+                      (long long)max_bytes);
+  if (rc) {
+    close(fd);
+    return rc;
+  }
+  info->size = st.st_size;
+  info->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+  info->dev = (uint64_t)st.st_dev;
+  info->ino = (uint64_t)st.st_ino;
+  *fd_out = fd;
+  return BLIP_OK;
+}
+
+int blip_img_read_fd(int fd, const char *path, void *dst, size_t len, int64_t off) {
+  size_t got = 0;
+  while (got < len) {
+    ssize_t r = pread(fd, (uint8_t *)dst + got, len - got, (off_t)(off + (int64_t)got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return blip_err_set(BLIP_EIO, "%s: unreadable: %s", path, strerror(errno));
+    if (r == 0)
+      return blip_err_set(BLIP_EIO, "%s: changed while being read (shrank to %lld bytes)", path,
+                          (long long)(off + (int64_t)got));
+    got += (size_t)r;
+  }
+  return BLIP_OK;
+}
+
+int blip_img_load_file(const char *path, const blip_img_opts *o, float *out, uint8_t *rgb, blip_img_meta *meta) {
+  double t0 = now_s();
+  int rc = check_opts(o), fd = -1;
+  if (rc) return rc;
+  if (!path) return blip_err_set(BLIP_EINVAL, "blip_img_load_file: NULL path");
+  blip_img_stat info;
+  if ((rc = blip_img_open(path, o->max_file_bytes, &fd, &info))) return rc;
+  uint8_t *buf = malloc((size_t)info.size);
+  if (!buf) rc = blip_err_set(BLIP_ENOMEM, "%s: out of memory for %lld bytes", path, (long long)info.size);
+  else rc = blip_img_read_fd(fd, path, buf, (size_t)info.size, 0);
   close(fd);
-  if (serr) return blip_err_set(BLIP_EIO, "%s: unreadable: %s", path, strerror(serr));
-  if (!S_ISREG(st.st_mode)) return blip_err_set(BLIP_EIO, "%s: unreadable: not a regular file", path);
-  if (st.st_size == 0) return blip_err_set(BLIP_EFORMAT, "%s: truncated image (empty file)", path);
-  if (st.st_size > o->max_file_bytes)
-    return blip_err_set(BLIP_ETOOBIG, "%s: too large: %lld bytes > max_file_bytes %lld", path,
-                        (long long)st.st_size, (long long)o->max_file_bytes);
-  VipsSource *src = vips_source_new_from_file(path);
-  if (!src) return vips_fail(BLIP_EIO, "unreadable", path);
-  rc = load_source(src, path, o, out, rgb, meta, t0);
-  g_object_unref(src);
+  if (!rc) rc = load_mem(buf, (size_t)info.size, path, o, out, rgb, meta, t0);
+  free(buf);
   return rc;
 }
+
+int blip_img_load_pixels(const char *spec, int S, float **out, int *n) {
+  char *file = strdup(spec), *colon = file ? strrchr(file, ':') : NULL;
+  if (!file) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  int rc = BLIP_OK;
+  blip_st *st = NULL;
+  if (!colon) {
+    free(file);
+    return blip_err_set(BLIP_EINVAL, "--pixels wants FILE.safetensors:TENSOR, got '%s'", spec);
+  }
+  *colon = 0;
+  if ((rc = blip_st_open(file, &st))) goto done;
+  const blip_st_tensor *t = blip_st_find(st, colon + 1);
+  if (!t) { rc = blip_err_set(BLIP_EMISSING, "%s has no tensor '%s'", file, colon + 1); goto done; }
+  if (t->dtype != BLIP_DT_F32 || t->ndim != 4 || t->shape[1] != 3 || t->shape[2] != S || t->shape[3] != S) {
+    rc = blip_err_set(BLIP_ESHAPE, "tensor '%s' must be F32 [N,3,%d,%d] for this model", colon + 1, S, S);
+    goto done;
+  }
+  *n = (int)t->shape[0];
+  if (!(*out = malloc((size_t)t->numel * sizeof(float)))) { rc = blip_err_set(BLIP_ENOMEM, "out of memory"); goto done; }
+  rc = blip_st_to_f32(t, *out, t->numel);
+done:
+  blip_st_close(st);
+  free(file);
+  return rc;
+}
+

@@ -11,6 +11,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Runtime dispatch: oneDNN picks its kernels at run time; the row kernels
+ * here (LayerNorm, softmax, bf16 rounding, int8 quantization and
+ * epilogues) are compiled for -march=native by default. A portable build
+ * (cmake -DBLIP_NATIVE=OFF) compiles them as AVX-512 / AVX2 / baseline
+ * clones instead, chosen once at load by the CPU (GCC ifunc), so that it
+ * keeps the native build's speed on every x86-64. */
+#if defined(BLIP_DISPATCH) && defined(__x86_64__)
+#define INLINE inline __attribute__((always_inline)) /* the helpers below compile into each clone */
+#define DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define INLINE inline
+#define DISPATCH
+#endif
+
 void blip_k_set_threads(int n) {
   if (n <= 0) n = omp_get_num_procs();
   omp_set_num_threads(n);
@@ -33,7 +47,7 @@ int blip_k_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A
  * exp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf
  * coefficients), 2^n built in the exponent bits. Inputs are clamped so the
  * result stays finite; below -87 it flushes to ~0 (softmax-safe). */
-static inline float exp_approx(float x) {
+static INLINE float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
   float n = rintf(x * 1.44269504088896341f);
   float r = fmaf(n, -0.693359375f, x);
@@ -53,7 +67,7 @@ static inline float exp_approx(float x) {
 
 /* erf: rational minimax approximation on [-4, 4] (as in Eigen's float erf),
  * saturating outside; max abs error ~1e-7. */
-static inline float erf_approx(float x) {
+static INLINE float erf_approx(float x) {
   x = x < -4.0f ? -4.0f : x > 4.0f ? 4.0f : x;
   float x2 = x * x;
   float p = -2.72614225801306e-10f;
@@ -72,7 +86,7 @@ static inline float erf_approx(float x) {
   return p / q;
 }
 
-static inline float gelu(float v) { return 0.5f * v * (1.0f + erf_approx(v * 0.70710678118654752f)); }
+static INLINE float gelu(float v) { return 0.5f * v * (1.0f + erf_approx(v * 0.70710678118654752f)); }
 
 /* ---------- packed linear layers (oneDNN matmul) ---------- */
 
@@ -114,10 +128,6 @@ static int dnnl_fail(dnnl_status_t s, const char *what, const blip_k_packed *p, 
 
 static dnnl_data_type_t src_type(blip_k_prec p) { return p == BLIP_K_F32 ? dnnl_f32 : p == BLIP_K_BF16 ? dnnl_bf16 : dnnl_u8; }
 
-/* Internal flags of packed bf16 layers: the input is already bf16, or the
- * output is written as bf16 (for blip_k_mlp's fc1 -> fc2 hand-off). */
-enum { SRC_BF16 = 4, DST_BF16 = 8 };
-
 /* The matmul for this layer at M rows; wmd NULL lets oneDNN choose the
  * weight layout (used once, at pack time). */
 static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnnl_memory_desc_t *wmd,
@@ -128,7 +138,7 @@ static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnn
   dnnl_status_t st;
   if ((st = dnnl_memory_desc_init_by_tag(&s, 2, sd, src_type(p->prec), dnnl_ab)) ||
       (st = dnnl_memory_desc_init_by_tag(&b, 2, bd, dnnl_f32, dnnl_ab)) ||
-      (st = dnnl_memory_desc_init_by_tag(&d, 2, dd, q8 ? dnnl_s32 : (flags & DST_BF16) ? dnnl_bf16 : dnnl_f32, dnnl_ab)))
+      (st = dnnl_memory_desc_init_by_tag(&d, 2, dd, q8 ? dnnl_s32 : (flags & BLIP_K_OUT_BF16) ? dnnl_bf16 : dnnl_f32, dnnl_ab)))
     return st;
   if (wmd) w = *wmd;
   else if ((st = dnnl_memory_desc_init_by_tag(&w, 2, wd, q8 ? dnnl_s8 : src_type(p->prec), dnnl_format_tag_any)))
@@ -198,14 +208,26 @@ void blip_k_ws_free(blip_k_ws *ws) {
 }
 
 /* Round to nearest even, as torch's .to(bfloat16) does (no NaN inputs here). */
+static INLINE uint16_t bf16_rne(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+DISPATCH static void to_bf16_run(uint16_t *d, const float *s, long n) {
+#pragma omp simd
+  for (long i = 0; i < n; i++) d[i] = bf16_rne(s[i]);
+}
+
 static void to_bf16(uint16_t *d, const float *s, long n) {
-#pragma omp parallel for simd if (n > 65536)
-  for (long i = 0; i < n; i++) {
-    uint32_t u;
-    memcpy(&u, &s[i], 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    d[i] = (uint16_t)(u >> 16);
+  if (n <= 65536) {
+    to_bf16_run(d, s, n);
+    return;
   }
+  const long blk = 16384;
+#pragma omp parallel for
+  for (long i = 0; i < n; i += blk) to_bf16_run(d + i, s + i, n - i < blk ? n - i : blk);
 }
 
 void blip_k_quant_w(int8_t *q, float *scale, int32_t *colsum, const float *w, int out, int in) {
@@ -233,7 +255,7 @@ void blip_k_quant_w(int8_t *q, float *scale, int32_t *colsum, const float *w, in
   }
 }
 
-void blip_k_quant_row(uint8_t *q, float *scale, int32_t *zp, const float *x, int n) {
+DISPATCH void blip_k_quant_row(uint8_t *q, float *scale, int32_t *zp, const float *x, int n) {
   float lo = 0, hi = 0; /* the range includes 0, so zero rows and padding are exact */
 #pragma omp simd reduction(min : lo) reduction(max : hi)
   for (int j = 0; j < n; j++) {
@@ -347,7 +369,7 @@ done:
   return rc;
 }
 
-static inline float dq1(const int32_t *acc, int32_t comp, float scale, float bias) {
+static INLINE float dq1(const int32_t *acc, int32_t comp, float scale, float bias) {
   int32_t a;
   memcpy(&a, acc, 4);
   return (float)(a - comp) * scale + bias;
@@ -356,7 +378,7 @@ static inline float dq1(const int32_t *acc, int32_t comp, float scale, float bia
 /* int8 epilogue for one row: y = (acc - zp colsum) rs cs + b, then flags.
  * acc may be out itself: each element is read (memcpy: no aliasing UB)
  * before it is written. One loop per flag set, so each vectorizes. */
-static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
+DISPATCH static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
                         const float *b, int flags) {
 #define DQ(j) dq1(acc + (j), zp * colsum[j], rs * cs[j], b[j])
   switch (flags & (BLIP_K_GELU | BLIP_K_ACCUM)) {
@@ -376,6 +398,18 @@ static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t
 #pragma omp simd
     for (int j = 0; j < N; j++) out[j] += gelu(DQ(j));
   }
+}
+
+/* The same epilogue writing bf16 (no residual: flags is 0 or BLIP_K_GELU). */
+DISPATCH static void dequant_row_bf16(uint16_t *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
+                             const float *b, int flags) {
+  if (flags & BLIP_K_GELU) {
+#pragma omp simd
+    for (int j = 0; j < N; j++) out[j] = bf16_rne(gelu(DQ(j)));
+  } else {
+#pragma omp simd
+    for (int j = 0; j < N; j++) out[j] = bf16_rne(DQ(j));
+  }
 #undef DQ
 }
 
@@ -383,8 +417,9 @@ static int packed_rows(void *out, const void *in, const blip_k_linear *l, int M,
   blip_k_packed *p = l->packed;
   const int K = p->in, N = p->out;
   const size_t qbytes = ((size_t)M * K * (p->prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
-  size_t need = (p->prec == BLIP_K_F32 || (flags & SRC_BF16)) ? 0 : qbytes;
-  if (p->prec == BLIP_K_INT8) need += (size_t)M * 8 + ((flags & BLIP_K_ACCUM) ? (size_t)M * N * 4 : 0);
+  const int own_acc = flags & (BLIP_K_ACCUM | BLIP_K_OUT_BF16); /* int8: s32 results cannot go to out */
+  size_t need = (p->prec == BLIP_K_F32 || (flags & BLIP_K_IN_BF16)) ? 0 : qbytes;
+  if (p->prec == BLIP_K_INT8) need += (size_t)M * 8 + (own_acc ? (size_t)M * N * 4 : 0);
   char *w = need ? ws_get(p->ws, need) : NULL;
   if (need && !w) return blip_err_set(BLIP_ENOMEM, "out of memory for a %dx%d activation", M, K);
   dnnl_primitive_t prim = NULL;
@@ -393,13 +428,13 @@ static int packed_rows(void *out, const void *in, const blip_k_linear *l, int M,
   const void *src = in;
   float *rs = NULL;
   int32_t *zp = NULL, *acc = out;
-  if (p->prec == BLIP_K_BF16 && !(flags & SRC_BF16)) {
+  if (p->prec == BLIP_K_BF16 && !(flags & BLIP_K_IN_BF16)) {
     to_bf16((uint16_t *)(void *)w, in, (long)M * K);
     src = w;
   } else if (p->prec == BLIP_K_INT8) {
     rs = (float *)(void *)(w + qbytes);
     zp = (int32_t *)(void *)(rs + M);
-    if (flags & BLIP_K_ACCUM) acc = zp + M;
+    if (own_acc) acc = zp + M;
     const float *x = in;
 #pragma omp parallel for if ((long)M * K > 32768)
     for (int i = 0; i < M; i++) blip_k_quant_row((uint8_t *)w + (size_t)i * K, &rs[i], &zp[i], x + (size_t)i * K, K);
@@ -410,7 +445,7 @@ static int packed_rows(void *out, const void *in, const blip_k_linear *l, int M,
   dnnl_memory_t ms = NULL, mw = NULL, mb = NULL, md = NULL;
   dnnl_status_t st;
   if ((st = dnnl_memory_desc_init_by_tag(&smd, 2, sd, src_type(p->prec), dnnl_ab)) ||
-      (st = dnnl_memory_desc_init_by_tag(&dmd, 2, dd, p->prec == BLIP_K_INT8 ? dnnl_s32 : (flags & DST_BF16) ? dnnl_bf16 : dnnl_f32, dnnl_ab)) ||
+      (st = dnnl_memory_desc_init_by_tag(&dmd, 2, dd, p->prec == BLIP_K_INT8 ? dnnl_s32 : (flags & BLIP_K_OUT_BF16) ? dnnl_bf16 : dnnl_f32, dnnl_ab)) ||
       (st = dnnl_memory_desc_init_by_tag(&bmd, 2, bd, dnnl_f32, dnnl_ab)) ||
       (st = dnnl_memory_create(&ms, &smd, g_engine, (void *)src)) || (st = dnnl_memory_create(&mw, &p->wmd, g_engine, p->w)) ||
       (st = dnnl_memory_create(&mb, &bmd, g_engine, (void *)l->b)) || (st = dnnl_memory_create(&md, &dmd, g_engine, acc)))
@@ -427,10 +462,14 @@ done:
   if (md) dnnl_memory_destroy(md);
   if (st) return dnnl_fail(st, "matmul", p, M);
   if (p->prec == BLIP_K_INT8) {
-    float *y = out;
+    const float *b = l->b ? l->b : p->zeros;
 #pragma omp parallel for if ((long)M * N > 32768)
-    for (int i = 0; i < M; i++)
-      dequant_row(y + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, l->b ? l->b : p->zeros, flags);
+    for (int i = 0; i < M; i++) {
+      if (flags & BLIP_K_OUT_BF16)
+        dequant_row_bf16((uint16_t *)out + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, b, flags);
+      else
+        dequant_row((float *)out + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, b, flags);
+    }
   }
   return BLIP_OK;
 }
@@ -446,35 +485,46 @@ static int chunk_rows(int M) {
   return (M + chunks - 1) / chunks;
 }
 
-static int packed_fwd(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
+/* Bytes per activation element on each side of a layer. */
+#define IN_SIZE(flags) ((flags) & BLIP_K_IN_BF16 ? 2 : 4)
+#define OUT_SIZE(flags) ((flags) & BLIP_K_OUT_BF16 ? 2 : 4)
+
+static int packed_fwd(void *out, const void *in, const blip_k_linear *l, int M, int flags) {
   const int rows = chunk_rows(M);
   for (int r0 = 0; r0 < M; r0 += rows) {
     int n = M - r0 < rows ? M - r0 : rows;
-    int rc = packed_rows(out + (size_t)r0 * l->out, in + (size_t)r0 * l->in, l, n, flags);
+    int rc = packed_rows((char *)out + (size_t)r0 * l->out * OUT_SIZE(flags), (const char *)in + (size_t)r0 * l->in * IN_SIZE(flags),
+                         l, n, flags);
     if (rc) return rc;
   }
   return BLIP_OK;
 }
 
-int blip_k_mlp(float *x, const float *h, const blip_k_linear *fc1, const blip_k_linear *fc2, int M, float *mid) {
+int blip_k_mlp(float *x, const void *h, int h_flags, const blip_k_linear *fc1, const blip_k_linear *fc2, int M, float *mid) {
   const int bf = fc1->packed && fc2->packed && fc1->packed->prec == BLIP_K_BF16 && fc2->packed->prec == BLIP_K_BF16;
+  h_flags &= BLIP_K_IN_BF16;
   if (!bf) {
-    int rc = blip_k_linear_fwd_ex(mid, h, fc1, M, BLIP_K_GELU);
+    int rc = blip_k_linear_fwd_ex(mid, h, fc1, M, BLIP_K_GELU | h_flags);
     return rc ? rc : blip_k_linear_fwd_ex(x, mid, fc2, M, BLIP_K_ACCUM);
   }
   /* per row chunk: fc1 writes bf16 into mid, which fc2 reads while it is in cache */
   const int rows = chunk_rows(M);
   for (int r0 = 0; r0 < M; r0 += rows) {
     int n = M - r0 < rows ? M - r0 : rows;
-    int rc = packed_rows(mid, h + (size_t)r0 * fc1->in, fc1, n, BLIP_K_GELU | DST_BF16);
-    if (!rc) rc = packed_rows(x + (size_t)r0 * fc2->out, mid, fc2, n, BLIP_K_ACCUM | SRC_BF16);
+    int rc = packed_rows(mid, (const char *)h + (size_t)r0 * fc1->in * IN_SIZE(h_flags), fc1, n, BLIP_K_GELU | BLIP_K_OUT_BF16 | h_flags);
+    if (!rc) rc = packed_rows(x + (size_t)r0 * fc2->out, mid, fc2, n, BLIP_K_ACCUM | BLIP_K_IN_BF16);
     if (rc) return rc;
   }
   return BLIP_OK;
 }
 
-int blip_k_linear_fwd_ex(float *out, const float *in, const blip_k_linear *l, int M, int flags) {
+int blip_k_linear_fwd_ex(void *out, const void *in, const blip_k_linear *l, int M, int flags) {
   if (M == 0) return BLIP_OK;
+  const blip_k_prec prec = l->packed ? l->packed->prec : BLIP_K_F32;
+  if (((flags & BLIP_K_IN_BF16) && prec != BLIP_K_BF16) ||
+      ((flags & BLIP_K_OUT_BF16) && (prec == BLIP_K_F32 || (flags & BLIP_K_ACCUM))))
+    return blip_err_set(BLIP_EINVAL, "linear %dx%d: bf16 %s not supported by this layer", l->out, l->in,
+                        (flags & BLIP_K_IN_BF16) ? "input" : "output");
   if (l->packed) return packed_fwd(out, in, l, M, flags);
   if ((flags & BLIP_K_GELU) && (flags & BLIP_K_ACCUM))
     return blip_err_set(BLIP_EINVAL, "linear: GELU with accumulation needs a packed layer");
@@ -484,7 +534,7 @@ int blip_k_linear_fwd_ex(float *out, const float *in, const blip_k_linear *l, in
   const float *b = l->b;
 #pragma omp parallel for if ((long)M * N > 32768)
   for (int i = 0; i < M; i++) {
-    float *o = out + (long)i * N;
+    float *o = (float *)out + (long)i * N;
     if (b) {
 #pragma omp simd
       for (int j = 0; j < N; j++) o[j] += b[j];
@@ -501,7 +551,8 @@ int blip_k_linear_fwd(float *out, const float *in, const blip_k_linear *l, int M
   return blip_k_linear_fwd_ex(out, in, l, M, 0);
 }
 
-static void ln_row(float *out, const float *in, const float *g, const float *b, int N, float eps) {
+/* LayerNorm of one row: returns the mean, *rs = 1 / sqrt(var + eps). */
+static INLINE float ln_stats(const float *in, int N, float eps, float *rs) {
   float mean = 0, var = 0;
 #pragma omp simd reduction(+ : mean)
   for (int j = 0; j < N; j++) mean += in[j];
@@ -512,9 +563,25 @@ static void ln_row(float *out, const float *in, const float *g, const float *b, 
     var += d * d;
   }
   var /= (float)N;
-  float rs = 1.0f / sqrtf(var + eps);
+  *rs = 1.0f / sqrtf(var + eps);
+  return mean;
+}
+
+DISPATCH static void ln_row(float *out, const float *in, const float *g, const float *b, int N, float eps) {
+  float rs, mean = ln_stats(in, N, eps, &rs);
 #pragma omp simd
   for (int j = 0; j < N; j++) out[j] = (in[j] - mean) * rs * g[j] + b[j];
+}
+
+DISPATCH static void ln_row_bf16(uint16_t *out, const float *in, const float *g, const float *b, int N, float eps) {
+  float rs, mean = ln_stats(in, N, eps, &rs);
+#pragma omp simd
+  for (int j = 0; j < N; j++) out[j] = bf16_rne((in[j] - mean) * rs * g[j] + b[j]);
+}
+
+void blip_k_layernorm_bf16(uint16_t *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
+#pragma omp parallel for if ((long)M * N > 32768)
+  for (int i = 0; i < M; i++) ln_row_bf16(out + (long)i * N, in + (long)i * N, g, b, N, eps);
 }
 
 void blip_k_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
@@ -550,7 +617,7 @@ void blip_k_gelu(float *x, long n) {
 }
 
 /* x = exp(x - max x) in place; returns the sum (softmax without the division). */
-static float exp_shifted(float *x, int n) {
+static INLINE float exp_shifted(float *x, int n) {
   float mx = -INFINITY, sum = 0;
 #pragma omp simd reduction(max : mx)
   for (int j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
@@ -562,7 +629,7 @@ static float exp_shifted(float *x, int n) {
   return sum;
 }
 
-static void softmax_row(float *x, int n) {
+DISPATCH static void softmax_row(float *x, int n) {
   float inv = 1.0f / exp_shifted(x, n);
 #pragma omp simd
   for (int j = 0; j < n; j++) x[j] *= inv;
@@ -583,8 +650,43 @@ void blip_k_l2norm(float *x, int rows, int cols) {
   }
 }
 
+/* Attention small enough (the text encoder's 12 tokens: 0.1 M multiply-adds)
+ * that GEMM calls and a parallel region cost more than the arithmetic:
+ * direct loops on one thread, s = one score row. */
+#define ATT_DIRECT_MAX 262144L
+
+static void attention_direct(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv, int Lq,
+                             int Lk, int heads, int dh, float scale, const float *mask_add, float *s) {
+  for (int h = 0; h < heads; h++)
+    for (int i = 0; i < Lq; i++) {
+      const float *qi = q + (size_t)i * ldq + h * dh;
+      for (int j = 0; j < Lk; j++) {
+        const float *kj = k + (size_t)j * ldk + h * dh;
+        float d = 0;
+#pragma omp simd reduction(+ : d)
+        for (int t = 0; t < dh; t++) d += qi[t] * kj[t];
+        s[j] = d * scale + (mask_add ? mask_add[j] : 0.0f);
+      }
+      softmax_row(s, Lk);
+      float *o = out + (size_t)i * ldo + h * dh;
+      memset(o, 0, sizeof(float) * dh);
+      for (int j = 0; j < Lk; j++) {
+        const float *vj = v + (size_t)j * ldv + h * dh, p = s[j];
+#pragma omp simd
+        for (int t = 0; t < dh; t++) o[t] += p * vj[t];
+      }
+    }
+}
+
 int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
                      int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws) {
+  if ((long)Lq * Lk * heads * dh <= ATT_DIRECT_MAX) {
+    float *s = ws ? ws_get(ws, (size_t)Lk * sizeof(float)) : malloc((size_t)Lk * sizeof(float));
+    if (!s) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %d scores", Lk);
+    attention_direct(out, ldo, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, mask_add, s);
+    if (!ws) free(s);
+    return BLIP_OK;
+  }
   int nt = omp_get_max_threads();
   if (nt > heads) nt = heads;
   const size_t bytes = (size_t)nt * Lq * Lk * sizeof(float);
@@ -616,8 +718,13 @@ int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *
 
 #define ATT_SLOTS 8
 
+/* One attention shape: sizes, operand strides, output type. */
 typedef struct {
-  int Lq, Lk, H, dh, ldo;
+  int Lq, Lk, H, dh, ldq, ldk, ldv, ldo, obf16;
+} att_shape;
+
+typedef struct {
+  att_shape sh;
   dnnl_primitive_t qk, pv;
 } att_slot;
 
@@ -636,17 +743,17 @@ static void att_cache_free(void *c) {
   free(a);
 }
 
-/* Memory descriptors of one attention shape. Operands are dense bf16
- * [L, H*dh] (head h in columns h*dh..), seen as [H, L, dh] by strides;
- * K is read transposed as [H, dh, Lk]. S/P are [H, Lq, Lk]. */
+/* Memory descriptors of one attention shape. Operands are bf16 rows
+ * [L, ld] (head h in columns h*dh..), seen as [H, L, dh] by strides;
+ * K is read transposed as [H, dh, Lk]. S/P are dense [H, Lq, Lk]. */
 typedef struct {
   dnnl_memory_desc_t q, k, s, p, v, o;
 } att_mds;
 
-static dnnl_status_t att_descs(att_mds *d, int Lq, int Lk, int H, int dh, int ldo) {
-  const dnnl_dim_t D = (dnnl_dim_t)H * dh;
-  dnnl_dims_t qd = {H, Lq, dh}, qs = {dh, D, 1}, kd = {H, dh, Lk}, ks = {dh, 1, D}, sd = {H, Lq, Lk},
-              ss = {(dnnl_dim_t)Lq * Lk, Lk, 1}, vd = {H, Lk, dh}, vs = {dh, D, 1}, od = {H, Lq, dh}, os = {dh, ldo, 1};
+static dnnl_status_t att_descs(att_mds *d, const att_shape *a) {
+  const int H = a->H, dh = a->dh, Lq = a->Lq, Lk = a->Lk;
+  dnnl_dims_t qd = {H, Lq, dh}, qs = {dh, a->ldq, 1}, kd = {H, dh, Lk}, ks = {dh, 1, a->ldk}, sd = {H, Lq, Lk},
+              ss = {(dnnl_dim_t)Lq * Lk, Lk, 1}, vd = {H, Lk, dh}, vs = {dh, a->ldv, 1}, od = {H, Lq, dh}, os = {dh, a->ldo, 1};
   dnnl_status_t st;
   if ((st = dnnl_memory_desc_init_by_strides(&d->q, 3, qd, dnnl_bf16, qs)) ||
       (st = dnnl_memory_desc_init_by_strides(&d->k, 3, kd, dnnl_bf16, ks)) ||
@@ -654,19 +761,17 @@ static dnnl_status_t att_descs(att_mds *d, int Lq, int Lk, int H, int dh, int ld
       (st = dnnl_memory_desc_init_by_strides(&d->p, 3, sd, dnnl_bf16, ss)) ||
       (st = dnnl_memory_desc_init_by_strides(&d->v, 3, vd, dnnl_bf16, vs)))
     return st;
-  return dnnl_memory_desc_init_by_strides(&d->o, 3, od, dnnl_f32, os);
+  return dnnl_memory_desc_init_by_strides(&d->o, 3, od, a->obf16 ? dnnl_bf16 : dnnl_f32, os);
 }
 
-static dnnl_status_t att_prims(blip_k_ws *ws, int Lq, int Lk, int H, int dh, int ldo, const att_mds *d, att_slot **out) {
+static dnnl_status_t att_prims(blip_k_ws *ws, const att_shape *sh, const att_mds *d, att_slot **out) {
   att_cache *a = ws->att;
   if (!a && !(a = ws->att = calloc(1, sizeof *a))) return dnnl_out_of_memory;
-  for (int i = 0; i < a->n; i++) {
-    att_slot *s = &a->slot[i];
-    if (s->Lq == Lq && s->Lk == Lk && s->H == H && s->dh == dh && s->ldo == ldo) {
-      *out = s;
+  for (int i = 0; i < a->n; i++)
+    if (!memcmp(&a->slot[i].sh, sh, sizeof *sh)) {
+      *out = &a->slot[i];
       return dnnl_success;
     }
-  }
   dnnl_matmul_desc_t m1, m2;
   dnnl_primitive_desc_t pd1 = NULL, pd2 = NULL;
   dnnl_primitive_t qk = NULL, pv = NULL;
@@ -685,7 +790,7 @@ static dnnl_status_t att_prims(blip_k_ws *ws, int Lq, int Lk, int H, int dh, int
     dnnl_primitive_destroy(a->slot[i].qk);
     dnnl_primitive_destroy(a->slot[i].pv);
   }
-  a->slot[i] = (att_slot){Lq, Lk, H, dh, ldo, qk, pv};
+  a->slot[i] = (att_slot){*sh, qk, pv};
   *out = &a->slot[i];
   qk = pv = NULL;
 done:
@@ -696,12 +801,8 @@ done:
   return st;
 }
 
-static void rows_to_bf16(uint16_t *d, const float *s, int rows, int cols, int ld) {
-  for (int i = 0; i < rows; i++) to_bf16(d + (size_t)i * cols, s + (size_t)i * ld, cols);
-}
-
 /* p = bf16(softmax(scale * s + mask)) for one row */
-static void softmax_row_bf16(uint16_t *p, float *s, int n, float scale, const float *mask) {
+DISPATCH static void softmax_row_bf16(uint16_t *p, float *s, int n, float scale, const float *mask) {
   if (mask) {
 #pragma omp simd
     for (int j = 0; j < n; j++) s[j] = s[j] * scale + mask[j];
@@ -711,48 +812,36 @@ static void softmax_row_bf16(uint16_t *p, float *s, int n, float scale, const fl
   }
   float inv = 1.0f / exp_shifted(s, n);
 #pragma omp simd
-  for (int j = 0; j < n; j++) {
-    uint32_t u;
-    float f = s[j] * inv;
-    memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p[j] = (uint16_t)(u >> 16);
-  }
+  for (int j = 0; j < n; j++) p[j] = bf16_rne(s[j] * inv);
 }
 
-int blip_k_attention_bf16(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
-                          int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws) {
+static int stream_ready(blip_k_ws *ws) {
   pthread_once(&g_engine_once, engine_init);
   if (!g_engine) return blip_err_set(BLIP_EINVAL, "oneDNN: no CPU engine");
   if (!ws->stream && dnnl_stream_create((dnnl_stream_t *)&ws->stream, g_engine, dnnl_stream_default_flags))
     return blip_err_set(BLIP_ENOMEM, "oneDNN: cannot create a stream");
-  const int D = heads * dh;
-  const size_t nq = (size_t)Lq * D, nk = (size_t)Lk * D, ns = (size_t)heads * Lq * Lk;
-  const size_t bytes = ((nq + 2 * nk) * 2 + 63) / 64 * 64 + ns * 4 + ns * 2;
-  char *w = ws_get(ws, bytes);
-  if (!w) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %dx%d scores", Lq, Lk);
-  uint16_t *q16 = (uint16_t *)(void *)w, *k16 = q16 + nq, *v16 = k16 + nk;
-  float *S = (float *)(void *)(w + ((nq + 2 * nk) * 2 + 63) / 64 * 64);
-  uint16_t *P = (uint16_t *)(void *)(S + ns);
+  return BLIP_OK;
+}
+
+/* Attention on bf16 operands; scr holds the f32 scores then the bf16
+ * probabilities, [H, Lq, Lk] each. */
+static int att_bf16_run(void *out, const uint16_t *q, const uint16_t *k, const uint16_t *v, const att_shape *sh, float scale,
+                        const float *mask_add, float *S, uint16_t *P, blip_k_ws *ws) {
   att_mds d;
   att_slot *slot = NULL;
-  dnnl_status_t st = att_descs(&d, Lq, Lk, heads, dh, ldo);
-  if (!st) st = att_prims(ws, Lq, Lk, heads, dh, ldo, &d, &slot);
-  if (st) return blip_err_set(st == dnnl_out_of_memory ? BLIP_ENOMEM : BLIP_EINVAL, "oneDNN attention %dx%d: status %d", Lq, Lk, (int)st);
-  rows_to_bf16(q16, q, Lq, D, ldq);
-  rows_to_bf16(k16, k, Lk, D, ldk);
-  rows_to_bf16(v16, v, Lk, D, ldv);
+  dnnl_status_t st = att_descs(&d, sh);
+  if (!st) st = att_prims(ws, sh, &d, &slot);
   dnnl_memory_t mq = NULL, mk = NULL, ms = NULL, mp = NULL, mv = NULL, mo = NULL;
-  if ((st = dnnl_memory_create(&mq, &d.q, g_engine, q16)) || (st = dnnl_memory_create(&mk, &d.k, g_engine, k16)) ||
+  if (st || (st = dnnl_memory_create(&mq, &d.q, g_engine, (void *)q)) || (st = dnnl_memory_create(&mk, &d.k, g_engine, (void *)k)) ||
       (st = dnnl_memory_create(&ms, &d.s, g_engine, S)) || (st = dnnl_memory_create(&mp, &d.p, g_engine, P)) ||
-      (st = dnnl_memory_create(&mv, &d.v, g_engine, v16)) || (st = dnnl_memory_create(&mo, &d.o, g_engine, out)))
+      (st = dnnl_memory_create(&mv, &d.v, g_engine, (void *)v)) || (st = dnnl_memory_create(&mo, &d.o, g_engine, out)))
     goto done;
   dnnl_exec_arg_t a1[3] = {{DNNL_ARG_SRC, mq}, {DNNL_ARG_WEIGHTS, mk}, {DNNL_ARG_DST, ms}};
   dnnl_exec_arg_t a2[3] = {{DNNL_ARG_SRC, mp}, {DNNL_ARG_WEIGHTS, mv}, {DNNL_ARG_DST, mo}};
   if ((st = dnnl_primitive_execute(slot->qk, ws->stream, 3, a1)) || (st = dnnl_stream_wait(ws->stream))) goto done;
-  const long rows = (long)heads * Lq;
+  const long rows = (long)sh->H * sh->Lq, Lk = sh->Lk;
 #pragma omp parallel for if (rows * Lk > 32768)
-  for (long r = 0; r < rows; r++) softmax_row_bf16(P + (size_t)r * Lk, S + (size_t)r * Lk, Lk, scale, mask_add);
+  for (long r = 0; r < rows; r++) softmax_row_bf16(P + (size_t)r * Lk, S + (size_t)r * Lk, (int)Lk, scale, mask_add);
   if (!(st = dnnl_primitive_execute(slot->pv, ws->stream, 3, a2))) st = dnnl_stream_wait(ws->stream);
 done:
   if (mq) dnnl_memory_destroy(mq);
@@ -761,8 +850,43 @@ done:
   if (mp) dnnl_memory_destroy(mp);
   if (mv) dnnl_memory_destroy(mv);
   if (mo) dnnl_memory_destroy(mo);
-  if (st) return blip_err_set(st == dnnl_out_of_memory ? BLIP_ENOMEM : BLIP_EINVAL, "oneDNN attention %dx%d: status %d", Lq, Lk, (int)st);
+  if (st)
+    return blip_err_set(st == dnnl_out_of_memory ? BLIP_ENOMEM : BLIP_EINVAL, "oneDNN attention %dx%d: status %d", sh->Lq, sh->Lk, (int)st);
   return BLIP_OK;
+}
+
+static void rows_to_bf16(uint16_t *d, const float *s, int rows, int cols, int ld) {
+#pragma omp parallel for if ((long)rows * cols > 65536)
+  for (int i = 0; i < rows; i++) to_bf16(d + (size_t)i * cols, s + (size_t)i * ld, cols);
+}
+
+int blip_k_attention_bf16(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
+                          int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws) {
+  int rc = stream_ready(ws);
+  if (rc) return rc;
+  const int D = heads * dh;
+  const size_t nq = (size_t)Lq * D, nk = (size_t)Lk * D, ns = (size_t)heads * Lq * Lk, ops = ((nq + 2 * nk) * 2 + 63) / 64 * 64;
+  char *w = ws_get(ws, ops + ns * 4 + ns * 2);
+  if (!w) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %dx%d scores", Lq, Lk);
+  uint16_t *q16 = (uint16_t *)(void *)w, *k16 = q16 + nq, *v16 = k16 + nk;
+  float *S = (float *)(void *)(w + ops);
+  rows_to_bf16(q16, q, Lq, D, ldq);
+  rows_to_bf16(k16, k, Lk, D, ldk);
+  rows_to_bf16(v16, v, Lk, D, ldv);
+  att_shape sh = {Lq, Lk, heads, dh, D, D, D, ldo, 0};
+  return att_bf16_run(out, q16, k16, v16, &sh, scale, mask_add, S, (uint16_t *)(void *)(S + ns), ws);
+}
+
+int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q, int ldq, const uint16_t *k, int ldk,
+                            const uint16_t *v, int ldv, int Lq, int Lk, int heads, int dh, float scale, const float *mask_add,
+                            blip_k_ws *ws) {
+  int rc = stream_ready(ws);
+  if (rc) return rc;
+  const size_t ns = (size_t)heads * Lq * Lk;
+  float *S = ws_get(ws, ns * 4 + ns * 2);
+  if (!S) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %dx%d scores", Lq, Lk);
+  att_shape sh = {Lq, Lk, heads, dh, ldq, ldk, ldv, ldo, out_bf16 != 0};
+  return att_bf16_run(out, q, k, v, &sh, scale, mask_add, S, (uint16_t *)(void *)(S + ns), ws);
 }
 
 /* ---------- bf16 GEMM with cached primitives ---------- */
@@ -800,10 +924,8 @@ static dnnl_status_t gemm_mds(int tb, int M, int N, int K, int lda, int ldb, int
 int blip_k_gemm_bf16(int tb, int M, int N, int K, const uint16_t *A, int lda, const uint16_t *B, int ldb, float *C, int ldc,
                      blip_k_ws *ws) {
   if (M == 0 || N == 0) return BLIP_OK;
-  pthread_once(&g_engine_once, engine_init);
-  if (!g_engine) return blip_err_set(BLIP_EINVAL, "oneDNN: no CPU engine");
-  if (!ws->stream && dnnl_stream_create((dnnl_stream_t *)&ws->stream, g_engine, dnnl_stream_default_flags))
-    return blip_err_set(BLIP_ENOMEM, "oneDNN: cannot create a stream");
+  int rc = stream_ready(ws);
+  if (rc) return rc;
   gemm_cache *g = ws->gemm;
   if (!g && !(g = ws->gemm = calloc(1, sizeof *g))) return blip_err_set(BLIP_ENOMEM, "out of memory");
   dnnl_memory_desc_t a, b, c;

@@ -68,16 +68,23 @@ int blip_k_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A
 /* out[M, l->out] = in[M, l->in] W^T + b */
 int blip_k_linear_fwd(float *out, const float *in, const blip_k_linear *l, int M);
 /* Fused forms: BLIP_K_GELU applies exact GELU to the result; BLIP_K_ACCUM
- * adds the result to what out holds (the residual). GELU comes first. */
-enum { BLIP_K_GELU = 1, BLIP_K_ACCUM = 2 };
-int blip_k_linear_fwd_ex(float *out, const float *in, const blip_k_linear *l, int M, int flags);
-/* Transformer MLP with residual: x += fc2(GELU(fc1(h))); h may be x. mid
- * is scratch [M, fc1->out] floats. When both layers are packed bf16, fc1's output
- * goes to fc2 in bf16, chunk by chunk (no f32 round trip, no conversion). */
-int blip_k_mlp(float *x, const float *h, const blip_k_linear *fc1, const blip_k_linear *fc2, int M, float *mid);
+ * adds the result to what out holds (the residual). GELU comes first.
+ * BLIP_K_IN_BF16: `in` holds bf16 (packed bf16 layers only), so the layer
+ * skips its conversion; BLIP_K_OUT_BF16: `out` receives bf16, rounded to
+ * nearest even (packed bf16 or int8 layers, not with ACCUM). Without these
+ * flags in and out are f32. */
+enum { BLIP_K_GELU = 1, BLIP_K_ACCUM = 2, BLIP_K_IN_BF16 = 4, BLIP_K_OUT_BF16 = 8 };
+int blip_k_linear_fwd_ex(void *out, const void *in, const blip_k_linear *l, int M, int flags);
+/* Transformer MLP with residual: x += fc2(GELU(fc1(h))); h may be x (f32).
+ * h_flags: 0 (h is f32) or BLIP_K_IN_BF16 (bf16 h, packed bf16 layers).
+ * mid is scratch [M, fc1->out] floats. When both layers are packed bf16,
+ * fc1's output goes to fc2 in bf16, chunk by chunk (no f32 round trip). */
+int blip_k_mlp(float *x, const void *h, int h_flags, const blip_k_linear *fc1, const blip_k_linear *fc2, int M, float *mid);
 
 /* out = LayerNorm(in) over rows of N (out may equal in). */
 void blip_k_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps);
+/* The same LayerNorm written as bf16 (round to nearest even), for a bf16 layer's input. */
+void blip_k_layernorm_bf16(uint16_t *out, const float *in, const float *g, const float *b, int M, int N, float eps);
 /* x = LayerNorm(x + r): BERT's post-norm residual. */
 void blip_k_add_layernorm(float *x, const float *r, const float *g, const float *b, int M, int N, float eps);
 void blip_k_add(float *x, const float *r, long n);
@@ -102,6 +109,13 @@ int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *
  * (converted operands, scores, and the primitives per shape). */
 int blip_k_attention_bf16(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
                           int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
+
+/* The same attention on operands already in bf16 (e.g. a packed layer's
+ * BLIP_K_OUT_BF16 output, strided like the vision qkv rows); out is bf16
+ * when out_bf16, else f32. Only the scores and probabilities use ws. */
+int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q, int ldq, const uint16_t *k, int ldk,
+                            const uint16_t *v, int ldv, int Lq, int Lk, int heads, int dh, float scale, const float *mask_add,
+                            blip_k_ws *ws);
 
 /* C[M,N] = A op(B) with bf16 operands and f32 accumulation/output,
  * row-major; tb = 1: B is stored [N,K]. Primitives cached per shape in ws. */

@@ -236,6 +236,13 @@ int blip_merge(const char *out_dir, const char *const *shard_dirs, int n, blip_m
     }
     base += seq;
   }
+  /* rows inserted with their captions: the caption search index is rebuilt from them (its
+   * triggers follow deletes and caption updates, not inserts) */
+  if (q_int(db, "SELECT count(*) FROM sqlite_master WHERE name='captions_fts'", 0) &&
+      sqlite3_exec(db, "INSERT INTO captions_fts(captions_fts) VALUES ('rebuild')", NULL, NULL, NULL) != SQLITE_OK) {
+    rc = sql_err(db, "rebuild the caption index");
+    goto done;
+  }
   /* new ids of later runs on the merged index continue after every shard's range */
   snprintf(sql, sizeof sql,
            "DELETE FROM sqlite_sequence WHERE name='images'; INSERT INTO sqlite_sequence(name, seq) VALUES "
@@ -257,12 +264,14 @@ int blip_merge(const char *out_dir, const char *const *shard_dirs, int n, blip_m
   intx = 0;
   stats->searchable = blip_store_count(out);
   rc = blip_store_flush(out); /* the FAISS index, built once over the whole collection */
-done:
+done:;
+  char msg[1024]; /* closing the stores may set messages of its own */
+  snprintf(msg, sizeof msg, "%s", rc ? blip_err_last() : "");
   if (intx) sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
   sqlite3_finalize(seg);
   if (db) sqlite3_close(db);
   blip_store_close(out);
   for (int k = 0; k < n; k++) blip_store_close(sh[k]);
   free(sh);
-  return rc;
+  return rc ? blip_err_set(rc, "%s", msg) : BLIP_OK;
 }

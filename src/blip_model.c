@@ -16,8 +16,10 @@
 #include "blip_model.h"
 #include "blip_err.h"
 #include "blip_kern.h"
+#include "blip_pt.h"
 #include "blip_st.h"
 
+#include <cpuid.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +44,7 @@ typedef struct { /* ViT pre-norm block */
 
 typedef struct { /* BERT post-norm layer with cross-attention */
   blip_k_linear q, k, v, o;     /* self-attention */
+  blip_k_linear qkv;            /* q, k, v fused at pack time: one GEMM, rows [q | k | v] */
   ln_w ln_self;
   blip_k_linear cq, ck, cv, co; /* cross-attention to image tokens */
   ln_w ln_cross;
@@ -64,8 +67,10 @@ struct blip_model {
   const float *word, *tpos;
   ln_w emb_ln;
   txt_layer *tl;
-  /* heads */
+  /* heads: retrieval (ITC projections, ITM) or the captioner's LM head */
   blip_k_linear vision_proj, text_proj, itm_head;
+  blip_k_linear lm_dense, lm_dec; /* transform.dense (+GELU), decoder (+bias) */
+  ln_w lm_ln;
   /* ownership */
   void **owned;
   int n_owned, cap_owned;
@@ -227,15 +232,62 @@ static int pack_vis_layer(blip_model *m, vis_layer *L) {
   return pack_list(m, ls, 4, (blip_k_prec)m->opts.precision);
 }
 
+/* Text layers: the self-attention q, k, v are packed as one [3D, D] layer
+ * (a 12-token query is bound by reading weights and by per-call overhead:
+ * one GEMM launch instead of three per layer). The captioner packs the
+ * cross-attention key/value too: it projects each image once (no
+ * reassociation reads their f32 weights). */
 static int pack_txt_layer(blip_model *m, txt_layer *L) {
-  blip_k_linear *ls[8] = {&L->q, &L->k, &L->v, &L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2};
-  return pack_list(m, ls, 8, (blip_k_prec)m->opts.precision);
+  const int D = L->q.in, N = L->q.out;
+  const blip_k_linear *src[3] = {&L->q, &L->k, &L->v};
+  float *w = malloc(sizeof(float) * 3 * N * D), *b = malloc(sizeof(float) * 3 * N);
+  if (!w || !b || own(m, b)) {
+    free(w);
+    free(b);
+    return blip_err_set(BLIP_ENOMEM, "out of memory packing a text layer");
+  }
+  for (int i = 0; i < 3; i++) {
+    memcpy(w + (size_t)i * N * D, src[i]->w, sizeof(float) * N * D);
+    memcpy(b + (size_t)i * N, src[i]->b, sizeof(float) * N);
+  }
+  L->qkv = (blip_k_linear){.in = D, .out = 3 * N, .w = w, .b = b};
+  int rc = blip_k_linear_pack(&L->qkv, (blip_k_prec)m->opts.precision, &m->ws);
+  free(w);
+  L->qkv.w = NULL;
+  if (rc) return rc;
+  release_f32(m, &L->q);
+  release_f32(m, &L->k);
+  release_f32(m, &L->v);
+  blip_k_linear *ls[7] = {&L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2, &L->ck, &L->cv};
+  return pack_list(m, ls, m->cfg.captioner ? 7 : 5, (blip_k_prec)m->opts.precision);
+}
+
+/* LM head of the captioner. The bias is one Parameter under two names
+ * (HF saves one of them); decoder.weight is its own tensor in
+ * transformers 4.38 (not the word embeddings). */
+static int bind_lm_head(blip_model *m) {
+  const blip_cfg *c = &m->cfg;
+  const char *bias = "text_decoder.cls.predictions.bias";
+  if (m->st && !blip_st_find(m->st, bias) && blip_st_find(m->st, "text_decoder.cls.predictions.decoder.bias"))
+    bias = "text_decoder.cls.predictions.decoder.bias";
+  int64_t ds[2] = {c->t_vocab, c->t_hidden};
+  int rc;
+  m->lm_dec.in = c->t_hidden;
+  m->lm_dec.out = c->t_vocab;
+  blip_k_linear *ls[2] = {&m->lm_dense, &m->lm_dec};
+  if ((rc = bind_lin(m, &m->lm_dense, "text_decoder.cls.predictions.transform.dense", c->t_hidden, c->t_hidden)) ||
+      (rc = bind_ln(m, &m->lm_ln, "text_decoder.cls.predictions.transform.LayerNorm", c->t_hidden)) ||
+      (rc = bind(m, "text_decoder.cls.predictions.decoder.weight", 2, ds, &m->lm_dec.w)) ||
+      (rc = bind_vec(m, bias, c->t_vocab, &m->lm_dec.b)))
+    return rc;
+  return pack_list(m, ls, 2, (blip_k_prec)m->opts.precision);
 }
 
 static int bind_all(blip_model *m) {
   const blip_cfg *c = &m->cfg;
   const int Dv = c->v_hidden, Dt = c->t_hidden, p = c->patch;
-  char pre[256];
+  const char *tx = c->captioner ? "text_decoder.bert" : "text_encoder";
+  char pre[256], nm[256];
   int rc;
   {
     int64_t ps[4] = {Dv, 3, p, p}, cs[3] = {1, 1, Dv}, vs[3] = {1, c->v_tokens, Dv};
@@ -262,15 +314,16 @@ static int bind_all(blip_model *m) {
   if ((rc = bind_ln(m, &m->post_ln, "vision_model.post_layernorm", Dv))) return rc;
   {
     int64_t ws[2] = {c->t_vocab, Dt}, ps[2] = {c->t_max_pos, Dt};
-    if ((rc = bind(m, "text_encoder.embeddings.word_embeddings.weight", 2, ws, &m->word)) ||
-        (rc = bind(m, "text_encoder.embeddings.position_embeddings.weight", 2, ps, &m->tpos)) ||
-        (rc = bind_ln(m, &m->emb_ln, "text_encoder.embeddings.LayerNorm", Dt)))
+#define TX(s) (snprintf(nm, sizeof nm, "%s.embeddings.%s", tx, s), nm)
+    if ((rc = bind(m, TX("word_embeddings.weight"), 2, ws, &m->word)) ||
+        (rc = bind(m, TX("position_embeddings.weight"), 2, ps, &m->tpos)) || (rc = bind_ln(m, &m->emb_ln, TX("LayerNorm"), Dt)))
+#undef TX
       return rc;
   }
   for (int i = 0; i < c->t_layers; i++) {
     txt_layer *L = &m->tl[i];
     const int Dx = c->t_enc_hidden;
-#define TP(s) (snprintf(pre, sizeof pre, "text_encoder.encoder.layer.%d.%s", i, s), pre)
+#define TP(s) (snprintf(pre, sizeof pre, "%s.encoder.layer.%d.%s", tx, i, s), pre)
     if ((rc = bind_lin(m, &L->q, TP("attention.self.query"), Dt, Dt)) ||
         (rc = bind_lin(m, &L->k, TP("attention.self.key"), Dt, Dt)) ||
         (rc = bind_lin(m, &L->v, TP("attention.self.value"), Dt, Dt)) ||
@@ -287,6 +340,7 @@ static int bind_all(blip_model *m) {
       return rc;
 #undef TP
   }
+  if (c->captioner) return bind_lm_head(m);
   if ((rc = bind_lin(m, &m->vision_proj, "vision_proj", c->embed_dim, Dv)) ||
       (rc = bind_lin(m, &m->text_proj, "text_proj", c->embed_dim, Dt)) ||
       (rc = bind_lin(m, &m->itm_head, "itm_head", 2, Dt)))
@@ -302,8 +356,12 @@ static void make_fingerprint(blip_model *m) {
   XXH3_64bits_reset(s);
   XXH3_64bits_update(s, &m->cfg, sizeof m->cfg);
   if (m->st) {
+    /* the LM bias's second name (one tied Parameter; pytorch_model.bin keeps both,
+     * safetensors one) must not tell two files of the same weights apart */
+    const int alias = blip_st_find(m->st, "text_decoder.cls.predictions.bias") != NULL;
     for (int i = 0; i < blip_st_count(m->st); i++) {
       const blip_st_tensor *t = blip_st_at(m->st, i);
+      if (alias && !strcmp(t->name, "text_decoder.cls.predictions.decoder.bias")) continue;
       XXH3_64bits_update(s, t->name, strlen(t->name));
       XXH3_64bits_update(s, &t->dtype, sizeof t->dtype);
       XXH3_64bits_update(s, t->shape, sizeof t->shape);
@@ -330,14 +388,15 @@ static int all_linears(blip_model *m, blip_k_linear **out) {
   }
   for (int i = 0; i < m->cfg.t_layers; i++) {
     txt_layer *L = &m->tl[i];
-    out[n++] = &L->q, out[n++] = &L->k, out[n++] = &L->v, out[n++] = &L->o, out[n++] = &L->cq, out[n++] = &L->ck;
+    out[n++] = &L->q, out[n++] = &L->k, out[n++] = &L->v, out[n++] = &L->qkv, out[n++] = &L->o, out[n++] = &L->cq, out[n++] = &L->ck;
     out[n++] = &L->cv, out[n++] = &L->co, out[n++] = &L->ffn1, out[n++] = &L->ffn2;
   }
   out[n++] = &m->vision_proj, out[n++] = &m->text_proj, out[n++] = &m->itm_head;
+  out[n++] = &m->lm_dense, out[n++] = &m->lm_dec;
   return n;
 }
 
-static int n_linears(const blip_cfg *c) { return 4 + 4 * c->v_layers + 10 * c->t_layers; }
+static int n_linears(const blip_cfg *c) { return 6 + 4 * c->v_layers + 11 * c->t_layers; }
 
 void blip_model_free(blip_model *m) {
   if (!m) return;
@@ -395,8 +454,17 @@ int blip_model_load(const char *dir, const blip_model_opts *opts, blip_model **o
     goto fail;
   }
   if (opts && opts->weights) snprintf(path, sizeof path, "%s", opts->weights);
-  else snprintf(path, sizeof path, "%s/model.safetensors", dir);
-  if ((rc = blip_st_open(path, &m->st))) goto fail;
+  else {
+    char bin[4096]; /* PyTorch-only checkpoints: pytorch_model.bin when there is no model.safetensors */
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    snprintf(bin, sizeof bin, "%s/pytorch_model.bin", dir);
+    if (access(path, F_OK) != 0 && access(bin, F_OK) == 0) snprintf(path, sizeof path, "%s", bin);
+  }
+  if ((rc = blip_pt_open_weights(path, &m->st))) goto fail;
+  /* a captioner's weights under a config.json without "architectures" */
+  if (blip_st_find(m->st, "text_decoder.bert.embeddings.word_embeddings.weight") &&
+      !blip_st_find(m->st, "text_encoder.embeddings.word_embeddings.weight"))
+    m->cfg.captioner = 1;
   if ((rc = bind_all(m))) {
     rc = blip_err_wrap(rc, "%s", path);
     goto fail;
@@ -427,14 +495,39 @@ int blip_model_random(const blip_cfg *cfg, const blip_model_opts *opts, uint64_t
 
 const blip_cfg *blip_model_cfg(const blip_model *m) { return &m->cfg; }
 const blip_tok *blip_model_tok(const blip_model *m) { return m->tok; }
+/* XCR0 says which register state the OS saves (xgetbv, valid once OSXSAVE is set). */
+static uint64_t xcr0(void) {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((uint64_t)hi << 32) | lo;
+}
+
+blip_prec blip_model_auto_precision(void) {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return BLIP_PREC_F32; /* no OSXSAVE */
+  const uint64_t x = xcr0();
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return BLIP_PREC_F32;
+  const int amx_bf16 = (d >> 22) & 1, amx_os = (x & 0x60000) == 0x60000;  /* TILECFG + TILEDATA state */
+  const int avx512_os = (x & 0xe6) == 0xe6;                                   /* SSE, AVX, opmask, ZMM state */
+  const int avx512f = (b >> 16) & 1;
+  unsigned a1 = 0, b1, c1, d1;
+  if (!__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) a1 = 0;
+  const int avx512_bf16 = (a1 >> 5) & 1;
+  return ((avx512f && avx512_bf16 && avx512_os) || (amx_bf16 && amx_os)) ? BLIP_PREC_BF16 : BLIP_PREC_F32;
+}
+
 int blip_model_parse_precision(const char *name, blip_prec *out) {
   static const char *const names[] = {"f32", "bf16", "int8"};
+  if (name && !strcmp(name, "auto")) {
+    *out = blip_model_auto_precision();
+    return BLIP_OK;
+  }
   for (int i = 0; i < 3; i++)
     if (name && !strcmp(name, names[i])) {
       *out = (blip_prec)i;
       return BLIP_OK;
     }
-  return blip_err_set(BLIP_EINVAL, "precision '%s': use f32, bf16 or int8", name ? name : "");
+  return blip_err_set(BLIP_EINVAL, "precision '%s': use auto, f32, bf16 or int8", name ? name : "");
 }
 
 const char *blip_model_precision_name(blip_prec p) {
@@ -458,10 +551,12 @@ static float *arena(blip_model *m, size_t nfloats) {
 }
 
 /* Self-attention in the model's precision: f32 per head, or bf16 operands
- * (f32 softmax and accumulation) for the bf16 and int8 models. */
+ * (f32 softmax and accumulation) for the bf16 and int8 models. Texts
+ * (up to 64 tokens) run f32 at every precision: their attention is a few
+ * direct loops, cheaper than converting operands for GEMMs. */
 static int self_attn(blip_model *m, float *out, int ldo, const float *q, const float *k, const float *v, int ld, int L, int H,
                      int dh, float scale, const float *mask_add) {
-  if (m->opts.precision == BLIP_PREC_F32)
+  if (m->opts.precision == BLIP_PREC_F32 || L <= 64)
     return blip_k_attention(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
   return blip_k_attention_bf16(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
 }
@@ -489,6 +584,7 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
   const int T = c->v_tokens, D = c->v_hidden, S = c->image_size, p = c->patch, H = c->v_heads, dh = D / H;
   const int G = S / p, M = n * T;
   if (n <= 0) return blip_err_set(BLIP_EINVAL, "vision: batch size %d", n);
+  if (feat && c->captioner) return blip_err_set(BLIP_EINVAL, "vision: a captioning model has no image projection");
   size_t need = (size_t)M * D * 3 + (size_t)M * 3 * D + (size_t)M * c->v_mlp + (size_t)G * G * 3 * p * p;
   float *a = arena(m, need);
   if (!a) return blip_err_set(BLIP_ENOMEM, "vision: out of memory for batch %d", n);
@@ -505,17 +601,33 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
     blip_k_add(xb, m->vpos, (long)T * D);
   }
   const float scale = 1.0f / sqrtf((float)dh);
+  /* bf16 model: LayerNorm -> qkv -> attention -> projection and LayerNorm ->
+   * MLP hand over bf16 (no f32 round trips, no conversion passes); int8
+   * model: qkv's epilogue writes the bf16 that attention reads. The bf16
+   * buffers live in the f32 ones (half their size). */
+  const int bf = m->opts.precision == BLIP_PREC_BF16, lp = m->opts.precision != BLIP_PREC_F32;
+  const int in16 = bf ? BLIP_K_IN_BF16 : 0;
+  uint16_t *h16 = (uint16_t *)(void *)h, *qkv16 = (uint16_t *)(void *)qkv, *att16 = (uint16_t *)(void *)att;
   for (int l = 0; l < c->v_layers; l++) {
     const vis_layer *L = &m->vl[l];
-    blip_k_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
-    TRY(blip_k_linear_fwd(qkv, h, &L->qkv, M));
+    if (bf) blip_k_layernorm_bf16(h16, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
+    else blip_k_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
+    TRY(blip_k_linear_fwd_ex(lp ? (void *)qkv16 : qkv, bf ? (void *)h16 : h, &L->qkv, M, in16 | (lp ? BLIP_K_OUT_BF16 : 0)));
     for (int b = 0; b < n; b++) {
-      const float *q = qkv + (size_t)b * T * 3 * D;
-      TRY(self_attn(m, att + (size_t)b * T * D, D, q, q + D, q + 2 * D, 3 * D, T, H, dh, scale, NULL));
+      const size_t o = (size_t)b * T * D;
+      if (lp) {
+        const uint16_t *q = qkv16 + 3 * o;
+        TRY(blip_k_attention_bf16in(bf ? (void *)(att16 + o) : (void *)(att + o), D, bf, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H,
+                                    dh, scale, NULL, &m->ws));
+      } else {
+        const float *q = qkv + 3 * o;
+        TRY(blip_k_attention(att + o, D, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, NULL, &m->ws));
+      }
     }
-    TRY(blip_k_linear_fwd_ex(x, att, &L->proj, M, BLIP_K_ACCUM));
-    blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
-    TRY(blip_k_mlp(x, h, &L->fc1, &L->fc2, M, mlp));
+    TRY(blip_k_linear_fwd_ex(x, bf ? (void *)att16 : att, &L->proj, M, BLIP_K_ACCUM | in16));
+    if (bf) blip_k_layernorm_bf16(h16, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+    else blip_k_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+    TRY(blip_k_mlp(x, bf ? (void *)h16 : h, in16, &L->fc1, &L->fc2, M, mlp));
   }
   blip_k_layernorm(x, x, m->post_ln.g, m->post_ln.b, M, D, c->v_eps);
   if (embeds) memcpy(embeds, x, (size_t)M * D * sizeof(float));
@@ -529,6 +641,11 @@ done:
 
 /* ---------- text ---------- */
 
+static int check_retrieval(const blip_model *m) {
+  return m->cfg.captioner ? blip_err_set(BLIP_EINVAL, "a captioning model has no text encoder or ITM head: use a retrieval model")
+                          : BLIP_OK;
+}
+
 static int check_ids(const blip_model *m, const int32_t *ids, long n, int L) {
   if (L <= 0 || L > m->cfg.t_max_pos)
     return blip_err_set(BLIP_EINVAL, "text: length %d outside 1..%d positions", L, m->cfg.t_max_pos);
@@ -537,13 +654,13 @@ static int check_ids(const blip_model *m, const int32_t *ids, long n, int L) {
   return BLIP_OK;
 }
 
-/* x[r*L + t] = LN(word[ids] + pos[t]) */
-static void text_embed(const blip_model *m, float *x, const int32_t *ids, int rows, int L) {
+/* x[r*L + t] = LN(word[ids] + pos[pos0 + t]) */
+static void text_embed(const blip_model *m, float *x, const int32_t *ids, int rows, int L, int pos0) {
   const int D = m->cfg.t_hidden;
   for (int r = 0; r < rows; r++)
     for (int t = 0; t < L; t++) {
       float *xt = x + ((size_t)r * L + t) * D;
-      const float *w = m->word + (size_t)ids[r * L + t] * D, *p = m->tpos + (size_t)t * D;
+      const float *w = m->word + (size_t)ids[r * L + t] * D, *p = m->tpos + (size_t)(pos0 + t) * D;
       for (int j = 0; j < D; j++) xt[j] = w[j] + p[j];
     }
   blip_k_layernorm(x, x, m->emb_ln.g, m->emb_ln.b, rows * L, D, m->cfg.t_eps);
@@ -596,25 +713,29 @@ static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int row
  * mask_add [rows*L] or NULL. images NULL = unimodal; else images[r] is the
  * [T, Dx] token matrix that row r cross-attends to. */
 static int text_encode(blip_model *m, float *x, int rows, int L, const float *mask_add, const float *const *images,
-                       const uint16_t *const *images16, int fast, float *buf) {
+                       const uint16_t *const *images16, int fast, const float *kvpre, float *buf) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden, H = c->t_heads, dh = D / H, M = rows * L, T = c->v_tokens, Dx = c->t_enc_hidden;
-  float *q = buf, *k = q + (size_t)M * D, *v = k + (size_t)M * D, *att = v + (size_t)M * D;
+  float *q = buf, *att = q + (size_t)M * 3 * D; /* q: [M, 3D] self-attention q|k|v, then [M, D] cross queries */
   float *ff = att + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
   const float scale = 1.0f / sqrtf((float)dh);
   int rc = BLIP_OK;
   for (int l = 0; l < c->t_layers; l++) {
     const txt_layer *Ly = &m->tl[l];
-    TRY(blip_k_linear_fwd(q, x, &Ly->q, M));
-    TRY(blip_k_linear_fwd(k, x, &Ly->k, M));
-    TRY(blip_k_linear_fwd(v, x, &Ly->v, M));
+    TRY(blip_k_linear_fwd(q, x, &Ly->qkv, M)); /* [M, 3D] over q, k, v */
     for (int r = 0; r < rows; r++) {
-      size_t o = (size_t)r * L * D;
-      TRY(self_attn(m, att + o, D, q + o, k + o, v + o, D, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
+      const float *qr = q + (size_t)r * L * 3 * D;
+      TRY(self_attn(m, att + (size_t)r * L * D, D, qr, qr + D, qr + 2 * D, 3 * D, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
     }
     TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
     blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
-    if (images) {
+    if (kvpre) { /* every row attends to one image whose K/V are projected: all M queries at once */
+      const float *ik = kvpre + (size_t)l * 2 * T * D, *iv = ik + (size_t)T * D;
+      TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
+      TRY(blip_k_attention(att, D, q, D, ik, D, iv, D, M, T, H, dh, scale, NULL, &m->ws));
+      TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
+      blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
+    } else if (images) {
       TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
       if (fast) TRY(cross_attn_reassoc(m, att, q, rows, L, images, images16, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
       for (int r = 0; r < rows && !fast; r++) {
@@ -629,7 +750,7 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
       TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
       blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
     }
-    TRY(blip_k_mlp(x, x, &Ly->ffn1, &Ly->ffn2, M, ff));
+    TRY(blip_k_mlp(x, x, 0, &Ly->ffn1, &Ly->ffn2, M, ff));
     blip_k_layernorm(x, x, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
   }
   (void)Dx;
@@ -653,7 +774,8 @@ static size_t text_scratch(const blip_cfg *c, int rows, int L, int images) {
 int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int n, int L, float *embeds, float *feat) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden;
-  int rc = check_ids(m, ids, (long)n * L, L);
+  int rc = check_retrieval(m);
+  if (!rc) rc = check_ids(m, ids, (long)n * L, L);
   if (rc) return rc;
   if (n <= 0) return blip_err_set(BLIP_EINVAL, "text: batch size %d", n);
   size_t M = (size_t)n * L;
@@ -661,8 +783,8 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
   if (!a) return blip_err_set(BLIP_ENOMEM, "text: out of memory");
   float *x = a, *madd = x + M * D, *buf = madd + M;
   for (size_t i = 0; i < M; i++) madd[i] = mask && !mask[i] ? -10000.0f : 0.0f;
-  text_embed(m, x, ids, n, L);
-  TRY(text_encode(m, x, n, L, madd, NULL, NULL, 0, buf));
+  text_embed(m, x, ids, n, L, 0);
+  TRY(text_encode(m, x, n, L, madd, NULL, NULL, 0, NULL, buf));
   if (embeds) memcpy(embeds, x, M * D * sizeof(float));
   if (feat) {
     for (int b = 0; b < n; b++) TRY(blip_k_linear_fwd(feat + (size_t)b * c->embed_dim, x + (size_t)b * L * D, &m->text_proj, 1));
@@ -676,7 +798,8 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
                    int fast, float *logits, float *cls) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden;
-  int rc = check_ids(m, ids, len, len);
+  int rc = check_retrieval(m);
+  if (!rc) rc = check_ids(m, ids, len, len);
   if (rc) return rc;
   if (k <= 0) return blip_err_set(BLIP_EINVAL, "itm: %d candidates", k);
   /* bf16/int8 models: the candidates' image tokens in bf16, converted once
@@ -702,9 +825,9 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
   }
   memcpy(tid, ids, (size_t)len * sizeof *tid);
   tid[0] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
-  text_embed(m, x, tid, 1, len);
+  text_embed(m, x, tid, 1, len, 0);
   for (int i = 1; i < k; i++) memcpy(x + (size_t)i * len * D, x, (size_t)len * D * sizeof(float));
-  TRY(text_encode(m, x, k, len, NULL, images, im16, fast, buf));
+  TRY(text_encode(m, x, k, len, NULL, images, im16, fast, NULL, buf));
   for (int i = 0; i < k; i++) {
     const float *xi = x + (size_t)i * len * D;
     TRY(blip_k_linear_fwd(logits + 2 * i, xi, &m->itm_head, 1));
@@ -713,6 +836,47 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
 done:
   free(tid);
   free(im16);
+  return rc;
+}
+
+size_t blip_model_itm_kv_floats(const blip_model *m) {
+  return (size_t)m->cfg.t_layers * 2 * m->cfg.v_tokens * m->cfg.t_hidden;
+}
+
+int blip_model_itm_kv(blip_model *m, const float *image, float *kv) {
+  const blip_cfg *c = &m->cfg;
+  const size_t TD = (size_t)c->v_tokens * c->t_hidden;
+  int rc = check_retrieval(m);
+  for (int l = 0; l < c->t_layers && !rc; l++) {
+    rc = blip_k_linear_fwd(kv + (size_t)l * 2 * TD, image, &m->tl[l].ck, c->v_tokens);
+    if (!rc) rc = blip_k_linear_fwd(kv + (size_t)l * 2 * TD + TD, image, &m->tl[l].cv, c->v_tokens);
+  }
+  return rc;
+}
+
+int blip_model_itm_captions(blip_model *m, const int32_t *ids, int len, int n, const float *kv, blip_itm_first first,
+                            float *logits) {
+  const blip_cfg *c = &m->cfg;
+  const int D = c->t_hidden;
+  int rc = check_retrieval(m);
+  if (!rc) rc = check_ids(m, ids, (long)n * len, len);
+  if (rc) return rc;
+  if (n <= 0) return blip_err_set(BLIP_EINVAL, "itm: %d captions", n);
+  const size_t M = (size_t)n * len;
+  float *a = arena(m, M * D + text_scratch(c, n, len, 0));
+  int32_t *tid = malloc(M * sizeof *tid);
+  if (!a || !tid) {
+    free(tid);
+    return blip_err_set(BLIP_ENOMEM, "itm: out of memory");
+  }
+  float *x = a, *buf = x + M * D;
+  memcpy(tid, ids, M * sizeof *tid);
+  for (int i = 0; i < n; i++) tid[(size_t)i * len] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
+  text_embed(m, x, tid, n, len, 0);
+  TRY(text_encode(m, x, n, len, NULL, NULL, NULL, 0, kv, buf));
+  for (int i = 0; i < n; i++) TRY(blip_k_linear_fwd(logits + 2 * i, x + (size_t)i * len * D, &m->itm_head, 1));
+done:
+  free(tid);
   return rc;
 }
 
@@ -729,4 +893,146 @@ int blip_model_tokenize(const blip_model *m, const char *text, int max_len, int3
   if (n_real) *n_real = n;
   if (truncated) *truncated = full > n;
   return BLIP_OK;
+}
+
+/* ---------- captioner: decoder with KV cache, LM head ---------- */
+
+/* Per layer: self-attention K/V of every row [rows][cap][Dt]; the
+ * cross-attention K/V of every image [n_img][T][Dt], projected once. */
+struct blip_model_kv {
+  int rows, n_img, cap, len, layers;
+  size_t D, T;
+  float *k, *v, *ck, *cv, *tmp;
+};
+
+int blip_model_kv_new(const blip_model *m, int rows, int n_img, int cap, blip_model_kv **out) {
+  const blip_cfg *c = &m->cfg;
+  *out = NULL;
+  if (!c->captioner) return blip_err_set(BLIP_EINVAL, "decoder: this is not a captioning model");
+  if (rows <= 0 || n_img <= 0 || rows % n_img || cap <= 0 || cap > c->t_max_pos)
+    return blip_err_set(BLIP_EINVAL, "decoder: %d rows for %d images, %d positions (model: %d)", rows, n_img, cap, c->t_max_pos);
+  blip_model_kv *kv = calloc(1, sizeof *kv);
+  if (!kv) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  *kv = (blip_model_kv){.rows = rows, .n_img = n_img, .cap = cap, .layers = c->t_layers, .D = (size_t)c->t_hidden, .T = (size_t)c->v_tokens};
+  const size_t self = (size_t)c->t_layers * rows * cap * kv->D, cross = (size_t)c->t_layers * n_img * kv->T * kv->D;
+  kv->k = malloc(self * sizeof(float));
+  kv->v = malloc(self * sizeof(float));
+  kv->ck = malloc(cross * sizeof(float));
+  kv->cv = malloc(cross * sizeof(float));
+  kv->tmp = malloc((size_t)rows * cap * kv->D * sizeof(float));
+  if (!kv->k || !kv->v || !kv->ck || !kv->cv || !kv->tmp) {
+    blip_model_kv_free(kv);
+    return blip_err_set(BLIP_ENOMEM, "decoder: out of memory for the KV cache (%d rows x %d positions)", rows, cap);
+  }
+  *out = kv;
+  return BLIP_OK;
+}
+
+void blip_model_kv_free(blip_model_kv *kv) {
+  if (!kv) return;
+  free(kv->k);
+  free(kv->v);
+  free(kv->ck);
+  free(kv->cv);
+  free(kv->tmp);
+  free(kv);
+}
+
+int blip_model_kv_len(const blip_model_kv *kv) { return kv->len; }
+
+int blip_model_kv_truncate(blip_model_kv *kv, int len) {
+  if (len < 0 || len > kv->len) return blip_err_set(BLIP_EINVAL, "decoder: truncate to %d of %d positions", len, kv->len);
+  kv->len = len;
+  return BLIP_OK;
+}
+
+int blip_model_kv_images(blip_model *m, blip_model_kv *kv, const float *embeds) {
+  const size_t TD = kv->T * kv->D, Dx = (size_t)m->cfg.t_enc_hidden;
+  int rc = BLIP_OK;
+  kv->len = 0;
+  for (int l = 0; l < kv->layers && !rc; l++)
+    for (int i = 0; i < kv->n_img && !rc; i++) {
+      size_t o = ((size_t)l * kv->n_img + i) * TD;
+      const float *img = embeds + (size_t)i * kv->T * Dx;
+      if (!(rc = blip_k_linear_fwd(kv->ck + o, img, &m->tl[l].ck, (int)kv->T)))
+        rc = blip_k_linear_fwd(kv->cv + o, img, &m->tl[l].cv, (int)kv->T);
+    }
+  return rc;
+}
+
+int blip_model_kv_reorder(blip_model_kv *kv, const int *src) {
+  const int per = kv->rows / kv->n_img;
+  for (int r = 0; r < kv->rows; r++)
+    if (src[r] < 0 || src[r] >= kv->rows || src[r] / per != r / per)
+      return blip_err_set(BLIP_EINVAL, "decoder: reorder row %d <- %d crosses images", r, src[r]);
+  /* only the filled positions move, so copy [len] of every row's [cap] */
+  const size_t full = (size_t)kv->cap * kv->D, used = (size_t)kv->len * kv->D;
+  float *caches[2] = {kv->k, kv->v};
+  for (int c = 0; c < 2; c++)
+    for (int l = 0; l < kv->layers; l++) {
+      float *cl = caches[c] + (size_t)l * kv->rows * full;
+      for (int r = 0; r < kv->rows; r++) memcpy(kv->tmp + r * used, cl + (size_t)src[r] * full, used * sizeof(float));
+      for (int r = 0; r < kv->rows; r++) memcpy(cl + (size_t)r * full, kv->tmp + r * used, used * sizeof(float));
+    }
+  return BLIP_OK;
+}
+
+int blip_model_decode(blip_model *m, blip_model_kv *kv, const int32_t *ids, int n, float *hidden) {
+  const blip_cfg *c = &m->cfg;
+  const int D = c->t_hidden, H = c->t_heads, dh = D / H, R = kv->rows, M = R * n, T = (int)kv->T, per = kv->rows / kv->n_img;
+  if (n <= 0 || kv->len + n > kv->cap)
+    return blip_err_set(BLIP_EINVAL, "decoder: %d + %d tokens exceed the cache's %d positions", kv->len, n, kv->cap);
+  int rc = check_ids(m, ids, (long)M, kv->len + n);
+  if (rc) return rc;
+  float *a = arena(m, (size_t)M * (5 * D + c->t_mlp));
+  if (!a) return blip_err_set(BLIP_ENOMEM, "decoder: out of memory");
+  float *x = a, *q = x + (size_t)M * D, *att = q + (size_t)M * 3 * D, *ff = att + (size_t)M * D;
+  const float scale = 1.0f / sqrtf((float)dh);
+  const size_t full = (size_t)kv->cap * D, TD = kv->T * D;
+  text_embed(m, x, ids, R, n, kv->len);
+  for (int l = 0; l < c->t_layers; l++) {
+    const txt_layer *Ly = &m->tl[l];
+    float *Kl = kv->k + (size_t)l * R * full, *Vl = kv->v + (size_t)l * R * full;
+    TRY(blip_k_linear_fwd(q, x, &Ly->qkv, M)); /* [M, 3D]: q|k|v of each new position (q, k, v spans) */
+    for (int p = 0; p < M; p++) {
+      const float *qkv = q + (size_t)p * 3 * D;
+      size_t at = (size_t)(p / n) * full + (size_t)(kv->len + p % n) * D;
+      memcpy(Kl + at, qkv + D, (size_t)D * sizeof(float));
+      memcpy(Vl + at, qkv + 2 * D, (size_t)D * sizeof(float));
+    }
+    /* causal: new position i of a row sees the cached prefix and itself. In
+     * f32 for every precision: one query row against the cache is a
+     * bandwidth-bound product, and the shape changes at every step. */
+    for (int r = 0; r < R; r++)
+      for (int i = 0; i < n; i++) {
+        size_t o = ((size_t)r * n + i) * D;
+        TRY(blip_k_attention(att + o, D, q + 3 * o, 3 * D, Kl + r * full, D, Vl + r * full, D, 1, kv->len + i + 1, H, dh, scale, NULL, &m->ws));
+      }
+    TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
+    blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
+    TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
+    for (int r = 0; r < R; r++) {
+      size_t o = (size_t)r * n * D, io = ((size_t)l * kv->n_img + r / per) * TD;
+      TRY(blip_k_attention(att + o, D, q + o, D, kv->ck + io, D, kv->cv + io, D, n, T, H, dh, scale, NULL, &m->ws));
+    }
+    TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
+    blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
+    TRY(blip_k_mlp(x, x, 0, &Ly->ffn1, &Ly->ffn2, M, ff));
+    blip_k_layernorm(x, x, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
+  }
+  kv->len += n;
+  if (hidden) memcpy(hidden, x, (size_t)M * D * sizeof(float));
+done:
+  return rc;
+}
+
+int blip_model_lm_head(blip_model *m, const float *hidden, int M, float *logits) {
+  const blip_cfg *c = &m->cfg;
+  if (!c->captioner) return blip_err_set(BLIP_EINVAL, "lm head: this is not a captioning model");
+  float *t = arena(m, (size_t)M * c->t_hidden);
+  if (!t) return blip_err_set(BLIP_ENOMEM, "lm head: out of memory");
+  int rc = blip_k_linear_fwd_ex(t, hidden, &m->lm_dense, M, BLIP_K_GELU);
+  if (rc) return rc;
+  blip_k_layernorm(t, t, m->lm_ln.g, m->lm_ln.b, M, c->t_hidden, c->t_eps);
+  return blip_k_linear_fwd(logits, t, &m->lm_dec, M);
 }

@@ -6,7 +6,7 @@
  * int8 with per-output-channel scales (activations quantized per row).
  * LayerNorm, softmax, GELU and residuals stay f32 in every precision; the
  * patch embedding, cross-attention key/value and heads stay f32; the
- * bf16/int8 models run self-attention with bf16 operands. The weights'
+ * bf16/int8 models run the vision self-attention with bf16 operands. The weights'
  * f32 copies are released after conversion. Forward passes are batched
  * and reentrant for different contexts; one context must not be used
  * from two threads at once (it owns scratch buffers and oneDNN
@@ -17,6 +17,7 @@
 #ifndef BLIP_MODEL_H
 #define BLIP_MODEL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "blip_cfg.h"
@@ -43,8 +44,12 @@ void blip_model_free(blip_model *m);
 const blip_cfg *blip_model_cfg(const blip_model *m);
 const blip_tok *blip_model_tok(const blip_model *m); /* NULL for random models */
 blip_prec blip_model_precision(const blip_model *m);
-/* "f32" | "bf16" | "int8" <-> blip_prec (every tool's --precision). */
+/* "f32" | "bf16" | "int8" <-> blip_prec (every tool's --precision); "auto"
+ * parses as blip_model_auto_precision(). */
 int blip_model_parse_precision(const char *name, blip_prec *out);
+/* bf16 where this CPU has native bf16 dot products that the OS enables
+ * (AVX512_BF16 or AMX-BF16; cpuid + xgetbv), else f32. */
+blip_prec blip_model_auto_precision(void);
 const char *blip_model_precision_name(blip_prec p);
 /* 16 hex digits identifying config + weights bytes; stable across runs. */
 const char *blip_model_fingerprint(const blip_model *m);
@@ -63,6 +68,39 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
  * fast != 0 uses the reassociated cross-attention (no image K/V projection). */
 int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *const *images, int k,
                    blip_itm_first first, int fast, float *logits, float *cls);
+
+/* ITM with an image's cross-attention K/V projected once for all the captions
+ * scored against it (the naive path's math, without the per-pair projection).
+ * kv: blip_model_itm_kv_floats(m) floats = [t_layers, 2, T, Dt]; blip_model_itm_kv
+ * fills it from one image's embeds [T, Dv]. blip_model_itm_captions scores n
+ * captions of len tokens each (ids [n, len], as blip_model_itm's) against it:
+ * logits [n, 2]. */
+size_t blip_model_itm_kv_floats(const blip_model *m);
+int blip_model_itm_kv(blip_model *m, const float *image, float *kv);
+int blip_model_itm_captions(blip_model *m, const int32_t *ids, int len, int n, const float *kv, blip_itm_first first,
+                            float *logits);
+
+/* ---- Captioner (BlipForConditionalGeneration; cfg.captioner = 1) ----
+ * The BERT decoder (causal self-attention, cross-attention to the image
+ * tokens) runs incrementally over a KV cache: each call appends n tokens
+ * to every row and costs n positions. Rows are grouped by image: rows/n_img
+ * consecutive rows (e.g. beams) attend to the same image, whose
+ * cross-attention K/V are projected once by blip_model_kv_images. */
+typedef struct blip_model_kv blip_model_kv;
+/* A cache for `rows` sequences of up to cap tokens over n_img images (rows % n_img == 0). */
+int blip_model_kv_new(const blip_model *m, int rows, int n_img, int cap, blip_model_kv **out);
+void blip_model_kv_free(blip_model_kv *kv);
+/* Start over with new images: embeds [n_img, T, Dv] (blip_model_vision's output); empties the cache. */
+int blip_model_kv_images(blip_model *m, blip_model_kv *kv, const float *embeds);
+int blip_model_kv_len(const blip_model_kv *kv);
+/* Keep the first len positions (a shared prefix decoded once); the image K/V stay. */
+int blip_model_kv_truncate(blip_model_kv *kv, int len);
+/* Row r takes the cached sequence of row src[r] (beam reordering; src[r] within r's image). */
+int blip_model_kv_reorder(blip_model_kv *kv, const int *src);
+/* Append ids [rows, n] at positions len..len+n-1; hidden [rows, n, Dt] = last layer's output (may be NULL). */
+int blip_model_decode(blip_model *m, blip_model_kv *kv, const int32_t *ids, int n, float *hidden);
+/* LM head: hidden [M, Dt] -> logits [M, vocab] (transform dense + GELU, LayerNorm, decoder + bias). */
+int blip_model_lm_head(blip_model *m, const float *hidden, int M, float *logits);
 
 /* Tokenize for retrieval: [CLS] .. [SEP] truncated to max_len, padded with 0.
  * mask gets 1 for real tokens. *n_real = real count, *truncated = 1 if cut. */

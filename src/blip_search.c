@@ -6,7 +6,7 @@
  *   real tokens only), so the text layers run once over a [K, len] batch
  *   (K > 64 goes in calls of 64, which bounds the vision-token buffer).
  * - Vision tokens come from the rerank store; a candidate without a record
- *   (index built with --no-rerank-store, or a failed record) is decoded from
+ *   (index built with --no-rerank-store, or a lost or damaged record) is decoded from
  *   its file with the indexer's preprocessing and run through the vision
  *   encoder. A candidate whose tokens cannot be had at all is dropped and
  *   counted (res->dropped), never given a made-up score.
@@ -23,6 +23,7 @@
 #include "blip_search.h"
 
 #include <ctype.h>
+#include <jansson.h>
 #include <limits.h>
 #include <math.h>
 #include <sqlite3.h>
@@ -35,8 +36,10 @@
 #include <unistd.h>
 #include <utf8proc.h>
 
+#include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
+#include "blip_out.h"
 #include "blip_store.h"
 
 #define MAX_EXTS 16
@@ -49,6 +52,7 @@ struct blip_search {
   blip_model *m;
   int E, T, Dv, S;
   struct stat file; /* index.sqlite as opened: another file there means a rebuild */
+  blip_decode *dec; /* started when a candidate's tokens must come from its file */
 };
 
 void blip_search_opts_default(blip_search_opts *o) {
@@ -98,6 +102,7 @@ fail:
 void blip_search_close(blip_search *s) {
   if (!s) return;
   blip_store_close(s->st);
+  blip_decode_free(s->dec);
   free(s->dir);
   free(s);
 }
@@ -132,6 +137,8 @@ int blip_search_refresh(blip_search *s, int *reopened) {
 const char *blip_search_meta(const blip_search *s, const char *key) { return blip_store_meta(s->st, key); }
 
 int64_t blip_search_count(blip_search *s) { return blip_store_count(s->st); }
+
+unsigned blip_search_damage(const blip_search *s) { return blip_store_damage(s->st); }
 
 int blip_search_attach(blip_search *s, blip_model *m) {
   const blip_cfg *c = blip_model_cfg(m);
@@ -218,7 +225,7 @@ static int cmp_date(const void *pa, const void *pb) {
 }
 
 void blip_search_result_free(blip_search_result *res) {
-  for (int i = 0; res->hits && i < res->n; i++) free(res->hits[i].path);
+  for (int i = 0; res->hits && i < res->n; i++) free(res->hits[i].path), free(res->hits[i].caption);
   free(res->hits);
   memset(res, 0, sizeof *res);
 }
@@ -300,7 +307,31 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
       p += l + (p[l] == ',');
     }
   }
-  *active = nu || f->after || f->before || next;
+  char *words = NULL; /* each word an FTS5 string ("" doubles a quote): no query syntax from users */
+  if (f->words) {
+    size_t wl = strlen(f->words), o = 0, nw = 0;
+    if (!(words = malloc(3 * wl + 3))) return blip_err_set(BLIP_ENOMEM, "out of memory");
+    for (const char *p = f->words; *p;) {
+      size_t l = strcspn(p, " \t\n\r");
+      if (l) {
+        if (nw++) words[o++] = ' ';
+        words[o++] = '"';
+        for (size_t i = 0; i < l; i++) {
+          if (p[i] == '"') words[o++] = '"';
+          words[o++] = p[i];
+        }
+        words[o++] = '"';
+      }
+      p += l;
+      p += strspn(p, " \t\n\r");
+    }
+    words[o] = 0;
+    if (!nw) {
+      free(words);
+      return blip_err_set(BLIP_EINVAL, "--words: no words");
+    }
+  }
+  *active = nu || f->after || f->before || next || words;
   if (!*active) return BLIP_OK;
   int len = snprintf(sql, sizeof sql, "SELECT id FROM images WHERE feat IS NOT NULL AND offline=0");
   for (int i = 0; i < nu; i++) /* bytes, not characters: a path need not be UTF-8 */
@@ -311,9 +342,14 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
   for (int i = 0; i < next; i++) /* LIKE is ASCII case-insensitive; extensions are alnum, no wildcards */
     len += snprintf(sql + len, sizeof sql - len, "%s path LIKE ('%%.'||?%d)%s", i ? " OR" : " AND (", 5 + i,
                     i == next - 1 ? ")" : "");
+  if (words) len += snprintf(sql + len, sizeof sql - len, " AND id IN (SELECT rowid FROM captions_fts WHERE captions_fts MATCH ?90)");
   sqlite3_stmt *st = NULL;
   int64_t cap = 0;
-  if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) return db_err(s, "filter");
+  if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) {
+    free(words);
+    return db_err(s, "filter");
+  }
+  if (words) sqlite3_bind_text(st, 90, words, -1, SQLITE_STATIC);
   for (int i = 0; i < nu; i++) sqlite3_bind_blob(st, 21 + i, under[i], (int)strlen(under[i]), SQLITE_STATIC);
   if (f->after) sqlite3_bind_text(st, 3, f->after, -1, SQLITE_STATIC);
   if (f->before) sqlite3_bind_text(st, 4, f->before, -1, SQLITE_STATIC);
@@ -334,6 +370,7 @@ static int allowed_ids(blip_search *s, const blip_search_filter *f, int64_t **id
   if (r != SQLITE_DONE) rc = db_err(s, "filter");
 done:
   sqlite3_finalize(st);
+  free(words);
   if (rc) {
     free(*ids);
     *ids = NULL;
@@ -342,7 +379,7 @@ done:
   return rc;
 }
 
-/* Path, taken_at and mtime of hit h (q: "SELECT path, taken_at, mtime_ns ...
+/* Path, taken_at, mtime and caption of hit h (q: "SELECT path, taken_at, mtime_ns, caption ...
  * WHERE id=?"). BLIP_ENOTFOUND when a writer deleted or replaced the image
  * since the search that found it: the caller skips it. */
 static int hit_meta(blip_search *s, sqlite3_stmt *q, blip_search_hit *h) {
@@ -355,11 +392,13 @@ static int hit_meta(blip_search *s, sqlite3_stmt *q, blip_search_hit *h) {
   if (!(h->path = strdup(p ? p : ""))) return blip_err_set(BLIP_ENOMEM, "out of memory");
   snprintf(h->taken_at, sizeof h->taken_at, "%s", t ? t : "");
   h->mtime_ns = sqlite3_column_int64(q, 2);
+  const char *cap = (const char *)sqlite3_column_text(q, 3);
+  if (cap && !(h->caption = strdup(cap))) return blip_err_set(BLIP_ENOMEM, "out of memory");
   return BLIP_OK;
 }
 
 static int meta_stmt(blip_search *s, sqlite3_stmt **q) {
-  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns FROM images WHERE id=?", -1, q, NULL) == SQLITE_OK)
+  if (sqlite3_prepare_v2(s->db, "SELECT path, taken_at, mtime_ns, caption FROM images WHERE id=?", -1, q, NULL) == SQLITE_OK)
     return BLIP_OK;
   return db_err(s, "metadata");
 }
@@ -380,8 +419,9 @@ static int fill_meta(blip_search *s, blip_search_hit *hits, int *n, int want, in
   return rc;
 }
 
-/* Vision tokens of hit h into out [T,Dv]: rerank store, else recomputed from
- * the file. BLIP_ENOTFOUND only when the image left the index meanwhile. */
+/* Vision tokens of hit h into out [T,Dv]: rerank store, else (no record, or a
+ * missing or damaged one) recomputed from the file. BLIP_ENOTFOUND only when
+ * the image left the index meanwhile. */
 static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out) {
   int rc = blip_store_tokens(s->st, h->id, out);
   if (rc == BLIP_OK || rc == BLIP_ENOMEM || rc == BLIP_EDB) return rc;
@@ -390,16 +430,21 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
   if (!m) m = hit_meta(s, q, h); /* the row first: a deleted image's record may be a hole */
   sqlite3_finalize(q);
   if (m) return m;
-  if (rc == BLIP_ENOTFOUND && !(rc = blip_img_init())) {
+  if ((rc == BLIP_ENOTFOUND || rc == BLIP_EFORMAT) && !(rc = blip_img_init())) {
     blip_img_opts io; /* the indexer's preprocessing */
     blip_img_opts_default(&io);
     io.size = s->S;
     io.autorotate = 1;
     io.shrink_on_load = 0;
-    if (!(rc = blip_img_load_file(h->path, &io, pix, NULL, NULL))) rc = blip_model_vision(s->m, pix, 1, out, NULL);
+    blip_decode_opts dopt;
+    blip_decode_opts_default(&dopt);
+    if ((s->dec || !(rc = blip_decode_new(&dopt, &s->dec))) &&
+        !(rc = blip_decode_file(s->dec, h->path, &io, pix, NULL, NULL, NULL)))
+      rc = blip_model_vision(s->m, pix, 1, out, NULL);
   }
   free(h->path); /* hits get their metadata once the final cut is known */
-  h->path = NULL;
+  free(h->caption);
+  h->path = h->caption = NULL;
   return rc;
 }
 
@@ -480,7 +525,7 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
   }
   res->n = got;
   for (int i = 0; i < got; i++)
-    res->hits[i] = (blip_search_hit){cid[i], ccos[i], ccos[i], NAN, NAN, NULL, "", 0};
+    res->hits[i] = (blip_search_hit){cid[i], ccos[i], ccos[i], NAN, NAN, NULL, "", 0, NULL};
   int kr = K < got ? K : got, dropped = 0;
   if (kr) {
     blip_search_sort(res->hits, got); /* the K best by cosine first */
@@ -533,6 +578,39 @@ static int has_word(const char *text) {
   return 0;
 }
 
+int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
+                           float *feat) {
+  const int T = BLIP_SEARCH_MAX_TOKENS;
+  int L = 0, rc = BLIP_OK;
+  for (int i = 0; i < n && !rc; i++) {
+    rc = blip_search_prepare_text(m, queries[i], ids + (size_t)i * T, &len[i], &truncated[i]);
+    if (!rc && (len[i] <= 2 || !has_word(queries[i])))
+      rc = blip_err_set(BLIP_EINVAL, "the query has no words to search for (it is empty, or only punctuation)");
+    if (!rc && len[i] > L) L = len[i];
+  }
+  if (rc || n == 0) return rc;
+  int32_t *pid = malloc((size_t)n * L * sizeof *pid), *mask = malloc((size_t)n * L * sizeof *mask);
+  if (!pid || !mask) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  for (int i = 0; !rc && i < n; i++)
+    for (int t = 0; t < L; t++) {
+      pid[(size_t)i * L + t] = t < len[i] ? ids[(size_t)i * T + t] : 0;
+      mask[(size_t)i * L + t] = t < len[i];
+    }
+  if (!rc) rc = blip_model_text(m, pid, mask, n, L, NULL, feat);
+  free(pid);
+  free(mask);
+  return rc;
+}
+
+int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
+                              const blip_search_opts *o, blip_search_result *res) {
+  memset(res, 0, sizeof *res);
+  int rc = blip_search_refresh(s, NULL);
+  if (!rc) rc = search_feat(s, feat, ids, len, o, res);
+  res->truncated = truncated;
+  return rc;
+}
+
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res) {
   int32_t ids[BLIP_SEARCH_MAX_TOKENS];
   int len = 0, trunc = 0, rc;
@@ -541,10 +619,8 @@ int blip_search_text(blip_search *s, const char *query, const blip_search_opts *
   if ((rc = blip_search_refresh(s, NULL))) return rc;
   float *feat = malloc((size_t)s->E * sizeof *feat);
   if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  if (!(rc = blip_search_prepare_text(s->m, query, ids, &len, &trunc)) && (len <= 2 || !has_word(query)))
-    rc = blip_err_set(BLIP_EINVAL, "the query has no words to search for (it is empty, or only punctuation)");
-  if (!rc && !(rc = blip_search_text_feat(s->m, ids, len, feat)))
-    rc = search_feat(s, feat, ids, len, o, res);
+  if (!(rc = blip_search_text_feats(s->m, &query, 1, ids, &len, &trunc, feat)))
+    rc = blip_search_text_prepared(s, ids, len, trunc, feat, o, res);
   res->truncated = trunc;
   free(feat);
   return rc;
@@ -561,6 +637,38 @@ int blip_search_image(blip_search *s, const float *pixels, const blip_search_opt
   if (!rc) rc = search_feat(s, feat, NULL, 0, o, res);
   free(feat);
   return rc;
+}
+
+void *blip_search_hit_json(const blip_search_hit *h, int rank, const char *text) {
+  json_t *o = json_object();
+  if (!o) return NULL;
+  json_object_set_new(o, "rank", json_integer(rank));
+  if (text) {
+    json_object_set_new(o, "index", json_integer(h->id));
+    blip_out_json_name(o, "text", text);
+  } else {
+    char mt[20];
+    time_t t = (time_t)(h->mtime_ns / 1000000000);
+    struct tm tm;
+    localtime_r(&t, &tm);
+    strftime(mt, sizeof mt, "%Y-%m-%dT%H:%M:%S", &tm);
+    json_object_set_new(o, "id", json_integer(h->id));
+    blip_out_json_name(o, "path", h->path);
+    json_object_set_new(o, "taken_at", h->taken_at[0] ? blip_out_json_text(h->taken_at) : json_null());
+    json_object_set_new(o, "mtime", json_string(mt));
+    json_object_set_new(o, "caption", h->caption ? blip_out_json_text(h->caption) : json_null());
+  }
+  json_object_set_new(o, "score", blip_out_json_num(h->score));
+  json_object_set_new(o, "itm_prob", blip_out_json_num(h->itm_prob));
+  json_object_set_new(o, "itm_logit", blip_out_json_num(h->itm_logit));
+  json_object_set_new(o, "cosine", blip_out_json_num(h->cosine));
+  return o;
+}
+
+int blip_search_feat(blip_search *s, const float *feat, const blip_search_opts *o, blip_search_result *res) {
+  memset(res, 0, sizeof *res);
+  int rc = blip_search_refresh(s, NULL);
+  return rc ? rc : search_feat(s, feat, NULL, 0, o, res);
 }
 
 int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat, const char *const *texts, int n,
@@ -583,7 +691,7 @@ int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat
       goto done;
     float c = 0;
     for (int e = 0; e < E; e++) c += tf[e] * feat[e];
-    res->hits[j] = (blip_search_hit){j, c, c, NAN, NAN, NULL, "", 0};
+    res->hits[j] = (blip_search_hit){j, c, c, NAN, NAN, NULL, "", 0, NULL};
     res->truncated |= trunc;
   }
   res->n = n;

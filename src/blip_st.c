@@ -24,6 +24,7 @@ struct blip_st {
   int n;
   char **meta_kv;   /* key0, val0, key1, val1, ... */
   int n_meta;
+  void *owned;      /* a buffer freed at close (blip_st_parse_owned) */
 };
 
 static const struct { const char *name; blip_dtype dt; size_t size; } k_dtypes[] = {
@@ -106,6 +107,7 @@ void blip_st_close(blip_st *st) {
   free(st->meta_kv);
   free(st->t);
   if (st->map) munmap(st->map, st->map_len);
+  free(st->owned);
   free(st);
 }
 
@@ -229,6 +231,13 @@ int blip_st_parse(const void *buf, size_t len, blip_st **out) {
   if (rc) { blip_st_close(st); return rc; }
   *out = st;
   return BLIP_OK;
+}
+
+int blip_st_parse_owned(void *buf, size_t len, blip_st **out) {
+  int rc = blip_st_parse(buf, len, out);
+  if (rc) free(buf);
+  else (*out)->owned = buf;
+  return rc;
 }
 
 int blip_st_open(const char *path, blip_st **out) {

@@ -37,6 +37,8 @@ typedef struct blip_st blip_st;
 int blip_st_open(const char *path, blip_st **out);
 /* Parse a caller-owned buffer (kept by reference; used by fuzzers and tests). */
 int blip_st_parse(const void *buf, size_t len, blip_st **out);
+/* The same, taking ownership of a malloc'd buffer (freed at close, or now on failure). */
+int blip_st_parse_owned(void *buf, size_t len, blip_st **out);
 void blip_st_close(blip_st *st);
 
 int blip_st_count(const blip_st *st);

@@ -22,6 +22,7 @@
 #include "blip_tok.h"
 #include "blip_err.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -510,4 +511,84 @@ int blip_tok_pre_caption(const char *text, size_t len, int max_words, char **out
 done:
   free(cp);
   return rc;
+}
+
+/* ---- detokenizer ---- */
+
+/* s = s.replace(from, to) in place (to is never longer than from). */
+static void replace_all(char *s, const char *from, const char *to) {
+  size_t fl = strlen(from), tl = strlen(to);
+  char *r = s, *w = s;
+  while (*r) {
+    if (!strncmp(r, from, fl)) {
+      memmove(w, to, tl);
+      w += tl;
+      r += fl;
+    } else {
+      *w++ = *r++;
+    }
+  }
+  *w = 0;
+}
+
+static int is_special(const blip_tok *t, int id) {
+  return id == BLIP_TOK_PAD || id == BLIP_TOK_UNK || id == BLIP_TOK_CLS || id == BLIP_TOK_SEP || id == BLIP_TOK_MASK ||
+         id == blip_tok_dec_id(t) || id == blip_tok_enc_id(t);
+}
+
+/* HF BertTokenizer.decode (v4.38, slow): special ids dropped if asked;
+ * runs of tokens become " ".join(run).replace(" ##", "").strip(); [ENC]
+ * (an added special token beyond the vocab) stands alone; the parts are
+ * joined by spaces; then clean_up_tokenization. An id outside the
+ * vocabulary decodes as [UNK] (kept even when skipping specials, as HF). */
+int blip_tok_decode(const blip_tok *t, const int32_t *ids, int n, int skip_special, char **out) {
+  *out = NULL;
+  size_t cap = 1;
+  for (int i = 0; i < n; i++) {
+    const char *tok = blip_tok_token(t, ids[i]);
+    cap += (tok ? strlen(tok) : 5) + 2;
+  }
+  char *s = malloc(cap), *run = malloc(cap);
+  if (!s || !run) {
+    free(s);
+    free(run);
+    return blip_err_set(BLIP_ENOMEM, "decode: out of memory");
+  }
+  size_t sl = 0, rl = 0;
+  s[0] = 0;
+  for (int i = 0; i <= n; i++) {
+    const int end = i == n, enc = !end && ids[i] == blip_tok_enc_id(t);
+    if (!end && skip_special && is_special(t, ids[i])) continue;
+    if (end || enc) { /* flush the run: join, drop " ##", strip */
+      run[rl] = 0;
+      replace_all(run, " ##", "");
+      char *b = run, *e = run + strlen(run);
+      while (*b && isspace((unsigned char)*b)) b++;
+      while (e > b && isspace((unsigned char)e[-1])) e--;
+      if (e > b || (end && rl)) {
+        if (sl) s[sl++] = ' ';
+        memcpy(s + sl, b, (size_t)(e - b));
+        sl += (size_t)(e - b);
+      }
+      rl = 0;
+      if (enc) {
+        if (sl) s[sl++] = ' ';
+        memcpy(s + sl, "[ENC]", 5);
+        sl += 5;
+      }
+      continue;
+    }
+    const char *tok = blip_tok_token(t, ids[i]);
+    if (!tok) tok = "[UNK]";
+    if (rl) run[rl++] = ' ';
+    memcpy(run + rl, tok, strlen(tok));
+    rl += strlen(tok);
+  }
+  s[sl] = 0;
+  free(run);
+  static const char *const clean[][2] = {{" .", "."},    {" ?", "?"},     {" !", "!"},     {" ,", ","},    {" ' ", "'"},
+                                         {" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};
+  for (size_t k = 0; k < sizeof clean / sizeof clean[0]; k++) replace_all(s, clean[k][0], clean[k][1]);
+  *out = s;
+  return BLIP_OK;
 }

@@ -37,6 +37,10 @@ const char *blip_tok_token(const blip_tok *t, int id); /* NULL if out of range *
 int blip_tok_encode(const blip_tok *t, const char *text, size_t len, int max_len, int32_t *ids, int cap,
                     int *n_out, int *n_full);
 
+/* ids -> text as HF's BertTokenizer.decode(ids, skip_special_tokens) with
+ * clean_up_tokenization_spaces (v4.38). *out is malloc'd. */
+int blip_tok_decode(const blip_tok *t, const int32_t *ids, int n, int skip_special, char **out);
+
 /* BLIP data/utils.py pre_caption(caption, max_words), max_words >= 1. *out is
  * malloc'd and NUL-terminated; *out_len (if not NULL) is its length in bytes,
  * which exceeds strlen(*out) only when text holds a NUL (kept, as Python keeps

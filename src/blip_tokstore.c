@@ -2,11 +2,19 @@
  *
  * Design note. Ids come from SQLite's AUTOINCREMENT, so a committed id is
  * never reused and a committed record is never rewritten (a changed file gets
- * a new row and id). Ids of a rolled-back transaction are reused by the next
+ * a new row and id), except by a repair, while its row is marked lost so that
+ * no reader reads it. Ids of a rolled-back transaction are reused by the next
  * one, which overwrites the leftovers; at open the writer truncates past the
  * highest id ever committed. Deleted ids become holes (punched), which read
  * back as zeros and so never pass the {id, fingerprint} tag check. Readers map
- * the file lazily and remap when a record lies past the mapped length. */
+ * the file lazily and remap when a record lies past the mapped length.
+ *
+ * Damage. Each record's XXH3-64 (tag + payload) is kept in its SQLite row
+ * (tok_sum, schema 3), so a reader can tell garbage in a payload from data.
+ * Behind a foreign or damaged header the records are read at the index's own
+ * geometry and trusted only as far as their tag and checksum go: a reader
+ * uses the sound ones, the writer writes the header again and its owner
+ * checks every record, so that only damaged ones are recomputed. */
 #include "blip_tokstore.h"
 
 #include <errno.h>
@@ -18,6 +26,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "blip_err.h"
 #include "blip_st.h"
@@ -25,7 +34,6 @@
 #define TOK_MAGIC "BLIPTOK1"
 #define TOK_HDR 64   /* header bytes before record 0 */
 #define TAG_BYTES 16 /* {int64 id, uint64 fingerprint} at the start of a record */
-
 #define I4_GROUP 32   /* int4: values per scale */
 
 static const char *const TOK_NAMES[BLIP_TOKENS_NFMT] = {"none", "int8", "f16", "int4"};
@@ -40,26 +48,24 @@ int blip_tokstore_parse_fmt(const char *name) {
   return -1;
 }
 
-typedef struct {
+typedef struct { /* ids [first, last] live in the file at path under id - offset */
+  int64_t first, last, offset;
   char path[4096];
   int fd;
   uint8_t *map;
   size_t len;
-} tok_file;
-
-typedef struct { /* ids [first, last] live in f under id - offset */
-  int64_t first, last, offset;
-  tok_file f;
 } segment;
 
 struct blip_tokstore {
-  char dir[4096];
+  char path[4096];
   blip_tokens_fmt fmt;
-  int T, Dv;
+  int T, Dv, fd;
   size_t stride;
-  tok_file main; /* tokens.bin */
-  uint8_t *rec;  /* one record of scratch for the writer */
-  segment *seg;  /* sorted by first */
+  uint8_t *map, *rec; /* rec: one record of scratch for the writer */
+  size_t len;
+  int damaged; /* the header was foreign or damaged (the writer wrote it again): check every record */
+  char dir[4096];
+  segment *seg; /* token files of a merged index's shards, sorted by first */
   int nseg;
 };
 
@@ -110,6 +116,7 @@ static void i4_decode(int T, int Dv, const uint8_t *rec, float *x) {
     }
 }
 
+
 void blip_tokstore_encode(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec) {
   if (fmt == BLIP_TOKENS_I4) {
     i4_encode(T, Dv, x, rec);
@@ -159,6 +166,16 @@ void blip_tokstore_decode(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec
 
 static off_t rec_off(const blip_tokstore *ts, int64_t id) { return (off_t)TOK_HDR + (off_t)id * (off_t)ts->stride; }
 
+/* The header a file of this store's geometry starts with. */
+static void header_of(const blip_tokstore *ts, uint8_t want[TOK_HDR]) {
+  uint32_t v[3] = {(uint32_t)ts->fmt, (uint32_t)ts->T, (uint32_t)ts->Dv};
+  uint64_t stride = ts->stride;
+  memset(want, 0, TOK_HDR);
+  memcpy(want, TOK_MAGIC, 8);
+  memcpy(want + 8, v, sizeof v);
+  memcpy(want + 24, &stride, 8);
+}
+
 static segment *seg_of(const blip_tokstore *ts, int64_t id) {
   int lo = 0, hi = ts->nseg - 1;
   while (lo <= hi) {
@@ -170,54 +187,46 @@ static segment *seg_of(const blip_tokstore *ts, int64_t id) {
   return NULL;
 }
 
-/* Compare the header of fd with the store's geometry; a writer (re)writes a
- * missing or short one (new file, or a crash cut it: nothing was committed). */
-static int check_header(const blip_tokstore *ts, int fd, const char *path, int write) {
-  uint8_t h[TOK_HDR] = {0}, want[TOK_HDR] = {0};
-  uint32_t v[3] = {(uint32_t)ts->fmt, (uint32_t)ts->T, (uint32_t)ts->Dv};
-  uint64_t stride = ts->stride;
-  memcpy(want, TOK_MAGIC, 8);
-  memcpy(want + 8, v, sizeof v);
-  memcpy(want + 24, &stride, 8);
-  ssize_t n = pread(fd, h, TOK_HDR, 0);
-  if (n >= 0 && n < TOK_HDR && write) {
-    if (pwrite(fd, want, TOK_HDR, 0) != TOK_HDR || fdatasync(fd) != 0) return blip_err_errno("write", path);
-    return BLIP_OK;
-  }
-  if (n != TOK_HDR || memcmp(h, want, TOK_HDR) != 0)
-    return blip_err_set(BLIP_EFORMAT, "%s: header does not match the index (format %s, T %d, Dv %d)", path,
-                        TOK_NAMES[ts->fmt], ts->T, ts->Dv);
-  return BLIP_OK;
-}
-
 int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int write, blip_tokstore **out) {
   *out = NULL;
   blip_tokstore *ts = calloc(1, sizeof *ts);
   if (!ts) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  ts->main.fd = -1;
+  ts->fd = -1;
   ts->fmt = fmt;
   ts->T = T;
   ts->Dv = Dv;
   ts->stride = (TAG_BYTES + blip_tokstore_payload_size(fmt, T, Dv) + 63) / 64 * 64;
+  snprintf(ts->path, sizeof ts->path, "%s/tokens.bin", dir);
   snprintf(ts->dir, sizeof ts->dir, "%s", dir);
-  snprintf(ts->main.path, sizeof ts->main.path, "%s/tokens.bin", dir);
   int rc = BLIP_OK;
   if (fmt == BLIP_TOKENS_NONE) goto done;
   if (write && !(ts->rec = calloc(1, ts->stride))) {
     rc = blip_err_set(BLIP_ENOMEM, "out of memory");
     goto done;
   }
-  ts->main.fd = open(ts->main.path, (write ? O_RDWR | O_CREAT : O_RDONLY) | O_CLOEXEC, 0644);
-  if (ts->main.fd < 0) {
-    rc = errno == ENOENT ? BLIP_OK : blip_err_errno("open", ts->main.path); /* reader: no store yet */
+  ts->fd = open(ts->path, (write ? O_RDWR | O_CREAT : O_RDONLY) | O_CLOEXEC, 0644);
+  if (ts->fd < 0) {
+    rc = errno == ENOENT ? BLIP_OK : blip_err_errno("open", ts->path); /* reader: no store yet */
     goto done;
   }
-  struct stat sb;
-  if (!write && fstat(ts->main.fd, &sb) == 0 && sb.st_size < TOK_HDR) { /* a writer's first run, before its */
-    close(ts->main.fd);                                                  /* first commit: no records yet */
-    ts->main.fd = -1;
-  } else {
-    rc = check_header(ts, ts->main.fd, ts->main.path, write);
+  uint8_t h[TOK_HDR] = {0}, want[TOK_HDR];
+  header_of(ts, want);
+  ssize_t n = pread(ts->fd, h, TOK_HDR, 0);
+  if (n < 0) {
+    rc = blip_err_errno("read", ts->path);
+  } else if (n == TOK_HDR && memcmp(h, want, TOK_HDR) == 0) {
+    /* a store of this index */
+  } else if (!write && n < TOK_HDR) { /* a crash cut the header short before any record was committed */
+    close(ts->fd);
+    ts->fd = -1;
+  } else if (!write) { /* damaged header: each record still answers for itself (tag, checksum) */
+    ts->damaged = 1;
+  } else { /* new, cut short by a crash (no record was committed), or a damaged header: the records
+            * stay where they are, and the owner checks each against its row's tag and checksum */
+    ts->damaged = n == TOK_HDR;
+    if ((!ts->damaged && ftruncate(ts->fd, 0) != 0) || pwrite(ts->fd, want, TOK_HDR, 0) != TOK_HDR ||
+        fdatasync(ts->fd) != 0)
+      rc = blip_err_errno("write", ts->path);
   }
 done:
   if (rc) {
@@ -231,28 +240,41 @@ done:
 void blip_tokstore_close(blip_tokstore *ts) {
   if (!ts) return;
   for (int i = 0; i < ts->nseg; i++) {
-    if (ts->seg[i].f.map) munmap(ts->seg[i].f.map, ts->seg[i].f.len);
-    if (ts->seg[i].f.fd >= 0) close(ts->seg[i].f.fd);
+    if (ts->seg[i].map) munmap(ts->seg[i].map, ts->seg[i].len);
+    if (ts->seg[i].fd >= 0) close(ts->seg[i].fd);
   }
   free(ts->seg);
-  if (ts->main.map) munmap(ts->main.map, ts->main.len);
-  if (ts->main.fd >= 0) close(ts->main.fd);
+  if (ts->map) munmap(ts->map, ts->len);
+  if (ts->fd >= 0) close(ts->fd);
   free(ts->rec);
   free(ts);
 }
 
-int blip_tokstore_present(const blip_tokstore *ts) { return ts && ts->main.fd >= 0; }
+int blip_tokstore_present(const blip_tokstore *ts) { return ts && ts->fd >= 0; }
+int blip_tokstore_damaged(const blip_tokstore *ts) { return ts && ts->damaged; }
+const char *blip_tokstore_path(const blip_tokstore *ts) { return ts->path; }
+
+int64_t blip_tokstore_slots(const blip_tokstore *ts) {
+  struct stat sb;
+  if (!ts || ts->fd < 0 || fstat(ts->fd, &sb) != 0 || sb.st_size < TOK_HDR) return 0;
+  return (int64_t)((sb.st_size - TOK_HDR) / (off_t)ts->stride);
+}
+
+static uint64_t rec_sum(const blip_tokstore *ts, const uint8_t *rec) {
+  return XXH3_64bits(rec, TAG_BYTES + blip_tokstore_payload_size(ts->fmt, ts->T, ts->Dv));
+}
 size_t blip_tokstore_stride(const blip_tokstore *ts) { return ts && ts->fmt ? ts->stride : 0; }
 
-int blip_tokstore_put(blip_tokstore *ts, int64_t id, uint64_t fp, const float *tokens) {
+int blip_tokstore_put(blip_tokstore *ts, int64_t id, uint64_t fp, const float *tokens, uint64_t *sum) {
   memcpy(ts->rec, &id, 8);
   memcpy(ts->rec + 8, &fp, 8);
   blip_tokstore_encode(ts->fmt, ts->T, ts->Dv, tokens, ts->rec + TAG_BYTES);
+  *sum = rec_sum(ts, ts->rec);
   for (size_t done = 0; done < ts->stride;) { /* a short write is retried: the next one says why (ENOSPC, EFBIG) */
-    ssize_t w = pwrite(ts->main.fd, ts->rec + done, ts->stride - done, rec_off(ts, id) + (off_t)done);
+    ssize_t w = pwrite(ts->fd, ts->rec + done, ts->stride - done, rec_off(ts, id) + (off_t)done);
     if (w <= 0) {
       if (w == 0) errno = ENOSPC;
-      return blip_err_errno("write", ts->main.path);
+      return blip_err_errno("write", ts->path);
     }
     done += (size_t)w;
   }
@@ -260,35 +282,35 @@ int blip_tokstore_put(blip_tokstore *ts, int64_t id, uint64_t fp, const float *t
 }
 
 int blip_tokstore_sync(blip_tokstore *ts) {
-  return fdatasync(ts->main.fd) == 0 ? BLIP_OK : blip_err_errno("sync", ts->main.path);
+  return fdatasync(ts->fd) == 0 ? BLIP_OK : blip_err_errno("sync", ts->path);
 }
 
 void blip_tokstore_punch(blip_tokstore *ts, int64_t id) {
-  if (ts->main.fd >= 0 && !seg_of(ts, id)) /* a segment is another index's file: never written */
-    fallocate(ts->main.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec_off(ts, id), (off_t)ts->stride);
+  if (ts->fd >= 0 && !seg_of(ts, id)) /* a segment is another index's file: never written */
+    fallocate(ts->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec_off(ts, id), (off_t)ts->stride);
 }
 
 int blip_tokstore_truncate(blip_tokstore *ts, int64_t max_id) {
   struct stat sb;
-  if (ts->main.fd < 0 || fstat(ts->main.fd, &sb) != 0 || sb.st_size <= rec_off(ts, max_id + 1)) return BLIP_OK;
-  return ftruncate(ts->main.fd, rec_off(ts, max_id + 1)) == 0 ? BLIP_OK : blip_err_errno("truncate", ts->main.path);
+  if (ts->fd < 0 || fstat(ts->fd, &sb) != 0 || sb.st_size <= rec_off(ts, max_id + 1)) return BLIP_OK;
+  return ftruncate(ts->fd, rec_off(ts, max_id + 1)) == 0 ? BLIP_OK : blip_err_errno("truncate", ts->path);
 }
 
-/* Map enough of file f to read record id. */
-static int tok_map(const blip_tokstore *ts, tok_file *f, int64_t id) {
+/* Map enough of a file (fd, *map of *len bytes) to read record id. */
+static int tok_map(const blip_tokstore *ts, int fd, const char *path, uint8_t **map, size_t *len, int64_t id) {
   size_t need = (size_t)rec_off(ts, id) + ts->stride;
-  if (f->map && f->len >= need) return BLIP_OK;
+  if (*map && *len >= need) return BLIP_OK;
   struct stat sb;
-  if (fstat(f->fd, &sb) != 0) return blip_err_errno("stat", f->path);
+  if (fstat(fd, &sb) != 0) return blip_err_errno("stat", path);
   if ((size_t)sb.st_size < need) return blip_err_set(BLIP_ENOTFOUND, "image %lld has no token record", (long long)id);
-  if (f->map) munmap(f->map, f->len);
-  f->map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, f->fd, 0);
-  if (f->map == MAP_FAILED) {
-    f->map = NULL;
-    f->len = 0;
-    return blip_err_errno("mmap", f->path);
+  if (*map) munmap(*map, *len);
+  *map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, fd, 0);
+  if (*map == MAP_FAILED) {
+    *map = NULL;
+    *len = 0;
+    return blip_err_errno("mmap", path);
   }
-  f->len = (size_t)sb.st_size;
+  *len = (size_t)sb.st_size;
   return BLIP_OK;
 }
 
@@ -300,34 +322,58 @@ int blip_tokstore_add_segment(blip_tokstore *ts, int64_t first, int64_t last, in
   segment *v = realloc(ts->seg, (size_t)(ts->nseg + 1) * sizeof *v);
   if (!v) return blip_err_set(BLIP_ENOMEM, "out of memory");
   ts->seg = v;
-  segment *g = &v[ts->nseg];
+  segment *g = &v[ts->nseg++];
   memset(g, 0, sizeof *g);
   g->first = first, g->last = last, g->offset = offset;
-  snprintf(g->f.path, sizeof g->f.path, "%s/%s", ts->dir, file);
-  g->f.fd = ts->fmt == BLIP_TOKENS_NONE ? -1 : open(g->f.path, O_RDONLY | O_CLOEXEC);
-  ts->nseg++;
+  snprintf(g->path, sizeof g->path, "%s/%s", ts->dir, file);
+  g->fd = ts->fmt == BLIP_TOKENS_NONE ? -1 : open(g->path, O_RDONLY | O_CLOEXEC);
+  uint8_t h[TOK_HDR], want[TOK_HDR];
+  header_of(ts, want);
   /* a missing or foreign segment only loses its records (queries recompute them), never the index */
-  if (g->f.fd >= 0 && check_header(ts, g->f.fd, g->f.path, 0) != BLIP_OK) {
-    close(g->f.fd);
-    g->f.fd = -1;
+  if (g->fd >= 0 && (pread(g->fd, h, TOK_HDR, 0) != TOK_HDR || memcmp(h, want, TOK_HDR))) {
+    close(g->fd);
+    g->fd = -1;
   }
   return BLIP_OK;
 }
 
-int blip_tokstore_get(blip_tokstore *ts, int64_t id, uint64_t fp, float *out) {
+/* Record id, checked against its row's tag: NULL past the end of the file or
+ * for a record of another row (or a hole); *rc says which. A segment's
+ * record carries its shard's id. */
+static const uint8_t *rec_at(blip_tokstore *ts, int64_t id, uint64_t fp, int *rc) {
   segment *g = seg_of(ts, id);
-  tok_file *f = g ? &g->f : &ts->main;
+  int fd = g ? g->fd : ts->fd;
+  const char *path = g ? g->path : ts->path;
   int64_t rid_want = g ? id - g->offset : id;
-  if (f->fd < 0) return blip_err_set(BLIP_ENOTFOUND, "%s is missing", f->path);
-  int rc = tok_map(ts, f, rid_want);
-  if (rc) return rc;
-  const uint8_t *rec = f->map + rec_off(ts, rid_want);
+  if (fd < 0) {
+    *rc = blip_err_set(BLIP_ENOTFOUND, "%s is missing", path);
+    return NULL;
+  }
+  if ((*rc = g ? tok_map(ts, fd, path, &g->map, &g->len, rid_want) : tok_map(ts, fd, path, &ts->map, &ts->len, id)))
+    return NULL;
+  const uint8_t *rec = (g ? g->map : ts->map) + rec_off(ts, rid_want);
   int64_t rid;
   uint64_t rfp;
   memcpy(&rid, rec, 8);
   memcpy(&rfp, rec + 8, 8);
-  if (rid != rid_want || rfp != fp)
-    return blip_err_set(BLIP_EFORMAT, "%s: record %lld does not belong to its image", f->path, (long long)rid_want);
-  blip_tokstore_decode(ts->fmt, ts->T, ts->Dv, rec + TAG_BYTES, out);
+  if (rid == rid_want && rfp == fp) return rec;
+  *rc = blip_err_set(BLIP_EFORMAT, "%s: record %lld does not belong to its image", path, (long long)rid_want);
+  return NULL;
+}
+
+int blip_tokstore_get(blip_tokstore *ts, int64_t id, uint64_t fp, const uint64_t *sum, float *out) {
+  int rc;
+  const uint8_t *rec = rec_at(ts, id, fp, &rc);
+  if (!rec) return rc;
+  if (sum && rec_sum(ts, rec) != *sum)
+    return blip_err_set(BLIP_EFORMAT, "%s: record %lld is damaged (checksum mismatch)", ts->path, (long long)id);
+  if (out) blip_tokstore_decode(ts->fmt, ts->T, ts->Dv, rec + TAG_BYTES, out);
   return BLIP_OK;
+}
+
+int blip_tokstore_sum(blip_tokstore *ts, int64_t id, uint64_t fp, uint64_t *sum) {
+  int rc;
+  const uint8_t *rec = rec_at(ts, id, fp, &rc);
+  if (rec) *sum = rec_sum(ts, rec);
+  return rec ? BLIP_OK : rc;
 }

@@ -3,7 +3,10 @@
  * files from tests/data/checkpoint-manifest, so they cost no disk), runs a
  * forward pass at that geometry (577 tokens, 12 or 24 layers), and, with
  * random weights at the base geometry, checks that the reassociated ITM
- * equals the naive one on 577 real-size image tokens. */
+ * equals the naive one on 577 real-size image tokens. The captioners
+ * (blip-image-captioning-base/large) load under either LM-bias name, refuse
+ * a file without the untied LM decoder weight, and caption at that size. */
+#include "blip_cap.h"
 #include "blip_cfg.h"
 #include "blip_err.h"
 #include "blip_kern.h"
@@ -110,6 +113,50 @@ static void test_manifest(const char *model, int layers, int width) {
   free(emb);
 }
 
+static void test_caption_manifest(const char *model, int layers, int width) {
+  char tsv[512], cfg[512];
+  snprintf(tsv, sizeof tsv, "%s%s.tsv", test_data("checkpoint-manifest/"), model);
+  snprintf(cfg, sizeof cfg, "%s%s.config.json", test_data("checkpoint-manifest/"), model);
+  link_file(cfg, "config.json");
+  link_file(test_data("blip-tiny/vocab.txt"), "vocab.txt");
+  blip_model *m = NULL;
+  if (layers == 12) { /* names: once (each load packs a gigabyte) */
+    /* decoder.weight is its own tensor in transformers 4.38: never replaced by the word embeddings */
+    CHECK(write_sparse(tsv, "text_decoder.cls.predictions.decoder.weight") == 0, "write sparse");
+    int rc = blip_model_load(g_dir, NULL, &m);
+    CHECK(rc == BLIP_EMISSING && strstr(blip_err_last(), "decoder.weight"), "%s without decoder.weight: %d %s", model, rc, blip_err_last());
+    /* the LM bias under its other name only (save_pretrained keeps cls.predictions.bias; old files both) */
+    CHECK(write_sparse(tsv, "text_decoder.cls.predictions.bias") == 0, "write sparse");
+    CHECK_OK(blip_model_load(g_dir, NULL, &m));
+    blip_model_free(m);
+  }
+  CHECK(write_sparse(tsv, NULL) == 0, "write sparse");
+  CHECK_OK(blip_model_load(g_dir, NULL, &m));
+  const blip_cfg *c = blip_model_cfg(m);
+  CHECK(c->captioner && c->v_tokens == 577 && c->v_layers == layers && c->v_hidden == width && c->t_layers == 12 &&
+            c->t_enc_hidden == width && c->gen.max_length == 20 && c->gen.num_beams == 1,
+        "%s geometry", model);
+  float *px = malloc(sizeof(float) * 3 * 384 * 384), *emb = malloc(sizeof(float) * 577 * width);
+  for (long i = 0; i < 3L * 384 * 384; i++) px[i] = (float)(i % 255) / 128.0f - 1.0f;
+  CHECK_OK(blip_model_vision(m, px, 1, emb, NULL));
+  blip_cap_opts o;
+  blip_cap_defaults(m, &o);
+  o.max_length = 6, o.prompt = "a picture of";
+  blip_cap_result r, rb;
+  CHECK_OK(blip_cap_generate(m, emb, 1, &o, &r));
+  /* zero weights: every logit is 0, so greedy picks id 0 ([PAD]) at each step */
+  CHECK(r.n == 6 && r.ids[0] == 30522 && r.ids[3] == 1997 && r.ids[4] == 0 && r.ids[5] == 0, "%s zero-weight caption", model);
+  o.num_beams = 3;
+  CHECK_OK(blip_cap_generate(m, emb, 1, &o, &rb));
+  CHECK(rb.n == 6 && rb.ids[3] == 1997, "%s zero-weight beam caption", model);
+  printf("  %s: loaded %d+%d layers, captioned at 577 tokens (greedy, beam 3)\n", model, c->v_layers, c->t_layers);
+  blip_cap_result_free(&r, 1);
+  blip_cap_result_free(&rb, 1);
+  blip_model_free(m);
+  free(px);
+  free(emb);
+}
+
 static void test_random_base(void) {
   blip_cfg c;
   CHECK_OK(blip_cfg_load(test_data("checkpoint-manifest/blip-itm-base-coco.config.json"), &c));
@@ -141,6 +188,8 @@ int main(void) {
   test_manifest("blip-itm-base-coco", 12, 768);
   test_manifest("blip-itm-large-coco", 24, 1024);
   test_random_base();
+  test_caption_manifest("blip-image-captioning-base", 12, 768);
+  test_caption_manifest("blip-image-captioning-large", 24, 1024);
   char cmd[600];
   snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
   if (system(cmd)) return 2;

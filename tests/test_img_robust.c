@@ -16,6 +16,7 @@
 #include "blip_err.h"
 #include "blip_img.h"
 #include "check.h"
+#include "pngbytes.h"
 
 #define S 384
 
@@ -292,19 +293,6 @@ done:
 }
 
 /* ---------------------------------------------------------------- guards */
-
-static uint32_t crc32_png(const uint8_t *p, size_t n) {
-  uint32_t c = 0xFFFFFFFFu;
-  for (size_t i = 0; i < n; i++) {
-    c ^= p[i];
-    for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1)));
-  }
-  return ~c;
-}
-
-static void put32(uint8_t *p, uint32_t v) {
-  p[0] = v >> 24, p[1] = v >> 16, p[2] = v >> 8, p[3] = v;
-}
 
 static uint8_t *read_all(const char *path, size_t *n) {
   FILE *f = fopen(path, "rb");

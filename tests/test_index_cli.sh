@@ -161,4 +161,19 @@ wait $pid || bad "indexer beside readers"
 (( checks > 0 )) && ok || bad "no check ran while indexing"
 echo "  $checks consistent checks while indexing"
 
+# precision auto (the default): bf16 where the CPU has native bf16 dot products (cpuinfo flags as the
+# independent oracle), else f32; an index built at another precision keeps it, --rebuild re-decides
+want=f32
+grep -qwE "avx512_bf16|amx_bf16" /proc/cpuinfo && grep -qw avx512f /proc/cpuinfo && want=bf16
+prec() { sqlite3 "$1/index.sqlite" "select value from meta where key='precision'"; }
+"$BIN/blip-index" --db "$T/dba" --model "$MODEL" "$L/a/b" >/dev/null 2>&1 || bad "auto: first run"
+[[ $(prec "$T/dba") == "$want" ]] && ok || bad "auto chose $(prec "$T/dba"), want $want"
+"$BIN/blip-index" --db "$T/dbk" --model "$MODEL" --precision int8 "$L/a/b" >/dev/null 2>&1 || bad "int8 index"
+mkdir -p "$T/pb" && "$BIN/gen_photos" "$T/pb" 1 --size 64x64 --seed 9 >/dev/null
+out=$("$BIN/blip-index" --db "$T/dbk" --model "$MODEL" --json "$L/a/b" "$T/pb" 2>&1) || bad "auto on an int8 index: $out"
+expect auto-keeps "$out" added=1
+[[ $(prec "$T/dbk") == int8 ]] && ok || bad "auto changed an int8 index to $(prec "$T/dbk")"
+"$BIN/blip-index" --db "$T/dbk" --model "$MODEL" --rebuild "$L/a/b" >/dev/null 2>&1 || bad "auto --rebuild"
+[[ $(prec "$T/dbk") == "$want" ]] && ok || bad "auto --rebuild chose $(prec "$T/dbk"), want $want"
+
 tally

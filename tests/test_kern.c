@@ -76,6 +76,20 @@ static float bf16_round(float f) { /* round to nearest even, independently of th
   return (float)ldexp(nearbyint(ldexp(m, 8)), e - 8);
 }
 
+/* A bf16 result against an f32 reference: each error in units of the
+ * bound |ref| 2^-8 (half a bf16 ulp, the rounding) + tol (the rest). */
+static void check_bf16(const char *label, const uint16_t *got, const float *ref, long n, double tol) {
+  float *e = malloc(sizeof(float) * n), *zero = calloc(n, sizeof(float));
+  for (long i = 0; i < n; i++) {
+    uint32_t u = (uint32_t)got[i] << 16;
+    float g;
+    memcpy(&g, &u, 4);
+    e[i] = (float)((g - (double)ref[i]) / (fabs(ref[i]) * (1.0 / 256) + tol));
+  }
+  check_tensor(label, e, zero, n, 1.0);
+  free(e), free(zero);
+}
+
 /* Packed linear layer in each precision, with the fused flags, against a
  * double reference computed on the same rounded/quantized operands:
  * f32 exact inputs; bf16 inputs and weights rounded to bf16; int8 the
@@ -130,6 +144,43 @@ static void test_packed(blip_k_prec prec, int M, int in, int out, int flags, int
   free(x), free(w), free(b), free(y), free(r), free(xd), free(wd);
 }
 
+/* The bf16 hand-over flags against the f32-in/f32-out path of the same
+ * layer (tested above): BLIP_K_IN_BF16 gives the same result as f32 input
+ * (the layer rounds its input to bf16 anyway), BLIP_K_OUT_BF16 its rounding
+ * (bf16 and int8 layers). Unsupported combinations fail cleanly. */
+static void test_packed_bf16io(blip_k_prec prec, int M, int in, int out, int flags) {
+  float *x = rnd((long)M * in, 2), *w = rnd((long)out * in, 0.3f), *b = rnd(out, 1), *ref = malloc(sizeof(float) * M * out);
+  float *y = malloc(sizeof(float) * M * out);
+  uint16_t *x16 = malloc(2 * (size_t)M * in), *y16 = malloc(2 * (size_t)M * out);
+  blip_k_ws ws = {0};
+  blip_k_linear l = {.in = in, .out = out, .w = w, .b = b};
+  CHECK(blip_k_linear_pack(&l, prec, &ws) == 0, "pack: %s", blip_err_last());
+  CHECK(blip_k_linear_fwd_ex(ref, x, &l, M, flags) == 0, "f32 io: %s", blip_err_last());
+  blip_k_to_bf16(x16, x, (long)M * in);
+  char label[80];
+  const char *pn = prec == BLIP_K_BF16 ? "bf16" : "int8";
+  if (prec == BLIP_K_BF16) {
+    CHECK(blip_k_linear_fwd_ex(y, x16, &l, M, flags | BLIP_K_IN_BF16) == 0, "bf16 in: %s", blip_err_last());
+    snprintf(label, sizeof label, "packed %s %dx%d->%d bf16 in", pn, M, in, out);
+    check_tensor(label, y, ref, (long)M * out, 1e-6);
+    CHECK(blip_k_linear_fwd_ex(y16, x16, &l, M, flags | BLIP_K_IN_BF16 | BLIP_K_OUT_BF16) == 0, "bf16 in+out: %s", blip_err_last());
+    snprintf(label, sizeof label, "packed %s %dx%d->%d bf16 in+out", pn, M, in, out);
+    check_bf16(label, y16, ref, (long)M * out, 1e-6);
+  } else {
+    CHECK(blip_k_linear_fwd_ex(y, x16, &l, M, BLIP_K_IN_BF16) != 0, "int8 layer accepted bf16 input");
+  }
+  CHECK(blip_k_linear_fwd_ex(y16, x, &l, M, flags | BLIP_K_OUT_BF16) == 0, "bf16 out: %s", blip_err_last());
+  snprintf(label, sizeof label, "packed %s %dx%d->%d%s bf16 out", pn, M, in, out, flags & BLIP_K_GELU ? " gelu" : "");
+  check_bf16(label, y16, ref, (long)M * out, 1e-6);
+  CHECK(blip_k_linear_fwd_ex(y16, x, &l, M, BLIP_K_OUT_BF16 | BLIP_K_ACCUM) != 0, "bf16 output with ACCUM accepted");
+  blip_k_linear_unpack(&l);
+  blip_k_ws_free(&ws);
+  blip_k_linear f = {.in = in, .out = out, .w = w, .b = b}; /* plain f32: no bf16 either way */
+  CHECK(blip_k_linear_fwd_ex(y, x16, &f, M, BLIP_K_IN_BF16) != 0 && blip_k_linear_fwd_ex(y16, x, &f, M, BLIP_K_OUT_BF16) != 0,
+        "f32 layer accepted bf16");
+  free(x), free(w), free(b), free(ref), free(y), free(x16), free(y16);
+}
+
 /* blip_k_gemm_bf16 against a double reference on the bf16-rounded
  * operands (padded leading dimensions, both B orders, cached rerun). */
 static void test_gemm_bf16(int M, int N, int K, int tb) {
@@ -167,11 +218,19 @@ static void test_mlp(blip_k_prec prec, int M, int D, int F) {
   memcpy(x2, x, sizeof(float) * M * D);
   CHECK(blip_k_linear_fwd_ex(mid, x, &fc1, M, BLIP_K_GELU) == 0 && blip_k_linear_fwd_ex(ref, mid, &fc2, M, BLIP_K_ACCUM) == 0,
         "two-step mlp: %s", blip_err_last());
-  CHECK(blip_k_mlp(x2, x, &fc1, &fc2, M, mid) == 0, "mlp: %s", blip_err_last());
+  CHECK(blip_k_mlp(x2, x, 0, &fc1, &fc2, M, mid) == 0, "mlp: %s", blip_err_last());
   char label[64];
   snprintf(label, sizeof label, "mlp %s M=%d %d->%d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8", M, D, F);
   check_tensor(label, x2, ref, (long)M * D, 1e-5);
-  CHECK(blip_k_mlp(x, x, &fc1, &fc2, M, mid) == 0, "mlp in place: %s", blip_err_last());
+  if (prec == BLIP_K_BF16) { /* h given as bf16: the same as f32 h, which fc1 rounds to bf16 itself */
+    uint16_t *h16 = malloc(2 * (size_t)M * D);
+    blip_k_to_bf16(h16, x, (long)M * D);
+    memcpy(x2, x, sizeof(float) * M * D);
+    CHECK(blip_k_mlp(x2, h16, BLIP_K_IN_BF16, &fc1, &fc2, M, mid) == 0, "mlp bf16 h: %s", blip_err_last());
+    check_tensor("  ... with h in bf16", x2, ref, (long)M * D, 1e-5);
+    free(h16);
+  }
+  CHECK(blip_k_mlp(x, x, 0, &fc1, &fc2, M, mid) == 0, "mlp in place: %s", blip_err_last());
   check_tensor("  ... with h == x", x, ref, (long)M * D, 1e-5);
   blip_k_linear_unpack(&fc1);
   blip_k_linear_unpack(&fc2);
@@ -237,6 +296,10 @@ static void test_layernorm(int M, int N) {
   ref_layernorm(r, x, g, b, M, N, 1e-5f);
   blip_k_layernorm(y, x, g, b, M, N, 1e-5f);
   check_tensor("layernorm", y, r, (long)M * N, 2e-5);
+  uint16_t *y16 = malloc(2 * (size_t)M * N);
+  blip_k_layernorm_bf16(y16, x, g, b, M, N, 1e-5f);
+  check_bf16("layernorm, bf16 out", y16, r, (long)M * N, 2e-5);
+  free(y16);
   for (long i = 0; i < (long)M * N; i++) sum[i] = x[i] + res[i];
   ref_layernorm(r, sum, g, b, M, N, 1e-12f);
   blip_k_add_layernorm(x, res, g, b, M, N, 1e-12f);
@@ -268,7 +331,8 @@ static void test_gelu_softmax(void) {
 }
 
 /* bf16 != 0 tests blip_k_attention_bf16 against the same reference run on
- * bf16-rounded q, k, v and probabilities. */
+ * bf16-rounded q, k, v and probabilities; bf16 = 2 and 3 test
+ * blip_k_attention_bf16in on bf16 operands (strided), f32 or bf16 out. */
 static void test_attention(int Lq, int Lk, int H, int dh, int masked, int bf16) {
   int D = H * dh, ld = 3 * D + 5; /* packed, padded stride like the vision qkv */
   float *q = rnd((long)Lq * ld, 1), *kv = rnd((long)Lk * ld, 1), *mask = calloc(Lk, sizeof(float));
@@ -298,17 +362,26 @@ static void test_attention(int Lq, int Lk, int H, int dh, int masked, int bf16) 
       }
     }
   blip_k_ws ws = {0};
-  for (int rep = 0; rep < 1 + bf16; rep++) { /* bf16 twice: the second call reuses cached primitives */
-    int rc = bf16 ? blip_k_attention_bf16(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, masked ? mask : NULL, &ws)
-                  : blip_k_attention(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, masked ? mask : NULL, NULL);
+  uint16_t *q16 = malloc(2 * (size_t)Lq * ld), *kv16 = malloc(2 * (size_t)Lk * ld), *o16 = malloc(2 * (size_t)Lq * D);
+  blip_k_to_bf16(q16, q, (long)Lq * ld);
+  blip_k_to_bf16(kv16, kv, (long)Lk * ld);
+  for (int rep = 0; rep < 1 + (bf16 != 0); rep++) { /* bf16 twice: the second call reuses cached primitives */
+    const float *mk = masked ? mask : NULL;
+    int rc = bf16 == 1   ? blip_k_attention_bf16(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, mk, &ws)
+             : bf16 >= 2 ? blip_k_attention_bf16in(bf16 == 3 ? (void *)o16 : out, D, bf16 == 3, q16, ld, kv16 + D, ld, kv16 + 2 * D, ld,
+                                                   Lq, Lk, H, dh, scale, mk, &ws)
+                         : blip_k_attention(out, D, q, ld, kv + D, ld, kv + 2 * D, ld, Lq, Lk, H, dh, scale, mk, NULL);
     CHECK(rc == 0, "attention: %s", blip_err_last());
   }
   blip_k_ws_free(&ws);
   char label[64];
-  snprintf(label, sizeof label, "attention%s Lq%d Lk%d H%d dh%d%s", bf16 ? " bf16" : "", Lq, Lk, H, dh, masked ? " masked" : "");
+  snprintf(label, sizeof label, "attention%s Lq%d Lk%d H%d dh%d%s", bf16 == 1 ? " bf16" : bf16 == 2 ? " bf16in" : bf16 == 3 ? " bf16in+out" : "",
+           Lq, Lk, H, dh, masked ? " masked" : "");
   /* bf16: the reference rounds the same operands, but a probability next to a
    * rounding boundary can round the other way (one bf16 ulp, ~4e-3 relative) */
-  check_tensor(label, out, r, (long)Lq * D, bf16 ? 1e-3 : 2e-6);
+  if (bf16 == 3) check_bf16(label, o16, r, (long)Lq * D, 1e-3);
+  else check_tensor(label, out, r, (long)Lq * D, bf16 ? 1e-3 : 2e-6);
+  free(q16), free(kv16), free(o16);
   free(qr), free(kvr);
   free(q), free(kv), free(mask), free(out), free(r), free(sc);
 }
@@ -336,12 +409,16 @@ int main(void) {
     test_packed(p, 3, 50, 17, BLIP_K_GELU, 0);
     test_packed(p, 1601, 40, 24, BLIP_K_GELU | BLIP_K_ACCUM, 1); /* 3 row chunks */
     test_mlp(p, 7, 33, 65);
+    if (p != BLIP_K_F32) {
+      test_packed_bf16io(p, 37, 97, 131, 0);
+      test_packed_bf16io(p, 1601, 40, 24, BLIP_K_GELU); /* 3 row chunks */
+    }
     test_mlp(p, 1601, 24, 40);
   }
   test_layernorm(1, 7);
   test_layernorm(53, 771);
   test_gelu_softmax();
-  for (int bf = 0; bf < 2; bf++) {
+  for (int bf = 0; bf < 4; bf++) {
     test_attention(1, 1, 1, 1, 0, bf);
     test_attention(13, 13, 3, 7, 1, bf);
     test_attention(5, 131, 4, 16, 0, bf);

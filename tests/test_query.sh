@@ -25,9 +25,11 @@ touch -d 2021-06-01T12:00:00 "$L"/a/*
 touch -d 2022-02-02T12:00:00 "$L"/ab/*
 touch -d 2023-03-15T12:00:00 "$L"/b/*
 N=13
-"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$L" 2>/dev/null || bad "index"
-"$BIN/blip-index" --db "$T/db-raw" --model "$MODEL" --no-rerank-store "$L" 2>/dev/null || bad "index raw"
-"$BIN/blip-index" --db "$T/db-f16" --model "$MODEL" --rerank-f16 "$L" 2>/dev/null || bad "index f16"
+# scores are compared with blip-embed's (f32) to 1e-5: these indexes are f32, not the default auto
+# (bf16 on CPUs with bf16 dot products); queries follow their index's precision
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" --precision f32 "$L" 2>/dev/null || bad "index"
+"$BIN/blip-index" --db "$T/db-raw" --model "$MODEL" --precision f32 --no-rerank-store "$L" 2>/dev/null || bad "index raw"
+"$BIN/blip-index" --db "$T/db-f16" --model "$MODEL" --precision f32 --rerank-f16 "$L" 2>/dev/null || bad "index f16"
 q() { "$BIN/blip-query" --db "$T/db" --model "$MODEL" "$@"; }
 QUERY="a dog running on a beach"
 
@@ -227,8 +229,8 @@ assert all(r[i]["cosine"] >= r[i + 1]["cosine"] for i in range(len(r) - 1)) and 
 assert all(h["itm_prob"] is None for h in r)
 ' "$T/img.json" "$IMG"
 printf 'a dog on a beach\nred car\n\na cat sleeping on a sofa\n' >"$T/texts"
-"$BIN/blip-query" --model "$MODEL" --image "$IMG" --texts-file "$T/texts" --json >"$T/rt1.json" || bad "rank texts file"
-"$BIN/blip-query" --model "$MODEL" --image "$IMG" --text "a dog on a beach" --text "red car" \
+"$BIN/blip-query" --model "$MODEL" --precision f32 --image "$IMG" --texts-file "$T/texts" --json >"$T/rt1.json" || bad "rank texts file"
+"$BIN/blip-query" --model "$MODEL" --precision f32 --image "$IMG" --text "a dog on a beach" --text "red car" \
   --text "a cat sleeping on a sofa" --json >"$T/rt2.json" || bad "rank texts args"
 "$BIN/blip-embed" --model "$MODEL" --image "$IMG" --text "a dog on a beach" --text "red car" \
   --text "a cat sleeping on a sofa" --pre-caption --itm --json >"$T/rt.embed" || bad "embed texts"

@@ -37,7 +37,7 @@ cp "$L/real/img00000.jpg" "$L/real/$ESCNAME"
 cp "$L/real/img00001.jpg" "$L/real/$TABNAME"
 ln -s "$T/ext" "$L/linked"      # a symlinked folder inside the library
 N=7
-"$BIN/blip-index" --db "$T/db" --model "$MODEL" "$L" 2>"$T/idx.err" || bad "index: $(cat "$T/idx.err")"
+"$BIN/blip-index" --db "$T/db" --model "$MODEL" --precision f32 "$L" 2>"$T/idx.err" || bad "index: $(cat "$T/idx.err")"
 Q=("$BIN/blip-query" --db "$T/db" --model "$MODEL")
 q() { "${Q[@]}" "$@"; }
 QUERY="a dog running on a beach"
@@ -48,7 +48,7 @@ q --paths -0 -n $N "$QUERY" >"$T/all.nul" || bad "paths -0"
 py "--json keeps path for a non-UTF-8 name; path_b64 is exact; -0 gives the same bytes" '
 import base64, json, sys
 r = json.load(open(sys.argv[1]))
-keys = {"rank", "id", "path", "path_b64", "taken_at", "mtime", "score", "itm_prob", "itm_logit", "cosine"}
+keys = {"rank", "id", "path", "path_b64", "taken_at", "mtime", "caption", "score", "itm_prob", "itm_logit", "cosine"}
 assert len(r) == 7 and all(set(h) == keys for h in r), [sorted(h) for h in r]
 exact = [base64.b64decode(h["path_b64"]) if h["path_b64"] is not None else h["path"].encode() for h in r]
 bad = [h for h in r if h["path_b64"] is not None]

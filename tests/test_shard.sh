@@ -147,7 +147,7 @@ a, b = (json.load(open(p)) for p in sys.argv[1:])
 figs = lambda j: {k: j[k] for k in ("itc", "itm", "itm_pairs", "n_images", "n_texts")}
 c = b["cached_chunks"]
 assert figs(a) == figs(b), (figs(a), figs(b))
-assert c["text"] == 14 and c["images"] == 7 and c["itm"] == 14, c  # 40 captions / 3, 20 images / 3
+assert c["text"] == 14 and c["images"] == 7 and c["itm"] == 7, c  # 40 captions / 3, 20 images / 3 (ITM by image)
 PY
 "${EV[@]}" --shard 0/3 >/dev/null 2>"$T/e"; st=$?
 [ $st = 1 ] && grep -q -- "--cache" "$T/e" && ok || bad "shard run without a cache: exit $st"

@@ -44,3 +44,22 @@ def write_png(path, w, h, rgb):
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
                 + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def write_tiff(path, w, h, rgb):
+    """Uncompressed 8-bit RGB baseline TIFF, one strip: pixel bytes sit at a
+    fixed offset, so an edit of some rows changes only those bytes."""
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, 8 + 2 + 12 * 10 + 4), (259, 3, 1, 1), (262, 3, 1, 2),
+               (273, 4, 1, 0), (277, 3, 1, 3), (278, 4, 1, h), (279, 4, 1, w * h * 3), (284, 3, 1, 1)]
+    ifd_len = 2 + 12 * len(entries) + 4
+    bps_at, data_at = 8 + ifd_len, 8 + ifd_len + 6
+    out = bytearray(b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", len(entries)))
+    for tag, typ, count, val in entries:
+        val = {258: bps_at, 273: data_at}.get(tag, val)
+        out += struct.pack("<HHI", tag, typ, count)
+        out += struct.pack("<HH", val, 0) if typ == 3 and count == 1 else struct.pack("<I", val)
+    out += struct.pack("<I", 0) + struct.pack("<HHH", 8, 8, 8)
+    assert len(out) == data_at
+    with open(path, "wb") as f:
+        f.write(bytes(out) + bytes(rgb))
+    return data_at

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# test_bench_serve: the line protocol of `bench_engine --serve`, which
+# benchmarks/vs-onnxruntime/run.py drives beside ONNX Runtime, on the
+# blip-tiny fixture: every command answers one JSON line with the outputs
+# the driver compares (unit-norm features, batch-independent vision, the
+# reassociated ITM equal to the naive one), bad commands and inputs fail cleanly.
+set -u
+B=${BLIP_BIN:-build}; D=${BLIP_TEST_DATA:-tests/data}
+. "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+
+# inputs at the fixture's geometry: S = 32, T = (32/8)^2 + 1 = 17 tokens of width 32
+python3 - "$tmp" <<'EOF'
+import random, struct, sys
+random.seed(7)
+for name, n in (("pixels.f32", 8 * 3 * 32 * 32), ("itm_images.f32", 16 * 17 * 32)):
+    with open(f"{sys.argv[1]}/{name}", "wb") as f:
+        f.write(struct.pack(f"<{n}f", *(random.uniform(-1, 1) for _ in range(n))))
+EOF
+for p in f32 bf16 int8; do
+  printf 'vision 1\nvision 8\ntext\nitm 16\nitm 16 naive\nrss\nbogus\nvision 9\nquit\n' |
+    "$B/bench_engine" --serve --model "$D/blip-tiny" --inputs "$tmp" --precision $p >"$tmp/$p.out" 2>"$tmp/$p.err"
+  check "$p: serve exits 0 ($(head -c 200 "$tmp/$p.err"))" test $? -eq 0
+  python3 - "$tmp/$p.out" "$p" <<'EOF' && ok || bad "$p: replies"
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])]
+assert len(r) == 9, len(r)
+hello, v1, v8, text, fast, naive, rss, bogus, v9 = r
+assert hello["engine"] == "blipsearch" and hello["precision"] == sys.argv[2], hello
+E = 16
+norm = lambda v: sum(x * x for x in v) ** 0.5
+assert len(v1["out"]) == E and len(v8["out"]) == 8 * E and len(text["out"]) == E, (len(v1["out"]), len(v8["out"]))
+assert all(abs(norm(v[i * E:(i + 1) * E]) - 1) < 1e-4 for v in (v1["out"], v8["out"]) for i in range(len(v) // E))
+assert max(abs(a - b) for a, b in zip(v1["out"], v8["out"][:E])) < 1e-4, "image 0 differs between batch 1 and 8"
+assert abs(norm(text["out"]) - 1) < 1e-4
+assert len(fast["out"]) == 32 and max(abs(a - b) for a, b in zip(fast["out"], naive["out"])) < 5e-2, "fast vs naive ITM"
+assert all(x["ms"] > 0 and x["cpu_s"] >= 0 for x in (v1, v8, text, fast, naive))
+assert rss["peak_rss_mib"] >= rss["rss_mib"] > 0
+assert bogus == {"error": "unknown command"} and v9 == {"error": "unknown command"}, (bogus, v9)
+EOF
+done
+# the f32 reassociated ITM equals the naive one to float rounding
+python3 - "$tmp/f32.out" <<'EOF' && ok || bad "f32: reassociated ITM = naive"
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])]
+assert max(abs(a - b) for a, b in zip(r[4]["out"], r[5]["out"])) < 1e-4
+EOF
+rm "$tmp/itm_images.f32"
+"$B/bench_engine" --serve --model "$D/blip-tiny" --inputs "$tmp" --precision f32 </dev/null >/dev/null 2>"$tmp/err"
+check "missing input file: exit 1" test $? -eq 1
+check "missing input file: named" grep -q "itm_images.f32: expected" "$tmp/err"
+"$B/bench_engine" --serve --model "$D/blip-tiny" --precision f32 </dev/null >/dev/null 2>&1
+check "--serve without --inputs: usage (exit 2)" test $? -eq 2
+tally
