@@ -245,6 +245,30 @@ int main(int argc, char **argv) {
                k, LS[li], fast_ms[li][j], naive_ms[li][j], naive_ms[li][j] / fast_ms[li][j], diff[li][j]);
     }
   }
+  /* what each rerank-store format costs in ITM score, against fp32 tokens (16 candidates, 12-token query) */
+  if (!json) {
+    float *dec = malloc(16 * per * sizeof *dec);
+    const float *dimg[16];
+    blip_search_hit href[16], hq[16];
+    for (size_t i = 0; i < 16 * per; i++) tok[i] = 1.7f * urand(); /* fp32 again: the decode timing overwrote them */
+    if (!dec || blip_search_rerank(m, ids, 12, img, cos, 16, 0, href)) die("rerank ref");
+    for (int f = BLIP_TOKENS_I8; f < BLIP_TOKENS_NFMT; f++) {
+      size_t rb = blip_tokstore_payload_size((blip_tokens_fmt)f, T, Dv);
+      uint8_t *r1 = malloc(rb);
+      for (int i = 0; i < 16; i++) {
+        blip_tokstore_encode((blip_tokens_fmt)f, T, Dv, img[i], r1);
+        blip_tokstore_decode((blip_tokens_fmt)f, T, Dv, r1, dec + i * per);
+        dimg[i] = dec + i * per;
+      }
+      free(r1);
+      if (blip_search_rerank(m, ids, 12, dimg, cos, 16, 0, hq)) die("rerank decoded");
+      double worst = 0;
+      for (int i = 0; i < 16; i++) worst = fmax(worst, fabs(hq[i].score - href[i].score)); /* hit i = candidate i */
+      printf("rerank store %-4s: %zu bytes per image, max|ITM score diff| vs fp32 tokens %.2e\n",
+             blip_tokstore_fmt_name((blip_tokens_fmt)f), rb, worst);
+    }
+    free(dec);
+  }
   double total = text_ms + faiss_t[nsizes - 1][0] + dec_ms + fast_ms[1][0];
 
   /* model load of a real-size file */

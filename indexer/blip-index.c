@@ -43,12 +43,15 @@
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_index.h"
+#include "blip_merge.h"
 #include "blip_model.h"
 #include "blip_out.h"
+#include "blip_shard.h"
 #include "blip_store.h"
 
 static const char USAGE[] =
     "usage: blip-index [options] PATH...\n"
+    "       blip-index merge --db OUT SHARD_DIR...\n"
     "Index every image under PATH... for blipsearch, or bring the index up to date.\n"
     "\n"
     "  --db DIR           index directory (default $BLIPSEARCH_DB, else\n"
@@ -65,9 +68,15 @@ static const char USAGE[] =
     "  --rebuild          discard the index and build it again (e.g. for a new model)\n"
     "  --no-rerank-store  do not store vision tokens (saves disk; queries recompute them)\n"
     "  --rerank-f16       store vision tokens as f16 instead of int8 + scales\n"
+    "  --rerank-store F   rerank record format of a new index: int8 (default, 445 KB/photo at\n"
+    "                     base), f16 (886 KB, exact to 2e-4), int4 (249 KB), none (0: recompute)\n"
     "  --exclude GLOB     skip files and folders matching GLOB (path or name); repeatable\n"
     "  --threads N        decoding threads (1..4 per core; default: all cores)\n"
     "  --batch N          images per model batch and per commit (default 8)\n"
+    "  --shard I/N        index only shard I of N (0-based) of the files: a stable partition by\n"
+    "                     path below its root; default from SLURM_ARRAY_TASK_ID/_COUNT, or from\n"
+    "                     JOB_COMPLETION_INDEX with --shard-count; each shard uses its own --db\n"
+    "  --shard-count N    shard count for a Kubernetes Indexed Job (JOB_COMPLETION_INDEX)\n"
     "  --decode-timeout S seconds one image may take to decode before its decoder\n"
     "                     process is killed and the image recorded as failed (default 60)\n"
     "  --decode-memory MB memory one decoder process may add (default 4096)\n"
@@ -87,6 +96,9 @@ static const char USAGE[] =
     "\n"
     "Paths in messages, --dry-run, --errors and --dump escape backslash, control bytes and\n"
     "invalid UTF-8 (\\\\, \\t, \\n, \\r, \\xNN), so a tab-separated row is always one row.\n"
+    "\n"
+    "merge: combine shard indexes into --db OUT (made anew): rows keep their paths under new ids,\n"
+    "the FAISS index is built once, rerank records are linked from the shards, not copied.\n"
     "Exit status: 0 done, 1 error, 2 usage, 130 interrupted (committed work is kept).\n";
 
 static volatile sig_atomic_t g_stop;
@@ -94,6 +106,7 @@ static void on_signal(int sig) { g_stop = sig; }
 
 typedef struct {
   char *path;
+  int root; /* index of the root it was found under */
   int64_t size, mtime_ns;
   int64_t replace; /* row superseded (changed file) */
   uint64_t fp;
@@ -115,7 +128,7 @@ static int items_push(items *l, const char *path, int64_t size, int64_t mtime_ns
   }
   char *p = strdup(path);
   if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  l->v[l->n++] = (item){p, size, mtime_ns, 0, 0, 0};
+  l->v[l->n++] = (item){p, 0, size, mtime_ns, 0, 0, 0};
   return BLIP_OK;
 }
 
@@ -143,6 +156,7 @@ typedef struct {
   items pending; /* symlinked folders, walked after every real one */
   items unread;  /* folders (and entries) that could not be read: their rows go offline, not away */
   items mounts;  /* folders on another device than their parent (mount points); size = st_dev */
+  int root;      /* the root being walked */
 } walker;
 
 static int is_image(const char *name) {
@@ -187,7 +201,9 @@ static int visit_dir_once(walker *w, const struct stat *sb) {
 
 static int walk(walker *w, const char *path, const struct stat *sb) {
   if (S_ISREG(sb->st_mode)) {
-    return items_push(w->out, path, sb->st_size, (int64_t)sb->st_mtim.tv_sec * 1000000000 + sb->st_mtim.tv_nsec);
+    int rc = items_push(w->out, path, sb->st_size, (int64_t)sb->st_mtim.tv_sec * 1000000000 + sb->st_mtim.tv_nsec);
+    if (!rc) w->out->v[w->out->n - 1].root = w->root;
+    return rc;
   }
   if (!S_ISDIR(sb->st_mode)) return skip(w, path, "not a regular file or a folder"); /* FIFO, device, socket */
   int v = visit_dir_once(w, sb);
@@ -224,8 +240,11 @@ static int walk(walker *w, const char *path, const struct stat *sb) {
       break;
     /* a folder reached through a link is walked last, so that a file reachable
      * both ways is always recorded under the same (link-free) path */
-    if (S_ISDIR(cs.st_mode) && S_ISLNK(ls.st_mode)) rc = items_push(&w->pending, child, 0, 0);
-    else rc = walk(w, child, &cs);
+    if (S_ISDIR(cs.st_mode) && S_ISLNK(ls.st_mode)) {
+      if (!(rc = items_push(&w->pending, child, 0, 0))) w->pending.v[w->pending.n - 1].root = w->root;
+    } else {
+      rc = walk(w, child, &cs);
+    }
   }
   if (!rc && !e && errno) { /* a read error part-way: what was not listed is not gone */
     fprintf(stderr, "blip-index: reading %s: %s\n", path, strerror(errno));
@@ -466,12 +485,49 @@ typedef struct {
   int64_t added, updated, moved, deleted, unchanged, failed, offline, retried, embedded, repaired, unrepaired;
 } counts;
 
+/* blip-index merge --db OUT SHARD_DIR... */
+static int merge_main(int argc, char **argv) {
+  const char *out = NULL;
+  int json = 0, first = 1;
+  for (; first < argc && argv[first][0] == '-'; first++) {
+    if (!strcmp(argv[first], "--db") && first + 1 < argc) out = argv[++first];
+    else if (!strcmp(argv[first], "--json")) json = 1;
+    else if (!strcmp(argv[first], "--help")) {
+      fputs(USAGE, stdout);
+      return 0;
+    } else break;
+  }
+  if (!out || first >= argc) {
+    fprintf(stderr, "usage: blip-index merge --db OUT SHARD_DIR...\n");
+    return 2;
+  }
+  double t0 = now_s();
+  blip_merge_stats ms;
+  make_parents(out);
+  if (blip_merge(out, (const char *const *)argv + first, argc - first, &ms)) {
+    fprintf(stderr, "blip-index merge: %s\n", blip_err_last());
+    return 1;
+  }
+  double dt = now_s() - t0;
+  if (json)
+    printf("{\"shards\": %d, \"rows\": %lld, \"searchable\": %lld, \"token_files_linked\": %d, "
+           "\"token_files_copied\": %d, \"seconds\": %.3f}\n",
+           argc - first, (long long)ms.rows, (long long)ms.searchable, ms.linked, ms.copied, dt);
+  else
+    fprintf(stderr, "merged %d shards: %lld rows (%lld searchable) in %.1f s; token files %d linked, %d copied\n",
+            argc - first, (long long)ms.rows, (long long)ms.searchable, dt, ms.linked, ms.copied);
+  return 0;
+}
+
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
-       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE, OPT_DTIME, OPT_DMEM, OPT_REPAIR };
+       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE, OPT_DTIME, OPT_DMEM, OPT_REPAIR,
+       OPT_SHARD, OPT_SHARD_COUNT, OPT_RSTORE };
 enum { OPT_CAPTIONS = 512, OPT_CAPMODEL, OPT_RECAPTION };
 
 int main(int argc, char **argv) {
+  if (argc > 1 && !strcmp(argv[1], "merge")) return merge_main(argc - 1, argv + 1);
   static const struct option lopts[] = {
+      {"shard", 1, 0, OPT_SHARD},    {"shard-count", 1, 0, OPT_SHARD_COUNT}, {"rerank-store", 1, 0, OPT_RSTORE},
       {"db", 1, 0, OPT_DB},          {"model", 1, 0, OPT_MODEL},     {"precision", 1, 0, OPT_PREC},
       {"json", 0, 0, OPT_JSON},      {"dry-run", 0, 0, OPT_DRY},     {"errors", 0, 0, OPT_ERRORS},
       {"rebuild", 0, 0, OPT_REBUILD}, {"no-rerank-store", 0, 0, OPT_NORR}, {"rerank-f16", 0, 0, OPT_F16},
@@ -487,9 +543,11 @@ int main(int argc, char **argv) {
   char dbdir[PATH_MAX] = "";
   const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "auto";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
-  int check = 0, dump = 0, prune = 0, repair = 0, c;
+  int check = 0, dump = 0, prune = 0, repair = 0, c, shard_count = 0, rstore = -1;
   double decode_s = 60, decode_mb = 4096;
   signal(SIGXFSZ, SIG_IGN); /* first: a file-size limit fails the write (EFBIG, reported) instead of killing us */
+  const char *shard_spec = NULL;
+  blip_shard shard;
   char **excl = calloc((size_t)argc + 1, sizeof *excl);
   int nexcl = 0;
   if (!excl) return 1;
@@ -520,6 +578,14 @@ int main(int argc, char **argv) {
     case OPT_CAPMODEL: cap_dir = optarg; break;
     case OPT_RECAPTION: recaption = captions = 1; break;
     case OPT_PRUNE: prune = 1; break;
+    case OPT_SHARD: shard_spec = optarg; break;
+    case OPT_RSTORE:
+      if ((rstore = blip_tokstore_parse_fmt(optarg)) < 0) {
+        fprintf(stderr, "blip-index: --rerank-store takes int8, f16, int4 or none\n");
+        free(excl);
+        return 2;
+      }
+      break;
     case OPT_DTIME:
     case OPT_DMEM:
       if (c == OPT_DTIME ? blip_arg_real("--decode-timeout", optarg, 0.001, 86400, &decode_s)
@@ -529,11 +595,13 @@ int main(int argc, char **argv) {
         return 2;
       }
       break;
+    case OPT_SHARD_COUNT: shard_count = (int)blip_arg_must("blip-index", "--shard-count", optarg, 1, 1000000); break;
     case OPT_REPAIR: repair = 1; break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
     default: fputs(USAGE, stderr); free(excl); return 2;
     }
   }
+  if (rstore == BLIP_TOKENS_NONE) norr = 1;
   int ret = 1;
   blip_model *model = NULL;
   blip_store *st = NULL;
@@ -552,6 +620,12 @@ int main(int argc, char **argv) {
     ret = 2;
     goto out;
   }
+  if (blip_shard_resolve(shard_spec, shard_count, &shard)) {
+    blip_out_error("blip-index", blip_err_last());
+    ret = 2;
+    goto out;
+  }
+  if (shard.count > 1) fprintf(stderr, "blip-index: shard %d/%d (from %s)\n", shard.index, shard.count, shard.source);
 
   if (check || dump) { /* maintenance: read-only, no model */
     blip_store_opts ro = {0};
@@ -641,7 +715,10 @@ int main(int argc, char **argv) {
   blip_store_identity id = {blip_model_fingerprint(model), prec_name, prep, cfg->embed_dim, cfg->v_tokens,
                             cfg->v_hidden};
   blip_store_opts so = {.write = !dry, .rebuild = rebuild && !dry,
-                        .tokens = norr ? BLIP_TOKENS_NONE : f16 ? BLIP_TOKENS_F16 : BLIP_TOKENS_I8};
+                        .tokens = rstore >= 0 ? (blip_tokens_fmt)rstore
+                                  : norr      ? BLIP_TOKENS_NONE
+                                  : f16       ? BLIP_TOKENS_F16
+                                              : BLIP_TOKENS_I8};
   if (!dry) make_parents(dbdir);
   int rc = blip_store_open(dbdir, &id, &so, &st);
   if (rc == BLIP_ENOTFOUND && dry) rc = BLIP_OK; /* no index yet: everything is new */
@@ -682,6 +759,7 @@ int main(int argc, char **argv) {
   for (int i = 0; i < nroots && !rc; i++) {
     struct stat sb;
     if (missing[i]) continue;
+    w.root = i;
     if (stat(roots[i], &sb) != 0) rc = skip(&w, roots[i], strerror(errno));
     else if (S_ISREG(sb.st_mode) && !is_image(roots[i])) rc = skip(&w, roots[i], "not an image (by its extension)");
     else if (S_ISDIR(sb.st_mode) && (rc = items_push(&w.mounts, roots[i], (int64_t)sb.st_dev, 0))) break;
@@ -690,6 +768,7 @@ int main(int argc, char **argv) {
   }
   for (int64_t i = 0; i < w.pending.n && !rc; i++) { /* grows while walked: breadth-first over links */
     struct stat sb;
+    w.root = w.pending.v[i].root;
     if (stat(w.pending.v[i].path, &sb) == 0) rc = walk(&w, w.pending.v[i].path, &sb);
   }
   for (int64_t i = 0; i < w.unread.n && !rc; i++) rc = items_push(&absent, w.unread.v[i].path, 0, 0);
@@ -698,6 +777,18 @@ int main(int argc, char **argv) {
   memset(&w.mounts, 0, sizeof w.mounts);
   mount_check mc = {roots, nroots, &absent, &changed};
   if (!rc && st) rc = blip_store_mounts(st, check_mount, &mc);
+  if (shard.count > 1) { /* keep this shard's files: keyed by the path below its root, so that
+                          * every node agrees whatever the mount point */
+    int64_t kept = 0;
+    for (int64_t i = 0; i < found.n; i++) {
+      const char *r = roots[found.v[i].root], *rel = found.v[i].path + strlen(r);
+      while (*rel == '/') rel++;
+      if (!*rel) rel = found.v[i].path; /* a file given as a root */
+      if (blip_shard_owns(&shard, rel, strlen(rel))) found.v[kept++] = found.v[i];
+      else free(found.v[i].path);
+    }
+    found.n = kept;
+  }
   if (rc) {
     blip_out_error("blip-index", blip_err_last());
     goto out;

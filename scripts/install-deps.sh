@@ -15,7 +15,8 @@ PKGS=(build-essential cmake pkg-config git ca-certificates curl
       clang libclang-rt-14-dev dpkg-dev python3
       python3-pil python3-numpy  # scripts/gen-pil-cases.py: PIL's reference values
       strace                     # fault injection in the tests (strace -e inject=)
-      libmicrohttpd-dev chromium wrk)
+      libmicrohttpd-dev chromium wrk   # blip-serve and its browser and load tests
+      slurm-wlm munge)                 # tests/test_slurm.sh runs a real local Slurm cluster
 # blip-serve's browser test drives chromium with playwright-core (npm): Debian's
 # node and npm unless some node is installed already
 command -v npm >/dev/null || PKGS+=(nodejs npm)

@@ -76,8 +76,12 @@ typedef struct {
   float *match; /* [plan.n_pairs] ITM match logits */
   double sec_text, sec_img, sec_itm, sec_score;
   int cached_text, cached_img, cached_itm; /* chunks reused from the cache */
+  int missing_feat, missing_itm;            /* shard runs: chunks left to other shards */
   blip_decode *dec; /* the guarded decode path (isolated worker) */
 } ev;
+
+/* Whether this run computes chunk idx (every chunk unless sharded). */
+static int owns(const ev *e, int idx) { return e->o.shard_count <= 1 || idx % e->o.shard_count == e->o.shard_index; }
 
 static double now(void) {
   struct timespec ts;
@@ -159,9 +163,12 @@ static int cache_lock(ev *e) {
   snprintf(path, sizeof path, "%s/.lock", e->o.cache);
   e->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (e->lock_fd < 0) return blip_err_set(BLIP_EIO, "%s: %s", path, strerror(errno));
-  if (flock(e->lock_fd, LOCK_EX | LOCK_NB))
+  /* shards of one run share the cache (their chunks are disjoint, each written
+   * atomically); a whole run has it alone, and only then sweeps temp files */
+  int shared = e->o.shard_count > 1;
+  if (flock(e->lock_fd, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB))
     return blip_err_set(BLIP_EIO, "%s: cache in use by another blip-eval (%s)", e->o.cache, strerror(errno));
-  cache_sweep(e->o.cache);
+  if (!shared) cache_sweep(e->o.cache);
   return BLIP_OK;
 }
 
@@ -210,6 +217,10 @@ static int phase_text(ev *e) {
     }
     blip_st_close(st);
     if (cached) continue;
+    if (!owns(e, idx)) {
+      e->missing_feat++;
+      continue;
+    }
     for (int b = s; b < s + n && !rc; b += TXT_BATCH) {
       int nb = s + n - b < TXT_BATCH ? s + n - b : TXT_BATCH;
       rc = blip_model_text(e->m, e->ids + (size_t)b * MAX_LEN, mask + (size_t)b * MAX_LEN, nb, MAX_LEN, NULL,
@@ -283,6 +294,10 @@ static int phase_images(ev *e) {
       continue;
     }
     blip_st_close(st);
+    if (!owns(e, c)) {
+      e->missing_feat++;
+      continue;
+    }
     for (int b = 0; b < n && !rc; b += VIS_BATCH) {
       int nb = n - b < VIS_BATCH ? n - b : VIS_BATCH;
       if (!(rc = load_images(e, s + b, nb, pix)))
@@ -476,6 +491,10 @@ static int phase_itm(ev *e) {
     }
     blip_st_close(st);
     if (cm) continue;
+    if (!owns(e, idx)) {
+      e->missing_itm++;
+      continue;
+    }
     for (int i = s; i < s + n && !rc; i++) {
       rc = itm_image(e, &bi, i, tokscr, kv, ids, logits);
       fresh++;
@@ -620,6 +639,10 @@ int blip_evalrun(const blip_evalrun_opts *o, blip_evalrun_result *out) {
     rc = blip_err_set(BLIP_EFORMAT, "%s: no images or no captions", o->ann);
     goto done;
   }
+  if (o->shard_count > 1 && !o->cache) {
+    rc = blip_err_set(BLIP_EINVAL, "a shard run needs --cache DIR (shared by every shard)");
+    goto done;
+  }
   if (o->cache && (rc = cache_lock(&e))) goto done;
   e.model_key = hash_str(blip_model_fingerprint(e.m), (uint64_t)o->precision);
   /* "ref": images decoded in blip_img's reference mode (caches made before it are recomputed) */
@@ -638,9 +661,18 @@ int blip_evalrun(const blip_evalrun_opts *o, blip_evalrun_result *out) {
     rc = blip_err_set(BLIP_ENOMEM, "out of memory");
     goto done;
   }
-  if ((rc = phase_text(&e)) || (rc = phase_images(&e)) || (rc = phase_topk(&e))) goto done;
+  out->n_chunks_text = (nt + o->txt_chunk - 1) / o->txt_chunk;
+  out->n_chunks_img = e.n_ch;
+  out->n_chunks_itm = o->itc_only ? 0 : (ni + o->itm_chunk - 1) / o->itm_chunk; /* by image */
+  if ((rc = phase_text(&e)) || (rc = phase_images(&e))) goto done;
+  out->missing_features = e.missing_feat;
+  if (e.missing_feat) goto counts; /* the plan needs every feature */
+  if ((rc = phase_topk(&e))) goto done;
   if (!o->itc_only && (rc = phase_itm(&e))) goto done;
+  out->missing_itm = e.missing_itm;
+  if (o->shard_count > 1) goto counts;
   if ((rc = phase_score(&e, &out->itc, &out->itm))) goto done;
+counts:
   snprintf(out->model, sizeof out->model, "%s", blip_model_fingerprint(e.m));
   out->n_images = ni, out->n_texts = nt, out->Dv = e.Dv, out->k_i2t = e.ki, out->k_t2i = e.kt;
   out->itm_pairs = e.plan.n_pairs;

@@ -20,6 +20,11 @@ typedef struct {
   /* Cache chunk sizes: images (32 = 57 MB of f32 tokens at base), captions
    * per text chunk, images per ITM chunk. */
   int img_chunk, txt_chunk, itm_chunk;
+  /* Shard shard_index of shard_count (count <= 1: the whole run). A shard
+   * computes the cache chunks c with c % count == index (text, images, then
+   * ITM), reads the others' chunks from the shared cache, and prints no
+   * recall: a plain run over the finished cache does, with no model work. */
+  int shard_index, shard_count;
   /* Called after each batch of a phase ("text", "images", "itm"); fresh counts the
    * items computed in this run (not read from the cache). May be NULL. */
   void (*progress)(void *ctx, const char *phase, long done, long total, long fresh, double elapsed_s);
@@ -34,6 +39,11 @@ typedef struct {
   int64_t itm_pairs;
   double sec_text, sec_img, sec_itm, sec_score;
   int cached_text, cached_img, cached_itm; /* chunks reused from the cache */
+  int n_chunks_text, n_chunks_img, n_chunks_itm;
+  /* Shard runs: chunks this run left to other shards that are not in the cache
+   * yet. missing_features > 0 means the ITM part waits for the other shards'
+   * features: run the shard again once they are done. Recall is not set. */
+  int missing_features, missing_itm;
 } blip_evalrun_result;
 
 /* Run the whole evaluation. */

@@ -428,7 +428,9 @@ int blip_st_writer_save(blip_st_writer *w, const char *path) {
   if (!hdr) return blip_err_set(BLIP_ENOMEM, "out of memory");
   size_t hl = strlen(hdr), padded = (hl + 7) & ~(size_t)7;
   char tmp[4096];
-  snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
+  char host[64] = "";
+  gethostname(host, sizeof host - 1); /* writers on several machines may share the folder */
+  snprintf(tmp, sizeof tmp, "%s.tmp.%s.%d", path, host, (int)getpid());
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     free(hdr);

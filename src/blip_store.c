@@ -123,6 +123,17 @@ static const char *const SCHEMA[] = {
     "-- has_tokens = 2: the record was found missing or damaged; queries recompute\n"
     "-- the tokens from the file, and the next blip-index run rewrites the record.\n"
     "ALTER TABLE images ADD COLUMN tok_sum INTEGER;\n",
+    /* schema/005_token_segments.sql */
+    "-- 005_token_segments: rerank records kept in other files. A merged index\n"
+    "-- (blip-index merge) links each shard's tokens.bin here instead of copying\n"
+    "-- it: image id in [first_id, last_id] has its record in file (relative to\n"
+    "-- the index directory) under the shard's own id, id - id_offset.\n"
+    "CREATE TABLE token_segments (\n"
+    "  first_id  INTEGER PRIMARY KEY,\n"
+    "  last_id   INTEGER NOT NULL,\n"
+    "  id_offset INTEGER NOT NULL,\n"
+    "  file      TEXT NOT NULL\n"
+    ");\n",
 };
 #define NSCHEMA ((int)(sizeof SCHEMA / sizeof SCHEMA[0]))
 
@@ -132,11 +143,11 @@ const char *blip_store_schema_sql(int v) { return v >= 1 && v <= NSCHEMA ? SCHEM
 /* ---- constants ---- */
 
 #define ALLOW_EXACT 4096 /* filtered search: exact dot products up to this many ids */
+#define REFINE 4         /* compressed index: candidates re-scored exactly per result wanted */
 
 enum { M_MODEL, M_PRECISION, M_PREPROCESS, M_EMBED_DIM, M_V_TOKENS, M_V_HIDDEN, M_TOKENS, NMETA };
 static const char *const META_KEYS[NMETA] = {"model", "precision", "preprocess", "embed_dim",
                                              "v_tokens", "v_hidden", "tokens"};
-static const char *const TOK_NAMES[] = {"none", "int8", "f16"};
 
 struct blip_store {
   char *dir;
@@ -249,34 +260,60 @@ static int feat_push(int E, float **x, int64_t **ids, int64_t *n, int64_t *cap, 
   return BLIP_OK;
 }
 
-/* Rebuild the in-memory index from SQLite in one read transaction. */
+/* Rebuild the in-memory index from SQLite in one read snapshot, streaming:
+ * an IVF kind first trains on an evenly spaced sample of the rows, then every
+ * kind is filled chunk by chunk, so no more than a chunk of features is held
+ * besides the index itself. */
 static int fx_rebuild(blip_store *st, int ivf) {
+  enum { CHUNK = 65536 };
   sqlite3_stmt *s = NULL;
-  float *x = NULL;
-  int64_t *ids = NULL, n = 0, cap = 0, gen;
-  int began, rc = read_begin(st, &began);
-  if (rc) return rc;
-  gen = db_generation(st);
-  if ((rc = prep(st, "SELECT id, feat FROM images WHERE feat IS NOT NULL AND offline=0", &s))) goto done;
-  int r;
-  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
-    if (sqlite3_column_bytes(s, 1) != st->E * 4) {
-      rc = blip_err_set(BLIP_EFORMAT, "image %lld: feature has %d bytes, want %d", sqlite3_column_int64(s, 0),
-                        sqlite3_column_bytes(s, 1), st->E * 4);
-      goto done;
-    }
-    if ((rc = feat_push(st->E, &x, &ids, &n, &cap, sqlite3_column_int64(s, 0), sqlite3_column_blob(s, 1))))
-      goto done;
+  int64_t *ids = malloc(CHUNK * sizeof *ids), gen, n, ns, got = 0, m = 0;
+  float *x = NULL, *sample = NULL;
+  int began = 0, r, rc = ids ? read_begin(st, &began) : blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (rc) {
+    free(ids);
+    return rc;
   }
-  if (r != SQLITE_DONE) {
-    rc = db_err(st, "read features");
+  gen = db_generation(st);
+  n = blip_store_count(st);
+  ns = blip_vcache_sample_size(st->vc, n, ivf);
+  if (!(x = malloc((size_t)CHUNK * st->E * sizeof *x)) || (ns && !(sample = malloc((size_t)ns * st->E * sizeof *sample)))) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory reading features");
     goto done;
   }
-  rc = blip_vcache_build(st->vc, n, x, ids, ivf, gen);
+  if ((rc = prep(st, "SELECT id, feat FROM images WHERE feat IS NOT NULL AND offline=0 ORDER BY id", &s)))
+    goto done;
+  for (int pass = ns ? 0 : 1; pass < 2 && !rc; pass++) { /* pass 0: the training sample; pass 1: fill */
+    int64_t i = 0;
+    if (pass == 1 && (rc = blip_vcache_begin(st->vc, n, ivf, sample, got, gen))) break;
+    while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+      if (sqlite3_column_bytes(s, 1) != st->E * 4) {
+        rc = blip_err_set(BLIP_EFORMAT, "image %lld: feature has %d bytes, want %d", sqlite3_column_int64(s, 0),
+                          sqlite3_column_bytes(s, 1), st->E * 4);
+        break;
+      }
+      const void *f = sqlite3_column_blob(s, 1);
+      if (pass == 0) {
+        if (got < ns && i++ * ns / n == got) memcpy(sample + got++ * st->E, f, (size_t)st->E * 4);
+        continue;
+      }
+      ids[m] = sqlite3_column_int64(s, 0);
+      memcpy(x + m * st->E, f, (size_t)st->E * 4);
+      if (++m == CHUNK) {
+        if ((rc = blip_vcache_add(st->vc, m, x, ids))) break;
+        m = 0;
+      }
+    }
+    if (!rc && r != SQLITE_DONE) rc = db_err(st, "read features");
+    sqlite3_reset(s);
+  }
+  if (!rc && m) rc = blip_vcache_add(st->vc, m, x, ids);
+  if (rc) blip_vcache_drop(st->vc);
 done:
   sqlite3_finalize(s);
   read_end(st, began);
   free(x);
+  free(sample);
   free(ids);
   return rc;
 }
@@ -393,7 +430,7 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
     free(fp);
     if (rc || (rc = exec(st, "BEGIN IMMEDIATE"))) return rc;
     for (int i = 0; i < NMETA - 1 && !rc; i++) rc = set_meta(st, META_KEYS[i], v[i] ? v[i] : "");
-    if (!rc) rc = set_meta(st, "tokens", TOK_NAMES[want_tok]);
+    if (!rc) rc = set_meta(st, "tokens", blip_tokstore_fmt_name(want_tok));
     if (!rc) rc = set_meta(st, "generation", "0");
     if (!rc) rc = set_meta(st, "tok_sums", "all"); /* every record gets its checksum as it is written */
     if (!rc) rc = set_meta(st, "created_at", ts);
@@ -419,7 +456,7 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
   }
   /* an index made without a rerank store may start one */
   if (st->write && want_tok != BLIP_TOKENS_NONE && st->meta[M_TOKENS] && strcmp(st->meta[M_TOKENS], "none") == 0) {
-    if ((rc = set_meta(st, "tokens", TOK_NAMES[want_tok]))) return rc;
+    if ((rc = set_meta(st, "tokens", blip_tokstore_fmt_name(want_tok)))) return rc;
     return load_meta(st);
   }
   return BLIP_OK;
@@ -447,7 +484,29 @@ static int remove_index_files(const char *dir) {
     snprintf(p, sizeof p, "%s/%s", dir, names[i]);
     if (unlink(p) != 0 && errno != ENOENT) return blip_err_errno("remove", p);
   }
-  return BLIP_OK;
+  DIR *d = opendir(dir); /* token segments of a merge */
+  struct dirent *e;
+  int rc = BLIP_OK;
+  while (d && !rc && (e = readdir(d)))
+    if (strncmp(e->d_name, "tokens-", 7) == 0 && strstr(e->d_name, ".bin")) {
+      snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+      if (unlink(p) != 0 && errno != ENOENT) rc = blip_err_errno("remove", p);
+    }
+  if (d) closedir(d);
+  return rc;
+}
+
+/* Token segments of a merged index (schema 002). */
+static int load_segments(blip_store *st) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "SELECT first_id, last_id, id_offset, file FROM token_segments ORDER BY first_id", &s), r;
+  if (rc) return rc;
+  while (!rc && (r = sqlite3_step(s)) == SQLITE_ROW)
+    rc = blip_tokstore_add_segment(st->tok, sqlite3_column_int64(s, 0), sqlite3_column_int64(s, 1),
+                                   sqlite3_column_int64(s, 2), (const char *)sqlite3_column_text(s, 3));
+  if (!rc && r != SQLITE_DONE) rc = db_err(st, "read token segments");
+  sqlite3_finalize(s);
+  return rc;
 }
 
 int blip_store_default_dir(char *buf, size_t cap) {
@@ -464,7 +523,10 @@ int blip_store_default_dir(char *buf, size_t cap) {
  * truncated, or started afresh for a damaged header) are marked lost. */
 static int mark_lost_records(blip_store *st) {
   sqlite3_stmt *s = NULL;
-  int rc = prep(st, "UPDATE images SET has_tokens=2 WHERE has_tokens=1 AND id>=?", &s);
+  int rc = prep(st, /* a merged index's shard records live in their own files (token_segments) */
+                "UPDATE images SET has_tokens=2 WHERE has_tokens=1 AND id>=? AND NOT EXISTS (SELECT 1 FROM "
+                "token_segments g WHERE images.id BETWEEN g.first_id AND g.last_id)",
+                &s);
   if (rc) return rc;
   sqlite3_bind_int64(s, 1, blip_tokstore_slots(st->tok));
   if (sqlite3_step(s) != SQLITE_DONE) rc = db_err(st, "mark lost token records");
@@ -554,14 +616,14 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
   st->E = atoi(st->meta[M_EMBED_DIM] ? st->meta[M_EMBED_DIM] : "0");
   st->T = atoi(st->meta[M_V_TOKENS] ? st->meta[M_V_TOKENS] : "0");
   st->Dv = atoi(st->meta[M_V_HIDDEN] ? st->meta[M_V_HIDDEN] : "0");
-  for (int i = 0; i < 3; i++)
-    if (st->meta[M_TOKENS] && strcmp(st->meta[M_TOKENS], TOK_NAMES[i]) == 0) st->tfmt = (blip_tokens_fmt)i;
+  int tf = blip_tokstore_parse_fmt(st->meta[M_TOKENS]);
+  if (tf > 0) st->tfmt = (blip_tokens_fmt)tf;
   if (st->E <= 0 || st->T <= 0 || st->Dv <= 0) {
     rc = blip_err_set(BLIP_EFORMAT, "%s: bad geometry in index meta", dir);
     goto fail;
   }
-  if ((rc = blip_vcache_new(dir, st->E, st->ivf_min, &st->vc)) ||
-      (rc = blip_tokstore_open(dir, st->tfmt, st->T, st->Dv, o.write, &st->tok)))
+  if ((rc = blip_vcache_new(dir, st->E, st->ivf_min, o.pq_min, o.write, &st->vc)) ||
+      (rc = blip_tokstore_open(dir, st->tfmt, st->T, st->Dv, o.write, &st->tok)) || (rc = load_segments(st)))
     goto fail;
   /* drop records past the highest id ever committed (leftovers of a crash) */
   if (o.write && (rc = blip_tokstore_truncate(st->tok, db_int(st, "SELECT seq FROM sqlite_sequence WHERE name='images'", 0))))
@@ -1077,7 +1139,8 @@ int blip_store_search(blip_store *st, const float *query, int k, const int64_t *
   }
   if ((rc = fx_current(st))) goto done;
   int64_t total = blip_vcache_ntotal(st->vc);
-  int64_t kk = allow ? (int64_t)k * 8 : k;
+  int approx = blip_vcache_approx(st->vc), want = approx ? k * REFINE : k;
+  int64_t kk = allow ? (int64_t)want * 8 : want;
   for (;;) {
     if (kk > total) kk = total;
     if (kk <= 0) break;
@@ -1091,15 +1154,26 @@ int blip_store_search(blip_store *st, const float *query, int k, const int64_t *
     }
     if ((rc = blip_vcache_search(st->vc, 1, query, kk, dis, lab))) goto done;
     n = 0;
-    for (int64_t i = 0; i < kk && n < k; i++) {
+    for (int64_t i = 0; i < kk && n < want; i++) {
       if (lab[i] < 0) continue;
       if (allow && !bsearch(&lab[i], allow, (size_t)n_allow, sizeof *allow, cmp_i64)) continue;
-      out_ids[n] = lab[i];
-      out_scores[n] = dis[i];
+      lab[n] = lab[i]; /* compact the accepted candidates in place */
+      dis[n] = dis[i];
       n++;
     }
-    if (n == k || kk == total) break;
+    if (n == want || kk == total) break;
     kk *= 4;
+  }
+  if (approx && n > 0) { /* compressed scores: the top candidates re-scored exactly from SQLite */
+    qsort(lab, (size_t)n, sizeof *lab, cmp_i64);
+    rc = search_exact(st, query, k, lab, n, out_ids, out_scores);
+    if (rc < 0) goto done;
+    n = rc;
+    rc = BLIP_OK;
+  } else if (n) {
+    if (n > k) n = k;
+    memcpy(out_ids, lab, (size_t)n * sizeof *lab);
+    memcpy(out_scores, dis, (size_t)n * sizeof *dis);
   }
   /* IVF probes only part of the lists: an allow set it under-serves is searched exactly */
   if (allow && n < k && blip_vcache_trained(st->vc) > 0) {

@@ -40,6 +40,7 @@ typedef struct {
   int rebuild;            /* write only: discard an existing index first */
   blip_tokens_fmt tokens; /* format of a new rerank store (existing ones keep theirs) */
   int64_t ivf_min;        /* IVF from this many vectors on; 0 = measured default */
+  int64_t pq_min;         /* compressed IVF-PQ from this many vectors on; 0 = measured default */
 } blip_store_opts;
 
 /* One image row. Strings are borrowed. error != NULL marks a failed image

@@ -34,7 +34,27 @@
 #define TOK_MAGIC "BLIPTOK1"
 #define TOK_HDR 64   /* header bytes before record 0 */
 #define TAG_BYTES 16 /* {int64 id, uint64 fingerprint} at the start of a record */
+#define I4_GROUP 32   /* int4: values per scale */
 
+static const char *const TOK_NAMES[BLIP_TOKENS_NFMT] = {"none", "int8", "f16", "int4"};
+
+const char *blip_tokstore_fmt_name(blip_tokens_fmt fmt) {
+  return (unsigned)fmt < BLIP_TOKENS_NFMT ? TOK_NAMES[fmt] : "unknown";
+}
+
+int blip_tokstore_parse_fmt(const char *name) {
+  for (int i = 0; i < BLIP_TOKENS_NFMT; i++)
+    if (name && !strcmp(name, TOK_NAMES[i])) return i;
+  return -1;
+}
+
+typedef struct { /* ids [first, last] live in the file at path under id - offset */
+  int64_t first, last, offset;
+  char path[4096];
+  int fd;
+  uint8_t *map;
+  size_t len;
+} segment;
 
 struct blip_tokstore {
   char path[4096];
@@ -44,15 +64,64 @@ struct blip_tokstore {
   uint8_t *map, *rec; /* rec: one record of scratch for the writer */
   size_t len;
   int damaged; /* the header was foreign or damaged (the writer wrote it again): check every record */
+  char dir[4096];
+  segment *seg; /* token files of a merged index's shards, sorted by first */
+  int nseg;
 };
 
 size_t blip_tokstore_payload_size(blip_tokens_fmt fmt, int T, int Dv) {
   if (fmt == BLIP_TOKENS_I8) return (size_t)T * 4 + (size_t)T * Dv;
   if (fmt == BLIP_TOKENS_F16) return (size_t)T * Dv * 2;
+  if (fmt == BLIP_TOKENS_I4) return (size_t)T * ((Dv + I4_GROUP - 1) / I4_GROUP) * 2 + (size_t)T * ((Dv + 1) / 2);
   return 0;
 }
 
+/* int4: per row of Dv values, f16 scales of each group of 32, then the values
+ * as nibbles q + 8 with q = round(x / scale) in [-7, 7]. The scale is rounded
+ * to f16 before quantizing, so that decoding uses exactly the step encoding used. */
+static void i4_encode(int T, int Dv, const float *x, uint8_t *rec) {
+  int ng = (Dv + I4_GROUP - 1) / I4_GROUP, rowb = (Dv + 1) / 2;
+  uint8_t *q = rec + (size_t)T * ng * 2;
+  memset(q, 0, (size_t)T * rowb);
+  for (int t = 0; t < T; t++)
+    for (int g = 0; g < ng; g++) {
+      const float *r = x + (size_t)t * Dv;
+      int a = g * I4_GROUP, z = a + I4_GROUP < Dv ? a + I4_GROUP : Dv;
+      float m = 0;
+      for (int j = a; j < z; j++) m = fmaxf(m, fabsf(r[j]));
+      uint16_t h = blip_f32_to_f16(m / 7.0f);
+      float scale = blip_f16_to_f32(h), inv = scale > 0 ? 1.0f / scale : 0;
+      memcpy(rec + ((size_t)t * ng + g) * 2, &h, 2);
+      for (int j = a; j < z; j++) {
+        long v = lrintf(r[j] * inv);
+        v = v > 7 ? 7 : v < -7 ? -7 : v;
+        q[(size_t)t * rowb + j / 2] |= (uint8_t)((v + 8) << (j & 1 ? 4 : 0));
+      }
+    }
+}
+
+static void i4_decode(int T, int Dv, const uint8_t *rec, float *x) {
+  int ng = (Dv + I4_GROUP - 1) / I4_GROUP, rowb = (Dv + 1) / 2;
+  const uint8_t *q = rec + (size_t)T * ng * 2;
+  for (int t = 0; t < T; t++)
+    for (int g = 0; g < ng; g++) {
+      uint16_t h;
+      memcpy(&h, rec + ((size_t)t * ng + g) * 2, 2);
+      float scale = blip_f16_to_f32(h);
+      int a = g * I4_GROUP, z = a + I4_GROUP < Dv ? a + I4_GROUP : Dv;
+      for (int j = a; j < z; j++) {
+        int v = (q[(size_t)t * rowb + j / 2] >> (j & 1 ? 4 : 0)) & 15;
+        x[(size_t)t * Dv + j] = scale * (float)(v - 8);
+      }
+    }
+}
+
+
 void blip_tokstore_encode(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec) {
+  if (fmt == BLIP_TOKENS_I4) {
+    i4_encode(T, Dv, x, rec);
+    return;
+  }
   if (fmt == BLIP_TOKENS_F16) {
     for (size_t i = 0; i < (size_t)T * Dv; i++) {
       uint16_t h = blip_f32_to_f16(x[i]);
@@ -75,6 +144,10 @@ void blip_tokstore_encode(blip_tokens_fmt fmt, int T, int Dv, const float *x, ui
 }
 
 void blip_tokstore_decode(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec, float *x) {
+  if (fmt == BLIP_TOKENS_I4) {
+    i4_decode(T, Dv, rec, x);
+    return;
+  }
   if (fmt == BLIP_TOKENS_F16) {
     for (size_t i = 0; i < (size_t)T * Dv; i++) {
       uint16_t h;
@@ -93,6 +166,27 @@ void blip_tokstore_decode(blip_tokens_fmt fmt, int T, int Dv, const uint8_t *rec
 
 static off_t rec_off(const blip_tokstore *ts, int64_t id) { return (off_t)TOK_HDR + (off_t)id * (off_t)ts->stride; }
 
+/* The header a file of this store's geometry starts with. */
+static void header_of(const blip_tokstore *ts, uint8_t want[TOK_HDR]) {
+  uint32_t v[3] = {(uint32_t)ts->fmt, (uint32_t)ts->T, (uint32_t)ts->Dv};
+  uint64_t stride = ts->stride;
+  memset(want, 0, TOK_HDR);
+  memcpy(want, TOK_MAGIC, 8);
+  memcpy(want + 8, v, sizeof v);
+  memcpy(want + 24, &stride, 8);
+}
+
+static segment *seg_of(const blip_tokstore *ts, int64_t id) {
+  int lo = 0, hi = ts->nseg - 1;
+  while (lo <= hi) {
+    int mid = (lo + hi) / 2;
+    if (id < ts->seg[mid].first) hi = mid - 1;
+    else if (id > ts->seg[mid].last) lo = mid + 1;
+    else return &ts->seg[mid];
+  }
+  return NULL;
+}
+
 int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int write, blip_tokstore **out) {
   *out = NULL;
   blip_tokstore *ts = calloc(1, sizeof *ts);
@@ -103,6 +197,7 @@ int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int 
   ts->Dv = Dv;
   ts->stride = (TAG_BYTES + blip_tokstore_payload_size(fmt, T, Dv) + 63) / 64 * 64;
   snprintf(ts->path, sizeof ts->path, "%s/tokens.bin", dir);
+  snprintf(ts->dir, sizeof ts->dir, "%s", dir);
   int rc = BLIP_OK;
   if (fmt == BLIP_TOKENS_NONE) goto done;
   if (write && !(ts->rec = calloc(1, ts->stride))) {
@@ -114,12 +209,8 @@ int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int 
     rc = errno == ENOENT ? BLIP_OK : blip_err_errno("open", ts->path); /* reader: no store yet */
     goto done;
   }
-  uint8_t h[TOK_HDR] = {0}, want[TOK_HDR] = {0};
-  uint32_t v[3] = {(uint32_t)fmt, (uint32_t)T, (uint32_t)Dv};
-  uint64_t stride = ts->stride;
-  memcpy(want, TOK_MAGIC, 8);
-  memcpy(want + 8, v, sizeof v);
-  memcpy(want + 24, &stride, 8);
+  uint8_t h[TOK_HDR] = {0}, want[TOK_HDR];
+  header_of(ts, want);
   ssize_t n = pread(ts->fd, h, TOK_HDR, 0);
   if (n < 0) {
     rc = blip_err_errno("read", ts->path);
@@ -148,6 +239,11 @@ done:
 
 void blip_tokstore_close(blip_tokstore *ts) {
   if (!ts) return;
+  for (int i = 0; i < ts->nseg; i++) {
+    if (ts->seg[i].map) munmap(ts->seg[i].map, ts->seg[i].len);
+    if (ts->seg[i].fd >= 0) close(ts->seg[i].fd);
+  }
+  free(ts->seg);
   if (ts->map) munmap(ts->map, ts->len);
   if (ts->fd >= 0) close(ts->fd);
   free(ts->rec);
@@ -190,7 +286,7 @@ int blip_tokstore_sync(blip_tokstore *ts) {
 }
 
 void blip_tokstore_punch(blip_tokstore *ts, int64_t id) {
-  if (ts->fd >= 0)
+  if (ts->fd >= 0 && !seg_of(ts, id)) /* a segment is another index's file: never written */
     fallocate(ts->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec_off(ts, id), (off_t)ts->stride);
 }
 
@@ -200,39 +296,68 @@ int blip_tokstore_truncate(blip_tokstore *ts, int64_t max_id) {
   return ftruncate(ts->fd, rec_off(ts, max_id + 1)) == 0 ? BLIP_OK : blip_err_errno("truncate", ts->path);
 }
 
-/* Map enough of the file to read record id. */
-static int tok_map(blip_tokstore *ts, int64_t id) {
+/* Map enough of a file (fd, *map of *len bytes) to read record id. */
+static int tok_map(const blip_tokstore *ts, int fd, const char *path, uint8_t **map, size_t *len, int64_t id) {
   size_t need = (size_t)rec_off(ts, id) + ts->stride;
-  if (ts->map && ts->len >= need) return BLIP_OK;
+  if (*map && *len >= need) return BLIP_OK;
   struct stat sb;
-  if (fstat(ts->fd, &sb) != 0) return blip_err_errno("stat", ts->path);
+  if (fstat(fd, &sb) != 0) return blip_err_errno("stat", path);
   if ((size_t)sb.st_size < need) return blip_err_set(BLIP_ENOTFOUND, "image %lld has no token record", (long long)id);
-  if (ts->map) munmap(ts->map, ts->len);
-  ts->map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, ts->fd, 0);
-  if (ts->map == MAP_FAILED) {
-    ts->map = NULL;
-    ts->len = 0;
-    return blip_err_errno("mmap", ts->path);
+  if (*map) munmap(*map, *len);
+  *map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, fd, 0);
+  if (*map == MAP_FAILED) {
+    *map = NULL;
+    *len = 0;
+    return blip_err_errno("mmap", path);
   }
-  ts->len = (size_t)sb.st_size;
+  *len = (size_t)sb.st_size;
+  return BLIP_OK;
+}
+
+int blip_tokstore_add_segment(blip_tokstore *ts, int64_t first, int64_t last, int64_t offset, const char *file) {
+  if (first > last || offset < 0 || first - offset < 1 || strchr(file, '/') ||
+      (ts->nseg && first <= ts->seg[ts->nseg - 1].last))
+    return blip_err_set(BLIP_EFORMAT, "token segment %s [%lld, %lld] is malformed or out of order", file,
+                        (long long)first, (long long)last);
+  segment *v = realloc(ts->seg, (size_t)(ts->nseg + 1) * sizeof *v);
+  if (!v) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  ts->seg = v;
+  segment *g = &v[ts->nseg++];
+  memset(g, 0, sizeof *g);
+  g->first = first, g->last = last, g->offset = offset;
+  snprintf(g->path, sizeof g->path, "%s/%s", ts->dir, file);
+  g->fd = ts->fmt == BLIP_TOKENS_NONE ? -1 : open(g->path, O_RDONLY | O_CLOEXEC);
+  uint8_t h[TOK_HDR], want[TOK_HDR];
+  header_of(ts, want);
+  /* a missing or foreign segment only loses its records (queries recompute them), never the index */
+  if (g->fd >= 0 && (pread(g->fd, h, TOK_HDR, 0) != TOK_HDR || memcmp(h, want, TOK_HDR))) {
+    close(g->fd);
+    g->fd = -1;
+  }
   return BLIP_OK;
 }
 
 /* Record id, checked against its row's tag: NULL past the end of the file or
- * for a record of another row (or a hole); *rc says which. */
+ * for a record of another row (or a hole); *rc says which. A segment's
+ * record carries its shard's id. */
 static const uint8_t *rec_at(blip_tokstore *ts, int64_t id, uint64_t fp, int *rc) {
-  if (ts->fd < 0) {
-    *rc = blip_err_set(BLIP_ENOTFOUND, "%s is missing", ts->path);
+  segment *g = seg_of(ts, id);
+  int fd = g ? g->fd : ts->fd;
+  const char *path = g ? g->path : ts->path;
+  int64_t rid_want = g ? id - g->offset : id;
+  if (fd < 0) {
+    *rc = blip_err_set(BLIP_ENOTFOUND, "%s is missing", path);
     return NULL;
   }
-  if ((*rc = tok_map(ts, id))) return NULL;
-  const uint8_t *rec = ts->map + rec_off(ts, id);
+  if ((*rc = g ? tok_map(ts, fd, path, &g->map, &g->len, rid_want) : tok_map(ts, fd, path, &ts->map, &ts->len, id)))
+    return NULL;
+  const uint8_t *rec = (g ? g->map : ts->map) + rec_off(ts, rid_want);
   int64_t rid;
   uint64_t rfp;
   memcpy(&rid, rec, 8);
   memcpy(&rfp, rec + 8, 8);
-  if (rid == id && rfp == fp) return rec;
-  *rc = blip_err_set(BLIP_EFORMAT, "%s: record %lld does not belong to its image", ts->path, (long long)id);
+  if (rid == rid_want && rfp == fp) return rec;
+  *rc = blip_err_set(BLIP_EFORMAT, "%s: record %lld does not belong to its image", path, (long long)rid_want);
   return NULL;
 }
 

@@ -14,11 +14,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { BLIP_TOKENS_NONE = 0, BLIP_TOKENS_I8 = 1, BLIP_TOKENS_F16 = 2 } blip_tokens_fmt;
+/* Record formats, bytes per image at base geometry (T 577, Dv 768):
+ * int8 + f32 scale per token 445 KB; f16 886 KB; int4 + f16 scale per group
+ * of 32 values 249 KB. */
+typedef enum { BLIP_TOKENS_NONE = 0, BLIP_TOKENS_I8 = 1, BLIP_TOKENS_F16 = 2, BLIP_TOKENS_I4 = 3 } blip_tokens_fmt;
+#define BLIP_TOKENS_NFMT 4
+/* "none", "int8", "f16", "int4"; blip_tokstore_parse_fmt: the inverse, -1 if unknown. */
+const char *blip_tokstore_fmt_name(blip_tokens_fmt fmt);
+int blip_tokstore_parse_fmt(const char *name);
 
 typedef struct blip_tokstore blip_tokstore;
 
-/* Payload codec (int8 + per-token scale, or f16), exposed for tests and
+/* Payload codec, exposed for tests and
  * benchmarks. rec must hold blip_tokstore_payload_size(fmt,T,Dv) bytes. */
 size_t blip_tokstore_payload_size(blip_tokens_fmt fmt, int T, int Dv);
 void blip_tokstore_encode(blip_tokens_fmt fmt, int T, int Dv, const float *x, uint8_t *rec);
@@ -48,6 +55,11 @@ int blip_tokstore_sync(blip_tokstore *ts);
 void blip_tokstore_punch(blip_tokstore *ts, int64_t id);
 /* Writer: drop records past max_id (leftovers of a crash). */
 int blip_tokstore_truncate(blip_tokstore *ts, int64_t max_id);
+/* Records of ids [first, last] live in DIR/file (a file name, no folder) under
+ * id - offset: a merged index links its shards' files. Segments are added in
+ * ascending order after open; a missing or foreign file only makes its
+ * records missing. Writers never write into a segment. */
+int blip_tokstore_add_segment(blip_tokstore *ts, int64_t first, int64_t last, int64_t offset, const char *file);
 /* Tokens [T,Dv] of image id, whose row has fingerprint fp and checksum *sum
  * (NULL: none recorded, the tag alone is checked; out NULL: check only).
  * BLIP_ENOTFOUND past the end of the file (or none), BLIP_EFORMAT for a

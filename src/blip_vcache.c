@@ -23,6 +23,15 @@
  *   less than encoding the query text; above it Flat grows linearly while IVF
  *   keeps recall >= 0.99. The writer retrains when N leaves [trained/4,
  *   4*trained].
+ * - Past PQ_MIN vectors the raw vectors stop fitting a query server's RAM
+ *   comfortably (4 GB at 4M), and "IVF{4 sqrt N},PQ32" keeps 32 bytes of code
+ *   per vector (1/32 of f32). benchmarks/bench_faiss_pq.c measures it against
+ *   exact search at 1M and 10M; its candidates are re-scored exactly by the
+ *   owner. Training takes an evenly spaced sample of 64 points per list (at
+ *   least 65536, for the PQ codebooks), so a rebuild streams the rows in
+ *   chunks and never holds N*E floats.
+ * - Readers load IVF files with faiss's IO_FLAG_MMAP: the inverted lists stay
+ *   in the page cache, shared by every reader, instead of being copied.
  * - The in-memory index follows each commit (apply) and is written once at
  *   flush/close, not per batch: a crash leaves a stale file, never a wrong one. */
 #include "blip_vcache.h"
@@ -38,6 +47,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <faiss/c_api/IndexIVFFlat_c.h>
 #include <faiss/c_api/IndexIVF_c.h>
 #include <faiss/c_api/Index_c.h>
 #include <faiss/c_api/error_c.h>
@@ -49,16 +59,19 @@
 
 #define FX_MAGIC "BLIPFX02"
 #define FX_HDR 48 /* magic + int64 {gen, ntotal, trained, bytes, xxh3} */
-#define IVF_MIN 100000 /* default: Flat below, IVF at or above (see bench_faiss.c) */
+#define IVF_MIN 100000   /* default: Flat below, IVF at or above (see bench_faiss.c) */
+#define PQ_MIN 2000000   /* default: IVF,Flat below, IVF,PQ at or above (see bench_faiss_pq.c) */
+#define IO_FLAG_MMAP_REAL (8 | 0x646f0000) /* faiss::IO_FLAG_MMAP; 1.7.3's C header says 1, which is stale */
 
 struct blip_vcache {
   char dir[4096], path[4096];
-  int E;
-  int64_t ivf_min;
+  int E, write;
+  int64_t ivf_min, pq_min;
   FaissIndex *fx; /* in-memory index, mirrors generation gen */
   int64_t gen;    /* -1: none */
   int64_t trained;
-  int saved; /* the file holds gen */
+  int saved;      /* the file holds gen */
+  int flat_lists; /* IVF lists hold raw vectors (IVF,Flat): exact scores */
   int64_t *loc, nloc; /* IVF compare: sorted {id, list << 32 | offset} pairs, built on demand */
 };
 
@@ -73,15 +86,19 @@ int blip_vcache_nlist(int64_t n, int64_t ivf_min) {
   return nl > 65536 ? 65536 : nl;
 }
 
+int blip_vcache_compressed(int64_t n, int64_t pq_min) { return n >= (pq_min > 0 ? pq_min : PQ_MIN); }
+
 static int nprobe(int nlist) { return nlist / 16 > 8 ? nlist / 16 : 8; }
 
-int blip_vcache_new(const char *dir, int E, int64_t ivf_min, blip_vcache **out) {
+int blip_vcache_new(const char *dir, int E, int64_t ivf_min, int64_t pq_min, int write, blip_vcache **out) {
   blip_vcache *vc = calloc(1, sizeof *vc);
   if (!vc) return blip_err_set(BLIP_ENOMEM, "out of memory");
   snprintf(vc->dir, sizeof vc->dir, "%s", dir);
   snprintf(vc->path, sizeof vc->path, "%s/vectors.faiss", dir);
   vc->E = E;
   vc->ivf_min = ivf_min;
+  vc->pq_min = pq_min;
+  vc->write = write;
   vc->gen = -1;
   *out = vc;
   return BLIP_OK;
@@ -108,32 +125,55 @@ int64_t blip_vcache_gen(const blip_vcache *vc) { return vc->fx ? vc->gen : -1; }
 int64_t blip_vcache_ntotal(const blip_vcache *vc) { return vc->fx ? faiss_Index_ntotal(vc->fx) : 0; }
 int64_t blip_vcache_trained(const blip_vcache *vc) { return vc->trained; }
 
+int blip_vcache_approx(const blip_vcache *vc) { return vc->fx && faiss_IndexIVF_cast(vc->fx) && !vc->flat_lists; }
+
 int blip_vcache_stale_kind(const blip_vcache *vc) {
   int64_t n = blip_vcache_ntotal(vc);
   int want = blip_vcache_nlist(n, vc->ivf_min) != 0, have = vc->trained > 0;
+  if (have && blip_vcache_compressed(n, vc->pq_min) != blip_vcache_approx(vc)) return 1;
   return want != have || (have && (n > 4 * vc->trained || 4 * n < vc->trained));
 }
 
-int blip_vcache_build(blip_vcache *vc, int64_t n, const float *x, const int64_t *ids, int ivf, int64_t gen) {
+int64_t blip_vcache_sample_size(const blip_vcache *vc, int64_t n, int ivf) {
+  int nlist = ivf ? blip_vcache_nlist(n, vc->ivf_min) : 0;
+  if (!nlist) return 0;
+  int64_t want = 64 * (int64_t)nlist;
+  if (blip_vcache_compressed(n, vc->pq_min) && want < 65536) want = 65536;
+  return want < n ? want : n;
+}
+
+int blip_vcache_begin(blip_vcache *vc, int64_t n, int ivf, const float *sample, int64_t nsample, int64_t gen) {
   FaissIndex *ix = NULL;
   char desc[64];
-  int nlist = ivf ? blip_vcache_nlist(n, vc->ivf_min) : 0;
-  if (nlist) snprintf(desc, sizeof desc, "IVF%d,Flat", nlist);
+  int nlist = ivf ? blip_vcache_nlist(n, vc->ivf_min) : 0, pq = nlist && blip_vcache_compressed(n, vc->pq_min);
+  if (pq) snprintf(desc, sizeof desc, "IVF%d,PQ%d", nlist, vc->E % 8 ? vc->E / 4 : vc->E / 8);
+  else if (nlist) snprintf(desc, sizeof desc, "IVF%d,Flat", nlist);
   else snprintf(desc, sizeof desc, "IDMap2,Flat");
   if (faiss_index_factory(&ix, vc->E, desc, METRIC_INNER_PRODUCT) != 0) return fx_err("index_factory");
   if (nlist) {
-    if (faiss_Index_train(ix, n, x) != 0) goto fail;
+    if (nsample < 1 || faiss_Index_train(ix, nsample, sample) != 0) {
+      faiss_Index_free(ix);
+      return nsample < 1 ? blip_err_set(BLIP_EINVAL, "IVF needs training vectors") : fx_err("train");
+    }
     faiss_IndexIVF_set_nprobe(faiss_IndexIVF_cast(ix), (size_t)nprobe(nlist));
   }
-  if (n && faiss_Index_add_with_ids(ix, n, x, ids) != 0) goto fail;
   blip_vcache_drop(vc);
   vc->fx = ix;
   vc->gen = gen;
   vc->trained = nlist ? n : 0;
+  vc->flat_lists = !pq;
   return BLIP_OK;
-fail:
-  faiss_Index_free(ix);
-  return fx_err("build");
+}
+
+int blip_vcache_add(blip_vcache *vc, int64_t n, const float *x, const int64_t *ids) {
+  if (!vc->fx) return blip_err_set(BLIP_EINVAL, "no FAISS index to add to");
+  if (n && faiss_Index_add_with_ids(vc->fx, n, x, ids) != 0) {
+    int rc = fx_err("add");
+    blip_vcache_drop(vc);
+    return rc;
+  }
+  vc->saved = 0;
+  return BLIP_OK;
 }
 
 /* Map the file and check it against generation gen. BLIP_OK: *map, *len hold
@@ -184,12 +224,16 @@ int blip_vcache_load(blip_vcache *vc, int64_t gen) {
   FaissIndex *ix = NULL;
   int rc = file_map(vc, gen, &map, &len, h);
   if (rc) return rc;
-  FILE *f = fmemopen(map + FX_HDR, (size_t)h[3], "rb");
-  if (!f) rc = blip_err_errno("fmemopen", vc->path);
-  else if (faiss_read_index(f, 0, &ix) != 0 || faiss_Index_d(ix) != vc->E || faiss_Index_ntotal(ix) != h[1])
+  munmap(map, len); /* the checksum held: now FAISS reads it */
+  /* a reader maps the inverted lists of an IVF from the file (shared page cache) instead of
+   * copying them (FAISS's mmap reads from a real file at its offset); the writer needs them in
+   * memory to change them */
+  FILE *f = fopen(vc->path, "rb");
+  if (!f || fseek(f, FX_HDR, SEEK_SET) != 0) rc = blip_err_errno("open", vc->path);
+  else if (faiss_read_index(f, vc->write ? 0 : IO_FLAG_MMAP_REAL, &ix) != 0 || faiss_Index_d(ix) != vc->E ||
+           faiss_Index_ntotal(ix) != h[1])
     rc = blip_err_set(BLIP_EFORMAT, "%s: damaged (FAISS cannot read it)", vc->path);
   if (f) fclose(f);
-  munmap(map, len);
   if (rc) {
     if (ix) faiss_Index_free(ix);
     return rc;
@@ -200,6 +244,7 @@ int blip_vcache_load(blip_vcache *vc, int64_t gen) {
   vc->trained = h[2];
   vc->saved = 1;
   FaissIndexIVF *ivf = faiss_IndexIVF_cast(ix);
+  vc->flat_lists = !ivf || faiss_IndexIVFFlat_cast(ix) != NULL; /* raw vectors, or PQ codes */
   if (ivf) faiss_IndexIVF_set_nprobe(ivf, (size_t)nprobe((int)faiss_IndexIVF_nlist(ivf)));
   return BLIP_OK;
 }
@@ -367,9 +412,10 @@ static int ivf_compare(blip_vcache *vc, FaissIndexIVF *ivf, int64_t n, const int
       const float *v = q + j * vc->E;
       float self = 0;
       for (int e = 0; e < vc->E; e++) self += v[e] * v[e];
+      /* raw vectors score exactly; a PQ code only approximately (its bytes are the file checksum's) */
+      float tol = vc->flat_lists ? 1e-5f * fmaxf(1, fabsf(self)) : 0.5f * fmaxf(1, fabsf(self));
       int ok = 0;
-      for (int64_t r = 0; r < k && !ok; r++)
-        ok = lab[j * k + r] == slot[2 * (a + j)] && fabsf(dis[j * k + r] - self) <= 1e-5f * fmaxf(1, fabsf(self));
+      for (int64_t r = 0; r < k && !ok; r++) ok = lab[j * k + r] == slot[2 * (a + j)] && fabsf(dis[j * k + r] - self) <= tol;
       if (!ok && !(*nbad)++) *first_bad = ids[slot[2 * (a + j) + 1]];
     }
   }

@@ -221,6 +221,7 @@ cols = [r[1] for r in c.execute("PRAGMA table_info(images)")]
 assert "tok_sum" in cols, cols
 c.execute("ALTER TABLE images DROP COLUMN tok_sum")
 c.execute("DELETE FROM meta WHERE key='tok_sums'")  # the meta of a version-3 index
+c.execute("DROP TABLE token_segments")  # schema 5, after the checksums
 c.execute("PRAGMA user_version=3")
 c.commit()
 c.close()
@@ -235,7 +236,7 @@ rc=$?
 [[ $rc == 2 ]] && grep -q "run blip-index once" "$T/up.err" && ok || bad "upgrade: query on the old format: rc $rc $(cat "$T/up.err")"
 out=$(idx "$T/up" "$L") || bad "upgrade: run"
 expect upgrade "$out" unchanged=8 embedded=0
-[[ $(sqlite3 "$T/up/index.sqlite" "PRAGMA user_version") == 4 ]] && ok || bad "upgrade: schema version"
+[[ $(sqlite3 "$T/up/index.sqlite" "PRAGMA user_version") == 5 ]] && ok || bad "upgrade: schema version"
 n=$(sqlite3 "$T/up/index.sqlite" "SELECT count(*) FROM images WHERE has_tokens=1 AND tok_sum IS NULL")
 [[ $n == 0 ]] && ok || bad "upgrade: $n records without a checksum"
 [[ $(head -c 8 "$T/up/vectors.faiss") == BLIPFX02 ]] && ok || bad "upgrade: cache format"

@@ -371,6 +371,66 @@ static void test_faiss_rebuild(void) {
   free(ids);
 }
 
+/* The compressed kind (IVF-PQ past pq_min): scores of the results are exact
+ * (re-scored from SQLite), recall against brute force stays high, each vector
+ * finds itself, and a reader (inverted lists memory-mapped) answers exactly as
+ * the writer (lists in memory). */
+static void test_faiss_pq(void) {
+  const char *dir = tmpdir("pq");
+  enum { N = 4000, B = 500, K = 10, NQ = 50 };
+  float *feats = malloc(sizeof(float) * N * E), *cent = malloc(sizeof(float) * 40 * E);
+  int64_t *ids = malloc(sizeof(int64_t) * N);
+  blip_store_row rows[B];
+  char paths[B][64];
+  for (int c = 0; c < 40; c++) rand_unit(cent + c * E, E);
+  for (int i = 0; i < N; i++) { /* clustered, as photo features are */
+    for (int j = 0; j < E; j++) feats[(size_t)i * E + j] = cent[(i % 40) * E + j] + 0.25f * frand();
+    double s2 = 0;
+    for (int j = 0; j < E; j++) s2 += (double)feats[(size_t)i * E + j] * feats[(size_t)i * E + j];
+    for (int j = 0; j < E; j++) feats[(size_t)i * E + j] /= (float)sqrt(s2);
+  }
+  blip_store *st = NULL;
+  blip_store_opts o = {.write = 1, .ivf_min = 1000, .pq_min = 2000};
+  CHECK_OK(blip_store_open(dir, &ID_A, &o, &st));
+  for (int b = 0; b < N / B && st; b++) {
+    mk_rows(rows, paths, B, b * B, 1);
+    CHECK_OK(blip_store_put(st, rows, NULL, B, feats + (size_t)b * B * E, NULL, ids + b * B));
+  }
+  if (st) CHECK_OK(blip_store_flush(st)); /* trains IVF-PQ on a sample of the 4000 */
+  blip_store *rd = NULL;
+  blip_store_opts ro = {.pq_min = 2000};
+  CHECK_OK(blip_store_open(dir, NULL, &ro, &rd));
+  float q[E], bs[K], ws[K], rs[K];
+  int64_t bi[K], wi[K], ri[K];
+  long hits = 0, exact_scores = 1, same_reader = 1, self = 0;
+  for (int t = 0; t < NQ && st && rd; t++) {
+    memcpy(q, feats + (size_t)(t * 79 % N) * E, sizeof q);
+    for (int j = 0; j < E; j++) q[j] += 0.1f * frand();
+    int nb = brute(q, feats, ids, N, NULL, K, bi, bs);
+    int nw = blip_store_search(st, q, K, NULL, 0, wi, ws), nr = blip_store_search(rd, q, K, NULL, 0, ri, rs);
+    same_reader &= nw == nr && !memcmp(wi, ri, sizeof wi) && !memcmp(ws, rs, sizeof ws);
+    for (int j = 0; j < nw; j++) {
+      float d = 0;
+      for (int e = 0; e < E; e++) d += q[e] * feats[(size_t)(wi[j] - ids[0]) * E + e];
+      exact_scores &= fabsf(d - ws[j]) < 1e-5f;
+      for (int a = 0; a < nb; a++) hits += wi[j] == bi[a];
+    }
+  }
+  for (int i = 0; i < N && st; i += 40) self += blip_store_search(st, feats + (size_t)i * E, 1, NULL, 0, wi, ws) == 1 && wi[0] == ids[i];
+  double recall = (double)hits / (NQ * K);
+  printf("  IVF-PQ (4000 x %d, 2 sub-quantizers): recall@10 %.3f after exact re-score, self-hits %ld/100\n", E, recall, self);
+  CHECK(exact_scores, "compressed index returned approximate scores");
+  CHECK(same_reader, "memory-mapped reader differs from the writer");
+  if (rd) CHECK_OK(blip_store_verify(rd)); /* --check on the compressed kind: no false damage */
+  CHECK(recall >= 0.9, "IVF-PQ recall@10 %.3f < 0.9", recall);
+  CHECK(self >= 95, "only %ld of 100 vectors find themselves", self);
+  blip_store_close(rd);
+  blip_store_close(st);
+  free(feats);
+  free(cent);
+  free(ids);
+}
+
 static void test_filtered_search(void) {
   const char *dir = tmpdir("filter");
   enum { N = 6000, B = 1000, K = 20 };
@@ -477,6 +537,27 @@ static void test_tokens_roundtrip(void) {
          f16_rel);
   CHECK(f16_rel <= 1.0 / 2048 * (1 + 1e-6), "f16 relative error %g > 2^-11", f16_rel);
   free(rec);
+  /* int4: per group of 32, within half a step of the (f16-rounded) group scale */
+  rec = malloc(blip_tokstore_payload_size(BLIP_TOKENS_I4, Tn, Dv));
+  double i4_viol = 0, i4_abs = 0;
+  for (int i = 0; i < imgs; i++) {
+    blip_tokstore_encode(BLIP_TOKENS_I4, Tn, Dv, emb + (size_t)i * Tn * Dv, rec);
+    blip_tokstore_decode(BLIP_TOKENS_I4, Tn, Dv, rec, back + (size_t)i * Tn * Dv);
+  }
+  for (int r = 0; r < imgs * Tn; r++) {
+    float m = 0;
+    for (int j = 0; j < Dv; j++) m = fmaxf(m, fabsf(emb[(size_t)r * Dv + j])); /* Dv = 32: one group */
+    for (int j = 0; j < Dv; j++) {
+      double d = fabs(emb[(size_t)r * Dv + j] - back[(size_t)r * Dv + j]);
+      i4_abs = fmax(i4_abs, d);
+      if (d > m / 7.0 * 0.5 * (1 + 2e-3) + 1e-7) i4_viol++; /* f16 scale: 2^-11 relative slack */
+    }
+  }
+  printf("  int4 tokens: bytes/image %zu, max|err| %.3g\n", blip_tokstore_payload_size(BLIP_TOKENS_I4, Tn, Dv), i4_abs);
+  CHECK(i4_viol == 0, "%g int4 elements beyond half a quantization step", i4_viol);
+  CHECK(i4_abs > 0, "int4 quantization is lossy");
+  CHECK(blip_tokstore_payload_size(BLIP_TOKENS_I4, 577, 768) == 577 * 24 * 2 + 577 * 384, "int4 record size at base");
+  free(rec);
   free(emb);
   free(back);
   blip_st_close(g);
@@ -504,9 +585,10 @@ static void test_tokens_itm_error(void) {
     goto done;
   memcpy(ids64, ti->data, sizeof ids64);
   memcpy(mask64, tm->data, sizeof mask64);
-  static const blip_tokens_fmt fmts[] = {BLIP_TOKENS_I8, BLIP_TOKENS_F16};
-  static const double tol[] = {0.05, 0.005}; /* int8: under bf16 autocast's 4e-2 drift; f16: 10x tighter */
-  for (int f = 0; f < 2; f++) {
+  static const blip_tokens_fmt fmts[] = {BLIP_TOKENS_I8, BLIP_TOKENS_F16, BLIP_TOKENS_I4};
+  /* int8: under bf16 autocast's 4e-2 drift; f16: 10x tighter; int4: 15 levels per group */
+  static const double tol[] = {0.05, 0.005, 0.25};
+  for (int f = 0; f < 3; f++) {
     uint8_t *rec = malloc(blip_tokstore_payload_size(fmts[f], TT, D));
     for (int i = 0; i < NI; i++) {
       blip_tokstore_encode(fmts[f], TT, D, emb + i * TT * D, rec);
@@ -529,7 +611,7 @@ static void test_tokens_itm_error(void) {
       CHECK_OK(blip_model_itm(m, ids, len, b, NI, BLIP_ITM_ENC, 0, lb, NULL));
       for (int k = 0; k < NI * 2; k++) worst = fmax(worst, fabs(la[k] - lb[k]));
     }
-    printf("  ITM logit max|err| with %s tokens: %.3g (tol %.3g)\n", f ? "f16" : "int8", worst, tol[f]);
+    printf("  ITM logit max|err| with %s tokens: %.3g (tol %.3g)\n", blip_tokstore_fmt_name(fmts[f]), worst, tol[f]);
     CHECK(worst <= tol[f], "ITM logit error %g", worst);
     CHECK(worst > 0, "decoded tokens identical to fp32: codec bypassed");
   }
@@ -804,6 +886,7 @@ int main(void) {
   test_migrate_and_identity();
   test_add_delete_move();
   test_faiss_rebuild();
+  test_faiss_pq();
   test_filtered_search();
   test_tokens_roundtrip();
   test_tokens_itm_error();
