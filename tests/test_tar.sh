@@ -51,9 +51,13 @@ with tarfile.open(sys.argv[1], 'w') as t:
     for f in ('img00000.jpg', 'img00003.png'): t.add(sys.argv[2] + '/' + f, arcname='x' + f)
 " "$T/lib/00001.tar" "$T/two"
 
-out=$(idx "$T/db" "$T/lib" 2>"$T/err") || bad "first run exit $?: $(cat "$T/err")"
+opens() { grep -c "open.*$1\"" "$T/strace"; } # openat calls of a tar
+out=$(strace -f -qq -e trace=openat -o "$T/strace" "$BIN/blip-index" --db "$T/db" --model "$MODEL" --json \
+      --threads 2 "$T/lib" 2>"$T/err") || bad "first run exit $?: $(cat "$T/err")"
 expect first "$out" added=9 failed=1 deleted=0
 P=$(realpath "$T/lib")/00000.tar
+# streamed: the walk reads the tar once, each decoding thread once more, forward (not once per member)
+n=$(opens 00000.tar); (( n >= 2 && n <= 3 )) && ok || bad "00000.tar opened $n times for 8 members on 2 threads"
 "$BIN/blip-index" --db "$T/db" --dump | cut -f1,3 | sort > "$T/rows"
 grep -qxF "$P#img00005.webp	ok" "$T/rows" && ok || bad "no row $P#img00005.webp: $(cat "$T/rows")"
 grep -qxF "$P#img00007.jpg	error" "$T/rows" && ok || bad "corrupt member not an error row"
@@ -86,8 +90,10 @@ j=$("$BIN/blip-query" --db "$T/dbn" --model "$MODEL" --json -n 3 --rerank 3 "a r
   && [[ $j == *'#img0000'* && $j == *itm_logit* ]] && ok || bad "rerank from the tar: $j $(cat "$T/qerr")"
 
 # re-run: nothing read again, no work
-out=$(idx "$T/db" "$T/lib") || bad "rerun exit"
+out=$(strace -f -qq -e trace=openat -o "$T/strace" "$BIN/blip-index" --db "$T/db" --model "$MODEL" --json "$T/lib") \
+  || bad "rerun exit"
 expect rerun "$out" added=0 updated=0 moved=0 deleted=0 unchanged=10 failed=1
+n=$(opens '0000[01].tar'); [[ $n == 0 ]] && ok || bad "unchanged tars opened $n times"
 
 # a changed tar: only the changed member is embedded again; a changed caption is updated
 "$BIN/blip-index" --db "$T/db" --dump > "$T/d0"
