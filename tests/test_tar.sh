@@ -89,6 +89,10 @@ idx "$T/dbn" --no-rerank-store "$T/lib" >/dev/null 2>&1 || bad "no-rerank-store 
 j=$("$BIN/blip-query" --db "$T/dbn" --model "$MODEL" --json -n 3 --rerank 3 "a red barn" 2>"$T/qerr") \
   && [[ $j == *'#img0000'* && $j == *itm_logit* ]] && ok || bad "rerank from the tar: $j $(cat "$T/qerr")"
 
+# --captions captions the members that came without a KEY.txt (00001.tar's), reading them from the tar
+out=$(idx "$T/dbc" --captions --caption-model "$DATA/blip-caption-tiny" "$T/lib" 2>"$T/err") || bad "captions exit: $(cat "$T/err")"
+expect captions "$out" captioned=2 caption_failed=0
+
 # re-run: nothing read again, no work
 out=$(strace -f -qq -e trace=openat -o "$T/strace" "$BIN/blip-index" --db "$T/db" --model "$MODEL" --json "$T/lib") \
   || bad "rerun exit"
