@@ -48,6 +48,8 @@
 static const char USAGE[] =
     "usage: blip-index [options] PATH...\n"
     "Index every image under PATH... for blipsearch, or bring the index up to date.\n"
+    "A PATH, or a file under one, may be a webdataset .tar shard (img2dataset): its images are\n"
+    "indexed in place as TAR#MEMBER (e.g. /data/00000.tar#000000123.jpg), KEY.txt as their caption.\n"
     "\n"
     "  --db DIR           index directory (default $BLIPSEARCH_DB, else\n"
     "                     $XDG_DATA_HOME/blipsearch, else ~/.local/share/blipsearch)\n"
