@@ -736,7 +736,8 @@ int main(int argc, char **argv) {
   for (int64_t i = 0; i < found.n && !g_stop; i++) {
     item *it = &found.v[i];
     blip_scan_kind kind = BLIP_SCAN_NEW;
-    if (it->tar) continue; /* stands for its members */
+    if (it->tar || (i && !strcmp(it->path, found.v[i - 1].path))) continue; /* a tar stands for its members; a
+                                                                                * name twice in a tar is one photo */
     int64_t rid = 0, src = 0;
     if (st && (rc = blip_store_scan_file(st, it->path, it->size, it->mtime_ns, &kind, &rid))) break;
     if (kind != BLIP_SCAN_NEW) note_indexed(&changed, it->path);

@@ -40,6 +40,7 @@ with tarfile.open(out + '.tmp', 'w', format=tarfile.GNU_FORMAT) as t:
     add(t, 'img00007.jpg', b'\xff\xd8\xff\xe0 not really a jpeg' * 10)
     add(t, 'img00007.txt', b'broken')
     add(t, 'README.md', b'not an image')
+    add(t, 'img00002.jpg', open(os.path.join(src, 'img00002.jpg'), 'rb').read())  # a name twice (tar -r)
 os.replace(out + '.tmp', out)
 PY
 }
