@@ -9,6 +9,7 @@
 #include <archive.h>
 #include <archive_entry.h>
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,6 +107,15 @@ void blip_tar_read_close(void) {
   memset(&g_cur, 0, sizeof g_cur);
 }
 
+/* A thread that ends (a decoding pool's) closes its reader. */
+static pthread_key_t g_key;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static void on_thread_exit(void *unused) {
+  (void)unused;
+  blip_tar_read_close();
+}
+static void make_key(void) { pthread_key_create(&g_key, on_thread_exit); }
+
 int blip_tar_read(const char *path, int64_t max_bytes, uint8_t **bytes, size_t *n, int64_t *tar_mtime_ns) {
   *bytes = NULL;
   *n = 0;
@@ -131,6 +141,8 @@ int blip_tar_read(const char *path, int64_t max_bytes, uint8_t **bytes, size_t *
     if (fresh) {
       blip_tar_read_close();
       if ((rc = open_tar(tar, &g_cur.a))) break;
+      pthread_once(&g_once, make_key);
+      pthread_setspecific(g_key, &g_cur); /* any non-NULL value: the destructor runs */
       g_cur.tar = tar;
       tar = NULL;
       g_cur.mtime_ns = mt;
