@@ -105,7 +105,7 @@ static int vision_part(const char *tmp, int P, const char *size, int B, int thre
       items[i] = (blip_index_item){paths[i], sb.st_size, (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec,
                                    0, 0, 0};
     }
-    blip_index_opts xo = {B, threads, 1, 0, NULL, NULL, NULL, 0, 0, NULL};
+    blip_index_opts xo = {B, threads, 1, 0, NULL, NULL, NULL, 0, 0, NULL, 0};
     blip_index_counts cnt = {0};
     if (blip_index_embed(m, st, items, P, &xo, &cnt) || blip_store_flush(st)) goto fail;
     double we = now() - t0, cpe = cpu_now() - c0;

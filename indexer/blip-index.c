@@ -13,6 +13,10 @@
  * the next run redoes only those. SIGINT/SIGTERM stop after the current batch.
  * --captions then captions every image without one (blip_capindex), also
  * one commit per batch.
+ * Derived data repairs itself: token records the store lost (tokens.bin
+ * deleted, truncated, damaged header) are recomputed, for those photos only,
+ * and a damaged vectors.faiss is rewritten; --repair also reads every record,
+ * compares every FAISS vector and rebuilds a damaged SQLite from its rows.
  * Exit: 0 done (failed images are reported, not fatal), 1 error, 2 usage,
  * 130 interrupted. */
 #include <dirent.h>
@@ -71,7 +75,11 @@ static const char USAGE[] =
     "  --decode-timeout S seconds one image may take to decode before its decoder\n"
     "                     process is killed and the image recorded as failed (default 60)\n"
     "  --decode-memory MB memory one decoder process may add (default 4096)\n"
-    "  --check            verify that SQLite, FAISS and the rerank store agree, then exit\n"
+    "  --check            verify SQLite's integrity, every FAISS vector and every token record\n"
+    "                     against SQLite, then exit (1 when something is damaged)\n"
+    "  --repair           check as --check does and fix what is damaged: token records are\n"
+    "                     recomputed for the damaged photos only, vectors.faiss is rebuilt,\n"
+    "                     a damaged index.sqlite is rebuilt from its readable rows (PATH... optional)\n"
     "  --dump             print path, fingerprint, state and feature of every image, then exit\n"
     "  --captions         caption every image without a caption (searchable: blip-query --words)\n"
     "  --caption-model DIR  captioner, e.g. blip-image-captioning-base (default\n"
@@ -474,6 +482,70 @@ static int print_dump_row(void *ctx, int64_t id, const blip_store_row *r, const 
   return 0;
 }
 
+/* ---- check and repair ---- */
+
+/* Print what --check found; the exit status: 0 sound, 1 damaged. */
+static int print_check(blip_store *st, const blip_store_report *r, int json) {
+  char msg[6][1200], path[PATH_MAX];
+  int n = 0;
+  if (r->sqlite[0])
+    snprintf(msg[n++], sizeof msg[0], "index.sqlite is damaged: %s", r->sqlite);
+  if (r->cache[0])
+    snprintf(msg[n++], sizeof msg[0], "%s; queries search SQLite's vectors until it is rewritten", r->cache);
+  if (r->cache_bad) {
+    if (blip_store_get(st, r->cache_first, NULL, path, sizeof path)) snprintf(path, sizeof path, "image %lld", (long long)r->cache_first);
+    snprintf(msg[n++], sizeof msg[0], "vectors.faiss: %lld vectors missing or differing from SQLite's (first: %s)",
+             (long long)r->cache_bad, path);
+  }
+  if (r->tok_bad) {
+    if (blip_store_get(st, r->tok_first, NULL, path, sizeof path)) snprintf(path, sizeof path, "image %lld", (long long)r->tok_first);
+    snprintf(msg[n++], sizeof msg[0], "tokens.bin: %lld token records missing or damaged (first: %s: %s); queries "
+             "recompute them from the files", (long long)r->tok_bad, path, r->tok_why);
+  }
+  if (r->rows_bad)
+    snprintf(msg[n++], sizeof msg[0], "index.sqlite: %lld rows whose state and feature disagree", (long long)r->rows_bad);
+  if (r->tok_header)
+    snprintf(msg[n++], sizeof msg[0], "tokens.bin: damaged header (each record is still checked on its own)");
+  if (json) {
+    json_t *j = json_pack("{s:b,s:I,s:I,s:[]}", "ok", n == 0, "images", (json_int_t)r->images, "unchecksummed",
+                          (json_int_t)r->tok_unsummed, "problems");
+    for (int i = 0; j && i < n; i++) json_array_append_new(json_object_get(j, "problems"), blip_out_json_text(msg[i]));
+    char *s = j ? json_dumps(j, 0) /* the separators --check always printed */ : NULL;
+    if (s) printf("%s\n", s);
+    free(s);
+    json_decref(j);
+  } else if (!n) {
+    printf("ok: %lld searchable images, SQLite, FAISS and rerank store agree\n", (long long)r->images);
+  }
+  for (int i = 0; i < n; i++) blip_out_error("blip-index", msg[i]); /* they quote photo paths */
+  if (n)
+    fprintf(stderr, "blip-index: run blip-index --repair to fix it (model work only for photos whose token records "
+                    "are lost)%s\n", r->sqlite[0] ? "; if index.sqlite cannot be repaired, restore it from a backup "
+                    "or rebuild the index (--rebuild)" : "");
+  if (r->tok_unsummed)
+    fprintf(stderr, "blip-index: %lld token records have no checksum yet (made by an older version); the next "
+                    "blip-index run adds them\n", (long long)r->tok_unsummed);
+  return n ? 1 : 0;
+}
+
+/* At the start of a run: give records from before checksums theirs (once),
+ * and with --repair first check everything and fix SQLite and the cache. The
+ * lost records are marked; repair_tokens recomputes them. */
+static int check_and_mark(blip_store *st, int repair) {
+  blip_store_report r;
+  int64_t marked = 0;
+  int rc = BLIP_OK, full = 0, fixed = 0;
+  if (repair) {
+    if ((rc = blip_store_repair_db(st, &fixed))) return rc;
+    if (fixed) fprintf(stderr, "blip-index: index.sqlite was damaged; rebuilt from its rows\n");
+    if ((rc = blip_store_check(st, &r))) return rc;
+    if ((r.cache[0] || r.cache_bad) && (rc = blip_store_rebuild_cache(st))) return rc;
+    if (r.cache[0] || r.cache_bad) fprintf(stderr, "blip-index: vectors.faiss rebuilt from index.sqlite\n");
+    full = r.tok_bad > 0;
+  }
+  return blip_store_tokens_scan(st, full, &marked);
+}
+
 /* mkdir -p for the parents of the index directory */
 static void make_parents(const char *dir) {
   char p[PATH_MAX];
@@ -489,11 +561,11 @@ static void make_parents(const char *dir) {
 /* ---- main ---- */
 
 typedef struct {
-  int64_t added, updated, moved, deleted, unchanged, failed, offline, retried;
+  int64_t added, updated, moved, deleted, unchanged, failed, offline, retried, embedded, repaired, unrepaired;
 } counts;
 
 enum { OPT_DB = 256, OPT_MODEL, OPT_PREC, OPT_JSON, OPT_DRY, OPT_ERRORS, OPT_REBUILD, OPT_NORR, OPT_F16, OPT_EXCL,
-       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE, OPT_DTIME, OPT_DMEM };
+       OPT_THREADS, OPT_BATCH, OPT_CHECK, OPT_DUMP, OPT_HELP, OPT_PRUNE, OPT_DTIME, OPT_DMEM, OPT_REPAIR };
 enum { OPT_CAPTIONS = 512, OPT_CAPMODEL, OPT_RECAPTION };
 
 int main(int argc, char **argv) {
@@ -505,7 +577,7 @@ int main(int argc, char **argv) {
       {"check", 0, 0, OPT_CHECK},    {"dump", 0, 0, OPT_DUMP},       {"help", 0, 0, OPT_HELP},
       {"prune-offline", 0, 0, OPT_PRUNE}, {"decode-timeout", 1, 0, OPT_DTIME}, {"decode-memory", 1, 0, OPT_DMEM},
       {"captions", 0, 0, OPT_CAPTIONS}, {"caption-model", 1, 0, OPT_CAPMODEL}, {"recaption", 0, 0, OPT_RECAPTION},
-      {0, 0, 0, 0}};
+      {"repair", 0, 0, OPT_REPAIR}, {0, 0, 0, 0}};
   const char *cap_dir = getenv("BLIPSEARCH_CAPTION_MODEL");
   int captions = 0, recaption = 0;
   int64_t captioned = 0, cap_failed = 0;
@@ -513,7 +585,7 @@ int main(int argc, char **argv) {
   char dbdir[PATH_MAX] = "";
   const char *model_dir = getenv("BLIPSEARCH_MODEL"), *prec_name = "auto";
   int json = 0, dry = 0, errors = 0, rebuild = 0, norr = 0, f16 = 0, threads = omp_get_num_procs(), B = 8;
-  int check = 0, dump = 0, prune = 0, c;
+  int check = 0, dump = 0, prune = 0, repair = 0, c;
   double decode_s = 60, decode_mb = 4096;
   signal(SIGXFSZ, SIG_IGN); /* first: a file-size limit fails the write (EFBIG, reported) instead of killing us */
   char **excl = calloc((size_t)argc + 1, sizeof *excl);
@@ -555,6 +627,7 @@ int main(int argc, char **argv) {
         return 2;
       }
       break;
+    case OPT_REPAIR: repair = 1; break;
     case OPT_HELP: fputs(USAGE, stdout); free(excl); return 0;
     default: fputs(USAGE, stderr); free(excl); return 2;
     }
@@ -581,7 +654,13 @@ int main(int argc, char **argv) {
   if (check || dump) { /* maintenance: read-only, no model */
     blip_store_opts ro = {0};
     int rc = blip_store_open(dbdir, NULL, &ro, &st);
-    if (!rc && check) rc = blip_store_verify(st);
+    if (!rc && check) {
+      blip_store_report rep;
+      if ((rc = blip_store_check(st, &rep)) == BLIP_OK) {
+        ret = print_check(st, &rep, json);
+        goto out;
+      }
+    }
     if (!rc && dump) {
       dump_ctx dc = {atoi(blip_store_meta(st, "embed_dim"))};
       rc = blip_store_each(st, 0, print_dump_row, &dc);
@@ -590,15 +669,11 @@ int main(int argc, char **argv) {
       blip_out_error("blip-index", blip_err_last());
       goto out;
     }
-    if (check) {
-      if (json) printf("{\"ok\": true, \"images\": %lld}\n", (long long)blip_store_count(st));
-      else printf("ok: %lld searchable images, SQLite, FAISS and rerank store agree\n", (long long)blip_store_count(st));
-    }
     ret = 0;
     goto out;
   }
 
-  if (optind >= argc) {
+  if ((optind >= argc && !repair) || (repair && dry)) {
     fputs(USAGE, stderr);
     ret = 2;
     goto out;
@@ -629,7 +704,8 @@ int main(int argc, char **argv) {
    * root that is not there (an unmounted drive) keeps its rows offline if the
    * index has any under it, else it is an error */
   int nroots = argc - optind;
-  if (!(roots = calloc((size_t)nroots, sizeof *roots)) || !(missing = calloc((size_t)nroots, sizeof *missing))) goto oom;
+  if (!(roots = calloc((size_t)nroots + 1, sizeof *roots)) || !(missing = calloc((size_t)nroots + 1, sizeof *missing)))
+    goto oom; /* (+1: --repair may name no path) */
   for (int i = 0; i < nroots; i++) {
     const char *a = argv[optind + i];
     if ((roots[i] = realpath(a, NULL))) continue;
@@ -681,6 +757,7 @@ int main(int argc, char **argv) {
   sa.sa_handler = on_signal;
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
+  if (st && !dry && (rc = check_and_mark(st, repair))) goto fail;
 
   for (int i = 0; i < nroots && !rc; i++) {
     if (!missing[i]) continue;
@@ -846,13 +923,17 @@ int main(int argc, char **argv) {
   char journal[PATH_MAX + 16];
   snprintf(journal, sizeof journal, "%s/decoding", dbdir);
   blip_index_opts io = {B, threads, !norr, 300, &g_stop, isatty(2) ? show_progress : NULL, &pc, decode_s,
-                        (int64_t)(decode_mb * (1 << 20)), journal};
+                        (int64_t)(decode_mb * (1 << 20)), journal, 0};
   blip_index_counts ic = {0};
   rc = blip_index_embed(model, st, wi, work.n, &io, &ic);
   free(wi);
+  if (rc == BLIP_OK && !g_stop && !norr) rc = blip_index_repair_tokens(model, st, &io, &ic);
   if (pc.shown) fputc('\n', stderr);
   cn.added = ic.added;
   cn.updated = ic.updated;
+  cn.embedded = ic.embedded;
+  cn.repaired = ic.repaired;
+  cn.unrepaired = ic.unrepaired;
   if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
   if (rc) goto fail;
   if ((rc = store_tar_captions(st, &found))) goto fail;
@@ -882,12 +963,19 @@ summary:;
   if (errors && st) blip_store_each(st, 1, print_error_row, jerr);
   for (int64_t i = 0; errors && i < w.skipped.n; i++) error_entry(jskip, w.skipped.v[i].path, w.why.v[i].path);
   if (st) blip_store_tally(st, &cn.failed, &cn.offline); /* failed and offline: the whole index, not this run */
+  if (st && !dry && (blip_store_damage(st) & BLIP_DAMAGE_CACHE))
+    fprintf(stderr, "blip-index: vectors.faiss was damaged; rewritten from index.sqlite\n");
+  if (cn.repaired) fprintf(stderr, "blip-index: tokens.bin: %lld lost or damaged records recomputed\n", (long long)cn.repaired);
+  if (cn.unrepaired)
+    fprintf(stderr, "blip-index: %lld token records could not be recomputed (file unreadable or changed); queries "
+                    "read those photos' files\n", (long long)cn.unrepaired);
   if (json) {
-    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added,
+    json_t *j = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:b,s:b}", "added", (json_int_t)cn.added,
                           "updated", (json_int_t)cn.updated, "moved", (json_int_t)cn.moved, "deleted",
                           (json_int_t)cn.deleted, "unchanged", (json_int_t)cn.unchanged, "failed", (json_int_t)cn.failed,
                           "retried", (json_int_t)cn.retried, "offline", (json_int_t)cn.offline, "skipped",
-                          (json_int_t)w.skipped.n, "seconds", now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
+                          (json_int_t)w.skipped.n, "embedded", (json_int_t)cn.embedded, "repaired", (json_int_t)cn.repaired,
+                          "seconds", now_s() - t0, "dry_run", dry, "interrupted", ret == 130);
     if (j && jerr) json_object_set_new(j, "errors", jerr), jerr = NULL;
     if (j && jskip) json_object_set_new(j, "skipped_paths", jskip), jskip = NULL;
     json_decref(jerr);

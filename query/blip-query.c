@@ -13,7 +13,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "blip_arg.h"
@@ -81,37 +80,10 @@ typedef struct {
   const char *const *texts; /* rank-texts mode: hit ids index these */
 } printer;
 
-static void fmt_mtime(int64_t ns, char out[20]) {
-  time_t t = (time_t)(ns / 1000000000);
-  struct tm tm;
-  localtime_r(&t, &tm);
-  strftime(out, 20, "%Y-%m-%dT%H:%M:%S", &tm);
-}
-
 static json_t *hits_json(const printer *p, const blip_search_result *r) {
   json_t *a = json_array();
-  for (int i = 0; a && i < r->n; i++) {
-    const blip_search_hit *h = &r->hits[i];
-    json_t *o = json_object();
-    json_object_set_new(o, "rank", json_integer(i + 1));
-    if (p->texts) {
-      json_object_set_new(o, "index", json_integer(h->id));
-      blip_out_json_name(o, "text", p->texts[h->id]);
-    } else {
-      char mt[20];
-      fmt_mtime(h->mtime_ns, mt);
-      json_object_set_new(o, "id", json_integer(h->id));
-      blip_out_json_name(o, "path", h->path);
-      json_object_set_new(o, "taken_at", h->taken_at[0] ? blip_out_json_text(h->taken_at) : json_null());
-      json_object_set_new(o, "mtime", json_string(mt));
-      json_object_set_new(o, "caption", h->caption ? blip_out_json_text(h->caption) : json_null());
-    }
-    json_object_set_new(o, "score", blip_out_json_num(h->score));
-    json_object_set_new(o, "itm_prob", blip_out_json_num(h->itm_prob));
-    json_object_set_new(o, "itm_logit", blip_out_json_num(h->itm_logit));
-    json_object_set_new(o, "cosine", blip_out_json_num(h->cosine));
-    json_array_append_new(a, o);
-  }
+  for (int i = 0; a && i < r->n; i++)
+    json_array_append_new(a, blip_search_hit_json(&r->hits[i], i + 1, p->texts ? p->texts[r->hits[i].id] : NULL));
   return a;
 }
 
@@ -178,6 +150,19 @@ static void say_notes(const blip_search_result *r) {
   if (r->dropped)
     fprintf(stderr, "blip-query: %d candidate(s) skipped: no stored vision tokens and the file could not be read\n",
             r->dropped);
+}
+
+/* Damage of the index that queries worked around, once a run, with the way to repair it. */
+static void say_damage(const blip_search *s) {
+  static unsigned said;
+  unsigned d = s ? blip_search_damage(s) & ~said : 0;
+  if (d & BLIP_DAMAGE_CACHE)
+    fprintf(stderr, "blip-query: vectors.faiss is damaged: searching the vectors in index.sqlite instead (slower); "
+                    "run blip-index --repair\n");
+  if (d & BLIP_DAMAGE_TOKENS)
+    fprintf(stderr, "blip-query: tokens.bin: token records missing or damaged: recomputing them from the photos "
+                    "(slower); run blip-index --repair\n");
+  said |= d;
 }
 
 /* Texts of a --texts-file, one a line (empty lines skipped); appended to *v. */
@@ -360,6 +345,7 @@ int main(int argc, char **argv) {
     } else if (blip_search_image(s, pix, &o, &r)) {
       goto fail;
     }
+    say_damage(s);
     if (r.truncated) fprintf(stderr, "blip-query: a text was truncated to %d tokens\n", BLIP_SEARCH_MAX_TOKENS);
     if (r.n) print_hits(&pr, &r, NULL, NULL);
     else say_no_match(&r, &o);
@@ -374,6 +360,7 @@ int main(int argc, char **argv) {
       if (!len) continue;
       int e = blip_search_text(s, line, &o, &r);
       if (e && e != BLIP_EINVAL) goto fail;
+      say_damage(s);
       if (e) blip_out_error("blip-query", blip_err_last()); /* a refused line: the session goes on */
       else say_notes(&r);
       if (!e && !r.n) say_no_match(&r, &o);
@@ -384,6 +371,7 @@ int main(int argc, char **argv) {
     ret = any ? 0 : 1;
   } else {
     if (blip_search_text(s, argv[optind], &o, &r)) goto fail;
+    say_damage(s);
     say_notes(&r);
     if (r.n) print_hits(&pr, &r, NULL, NULL);
     else say_no_match(&r, &o);

@@ -14,7 +14,11 @@ PKGS=(build-essential cmake pkg-config git ca-certificates curl
       libutf8proc-dev libxxhash-dev libjansson-dev libzip-dev libarchive-dev
       clang libclang-rt-14-dev dpkg-dev python3
       python3-pil python3-numpy  # scripts/gen-pil-cases.py: PIL's reference values
-      strace)                    # fault injection in the tests (strace -e inject=)
+      strace                     # fault injection in the tests (strace -e inject=)
+      libmicrohttpd-dev chromium wrk)
+# blip-serve's browser test drives chromium with playwright-core (npm): Debian's
+# node and npm unless some node is installed already
+command -v npm >/dev/null || PKGS+=(nodejs npm)
 PREFIX=${BLIP_DEPS_PREFIX:-/usr/local}
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -34,6 +38,13 @@ for alt in libblas.so.3-x86_64-linux-gnu liblapack.so.3-x86_64-linux-gnu; do
   cand=$(update-alternatives --list "$alt" 2>/dev/null | grep openblas-openmp | head -n1 || true)
   [ -n "$cand" ] && $SUDO update-alternatives --set "$alt" "$cand" >/dev/null
 done
+
+# tests/browser: playwright-core at the version the lockfile pins
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [ ! -f "$root/tests/browser/node_modules/playwright-core/package.json" ] ||
+   [ "$root/tests/browser/package-lock.json" -nt "$root/tests/browser/node_modules" ]; then
+  (cd "$root/tests/browser" && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 if [ -f "$PREFIX/lib/libfaiss_c.a" ]; then
   exit 0

@@ -369,69 +369,141 @@ static int phase_topk(ev *e) {
   return blip_eval_plan_build(e->i2t_top, ni, e->ki, e->t2i_top, nt, e->kt, &e->plan);
 }
 
-/* ---- phase 4: ITM match logits, by caption --------------------------------- */
+/* ---- phase 4: ITM match logits, by image ----------------------------------- */
 
-static int itm_caption(ev *e, int t, float *scratch, const float **ptrs, float *logits) {
-  const size_t tok = (size_t)e->T * e->Dv;
-  int64_t a = e->plan.off[t], z = e->plan.off[t + 1];
-  for (int64_t p = a; p < z; p += ITM_BATCH) {
-    int nb = z - p < ITM_BATCH ? (int)(z - p) : ITM_BATCH;
-    for (int b = 0; b < nb; b++) ptrs[b] = tokens_of(e, e->plan.img[p + b], scratch + b * tok);
-    int rc = blip_model_itm(e->m, e->ids + (size_t)t * MAX_LEN, e->len[t], ptrs, nb, BLIP_ITM_ENC, 1, logits, NULL);
-    if (rc) return rc;
-    for (int b = 0; b < nb; b++) e->match[p + b] = logits[2 * b + 1];
+/* The plan lists pairs by caption; ITM runs them by image so that each image's
+ * cross-attention K/V are projected once (blip_model_itm_kv) for all the
+ * captions scored against it (~2k/ni + k per image), which then run in batches
+ * of equal length (no padding: the same math as the naive per-pair path).
+ * A cache chunk holds the match logits of itm_chunk images, in by-image order. */
+typedef struct {
+  int64_t *off; /* [ni + 1] into pair/txt */
+  int64_t *pair; /* [n_pairs] plan pair index, by image, then by caption length, then caption */
+  int *txt;      /* [n_pairs] its caption */
+} by_image;
+
+static int by_image_build(const ev *e, by_image *bi) {
+  const int ni = e->ann.n_images, nt = e->ann.n_texts;
+  const int64_t np = e->plan.n_pairs;
+  int *order = malloc(((size_t)nt + 1) * sizeof *order), cnt[MAX_LEN + 2] = {0};
+  bi->off = calloc((size_t)ni + 1, sizeof *bi->off);
+  bi->pair = malloc(((size_t)np + 1) * sizeof *bi->pair);
+  bi->txt = malloc(((size_t)np + 1) * sizeof *bi->txt);
+  if (!order || !bi->off || !bi->pair || !bi->txt) {
+    free(order);
+    return blip_err_set(BLIP_ENOMEM, "out of memory");
   }
+  for (int t = 0; t < nt; t++) cnt[e->len[t] + 1]++; /* captions by length, stable */
+  for (int l = 1; l <= MAX_LEN + 1; l++) cnt[l] += cnt[l - 1];
+  for (int t = 0; t < nt; t++) order[cnt[e->len[t]]++] = t;
+  for (int64_t p = 0; p < np; p++) bi->off[e->plan.img[p] + 1]++;
+  for (int i = 0; i < ni; i++) bi->off[i + 1] += bi->off[i];
+  int64_t *pos = malloc(((size_t)ni + 1) * sizeof *pos);
+  if (!pos) {
+    free(order);
+    return blip_err_set(BLIP_ENOMEM, "out of memory");
+  }
+  memcpy(pos, bi->off, (size_t)ni * sizeof *pos);
+  for (int j = 0; j < nt; j++) {
+    int t = order[j];
+    for (int64_t p = e->plan.off[t]; p < e->plan.off[t + 1]; p++) {
+      int64_t q = pos[e->plan.img[p]]++;
+      bi->pair[q] = p, bi->txt[q] = t;
+    }
+  }
+  free(pos);
+  free(order);
   return BLIP_OK;
 }
 
+/* All the planned pairs of image i: project its K/V, then the captions in
+ * runs of one length, ITM_BATCH at a time. */
+static int itm_image(ev *e, const by_image *bi, int i, float *tokscr, float *kv, int32_t *ids, float *logits) {
+  int64_t a = bi->off[i], z = bi->off[i + 1];
+  if (a == z) return BLIP_OK;
+  int rc = blip_model_itm_kv(e->m, tokens_of(e, i, tokscr), kv);
+  for (int64_t p = a; p < z && !rc;) {
+    int len = e->len[bi->txt[p]], nb = 0;
+    while (p + nb < z && nb < ITM_BATCH && e->len[bi->txt[p + nb]] == len) {
+      memcpy(ids + (size_t)nb * len, e->ids + (size_t)bi->txt[p + nb] * MAX_LEN, (size_t)len * sizeof *ids);
+      nb++;
+    }
+    if ((rc = blip_model_itm_captions(e->m, ids, len, nb, kv, BLIP_ITM_ENC, logits))) break;
+    for (int b = 0; b < nb; b++) e->match[bi->pair[p + b]] = logits[2 * b + 1];
+    p += nb;
+  }
+  return rc;
+}
+
 static int phase_itm(ev *e) {
-  const int nt = e->ann.n_texts;
+  const int ni = e->ann.n_images, nt = e->ann.n_texts;
   const size_t tok = (size_t)e->T * e->Dv;
   int rc = BLIP_OK;
-  float *scratch = malloc(ITM_BATCH * tok * sizeof *scratch), logits[2 * ITM_BATCH];
-  const float *ptrs[ITM_BATCH];
+  by_image bi = {0};
+  float *tokscr = malloc(tok * sizeof *tokscr), *kv = malloc(blip_model_itm_kv_floats(e->m) * sizeof *kv);
+  float logits[2 * ITM_BATCH], *chunk = NULL;
+  int32_t *ids = malloc((size_t)ITM_BATCH * MAX_LEN * sizeof *ids);
   e->match = malloc(((size_t)e->plan.n_pairs + 1) * sizeof *e->match);
-  if (!scratch || !e->match) {
-    free(scratch);
-    return blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (!tokscr || !kv || !ids || !e->match) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto done;
   }
+  if ((rc = by_image_build(e, &bi))) goto done;
   double t0 = now();
   long fresh = 0;
-  for (int s = 0; s < nt && !rc; s += e->o.itm_chunk) {
-    int n = nt - s < e->o.itm_chunk ? nt - s : e->o.itm_chunk, idx = s / e->o.itm_chunk;
-    int64_t a = e->plan.off[s], z = e->plan.off[s + n];
-    uint64_t h = hash_str("itm", e->img_all); /* plan entries index this image list */
-    for (int t = s; t < s + n; t++) h = hash_str(e->ann.text[t], h);
-    h = XXH64(e->plan.img + a, (size_t)(z - a) * sizeof *e->plan.img, h);
-    for (int t = s; t <= s + n; t++) {
-      int64_t rel = e->plan.off[t] - a;
+  uint64_t h0 = hash_str("itm-by-image", e->img_all); /* pairs index this image list and these captions */
+  for (int t = 0; t < nt; t++) h0 = hash_str(e->ann.text[t], h0);
+  for (int s = 0; s < ni && !rc; s += e->o.itm_chunk) {
+    int n = ni - s < e->o.itm_chunk ? ni - s : e->o.itm_chunk, idx = s / e->o.itm_chunk;
+    int64_t a = bi.off[s], z = bi.off[s + n];
+    uint64_t h = XXH64(bi.txt + a, (size_t)(z - a) * sizeof *bi.txt, h0);
+    for (int i = s; i <= s + n; i++) {
+      int64_t rel = bi.off[i] - a;
       h = XXH64(&rel, sizeof rel, h);
     }
     char key[17];
     hex16(h, key);
     int64_t shape[1] = {z - a};
     blip_st *st = cache_open(e, "itm", idx, key);
-    const void *cm = tensor_of(st, "match", BLIP_DT_F32, 1, shape);
+    const unsigned char *cm = tensor_of(st, "match", BLIP_DT_F32, 1, shape);
     if (cm) {
-      memcpy(e->match + a, cm, (size_t)(z - a) * sizeof *e->match);
+      for (int64_t j = a; j < z; j++) {
+        float v;
+        memcpy(&v, cm + (size_t)(j - a) * sizeof v, sizeof v);
+        e->match[bi.pair[j]] = v;
+      }
       e->cached_itm++;
     }
     blip_st_close(st);
     if (cm) continue;
-    for (int t = s; t < s + n && !rc; t++) {
-      rc = itm_caption(e, t, scratch, ptrs, logits);
+    for (int i = s; i < s + n && !rc; i++) {
+      rc = itm_image(e, &bi, i, tokscr, kv, ids, logits);
       fresh++;
-      progress("itm", t + 1, nt, fresh, t0);
+      progress("itm", i + 1, ni, fresh, t0);
     }
     if (!rc && e->o.cache) {
       blip_st_writer *w = NULL;
-      if (!(rc = blip_st_writer_new(&w)) && !(rc = blip_st_writer_add(w, "match", BLIP_DT_F32, 1, shape, e->match + a)))
+      float *tmp = realloc(chunk, ((size_t)(z - a) + 1) * sizeof *chunk);
+      if (!tmp) {
+        rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+        break;
+      }
+      chunk = tmp;
+      for (int64_t j = a; j < z; j++) chunk[j - a] = e->match[bi.pair[j]];
+      if (!(rc = blip_st_writer_new(&w)) && !(rc = blip_st_writer_add(w, "match", BLIP_DT_F32, 1, shape, chunk)))
         rc = chunk_save(e, w, "itm", idx, key);
       else blip_st_writer_free(w);
     }
   }
-  free(scratch);
   e->sec_itm = now() - t0;
+done:
+  free(tokscr);
+  free(kv);
+  free(ids);
+  free(chunk);
+  free(bi.off);
+  free(bi.pair);
+  free(bi.txt);
   return rc;
 }
 

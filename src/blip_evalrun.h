@@ -18,7 +18,7 @@ typedef struct {
   int itc_only, limit, f16;         /* skip ITM; first N images only; f16 vision tokens in the cache */
   blip_prec precision;
   /* Cache chunk sizes: images (32 = 57 MB of f32 tokens at base), captions
-   * per text chunk, captions per ITM chunk. */
+   * per text chunk, images per ITM chunk. */
   int img_chunk, txt_chunk, itm_chunk;
   /* Called after each batch of a phase ("text", "images", "itm"); fresh counts the
    * items computed in this run (not read from the cache). May be NULL. */

@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -286,9 +287,34 @@ static void *decoder(void *arg) {
   }
 }
 
+/* Repair mode: rewrite the token records of the batch's rows from the
+ * tokens just computed (embeds, packed decoded-first). A file that cannot be
+ * decoded, or whose content is no longer the row's, gives up its record. */
+static int repair_batch(blip_store *st, slot *b, size_t per, float *embeds, blip_index_counts *c) {
+  int64_t ids[MAXB];
+  uint64_t fps[MAXB];
+  int n = 0, k = 0, rc = BLIP_OK;
+  for (int i = 0; i < b->n && !rc; i++) {
+    const blip_index_item *it = b->it[i];
+    int ok = !b->err[i][0];
+    if (ok && b->fp[i] == it->fingerprint) {
+      if (n != k) memmove(embeds + n * per, embeds + k * per, per * sizeof *embeds);
+      ids[n] = it->replace;
+      fps[n++] = it->fingerprint;
+    } else {
+      rc = blip_store_drop_tokens(st, it->replace);
+      c->unrepaired++;
+    }
+    k += ok;
+  }
+  if (!rc && n) rc = blip_store_put_tokens(st, n, ids, fps, embeds);
+  if (!rc) c->repaired += n;
+  return rc;
+}
+
 /* Model + commit for one decoded batch. */
-static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, float *feats, float *embeds,
-                     blip_index_counts *c) {
+static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, int repair, float *feats,
+                     float *embeds, blip_index_counts *c) {
   blip_store_row rows[MAXB];
   int64_t rep[MAXB];
   int nok = 0, r = 0, rc;
@@ -300,6 +326,8 @@ static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, 
       nok++;
     }
   if (nok && (rc = blip_model_vision(m, b->pix, nok, tokens ? embeds : NULL, feats))) return rc;
+  c->embedded += nok;
+  if (repair) return repair_batch(st, b, (size_t)blip_model_cfg(m)->v_tokens * blip_model_cfg(m)->v_hidden, embeds, c);
   for (int pass = 0; pass < 2; pass++)
     for (int i = 0; i < b->n; i++) {
       if ((pass == 0) != (b->err[i][0] == 0)) continue;
@@ -318,6 +346,31 @@ static int run_batch(blip_model *m, blip_store *st, slot *b, int S, int tokens, 
   return BLIP_OK;
 }
 
+int blip_index_repair_tokens(blip_model *m, blip_store *st, const blip_index_opts *opts, blip_index_counts *counts) {
+  int64_t *ids = NULL, n = 0;
+  int rc = blip_store_tokens_lost(st, &ids, &n);
+  blip_index_item *it = n ? calloc((size_t)n, sizeof *it) : NULL;
+  char *paths = n ? malloc((size_t)n * PATH_MAX) : NULL;
+  if (!rc && n && (!it || !paths)) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  for (int64_t i = 0; !rc && i < n; i++) {
+    char *p = paths + (size_t)i * PATH_MAX;
+    uint64_t fp = 0;
+    struct stat sb;
+    if ((rc = blip_store_get(st, ids[i], NULL, p, PATH_MAX)) || (rc = blip_store_row_fingerprint(st, ids[i], &fp))) break;
+    /* the decoder fingerprints the file again: a record is rewritten only from the row's content */
+    it[i] = (blip_index_item){p, stat(p, &sb) == 0 ? sb.st_size : 0, 0, fp, 0, ids[i]};
+  }
+  if (!rc && n) {
+    blip_index_opts o = *opts;
+    o.repair = 1;
+    rc = blip_index_embed(m, st, it, n, &o, counts);
+  }
+  free(ids);
+  free(it);
+  free(paths);
+  return rc;
+}
+
 int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items, int64_t n,
                      const blip_index_opts *opts, blip_index_counts *counts) {
   if (n <= 0) return BLIP_OK;
@@ -326,6 +379,7 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
   pthread_t hb;
   if (B < 1 || B > MAXB || opts->threads < 1) return blip_err_set(BLIP_EINVAL, "batch must be 1..%d, threads >= 1", MAXB);
   int tokens = opts->tokens && blip_store_tokens_fmt(st) != BLIP_TOKENS_NONE;
+  if (opts->repair && !tokens) return blip_err_set(BLIP_EINVAL, "token repair needs a rerank store");
   pipeline p;
   memset(&p, 0, sizeof p);
   pthread_mutex_init(&p.mu, NULL);
@@ -370,7 +424,7 @@ int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items
     pthread_mutex_unlock(&p.mu);
     counts->decode_wait_s += now_s() - tw;
     if (!have) break;
-    if ((rc = run_batch(m, st, b, S, tokens, feats, embeds, counts))) break;
+    if ((rc = run_batch(m, st, b, S, tokens, opts->repair, feats, embeds, counts))) break;
     committed += b->n;
     pthread_mutex_lock(&p.mu);
     b->ready = 0;

@@ -30,7 +30,7 @@ typedef struct {
   int64_t size, mtime_ns;
   uint64_t fingerprint; /* from the classification, for a file that cannot even be read now */
   int has_fingerprint;
-  int64_t replace; /* id of the row this file supersedes (changed file), or 0 */
+  int64_t replace; /* id of the row this file supersedes (changed file), or 0; repair: the row to repair */
 } blip_index_item;
 
 typedef struct {
@@ -45,10 +45,14 @@ typedef struct {
   double time_budget_s; /* per image decode budget (0: blip_img's default, 60 s) */
   int64_t memory_cap;   /* per decoder process (0: blip_decode's default) */
   const char *journal;  /* attempts journal (the index's "decoding" file), or NULL: see blip_index.c */
+  int repair; /* the items are rows whose token records are lost (blip_store_tokens_lost): recompute and
+                 rewrite those records only, for files whose fingerprint is still the row's (has_fingerprint 0) */
 } blip_index_opts;
 
 typedef struct {
   int64_t added, updated, failed;
+  int64_t embedded;              /* images run through the vision model */
+  int64_t repaired, unrepaired;  /* repair: records rewritten; rows given up (file unreadable or changed) */
   double decode_wait_s; /* time the model spent waiting for decoded batches */
 } blip_index_counts;
 
@@ -56,5 +60,10 @@ typedef struct {
  * on error or stop. */
 int blip_index_embed(blip_model *m, blip_store *st, const blip_index_item *items, int64_t n,
                      const blip_index_opts *opts, blip_index_counts *counts);
+
+/* Recompute the token records the store lost (blip_store_tokens_lost), from
+ * the photos, with model work for those only; opts as for embed (repair is
+ * implied). counts.repaired / unrepaired say what became of them. */
+int blip_index_repair_tokens(blip_model *m, blip_store *st, const blip_index_opts *opts, blip_index_counts *counts);
 
 #endif

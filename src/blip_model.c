@@ -713,7 +713,7 @@ static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int row
  * mask_add [rows*L] or NULL. images NULL = unimodal; else images[r] is the
  * [T, Dx] token matrix that row r cross-attends to. */
 static int text_encode(blip_model *m, float *x, int rows, int L, const float *mask_add, const float *const *images,
-                       const uint16_t *const *images16, int fast, float *buf) {
+                       const uint16_t *const *images16, int fast, const float *kvpre, float *buf) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden, H = c->t_heads, dh = D / H, M = rows * L, T = c->v_tokens, Dx = c->t_enc_hidden;
   float *q = buf, *att = q + (size_t)M * 3 * D; /* q: [M, 3D] self-attention q|k|v, then [M, D] cross queries */
@@ -729,7 +729,13 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
     }
     TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
     blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
-    if (images) {
+    if (kvpre) { /* every row attends to one image whose K/V are projected: all M queries at once */
+      const float *ik = kvpre + (size_t)l * 2 * T * D, *iv = ik + (size_t)T * D;
+      TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
+      TRY(blip_k_attention(att, D, q, D, ik, D, iv, D, M, T, H, dh, scale, NULL, &m->ws));
+      TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
+      blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
+    } else if (images) {
       TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
       if (fast) TRY(cross_attn_reassoc(m, att, q, rows, L, images, images16, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
       for (int r = 0; r < rows && !fast; r++) {
@@ -778,7 +784,7 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
   float *x = a, *madd = x + M * D, *buf = madd + M;
   for (size_t i = 0; i < M; i++) madd[i] = mask && !mask[i] ? -10000.0f : 0.0f;
   text_embed(m, x, ids, n, L, 0);
-  TRY(text_encode(m, x, n, L, madd, NULL, NULL, 0, buf));
+  TRY(text_encode(m, x, n, L, madd, NULL, NULL, 0, NULL, buf));
   if (embeds) memcpy(embeds, x, M * D * sizeof(float));
   if (feat) {
     for (int b = 0; b < n; b++) TRY(blip_k_linear_fwd(feat + (size_t)b * c->embed_dim, x + (size_t)b * L * D, &m->text_proj, 1));
@@ -821,7 +827,7 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
   tid[0] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
   text_embed(m, x, tid, 1, len, 0);
   for (int i = 1; i < k; i++) memcpy(x + (size_t)i * len * D, x, (size_t)len * D * sizeof(float));
-  TRY(text_encode(m, x, k, len, NULL, images, im16, fast, buf));
+  TRY(text_encode(m, x, k, len, NULL, images, im16, fast, NULL, buf));
   for (int i = 0; i < k; i++) {
     const float *xi = x + (size_t)i * len * D;
     TRY(blip_k_linear_fwd(logits + 2 * i, xi, &m->itm_head, 1));
@@ -830,6 +836,47 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
 done:
   free(tid);
   free(im16);
+  return rc;
+}
+
+size_t blip_model_itm_kv_floats(const blip_model *m) {
+  return (size_t)m->cfg.t_layers * 2 * m->cfg.v_tokens * m->cfg.t_hidden;
+}
+
+int blip_model_itm_kv(blip_model *m, const float *image, float *kv) {
+  const blip_cfg *c = &m->cfg;
+  const size_t TD = (size_t)c->v_tokens * c->t_hidden;
+  int rc = check_retrieval(m);
+  for (int l = 0; l < c->t_layers && !rc; l++) {
+    rc = blip_k_linear_fwd(kv + (size_t)l * 2 * TD, image, &m->tl[l].ck, c->v_tokens);
+    if (!rc) rc = blip_k_linear_fwd(kv + (size_t)l * 2 * TD + TD, image, &m->tl[l].cv, c->v_tokens);
+  }
+  return rc;
+}
+
+int blip_model_itm_captions(blip_model *m, const int32_t *ids, int len, int n, const float *kv, blip_itm_first first,
+                            float *logits) {
+  const blip_cfg *c = &m->cfg;
+  const int D = c->t_hidden;
+  int rc = check_retrieval(m);
+  if (!rc) rc = check_ids(m, ids, (long)n * len, len);
+  if (rc) return rc;
+  if (n <= 0) return blip_err_set(BLIP_EINVAL, "itm: %d captions", n);
+  const size_t M = (size_t)n * len;
+  float *a = arena(m, M * D + text_scratch(c, n, len, 0));
+  int32_t *tid = malloc(M * sizeof *tid);
+  if (!a || !tid) {
+    free(tid);
+    return blip_err_set(BLIP_ENOMEM, "itm: out of memory");
+  }
+  float *x = a, *buf = x + M * D;
+  memcpy(tid, ids, M * sizeof *tid);
+  for (int i = 0; i < n; i++) tid[(size_t)i * len] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
+  text_embed(m, x, tid, n, len, 0);
+  TRY(text_encode(m, x, n, len, NULL, NULL, NULL, 0, kv, buf));
+  for (int i = 0; i < n; i++) TRY(blip_k_linear_fwd(logits + 2 * i, x + (size_t)i * len * D, &m->itm_head, 1));
+done:
+  free(tid);
   return rc;
 }
 

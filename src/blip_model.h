@@ -17,6 +17,7 @@
 #ifndef BLIP_MODEL_H
 #define BLIP_MODEL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "blip_cfg.h"
@@ -67,6 +68,17 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
  * fast != 0 uses the reassociated cross-attention (no image K/V projection). */
 int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *const *images, int k,
                    blip_itm_first first, int fast, float *logits, float *cls);
+
+/* ITM with an image's cross-attention K/V projected once for all the captions
+ * scored against it (the naive path's math, without the per-pair projection).
+ * kv: blip_model_itm_kv_floats(m) floats = [t_layers, 2, T, Dt]; blip_model_itm_kv
+ * fills it from one image's embeds [T, Dv]. blip_model_itm_captions scores n
+ * captions of len tokens each (ids [n, len], as blip_model_itm's) against it:
+ * logits [n, 2]. */
+size_t blip_model_itm_kv_floats(const blip_model *m);
+int blip_model_itm_kv(blip_model *m, const float *image, float *kv);
+int blip_model_itm_captions(blip_model *m, const int32_t *ids, int len, int n, const float *kv, blip_itm_first first,
+                            float *logits);
 
 /* ---- Captioner (BlipForConditionalGeneration; cfg.captioner = 1) ----
  * The BERT decoder (causal self-attention, cross-attention to the image

@@ -6,7 +6,7 @@
  *   real tokens only), so the text layers run once over a [K, len] batch
  *   (K > 64 goes in calls of 64, which bounds the vision-token buffer).
  * - Vision tokens come from the rerank store; a candidate without a record
- *   (index built with --no-rerank-store, or a failed record) is decoded from
+ *   (index built with --no-rerank-store, or a lost or damaged record) is decoded from
  *   its file with the indexer's preprocessing and run through the vision
  *   encoder. A candidate whose tokens cannot be had at all is dropped and
  *   counted (res->dropped), never given a made-up score.
@@ -23,6 +23,7 @@
 #include "blip_search.h"
 
 #include <ctype.h>
+#include <jansson.h>
 #include <limits.h>
 #include <math.h>
 #include <sqlite3.h>
@@ -38,6 +39,7 @@
 #include "blip_decode.h"
 #include "blip_err.h"
 #include "blip_img.h"
+#include "blip_out.h"
 #include "blip_store.h"
 
 #define MAX_EXTS 16
@@ -135,6 +137,8 @@ int blip_search_refresh(blip_search *s, int *reopened) {
 const char *blip_search_meta(const blip_search *s, const char *key) { return blip_store_meta(s->st, key); }
 
 int64_t blip_search_count(blip_search *s) { return blip_store_count(s->st); }
+
+unsigned blip_search_damage(const blip_search *s) { return blip_store_damage(s->st); }
 
 int blip_search_attach(blip_search *s, blip_model *m) {
   const blip_cfg *c = blip_model_cfg(m);
@@ -415,8 +419,9 @@ static int fill_meta(blip_search *s, blip_search_hit *hits, int *n, int want, in
   return rc;
 }
 
-/* Vision tokens of hit h into out [T,Dv]: rerank store, else recomputed from
- * the file. BLIP_ENOTFOUND only when the image left the index meanwhile. */
+/* Vision tokens of hit h into out [T,Dv]: rerank store, else (no record, or a
+ * missing or damaged one) recomputed from the file. BLIP_ENOTFOUND only when
+ * the image left the index meanwhile. */
 static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out) {
   int rc = blip_store_tokens(s->st, h->id, out);
   if (rc == BLIP_OK || rc == BLIP_ENOMEM || rc == BLIP_EDB) return rc;
@@ -425,7 +430,7 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
   if (!m) m = hit_meta(s, q, h); /* the row first: a deleted image's record may be a hole */
   sqlite3_finalize(q);
   if (m) return m;
-  if (rc == BLIP_ENOTFOUND && !(rc = blip_img_init())) {
+  if ((rc == BLIP_ENOTFOUND || rc == BLIP_EFORMAT) && !(rc = blip_img_init())) {
     blip_img_opts io; /* the indexer's preprocessing */
     blip_img_opts_default(&io);
     io.size = s->S;
@@ -573,6 +578,39 @@ static int has_word(const char *text) {
   return 0;
 }
 
+int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
+                           float *feat) {
+  const int T = BLIP_SEARCH_MAX_TOKENS;
+  int L = 0, rc = BLIP_OK;
+  for (int i = 0; i < n && !rc; i++) {
+    rc = blip_search_prepare_text(m, queries[i], ids + (size_t)i * T, &len[i], &truncated[i]);
+    if (!rc && (len[i] <= 2 || !has_word(queries[i])))
+      rc = blip_err_set(BLIP_EINVAL, "the query has no words to search for (it is empty, or only punctuation)");
+    if (!rc && len[i] > L) L = len[i];
+  }
+  if (rc || n == 0) return rc;
+  int32_t *pid = malloc((size_t)n * L * sizeof *pid), *mask = malloc((size_t)n * L * sizeof *mask);
+  if (!pid || !mask) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  for (int i = 0; !rc && i < n; i++)
+    for (int t = 0; t < L; t++) {
+      pid[(size_t)i * L + t] = t < len[i] ? ids[(size_t)i * T + t] : 0;
+      mask[(size_t)i * L + t] = t < len[i];
+    }
+  if (!rc) rc = blip_model_text(m, pid, mask, n, L, NULL, feat);
+  free(pid);
+  free(mask);
+  return rc;
+}
+
+int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
+                              const blip_search_opts *o, blip_search_result *res) {
+  memset(res, 0, sizeof *res);
+  int rc = blip_search_refresh(s, NULL);
+  if (!rc) rc = search_feat(s, feat, ids, len, o, res);
+  res->truncated = truncated;
+  return rc;
+}
+
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res) {
   int32_t ids[BLIP_SEARCH_MAX_TOKENS];
   int len = 0, trunc = 0, rc;
@@ -581,10 +619,8 @@ int blip_search_text(blip_search *s, const char *query, const blip_search_opts *
   if ((rc = blip_search_refresh(s, NULL))) return rc;
   float *feat = malloc((size_t)s->E * sizeof *feat);
   if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  if (!(rc = blip_search_prepare_text(s->m, query, ids, &len, &trunc)) && (len <= 2 || !has_word(query)))
-    rc = blip_err_set(BLIP_EINVAL, "the query has no words to search for (it is empty, or only punctuation)");
-  if (!rc && !(rc = blip_search_text_feat(s->m, ids, len, feat)))
-    rc = search_feat(s, feat, ids, len, o, res);
+  if (!(rc = blip_search_text_feats(s->m, &query, 1, ids, &len, &trunc, feat)))
+    rc = blip_search_text_prepared(s, ids, len, trunc, feat, o, res);
   res->truncated = trunc;
   free(feat);
   return rc;
@@ -601,6 +637,38 @@ int blip_search_image(blip_search *s, const float *pixels, const blip_search_opt
   if (!rc) rc = search_feat(s, feat, NULL, 0, o, res);
   free(feat);
   return rc;
+}
+
+void *blip_search_hit_json(const blip_search_hit *h, int rank, const char *text) {
+  json_t *o = json_object();
+  if (!o) return NULL;
+  json_object_set_new(o, "rank", json_integer(rank));
+  if (text) {
+    json_object_set_new(o, "index", json_integer(h->id));
+    blip_out_json_name(o, "text", text);
+  } else {
+    char mt[20];
+    time_t t = (time_t)(h->mtime_ns / 1000000000);
+    struct tm tm;
+    localtime_r(&t, &tm);
+    strftime(mt, sizeof mt, "%Y-%m-%dT%H:%M:%S", &tm);
+    json_object_set_new(o, "id", json_integer(h->id));
+    blip_out_json_name(o, "path", h->path);
+    json_object_set_new(o, "taken_at", h->taken_at[0] ? blip_out_json_text(h->taken_at) : json_null());
+    json_object_set_new(o, "mtime", json_string(mt));
+    json_object_set_new(o, "caption", h->caption ? blip_out_json_text(h->caption) : json_null());
+  }
+  json_object_set_new(o, "score", blip_out_json_num(h->score));
+  json_object_set_new(o, "itm_prob", blip_out_json_num(h->itm_prob));
+  json_object_set_new(o, "itm_logit", blip_out_json_num(h->itm_logit));
+  json_object_set_new(o, "cosine", blip_out_json_num(h->cosine));
+  return o;
+}
+
+int blip_search_feat(blip_search *s, const float *feat, const blip_search_opts *o, blip_search_result *res) {
+  memset(res, 0, sizeof *res);
+  int rc = blip_search_refresh(s, NULL);
+  return rc ? rc : search_feat(s, feat, NULL, 0, o, res);
 }
 
 int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat, const char *const *texts, int n,

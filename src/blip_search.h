@@ -91,6 +91,8 @@ int blip_search_refresh(blip_search *s, int *reopened);
 /* Index meta value ("model", "precision", ...) or NULL. */
 const char *blip_search_meta(const blip_search *s, const char *key);
 int64_t blip_search_count(blip_search *s);
+/* BLIP_DAMAGE_* bits (blip_store.h): damaged derived data the queries so far worked around. */
+unsigned blip_search_damage(const blip_search *s);
 /* Use model m (borrowed) for queries; BLIP_EMISMATCH when the index was built
  * by other weights or another geometry. */
 int blip_search_attach(blip_search *s, blip_model *m);
@@ -98,8 +100,20 @@ int blip_search_attach(blip_search *s, blip_model *m);
 /* Text -> images. BLIP_EINVAL for a query without a word (empty or only
  * punctuation after pre_caption): its embedding would match at random. */
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res);
+/* The same in two steps, so that a server can batch the text encoder over
+ * concurrent queries: blip_search_text_feats prepares n queries (ids [n,35],
+ * len[n], truncated[n]) and computes their features [n,E] in one encoder
+ * call (rows padded to the longest, masked); blip_search_text_prepared then
+ * searches and reranks one of them exactly as blip_search_text does. */
+int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
+                           float *feat);
+int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
+                              const blip_search_opts *o, blip_search_result *res);
 /* Image -> images by ITC (pixels [3,S,S] preprocessed). */
 int blip_search_image(blip_search *s, const float *pixels, const blip_search_opts *o, blip_search_result *res);
+/* Images by ITC against a feature [E] (L2-normalized by the caller): "more
+ * like this" from a stored feature, clip-retrieval's embedding input. */
+int blip_search_feat(blip_search *s, const float *feat, const blip_search_opts *o, blip_search_result *res);
 void blip_search_result_free(blip_search_result *res);
 
 /* ---- entry points without an index (tests, image -> text) ---- */
@@ -116,6 +130,11 @@ int blip_search_rerank(blip_model *m, const int32_t *ids, int len, const float *
  * The top `rerank` by cosine get ITM (0 = ITC only); hits[].id = text index. */
 int blip_search_rank_texts(blip_model *m, const float *embeds, const float *feat, const char *const *texts, int n,
                            int rerank, blip_search_result *res);
+/* A hit as blip-query --json prints it: {rank, id, path, taken_at, mtime,
+ * score, itm_prob, itm_logit, cosine} (mtime in local time; NANs as null),
+ * or for a ranked text (text != NULL) {rank, index, text, score, ...}.
+ * Returns a new jansson object (json_t *) or NULL. */
+void *blip_search_hit_json(const blip_search_hit *h, int rank, const char *text);
 /* Order hits: reranked ones by score, then the rest by cosine (stable). */
 void blip_search_sort(blip_search_hit *hits, int n);
 

@@ -23,6 +23,16 @@
  *   over SQLite features for small allow sets and over-fetch + filter (exact
  *   fallback) for large ones; every result is checked against the allow set,
  *   so nothing outside it can leak.
+ * - Damage. Readers never trust damaged derived data: a vectors.faiss that
+ *   fails its checksum is replaced by SQLite's vectors in memory, a token
+ *   record that is missing or fails its tag or checksum (tok_sum) is reported
+ *   as such, and the caller recomputes it from the file. The writer repairs:
+ *   at open it marks rows whose records tokens.bin no longer holds
+ *   (has_tokens = 2, a cheap size test; after a damaged header, every record
+ *   is checked), flush rewrites a damaged
+ *   cache, and the indexer recomputes the marked records (put_tokens) with
+ *   model work for those photos only. A full scan of every record is
+ *   tokens_scan(full), run by --check and --repair.
  * - Schema migrations are embedded below (text identical to schema/NNN_*.sql,
  *   checked by tests/test_store.c) and applied at open in one transaction,
  *   versioned by PRAGMA user_version. */
@@ -105,6 +115,14 @@ static const char *const SCHEMA[] = {
     "  INSERT INTO captions_fts(captions_fts, rowid, caption) SELECT 'delete', old.id, old.caption WHERE old.caption IS NOT NULL;\n"
     "  INSERT INTO captions_fts(rowid, caption) SELECT new.id, new.caption WHERE new.caption IS NOT NULL;\n"
     "END;\n",
+    /* schema/004_token_checksums.sql */
+    "-- 004_token_checksums: a checksum for each token record, so that garbage in\n"
+    "-- tokens.bin is told from data.\n"
+    "-- tok_sum is the XXH3-64 of the row's record (tag + payload) as written; NULL\n"
+    "-- for records written before this version, until the writer has read them once.\n"
+    "-- has_tokens = 2: the record was found missing or damaged; queries recompute\n"
+    "-- the tokens from the file, and the next blip-index run rewrites the record.\n"
+    "ALTER TABLE images ADD COLUMN tok_sum INTEGER;\n",
 };
 #define NSCHEMA ((int)(sizeof SCHEMA / sizeof SCHEMA[0]))
 
@@ -133,6 +151,7 @@ struct blip_store {
   int immutable;      /* reader without a WAL index: reads the file as immutable */
   int64_t ivf_min;    /* vectors from which the writer builds IVF */
   sqlite3_stmt *q_path, *q_size; /* per-file scan lookups, prepared once */
+  unsigned damage;    /* BLIP_DAMAGE_* met so far */
   uint8_t *seen;      /* scan: seen[id] */
   int64_t seen_cap;
 };
@@ -159,6 +178,9 @@ static int db_err(blip_store *st, const char *what) {
   if ((ec & 0xff) == SQLITE_IOERR)
     return blip_err_set(BLIP_EIO, "I/O error while %s the index at %s (%s): %s%s%s", doing, st->dir, what,
                         sqlite3_errmsg(st->db), se ? ": " : "", se ? strerror(se) : "");
+  if ((ec & 0xff) == SQLITE_CORRUPT)
+    return blip_err_set(BLIP_EDB, "%s: %s/index.sqlite: %s (blip-index --check tells what; blip-index --repair "
+                                  "rebuilds it from its readable rows)", what, st->dir, sqlite3_errmsg(st->db));
   return blip_err_set(BLIP_EDB, "%s: %s/index.sqlite: %s", what, st->dir, sqlite3_errmsg(st->db));
 }
 
@@ -263,15 +285,20 @@ done:
 static int fx_current(blip_store *st) {
   int64_t gen = db_generation(st);
   if (blip_vcache_gen(st->vc) == gen) return BLIP_OK;
-  if (blip_vcache_load(st->vc, gen) == BLIP_OK) return BLIP_OK;
+  int rc = blip_vcache_load(st->vc, gen);
+  if (rc == BLIP_OK) return BLIP_OK;
+  if (rc == BLIP_EFORMAT) st->damage |= BLIP_DAMAGE_CACHE;
   return fx_rebuild(st, st->write); /* readers never train: exact flat */
 }
 
 int blip_store_flush(blip_store *st) {
   if (!st->write) return BLIP_OK;
-  /* untouched and fresh */
-  if (blip_vcache_gen(st->vc) < 0 && blip_vcache_file_gen(st->vc) == db_generation(st)) return BLIP_OK;
-  int rc = fx_current(st);
+  int rc;
+  if (blip_vcache_gen(st->vc) < 0) { /* untouched: keep the file if it is fresh and sound */
+    if ((rc = blip_vcache_check_file(st->vc, db_generation(st))) == BLIP_OK) return BLIP_OK;
+    if (rc == BLIP_EFORMAT) st->damage |= BLIP_DAMAGE_CACHE; /* else stale, absent or unreadable: rewritten too */
+  }
+  rc = fx_current(st);
   if (!rc && blip_vcache_stale_kind(st->vc)) rc = fx_rebuild(st, 1);
   return rc ? rc : blip_vcache_save(st->vc);
 }
@@ -368,6 +395,7 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
     for (int i = 0; i < NMETA - 1 && !rc; i++) rc = set_meta(st, META_KEYS[i], v[i] ? v[i] : "");
     if (!rc) rc = set_meta(st, "tokens", TOK_NAMES[want_tok]);
     if (!rc) rc = set_meta(st, "generation", "0");
+    if (!rc) rc = set_meta(st, "tok_sums", "all"); /* every record gets its checksum as it is written */
     if (!rc) rc = set_meta(st, "created_at", ts);
     if (rc) {
       sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
@@ -397,14 +425,14 @@ static int check_identity(blip_store *st, const blip_store_identity *id, blip_to
   return BLIP_OK;
 }
 
-/* Temp files of a flush that a crash interrupted (only the lock holder writes them). */
+/* Temp files of a flush or a database repair that a crash interrupted (only the lock holder writes them). */
 static void remove_stale_tmp(const char *dir) {
   DIR *d = opendir(dir);
   struct dirent *e;
   char p[4096];
   if (!d) return;
   while ((e = readdir(d)))
-    if (strncmp(e->d_name, "vectors.faiss.tmp.", 18) == 0) {
+    if (strncmp(e->d_name, "vectors.faiss.tmp.", 18) == 0 || strncmp(e->d_name, "index.sqlite.repair", 19) == 0) {
       snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
       unlink(p);
     }
@@ -430,6 +458,19 @@ int blip_store_default_dir(char *buf, size_t cap) {
   else if ((e = getenv("HOME")) && *e) n = snprintf(buf, cap, "%s/.local/share/blipsearch", e);
   else return blip_err_set(BLIP_ENOTFOUND, "no index location: pass --db DIR or set BLIPSEARCH_DB");
   return n >= 0 && (size_t)n < cap ? BLIP_OK : blip_err_set(BLIP_EINVAL, "index path too long");
+}
+
+/* Writer: rows whose records lie past the end of tokens.bin (deleted,
+ * truncated, or started afresh for a damaged header) are marked lost. */
+static int mark_lost_records(blip_store *st) {
+  sqlite3_stmt *s = NULL;
+  int rc = prep(st, "UPDATE images SET has_tokens=2 WHERE has_tokens=1 AND id>=?", &s);
+  if (rc) return rc;
+  sqlite3_bind_int64(s, 1, blip_tokstore_slots(st->tok));
+  if (sqlite3_step(s) != SQLITE_DONE) rc = db_err(st, "mark lost token records");
+  else if (sqlite3_changes(st->db)) st->damage |= BLIP_DAMAGE_TOKENS;
+  sqlite3_finalize(s);
+  return rc;
 }
 
 /* Reader: reading a WAL database needs its WAL index (index.sqlite-shm).
@@ -525,6 +566,10 @@ int blip_store_open(const char *dir, const blip_store_identity *id, const blip_s
   /* drop records past the highest id ever committed (leftovers of a crash) */
   if (o.write && (rc = blip_tokstore_truncate(st->tok, db_int(st, "SELECT seq FROM sqlite_sequence WHERE name='images'", 0))))
     goto fail;
+  if (o.write && blip_tokstore_present(st->tok) && (rc = mark_lost_records(st))) goto fail;
+  if (blip_tokstore_damaged(st->tok)) st->damage |= BLIP_DAMAGE_TOKENS;
+  int64_t marked; /* a damaged header: keep the records that still pass their tag and checksum */
+  if (o.write && blip_tokstore_damaged(st->tok) && (rc = blip_store_tokens_scan(st, 1, &marked))) goto fail;
   free(p);
   st->ready = 1;
   *out = st;
@@ -798,10 +843,24 @@ static int bump_generation(blip_store *st) {
   return exec(st, "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'");
 }
 
+/* Row id's record checksum, and its state: 1 record written, 2 lost, 0 none. */
+static int set_tokens(blip_store *st, sqlite3_stmt **s, int64_t id, int has, const uint64_t *sum) {
+  int rc = *s ? BLIP_OK : prep(st, "UPDATE images SET has_tokens=?, tok_sum=? WHERE id=?", s);
+  if (rc) return rc;
+  sqlite3_reset(*s);
+  sqlite3_bind_int(*s, 1, has);
+  if (sum) sqlite3_bind_int64(*s, 2, (int64_t)*sum);
+  else sqlite3_bind_null(*s, 2);
+  sqlite3_bind_int64(*s, 3, id);
+  return sqlite3_step(*s) == SQLITE_DONE ? BLIP_OK : db_err(st, "update token record");
+}
+
+static int set_sum(blip_store *st, sqlite3_stmt **s, int64_t id, uint64_t sum) { return set_tokens(st, s, id, 1, &sum); }
+
 int blip_store_put(blip_store *st, const blip_store_row *rows, const int64_t *replace, int n, const float *feats,
                    const float *tokens, int64_t *ids_out) {
   if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
-  sqlite3_stmt *ins = NULL, *del = NULL;
+  sqlite3_stmt *ins = NULL, *del = NULL, *sumst = NULL;
   int64_t *ids = calloc((size_t)n + 1, sizeof *ids), *dels = calloc((size_t)n + 1, sizeof *dels), ndel = 0,
           nadd = 0, gen = 0;
   float *addx = malloc(((size_t)n + 1) * st->E * sizeof *addx);
@@ -861,7 +920,10 @@ int blip_store_put(blip_store *st, const blip_store_row *rows, const int64_t *re
     if (!ok) continue;
     memcpy(addx + (size_t)nadd * st->E, feats + (size_t)i * st->E, (size_t)st->E * 4);
     addid[nadd++] = ids[i];
-    if (store_tok && (rc = blip_tokstore_put(st->tok, ids[i], r->fingerprint, tokens + (size_t)i * tsz))) goto done;
+    uint64_t sum;
+    if (store_tok && ((rc = blip_tokstore_put(st->tok, ids[i], r->fingerprint, tokens + (size_t)i * tsz, &sum)) ||
+                      (rc = set_sum(st, &sumst, ids[i], sum))))
+      goto done;
   }
   /* the records must be durable before the rows that point at them */
   if (store_tok && nadd && (rc = blip_tokstore_sync(st->tok))) goto done;
@@ -875,6 +937,7 @@ done:
   if (intx) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
   sqlite3_finalize(ins);
   sqlite3_finalize(del);
+  sqlite3_finalize(sumst);
   free(ids);
   free(dels);
   free(addx);
@@ -1077,17 +1140,47 @@ done:
   return rc ? rc : n;
 }
 
-int blip_store_tokens(blip_store *st, int64_t id, float *out) {
-  if (!blip_tokstore_present(st->tok)) return blip_err_set(BLIP_ENOTFOUND, "%s has no rerank store", st->dir);
-  uint64_t fp = 0;
+/* Row id's record state: has (0 none, 1 written, 2 lost), fingerprint and
+ * checksum (*has_sum = 0 when none is recorded). BLIP_ENOTFOUND: no row. */
+static int tok_row(blip_store *st, int64_t id, int *has, uint64_t *fp, uint64_t *sum, int *has_sum) {
   sqlite3_stmt *s = NULL;
-  int rc = prep(st, "SELECT fingerprint FROM images WHERE id=? AND has_tokens=1", &s);
+  int rc = prep(st, "SELECT has_tokens, fingerprint, tok_sum FROM images WHERE id=?", &s);
   if (rc) return rc;
   sqlite3_bind_int64(s, 1, id);
-  if (sqlite3_step(s) == SQLITE_ROW) fp = (uint64_t)sqlite3_column_int64(s, 0);
-  else rc = blip_err_set(BLIP_ENOTFOUND, "image %lld has no token record", (long long)id);
+  int r = sqlite3_step(s);
+  if (r == SQLITE_ROW) {
+    *has = sqlite3_column_int(s, 0);
+    *fp = (uint64_t)sqlite3_column_int64(s, 1);
+    *has_sum = sqlite3_column_type(s, 2) != SQLITE_NULL;
+    *sum = (uint64_t)sqlite3_column_int64(s, 2);
+  } else {
+    rc = r == SQLITE_DONE ? blip_err_set(BLIP_ENOTFOUND, "no image %lld", (long long)id) : db_err(st, "read image");
+  }
   sqlite3_finalize(s);
-  return rc ? rc : blip_tokstore_get(st->tok, id, fp, out);
+  return rc;
+}
+
+int blip_store_tokens(blip_store *st, int64_t id, float *out) {
+  if (st->tfmt == BLIP_TOKENS_NONE) return blip_err_set(BLIP_ENOTFOUND, "%s has no rerank store", st->dir);
+  int has, has_sum, rc;
+  uint64_t fp, sum;
+  if ((rc = tok_row(st, id, &has, &fp, &sum, &has_sum))) return rc;
+  if (has == 0) return blip_err_set(BLIP_ENOTFOUND, "image %lld has no token record", (long long)id);
+  if (has == 1 && (rc = blip_tokstore_get(st->tok, id, fp, has_sum ? &sum : NULL, out)) == BLIP_OK) return BLIP_OK;
+  if (has == 1) { /* a record deleted with its row since the caller found the row is no damage */
+    char why[300];
+    snprintf(why, sizeof why, "%s", blip_err_last());
+    int has2, hs2;
+    uint64_t fp2, sum2;
+    if (tok_row(st, id, &has2, &fp2, &sum2, &hs2) != BLIP_OK || has2 != 1 || fp2 != fp)
+      return blip_err_set(BLIP_ENOTFOUND, "image %lld left the index", (long long)id);
+    blip_err_set(BLIP_EFORMAT, "%s", why);
+  } else {
+    blip_err_set(BLIP_EFORMAT, "%s: the record of image %lld was lost (awaiting repair)",
+                 blip_tokstore_path(st->tok), (long long)id);
+  }
+  st->damage |= BLIP_DAMAGE_TOKENS;
+  return BLIP_EFORMAT;
 }
 
 int blip_store_get(blip_store *st, int64_t id, float *feat, char *path, size_t cap) {
@@ -1135,72 +1228,316 @@ int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void 
   return rc;
 }
 
-/* ---- verify ---- */
+/* ---- check ---- */
 
-/* Search a chunk of features at once (one FAISS call, not one per row) and
- * check each row is among its own top results. */
-static int verify_chunk(blip_store *st, const float *x, const int64_t *ids, int64_t n, int64_t ntot) {
-  int kk = ntot < 16 ? (int)ntot : 16;
-  int64_t *lab = malloc((size_t)n * kk * sizeof *lab);
-  float *dis = malloc((size_t)n * kk * sizeof *dis);
-  int rc = BLIP_OK;
-  if (!lab || !dis) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-  else rc = blip_vcache_search(st->vc, n, x, kk, dis, lab);
-  for (int64_t i = 0; i < n && !rc; i++) {
-    int found = 0;
-    for (int j = 0; j < kk; j++) found |= lab[i * kk + j] == ids[i];
-    if (!found) rc = blip_err_set(BLIP_EFORMAT, "image %lld is not found by its own feature", (long long)ids[i]);
+unsigned blip_store_damage(const blip_store *st) { return st->damage; }
+
+/* PRAGMA integrity_check of db into msg (its first lines; "" when ok). */
+static int integrity(sqlite3 *db, char *msg, size_t cap) {
+  sqlite3_stmt *s = NULL;
+  size_t len = 0;
+  int r, lines = 0;
+  msg[0] = 0;
+  if (sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &s, NULL) != SQLITE_OK) {
+    snprintf(msg, cap, "%s", sqlite3_errmsg(db));
+    return BLIP_OK;
   }
-  free(lab);
-  free(dis);
+  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+    const char *t = (const char *)sqlite3_column_text(s, 0);
+    if (!t || strcmp(t, "ok") == 0) continue;
+    if (lines++ < 3 && len < cap) len += (size_t)snprintf(msg + len, cap - len, "%s%s", len ? "; " : "", t);
+  }
+  if (r != SQLITE_DONE && !msg[0]) snprintf(msg, cap, "%s", sqlite3_errmsg(db));
+  sqlite3_finalize(s);
+  return BLIP_OK;
+}
+
+static void note_bad(int64_t *count, int64_t *first, int64_t id, char *why, size_t cap, const char *what) {
+  if (!(*count)++) {
+    *first = id;
+    if (why) snprintf(why, cap, "%s", what);
+  }
+}
+
+/* The FAISS side of the check: which index to compare, or why none. *cmp = 1
+ * when the in-memory index now mirrors gen and should be compared. */
+static int check_cache(blip_store *st, blip_store_report *r, int *cmp) {
+  int64_t gen = db_generation(st);
+  int rc = blip_vcache_gen(st->vc) == gen ? blip_vcache_check_file(st->vc, gen) : blip_vcache_load(st->vc, gen);
+  if (rc == BLIP_ENOMEM) return rc;
+  if (rc != BLIP_OK && rc != BLIP_ENOTFOUND) snprintf(r->cache, sizeof r->cache, "%s", blip_err_last());
+  /* compare what is in memory: loaded from the file, or the writer's (kept in step with its commits);
+   * a stale or absent file is rebuilt when needed, a damaged one has nothing stored to compare */
+  *cmp = blip_vcache_gen(st->vc) == gen && !r->cache[0];
+  return BLIP_OK;
+}
+
+int blip_store_check(blip_store *st, blip_store_report *r) {
+  enum { CHUNK = 16384 }; /* rows compared per call: IVF groups them by list, the more per list the better */
+  memset(r, 0, sizeof *r);
+  sqlite3_stmt *s = NULL;
+  float *x = malloc((size_t)CHUNK * st->E * sizeof *x);
+  int64_t *ids = malloc(CHUNK * sizeof *ids), nx = 0;
+  int began = 0, row = SQLITE_DONE, cmp = 0;
+  /* one snapshot for the whole check: a writer may commit meanwhile */
+  int rc = x && ids ? read_begin(st, &began) : blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (rc || (rc = integrity(st->db, r->sqlite, sizeof r->sqlite)) || (rc = check_cache(st, r, &cmp))) goto done;
+  r->images = blip_store_count(st);
+  r->tok_header = blip_tokstore_damaged(st->tok) && !st->write; /* the writer wrote it again at open */
+  if (cmp && blip_vcache_ntotal(st->vc) != r->images) { /* vectors in FAISS that SQLite lacks, or the reverse */
+    int64_t d = blip_vcache_ntotal(st->vc) - r->images;
+    r->cache_bad += d < 0 ? -d : d;
+  }
+  if ((rc = prep(st, "SELECT id, feat, has_tokens, state, fingerprint, tok_sum, offline FROM images", &s))) goto done;
+  while ((row = sqlite3_step(s)) == SQLITE_ROW) {
+    int64_t id = sqlite3_column_int64(s, 0);
+    int has_feat = sqlite3_column_bytes(s, 1) == st->E * 4, has = sqlite3_column_int(s, 2);
+    const char *state = (const char *)sqlite3_column_text(s, 3);
+    uint64_t fp = (uint64_t)sqlite3_column_int64(s, 4), sum = (uint64_t)sqlite3_column_int64(s, 5);
+    int has_sum = sqlite3_column_type(s, 5) != SQLITE_NULL;
+    if (has_feat != (state && strcmp(state, "ok") == 0)) r->rows_bad++;
+    if (has == 2) note_bad(&r->tok_bad, &r->tok_first, id, r->tok_why, sizeof r->tok_why, "marked lost, awaiting repair");
+    if (has == 1 && blip_tokstore_get(st->tok, id, fp, has_sum ? &sum : NULL, NULL) != BLIP_OK)
+      note_bad(&r->tok_bad, &r->tok_first, id, r->tok_why, sizeof r->tok_why, blip_err_last());
+    else if (has == 1 && !has_sum)
+      r->tok_unsummed++;
+    if (!has_feat || !cmp || sqlite3_column_int(s, 6)) continue; /* offline: not in the search set */
+    memcpy(x + nx * st->E, sqlite3_column_blob(s, 1), (size_t)st->E * 4);
+    ids[nx++] = id;
+    if (nx == CHUNK) {
+      if ((rc = blip_vcache_compare(st->vc, nx, ids, x, &r->cache_bad, &r->cache_first))) goto done;
+      nx = 0;
+    }
+  }
+  if (row != SQLITE_DONE) { /* a table SQLite cannot read: integrity_check has said why */
+    if (!r->sqlite[0]) rc = db_err(st, "check");
+    goto done;
+  }
+  if (nx) rc = blip_vcache_compare(st->vc, nx, ids, x, &r->cache_bad, &r->cache_first);
+done:
+  sqlite3_finalize(s);
+  read_end(st, began);
+  free(x);
+  free(ids);
   return rc;
 }
 
 int blip_store_verify(blip_store *st) {
-  enum { CHUNK = 1024 };
-  sqlite3_stmt *s = NULL;
-  float *tok = malloc((size_t)st->T * st->Dv * sizeof *tok), *x = malloc((size_t)CHUNK * st->E * sizeof *x);
-  int64_t ids[CHUNK], nx = 0, ntot = 0;
-  int began = 0, r = SQLITE_DONE;
-  /* one snapshot for the whole check: a writer may commit meanwhile */
-  int rc = tok && x ? read_begin(st, &began) : blip_err_set(BLIP_ENOMEM, "out of memory");
-  if (rc || (rc = fx_current(st))) goto done;
-  int64_t nrows = blip_store_count(st);
-  ntot = blip_vcache_ntotal(st->vc);
-  if (nrows != ntot) {
-    rc = blip_err_set(BLIP_EFORMAT, "FAISS holds %lld vectors, SQLite %lld", (long long)ntot, (long long)nrows);
+  blip_store_report r;
+  int rc = blip_store_check(st, &r);
+  if (rc) return rc;
+  if (r.sqlite[0]) return blip_err_set(BLIP_EFORMAT, "index.sqlite is damaged: %s", r.sqlite);
+  if (r.cache[0]) return blip_err_set(BLIP_EFORMAT, "%s", r.cache);
+  if (r.cache_bad)
+    return blip_err_set(BLIP_EFORMAT, "vectors.faiss: %lld vectors differ from SQLite's (first: image %lld)",
+                        (long long)r.cache_bad, (long long)r.cache_first);
+  if (r.rows_bad) return blip_err_set(BLIP_EFORMAT, "%lld rows have a state and feature that disagree", (long long)r.rows_bad);
+  if (r.tok_header) return blip_err_set(BLIP_EFORMAT, "tokens.bin: damaged header");
+  if (r.tok_bad)
+    return blip_err_set(BLIP_EFORMAT, "tokens.bin: %lld records missing or damaged (first: image %lld: %s)",
+                        (long long)r.tok_bad, (long long)r.tok_first, r.tok_why);
+  return BLIP_OK;
+}
+
+/* ---- repair ---- */
+
+int blip_store_tokens_scan(blip_store *st, int full, int64_t *marked) {
+  *marked = 0;
+  if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
+  /* records from before schema 3 get their checksum once; then only a full scan reads records */
+  if (!blip_tokstore_present(st->tok) || (!full && db_int(st, "SELECT 1 FROM meta WHERE key='tok_sums'", 0)))
+    return BLIP_OK;
+  sqlite3_stmt *s = NULL, *up = NULL;
+  int64_t n = 0, cap = 0, *v = NULL; /* {id, has (1 sound, 2 lost), sum} triples */
+  int rc = prep(st, full ? "SELECT id, fingerprint, tok_sum FROM images WHERE has_tokens=1"
+                         : "SELECT id, fingerprint, tok_sum FROM images WHERE has_tokens=1 AND tok_sum IS NULL", &s), r;
+  if (rc) return rc;
+  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+    int64_t id = sqlite3_column_int64(s, 0);
+    uint64_t fp = (uint64_t)sqlite3_column_int64(s, 1), sum = (uint64_t)sqlite3_column_int64(s, 2), got = 0;
+    int has_sum = sqlite3_column_type(s, 2) != SQLITE_NULL;
+    int bad = has_sum ? blip_tokstore_get(st->tok, id, fp, &sum, NULL) != BLIP_OK
+                      : blip_tokstore_sum(st->tok, id, fp, &got) != BLIP_OK;
+    if (has_sum && !bad) continue;
+    if (n == cap) {
+      cap = cap ? 2 * cap : 256;
+      int64_t *nv = realloc(v, (size_t)cap * 3 * sizeof *v);
+      if (!nv) {
+        rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+        goto done;
+      }
+      v = nv;
+    }
+    v[3 * n] = id;
+    v[3 * n + 1] = bad ? 2 : 1;
+    v[3 * n + 2] = (int64_t)got;
+    n++;
+  }
+  if (r != SQLITE_DONE) {
+    rc = db_err(st, "scan token records");
     goto done;
   }
-  if ((rc = prep(st, "SELECT id, feat, has_tokens, state, offline FROM images", &s))) goto done;
-  while (!rc && (r = sqlite3_step(s)) == SQLITE_ROW) {
-    int64_t id = sqlite3_column_int64(s, 0);
-    int has_feat = sqlite3_column_bytes(s, 1) == st->E * 4;
-    const char *state = (const char *)sqlite3_column_text(s, 3);
-    if (has_feat != (state && strcmp(state, "ok") == 0)) {
-      rc = blip_err_set(BLIP_EFORMAT, "image %lld: state %s but feature of %d bytes", (long long)id, state,
-                        sqlite3_column_bytes(s, 1));
-      break;
-    }
-    if (!has_feat) continue;
-    if (sqlite3_column_int(s, 2) && (rc = blip_store_tokens(st, id, tok))) {
-      rc = blip_err_wrap(BLIP_EFORMAT, "verify");
-      break;
-    }
-    if (sqlite3_column_int(s, 4)) continue; /* offline: not in the search set */
-    memcpy(x + nx * st->E, sqlite3_column_blob(s, 1), (size_t)st->E * 4);
-    ids[nx++] = id;
-    if (nx == CHUNK) {
-      rc = verify_chunk(st, x, ids, nx, ntot);
-      nx = 0;
-    }
+  if ((rc = exec(st, "BEGIN IMMEDIATE"))) goto done;
+  for (int64_t i = 0; i < n && !rc; i++) {
+    uint64_t sum = (uint64_t)v[3 * i + 2];
+    rc = set_tokens(st, &up, v[3 * i], (int)v[3 * i + 1], v[3 * i + 1] == 1 ? &sum : NULL);
+    *marked += v[3 * i + 1] == 2;
   }
-  if (!rc && r != SQLITE_DONE) rc = db_err(st, "verify");
-  if (!rc && nx) rc = verify_chunk(st, x, ids, nx, ntot);
+  if (!rc) rc = set_meta(st, "tok_sums", "all");
+  rc = rc ? rc : exec(st, "COMMIT");
+  if (rc) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+  if (*marked) st->damage |= BLIP_DAMAGE_TOKENS;
 done:
   sqlite3_finalize(s);
-  read_end(st, began);
-  free(tok);
-  free(x);
+  sqlite3_finalize(up);
+  free(v);
+  return rc;
+}
+
+int blip_store_tokens_lost(blip_store *st, int64_t **ids, int64_t *n) {
+  sqlite3_stmt *s = NULL;
+  int64_t cap = 0;
+  *ids = NULL;
+  *n = 0;
+  int rc = prep(st, "SELECT id FROM images WHERE has_tokens=2 ORDER BY id", &s), r;
+  if (rc) return rc;
+  while ((r = sqlite3_step(s)) == SQLITE_ROW) {
+    if (*n == cap) {
+      cap = cap ? 2 * cap : 256;
+      int64_t *nv = realloc(*ids, (size_t)cap * sizeof *nv);
+      if (!nv) {
+        rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+        break;
+      }
+      *ids = nv;
+    }
+    (*ids)[(*n)++] = sqlite3_column_int64(s, 0);
+  }
+  if (!rc && r != SQLITE_DONE) rc = db_err(st, "list lost token records");
+  sqlite3_finalize(s);
+  if (rc) {
+    free(*ids);
+    *ids = NULL;
+    *n = 0;
+  }
+  return rc;
+}
+
+int blip_store_put_tokens(blip_store *st, int n, const int64_t *ids, const uint64_t *fps, const float *tokens) {
+  if (!st->write || !blip_tokstore_present(st->tok)) return blip_err_set(BLIP_EINVAL, "no writable rerank store");
+  sqlite3_stmt *up = NULL;
+  uint64_t *sums = malloc(((size_t)n + 1) * sizeof *sums);
+  size_t tsz = (size_t)st->T * st->Dv;
+  int rc = sums ? BLIP_OK : blip_err_set(BLIP_ENOMEM, "out of memory"), intx = 0;
+  /* the rows stay marked lost (queries do not read these records) until the records are durable */
+  for (int i = 0; i < n && !rc; i++) rc = blip_tokstore_put(st->tok, ids[i], fps[i], tokens + (size_t)i * tsz, &sums[i]);
+  if (rc || (rc = blip_tokstore_sync(st->tok)) || (rc = exec(st, "BEGIN IMMEDIATE"))) goto done;
+  intx = 1;
+  if ((rc = prep(st, "UPDATE images SET has_tokens=1, tok_sum=? WHERE id=? AND fingerprint=? AND has_tokens=2", &up)))
+    goto done;
+  for (int i = 0; i < n; i++) {
+    sqlite3_reset(up);
+    sqlite3_bind_int64(up, 1, (int64_t)sums[i]);
+    sqlite3_bind_int64(up, 2, ids[i]);
+    sqlite3_bind_int64(up, 3, (int64_t)fps[i]);
+    if (sqlite3_step(up) != SQLITE_DONE) {
+      rc = db_err(st, "update token record");
+      goto done;
+    }
+  }
+  if ((rc = exec(st, "COMMIT"))) goto done;
+  intx = 0;
+done:
+  if (intx) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+  sqlite3_finalize(up);
+  free(sums);
+  return rc;
+}
+
+int blip_store_drop_tokens(blip_store *st, int64_t id) {
+  sqlite3_stmt *up = NULL;
+  int rc = set_tokens(st, &up, id, 0, NULL);
+  sqlite3_finalize(up);
+  return rc;
+}
+
+int blip_store_rebuild_cache(blip_store *st) {
+  if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
+  int rc = fx_rebuild(st, 1);
+  return rc ? rc : blip_vcache_save(st->vc);
+}
+
+/* Copy the readable rows of every table into a fresh database at path:
+ * full table scans (NOT INDEXED, and WHERE 1 defeats SQLite's transfer
+ * optimization, which would copy the damaged index b-trees as they are), so
+ * every index of the copy is built anew from its table. */
+static int copy_rows(blip_store *st, const char *path) {
+  static const char *const COPY[] = {
+      "INSERT INTO repair.images SELECT * FROM main.images NOT INDEXED WHERE 1",
+      "INSERT INTO repair.meta SELECT * FROM main.meta NOT INDEXED WHERE 1",
+      "INSERT INTO repair.mounts SELECT * FROM main.mounts NOT INDEXED WHERE 1",
+      "DELETE FROM repair.sqlite_sequence",
+      "INSERT INTO repair.sqlite_sequence SELECT * FROM main.sqlite_sequence WHERE 1",
+  };
+  sqlite3 *db = NULL;
+  char sql[64], *attach = sqlite3_mprintf("ATTACH %Q AS repair", path);
+  int rc = attach ? BLIP_OK : blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (!rc && sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) != SQLITE_OK)
+    rc = blip_err_set(BLIP_EIO, "%s: %s", path, db ? sqlite3_errmsg(db) : "out of memory");
+  for (int v = 0; !rc && v < NSCHEMA; v++)
+    if (sqlite3_exec(db, SCHEMA[v], NULL, NULL, NULL) != SQLITE_OK)
+      rc = blip_err_set(BLIP_EIO, "%s: %s", path, sqlite3_errmsg(db));
+  snprintf(sql, sizeof sql, "PRAGMA user_version=%d", NSCHEMA);
+  if (!rc && sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK)
+    rc = blip_err_set(BLIP_EIO, "%s: %s", path, sqlite3_errmsg(db));
+  sqlite3_close(db);
+  if (rc || (rc = exec(st, attach))) goto done;
+  if (!(rc = exec(st, "BEGIN IMMEDIATE"))) {
+    for (size_t i = 0; !rc && i < sizeof COPY / sizeof COPY[0]; i++) rc = exec(st, COPY[i]);
+    rc = rc ? rc : exec(st, "COMMIT");
+    if (rc) sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+  }
+  sqlite3_exec(st->db, "DETACH repair", NULL, NULL, NULL);
+done:
+  sqlite3_free(attach);
+  return rc;
+}
+
+int blip_store_repair_db(blip_store *st, int *repaired) {
+  *repaired = 0;
+  if (!st->write) return blip_err_set(BLIP_EINVAL, "store opened read-only");
+  char msg[512], *tmp = path_in(st, "index.sqlite.repair");
+  sqlite3 *copy = NULL;
+  sqlite3_backup *bk = NULL;
+  int rc = tmp ? integrity(st->db, msg, sizeof msg) : blip_err_set(BLIP_ENOMEM, "out of memory");
+  if (rc || !msg[0]) goto done;
+  unlink(tmp);
+  if (copy_rows(st, tmp)) {
+    rc = blip_err_set(BLIP_EFORMAT, "%s/index.sqlite cannot be repaired (%s): its rows cannot be read (%s); restore "
+                                    "it from a backup or rebuild the index (blip-index --rebuild)",
+                      st->dir, msg, blip_err_last());
+    goto done;
+  }
+  if (sqlite3_open_v2(tmp, &copy, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK || integrity(copy, msg, sizeof msg) || msg[0]) {
+    rc = blip_err_set(BLIP_EFORMAT, "%s/index.sqlite cannot be repaired: a copy of its rows is not sound either (%s)",
+                      st->dir, msg);
+    goto done;
+  }
+  /* through SQLite's locking: readers see the old database or the repaired one */
+  if (!(bk = sqlite3_backup_init(st->db, "main", copy, "main")) || sqlite3_backup_step(bk, -1) != SQLITE_DONE) {
+    rc = db_err(st, "write the repaired database");
+    goto done;
+  }
+  sqlite3_backup_finish(bk);
+  bk = NULL;
+  if ((rc = integrity(st->db, msg, sizeof msg)) == BLIP_OK && msg[0])
+    rc = blip_err_set(BLIP_EFORMAT, "%s/index.sqlite: still damaged after repair: %s", st->dir, msg);
+  *repaired = rc == BLIP_OK;
+done:
+  if (bk) sqlite3_backup_finish(bk);
+  if (copy) sqlite3_close(copy);
+  if (tmp) unlink(tmp);
+  free(tmp);
   return rc;
 }
 

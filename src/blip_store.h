@@ -10,7 +10,8 @@
  *                 through mmap so that a query touches only its top-k.
  * The two caches are modules of their own (blip_vcache, blip_tokstore).
  * Invariants (details in blip_store.c): a committed row's token record was
- * synced before the commit and is never rewritten; ids are never reused
+ * synced before the commit and is never rewritten (but by a repair, while
+ * the row is marked lost), and its checksum is in the row; ids are never reused
  * once committed; the FAISS file is replaced only by rename().
  *
  * One blip_store must not be used from two threads at once. Any number of
@@ -150,9 +151,9 @@ int blip_store_flush(blip_store *st);
 int blip_store_search(blip_store *st, const float *query, int k, const int64_t *allow_ids, int64_t n_allow,
                       int64_t *out_ids, float *out_scores);
 /* Vision tokens [T,Dv] of image id, dequantized. BLIP_ENOTFOUND when the
- * image has no record (failed, --no-rerank-store, deleted); an image deleted
- * by a writer since the search that found it may also give BLIP_EFORMAT (its
- * record is a hole now): skip such a candidate. */
+ * image has no record (failed, --no-rerank-store, deleted meanwhile);
+ * BLIP_EFORMAT when its record is missing or damaged (tokens.bin deleted,
+ * truncated, garbage): recompute the tokens from the file. */
 int blip_store_tokens(blip_store *st, int64_t id, float *out);
 /* The store's SQLite connection (read-only for readers), for queries by
  * attribute (blip_search's filters). Do not write through it. */
@@ -184,12 +185,60 @@ int blip_store_set_captions(blip_store *st, const int64_t *ids, const char *cons
 typedef int (*blip_store_row_fn)(void *ctx, int64_t id, const blip_store_row *row, const float *feat);
 int blip_store_each(blip_store *st, int errors_only, blip_store_row_fn fn, void *ctx);
 
-/* Check that SQLite, the FAISS cache and the rerank store agree: every
- * searchable row is found by its own feature, every has_tokens row has its
- * record. Runs on one SQLite snapshot, so a writer adding images meanwhile is
- * fine; one deleting images meanwhile may make a record look missing.
- * Returns BLIP_OK or BLIP_EFORMAT with the first disagreement. */
+/* Damage this handle met and worked around (bits), for the tools to report. */
+enum {
+  BLIP_DAMAGE_CACHE = 1,  /* vectors.faiss damaged: SQLite's vectors were searched (writer: rewritten) */
+  BLIP_DAMAGE_TOKENS = 2, /* token records missing or damaged: tokens recomputed from the files */
+};
+unsigned blip_store_damage(const blip_store *st);
+
+/* What blip_store_check found; all zero / empty when the index is sound. */
+typedef struct {
+  int64_t images;       /* searchable rows */
+  char sqlite[512];     /* what PRAGMA integrity_check reported, "" when ok */
+  char cache[256];      /* why vectors.faiss is damaged, "" when sound (a stale one is sound) */
+  int64_t cache_bad;    /* FAISS vectors missing or differing from SQLite's features */
+  int64_t cache_first;  /* id of the first of them */
+  int64_t rows_bad;     /* rows whose state and feature disagree */
+  int tok_header;       /* tokens.bin's header is damaged (each record is still checked on its own) */
+  int64_t tok_bad;      /* token records missing or damaged */
+  int64_t tok_first;    /* id of the first of them */
+  char tok_why[256];    /* what is wrong with that one */
+  int64_t tok_unsummed; /* records without a checksum yet (from before schema 3) */
+} blip_store_report;
+
+/* Check what queries rely on, on one SQLite snapshot: SQLite's integrity,
+ * every FAISS vector against its row's feature (bit for bit for Flat, by
+ * score at its own slot for IVF), every token record's tag and checksum.
+ * Returns an error only when the check itself could not run. */
+int blip_store_check(blip_store *st, blip_store_report *r);
+/* blip_store_check, as BLIP_OK or BLIP_EFORMAT naming the first problem. */
 int blip_store_verify(blip_store *st);
+
+/* ---- repair (writer) ----
+ * Damaged derived data is rebuilt from SQLite and the photos: the writer's
+ * open marks the rows whose records tokens.bin lost (deleted, truncated,
+ * foreign header: has_tokens = 2), flush rewrites a damaged vectors.faiss. */
+
+/* Read token records and mark the damaged ones' rows. full: every record;
+ * else only records without a checksum yet (theirs is recorded now, once
+ * the tag matches). *marked counts the rows marked. */
+int blip_store_tokens_scan(blip_store *st, int full, int64_t *marked);
+/* Ids of rows whose token record must be recomputed (malloc'd). */
+int blip_store_tokens_lost(blip_store *st, int64_t **ids, int64_t *n);
+/* Rewrite the records of rows ids[0..n) from tokens [n,T,Dv] computed from
+ * files with fingerprints fps; a row whose fingerprint differs is left alone. */
+int blip_store_put_tokens(blip_store *st, int n, const int64_t *ids, const uint64_t *fps, const float *tokens);
+/* Give up on row id's record (its file cannot be read): queries read the file. */
+int blip_store_drop_tokens(blip_store *st, int64_t id);
+/* Rebuild vectors.faiss from SQLite and save it. */
+int blip_store_rebuild_cache(blip_store *st);
+/* When PRAGMA integrity_check fails: copy every table's rows into a fresh
+ * database (each index b-tree is built anew from its table) and, if the copy
+ * is sound, write it back over index.sqlite through SQLite's backup API
+ * (readers stay safe). *repaired = 1 when it did. BLIP_EFORMAT when the
+ * damage cannot be repaired this way (a table's own pages are unreadable). */
+int blip_store_repair_db(blip_store *st, int *repaired);
 /* Embedded schema migrations (the text of schema/NNN_*.sql), 1-based. */
 int blip_store_schema_count(void);
 const char *blip_store_schema_sql(int version);

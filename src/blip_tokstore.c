@@ -2,11 +2,19 @@
  *
  * Design note. Ids come from SQLite's AUTOINCREMENT, so a committed id is
  * never reused and a committed record is never rewritten (a changed file gets
- * a new row and id). Ids of a rolled-back transaction are reused by the next
+ * a new row and id), except by a repair, while its row is marked lost so that
+ * no reader reads it. Ids of a rolled-back transaction are reused by the next
  * one, which overwrites the leftovers; at open the writer truncates past the
  * highest id ever committed. Deleted ids become holes (punched), which read
  * back as zeros and so never pass the {id, fingerprint} tag check. Readers map
- * the file lazily and remap when a record lies past the mapped length. */
+ * the file lazily and remap when a record lies past the mapped length.
+ *
+ * Damage. Each record's XXH3-64 (tag + payload) is kept in its SQLite row
+ * (tok_sum, schema 3), so a reader can tell garbage in a payload from data.
+ * Behind a foreign or damaged header the records are read at the index's own
+ * geometry and trusted only as far as their tag and checksum go: a reader
+ * uses the sound ones, the writer writes the header again and its owner
+ * checks every record, so that only damaged ones are recomputed. */
 #include "blip_tokstore.h"
 
 #include <errno.h>
@@ -18,6 +26,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "blip_err.h"
 #include "blip_st.h"
@@ -26,7 +35,6 @@
 #define TOK_HDR 64   /* header bytes before record 0 */
 #define TAG_BYTES 16 /* {int64 id, uint64 fingerprint} at the start of a record */
 
-static const char *const TOK_NAMES[] = {"none", "int8", "f16"};
 
 struct blip_tokstore {
   char path[4096];
@@ -35,6 +43,7 @@ struct blip_tokstore {
   size_t stride;
   uint8_t *map, *rec; /* rec: one record of scratch for the writer */
   size_t len;
+  int damaged; /* the header was foreign or damaged (the writer wrote it again): check every record */
 };
 
 size_t blip_tokstore_payload_size(blip_tokens_fmt fmt, int T, int Dv) {
@@ -112,14 +121,21 @@ int blip_tokstore_open(const char *dir, blip_tokens_fmt fmt, int T, int Dv, int 
   memcpy(want + 8, v, sizeof v);
   memcpy(want + 24, &stride, 8);
   ssize_t n = pread(ts->fd, h, TOK_HDR, 0);
-  if (n >= 0 && n < TOK_HDR && write) { /* new, or a crash cut the header short: nothing was committed */
-    if (pwrite(ts->fd, want, TOK_HDR, 0) != TOK_HDR || fdatasync(ts->fd) != 0) rc = blip_err_errno("write", ts->path);
-  } else if (n >= 0 && n < TOK_HDR) { /* reader: the same, seen before the writer's next run: no records yet */
+  if (n < 0) {
+    rc = blip_err_errno("read", ts->path);
+  } else if (n == TOK_HDR && memcmp(h, want, TOK_HDR) == 0) {
+    /* a store of this index */
+  } else if (!write && n < TOK_HDR) { /* a crash cut the header short before any record was committed */
     close(ts->fd);
     ts->fd = -1;
-  } else if (n != TOK_HDR || memcmp(h, want, TOK_HDR) != 0) {
-    rc = blip_err_set(BLIP_EFORMAT, "%s: header does not match the index (format %s, T %d, Dv %d)", ts->path,
-                      TOK_NAMES[fmt], T, Dv);
+  } else if (!write) { /* damaged header: each record still answers for itself (tag, checksum) */
+    ts->damaged = 1;
+  } else { /* new, cut short by a crash (no record was committed), or a damaged header: the records
+            * stay where they are, and the owner checks each against its row's tag and checksum */
+    ts->damaged = n == TOK_HDR;
+    if ((!ts->damaged && ftruncate(ts->fd, 0) != 0) || pwrite(ts->fd, want, TOK_HDR, 0) != TOK_HDR ||
+        fdatasync(ts->fd) != 0)
+      rc = blip_err_errno("write", ts->path);
   }
 done:
   if (rc) {
@@ -139,12 +155,25 @@ void blip_tokstore_close(blip_tokstore *ts) {
 }
 
 int blip_tokstore_present(const blip_tokstore *ts) { return ts && ts->fd >= 0; }
+int blip_tokstore_damaged(const blip_tokstore *ts) { return ts && ts->damaged; }
+const char *blip_tokstore_path(const blip_tokstore *ts) { return ts->path; }
+
+int64_t blip_tokstore_slots(const blip_tokstore *ts) {
+  struct stat sb;
+  if (!ts || ts->fd < 0 || fstat(ts->fd, &sb) != 0 || sb.st_size < TOK_HDR) return 0;
+  return (int64_t)((sb.st_size - TOK_HDR) / (off_t)ts->stride);
+}
+
+static uint64_t rec_sum(const blip_tokstore *ts, const uint8_t *rec) {
+  return XXH3_64bits(rec, TAG_BYTES + blip_tokstore_payload_size(ts->fmt, ts->T, ts->Dv));
+}
 size_t blip_tokstore_stride(const blip_tokstore *ts) { return ts && ts->fmt ? ts->stride : 0; }
 
-int blip_tokstore_put(blip_tokstore *ts, int64_t id, uint64_t fp, const float *tokens) {
+int blip_tokstore_put(blip_tokstore *ts, int64_t id, uint64_t fp, const float *tokens, uint64_t *sum) {
   memcpy(ts->rec, &id, 8);
   memcpy(ts->rec + 8, &fp, 8);
   blip_tokstore_encode(ts->fmt, ts->T, ts->Dv, tokens, ts->rec + TAG_BYTES);
+  *sum = rec_sum(ts, ts->rec);
   for (size_t done = 0; done < ts->stride;) { /* a short write is retried: the next one says why (ENOSPC, EFBIG) */
     ssize_t w = pwrite(ts->fd, ts->rec + done, ts->stride - done, rec_off(ts, id) + (off_t)done);
     if (w <= 0) {
@@ -189,17 +218,37 @@ static int tok_map(blip_tokstore *ts, int64_t id) {
   return BLIP_OK;
 }
 
-int blip_tokstore_get(blip_tokstore *ts, int64_t id, uint64_t fp, float *out) {
-  if (ts->fd < 0) return blip_err_set(BLIP_ENOTFOUND, "%s is missing", ts->path);
-  int rc = tok_map(ts, id);
-  if (rc) return rc;
+/* Record id, checked against its row's tag: NULL past the end of the file or
+ * for a record of another row (or a hole); *rc says which. */
+static const uint8_t *rec_at(blip_tokstore *ts, int64_t id, uint64_t fp, int *rc) {
+  if (ts->fd < 0) {
+    *rc = blip_err_set(BLIP_ENOTFOUND, "%s is missing", ts->path);
+    return NULL;
+  }
+  if ((*rc = tok_map(ts, id))) return NULL;
   const uint8_t *rec = ts->map + rec_off(ts, id);
   int64_t rid;
   uint64_t rfp;
   memcpy(&rid, rec, 8);
   memcpy(&rfp, rec + 8, 8);
-  if (rid != id || rfp != fp)
-    return blip_err_set(BLIP_EFORMAT, "tokens.bin: record %lld does not belong to its image", (long long)id);
-  blip_tokstore_decode(ts->fmt, ts->T, ts->Dv, rec + TAG_BYTES, out);
+  if (rid == id && rfp == fp) return rec;
+  *rc = blip_err_set(BLIP_EFORMAT, "%s: record %lld does not belong to its image", ts->path, (long long)id);
+  return NULL;
+}
+
+int blip_tokstore_get(blip_tokstore *ts, int64_t id, uint64_t fp, const uint64_t *sum, float *out) {
+  int rc;
+  const uint8_t *rec = rec_at(ts, id, fp, &rc);
+  if (!rec) return rc;
+  if (sum && rec_sum(ts, rec) != *sum)
+    return blip_err_set(BLIP_EFORMAT, "%s: record %lld is damaged (checksum mismatch)", ts->path, (long long)id);
+  if (out) blip_tokstore_decode(ts->fmt, ts->T, ts->Dv, rec + TAG_BYTES, out);
   return BLIP_OK;
+}
+
+int blip_tokstore_sum(blip_tokstore *ts, int64_t id, uint64_t fp, uint64_t *sum) {
+  int rc;
+  const uint8_t *rec = rec_at(ts, id, fp, &rc);
+  if (rec) *sum = rec_sum(ts, rec);
+  return rec ? BLIP_OK : rc;
 }

@@ -1,9 +1,19 @@
 /* blip_vcache: see blip_vcache.h.
  *
  * Design note.
- * - File: "BLIPFX01", {generation, ntotal, trained} as int64, then FAISS's
- *   own serialization. A damaged or foreign file fails to load and is treated
- *   as stale, never as data.
+ * - File: "BLIPFX02", {generation, ntotal, trained, payload bytes, XXH3-64 of
+ *   the payload} as int64, then FAISS's own serialization (the payload). A
+ *   load maps the file, checks size and checksum, then lets FAISS read the
+ *   mapped payload, so damaged bytes are never searched: such a file is
+ *   reported as damaged and rebuilt from SQLite like a stale one. "BLIPFX01"
+ *   files (no checksum, before schema 3) count as stale: rewritten by the writer.
+ * - compare() checks the vectors themselves against SQLite's: IDMap2(Flat)
+ *   reconstructs each by id. The 1.7.3 C API cannot reconstruct IVF entries
+ *   by sparse id, so for IVF each vector is located (list, offset) from the
+ *   inverted lists' ids and scored against its SQLite feature in its own list
+ *   by search_preassigned with store_pairs: the score at that exact slot must
+ *   equal the feature's own dot product. Ties between identical photos cannot
+ *   hide a vector, as the slot, not a rank, is compared.
  * - Kinds: IDMap2(FlatIP) below IVF_MIN = 100k vectors, then
  *   "IVF{4 sqrt N},Flat" with IVF's own ids (IDMap2 over IVF corrupts ids on
  *   remove_ids in 1.7.3), nprobe = nlist/16. benchmarks/bench_faiss.c (E=256,
@@ -23,7 +33,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <faiss/c_api/IndexIVF_c.h>
 #include <faiss/c_api/Index_c.h>
@@ -34,7 +47,8 @@
 
 #include "blip_err.h"
 
-#define FX_MAGIC "BLIPFX01"
+#define FX_MAGIC "BLIPFX02"
+#define FX_HDR 48 /* magic + int64 {gen, ntotal, trained, bytes, xxh3} */
 #define IVF_MIN 100000 /* default: Flat below, IVF at or above (see bench_faiss.c) */
 
 struct blip_vcache {
@@ -45,6 +59,7 @@ struct blip_vcache {
   int64_t gen;    /* -1: none */
   int64_t trained;
   int saved; /* the file holds gen */
+  int64_t *loc, nloc; /* IVF compare: sorted {id, list << 32 | offset} pairs, built on demand */
 };
 
 static int fx_err(const char *what) {
@@ -78,6 +93,9 @@ void blip_vcache_drop(blip_vcache *vc) {
   vc->gen = -1;
   vc->trained = 0;
   vc->saved = 0;
+  free(vc->loc);
+  vc->loc = NULL;
+  vc->nloc = 0;
 }
 
 void blip_vcache_free(blip_vcache *vc) {
@@ -118,19 +136,63 @@ fail:
   return fx_err("build");
 }
 
-int blip_vcache_load(blip_vcache *vc, int64_t gen) {
-  FILE *f = fopen(vc->path, "rb");
-  int rc = BLIP_ENOTFOUND;
+/* Map the file and check it against generation gen. BLIP_OK: *map, *len hold
+ * it (munmap when done); BLIP_ENOTFOUND: absent, stale or of the older format;
+ * BLIP_EFORMAT: damaged (header, size or checksum). */
+static int file_map(const blip_vcache *vc, int64_t gen, uint8_t **map, size_t *len, int64_t h[5]) {
+  int fd = open(vc->path, O_RDONLY | O_CLOEXEC), rc = BLIP_OK;
   char magic[8];
-  int64_t h[3];
+  struct stat sb = {0};
+  *map = NULL;
+  if (fd < 0) return errno == ENOENT ? blip_err_set(BLIP_ENOTFOUND, "%s: none", vc->path) : blip_err_errno("open", vc->path);
+  if (fstat(fd, &sb) != 0) {
+    rc = blip_err_errno("stat", vc->path);
+  } else if (sb.st_size < FX_HDR || pread(fd, magic, 8, 0) != 8 || pread(fd, h, 40, 8) != 40 ||
+             memcmp(magic, "BLIPFX", 6) != 0) {
+    rc = blip_err_set(BLIP_EFORMAT, "%s: damaged (not a blipsearch cache)", vc->path);
+  } else if (memcmp(magic, FX_MAGIC, 8) != 0 || h[0] != gen) {
+    rc = blip_err_set(BLIP_ENOTFOUND, "%s: stale", vc->path);
+  } else if (h[3] != (int64_t)sb.st_size - FX_HDR) {
+    rc = blip_err_set(BLIP_EFORMAT, "%s: damaged (%lld bytes, its header says %lld)", vc->path,
+                      (long long)sb.st_size, (long long)(h[3] + FX_HDR));
+  } else if ((*map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, fd, 0)) == MAP_FAILED) {
+    *map = NULL;
+    rc = blip_err_errno("mmap", vc->path);
+  } else if (XXH3_64bits(*map + FX_HDR, (size_t)h[3]) != (uint64_t)h[4]) {
+    munmap(*map, (size_t)sb.st_size);
+    *map = NULL;
+    rc = blip_err_set(BLIP_EFORMAT, "%s: damaged (checksum mismatch)", vc->path);
+  }
+  *len = (size_t)sb.st_size;
+  close(fd);
+  return rc;
+}
+
+int blip_vcache_check_file(const blip_vcache *vc, int64_t gen) {
+  uint8_t *map;
+  size_t len;
+  int64_t h[5];
+  int rc = file_map(vc, gen, &map, &len, h);
+  if (map) munmap(map, len);
+  return rc;
+}
+
+int blip_vcache_load(blip_vcache *vc, int64_t gen) {
+  uint8_t *map;
+  size_t len;
+  int64_t h[5];
   FaissIndex *ix = NULL;
-  if (!f) return rc;
-  if (fread(magic, 8, 1, f) != 1 || memcmp(magic, FX_MAGIC, 8) != 0 || fread(h, sizeof h, 1, f) != 1 || h[0] != gen)
-    goto done;
-  if (faiss_read_index(f, 0, &ix) != 0) goto done; /* damaged cache: rebuild */
-  if (faiss_Index_d(ix) != vc->E) {
-    faiss_Index_free(ix);
-    goto done;
+  int rc = file_map(vc, gen, &map, &len, h);
+  if (rc) return rc;
+  FILE *f = fmemopen(map + FX_HDR, (size_t)h[3], "rb");
+  if (!f) rc = blip_err_errno("fmemopen", vc->path);
+  else if (faiss_read_index(f, 0, &ix) != 0 || faiss_Index_d(ix) != vc->E || faiss_Index_ntotal(ix) != h[1])
+    rc = blip_err_set(BLIP_EFORMAT, "%s: damaged (FAISS cannot read it)", vc->path);
+  if (f) fclose(f);
+  munmap(map, len);
+  if (rc) {
+    if (ix) faiss_Index_free(ix);
+    return rc;
   }
   blip_vcache_drop(vc);
   vc->fx = ix;
@@ -139,19 +201,7 @@ int blip_vcache_load(blip_vcache *vc, int64_t gen) {
   vc->saved = 1;
   FaissIndexIVF *ivf = faiss_IndexIVF_cast(ix);
   if (ivf) faiss_IndexIVF_set_nprobe(ivf, (size_t)nprobe((int)faiss_IndexIVF_nlist(ivf)));
-  rc = BLIP_OK;
-done:
-  fclose(f);
-  return rc;
-}
-
-int64_t blip_vcache_file_gen(const blip_vcache *vc) {
-  FILE *f = fopen(vc->path, "rb");
-  char magic[8];
-  int64_t g = -1;
-  if (f && fread(magic, 8, 1, f) == 1 && memcmp(magic, FX_MAGIC, 8) == 0 && fread(&g, 8, 1, f) != 1) g = -1;
-  if (f) fclose(f);
-  return g;
+  return BLIP_OK;
 }
 
 static int fsync_dir(const char *dir) {
@@ -167,8 +217,8 @@ int blip_vcache_save(blip_vcache *vc) {
   if (vc->saved) return BLIP_OK;
   char tmp[4200];
   snprintf(tmp, sizeof tmp, "%s.tmp.%d", vc->path, (int)getpid());
-  FILE *f = fopen(tmp, "wb");
-  int64_t h[3] = {vc->gen, faiss_Index_ntotal(vc->fx), vc->trained};
+  FILE *f = fopen(tmp, "w+b");
+  int64_t h[5] = {vc->gen, faiss_Index_ntotal(vc->fx), vc->trained, 0, 0};
   int rc = BLIP_OK;
   if (!f) return blip_err_errno("create", tmp);
   errno = 0;
@@ -176,8 +226,20 @@ int blip_vcache_save(blip_vcache *vc) {
     rc = blip_err_errno("write", tmp);
   } else if (faiss_write_index(vc->fx, f) != 0) {
     rc = errno ? blip_err_errno("write", tmp) : fx_err("write_index");
-  } else if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
+  } else if (fflush(f) != 0) {
     rc = blip_err_errno("write", tmp);
+  } else { /* checksum what was written (still in the page cache), then fill in the header */
+    off_t end = ftello(f);
+    uint8_t *map = end > FX_HDR ? mmap(NULL, (size_t)end, PROT_READ, MAP_SHARED, fileno(f), 0) : MAP_FAILED;
+    if (map == MAP_FAILED) {
+      rc = blip_err_errno("mmap", tmp);
+    } else {
+      h[3] = end - FX_HDR;
+      h[4] = (int64_t)XXH3_64bits(map + FX_HDR, (size_t)h[3]);
+      munmap(map, (size_t)end);
+      if (pwrite(fileno(f), h, sizeof h, 8) != (ssize_t)sizeof h || fsync(fileno(f)) != 0)
+        rc = blip_err_errno("write", tmp);
+    }
   }
   if (fclose(f) != 0 && !rc) rc = blip_err_errno("close", tmp);
   if (!rc && rename(tmp, vc->path) != 0) rc = blip_err_errno("rename", tmp);
@@ -217,4 +279,120 @@ void blip_vcache_apply(blip_vcache *vc, int64_t gen_before, const int64_t *del, 
 int blip_vcache_search(blip_vcache *vc, int64_t nq, const float *q, int64_t k, float *dis, int64_t *lab) {
   if (!vc->fx) return blip_err_set(BLIP_EINVAL, "no FAISS index loaded");
   return faiss_Index_search(vc->fx, nq, q, k, dis, lab) == 0 ? BLIP_OK : fx_err("search");
+}
+
+static int cmp_pair(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return (x > y) - (x < y);
+}
+
+/* IVF: {id, list << 32 | offset} of every entry, sorted by id. */
+static int ivf_locate(blip_vcache *vc, FaissIndexIVF *ivf) {
+  if (vc->loc) return BLIP_OK;
+  size_t nlist = faiss_IndexIVF_nlist(ivf), n = 0, cap = 0;
+  int64_t *ids = NULL;
+  for (size_t l = 0; l < nlist; l++) cap += faiss_IndexIVF_get_list_size(ivf, l);
+  vc->loc = malloc((cap + 1) * 2 * sizeof *vc->loc);
+  ids = malloc((cap + 1) * sizeof *ids);
+  if (!vc->loc || !ids) {
+    free(ids);
+    return blip_err_set(BLIP_ENOMEM, "out of memory");
+  }
+  for (size_t l = 0; l < nlist; l++) {
+    size_t ls = faiss_IndexIVF_get_list_size(ivf, l);
+    faiss_IndexIVF_invlists_get_ids(ivf, l, ids);
+    for (size_t o = 0; o < ls; o++, n++) {
+      vc->loc[2 * n] = ids[o];
+      vc->loc[2 * n + 1] = (int64_t)l << 32 | (int64_t)o;
+    }
+  }
+  free(ids);
+  qsort(vc->loc, n, 2 * sizeof *vc->loc, cmp_pair);
+  vc->nloc = (int64_t)n;
+  return BLIP_OK;
+}
+
+/* IVF: the score of each query at its own slot must be its own dot product.
+ * Queries are grouped by list: one search_preassigned call per list, k = the
+ * list's size, so every slot of the list is scored. */
+static int ivf_compare(blip_vcache *vc, FaissIndexIVF *ivf, int64_t n, const int64_t *ids, const float *x,
+                       int64_t *nbad, int64_t *first_bad) {
+  int rc = ivf_locate(vc, ivf);
+  if (rc) return rc;
+  int np = (int)faiss_IndexIVF_nprobe(ivf);
+  int64_t *slot = malloc(((size_t)n + 1) * 2 * sizeof *slot); /* {slot or -1, query index}, sorted by slot */
+  float *q = malloc(((size_t)n + 1) * vc->E * sizeof *q), *dis = NULL, *cd = NULL;
+  int64_t *lab = NULL, *asg = NULL;
+  if (!slot || !q) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    goto done;
+  }
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t *hit = bsearch(&ids[i], vc->loc, (size_t)vc->nloc, 2 * sizeof *vc->loc, cmp_pair);
+    slot[2 * i] = hit ? hit[1] : -1;
+    slot[2 * i + 1] = i;
+  }
+  qsort(slot, (size_t)n, 2 * sizeof *slot, cmp_pair);
+  for (int64_t a = 0, b; a < n; a = b) {
+    int64_t list = slot[2 * a] < 0 ? -1 : slot[2 * a] >> 32;
+    for (b = a + 1; b < n && (slot[2 * b] < 0 ? -1 : slot[2 * b] >> 32) == list; b++) {}
+    int64_t nq = b - a, k = list < 0 ? 0 : (int64_t)faiss_IndexIVF_get_list_size(ivf, (size_t)list);
+    if (list < 0 || k == 0) { /* not in the index at all */
+      for (int64_t j = a; j < b; j++)
+        if (!(*nbad)++) *first_bad = ids[slot[2 * j + 1]];
+      continue;
+    }
+    free(dis);
+    free(lab);
+    free(asg);
+    free(cd);
+    dis = malloc((size_t)(nq * k) * sizeof *dis);
+    lab = malloc((size_t)(nq * k) * sizeof *lab);
+    asg = malloc((size_t)(nq * np) * sizeof *asg);
+    cd = calloc((size_t)(nq * np), sizeof *cd);
+    if (!dis || !lab || !asg || !cd) {
+      rc = blip_err_set(BLIP_ENOMEM, "out of memory comparing %lld vectors in a list of %lld", (long long)nq,
+                        (long long)k);
+      goto done;
+    }
+    for (int64_t j = 0; j < nq; j++) {
+      memcpy(q + j * vc->E, x + slot[2 * (a + j) + 1] * vc->E, (size_t)vc->E * sizeof *q);
+      for (int p = 0; p < np; p++) asg[j * np + p] = p ? -1 : list;
+    }
+    if (faiss_IndexIVF_search_preassigned(ivf, nq, q, k, asg, cd, dis, lab, 1) != 0) {
+      rc = fx_err("search_preassigned");
+      goto done;
+    }
+    for (int64_t j = 0; j < nq; j++) {
+      const float *v = q + j * vc->E;
+      float self = 0;
+      for (int e = 0; e < vc->E; e++) self += v[e] * v[e];
+      int ok = 0;
+      for (int64_t r = 0; r < k && !ok; r++)
+        ok = lab[j * k + r] == slot[2 * (a + j)] && fabsf(dis[j * k + r] - self) <= 1e-5f * fmaxf(1, fabsf(self));
+      if (!ok && !(*nbad)++) *first_bad = ids[slot[2 * (a + j) + 1]];
+    }
+  }
+done:
+  free(slot);
+  free(q);
+  free(dis);
+  free(lab);
+  free(asg);
+  free(cd);
+  return rc;
+}
+
+int blip_vcache_compare(blip_vcache *vc, int64_t n, const int64_t *ids, const float *x, int64_t *nbad,
+                        int64_t *first_bad) {
+  if (!vc->fx) return blip_err_set(BLIP_EINVAL, "no FAISS index loaded");
+  FaissIndexIVF *ivf = faiss_IndexIVF_cast(vc->fx);
+  if (ivf) return ivf_compare(vc, ivf, n, ids, x, nbad, first_bad);
+  float *v = malloc((size_t)vc->E * sizeof *v);
+  if (!v) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  for (int64_t i = 0; i < n; i++) /* IDMap2: by id; a missing id fails the reconstruct */
+    if (faiss_Index_reconstruct(vc->fx, ids[i], v) != 0 || memcmp(v, x + i * vc->E, (size_t)vc->E * sizeof *v) != 0)
+      if (!(*nbad)++) *first_bad = ids[i];
+  free(v);
+  return BLIP_OK;
 }

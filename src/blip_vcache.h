@@ -33,10 +33,17 @@ int blip_vcache_stale_kind(const blip_vcache *vc);
 /* Replace the in-memory index by one over n vectors x [n,E] with ids,
  * mirroring generation gen. ivf: IVF where the size calls for it, else flat. */
 int blip_vcache_build(blip_vcache *vc, int64_t n, const float *x, const int64_t *ids, int ivf, int64_t gen);
-/* Load the file if it mirrors gen: BLIP_ENOTFOUND when absent, stale or damaged. */
+/* Load the file if it mirrors gen: BLIP_ENOTFOUND when absent or stale (or
+ * of the older format), BLIP_EFORMAT when damaged (size, checksum, content). */
 int blip_vcache_load(blip_vcache *vc, int64_t gen);
-/* Generation recorded in the file, or -1. */
-int64_t blip_vcache_file_gen(const blip_vcache *vc);
+/* The same verdict as load, without loading: reads and checksums the file. */
+int blip_vcache_check_file(const blip_vcache *vc, int64_t gen);
+/* Compare the in-memory index against n (id, vector x [n,E]) pairs from
+ * SQLite: each must be stored, bit for bit (Flat) or scoring its own dot
+ * product at its own slot (IVF). Adds the disagreements to *nbad and sets
+ * *first_bad at the first one. */
+int blip_vcache_compare(blip_vcache *vc, int64_t n, const int64_t *ids, const float *x, int64_t *nbad,
+                        int64_t *first_bad);
 /* Write the in-memory index to the file if it is not there already. */
 int blip_vcache_save(blip_vcache *vc);
 /* Apply a committed change (generation gen_before -> gen_before+1) to the

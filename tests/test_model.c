@@ -74,6 +74,53 @@ static void run_parity(const char *file, const char *prefix, double tol, int ful
                  NI * NT * 2, tol);
     check_tensor("reassociated vs naive ITM", logit[1][0], logit[0][0], NI * NT * 2, 1e-5);
   }
+  { /* blip-eval's path: each image's K/V projected once, its captions batched by length */
+    float *kv = malloc(blip_model_itm_kv_floats(m) * sizeof *kv), byimg[2][NI * NT * 2];
+    int lens[NT], batched = 0;
+    for (int j = 0; j < NT; j++) {
+      lens[j] = 0;
+      while (lens[j] < L && mask[j * L + lens[j]]) lens[j]++;
+    }
+    for (int i = 0; i < NI; i++) {
+      CHECK_OK(blip_model_itm_kv(m, imgs[i], kv));
+      for (int first = 0; first < 2; first++)
+        for (int j = 0; j < NT; j++) {
+          int sel[NT], n = 0, len = lens[j];
+          int32_t bids[NT * L];
+          float lg[NT * 2];
+          for (int u = 0; u < j; u++)
+            if (lens[u] == len) goto seen;
+          for (int u = j; u < NT; u++)
+            if (lens[u] == len) memcpy(bids + n * len, ids + u * L, len * sizeof *bids), sel[n++] = u;
+          if (n > 1) batched = 1;
+          CHECK_OK(blip_model_itm_captions(m, bids, len, n, kv, first == 0 ? BLIP_ITM_ENC : BLIP_ITM_CLS, lg));
+          for (int b = 0; b < n; b++) memcpy(&byimg[first][(i * NT + sel[b]) * 2], lg + 2 * b, 2 * sizeof(float));
+        seen:;
+        }
+    }
+    printf("  (captions batched by length: %s)\n", batched ? "yes" : "no, all lengths differ");
+    check_tensor("by-image ITM vs naive", byimg[0], logit[0][0], NI * NT * 2, 1e-5);
+    check_tensor("by-image ITM vs naive, [CLS]", byimg[1], logit[0][1], NI * NT * 2, 1e-5);
+    check_tensor("by-image ITM vs reassociated", byimg[0], logit[1][0], NI * NT * 2, 1e-5);
+    check_tensor("by-image itm_logits_enc", byimg[0], golden_f32(g_gold, G("itm_logits_enc"), NI * NT * 2), NI * NT * 2, tol);
+    /* one caption repeated in a batch gives the same logits as alone */
+    int32_t rep[3 * L];
+    float lg3[6];
+    for (int b = 0; b < 3; b++) memcpy(rep + b * lens[0], ids, lens[0] * sizeof *rep);
+    CHECK_OK(blip_model_itm_kv(m, imgs[NI - 1], kv));
+    CHECK_OK(blip_model_itm_captions(m, rep, lens[0], 3, kv, BLIP_ITM_ENC, lg3));
+    for (int b = 0; b < 3; b++) check_tensor("by-image ITM, batch of 3", lg3 + 2 * b, &logit[0][0][((NI - 1) * NT) * 2], 2, 1e-5);
+    /* different captions in one batch (each cut to the shortest length) vs each alone, naive */
+    int lc = lens[0];
+    for (int j = 1; j < NT; j++) lc = lens[j] < lc ? lens[j] : lc;
+    int32_t cut[NT * L];
+    float lgb[NT * 2], lgn[NT * 2];
+    for (int j = 0; j < NT; j++) memcpy(cut + j * lc, ids + j * L, lc * sizeof *cut);
+    CHECK_OK(blip_model_itm_captions(m, cut, lc, NT, kv, BLIP_ITM_ENC, lgb));
+    for (int j = 0; j < NT; j++) CHECK_OK(blip_model_itm(m, cut + j * lc, lc, imgs + NI - 1, 1, BLIP_ITM_ENC, 0, lgn + 2 * j, NULL));
+    check_tensor("by-image ITM, 6 captions in one batch vs naive", lgb, lgn, NT * 2, 1e-5);
+    free(kv);
+  }
   if (full) { /* the BLIP retrieval score = ITM match logit ([ENC]) + ITC cosine */
     float score[NI * NT];
     for (int i = 0; i < NI * NT; i++) score[i] = logit[1][0][2 * i + 1] + itc[i];

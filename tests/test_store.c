@@ -9,6 +9,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "blip_err.h"
 #include "blip_model.h"
@@ -652,6 +653,150 @@ static void test_concurrent_reader(void) {
   blip_store_close(w);
 }
 
+/* Read a whole file (malloc'd) / write it back. */
+static uint8_t *slurp(const char *p, size_t *n) {
+  FILE *f = fopen(p, "rb");
+  uint8_t *b = NULL;
+  if (f && fseek(f, 0, SEEK_END) == 0 && (*n = (size_t)ftell(f)) > 0 && (b = malloc(*n)) && fseek(f, 0, SEEK_SET) == 0 &&
+      fread(b, 1, *n, f) != *n) {
+    free(b);
+    b = NULL;
+  }
+  if (f) fclose(f);
+  return b;
+}
+
+static void spill(const char *p, const uint8_t *b, size_t n) {
+  FILE *f = fopen(p, "wb");
+  CHECK(f && fwrite(b, 1, n, f) == n, "write %s", p);
+  if (f) fclose(f);
+}
+
+/* vectors.faiss damaged, Flat and IVF: a check finds a vector that differs
+ * from SQLite's even when the file's checksum was made to match (the compare
+ * stands on its own), readers never search damaged bytes, a writer rewrites
+ * the file; 20 identical vectors (ties past any top-k) pass the check. */
+static void test_damaged_cache(void) {
+  enum { N = 1200, DUP = 20, B = 300 };
+  float *feats = malloc(sizeof(float) * N * E);
+  int64_t *ids = malloc(sizeof(int64_t) * N);
+  blip_store_row rows[B];
+  char paths[B][64];
+  for (int i = 0; i < N; i++) rand_unit(feats + (size_t)i * E, E);
+  for (int i = 1; i <= DUP; i++) memcpy(feats + (size_t)(N - i) * E, feats, sizeof(float) * E);
+  for (int ivf = 0; ivf < 2; ivf++) {
+    const char *dir = tmpdir(ivf ? "dmg-ivf" : "dmg-flat");
+    blip_store_opts o = {.write = 1, .ivf_min = ivf ? 500 : 0};
+    blip_store *st = NULL, *rd = NULL;
+    CHECK_OK(blip_store_open(dir, &ID_A, &o, &st));
+    for (int b = 0; b < N / B; b++) {
+      mk_rows(rows, paths, B, b * B, 1);
+      CHECK_OK(blip_store_put(st, rows, NULL, B, feats + (size_t)b * B * E, NULL, ids + b * B));
+    }
+    blip_store_close(st);
+    blip_store_opts ro = {0};
+    blip_store_report r;
+    CHECK_OK(blip_store_open(dir, NULL, &ro, &rd));
+    CHECK_OK(blip_store_verify(rd)); /* ties: 21 identical vectors */
+    blip_store_close(rd);
+
+    char fp[600];
+    snprintf(fp, sizeof fp, "%s/vectors.faiss", dir);
+    size_t n = 0;
+    uint8_t *file = slurp(fp, &n), *v = file ? memmem(file, n, feats + 7 * E, sizeof(float) * E) : NULL;
+    CHECK(v != NULL, "%s: vector 7 stored as is", ivf ? "IVF" : "Flat");
+    if (!v) {
+      free(file);
+      continue;
+    }
+    float bad = 0.25f;
+    memcpy(v + 12, &bad, 4);
+    /* 1. the header's checksum made to match: the compare alone finds it */
+    int64_t sum = (int64_t)XXH3_64bits(file + 48, n - 48);
+    memcpy(file + 40, &sum, 8);
+    spill(fp, file, n);
+    CHECK_OK(blip_store_open(dir, NULL, &ro, &rd));
+    CHECK_OK(blip_store_check(rd, &r));
+    CHECK(!r.cache[0] && r.cache_bad == 1 && r.cache_first == ids[7], "%s: compare: %lld bad, first %lld (want %lld)",
+          ivf ? "IVF" : "Flat", (long long)r.cache_bad, (long long)r.cache_first, (long long)ids[7]);
+    blip_store_close(rd);
+    /* 2. a plain flipped byte: the checksum fails; searches use SQLite's vectors */
+    file[n / 2] ^= 0x40;
+    spill(fp, file, n);
+    CHECK_OK(blip_store_open(dir, NULL, &ro, &rd));
+    int64_t gi[3];
+    float gs[3];
+    int k = blip_store_search(rd, feats + (size_t)7 * E, 3, NULL, 0, gi, gs);
+    CHECK(k == 3 && gi[0] == ids[7] && fabsf(gs[0] - 1) < 1e-5f && (blip_store_damage(rd) & BLIP_DAMAGE_CACHE),
+          "%s: search over a damaged cache: %d results, top %lld score %g", ivf ? "IVF" : "Flat", k,
+          (long long)gi[0], gs[0]);
+    CHECK_OK(blip_store_check(rd, &r));
+    CHECK(strstr(r.cache, "checksum") != NULL, "%s: check says '%s'", ivf ? "IVF" : "Flat", r.cache);
+    blip_store_close(rd);
+    /* 3. a writer that changes nothing rewrites it */
+    CHECK_OK(blip_store_open(dir, &ID_A, &o, &st));
+    blip_store_close(st);
+    CHECK_OK(blip_store_open(dir, NULL, &ro, &rd));
+    CHECK_OK(blip_store_verify(rd));
+    CHECK(!blip_store_damage(rd), "rewritten cache still damaged");
+    blip_store_close(rd);
+    free(file);
+  }
+  free(feats);
+  free(ids);
+}
+
+/* A token record with garbage in its payload: the reader reports damage (no
+ * decoded garbage), a full scan marks its row, put_tokens rewrites it. */
+static void test_damaged_tokens(void) {
+  const char *dir = tmpdir("dmg-tok");
+  enum { N = 6 };
+  blip_store_row rows[N];
+  char paths[N][64];
+  float feats[N * E], *toks = malloc(sizeof(float) * N * T * DV), *back = malloc(sizeof(float) * T * DV);
+  int64_t ids[N], *lost = NULL, nlost = 0, marked = 0;
+  mk_rows(rows, paths, N, 0, 99);
+  for (int i = 0; i < N; i++) rand_unit(feats + i * E, E);
+  for (int i = 0; i < N * T * DV; i++) toks[i] = frand();
+  blip_store *st = open_w(dir, &ID_A, BLIP_TOKENS_I8), *rd = NULL;
+  if (!st) return;
+  CHECK_OK(blip_store_put(st, rows, NULL, N, feats, toks, ids));
+  size_t stride = blip_store_record_bytes(st);
+  blip_store_close(st);
+  char tp[600];
+  snprintf(tp, sizeof tp, "%s/tokens.bin", dir);
+  FILE *f = fopen(tp, "r+b");
+  CHECK(f && fseek(f, 64 + (long)(ids[3] * (int64_t)stride) + 16 + 40, SEEK_SET) == 0 && fwrite("garbage!", 8, 1, f) == 1,
+        "damage a record");
+  if (f) fclose(f);
+  blip_store_opts ro = {0};
+  CHECK_OK(blip_store_open(dir, NULL, &ro, &rd));
+  CHECK(blip_store_tokens(rd, ids[3], back) == BLIP_EFORMAT && (blip_store_damage(rd) & BLIP_DAMAGE_TOKENS),
+        "damaged record read as data");
+  CHECK_OK(blip_store_tokens(rd, ids[2], back));
+  CHECK(blip_store_verify(rd) == BLIP_EFORMAT && strstr(blip_err_last(), "checksum"), "verify: %s", blip_err_last());
+  blip_store_close(rd);
+  st = open_w(dir, &ID_A, BLIP_TOKENS_I8);
+  if (!st) return;
+  CHECK_OK(blip_store_tokens_scan(st, 0, &marked));
+  CHECK(marked == 0, "a cheap scan reads records with checksums");
+  CHECK_OK(blip_store_tokens_scan(st, 1, &marked));
+  CHECK_OK(blip_store_tokens_lost(st, &lost, &nlost));
+  CHECK(marked == 1 && nlost == 1 && lost[0] == ids[3], "full scan: %lld marked, %lld lost", (long long)marked,
+        (long long)nlost);
+  uint64_t fp = rows[3].fingerprint;
+  CHECK_OK(blip_store_put_tokens(st, 1, &ids[3], &fp, toks + 3 * T * DV));
+  CHECK_OK(blip_store_tokens(st, ids[3], back));
+  float worst = 0;
+  for (int i = 0; i < T * DV; i++) worst = fmaxf(worst, fabsf(back[i] - toks[3 * T * DV + i]));
+  CHECK(worst < 0.01f, "rewritten record: max|err| %g", worst);
+  CHECK_OK(blip_store_verify(st));
+  blip_store_close(st);
+  free(lost);
+  free(toks);
+  free(back);
+}
+
 int main(void) {
   snprintf(g_tmp, sizeof g_tmp, "/tmp/blip_test_store.XXXXXX");
   if (!mkdtemp(g_tmp)) return 1;
@@ -664,6 +809,8 @@ int main(void) {
   test_tokens_itm_error();
   test_full_disk();
   test_concurrent_reader();
+  test_damaged_cache();
+  test_damaged_tokens();
   char cmd[400];
   snprintf(cmd, sizeof cmd, "rm -rf %s", g_tmp);
   if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", g_tmp);
