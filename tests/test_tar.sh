@@ -112,6 +112,22 @@ c=$(diff <(cut -f1,2,4 "$T/d0") <(cut -f1,2,4 "$T/d1") | grep -c '^>')
 [[ $c == 1 ]] && grep -q "#img00001.jpg" <(diff "$T/d0" "$T/d1") && ok || bad "rows changed: $c"
 j=$(q --words "boat" "a photo") && [[ $j == *"$P#img00000.jpg"* ]] && ok || bad "changed caption: $j"
 
+# blip-serve serves a member from inside its tar, and its thumbnail
+PYTHONPATH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd) python3 - "$BIN" "$MODEL" "$T" "$P" "$L" <<'PY' && ok || bad "blip-serve of a member"
+import json, subprocess, sys
+from serve_lib import Server
+BIN, MODEL, T, P, L = sys.argv[1:6]
+ids = {h["path"]: h["id"] for h in json.loads(subprocess.check_output(
+    [BIN + "/blip-query", "--db", T + "/db", "--model", MODEL, "--json", "-n", "20", "a photo"]))}
+s = Server(BIN + "/blip-serve", T + "/db", MODEL, log=T + "/serve.log")
+try:
+    st, h, d = s.get("/api/photo/%d" % ids[P + "#img00004.png"])
+    assert st == 200 and d == open(L + "/img00004.png", "rb").read() and h.get("content-type") == "image/png", (st, h)
+    st, h, d = s.get("/api/thumb/%d" % ids[P + "#img00005.webp"])
+    assert st == 200 and d[:3] == b"\xff\xd8\xff", (st, h, d[:40])
+finally:
+    s.stop()
+PY
 # a deleted tar deletes its rows
 rm "$T/lib/00001.tar"
 out=$(idx "$T/db" "$T/lib") || bad "deleted tar exit"
