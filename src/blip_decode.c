@@ -556,13 +556,8 @@ static int member_to_memfd(const char *path, int64_t max_bytes, int *mfd, blip_d
   int64_t mt = 0;
   int rc = blip_tar_read(path, max_bytes, &b, &n, &mt), m = -1;
   if (rc) return rc;
-  size_t off = 0;
-  ssize_t w = 0;
-  if ((m = memfd_create("blip-decode", MFD_CLOEXEC)) >= 0)
-    while (off < n && ((w = write(m, b + off, n - off)) > 0 || (w < 0 && errno == EINTR))) off += w > 0 ? (size_t)w : 0;
-  if (m < 0 || off < n) {
+  if ((m = blip_tar_memfd(b, n)) < 0) {
     rc = blip_err_set(BLIP_ENOMEM, "%s: no memory for its %zu bytes: %s", path, n, strerror(errno));
-    if (m >= 0) close(m);
   } else {
     *info = (blip_decode_info){1, (int64_t)n, mt, XXH3_64bits(b, n)};
     *mfd = m;

@@ -1035,11 +1035,7 @@ static int open_member(const row_info *r, size_t cut, int *fd, struct stat *st) 
   }
   e = 409;
   if ((int64_t)n != r->size || XXH3_64bits(b, n) != r->fp) goto done;
-  size_t off = 0;
-  ssize_t w = 0;
-  if ((m = memfd_create("blip-serve", MFD_CLOEXEC)) < 0) goto done;
-  while (off < n && ((w = write(m, b + off, n - off)) > 0 || (w < 0 && errno == EINTR))) off += w > 0 ? (size_t)w : 0;
-  if (off < n || lseek(m, 0, SEEK_SET) || fstat(m, st)) goto done;
+  if ((m = blip_tar_memfd(b, n)) < 0 || fstat(m, st)) goto done;
   *fd = m;
   m = -1;
   e = 0;

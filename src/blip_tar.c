@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -91,6 +92,21 @@ int blip_tar_each(const char *path, int64_t max_bytes, blip_tar_fn fn, void *ctx
   }
   if (a) archive_read_free(a);
   return rc;
+}
+
+int blip_tar_memfd(const uint8_t *bytes, size_t n) {
+  int m = memfd_create("blip-tar", MFD_CLOEXEC), e;
+  size_t off = 0;
+  ssize_t w = 0;
+  while (m >= 0 && off < n && ((w = write(m, bytes + off, n - off)) > 0 || (w < 0 && errno == EINTR)))
+    off += w > 0 ? (size_t)w : 0;
+  if (m >= 0 && (off < n || lseek(m, 0, SEEK_SET))) {
+    e = off < n && w == 0 ? ENOSPC : errno;
+    close(m);
+    errno = e;
+    m = -1;
+  }
+  return m;
 }
 
 /* ---- blip_tar_read: one forward reader per thread ---- */

@@ -29,6 +29,8 @@ int blip_tar_each(const char *path, int64_t max_bytes, blip_tar_fn fn, void *ctx
  * member rewinds to the start). BLIP_ENOTFOUND when there is no such member,
  * BLIP_ETOOBIG over max_bytes. */
 int blip_tar_read(const char *path, int64_t max_bytes, uint8_t **bytes, size_t *n, int64_t *tar_mtime_ns);
+/* A memfd holding bytes[0..n), at offset 0 (to hand a member on as a file); -1 with errno on failure. */
+int blip_tar_memfd(const uint8_t *bytes, size_t n);
 /* Close this thread's reader (optional; a thread's next read reopens). */
 void blip_tar_read_close(void);
 
