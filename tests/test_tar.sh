@@ -138,4 +138,11 @@ out=$(idx "$T/db2" "$P") || bad "tar root exit"
 expect root "$out" added=7 failed=1
 out=$(idx "$T/db2" "$P") && expect root-rerun "$out" unchanged=8 added=0 deleted=0
 
+# a tar cut short (a copy in progress): what was read is kept, the members past the cut go offline, none deleted
+sz=$(stat -c %s "$P"); truncate -s $((sz / 2)) "$P"; touch -d 2021-01-01 "$P"
+out=$(idx "$T/db2" "$P" 2>"$T/err") || bad "cut tar exit"
+expect cut "$out" deleted=0 skipped=1
+off=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["offline"])' "$out")
+(( off > 0 && off < 8 )) && ok || bad "cut tar: $off offline: $out"
+
 tally
