@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include <jansson.h>
+#include <xxhash.h>
 
 #include "blip_arg.h"
 #include "blip_capindex.h"
@@ -48,11 +49,14 @@
 #include "blip_out.h"
 #include "blip_shard.h"
 #include "blip_store.h"
+#include "blip_tar.h"
 
 static const char USAGE[] =
     "usage: blip-index [options] PATH...\n"
     "       blip-index merge --db OUT SHARD_DIR...\n"
     "Index every image under PATH... for blipsearch, or bring the index up to date.\n"
+    "A PATH, or a file under one, may be a webdataset .tar shard (img2dataset): its images are\n"
+    "indexed in place as TAR#MEMBER (e.g. /data/00000.tar#000000123.jpg), KEY.txt as their caption.\n"
     "\n"
     "  --db DIR           index directory (default $BLIPSEARCH_DB, else\n"
     "                     $XDG_DATA_HOME/blipsearch, else ~/.local/share/blipsearch)\n"
@@ -111,6 +115,8 @@ typedef struct {
   int64_t replace; /* row superseded (changed file) */
   uint64_t fp;
   int has_fp;
+  int tar;       /* a webdataset tar, expanded into its members before classifying */
+  char *caption; /* a tar member's KEY.txt */
 } item;
 
 typedef struct {
@@ -128,12 +134,12 @@ static int items_push(items *l, const char *path, int64_t size, int64_t mtime_ns
   }
   char *p = strdup(path);
   if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  l->v[l->n++] = (item){p, 0, size, mtime_ns, 0, 0, 0};
+  l->v[l->n++] = (item){.path = p, .size = size, .mtime_ns = mtime_ns};
   return BLIP_OK;
 }
 
 static void items_free(items *l) {
-  for (int64_t i = 0; i < l->n; i++) free(l->v[i].path);
+  for (int64_t i = 0; i < l->n; i++) free(l->v[i].path), free(l->v[i].caption);
   free(l->v);
 }
 
@@ -202,7 +208,10 @@ static int visit_dir_once(walker *w, const struct stat *sb) {
 static int walk(walker *w, const char *path, const struct stat *sb) {
   if (S_ISREG(sb->st_mode)) {
     int rc = items_push(w->out, path, sb->st_size, (int64_t)sb->st_mtim.tv_sec * 1000000000 + sb->st_mtim.tv_nsec);
-    if (!rc) w->out->v[w->out->n - 1].root = w->root;
+    if (!rc) {
+      w->out->v[w->out->n - 1].root = w->root;
+      w->out->v[w->out->n - 1].tar = blip_tar_is_tar(path);
+    }
     return rc;
   }
   if (!S_ISDIR(sb->st_mode)) return skip(w, path, "not a regular file or a folder"); /* FIFO, device, socket */
@@ -235,7 +244,7 @@ static int walk(walker *w, const char *path, const struct stat *sb) {
       if (errno != ENOENT && errno != ENOTDIR) rc = items_push(&w->unread, child, 0, 0);
       continue;
     }
-    if (!S_ISDIR(cs.st_mode) && !is_image(e->d_name)) continue;
+    if (!S_ISDIR(cs.st_mode) && !is_image(e->d_name) && !blip_tar_is_tar(e->d_name)) continue;
     if (S_ISDIR(cs.st_mode) && cs.st_dev != sb->st_dev && (rc = items_push(&w->mounts, child, (int64_t)cs.st_dev, 0)))
       break;
     /* a folder reached through a link is walked last, so that a file reachable
@@ -251,6 +260,96 @@ static int walk(walker *w, const char *path, const struct stat *sb) {
     rc = items_push(&w->unread, path, 0, 0);
   }
   closedir(d);
+  return rc;
+}
+
+/* ---- webdataset tars ----
+ * A .tar found by the walk stands for its image members, "TAR#MEMBER"
+ * (blip_tar.h). A tar whose rows all record its current mtime is unchanged
+ * and not opened. Else it is read once, start to end: each image member
+ * becomes an item with its size, the tar's mtime and the XXH3-64 of its
+ * bytes (so classifying compares content without reading it again), and
+ * KEY.txt becomes the caption of the image KEY.EXT (webdataset's key: the
+ * name up to the first '.' of its last component). A tar that cannot be read
+ * to its end keeps the rows of what was not read offline, like an unreadable
+ * folder. */
+
+typedef struct {
+  walker *w;
+  items *out, caps; /* caps: path = KEY, caption = KEY.txt's text */
+  const char *tar;
+  int64_t mtime_ns;
+} tar_ctx;
+
+/* Length of member name's webdataset key. */
+static size_t tar_key_len(const char *name) {
+  const char *base = strrchr(name, '/'), *dot = strchr(base ? base + 1 : name, '.');
+  return dot ? (size_t)(dot - name) : strlen(name);
+}
+
+static int tar_member(void *ctx, const char *name, const uint8_t *bytes, size_t n, int64_t mtime_ns) {
+  (void)mtime_ns; /* rows record the tar's mtime: the version of the tar they were read from */
+  tar_ctx *t = ctx;
+  size_t k = tar_key_len(name);
+  if (!strcasecmp(name + k, ".txt")) {
+    char *key = strndup(name, k), *text = bytes ? strndup((const char *)bytes, n) : NULL;
+    int rc = key && (text || !bytes) ? items_push(&t->caps, key, 0, 0) : blip_err_set(BLIP_ENOMEM, "out of memory");
+    if (!rc) t->caps.v[t->caps.n - 1].caption = text, text = NULL;
+    free(key);
+    free(text);
+    return rc;
+  }
+  if (!is_image(name)) return BLIP_OK; /* KEY.json and the rest */
+  char *path = NULL;
+  if (asprintf(&path, "%s#%s", t->tar, name) < 0) return blip_err_set(BLIP_ENOMEM, "out of memory");
+  int rc = bytes ? items_push(t->out, path, (int64_t)n, t->mtime_ns) : skip(t->w, path, "too large");
+  if (!rc && bytes) t->out->v[t->out->n - 1].fp = XXH3_64bits(bytes, n), t->out->v[t->out->n - 1].has_fp = 1;
+  free(path);
+  return rc;
+}
+
+/* Replace found->v[at], a tar, by its members (appended: sort after); *unchanged counts an unchanged tar's rows. */
+static int expand_tar(walker *w, blip_store *st, items *found, int64_t at, items *absent, int64_t *unchanged) {
+  const char *tar = found->v[at].path; /* stable: found->v may move, its strings do not */
+  int64_t mtime_ns = found->v[at].mtime_ns, n = 0, first = found->n;
+  int rc = st ? blip_store_scan_tar(st, tar, mtime_ns, &n) : BLIP_OK;
+  if (rc || n) {
+    *unchanged += n;
+    return rc;
+  }
+  blip_img_opts dflt;
+  blip_img_opts_default(&dflt);
+  tar_ctx t = {w, found, {0}, tar, mtime_ns};
+  if ((rc = blip_tar_each(tar, dflt.max_file_bytes, tar_member, &t)) && rc != BLIP_ENOMEM)
+    if (!(rc = skip(w, tar, blip_err_last()))) rc = items_push(absent, tar, 0, 0);
+  if (t.caps.n) qsort(t.caps.v, (size_t)t.caps.n, sizeof *t.caps.v, cmp_item);
+  for (int64_t i = first; i < found->n && !rc && t.caps.n; i++) {
+    const char *name = found->v[i].path + strlen(tar) + 1;
+    item key = {0}, *c;
+    if (!(key.path = strndup(name, tar_key_len(name)))) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+    else if ((c = bsearch(&key, t.caps.v, (size_t)t.caps.n, sizeof *c, cmp_item)) && c->caption)
+      rc = (found->v[i].caption = strdup(c->caption)) ? BLIP_OK : blip_err_set(BLIP_ENOMEM, "out of memory");
+    free(key.path);
+  }
+  items_free(&t.caps);
+  return rc;
+}
+
+/* Store the captions of the members of the tars read in this run. */
+static int store_tar_captions(blip_store *st, const items *found) {
+  int64_t *ids = malloc((size_t)(found->n + 1) * sizeof *ids);
+  const char **caps = malloc((size_t)(found->n + 1) * sizeof *caps);
+  int rc = ids && caps ? BLIP_OK : blip_err_set(BLIP_ENOMEM, "out of memory"), n = 0;
+  for (int64_t i = 0; i < found->n && !rc; i++) {
+    const item *it = &found->v[i];
+    blip_scan_kind kind;
+    int64_t id = 0;
+    if (it->caption && !(rc = blip_store_scan_file(st, it->path, it->size, it->mtime_ns, &kind, &id)) && id)
+      ids[n] = id, caps[n++] = it->caption;
+  }
+  if (!rc && n) rc = blip_store_set_captions(st, ids, caps, n);
+  free(ids);
+  free(caps);
   return rc;
 }
 
@@ -271,7 +370,7 @@ static int under(const char *path, const char *dir) {
   size_t n = strlen(dir);
   while (n > 1 && dir[n - 1] == '/') n--;
   if (n == 1 && dir[0] == '/') return 1;
-  return strncmp(path, dir, n) == 0 && (path[n] == 0 || path[n] == '/');
+  return strncmp(path, dir, n) == 0 && (path[n] == 0 || path[n] == '/' || path[n] == '#'); /* '#': tar members */
 }
 
 static int under_any(const items *dirs, const char *path) {
@@ -761,7 +860,8 @@ int main(int argc, char **argv) {
     if (missing[i]) continue;
     w.root = i;
     if (stat(roots[i], &sb) != 0) rc = skip(&w, roots[i], strerror(errno));
-    else if (S_ISREG(sb.st_mode) && !is_image(roots[i])) rc = skip(&w, roots[i], "not an image (by its extension)");
+    else if (S_ISREG(sb.st_mode) && !is_image(roots[i]) && !blip_tar_is_tar(roots[i]))
+      rc = skip(&w, roots[i], "not an image or a .tar (by its extension)");
     else if (S_ISDIR(sb.st_mode) && (rc = items_push(&w.mounts, roots[i], (int64_t)sb.st_dev, 0))) break;
     else if (S_ISDIR(sb.st_mode) && dir_empty(roots[i]) && (rc = items_push(&w.unread, roots[i], 0, 0))) break;
     else rc = walk(&w, roots[i], &sb);
@@ -797,10 +897,16 @@ int main(int argc, char **argv) {
 
   /* classify; moves and touches go in one transaction */
   if (st && (rc = blip_store_scan_begin(st))) goto fail;
+  for (int64_t i = 0, n = found.n; i < n && !rc && !g_stop; i++)
+    if (found.v[i].tar) rc = expand_tar(&w, st, &found, i, &absent, &cn.unchanged);
+  if (rc) goto fail;
+  if (found.n) qsort(found.v, (size_t)found.n, sizeof *found.v, cmp_item);
   if (st && !dry && (rc = blip_store_begin(st))) goto fail;
   for (int64_t i = 0; i < found.n && !g_stop; i++) {
     item *it = &found.v[i];
     blip_scan_kind kind = BLIP_SCAN_NEW;
+    if (it->tar || (i && !strcmp(it->path, found.v[i - 1].path))) continue; /* a tar stands for its members; a
+                                                                                * name twice in a tar is one photo */
     int64_t rid = 0, src = 0;
     if (st && (rc = blip_store_scan_file(st, it->path, it->size, it->mtime_ns, &kind, &rid))) break;
     if (kind != BLIP_SCAN_NEW) note_indexed(&changed, it->path);
@@ -809,7 +915,8 @@ int main(int argc, char **argv) {
       continue;
     }
     /* a new file needs its fingerprint now only if it could be a move */
-    if (kind != BLIP_SCAN_RETRY && (kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
+    if (!it->has_fp && kind != BLIP_SCAN_RETRY &&
+        (kind == BLIP_SCAN_CHANGED || (st && blip_store_size_known(st, it->size)))) {
       blip_decode_info fi;
       blip_img_opts dflt;
       blip_img_opts_default(&dflt);
@@ -921,6 +1028,7 @@ int main(int argc, char **argv) {
   cn.unrepaired = ic.unrepaired;
   if (rc == BLIP_EINTR || (rc == BLIP_OK && g_stop)) goto interrupted;
   if (rc) goto fail;
+  if ((rc = store_tar_captions(st, &found))) goto fail;
   flushing = 1; /* every batch is committed: only the derived cache is left to write */
   if ((rc = blip_store_flush(st))) goto fail;
   if (capm) {

@@ -17,6 +17,7 @@
 
 #include "blip_arg.h"
 #include "blip_decode.h"
+#include "blip_tar.h"
 #include "blip_err.h"
 #include "blip_img.h"
 #include "blip_kern.h"
@@ -267,7 +268,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "blip-query: -0 goes with --paths\n");
     goto out;
   }
-  if (image && blip_arg_regular_file(image)) goto fail; /* a FIFO would block the decoder */
+  if (image && !(blip_tar_split(image) && access(image, F_OK) != 0) && blip_arg_regular_file(image))
+    goto fail; /* (a TAR#MEMBER path reads its tar, checked there) */ /* a FIFO would block the decoder */
   if (o.threshold >= 0 && (o.rerank == 0 || (image && !rank_texts))) {
     fprintf(stderr, "blip-query: --threshold needs the ITM rerank: a text query (or --image with texts) and --rerank >= 1\n");
     goto out;

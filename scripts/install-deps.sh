@@ -11,7 +11,7 @@ set -euo pipefail
 PKGS=(build-essential cmake pkg-config git ca-certificates curl
       libfaiss-dev libopenblas-openmp-dev liblapack-dev
       libsqlite3-dev sqlite3 libvips-dev libdnnl-dev
-      libutf8proc-dev libxxhash-dev libjansson-dev libzip-dev
+      libutf8proc-dev libxxhash-dev libjansson-dev libzip-dev libarchive-dev
       clang libclang-rt-14-dev dpkg-dev python3
       python3-pil python3-numpy  # scripts/gen-pil-cases.py: PIL's reference values
       strace                     # fault injection in the tests (strace -e inject=)

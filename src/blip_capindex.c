@@ -4,13 +4,27 @@
 #include "blip_capindex.h"
 #include "blip_err.h"
 #include "blip_img.h"
+#include "blip_tar.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 void blip_capindex_identity(const blip_model *cap, char *buf, size_t n) {
   snprintf(buf, n, "%s/%s", blip_model_fingerprint(cap), blip_model_precision_name(blip_model_precision(cap)));
+}
+
+/* A photo's pixels, also from inside a webdataset tar ("TAR#MEMBER", blip_tar.h). */
+static int load(const char *path, const blip_img_opts *io, float *out) {
+  if (!blip_tar_split(path) || access(path, F_OK) == 0) return blip_img_load_file(path, io, out, NULL, NULL);
+  uint8_t *b = NULL;
+  size_t n = 0;
+  int64_t mt;
+  int rc = blip_tar_read(path, io->max_file_bytes, &b, &n, &mt);
+  if (!rc) rc = blip_img_load_memory(b, n, path, io, out, NULL, NULL);
+  free(b);
+  return rc;
 }
 
 int blip_capindex_run(blip_model *cap, blip_store *st, const blip_cap_opts *gen, const blip_capindex_opts *o, int64_t *done,
@@ -39,7 +53,7 @@ int blip_capindex_run(blip_model *cap, blip_store *st, const blip_cap_opts *gen,
     }
     const int b = n - i < B ? (int)(n - i) : B;
 #pragma omp parallel for num_threads(o->threads > 0 ? o->threads : 1) schedule(dynamic)
-    for (int k = 0; k < b; k++) ok[k] = blip_img_load_file(paths[i + k], &io, px + (size_t)k * PX, NULL, NULL) == BLIP_OK;
+    for (int k = 0; k < b; k++) ok[k] = load(paths[i + k], &io, px + (size_t)k * PX) == BLIP_OK;
     int m = 0; /* pack the decoded images */
     for (int k = 0; k < b; k++)
       if (ok[k]) {

@@ -65,6 +65,7 @@
 #include <xxhash.h>
 
 #include "blip_err.h"
+#include "blip_tar.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define SANITIZED 1
@@ -547,11 +548,31 @@ int blip_decode_fingerprint(const char *path, int64_t max_bytes, blip_decode_inf
   return rc;
 }
 
+/* A shard member's bytes (blip_tar.h) in a memfd, hashed; size is the
+ * member's, mtime the tar's (the version of the tar they came from). */
+static int member_to_memfd(const char *path, int64_t max_bytes, int *mfd, blip_decode_info *info) {
+  uint8_t *b = NULL;
+  size_t n = 0;
+  int64_t mt = 0;
+  int rc = blip_tar_read(path, max_bytes, &b, &n, &mt), m = -1;
+  if (rc) return rc;
+  if ((m = blip_tar_memfd(b, n)) < 0) {
+    rc = blip_err_set(BLIP_ENOMEM, "%s: no memory for its %zu bytes: %s", path, n, strerror(errno));
+  } else {
+    *info = (blip_decode_info){1, (int64_t)n, mt, XXH3_64bits(b, n)};
+    *mfd = m;
+  }
+  free(b);
+  return rc;
+}
+
 /* The file's bytes in a memfd, hashed on the way. */
 static int read_to_memfd(const char *path, int64_t max_bytes, int *mfd, blip_decode_info *info) {
   int fd = -1;
   blip_img_stat st;
   *mfd = -1;
+  if (blip_tar_split(path) && access(path, F_OK) != 0 && errno == ENOENT) /* "TAR#MEMBER", no such plain file */
+    return member_to_memfd(path, max_bytes, mfd, info);
   int rc = blip_img_open(path, max_bytes, &fd, &st);
   if (rc) return rc;
   void *map = MAP_FAILED;

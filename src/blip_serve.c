@@ -44,6 +44,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <vips/vips.h>
+#include <xxhash.h>
 
 #include "blip_arg.h"
 #include "blip_decode.h"
@@ -53,6 +54,7 @@
 #include "blip_model.h"
 #include "blip_out.h"
 #include "blip_store.h"
+#include "blip_tar.h"
 
 #define MAX_ARGS 32
 #define BATCH_MAX 16 /* text queries per encoder batch */
@@ -1012,11 +1014,46 @@ static json_t *knn_json(blip_serve *sv, const job *j, const void *ctx) {
 
 /* ---- files ---- */
 
+/* A photo inside a webdataset tar ("TAR#MEMBER", blip_tar.h): the tar is
+ * checked as a file is, the member's bytes against the row, and they are
+ * served from a memfd (thumbnails read it like a file). */
+static int open_member(const row_info *r, size_t cut, int *fd, struct stat *st) {
+  char *tar = strndup(r->path, cut), *rp = NULL;
+  uint8_t *b = NULL;
+  size_t n = 0;
+  int64_t mt;
+  struct stat ls;
+  int e = 410, m = -1, rc;
+  if (!tar || lstat(tar, &ls)) goto done;
+  if (S_ISLNK(ls.st_mode) || !(rp = realpath(tar, NULL)) || strcmp(rp, tar)) {
+    e = rp || S_ISLNK(ls.st_mode) ? 403 : 410;
+    goto done;
+  }
+  if ((rc = blip_tar_read(r->path, r->size, &b, &n, &mt))) { /* a larger member is a changed one */
+    e = rc == BLIP_ETOOBIG ? 409 : 410;
+    goto done;
+  }
+  e = 409;
+  if ((int64_t)n != r->size || XXH3_64bits(b, n) != r->fp) goto done;
+  if ((m = blip_tar_memfd(b, n)) < 0 || fstat(m, st)) goto done;
+  *fd = m;
+  m = -1;
+  e = 0;
+done:
+  if (m >= 0) close(m);
+  free(b);
+  free(rp);
+  free(tar);
+  return e;
+}
+
 /* Open row id's file after checking it is still the indexed one. */
 static int open_indexed(blip_serve *sv, int64_t id, row_info *r, int *fd, struct stat *st) {
   *fd = -1;
   if (meta_row(sv, id, r, 0)) return 404;
   struct stat ls;
+  size_t cut = blip_tar_split(r->path);
+  if (cut && lstat(r->path, &ls) && errno == ENOENT) return open_member(r, cut, fd, st);
   if (lstat(r->path, &ls)) return 410;
   if (S_ISLNK(ls.st_mode)) return 403;
   char *rp = realpath(r->path, NULL);

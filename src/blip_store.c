@@ -797,7 +797,29 @@ static int under_root(const char *path, const char *root) {
   size_t n = strlen(root);
   while (n > 1 && root[n - 1] == '/') n--;
   if (strncmp(path, root, n) != 0) return 0;
-  return path[n] == 0 || path[n] == '/' || (n == 1 && root[0] == '/');
+  return path[n] == 0 || path[n] == '/' || path[n] == '#' || (n == 1 && root[0] == '/'); /* '#': a tar's members */
+}
+
+int blip_store_scan_tar(blip_store *st, const char *tar, int64_t mtime_ns, int64_t *n) {
+  sqlite3_stmt *s = NULL;
+  *n = 0;
+  /* "TAR#..." sorts between "TAR#" and "TAR$" ('$' follows '#') */
+  int rc = prep(st, "SELECT id, mtime_ns = ?2 AND NOT (state='error' AND retry) FROM images "
+                    "WHERE path > ?1 || '#' AND path < ?1 || '$'", &s), r, all = 1;
+  if (rc) return rc;
+  sqlite3_bind_text(s, 1, tar, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(s, 2, mtime_ns);
+  int64_t cnt = 0;
+  while ((r = sqlite3_step(s)) == SQLITE_ROW) all &= sqlite3_column_int(s, 1), cnt++;
+  if (r != SQLITE_DONE) rc = db_err(st, "list a tar's members");
+  sqlite3_reset(s);
+  if (!rc && all && cnt) {
+    while (!rc && (r = sqlite3_step(s)) == SQLITE_ROW) rc = seen_mark(st, sqlite3_column_int64(s, 0));
+    if (!rc && r != SQLITE_DONE) rc = db_err(st, "list a tar's members");
+    if (!rc) *n = cnt;
+  }
+  sqlite3_finalize(s);
+  return rc;
 }
 
 int blip_store_scan_unseen(blip_store *st, const char *const *roots, int nroots, int64_t **ids, int64_t *n) {

@@ -110,6 +110,10 @@ int blip_store_touch(blip_store *st, int64_t id, int64_t size, int64_t mtime_ns)
 /* Ids of rows not seen in this scan whose path is under one of roots
  * (absolute directory or file paths). *ids is malloc'd; caller frees. */
 int blip_store_scan_unseen(blip_store *st, const char *const *roots, int nroots, int64_t **ids, int64_t *n);
+/* A webdataset tar (blip_tar.h) whose member rows ("TAR#MEMBER") all record
+ * mtime_ns, the tar's, and none waits for a retry, is unchanged: its rows are
+ * marked seen and *n is their count; else *n = 0 and the tar is read again. */
+int blip_store_scan_tar(blip_store *st, const char *tar, int64_t mtime_ns, int64_t *n);
 /* End a scan's offline bookkeeping in one transaction: rows ids[0..n) (not
  * seen: under a folder that could not be read or a drive that is not there)
  * go offline, and every offline row seen in this scan comes back online.
