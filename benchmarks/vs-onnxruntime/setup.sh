@@ -9,7 +9,9 @@ cd "$(dirname "$0")"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 missing=()
-for p in python3-onnx python3-numpy nodejs npm; do
+pkgs=(python3-onnx python3-numpy)
+command -v npm >/dev/null || pkgs+=(nodejs npm) # a node installed otherwise will do
+for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
