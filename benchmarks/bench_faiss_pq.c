@@ -11,7 +11,7 @@
  * several nprobe, with and without an exact re-score of the top 4k (what
  * blipsearch does with the SQLite features), and the query process's resident
  * memory after loading the file memory-mapped and answering the queries.
- * Usage: bench_faiss_pq [--sizes 1000000,10000000] [--nq 100] [--threads N] */
+ * Usage: bench_faiss_pq [--sizes 1000000,10000000] [--nq 100] [--threads N] [--no-opq] */
 #include <getopt.h>
 #include <math.h>
 #include <stdint.h>
@@ -212,16 +212,17 @@ static void run(const dataset *d, const char *desc, const float *q, int nq, cons
 
 int main(int argc, char **argv) {
   int64_t sizes[8] = {1000000, 10000000};
-  int ns = 2, nq = 100, threads = 0;
-  static const struct option lo[] = {{"sizes", 1, 0, 's'}, {"nq", 1, 0, 'q'}, {"threads", 1, 0, 't'}, {"help", 0, 0, 'h'}, {0}};
+  int ns = 2, nq = 100, threads = 0, opq = 1;
+  static const struct option lo[] = {{"sizes", 1, 0, 's'}, {"nq", 1, 0, 'q'}, {"threads", 1, 0, 't'}, {"no-opq", 0, 0, 'o'}, {"help", 0, 0, 'h'}, {0}};
   for (int c; (c = getopt_long(argc, argv, "", lo, NULL)) != -1;) {
     if (c == 's') {
       ns = 0;
       for (char *t = strtok(optarg, ","); t && ns < 8; t = strtok(NULL, ",")) sizes[ns++] = atoll(t);
     } else if (c == 'q') nq = atoi(optarg);
     else if (c == 't') threads = atoi(optarg);
+    else if (c == 'o') opq = 0;
     else {
-      printf("usage: bench_faiss_pq [--sizes 1000000,10000000] [--nq 100] [--threads N]\n");
+      printf("usage: bench_faiss_pq [--sizes 1000000,10000000] [--nq 100] [--threads N] [--no-opq]\n");
       return c == 'h' ? 0 : 2;
     }
   }
@@ -260,7 +261,7 @@ int main(int argc, char **argv) {
     snprintf(desc, sizeof desc, "IVF%d,PQ32", nlist);
     run(&d, desc, q, nq, gt, dir);
     snprintf(desc, sizeof desc, "OPQ32,IVF%d,PQ32", nlist);
-    run(&d, desc, q, nq, gt, dir);
+    if (opq) run(&d, desc, q, nq, gt, dir);
     free(q);
     free(gt);
     free(d.cent);
