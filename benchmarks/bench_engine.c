@@ -169,16 +169,18 @@ static int run_all(const blip_cfg *c, blip_model **m, int np, const int *precs, 
   return 0;
 }
 
-/* VmRSS or VmHWM of this process in KiB (Linux /proc), -1 if unknown. */
-static long proc_kib(const char *key) {
+/* VmRSS and VmHWM of this process in KiB (Linux /proc; -1 if unknown), from
+ * one read: the kernel computes both in one snapshot with HWM >= RSS, which
+ * two reads do not keep when memory is freed between them. */
+static void proc_mem(long *rss, long *hwm) {
   FILE *f = fopen("/proc/self/status", "r");
   char line[256];
-  long v = -1;
-  size_t kl = strlen(key);
-  while (f && fgets(line, sizeof line, f))
-    if (!strncmp(line, key, kl) && line[kl] == ':') v = atol(line + kl + 1);
+  *rss = *hwm = -1;
+  while (f && fgets(line, sizeof line, f)) {
+    if (!strncmp(line, "VmRSS:", 6)) *rss = atol(line + 6);
+    if (!strncmp(line, "VmHWM:", 6)) *hwm = atol(line + 6);
+  }
   if (f) fclose(f);
-  return v;
 }
 
 /* Reset the peak-RSS mark (Linux: "5" to clear_refs), so that the peak of
@@ -200,7 +202,8 @@ static int run_memory(const blip_cfg *c, blip_prec prec, const char *what, int j
   if (blip_model_random(c, &o, 1, &m)) return -1;
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
-  long load_peak = ru.ru_maxrss, loaded = proc_kib("VmRSS");
+  long load_peak = ru.ru_maxrss, loaded, hwm;
+  proc_mem(&loaded, &hwm);
   int reset = reset_hwm() == 0;
   const int S = c->image_size, T = c->v_tokens;
   int rc = -1, query = !strcmp(what, "query");
@@ -222,7 +225,8 @@ static int run_memory(const blip_cfg *c, blip_prec prec, const char *what, int j
       goto done;
   }
   getrusage(RUSAGE_SELF, &ru);
-  long work_peak = reset ? proc_kib("VmHWM") : ru.ru_maxrss;
+  long rss, work_peak = ru.ru_maxrss;
+  if (reset) proc_mem(&rss, &work_peak);
   if (json)
     printf("{\"precision\":\"%s\",\"workload\":\"%s\",\"load_peak_rss_mib\":%.1f,\"loaded_rss_mib\":%.1f,\"workload_peak_rss_mib\":%.1f}\n",
            blip_model_precision_name(prec), what, load_peak / 1024.0, loaded / 1024.0, work_peak / 1024.0);
@@ -320,7 +324,8 @@ static int serve(const char *model_dir, const char *inputs, blip_prec prec, int 
   }
   if (read_f32(inputs, "pixels.f32", px, (size_t)8 * 3 * S * S) || read_f32(inputs, "itm_images.f32", imgs, (size_t)KMAX * T * D))
     goto done;
-  long load_hwm = proc_kib("VmHWM");
+  long load_rss, load_hwm;
+  proc_mem(&load_rss, &load_hwm);
   int reset = reset_hwm() == 0;
   printf("{\"engine\":\"blipsearch\",\"precision\":\"%s\",\"load_s\":%.3f,\"load_peak_rss_mib\":%.1f}\n", blip_model_precision_name(prec),
          load_s, load_hwm / 1024.0);
@@ -354,7 +359,9 @@ static int serve(const char *model_dir, const char *inputs, blip_prec prec, int 
       printf("{\"read_gb_s\":%.2f,\"text_weight_mb\":%.1f,\"vision_gflop\":%.3f}\n", bandwidth(threads, 3) / 1e9,
              text_weight_bytes(c, prec) / 1e6, vision_flops(c) / 1e9);
     } else if (!strcmp(cmd, "rss")) {
-      printf("{\"rss_mib\":%.1f,\"peak_rss_mib\":%.1f,\"peak_since_load\":%s}\n", proc_kib("VmRSS") / 1024.0, proc_kib("VmHWM") / 1024.0,
+      long rss, hwm;
+      proc_mem(&rss, &hwm);
+      printf("{\"rss_mib\":%.1f,\"peak_rss_mib\":%.1f,\"peak_since_load\":%s}\n", rss / 1024.0, hwm / 1024.0,
              reset ? "true" : "false");
     } else {
       printf("{\"error\":\"unknown command\"}\n");
