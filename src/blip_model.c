@@ -794,48 +794,74 @@ done:
   return rc;
 }
 
-int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *const *images, int k, blip_itm_first first,
-                   int fast, float *logits, float *cls) {
+int blip_model_itm_pairs(blip_model *m, const int32_t *ids, const int *lens, int L, const float *const *images, int n,
+                         blip_itm_first first, int fast, float *logits, float *cls) {
   const blip_cfg *c = &m->cfg;
   const int D = c->t_hidden;
   int rc = check_retrieval(m);
-  if (!rc) rc = check_ids(m, ids, len, len);
+  if (!rc && n <= 0) rc = blip_err_set(BLIP_EINVAL, "itm: %d pairs", n);
+  if (!rc) rc = check_ids(m, ids, (long)n * L, L);
+  for (int i = 0; i < n && !rc; i++)
+    if (lens[i] < 1 || lens[i] > L) rc = blip_err_set(BLIP_EINVAL, "itm: caption %d of %d tokens, rows of %d", i, lens[i], L);
   if (rc) return rc;
-  if (k <= 0) return blip_err_set(BLIP_EINVAL, "itm: %d candidates", k);
   /* bf16/int8 models: the candidates' image tokens in bf16, converted once
    * for all layers of the reassociated cross-attention */
   const int lp = fast && m->opts.precision != BLIP_PREC_F32;
-  const size_t M = (size_t)k * len, TD = (size_t)c->v_tokens * c->t_enc_hidden;
-  const size_t img16 = lp ? ((size_t)k * TD + 1) / 2 : 0; /* floats holding the bf16 copies */
-  float *a = arena(m, M * D + M + text_scratch(c, k, len, 1) + img16);
-  int32_t *tid = malloc((size_t)len * sizeof *tid);
-  const uint16_t **im16 = lp ? malloc((size_t)k * sizeof *im16) : NULL;
+  const size_t M = (size_t)n * L, TD = (size_t)c->v_tokens * c->t_enc_hidden;
+  const size_t img16 = lp ? ((size_t)n * TD + 1) / 2 : 0; /* floats holding the bf16 copies */
+  float *a = arena(m, M * D + M + text_scratch(c, n, L, 1) + img16);
+  int32_t *tid = malloc(M * sizeof *tid);
+  const uint16_t **im16 = lp ? malloc((size_t)n * sizeof *im16) : NULL;
   if (!a || !tid || (lp && !im16)) {
     free(tid);
     free(im16);
     return blip_err_set(BLIP_ENOMEM, "itm: out of memory");
   }
-  float *x = a, *buf = x + M * D + M;
+  float *x = a, *madd = x + M * D, *buf = madd + M;
   if (lp) {
-    uint16_t *dst = (uint16_t *)(void *)(buf + text_scratch(c, k, len, 1));
-    for (int i = 0; i < k; i++) {
+    uint16_t *dst = (uint16_t *)(void *)(buf + text_scratch(c, n, L, 1));
+    for (int i = 0; i < n; i++) {
       blip_k_to_bf16(dst + i * TD, images[i], (long)TD);
       im16[i] = dst + i * TD;
     }
   }
-  memcpy(tid, ids, (size_t)len * sizeof *tid);
-  tid[0] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
-  text_embed(m, x, tid, 1, len, 0);
-  for (int i = 1; i < k; i++) memcpy(x + (size_t)i * len * D, x, (size_t)len * D * sizeof(float));
-  TRY(text_encode(m, x, k, len, NULL, images, im16, fast, NULL, buf));
-  for (int i = 0; i < k; i++) {
-    const float *xi = x + (size_t)i * len * D;
+  /* padding is masked out of the self-attention (exp(-10000) is 0 in f32):
+   * a caption's real rows come out as they do unpadded; cross-attention,
+   * FFN and LayerNorm are per row, so the padded rows change nothing */
+  int padded = 0;
+  memcpy(tid, ids, M * sizeof *tid);
+  for (int i = 0; i < n; i++) {
+    tid[(size_t)i * L] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
+    for (int t = 0; t < L; t++) madd[(size_t)i * L + t] = t < lens[i] ? 0.0f : -10000.0f;
+    padded |= lens[i] < L;
+  }
+  text_embed(m, x, tid, n, L, 0);
+  TRY(text_encode(m, x, n, L, padded ? madd : NULL, images, im16, fast, NULL, buf));
+  for (int i = 0; i < n; i++) {
+    const float *xi = x + (size_t)i * L * D;
     TRY(blip_k_linear_fwd(logits + 2 * i, xi, &m->itm_head, 1));
     if (cls) memcpy(cls + (size_t)i * D, xi, (size_t)D * sizeof(float));
   }
 done:
   free(tid);
   free(im16);
+  return rc;
+}
+
+int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *const *images, int k, blip_itm_first first,
+                   int fast, float *logits, float *cls) {
+  if (k <= 0) return blip_err_set(BLIP_EINVAL, "itm: %d candidates", k);
+  if (len <= 0) return blip_err_set(BLIP_EINVAL, "text: length %d outside 1..%d positions", len, m->cfg.t_max_pos);
+  int32_t *rep = malloc((size_t)k * len * sizeof *rep); /* the caption once per candidate */
+  int *lens = malloc((size_t)k * sizeof *lens);
+  int rc = !rep || !lens ? blip_err_set(BLIP_ENOMEM, "itm: out of memory") : BLIP_OK;
+  for (int i = 0; !rc && i < k; i++) {
+    memcpy(rep + (size_t)i * len, ids, (size_t)len * sizeof *rep);
+    lens[i] = len;
+  }
+  if (!rc) rc = blip_model_itm_pairs(m, rep, lens, len, images, k, first, fast, logits, cls);
+  free(rep);
+  free(lens);
   return rc;
 }
 

@@ -69,6 +69,15 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
 int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *const *images, int k,
                    blip_itm_first first, int fast, float *logits, float *cls);
 
+/* ITM of n (caption, image) pairs, each with its own caption: ids [n, L],
+ * row i holding lens[i] real tokens then padding (any valid ids; masked out
+ * of the self-attention), ids[i*L] replaced per `first`; images[i] as above.
+ * logits [n,2], cls [n,Dt] (may be NULL). blip_model_itm is this with one
+ * caption repeated; the logits of a pair do not depend on its batch (to
+ * float rounding). */
+int blip_model_itm_pairs(blip_model *m, const int32_t *ids, const int *lens, int L, const float *const *images, int n,
+                         blip_itm_first first, int fast, float *logits, float *cls);
+
 /* ITM with an image's cross-attention K/V projected once for all the captions
  * scored against it (the naive path's math, without the per-pair projection).
  * kv: blip_model_itm_kv_floats(m) floats = [t_layers, 2, T, Dt]; blip_model_itm_kv
