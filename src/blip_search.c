@@ -1,10 +1,14 @@
 /* blip_search: see blip_search.h.
  *
  * Design note.
- * - One query = one store search of max(n, K) candidates by cosine, then one
- *   blip_model_itm call over the K best (fast = reassociated cross-attention,
- *   real tokens only), so the text layers run once over a [K, len] batch
- *   (K > 64 goes in calls of 64, which bounds the vision-token buffer).
+ * - One query = one store search of max(n, K) candidates by cosine, then
+ *   ITM over the K best (fast = reassociated cross-attention), so the text
+ *   layers run once over a [K, len] batch. A batch of text queries
+ *   (blip_search_text_batch) shares the text encoder and the ITM calls: the
+ *   (caption, candidate) pairs of all its queries, sorted by caption length
+ *   so that little padding is masked, go to blip_model_itm_pairs 64 at a
+ *   time (which bounds the vision-token buffer). A single query is a batch
+ *   of one: the stages (candidates, rerank, finish) are the same code.
  * - Vision tokens come from the rerank store; a candidate without a record
  *   (index built with --no-rerank-store, or a lost or damaged record) is decoded from
  *   its file with the indexer's preprocessing and run through the vision
@@ -174,19 +178,21 @@ int blip_search_text_feat(blip_model *m, const int32_t *ids, int len, float *fea
   return blip_model_text(m, ids, mask, 1, len, NULL, feat);
 }
 
+/* h's scores from its ITM logits l [no-match, match] and its cosine. */
+static void hit_score(blip_search_hit *h, const float *l, float cosine) {
+  h->cosine = cosine;
+  h->itm_logit = l[1];
+  h->itm_prob = 1.0f / (1.0f + expf(l[0] - l[1]));
+  h->score = l[1] + cosine;
+}
+
 int blip_search_rerank(blip_model *m, const int32_t *ids, int len, const float *const *images, const float *cosine,
                        int k, int naive, blip_search_hit *hits) {
   if (k <= 0) return BLIP_OK;
   float *logits = malloc((size_t)k * 2 * sizeof *logits);
   if (!logits) return blip_err_set(BLIP_ENOMEM, "out of memory");
   int rc = blip_model_itm(m, ids, len, images, k, BLIP_ITM_ENC, !naive, logits, NULL);
-  for (int i = 0; !rc && i < k; i++) {
-    float l0 = logits[2 * i], l1 = logits[2 * i + 1];
-    hits[i].cosine = cosine[i];
-    hits[i].itm_logit = l1;
-    hits[i].itm_prob = 1.0f / (1.0f + expf(l0 - l1));
-    hits[i].score = l1 + cosine[i];
-  }
+  for (int i = 0; !rc && i < k; i++) hit_score(&hits[i], logits + 2 * i, cosine[i]);
   free(logits);
   return rc;
 }
@@ -448,59 +454,34 @@ static int hit_tokens(blip_search *s, blip_search_hit *h, float *pix, float *out
   return rc;
 }
 
-/* Rerank hits[0..k) in place, RERANK_CHUNK candidates per ITM call; hits
- * whose tokens cannot be had are moved behind the others and counted in
- * *dropped, those among them that left the index also in *vanished. */
-static int rerank_hits(blip_search *s, const int32_t *ids, int len, blip_search_hit *hits, int k, int naive,
-                       int *dropped, int *vanished) {
-  const int chunk = k < RERANK_CHUNK ? k : RERANK_CHUNK;
-  size_t per = (size_t)s->T * s->Dv;
-  float *tok = malloc((size_t)chunk * per * sizeof *tok), *pix = malloc((size_t)3 * s->S * s->S * sizeof *pix);
-  const float **img = malloc((size_t)chunk * sizeof *img);
-  float *cos = malloc((size_t)chunk * sizeof *cos);
-  blip_search_hit *tmp = malloc((size_t)k * sizeof *tmp);
-  int rc = BLIP_OK, ok = 0, bad = 0;
-  if (!tok || !pix || !img || !cos || !tmp) {
-    rc = blip_err_set(BLIP_ENOMEM, "out of memory for %d rerank candidates", chunk);
-    goto done;
-  }
-  for (int c0 = 0; c0 < k; c0 += chunk) {
-    int n = 0; /* usable candidates go to the front of tmp, the rest to the back */
-    for (int i = c0; i < k && i < c0 + chunk; i++) {
-      int r = hit_tokens(s, &hits[i], pix, tok + (size_t)n * per);
-      if (r == BLIP_ENOMEM || r == BLIP_EDB) {
-        rc = r;
-        goto done;
-      }
-      if (r) {
-        tmp[k - 1 - bad++] = hits[i];
-        *vanished += r == BLIP_ENOTFOUND;
-        continue;
-      }
-      img[n] = tok + (size_t)n * per;
-      cos[n] = hits[i].cosine;
-      tmp[ok + n++] = hits[i];
-    }
-    if ((rc = blip_search_rerank(s->m, ids, len, img, cos, n, naive, tmp + ok))) goto done;
-    ok += n;
-  }
-  memcpy(hits, tmp, (size_t)k * sizeof *hits);
-  *dropped = bad;
-done:
-  free(tok);
-  free(pix);
-  free(img);
-  free(cos);
-  free(tmp);
-  return rc;
+/* One query through the stages of a search by feature: candidates (filter,
+ * store search), rerank (shared by the queries of a batch), finish. */
+typedef struct {
+  const float *feat;      /* [E] */
+  const int32_t *ids;     /* the caption for ITM ([CLS] .. [SEP], len tokens); NULL = ITC only */
+  int len;
+  const blip_search_opts *o;
+  blip_search_result *res;
+  int rc;                 /* the query's outcome; err (errsz bytes) its message */
+  char *err;
+  size_t errsz;
+  int kr, off, dropped;   /* candidates to rerank, their first slot in the batch's status array, those left out */
+} squery;
+
+static void squery_fail(squery *q, int rc) {
+  q->rc = rc;
+  snprintf(q->err, q->errsz, "%s", blip_err_last());
+  blip_search_result_free(q->res);
 }
 
-/* Search by feature; ids/len != NULL: rerank the top o->rerank with ITM. */
-static int search_feat(blip_search *s, const float *feat, const int32_t *ids, int len, const blip_search_opts *o,
-                       blip_search_result *res) {
+/* Stage 1: the store's best max(n, K) by cosine as hits, the K best first (q->kr of them). */
+static int feat_candidates(blip_search *s, squery *q) {
+  const blip_search_opts *o = q->o;
+  blip_search_result *res = q->res;
   int64_t *allow = NULL, n_allow = 0, *cid = NULL;
   float *ccos = NULL;
-  int active = 0, rc, K = ids ? o->rerank : 0;
+  int active = 0, rc, K = q->ids ? o->rerank : 0;
+  q->kr = 0;
   if (o->n < 1 || K < 0) return blip_err_set(BLIP_EINVAL, "n must be >= 1 and rerank >= 0");
   if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
   if ((rc = allowed_ids(s, &o->filter, &allow, &n_allow, &active))) return rc;
@@ -514,7 +495,7 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
     rc = blip_err_set(BLIP_ENOMEM, "out of memory");
     goto done;
   }
-  int got = blip_store_search(s->st, feat, want, active ? allow : NULL, n_allow, cid, ccos);
+  int got = blip_store_search(s->st, q->feat, want, active ? allow : NULL, n_allow, cid, ccos);
   if (got < 0) {
     rc = got;
     goto done;
@@ -526,15 +507,127 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
   res->n = got;
   for (int i = 0; i < got; i++)
     res->hits[i] = (blip_search_hit){cid[i], ccos[i], ccos[i], NAN, NAN, NULL, "", 0, NULL};
-  int kr = K < got ? K : got, dropped = 0;
-  if (kr) {
-    blip_search_sort(res->hits, got); /* the K best by cosine first */
-    if ((rc = rerank_hits(s, ids, len, res->hits, kr, o->naive, &dropped, &res->vanished))) goto done;
-    /* dropped candidates (at the end of the reranked block) leave the result */
-    memmove(res->hits + kr - dropped, res->hits + kr, (size_t)(got - kr) * sizeof *res->hits);
-    res->n = got - dropped;
-    res->reranked = kr - dropped;
-    res->dropped = dropped - res->vanished;
+  q->kr = K < got ? K : got;
+  if (q->kr) blip_search_sort(res->hits, got); /* the K best by cosine first */
+done:
+  free(allow);
+  free(cid);
+  free(ccos);
+  return rc;
+}
+
+typedef struct {
+  int q, i, naive, len;
+} rr_pair;
+
+static int cmp_pair(const void *pa, const void *pb) { /* one ITM path per call; similar lengths pad little */
+  const rr_pair *a = pa, *b = pb;
+  if (a->naive != b->naive) return a->naive - b->naive;
+  if (a->len != b->len) return a->len - b->len;
+  return a->q != b->q ? a->q - b->q : a->i - b->i;
+}
+
+/* Stage 2: ITM-score the candidates of every query q[j] (rc 0, kr > 0) as
+ * (caption, image) pairs, RERANK_CHUNK pairs per blip_model_itm_pairs call
+ * (which bounds the vision-token buffer). Each query's hits whose tokens
+ * cannot be had are moved behind its others and counted in q->dropped,
+ * those among them that left the index also in res->vanished. An error here
+ * (memory, database, engine) is every reranking query's. */
+static int rerank_batch(blip_search *s, squery *q, int n) {
+  int np = 0, rc = BLIP_OK;
+  for (int j = 0; j < n; j++)
+    if (!q[j].rc) q[j].off = np, np += q[j].kr;
+  if (!np) return BLIP_OK;
+  const int chunk = np < RERANK_CHUNK ? np : RERANK_CHUNK, TK = BLIP_SEARCH_MAX_TOKENS;
+  const size_t per = (size_t)s->T * s->Dv;
+  rr_pair *pr = malloc((size_t)np * sizeof *pr);
+  int *st = calloc((size_t)np, sizeof *st), *plen = malloc((size_t)chunk * sizeof *plen), *at = malloc((size_t)chunk * sizeof *at);
+  int32_t *pid = malloc((size_t)chunk * TK * sizeof *pid);
+  float *tok = malloc((size_t)chunk * per * sizeof *tok), *pix = malloc((size_t)3 * s->S * s->S * sizeof *pix);
+  float *logits = malloc((size_t)chunk * 2 * sizeof *logits);
+  const float **img = malloc((size_t)chunk * sizeof *img);
+  blip_search_hit *tmp = NULL;
+  if (!pr || !st || !plen || !at || !pid || !tok || !pix || !logits || !img) {
+    rc = blip_err_set(BLIP_ENOMEM, "out of memory for %d rerank candidates", chunk);
+    goto done;
+  }
+  np = 0;
+  for (int j = 0; j < n; j++)
+    for (int i = 0; !q[j].rc && i < q[j].kr; i++) pr[np++] = (rr_pair){j, i, q[j].o->naive != 0, q[j].len};
+  qsort(pr, (size_t)np, sizeof *pr, cmp_pair);
+  for (int c0 = 0, c1; c0 < np; c0 = c1) {
+    int m = 0, L = 0; /* usable pairs of this chunk */
+    for (c1 = c0; c1 < np && c1 - c0 < chunk && pr[c1].naive == pr[c0].naive; c1++) {
+      squery *qq = &q[pr[c1].q];
+      int r = hit_tokens(s, &qq->res->hits[pr[c1].i], pix, tok + (size_t)m * per);
+      if (r == BLIP_ENOMEM || r == BLIP_EDB) {
+        rc = r;
+        goto done;
+      }
+      if (r) {
+        st[qq->off + pr[c1].i] = r;
+        continue;
+      }
+      img[m] = tok + (size_t)m * per;
+      memcpy(pid + (size_t)m * TK, qq->ids, (size_t)qq->len * sizeof *pid);
+      plen[m] = qq->len;
+      if (qq->len > L) L = qq->len;
+      at[m++] = c1;
+    }
+    if (!m) continue;
+    for (int r = 0; r < m; r++) { /* rows of TK -> rows of L, padded with [PAD] */
+      memmove(pid + (size_t)r * L, pid + (size_t)r * TK, (size_t)plen[r] * sizeof *pid);
+      memset(pid + (size_t)r * L + plen[r], 0, (size_t)(L - plen[r]) * sizeof *pid);
+    }
+    if ((rc = blip_model_itm_pairs(s->m, pid, plen, L, img, m, BLIP_ITM_ENC, !pr[c0].naive, logits, NULL))) goto done;
+    for (int r = 0; r < m; r++) {
+      blip_search_hit *h = &q[pr[at[r]].q].res->hits[pr[at[r]].i];
+      hit_score(h, logits + 2 * r, h->cosine);
+    }
+  }
+  for (int j = 0; j < n; j++) { /* usable hits first, in their order */
+    squery *qq = &q[j];
+    int ok = 0, bad = 0;
+    if (qq->rc || !qq->kr) continue;
+    blip_search_hit *hits = qq->res->hits, *t = realloc(tmp, (size_t)qq->kr * sizeof *t);
+    if (!t) {
+      rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+      goto done;
+    }
+    tmp = t;
+    for (int i = 0; i < qq->kr; i++) {
+      int r = st[qq->off + i];
+      if (r) qq->res->vanished += r == BLIP_ENOTFOUND;
+      if (r) tmp[qq->kr - 1 - bad++] = hits[i];
+      else tmp[ok++] = hits[i];
+    }
+    memcpy(hits, tmp, (size_t)qq->kr * sizeof *hits);
+    qq->dropped = bad;
+  }
+done:
+  free(pr);
+  free(st);
+  free(plen);
+  free(at);
+  free(pid);
+  free(tok);
+  free(pix);
+  free(logits);
+  free(img);
+  free(tmp);
+  return rc;
+}
+
+/* Stage 3: the dropped candidates leave, then order, threshold, metadata. */
+static int feat_finish(blip_search *s, squery *q) {
+  const blip_search_opts *o = q->o;
+  blip_search_result *res = q->res;
+  if (!res->hits) return BLIP_OK; /* the filter allows nothing */
+  if (q->kr) { /* dropped candidates are at the end of the reranked block */
+    memmove(res->hits + q->kr - q->dropped, res->hits + q->kr, (size_t)(res->n - q->kr) * sizeof *res->hits);
+    res->n -= q->dropped;
+    res->reranked = q->kr - q->dropped;
+    res->dropped = q->dropped - res->vanished;
   }
   blip_search_sort(res->hits, res->n);
   if (o->threshold >= 0) {
@@ -543,14 +636,33 @@ static int search_feat(blip_search *s, const float *feat, const int32_t *ids, in
       if (res->hits[i].itm_prob >= o->threshold) res->hits[m++] = res->hits[i]; /* NAN never passes */
     res->n = m;
   }
-  if ((rc = fill_meta(s, res->hits, &res->n, o->n, &res->vanished))) goto done;
-  if (o->sort_date && res->n > 1) qsort(res->hits, (size_t)res->n, sizeof *res->hits, cmp_date);
-done:
-  free(allow);
-  free(cid);
-  free(ccos);
-  if (rc) blip_search_result_free(res);
+  int rc = fill_meta(s, res->hits, &res->n, o->n, &res->vanished);
+  if (!rc && o->sort_date && res->n > 1) qsort(res->hits, (size_t)res->n, sizeof *res->hits, cmp_date);
   return rc;
+}
+
+/* Queries q[0..n) whose rc is 0 through the three stages; each ends with its own rc. */
+static void search_feats(blip_search *s, squery *q, int n) {
+  for (int j = 0; j < n; j++) {
+    int rc = q[j].rc ? BLIP_OK : feat_candidates(s, &q[j]);
+    if (rc) squery_fail(&q[j], rc);
+  }
+  int rc = rerank_batch(s, q, n);
+  for (int j = 0; rc && j < n; j++) /* first, while blip_err_last() is the rerank's message */
+    if (!q[j].rc && q[j].kr) squery_fail(&q[j], rc);
+  for (int j = 0; j < n; j++) {
+    int r = q[j].rc ? BLIP_OK : feat_finish(s, &q[j]);
+    if (r) squery_fail(&q[j], r);
+  }
+}
+
+/* Search by feature; ids != NULL: rerank the top o->rerank with ITM. */
+static int search_feat(blip_search *s, const float *feat, const int32_t *ids, int len, const blip_search_opts *o,
+                       blip_search_result *res) {
+  char err[512];
+  squery q = {.feat = feat, .ids = ids, .len = len, .o = o, .res = res, .err = err, .errsz = sizeof err};
+  search_feats(s, &q, 1);
+  return q.rc ? blip_err_set(q.rc, "%s", err) : BLIP_OK;
 }
 
 /* Does text hold a word: a character other than punctuation, space, control
@@ -578,28 +690,47 @@ static int has_word(const char *text) {
   return 0;
 }
 
-int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
-                           float *feat) {
-  const int T = BLIP_SEARCH_MAX_TOKENS;
-  int L = 0, rc = BLIP_OK;
-  for (int i = 0; i < n && !rc; i++) {
-    rc = blip_search_prepare_text(m, queries[i], ids + (size_t)i * T, &len[i], &truncated[i]);
-    if (!rc && (len[i] <= 2 || !has_word(queries[i])))
-      rc = blip_err_set(BLIP_EINVAL, "the query has no words to search for (it is empty, or only punctuation)");
-    if (!rc && len[i] > L) L = len[i];
-  }
-  if (rc || n == 0) return rc;
-  int32_t *pid = malloc((size_t)n * L * sizeof *pid), *mask = malloc((size_t)n * L * sizeof *mask);
-  if (!pid || !mask) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
-  for (int i = 0; !rc && i < n; i++)
+/* pre_caption + tokenize one query (ids [35]); BLIP_EINVAL without a word. */
+static int prepare_query(blip_model *m, const char *query, int32_t *ids, int *len, int *truncated) {
+  int rc = blip_search_prepare_text(m, query, ids, len, truncated);
+  if (!rc && (*len <= 2 || !has_word(query)))
+    rc = blip_err_set(BLIP_EINVAL, "the query has no words to search for (it is empty, or only punctuation)");
+  return rc;
+}
+
+/* Features [n,E] of the prepared queries ids [n,35] in one encoder call,
+ * rows padded to the longest and masked; rows with len 0 are skipped. */
+static int encode_feats(blip_model *m, const int32_t *ids, const int *len, int n, float *feat) {
+  const int T = BLIP_SEARCH_MAX_TOKENS, E = blip_model_cfg(m)->embed_dim;
+  int L = 0, k = 0, rc = BLIP_OK;
+  for (int i = 0; i < n; i++) L = len[i] > L ? len[i] : L, k += len[i] > 0;
+  if (!k) return BLIP_OK;
+  int32_t *pid = malloc((size_t)k * L * sizeof *pid), *mask = malloc((size_t)k * L * sizeof *mask);
+  float *f = malloc((size_t)k * E * sizeof *f);
+  if (!pid || !mask || !f) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  for (int i = 0, r = 0; !rc && i < n; i++) {
+    if (!len[i]) continue;
     for (int t = 0; t < L; t++) {
-      pid[(size_t)i * L + t] = t < len[i] ? ids[(size_t)i * T + t] : 0;
-      mask[(size_t)i * L + t] = t < len[i];
+      pid[(size_t)r * L + t] = t < len[i] ? ids[(size_t)i * T + t] : 0;
+      mask[(size_t)r * L + t] = t < len[i];
     }
-  if (!rc) rc = blip_model_text(m, pid, mask, n, L, NULL, feat);
+    r++;
+  }
+  if (!rc) rc = blip_model_text(m, pid, mask, k, L, NULL, f);
+  for (int i = 0, r = 0; !rc && i < n; i++)
+    if (len[i]) memcpy(feat + (size_t)i * E, f + (size_t)r++ * E, (size_t)E * sizeof *f);
   free(pid);
   free(mask);
+  free(f);
   return rc;
+}
+
+int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
+                           float *feat) {
+  int rc = BLIP_OK;
+  for (int i = 0; i < n && !rc; i++)
+    rc = prepare_query(m, queries[i], ids + (size_t)i * BLIP_SEARCH_MAX_TOKENS, &len[i], &truncated[i]);
+  return rc ? rc : encode_feats(m, ids, len, n, feat);
 }
 
 int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
@@ -611,18 +742,46 @@ int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int t
   return rc;
 }
 
-int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res) {
-  int32_t ids[BLIP_SEARCH_MAX_TOKENS];
-  int len = 0, trunc = 0, rc;
-  memset(res, 0, sizeof *res);
-  if (!s->m) return blip_err_set(BLIP_EINVAL, "no model attached");
-  if ((rc = blip_search_refresh(s, NULL))) return rc;
-  float *feat = malloc((size_t)s->E * sizeof *feat);
-  if (!feat) return blip_err_set(BLIP_ENOMEM, "out of memory");
-  if (!(rc = blip_search_text_feats(s->m, &query, 1, ids, &len, &trunc, feat)))
-    rc = blip_search_text_prepared(s, ids, len, trunc, feat, o, res);
-  res->truncated = trunc;
+int blip_search_text_batch(blip_search *s, blip_search_query *q, int n) {
+  const int T = BLIP_SEARCH_MAX_TOKENS;
+  int rc = BLIP_OK;
+  for (int j = 0; j < n; j++) memset(&q[j].res, 0, sizeof q[j].res), q[j].rc = BLIP_OK, q[j].err[0] = 0;
+  if (n <= 0) return BLIP_OK;
+  int32_t *ids = malloc((size_t)n * T * sizeof *ids);
+  int *len = calloc((size_t)n, sizeof *len), *tr = calloc((size_t)n, sizeof *tr);
+  float *feat = s->m ? malloc((size_t)n * s->E * sizeof *feat) : NULL;
+  squery *sq = calloc((size_t)n, sizeof *sq);
+  if (!s->m) rc = blip_err_set(BLIP_EINVAL, "no model attached");
+  else if (!ids || !len || !tr || !feat || !sq) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  else rc = blip_search_refresh(s, NULL);
+  for (int j = 0; !rc && j < n; j++) {
+    sq[j] = (squery){.feat = feat + (size_t)j * s->E, .ids = ids + (size_t)j * T, .o = q[j].o, .res = &q[j].res,
+                     .err = q[j].err, .errsz = sizeof q[j].err};
+    int r = prepare_query(s->m, q[j].query, ids + (size_t)j * T, &len[j], &tr[j]);
+    if (r) squery_fail(&sq[j], r), len[j] = 0; /* refused alone: the others go on */
+    sq[j].len = len[j];
+  }
+  if (!rc) rc = encode_feats(s->m, ids, len, n, feat);
+  if (!rc) search_feats(s, sq, n);
+  for (int j = 0; j < n; j++) {
+    if (rc) snprintf(q[j].err, sizeof q[j].err, "%s", blip_err_last());
+    q[j].rc = rc ? rc : sq[j].rc;
+    q[j].res.truncated = tr[j];
+  }
+  for (int j = 0; !rc && j < n; j++)
+    if (q[j].rc) rc = blip_err_set(q[j].rc, "%s", q[j].err); /* the first failure */
+  free(ids);
+  free(len);
+  free(tr);
   free(feat);
+  free(sq);
+  return rc;
+}
+
+int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res) {
+  blip_search_query q = {.query = query, .o = o};
+  int rc = blip_search_text_batch(s, &q, 1);
+  *res = q.res;
   return rc;
 }
 

@@ -100,11 +100,27 @@ int blip_search_attach(blip_search *s, blip_model *m);
 /* Text -> images. BLIP_EINVAL for a query without a word (empty or only
  * punctuation after pre_caption): its embedding would match at random. */
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res);
-/* The same in two steps, so that a server can batch the text encoder over
- * concurrent queries: blip_search_text_feats prepares n queries (ids [n,35],
- * len[n], truncated[n]) and computes their features [n,E] in one encoder
- * call (rows padded to the longest, masked); blip_search_text_prepared then
- * searches and reranks one of them exactly as blip_search_text does. */
+/* Several text queries at once (a server's or --stdin's waiting queries):
+ * one text-encoder call over all of them (rows padded to the longest,
+ * masked), each query's filter and store search, then the rerank
+ * candidates of all the queries scored together by blip_model_itm_pairs
+ * (RERANK_CHUNK pairs per call), and each query finished as alone. Each
+ * query gets the result blip_search_text gives it (to float rounding) or
+ * its own error: a query refused (no words) fails alone. Returns BLIP_OK
+ * when every query succeeded, else the first failure's code (with its
+ * message). q[i].res is to be freed by blip_search_result_free. */
+typedef struct {
+  const char *query;         /* in */
+  const blip_search_opts *o; /* in */
+  blip_search_result res;    /* out (zeroed on error) */
+  int rc;                    /* out: BLIP_OK or this query's error code */
+  char err[512];             /* out: its message when rc != BLIP_OK */
+} blip_search_query;
+int blip_search_text_batch(blip_search *s, blip_search_query *q, int n);
+/* The text search in two steps: blip_search_text_feats prepares n queries
+ * (ids [n,35], len[n], truncated[n]; fails on the first refused one) and
+ * computes their features [n,E] in one encoder call; blip_search_text_prepared
+ * then searches and reranks one of them as blip_search_text does. */
 int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
                            float *feat);
 int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
