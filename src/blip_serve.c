@@ -57,7 +57,7 @@
 #include "blip_tar.h"
 
 #define MAX_ARGS 32
-#define BATCH_MAX 16 /* text queries per encoder batch */
+#define BATCH_MAX 16 /* text queries per batch (text encoder and ITM rerank) */
 #define THUMB_SMALL 256
 #define THUMB_LARGE 1024
 
@@ -508,36 +508,33 @@ static void run_job(blip_serve *sv, job *j) {
   if (rc) snprintf(j->err, sizeof j->err, "%s", blip_err_last());
 }
 
-/* Text jobs b[0..n) with one text-encoder call; 0 when it could not be
- * batched (no index, empty, a query the encoder refuses): run them alone. */
+/* Text jobs b[0..n) as one blip_search_text_batch (one text-encoder call,
+ * the ITM rerank of all their candidates together); 0 when there is no
+ * index or it is empty: run_job answers them alone. Jobs whose client left
+ * before the batch began are left out; each job's waiter is woken as soon
+ * as the batch is done. */
 static int run_text_batch(blip_serve *sv, job **b, int n) {
-  const char *qs[BATCH_MAX];
-  int32_t ids[BATCH_MAX * BLIP_SEARCH_MAX_TOKENS];
-  int len[BATCH_MAX], tr[BATCH_MAX];
+  blip_search_query q[BATCH_MAX];
+  job *in[BATCH_MAX];
   int64_t count;
+  int m = 0;
   if (engine_ready(sv) || !(count = blip_search_count(sv->s))) return 0;
-  float *feat = malloc((size_t)n * sv->E * sizeof *feat);
-  for (int i = 0; i < n; i++) qs[i] = b[i]->text;
-  if (!feat || blip_search_text_feats(sv->m, qs, n, ids, len, tr, feat)) {
-    free(feat);
-    return 0;
-  }
-  for (int i = 0; i < n; i++) {
-    job *j = b[i];
-    pthread_mutex_lock(&sv->qmu);
-    int gone = j->abandoned; /* its client left while the batch ran */
-    pthread_mutex_unlock(&sv->qmu);
-    if (gone) continue;
+  pthread_mutex_lock(&sv->qmu);
+  for (int i = 0; i < n; i++)
+    if (!b[i]->abandoned) in[m] = b[i], q[m++] = (blip_search_query){.query = b[i]->text, .o = &b[i]->opts};
+  pthread_mutex_unlock(&sv->qmu);
+  blip_search_text_batch(sv->s, q, m); /* each query carries its own outcome */
+  pthread_mutex_lock(&sv->qmu);
+  for (int i = 0; i < m; i++) {
+    job *j = in[i];
     j->count = count;
-    j->rc = blip_search_text_prepared(sv->s, ids + i * BLIP_SEARCH_MAX_TOKENS, len[i], tr[i],
-                                      feat + (size_t)i * sv->E, &j->opts, &j->res);
-    if (j->rc) snprintf(j->err, sizeof j->err, "%s", blip_err_last());
-    pthread_mutex_lock(&sv->qmu); /* its waiter answers now, not after the whole batch */
+    j->rc = q[i].rc;
+    j->res = q[i].res;
+    if (j->rc) snprintf(j->err, sizeof j->err, "%s", q[i].err);
     j->done = 1;
-    pthread_cond_broadcast(&sv->donecv);
-    pthread_mutex_unlock(&sv->qmu);
   }
-  free(feat);
+  pthread_cond_broadcast(&sv->donecv);
+  pthread_mutex_unlock(&sv->qmu);
   return 1;
 }
 

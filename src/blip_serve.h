@@ -9,10 +9,9 @@
  * thumbnails and status never enter the queue: they read row metadata
  * through a mutex-guarded read-only SQLite connection of their own, so a
  * thumbnail cache miss or a long rerank stalls nobody else. With batch on,
- * text queries waiting together are taken as one batch: one text-encoder
- * call for all, then each one's search and rerank (same results as one by
- * one). Off by default: serve-load.sh measured x1.5 at base size without
- * rerank, no gain with rerank 16 and a loss on the tiny model.
+ * text queries waiting together are taken as one blip_search_text_batch:
+ * one text-encoder call for all, and the ITM rerank of all their candidates
+ * in shared calls (same results as one by one; README for when it pays).
  *
  * Live index: the store re-reads its generation on every search; a new
  * index.sqlite (blip-index --rebuild replaced the files) is noticed by its
@@ -55,7 +54,7 @@ typedef struct {
   int conn_timeout_s;      /* idle connection timeout (0: 15) */
   double budget_s;         /* wait for the engine at most this long (0: 30) */
   size_t max_upload;       /* body cap in bytes (0: BLIP_SERVE_MAX_UPLOAD) */
-  int batch;               /* text queries waiting together share one encoder call */
+  int batch;               /* text queries waiting together share the encoder and ITM calls */
   const blip_serve_asset *assets;
   int n_assets;
   FILE *log; /* one line a request; NULL = stderr */

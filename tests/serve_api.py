@@ -123,7 +123,7 @@ check("no match: threshold", st == 200 and j["results"] == [] and j["reason"] ==
 st, h, j = s.json("GET", q({"q": " ".join(["giraffe"] * 40), "n": 1}))
 check("truncated query flagged", st == 200 and j["truncated"] is True, j)
 
-# ---- concurrent text queries share one encoder batch, with the same answers ----
+# ---- concurrent text queries share one batch (text encoder and ITM rerank), with the same answers ----
 conc = [({"q": t, "n": 6, "rerank": k}, ["-n", "6", "--rerank", str(k), t])
         for t, k in [(QUERY, 16), ("red car on a street", 4), ("a cat", 0), ("two people hiking in the snow", 16),
                      ("a bowl of fruit on a table", 2), ("x", 16), (" ".join(["giraffe"] * 40), 3),
@@ -131,6 +131,10 @@ conc = [({"q": t, "n": 6, "rerank": k}, ["-n", "6", "--rerank", str(k), t])
 conc.append(({"q": QUERY, "n": 20, "under": L + "/a"}, ["-n", "20", "--under", L + "/a", QUERY]))
 conc.append(({"q": "a cat", "n": 3, "offset": 2}, None))
 refs = [bq(*a) if a else bq("-n", "5", "a cat")[2:5] for _, a in conc]
+refused = s.json("GET", q({"q": "?! ...", "n": 4}))  # no words: its own error, the batch goes on
+check("a query without words: 400 alone", refused[0] == 400 and "no words" in refused[2].get("error", ""), refused)
+conc.insert(4, ({"q": "?! ...", "n": 4}, None))
+refs.insert(4, None)
 s9 = Server(SERVE, DB, MODEL, "--batch", log=T + "/s9.log")
 batched = 0
 for attempt in range(8):
@@ -145,6 +149,9 @@ for attempt in range(8):
     for t in th:
         t.join()
     for (params, _), ref, (st, h, j) in zip(conc, refs, answers):
+        if ref is None:
+            check("concurrent %s: its own error, as alone" % params["q"], (st, j) == (refused[0], refused[2]), (st, j))
+            continue
         check("concurrent %s: 200" % params["q"][:20], st == 200, j)
         if st == 200:
             same_hits("concurrent %s = blip-query" % params["q"][:20], j["results"], ref, 1e-5)
