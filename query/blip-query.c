@@ -10,6 +10,7 @@
 #include <jansson.h>
 #include <limits.h>
 #include <math.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,6 +63,8 @@ static const char USAGE[] =
     "  --texts-file F    candidate texts for --image, one a line (also --texts F)\n"
     "  --rank-texts      rank the candidate texts (implied by --text/--texts-file)\n"
     "  --stdin           read one text query a line from stdin; the model loads once\n"
+    "  --batch N         --stdin: the lines already waiting (up to N, default 16) are searched\n"
+    "                    as one batch (text encoder and ITM rerank shared); 1 = one at a time\n"
     "  --precision P     auto, f32, bf16 or int8 (default and only choice with an index: the index's;\n"
     "                    without one auto: bf16 where the CPU has native bf16 dot products, else f32)\n"
     "  --threads N       compute threads (1..4 per core; default: all cores)\n"
@@ -165,6 +168,47 @@ static void say_damage(const blip_search *s) {
   said |= d;
 }
 
+/* --stdin lines. The first line of a batch waits for input; the others
+ * join only when they are complete and readable without blocking (poll
+ * with no timeout), so a query never waits for one not yet sent. Reads
+ * fd 0 directly: stdio's buffer would hide what has arrived. */
+typedef struct {
+  char *buf;
+  size_t off, len, cap;
+  int eof;
+} line_reader;
+
+/* Next non-empty line (\n and \r stripped, malloc'd) into *out: 1, or 0
+ * when none is complete (wait = 0) or at the end of input, -1 on error. */
+static int next_line(line_reader *l, int wait, char **out) {
+  for (;;) {
+    char *b = l->buf + l->off, *nl = l->len > l->off ? memchr(b, '\n', l->len - l->off) : NULL;
+    if (nl || (l->eof && l->off < l->len)) { /* a line, or the last one without its newline */
+      size_t n = nl ? (size_t)(nl - b) : l->len - l->off;
+      l->off += n + (nl != NULL);
+      while (n && (b[n - 1] == '\r' || b[n - 1] == '\n')) n--;
+      if (!n) continue;
+      if (!(*out = strndup(b, n))) return blip_err_set(BLIP_ENOMEM, "out of memory"), -1;
+      return 1;
+    }
+    if (l->eof) return 0;
+    struct pollfd pf = {0, POLLIN, 0};
+    if (!wait && poll(&pf, 1, 0) <= 0) return 0;
+    memmove(l->buf, l->buf + l->off, l->len - l->off);
+    l->len -= l->off, l->off = 0;
+    if (l->cap - l->len < 65536) {
+      char *nb = realloc(l->buf, l->cap * 2 + 65536);
+      if (!nb) return blip_err_set(BLIP_ENOMEM, "out of memory"), -1;
+      l->buf = nb, l->cap = l->cap * 2 + 65536;
+    }
+    ssize_t r = read(0, l->buf + l->len, l->cap - l->len);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return blip_err_set(BLIP_EIO, "reading stdin: %s", strerror(errno)), -1;
+    l->len += (size_t)r;
+    l->eof = r == 0;
+  }
+}
+
 /* Texts of a --texts-file, one a line (empty lines skipped); appended to *v. */
 static int read_texts(const char *path, char ***v, int *n) {
   FILE *f = fopen(path, "r");
@@ -192,7 +236,7 @@ static int read_texts(const char *path, char ***v, int *n) {
 
 enum { O_WORDS = 1024 };
 enum { O_DB = 256, O_MODEL, O_RERANK, O_THRESH, O_SORT, O_UNDER, O_AFTER, O_BEFORE, O_EXT, O_JSON, O_PATHS, O_IMAGE,
-       O_TEXT, O_TEXTS, O_RANKT, O_STDIN, O_PREC, O_THREADS, O_NAIVE, O_HELP };
+       O_TEXT, O_TEXTS, O_RANKT, O_STDIN, O_PREC, O_THREADS, O_NAIVE, O_HELP, O_BATCH };
 
 int main(int argc, char **argv) {
   static const struct option lo[] = {
@@ -202,19 +246,19 @@ int main(int argc, char **argv) {
       {"json", 0, 0, O_JSON},     {"paths", 0, 0, O_PATHS},       {"image", 1, 0, O_IMAGE},
       {"text", 1, 0, O_TEXT},     {"texts-file", 1, 0, O_TEXTS},  {"texts", 1, 0, O_TEXTS},  {"rank-texts", 0, 0, O_RANKT},
       {"stdin", 0, 0, O_STDIN},   {"precision", 1, 0, O_PREC},    {"threads", 1, 0, O_THREADS},
-      {"naive-itm", 0, 0, O_NAIVE}, {"help", 0, 0, O_HELP},       {0, 0, 0, 0}};
+      {"naive-itm", 0, 0, O_NAIVE}, {"help", 0, 0, O_HELP},       {"batch", 1, 0, O_BATCH},   {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "", after[20], before[20];
   const char *model_dir = NULL, *image = NULL, *prec_name = NULL, *texts_file = NULL;
   char **texts = NULL;
-  int ntexts = 0, n_arg_texts = argc, rank_texts = 0, use_stdin = 0, threads = 0, ret = 2, c;
+  int ntexts = 0, n_arg_texts = argc, rank_texts = 0, use_stdin = 0, threads = 0, batch = 16, ret = 2, c;
   printer pr = {OUT_TABLE, 0, NULL};
   blip_search_opts o;
   blip_search_opts_default(&o);
   blip_search *s = NULL;
   blip_model *m = NULL;
   float *pix = NULL, *emb = NULL, *feat = NULL;
-  char *line = NULL;
   blip_search_result r = {0};
+  blip_search_query *bq = NULL; /* --stdin's batch */
   if (!(texts = calloc((size_t)argc, sizeof *texts))) return 2;
 
   while ((c = getopt_long(argc, argv, "n:h0", lo, NULL)) != -1) {
@@ -251,6 +295,7 @@ int main(int argc, char **argv) {
     case O_PREC: prec_name = optarg; break;
     case O_THREADS: if (blip_arg_threads("--threads", optarg, &threads)) goto fail; break;
     case O_NAIVE: o.naive = 1; break;
+    case O_BATCH: if (blip_arg_int("--batch", optarg, 1, 256, &batch)) goto fail; break;
     case 'h':
     case O_HELP: fputs(USAGE, stdout); ret = 0; goto out;
     default: goto usage;
@@ -351,23 +396,37 @@ int main(int argc, char **argv) {
     else say_no_match(&r, &o);
     ret = r.n ? 0 : 1;
   } else if (use_stdin) {
-    size_t cap = 0;
-    ssize_t len;
-    int any = 0;
+    line_reader in = {0};
+    int any = 0, nb = 0, got = 1, hard = 0;
+    char *ln;
+    if (!(bq = calloc((size_t)batch, sizeof *bq))) goto fail;
     ret = 1;
-    while ((len = getline(&line, &cap, stdin)) >= 0) {
-      while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
-      if (!len) continue;
-      int e = blip_search_text(s, line, &o, &r);
-      if (e && e != BLIP_EINVAL) goto fail;
-      say_damage(s);
-      if (e) blip_out_error("blip-query", blip_err_last()); /* a refused line: the session goes on */
-      else say_notes(&r);
-      if (!e && !r.n) say_no_match(&r, &o);
-      print_hits(&pr, &r, line, e ? blip_err_last() : NULL); /* an empty result is printed too: one answer a query */
-      any |= r.n > 0;
-      blip_search_result_free(&r);
+    while (!hard && got >= 0) {
+      while (nb < batch && (got = next_line(&in, nb == 0, &ln)) > 0) bq[nb++] = (blip_search_query){.query = ln, .o = &o};
+      if (!nb) break;
+      blip_search_text_batch(s, bq, nb); /* each line has its own outcome */
+      for (int j = 0; j < nb && !hard; j++) {
+        int e = bq[j].rc;
+        blip_search_result *rj = &bq[j].res;
+        if ((hard = e && e != BLIP_EINVAL)) {
+          blip_err_set(e, "%s", bq[j].err);
+          break;
+        }
+        say_damage(s);
+        if (e) blip_out_error("blip-query", bq[j].err); /* a refused line: the session goes on */
+        else say_notes(rj);
+        if (!e && !rj->n) say_no_match(rj, &o);
+        print_hits(&pr, rj, bq[j].query, e ? bq[j].err : NULL); /* an empty result is printed too: one answer a query */
+        any |= rj->n > 0;
+      }
+      for (int j = 0; j < nb; j++) {
+        free((char *)bq[j].query);
+        blip_search_result_free(&bq[j].res);
+      }
+      nb = 0;
     }
+    free(in.buf);
+    if (hard || got < 0) goto fail;
     ret = any ? 0 : 1;
   } else {
     if (blip_search_text(s, argv[optind], &o, &r)) goto fail;
@@ -394,7 +453,7 @@ out:
   free(pix);
   free(emb);
   free(feat);
-  free(line);
+  free(bq);
   free(texts);
   return ret;
 }

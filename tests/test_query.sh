@@ -4,7 +4,7 @@
 # rerank reorders the ITC candidates exactly as itm_logit + cosine says; the
 # score of a hit equals blip-embed's independent ITC + ITM for that file;
 # fast and naive rerank agree; filters never leak; table, --json and --paths
-# agree; threshold, date sort, --stdin, image queries, text ranking; clear
+# agree; threshold, date sort, --stdin (batched = one at a time), image queries, text ranking; clear
 # errors for an empty index, an unknown --db and another model.
 set -u
 BIN=$(cd "${BLIP_BIN:-build}" && pwd)
@@ -217,6 +217,35 @@ for l, p in zip(lines, sys.argv[2:4]):
 assert lines[2]["truncated"] is True and lines[0]["truncated"] is False
 ' "$T/stdin.jsonl" "$T/full.json" "$T/car.json"
 grep -q "truncated to 35 tokens" "$T/stdin.err" && ok || bad "truncation not reported"
+
+# ---- --stdin --batch: the lines waiting together as one batch = one at a time ----
+printf '%s\n' "$QUERY" "red car on a street" "?! ..." "" "a cat" "$LONG" "two people hiking in the snow" \
+  "a bowl of fruit on a table" "x" "a boat on a lake" >"$T/lines"
+for opts in "-n $N" "-n 5 --rerank 3 --under $L/a" "-n 4 --rerank 1 --threshold 0.01"; do
+  for b in 1 16 3; do
+    # shellcheck disable=SC2086
+    "$BIN/blip-query" --db "$T/db" --model "$MODEL" --stdin --json --batch $b $opts <"$T/lines" >"$T/b$b.jsonl" 2>"$T/b$b.err"
+    echo $? >"$T/b$b.rc"
+  done
+  py "--stdin --batch 16 and 3 = --batch 1 ($opts)" '
+import json, sys
+def load(b):
+    return [json.loads(l) for l in open(sys.argv[1] + "/b%s.jsonl" % b)], open(sys.argv[1] + "/b%s.err" % b).read(), open(sys.argv[1] + "/b%s.rc" % b).read()
+one, err1, rc1 = load(1)
+assert len(one) == 9 and one[2]["error"] and "no words" in one[2]["error"] and one[2]["results"] == [], one[2]
+assert sum(len(l["results"]) for l in one) > 4
+for b in (16, 3):
+    got, err, rc = load(b)
+    assert (err, rc) == (err1, rc1), (b, err, err1, rc, rc1)
+    assert [(l["query"], l["error"], l["truncated"]) for l in got] == [(l["query"], l["error"], l["truncated"]) for l in one]
+    for g, o in zip(got, one):
+        assert [h["id"] for h in g["results"]] == [h["id"] for h in o["results"]], (b, g["query"])
+        for x, y in zip(g["results"], o["results"]):
+            for k in ("score", "cosine", "itm_logit", "itm_prob"):
+                assert (x[k] is None) == (y[k] is None) and (x[k] is None or abs(x[k] - y[k]) < 1e-5), (b, k, x, y)
+' "$T"
+done
+"$BIN/blip-query" --db "$T/db" --model "$MODEL" --stdin --batch 0 </dev/null 2>/dev/null; [ $? = 2 ] && ok || bad "--batch 0 refused"
 
 # ---- image queries ----
 IMG=$L/b/img00002.png
