@@ -5,10 +5,16 @@
 # requests; RSS across 10,000+ requests; the same load while blip-index adds
 # photos and is SIGKILLed; and the latency of normal requests while a
 # slow-loris client holds connections open by trickling header bytes.
+# Batching: queries/s of blip-serve with and without --batch at 1, 4 and 16
+# connections for rerank 16, 4 and 0 (8 different queries, 3 to 13 tokens,
+# cycled), the two servers' runs interleaved REPS times (best of each), and
+# blip-query --stdin with NQ queries piped at once, --batch 16 against
+# --batch 1 (model load subtracted: an empty stdin's time).
 #   benchmarks/serve-load.sh [BUILD_DIR=build] [MODEL=tests/data/blip-tiny|random-base] [PHOTOS=1000] [SECS=8] [RSS_N=10000]
 # MODEL random-base: BLIP base geometry (names and shapes of blip-itm-base-coco)
 # with random F16 weights and the real vocab, written to the temp dir.
-# PREC=int8|bf16|f32 in the environment: the index's (and so the server's) precision.
+# Environment: PREC=int8|bf16|f32 the index's (and so the server's) precision;
+# BATCH_ONLY=1 runs only the batching measurements; REPS (3), NQ (48).
 set -euo pipefail
 BIN=$(cd "${1:-build}" && pwd)
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -60,7 +66,7 @@ mkdir -p "$T/lib" "$T/more"
 start_server() { # start_server OUT ARGS...: sets NEWPID, NEWURL
   "$BIN/blip-serve" --db "$T/db" --model "$MODEL" --listen 127.0.0.1:0 "${@:2}" >"$1" 2>>"$T/log" &
   NEWPID=$!
-  for _ in $(seq 900); do grep -q "listening on" "$1" && break; sleep 0.1; done
+  for _ in $(seq 900); do grep -qs "listening on" "$1" && break; sleep 0.1; done
   NEWURL=$(sed -n 's|.*listening on \(http://[0-9.:]*\)/.*|\1|p' "$1")
 }
 start_server "$T/out"
@@ -81,8 +87,92 @@ run() { # run CONNS URL [SECS] -> "req/s p50 p99 n fails"
   wrk -t "$(( $1 < 2 ? 1 : 2 ))" -c "$1" -d "${3:-$SECS}s" --timeout 30s -s "$T/report.lua" "$2" | sed -n 's/^RESULT //p'
 }
 Q="q=a%20dog%20running%20on%20a%20beach&n=20"
-printf '\n%-26s %6s %10s %10s %10s %9s %6s\n' "text search" conns "req/s" "p50 ms" "p99 ms" requests fails
 total_fail=0
+QUERIES=("a dog running on a beach" "red car" "two people hiking in the snow on a mountain trail" "a cat"
+  "a bowl of fruit on a wooden table next to a window" "a boat on a lake" "children playing football in a park"
+  "an old man reading a newspaper on a bench in the city")
+batching() {
+# wrk cycles through the queries (another length each request: the batches pad and mask)
+{ printf 'local qs = {'; for t in "${QUERIES[@]}"; do printf '"%s",' "${t// /%20}"; done
+  printf '}\nlocal i = 0\nrequest = function()\n  i = i %% #qs + 1\n'
+  printf '  return wrk.format("GET", "/api/search?n=20&rerank=" .. os.getenv("RERANK") .. "&q=" .. qs[i])\nend\n'
+  cat "$T/report.lua"; } >"$T/mixed.lua"
+settle() { # settle PID...: wait until the servers are idle (the previous run's last queries done)
+  local a b
+  for p in "$@"; do
+    for _ in $(seq 200); do
+      a=$(awk '{print $14 + $15}' "/proc/$p/stat"); sleep 0.3; b=$(awk '{print $14 + $15}' "/proc/$p/stat")
+      [ $((b - a)) -le 1 ] && break
+    done
+  done
+}
+mixed() { # mixed CONNS URL RERANK -> "req/s p50 p99 n fails"
+  settle "$SPID" "$BPID"
+  RERANK=$3 wrk -t "$(( $1 < 2 ? 1 : 2 ))" -c "$1" -d "${SECS}s" --timeout 30s -s "$T/mixed.lua" "$2" | sed -n 's/^RESULT //p'
+}
+start_server "$T/out-b" --batch
+BURL=$NEWURL BPID=$NEWPID
+REPS=${REPS:-3}
+printf '\nbatching, best of %d interleaved runs, %d different queries cycled\n' "$REPS" "${#QUERIES[@]}"
+printf '%-10s %6s %12s %12s %8s %12s %12s\n' rerank conns "req/s 1by1" "req/s batch" ratio "p50 1by1" "p50 batch"
+for k in 16 4 0; do
+  for c in 1 4 16; do
+    a=() b=()
+    for _ in $(seq "$REPS"); do
+      a+=("$(mixed "$c" "$URL" "$k")")
+      b+=("$(mixed "$c" "$BURL" "$k")")
+    done
+    read -r n_rps n50 _ _ _ < <(best "${a[@]}")
+    read -r b_rps b50 _ _ _ < <(best "${b[@]}")
+    for l in "${a[@]}" "${b[@]}"; do total_fail=$((total_fail + $(echo "$l" | awk '{print $5}'))); done
+    printf '%-10s %6d %12s %12s %8s %12s %12s\n' "$k" "$c" "$n_rps" "$b_rps" \
+      "x$(python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$b_rps" "$n_rps")" "$n50" "$b50"
+  done
+done
+python3 -c 'import json,sys,urllib.request; s=json.load(urllib.request.urlopen(sys.argv[1]))
+print("batches: %d queries in %d batches (mean %.1f)" % (s["batched_queries"], s["batches"], s["batched_queries"] / max(1, s["batches"])))' "$BURL/api/status"
+kill -TERM "$BPID"; wait "$BPID" || true
+
+# --stdin: NQ queries piped at once; seconds of a run less an empty stdin's (the model load)
+NQ=${NQ:-48}
+for i in $(seq 0 $((NQ - 1))); do echo "${QUERIES[$((i % ${#QUERIES[@]}))]}"; done >"$T/stdin.txt"
+stdin_s() { # stdin_s BATCH RERANK FILE -> seconds
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$BIN/blip-query" --db "$T/db" --model "$MODEL" --stdin --json -n 20 --rerank "$2" --batch "$1" <"$3" >/dev/null 2>&1 || true
+  t1=$(date +%s.%N)
+  python3 -c 'import sys; print("%.3f" % (float(sys.argv[2]) - float(sys.argv[1])))' "$t0" "$t1"
+}
+printf '\nblip-query --stdin, %d queries piped at once, best of %d interleaved runs (model load subtracted)\n' "$NQ" "$REPS"
+printf '%-10s %14s %14s %8s\n' rerank "q/s --batch 1" "q/s --batch 16" ratio
+: >"$T/empty"
+for k in 16 4 0; do
+  e=() one=() b16=()
+  for _ in $(seq "$REPS"); do
+    e+=("$(stdin_s 1 "$k" "$T/empty")")
+    one+=("$(stdin_s 1 "$k" "$T/stdin.txt")")
+    b16+=("$(stdin_s 16 "$k" "$T/stdin.txt")")
+  done
+  python3 -c '
+import sys
+n, reps = int(sys.argv[1]), int(sys.argv[2])
+v = [float(x) for x in sys.argv[4:]]
+e, one, b = min(v[:reps]), min(v[reps:2 * reps]), min(v[2 * reps:])
+q1, q16 = n / max(one - e, 1e-3), n / max(b - e, 1e-3)
+print("%-10s %14.2f %14.2f %8s" % (sys.argv[3], q1, q16, "x%.2f" % (q16 / q1)))' "$NQ" "$REPS" "$k" "${e[@]}" "${one[@]}" "${b16[@]}"
+done
+}
+best() { # best "LINE" "LINE"...: the one with the most req/s
+  printf '%s\n' "$@" | sort -k1,1 -g -r | head -n1
+}
+if [ -n "${BATCH_ONLY:-}" ]; then
+  batching
+  echo
+  echo "failed requests in all runs: $total_fail"
+  kill -TERM "$SPID"; wait "$SPID" || true; SPID=
+  exit 0
+fi
+printf '\n%-26s %6s %10s %10s %10s %9s %6s\n' "text search" conns "req/s" "p50 ms" "p99 ms" requests fails
 for k in 16 0; do
   for c in 1 4 16; do
     read -r rps p50 p99 n f < <(run "$c" "$URL/api/search?$Q&rerank=$k")
@@ -91,30 +181,7 @@ for k in 16 0; do
   done
 done
 
-# batching: the same load on a second server that batches the text encoder
-# (--batch), the two runs interleaved three times (the machine is shared:
-# the best of each of the three is the figure)
-start_server "$T/out-nb" --batch
-printf '\n%-34s %10s %10s %10s   %-s\n' "16 connections, best of 3" "req/s" "p50 ms" "p99 ms" "(batched / one by one)"
-best() { # best "LINE" "LINE"...: the one with the most req/s
-  printf '%s\n' "$@" | sort -k1,1 -g -r | head -n1
-}
-for k in 16 0; do
-  a=() b=()
-  for _ in 1 2 3; do
-    a+=("$(run 16 "$URL/api/search?$Q&rerank=$k")")
-    b+=("$(run 16 "$NEWURL/api/search?$Q&rerank=$k")")
-  done
-  read -r n_rps n50 n99 _ f2 < <(best "${a[@]}")
-  read -r b_rps b50 b99 _ f1 < <(best "${b[@]}")
-  for l in "${a[@]}" "${b[@]}"; do total_fail=$((total_fail + $(echo "$l" | awk '{print $5}'))); done
-  printf '%-34s %10s %10s %10s\n' "rerank $k, one by one" "$n_rps" "$n50" "$n99"
-  printf '%-34s %10s %10s %10s   x%s\n' "rerank $k, batched (--batch)" "$b_rps" "$b50" "$b99" \
-    "$(python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$b_rps" "$n_rps")"
-done
-python3 -c 'import json,sys,urllib.request; s=json.load(urllib.request.urlopen(sys.argv[1]))
-print("batches: %d queries in %d batches (mean %.1f)" % (s["batched_queries"], s["batches"], s["batched_queries"] / max(1, s["batches"])))' "$NEWURL/api/status"
-kill -TERM "$NEWPID"; wait "$NEWPID" || true
+batching
 
 # RSS across at least RSS_N requests with rerank 0, then as many with rerank 4
 r0=$(rss); n_all=0

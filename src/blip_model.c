@@ -674,19 +674,23 @@ static void text_embed(const blip_model *m, float *x, const int32_t *ids, int ro
  * run once per head over all rows (threaded GEMMs with M = rows*Lq); the
  * products with X run per sequence for all heads at once ([H*Lq, Dx] x
  * X^T, then [H*Lq, T] x X). Between the two, per-head blocks are
- * gathered/scattered: scr holds AC [H][rows*Lq][Dx], then A_r, P_r, C_r. */
-static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int rows, int Lq, const float *const *images,
+ * gathered/scattered: scr holds AC [H][M][Dx], then A_r, P_r, C_r.
+ * Sequence r is rows off[r]..off[r+1] of q (its own length Lq). */
+static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int rows, const int *off, const float *const *images,
                               const uint16_t *const *images16, int T, const blip_k_linear *ck, const blip_k_linear *cv, int H,
                               int dh, float scale, float *scr) {
-  const int Dt = H * dh, Dx = ck->in, R = H * Lq, M = rows * Lq;
-  float *AC = scr, *A = AC + (size_t)H * M * Dx, *P = A + (size_t)R * Dx, *C = P + (size_t)R * T;
-  uint16_t *A16 = (uint16_t *)(void *)(C + (size_t)R * Dx), *P16 = A16 + (size_t)R * Dx;
-  const size_t blk = (size_t)Lq * Dx; /* one head's block of one sequence */
+  const int Dt = H * dh, Dx = ck->in, M = off[rows];
+  int Lmax = 0;
+  for (int r = 0; r < rows; r++) Lmax = off[r + 1] - off[r] > Lmax ? off[r + 1] - off[r] : Lmax;
+  float *AC = scr, *A = AC + (size_t)H * M * Dx, *P = A + (size_t)H * Lmax * Dx, *C = P + (size_t)H * Lmax * T;
+  uint16_t *A16 = (uint16_t *)(void *)(C + (size_t)H * Lmax * Dx), *P16 = A16 + (size_t)H * Lmax * Dx;
   int rc = BLIP_OK;
   for (int h = 0; h < H && !rc; h++) /* AC[h] = scale q_h Wk_h */
     rc = blip_k_gemm(0, 0, M, Dx, dh, scale, q + h * dh, Dt, ck->w + (size_t)h * dh * Dx, Dx, 0.0f, AC + (size_t)h * M * Dx, Dx);
   for (int r = 0; r < rows && !rc; r++) {
-    for (int h = 0; h < H; h++) memcpy(A + h * blk, AC + ((size_t)h * rows + r) * blk, blk * sizeof(float));
+    const int R = H * (off[r + 1] - off[r]);
+    const size_t blk = (size_t)(off[r + 1] - off[r]) * Dx, at = (size_t)off[r] * Dx; /* one head's block of sequence r */
+    for (int h = 0; h < H; h++) memcpy(A + h * blk, AC + (size_t)h * M * Dx + at, blk * sizeof(float));
     if (images16) { /* bf16 and int8 models: both products with X in bf16 */
       blip_k_to_bf16(A16, A, (long)R * Dx);
       if ((rc = blip_k_gemm_bf16(1, R, T, Dx, A16, Dx, images16[r], Dx, P, T, &m->ws))) break;
@@ -698,7 +702,7 @@ static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int row
       blip_k_softmax(P, R, T);
       if ((rc = blip_k_gemm(0, 0, R, Dx, T, 1.0f, P, T, images[r], Dx, 0.0f, C, Dx))) break;
     }
-    for (int h = 0; h < H; h++) memcpy(AC + ((size_t)h * rows + r) * blk, C + h * blk, blk * sizeof(float));
+    for (int h = 0; h < H; h++) memcpy(AC + (size_t)h * M * Dx + at, C + h * blk, blk * sizeof(float));
   }
   for (int h = 0; h < H && !rc; h++) /* out_h = C_h Wv_h^T, all rows */
     rc = blip_k_gemm(0, 1, M, dh, Dx, 1.0f, AC + (size_t)h * M * Dx, Dx, cv->w + (size_t)h * dh * Dx, Dx, 0.0f, out + h * dh, Dt);
@@ -709,13 +713,22 @@ static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int row
   return BLIP_OK;
 }
 
-/* BERT encoder over `rows` sequences of length L, x in/out [rows*L, Dt].
- * mask_add [rows*L] or NULL. images NULL = unimodal; else images[r] is the
- * [T, Dx] token matrix that row r cross-attends to. */
-static int text_encode(blip_model *m, float *x, int rows, int L, const float *mask_add, const float *const *images,
+/* BERT encoder over `rows` sequences, x in/out [M, Dt]: of length L each
+ * (off NULL; M = rows*L), or packed without padding, sequence r being rows
+ * off[r]..off[r+1] (M = off[rows]). mask_add [M] or NULL. images NULL =
+ * unimodal; else images[r] is the [T, Dx] token matrix that sequence r
+ * cross-attends to. */
+static int text_encode(blip_model *m, float *x, int rows, int L, const int *off, const float *mask_add, const float *const *images,
                        const uint16_t *const *images16, int fast, const float *kvpre, float *buf) {
   const blip_cfg *c = &m->cfg;
-  const int D = c->t_hidden, H = c->t_heads, dh = D / H, M = rows * L, T = c->v_tokens, Dx = c->t_enc_hidden;
+  const int D = c->t_hidden, H = c->t_heads, dh = D / H, T = c->v_tokens, Dx = c->t_enc_hidden;
+  int *uoff = NULL;
+  if (!off) { /* uniform rows */
+    if (!(uoff = malloc((size_t)(rows + 1) * sizeof *uoff))) return blip_err_set(BLIP_ENOMEM, "text: out of memory");
+    for (int r = 0; r <= rows; r++) uoff[r] = r * L;
+    off = uoff;
+  }
+  const int M = off[rows];
   float *q = buf, *att = q + (size_t)M * 3 * D; /* q: [M, 3D] self-attention q|k|v, then [M, D] cross queries */
   float *ff = att + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
   const float scale = 1.0f / sqrtf((float)dh);
@@ -724,8 +737,9 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
     const txt_layer *Ly = &m->tl[l];
     TRY(blip_k_linear_fwd(q, x, &Ly->qkv, M)); /* [M, 3D] over q, k, v */
     for (int r = 0; r < rows; r++) {
-      const float *qr = q + (size_t)r * L * 3 * D;
-      TRY(self_attn(m, att + (size_t)r * L * D, D, qr, qr + D, qr + 2 * D, 3 * D, L, H, dh, scale, mask_add ? mask_add + (size_t)r * L : NULL));
+      const float *qr = q + (size_t)off[r] * 3 * D;
+      TRY(self_attn(m, att + (size_t)off[r] * D, D, qr, qr + D, qr + 2 * D, 3 * D, off[r + 1] - off[r], H, dh, scale,
+                    mask_add ? mask_add + off[r] : NULL));
     }
     TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
     blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
@@ -737,15 +751,13 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
       blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
     } else if (images) {
       TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
-      if (fast) TRY(cross_attn_reassoc(m, att, q, rows, L, images, images16, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
+      if (fast) TRY(cross_attn_reassoc(m, att, q, rows, off, images, images16, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
       for (int r = 0; r < rows && !fast; r++) {
-        size_t o = (size_t)r * L * D;
-        {
-          float *ik = ff, *iv = ff + (size_t)T * D;
-          TRY(blip_k_linear_fwd(ik, images[r], &Ly->ck, T));
-          TRY(blip_k_linear_fwd(iv, images[r], &Ly->cv, T));
-          TRY(blip_k_attention(att + o, D, q + o, D, ik, D, iv, D, L, T, H, dh, scale, NULL, &m->ws));
-        }
+        size_t o = (size_t)off[r] * D;
+        float *ik = ff, *iv = ff + (size_t)T * D;
+        TRY(blip_k_linear_fwd(ik, images[r], &Ly->ck, T));
+        TRY(blip_k_linear_fwd(iv, images[r], &Ly->cv, T));
+        TRY(blip_k_attention(att + o, D, q + o, D, ik, D, iv, D, off[r + 1] - off[r], T, H, dh, scale, NULL, &m->ws));
       }
       TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
       blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
@@ -755,6 +767,7 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const float *ma
   }
   (void)Dx;
 done:
+  free(uoff);
   return rc;
 }
 
@@ -780,17 +793,39 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
   if (n <= 0) return blip_err_set(BLIP_EINVAL, "text: batch size %d", n);
   size_t M = (size_t)n * L;
   float *a = arena(m, M * D + M + text_scratch(c, n, L, 0));
-  if (!a) return blip_err_set(BLIP_ENOMEM, "text: out of memory");
+  int *off = malloc((size_t)(n + 1) * sizeof *off);
+  if (!a || !off) {
+    free(off);
+    return blip_err_set(BLIP_ENOMEM, "text: out of memory");
+  }
   float *x = a, *madd = x + M * D, *buf = madd + M;
-  for (size_t i = 0; i < M; i++) madd[i] = mask && !mask[i] ? -10000.0f : 0.0f;
-  text_embed(m, x, ids, n, L, 0);
-  TRY(text_encode(m, x, n, L, madd, NULL, NULL, 0, NULL, buf));
+  /* Features only, and every row's mask real tokens then padding: the rows
+   * run packed (the padding would only be computed to be masked out). */
+  int packed = mask && !embeds;
+  off[0] = 0;
+  for (int b = 0; b < n && packed; b++) {
+    int len = 0;
+    while (len < L && mask[(size_t)b * L + len]) len++;
+    for (int t = len; t < L && packed; t++) packed = !mask[(size_t)b * L + t];
+    packed &= len > 0;
+    off[b + 1] = off[b] + len;
+  }
+  if (packed) {
+    for (int b = 0; b < n; b++) text_embed(m, x + (size_t)off[b] * D, ids + (size_t)b * L, 1, off[b + 1] - off[b], 0);
+    TRY(text_encode(m, x, n, L, off, NULL, NULL, NULL, 0, NULL, buf));
+  } else {
+    for (size_t i = 0; i < M; i++) madd[i] = mask && !mask[i] ? -10000.0f : 0.0f;
+    for (int b = 0; b <= n; b++) off[b] = b * L;
+    text_embed(m, x, ids, n, L, 0);
+    TRY(text_encode(m, x, n, L, NULL, madd, NULL, NULL, 0, NULL, buf));
+  }
   if (embeds) memcpy(embeds, x, M * D * sizeof(float));
   if (feat) {
-    for (int b = 0; b < n; b++) TRY(blip_k_linear_fwd(feat + (size_t)b * c->embed_dim, x + (size_t)b * L * D, &m->text_proj, 1));
+    for (int b = 0; b < n; b++) TRY(blip_k_linear_fwd(feat + (size_t)b * c->embed_dim, x + (size_t)off[b] * D, &m->text_proj, 1));
     blip_k_l2norm(feat, n, c->embed_dim);
   }
 done:
+  free(off);
   return rc;
 }
 
@@ -807,17 +842,19 @@ int blip_model_itm_pairs(blip_model *m, const int32_t *ids, const int *lens, int
   /* bf16/int8 models: the candidates' image tokens in bf16, converted once
    * for all layers of the reassociated cross-attention */
   const int lp = fast && m->opts.precision != BLIP_PREC_F32;
-  const size_t M = (size_t)n * L, TD = (size_t)c->v_tokens * c->t_enc_hidden;
+  const size_t TD = (size_t)c->v_tokens * c->t_enc_hidden, M = (size_t)n * L; /* M: at most, padded */
   const size_t img16 = lp ? ((size_t)n * TD + 1) / 2 : 0; /* floats holding the bf16 copies */
-  float *a = arena(m, M * D + M + text_scratch(c, n, L, 1) + img16);
-  int32_t *tid = malloc(M * sizeof *tid);
-  const uint16_t **im16 = lp ? malloc((size_t)n * sizeof *im16) : NULL;
-  if (!a || !tid || (lp && !im16)) {
+  float *a = arena(m, M * D + text_scratch(c, n, L, 1) + img16);
+  int32_t *tid = malloc((size_t)L * sizeof *tid);
+  int *off = malloc((size_t)(n + 1) * sizeof *off);
+  const uint16_t **im16 = lp ? calloc((size_t)n, sizeof *im16) : NULL;
+  if (!a || !tid || !off || (lp && !im16)) {
     free(tid);
+    free(off);
     free(im16);
     return blip_err_set(BLIP_ENOMEM, "itm: out of memory");
   }
-  float *x = a, *madd = x + M * D, *buf = madd + M;
+  float *x = a, *buf = x + M * D;
   if (lp) {
     uint16_t *dst = (uint16_t *)(void *)(buf + text_scratch(c, n, L, 1));
     for (int i = 0; i < n; i++) {
@@ -825,25 +862,24 @@ int blip_model_itm_pairs(blip_model *m, const int32_t *ids, const int *lens, int
       im16[i] = dst + i * TD;
     }
   }
-  /* padding is masked out of the self-attention (exp(-10000) is 0 in f32):
-   * a caption's real rows come out as they do unpadded; cross-attention,
-   * FFN and LayerNorm are per row, so the padded rows change nothing */
-  int padded = 0;
-  memcpy(tid, ids, M * sizeof *tid);
+  /* the captions packed without padding (a pair's cost follows its own
+   * length): caption i is rows off[i]..off[i+1] */
+  off[0] = 0;
   for (int i = 0; i < n; i++) {
-    tid[(size_t)i * L] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
-    for (int t = 0; t < L; t++) madd[(size_t)i * L + t] = t < lens[i] ? 0.0f : -10000.0f;
-    padded |= lens[i] < L;
+    off[i + 1] = off[i] + lens[i];
+    memcpy(tid, ids + (size_t)i * L, (size_t)lens[i] * sizeof *tid);
+    tid[0] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
+    text_embed(m, x + (size_t)off[i] * D, tid, 1, lens[i], 0);
   }
-  text_embed(m, x, tid, n, L, 0);
-  TRY(text_encode(m, x, n, L, padded ? madd : NULL, images, im16, fast, NULL, buf));
+  TRY(text_encode(m, x, n, L, off, NULL, images, im16, fast, NULL, buf));
   for (int i = 0; i < n; i++) {
-    const float *xi = x + (size_t)i * L * D;
+    const float *xi = x + (size_t)off[i] * D;
     TRY(blip_k_linear_fwd(logits + 2 * i, xi, &m->itm_head, 1));
     if (cls) memcpy(cls + (size_t)i * D, xi, (size_t)D * sizeof(float));
   }
 done:
   free(tid);
+  free(off);
   free(im16);
   return rc;
 }
@@ -899,7 +935,7 @@ int blip_model_itm_captions(blip_model *m, const int32_t *ids, int len, int n, c
   memcpy(tid, ids, M * sizeof *tid);
   for (int i = 0; i < n; i++) tid[(size_t)i * len] = first == BLIP_ITM_ENC ? c->bos_id + 1 : BLIP_TOK_CLS;
   text_embed(m, x, tid, n, len, 0);
-  TRY(text_encode(m, x, n, len, NULL, NULL, NULL, 0, kv, buf));
+  TRY(text_encode(m, x, n, len, NULL, NULL, NULL, NULL, 0, kv, buf));
   for (int i = 0; i < n; i++) TRY(blip_k_linear_fwd(logits + 2 * i, x + (size_t)i * len * D, &m->itm_head, 1));
 done:
   free(tid);

@@ -58,7 +58,9 @@ const char *blip_model_fingerprint(const blip_model *m);
 int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, float *feat);
 
 /* Unimodal text encoder. ids/mask [n,L] (mask 1 = real token); embeds [n,L,Dt]
- * (may be NULL; padded rows computed as upstream does), feat [n,E] L2-normalized (may be NULL). */
+ * (may be NULL; padded rows computed as upstream does), feat [n,E] L2-normalized (may be NULL).
+ * Without embeds, rows whose mask is real tokens then padding run packed (the
+ * padding is not computed; the features are the same to float rounding). */
 int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int n, int L, float *embeds, float *feat);
 
 /* Image-text matching of one caption against k images.
@@ -70,11 +72,11 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
                    blip_itm_first first, int fast, float *logits, float *cls);
 
 /* ITM of n (caption, image) pairs, each with its own caption: ids [n, L],
- * row i holding lens[i] real tokens then padding (any valid ids; masked out
- * of the self-attention), ids[i*L] replaced per `first`; images[i] as above.
- * logits [n,2], cls [n,Dt] (may be NULL). blip_model_itm is this with one
- * caption repeated; the logits of a pair do not depend on its batch (to
- * float rounding). */
+ * row i holding lens[i] real tokens then anything (ignored), ids[i*L]
+ * replaced per `first`; images[i] as above. The captions run packed, without
+ * padding: a pair costs what its own length costs. logits [n,2], cls [n,Dt]
+ * (may be NULL). blip_model_itm is this with one caption repeated; the
+ * logits of a pair do not depend on its batch (to float rounding). */
 int blip_model_itm_pairs(blip_model *m, const int32_t *ids, const int *lens, int L, const float *const *images, int n,
                          blip_itm_first first, int fast, float *logits, float *cls);
 

@@ -5,10 +5,10 @@
  *   ITM over the K best (fast = reassociated cross-attention), so the text
  *   layers run once over a [K, len] batch. A batch of text queries
  *   (blip_search_text_batch) shares the text encoder and the ITM calls: the
- *   (caption, candidate) pairs of all its queries, sorted by caption length
- *   so that little padding is masked, go to blip_model_itm_pairs 64 at a
- *   time (which bounds the vision-token buffer). A single query is a batch
- *   of one: the stages (candidates, rerank, finish) are the same code.
+ *   (caption, candidate) pairs of all its queries go to blip_model_itm_pairs
+ *   64 at a time (which bounds the vision-token buffer); both run the
+ *   captions packed, so mixing lengths costs no padding. A single query is
+ *   a batch of one: the stages (candidates, rerank, finish) are the same code.
  * - Vision tokens come from the rerank store; a candidate without a record
  *   (index built with --no-rerank-store, or a lost or damaged record) is decoded from
  *   its file with the indexer's preprocessing and run through the vision
@@ -517,13 +517,12 @@ done:
 }
 
 typedef struct {
-  int q, i, naive, len;
+  int q, i, naive;
 } rr_pair;
 
-static int cmp_pair(const void *pa, const void *pb) { /* one ITM path per call; similar lengths pad little */
+static int cmp_pair(const void *pa, const void *pb) { /* one ITM path per call */
   const rr_pair *a = pa, *b = pb;
   if (a->naive != b->naive) return a->naive - b->naive;
-  if (a->len != b->len) return a->len - b->len;
   return a->q != b->q ? a->q - b->q : a->i - b->i;
 }
 
@@ -553,7 +552,7 @@ static int rerank_batch(blip_search *s, squery *q, int n) {
   }
   np = 0;
   for (int j = 0; j < n; j++)
-    for (int i = 0; !q[j].rc && i < q[j].kr; i++) pr[np++] = (rr_pair){j, i, q[j].o->naive != 0, q[j].len};
+    for (int i = 0; !q[j].rc && i < q[j].kr; i++) pr[np++] = (rr_pair){j, i, q[j].o->naive != 0};
   qsort(pr, (size_t)np, sizeof *pr, cmp_pair);
   for (int c0 = 0, c1; c0 < np; c0 = c1) {
     int m = 0, L = 0; /* usable pairs of this chunk */
@@ -575,7 +574,7 @@ static int rerank_batch(blip_search *s, squery *q, int n) {
       at[m++] = c1;
     }
     if (!m) continue;
-    for (int r = 0; r < m; r++) { /* rows of TK -> rows of L, padded with [PAD] */
+    for (int r = 0; r < m; r++) { /* rows of TK -> rows of the longest caption (the rest ignored) */
       memmove(pid + (size_t)r * L, pid + (size_t)r * TK, (size_t)plen[r] * sizeof *pid);
       memset(pid + (size_t)r * L + plen[r], 0, (size_t)(L - plen[r]) * sizeof *pid);
     }
@@ -698,8 +697,9 @@ static int prepare_query(blip_model *m, const char *query, int32_t *ids, int *le
   return rc;
 }
 
-/* Features [n,E] of the prepared queries ids [n,35] in one encoder call,
- * rows padded to the longest and masked; rows with len 0 are skipped. */
+/* Features [n,E] of the prepared queries ids [n,35] in one encoder call
+ * (rows of the longest, masked: blip_model_text packs them); rows with len
+ * 0 are skipped. */
 static int encode_feats(blip_model *m, const int32_t *ids, const int *len, int n, float *feat) {
   const int T = BLIP_SEARCH_MAX_TOKENS, E = blip_model_cfg(m)->embed_dim;
   int L = 0, k = 0, rc = BLIP_OK;

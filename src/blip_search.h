@@ -101,8 +101,8 @@ int blip_search_attach(blip_search *s, blip_model *m);
  * punctuation after pre_caption): its embedding would match at random. */
 int blip_search_text(blip_search *s, const char *query, const blip_search_opts *o, blip_search_result *res);
 /* Several text queries at once (a server's or --stdin's waiting queries):
- * one text-encoder call over all of them (rows padded to the longest,
- * masked), each query's filter and store search, then the rerank
+ * one text-encoder call over all of them, each query's filter and store
+ * search, then the rerank
  * candidates of all the queries scored together by blip_model_itm_pairs
  * (RERANK_CHUNK pairs per call), and each query finished as alone. Each
  * query gets the result blip_search_text gives it (to float rounding) or

@@ -58,6 +58,10 @@
 
 #define MAX_ARGS 32
 #define BATCH_MAX 16 /* text queries per batch (text encoder and ITM rerank) */
+/* ITM pairs (sum of the rerank depths) per batch: a pair costs about the
+ * same at 16 or 32 a call (bench_engine), so a bigger batch would only make
+ * its first answers wait for its last */
+#define BATCH_PAIRS 64
 #define THUMB_SMALL 256
 #define THUMB_LARGE 1024
 
@@ -552,9 +556,10 @@ static void *engine_main(void *arg) {
     if (!sv->qhead) sv->qtail = NULL;
     if (b[0]->kind == JOB_TEXT && !b[0]->abandoned && sv->o.batch) { /* the other waiting text queries join */
       job *prev = NULL;
+      int pairs = b[0]->opts.rerank;
       for (job *k = sv->qhead, *next; k && n < BATCH_MAX; k = next) {
         next = k->next;
-        if (k->kind != JOB_TEXT || k->abandoned) {
+        if (k->kind != JOB_TEXT || k->abandoned || (k->opts.rerank && pairs + k->opts.rerank > BATCH_PAIRS)) {
           prev = k;
           continue;
         }
@@ -562,6 +567,7 @@ static void *engine_main(void *arg) {
         else sv->qhead = next;
         if (sv->qtail == k) sv->qtail = prev;
         b[n++] = k;
+        pairs += k->opts.rerank;
       }
     }
     if (!b[0]->abandoned) {

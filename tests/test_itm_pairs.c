@@ -1,11 +1,12 @@
 /* test_itm_pairs: blip_model_itm_pairs on the blip-tiny fixture. Every
- * (caption, image) pair of the 6 golden captions (lengths 7..16) and 4
- * images, shuffled and padded to rows of 35 and, in a second call, to the
- * longest caption, must give the logits and [ENC]/[CLS] outputs of
- * per-caption blip_model_itm calls (real tokens only) to float rounding, at
- * f32, bf16 and int8, reassociated and naive; at f32 also the golden ITM
- * logits. A batch whose pairs all have the same length (no mask) must equal
- * the per-caption call too, and bad lengths are refused. */
+ * (caption, image) pair of the 6 golden captions (11..35 tokens) and 4
+ * images, shuffled, in rows of 35 with junk after each caption and, in a
+ * second call, the shorter captions' pairs in rows of the longest of them,
+ * must give the logits and [ENC]/[CLS] outputs of per-caption
+ * blip_model_itm calls to float rounding, at f32, bf16 and int8,
+ * reassociated and naive; at f32 also the golden ITM logits. One caption
+ * against reordered images must equal blip_model_itm too, and bad lengths
+ * are refused. */
 #include "blip_err.h"
 #include "blip_kern.h"
 #include "blip_model.h"
@@ -81,7 +82,7 @@ static void run(blip_prec p) {
         }
       }
     }
-  /* one caption, one length: the unmasked path, pairs in another order */
+  /* one caption, one length, the images in another order */
   {
     const float *rimg[NI] = {imgs[3], imgs[1], imgs[0], imgs[2]};
     int32_t rep[NI * L];

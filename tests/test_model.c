@@ -66,6 +66,13 @@ static void run_parity(const char *file, const char *prefix, double tol, int ful
   }
   check_tensor(G("image_feat"), ifeat, golden_f32(g_gold, G("image_feat"), NI * E), NI * E, tol);
   check_tensor(G("text_feat"), tfeat, golden_f32(g_gold, G("text_feat"), NT * E), NT * E, tol);
+  { /* features alone: the 6 captions (11..35 tokens) run packed, without their padding */
+    float *tf2 = malloc(sizeof(float) * NT * E);
+    CHECK_OK(blip_model_text(m, ids, mask, NT, L, NULL, tf2));
+    check_tensor("text_feat packed (no embeds)", tf2, golden_f32(g_gold, G("text_feat"), NT * E), NT * E, tol);
+    check_tensor("text_feat packed == padded", tf2, tfeat, NT * E, 1e-6);
+    free(tf2);
+  }
   check_tensor(G("itc_sim"), itc, golden_f32(g_gold, G("itc_sim"), NI * NT), NI * NT, tol);
   for (int fast = 0; fast < 2; fast++) {
     check_tensor(fast ? "itm_logits_enc (reassociated)" : "itm_logits_enc (naive)", logit[fast][0],
