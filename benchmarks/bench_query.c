@@ -8,7 +8,13 @@
  * reassociation saves a factor of about head_dim/L on the cross-attention,
  * so its gain depends on the query length. Nothing is asserted; the figures
  * go into reports.
- * Usage: bench_query [--threads N] [--data DIR] [--sizes N,N] [--no-load] [--cpu-time] [--json] */
+ * --batch [--precision P]: only the engine side of batching concurrent
+ * queries: Q queries (6 to 15 tokens) with k ITM candidates each, one by
+ * one (blip_model_text + blip_model_itm per query) against batched (one
+ * blip_model_text over the Q, blip_model_itm_pairs over their Q*k pairs,
+ * 64 a call), interleaved, ms per query and the ratio.
+ * Usage: bench_query [--threads N] [--data DIR] [--sizes N,N] [--no-load] [--cpu-time] [--json]
+ *        bench_query --batch [--precision P] [--threads N] [--data DIR] */
 #include "blip_arg.h"
 #include "blip_err.h"
 #include "blip_kern.h"
@@ -157,14 +163,69 @@ static void write_model(const char *dir, const char *data) {
   }
 }
 
+/* --batch: see the top. */
+static void bench_batch(blip_model *m) {
+  enum { QMAX = 16, L = 15, CH = 64 };
+  const blip_cfg *c = blip_model_cfg(m);
+  const size_t per = (size_t)c->v_tokens * c->v_hidden;
+  float *tok = malloc(32 * per * sizeof *tok);
+  const float *imgs[32];
+  if (!tok) die("alloc");
+  for (size_t i = 0; i < 32 * per; i++) tok[i] = 1.7f * urand();
+  for (int i = 0; i < 32; i++) imgs[i] = tok + i * per;
+  int32_t ids[QMAX * L], mask[QMAX * L];
+  int lens[QMAX], plen[QMAX * 16];
+  static int32_t pid[QMAX * 16 * L];
+  const float *pimg[QMAX * 16];
+  float feat[QMAX * 1024], logits[QMAX * 16 * 2];
+  for (int q = 0; q < QMAX; q++) {
+    lens[q] = 6 + 3 * (q % 4); /* [CLS] + 4..13 words + [SEP] */
+    for (int t = 0; t < L; t++) {
+      ids[q * L + t] = t == 0 ? 101 : t == lens[q] - 1 ? 102 : t < lens[q] ? 2000 + (int)(rnd() % 20000) : 0;
+      mask[q * L + t] = t < lens[q];
+    }
+  }
+  printf("%-8s %4s %16s %16s %8s\n", "queries", "k", "1by1 ms/query", "batched ms/query", "ratio");
+  const int QS[2] = {4, 16}, KS[3] = {1, 4, 16};
+  for (int qi = 0; qi < 2; qi++)
+    for (int ki = 0; ki < 3; ki++) {
+      const int Q = QS[qi], k = KS[ki], np = Q * k;
+      for (int p = 0; p < np; p++) {
+        memcpy(pid + (size_t)p * L, ids + (p / k) * L, L * sizeof *pid);
+        plen[p] = lens[p / k];
+        pimg[p] = imgs[p % 32];
+      }
+      double one = 1e9, bat = 1e9;
+      for (int rep = 0; rep < 3; rep++) { /* rep 0 warms (primitives, arena); then interleaved */
+        double t0 = now();
+        for (int q = 0; q < Q; q++)
+          if (blip_model_text(m, ids + q * L, NULL, 1, lens[q], NULL, feat) ||
+              blip_model_itm(m, ids + q * L, lens[q], pimg + q * k, k, BLIP_ITM_ENC, 1, logits, NULL))
+            die("one by one");
+        double t1 = now();
+        if (blip_model_text(m, ids, mask, Q, L, NULL, feat)) die("batched text");
+        for (int c = 0; c < np; c += CH)
+          if (blip_model_itm_pairs(m, pid + (size_t)c * L, plen + c, L, pimg + c, np - c < CH ? np - c : CH, BLIP_ITM_ENC, 1,
+                                   logits, NULL))
+            die("batched itm");
+        double t2 = now();
+        if (rep) one = fmin(one, t1 - t0), bat = fmin(bat, t2 - t1);
+      }
+      printf("%-8d %4d %16.1f %16.1f %7.2fx\n", Q, k, one * 1e3 / Q, bat * 1e3 / Q, one / bat);
+      fflush(stdout);
+    }
+  free(tok);
+}
+
 int main(int argc, char **argv) {
   const char *data = getenv("BLIP_TEST_DATA") ? getenv("BLIP_TEST_DATA") : "tests/data";
-  int threads = 0, json = 0, load = 1;
+  int threads = 0, json = 0, load = 1, batch = 0;
+  blip_model_opts mo = {.precision = BLIP_PREC_F32};
   int64_t sizes[4] = {100000, 1000000};
   int nsizes = 2;
   static const struct option lo[] = {{"threads", 1, 0, 't'}, {"data", 1, 0, 'd'}, {"sizes", 1, 0, 's'},
                                      {"no-load", 0, 0, 'L'}, {"json", 0, 0, 'j'}, {"cpu-time", 0, 0, 'c'},
-                                     {"help", 0, 0, 'h'},
+                                     {"help", 0, 0, 'h'}, {"batch", 0, 0, 'b'}, {"precision", 1, 0, 'p'},
                                      {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "", lo, NULL)) != -1;) {
     switch (c) {
@@ -177,8 +238,13 @@ int main(int argc, char **argv) {
     case 'L': load = 0; break;
     case 'j': json = 1; break;
     case 'c': g_clock = CLOCK_PROCESS_CPUTIME_ID; break;
+    case 'b': batch = 1; break;
+    case 'p':
+      if (blip_model_parse_precision(optarg, &mo.precision)) die("--precision");
+      break;
     case 'h':
-      puts("usage: bench_query [--threads N] [--data DIR] [--sizes 100000,1000000] [--no-load] [--cpu-time] [--json]");
+      puts("usage: bench_query [--threads N] [--data DIR] [--sizes 100000,1000000] [--no-load] [--cpu-time] [--json]\n"
+           "       bench_query --batch [--precision f32|bf16|int8] [--threads N] [--data DIR]");
       return 0;
     default: return 2;
     }
@@ -190,10 +256,16 @@ int main(int argc, char **argv) {
   if (blip_cfg_load(cpath, &cfg)) die(cpath);
   const int T = cfg.v_tokens, Dv = cfg.v_hidden, E = cfg.embed_dim;
   blip_model *m = NULL;
-  if (blip_model_random(&cfg, NULL, 1, &m)) die("random model");
+  if (blip_model_random(&cfg, batch ? &mo : NULL, 1, &m)) die("random model");
   if (!json)
     printf("BLIP base geometry (T %d, Dv %d, E %d), random weights, %d threads, %s time, best of N\n", T, Dv, E,
            blip_k_threads(), g_clock == CLOCK_MONOTONIC ? "wall" : "process CPU");
+  if (batch) {
+    printf("batching concurrent queries, %s, fast ITM, best of 2 interleaved runs\n", blip_model_precision_name(mo.precision));
+    bench_batch(m);
+    blip_model_free(m);
+    return 0;
+  }
 
   /* text encode: a 12-token query ([CLS] 10 words [SEP]) */
   int32_t ids[12] = {101};

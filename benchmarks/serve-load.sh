@@ -5,7 +5,7 @@
 # requests; RSS across 10,000+ requests; the same load while blip-index adds
 # photos and is SIGKILLed; and the latency of normal requests while a
 # slow-loris client holds connections open by trickling header bytes.
-# Batching: queries/s of blip-serve with and without --batch at 1, 4 and 16
+# Batching: queries/s of blip-serve batched (the default) and --no-batch at 1, 4 and 16
 # connections for rerank 16, 4 and 0 (8 different queries, 3 to 13 tokens,
 # cycled), the two servers' runs interleaved REPS times (best of each), and
 # blip-query --stdin with NQ queries piped at once, --batch 16 against
@@ -56,7 +56,7 @@ else
   MODEL=$(cd "${2:-tests/data/blip-tiny}" && pwd)
 fi
 SPID=
-trap '[ -n "$SPID" ] && kill "$SPID" 2>/dev/null; rm -rf "$T"' EXIT
+trap '[ -n "$SPID" ] && kill "$SPID" ${BPID:-} 2>/dev/null; rm -rf "$T"' EXIT
 export OMP_WAIT_POLICY=passive
 
 mkdir -p "$T/lib" "$T/more"
@@ -110,8 +110,8 @@ mixed() { # mixed CONNS URL RERANK -> "req/s p50 p99 n fails"
   settle "$SPID" "$BPID"
   RERANK=$3 wrk -t "$(( $1 < 2 ? 1 : 2 ))" -c "$1" -d "${SECS}s" --timeout 30s -s "$T/mixed.lua" "$2" | sed -n 's/^RESULT //p'
 }
-start_server "$T/out-b" --batch
-BURL=$NEWURL BPID=$NEWPID
+start_server "$T/out-nb" --no-batch # the server under test batches (the default); this one does not
+BURL=$URL BPID=$SPID URL=$NEWURL SPID=$NEWPID
 REPS=${REPS:-3}
 printf '\nbatching, best of %d interleaved runs, %d different queries cycled\n' "$REPS" "${#QUERIES[@]}"
 printf '%-10s %6s %12s %12s %8s %12s %12s\n' rerank conns "req/s 1by1" "req/s batch" ratio "p50 1by1" "p50 batch"
@@ -131,7 +131,8 @@ for k in 16 4 0; do
 done
 python3 -c 'import json,sys,urllib.request; s=json.load(urllib.request.urlopen(sys.argv[1]))
 print("batches: %d queries in %d batches (mean %.1f)" % (s["batched_queries"], s["batches"], s["batched_queries"] / max(1, s["batches"])))' "$BURL/api/status"
-kill -TERM "$BPID"; wait "$BPID" || true
+kill -TERM "$SPID"; wait "$SPID" || true
+URL=$BURL SPID=$BPID
 
 # --stdin: NQ queries piped at once; seconds of a run less an empty stdin's (the model load)
 NQ=${NQ:-48}

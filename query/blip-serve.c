@@ -35,14 +35,14 @@ static const char USAGE[] =
     "  --timeout S         close idle connections after S seconds (default 15)\n"
     "  --budget S          answer 503 when a request waited S seconds for the engine (default 30)\n"
     "  --max-upload MB     request body cap (default 50)\n"
-    "  --batch             text queries waiting together share one text-encoder call\n"
-    "                      (default: one call a query; see benchmarks/serve-load.sh)\n"
+    "  --no-batch          answer text queries one at a time (default: the text queries waiting\n"
+    "                      together share the text-encoder and ITM rerank calls; --batch)\n"
     "  --help              this text\n"
     "\n"
     "Logs one line a request on stderr: METHOD PATH STATUS MS. Stops on SIGINT/SIGTERM.\n";
 
 enum { O_DB = 256, O_MODEL, O_LISTEN, O_TOKEN, O_INSECURE, O_CORS, O_THREADS, O_PREC, O_CONNS, O_TIMEOUT, O_BUDGET,
-       O_UPLOAD, O_BATCH, O_HELP };
+       O_UPLOAD, O_BATCH, O_NOBATCH, O_HELP };
 
 static int read_token(const char *path, char *tok, size_t cap) {
   FILE *f = fopen(path, "r");
@@ -65,10 +65,10 @@ int main(int argc, char **argv) {
       {"db", 1, 0, O_DB},           {"model", 1, 0, O_MODEL},     {"listen", 1, 0, O_LISTEN},
       {"token-file", 1, 0, O_TOKEN}, {"insecure-no-auth", 0, 0, O_INSECURE}, {"cors", 1, 0, O_CORS},
       {"threads", 1, 0, O_THREADS}, {"precision", 1, 0, O_PREC}, {"max-conns", 1, 0, O_CONNS},
-      {"timeout", 1, 0, O_TIMEOUT}, {"budget", 1, 0, O_BUDGET},  {"max-upload", 1, 0, O_UPLOAD}, {"batch", 0, 0, O_BATCH},
+      {"timeout", 1, 0, O_TIMEOUT}, {"budget", 1, 0, O_BUDGET},  {"max-upload", 1, 0, O_UPLOAD}, {"batch", 0, 0, O_BATCH}, {"no-batch", 0, 0, O_NOBATCH},
       {"help", 0, 0, O_HELP},       {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "", token[1024];
-  blip_serve_opts o = {0};
+  blip_serve_opts o = {.batch = 1};
   o.assets = blip_serve_web;
   o.n_assets = blip_serve_web_n;
   int c;
@@ -98,6 +98,7 @@ int main(int argc, char **argv) {
       break;
     }
     case O_BATCH: o.batch = 1; break;
+    case O_NOBATCH: o.batch = 0; break;
     case 'h':
     case O_HELP: fputs(USAGE, stdout); return 0;
     default: fputs(USAGE, stderr); return 2;

@@ -47,7 +47,7 @@
 #include "blip_store.h"
 
 #define MAX_EXTS 16
-#define RERANK_CHUNK 64 /* candidates per ITM call: 113 MB of vision tokens at base size */
+#define RERANK_CHUNK 64 /* (caption, candidate) pairs per ITM call: 113 MB of vision tokens at base size */
 
 struct blip_search {
   char *dir;
