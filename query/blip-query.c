@@ -194,7 +194,7 @@ static int next_line(line_reader *l, int wait, char **out) {
     if (l->eof) return 0;
     struct pollfd pf = {0, POLLIN, 0};
     if (!wait && poll(&pf, 1, 0) <= 0) return 0;
-    memmove(l->buf, l->buf + l->off, l->len - l->off);
+    if (l->off) memmove(l->buf, l->buf + l->off, l->len - l->off);
     l->len -= l->off, l->off = 0;
     if (l->cap - l->len < 65536) {
       char *nb = realloc(l->buf, l->cap * 2 + 65536);

@@ -135,13 +135,12 @@ refused = s.json("GET", q({"q": "?! ...", "n": 4}))  # no words: its own error, 
 check("a query without words: 400 alone", refused[0] == 400 and "no words" in refused[2].get("error", ""), refused)
 conc.insert(4, ({"q": "?! ...", "n": 4}, None))
 refs.insert(4, None)
-s9 = Server(SERVE, DB, MODEL, "--batch", log=T + "/s9.log")
-batched = 0
-for attempt in range(8):
+def concurrent(srv):
+    """Send every conc query at once to srv; check each answer against blip-query; return batched_queries."""
     answers = [None] * len(conc)
 
     def ask(i):
-        answers[i] = s9.json("GET", q(conc[i][0]))
+        answers[i] = srv.json("GET", q(conc[i][0]))
 
     th = [threading.Thread(target=ask, args=(i,)) for i in range(len(conc))]
     for t in th:
@@ -155,11 +154,20 @@ for attempt in range(8):
         check("concurrent %s: 200" % params["q"][:20], st == 200, j)
         if st == 200:
             same_hits("concurrent %s = blip-query" % params["q"][:20], j["results"], ref, 1e-5)
-    batched = s9.json("GET", "/api/status")[2]["batched_queries"]
+    return srv.json("GET", "/api/status")[2]["batched_queries"]
+
+
+s9 = Server(SERVE, DB, MODEL, "--batch", log=T + "/s9.log")
+batched = 0
+for attempt in range(8):
+    batched = concurrent(s9)
     if batched:
         break
 check("--batch: concurrent text queries were batched", batched >= 2, batched)
 check("--batch: stops clean", s9.stop() == 0)
+s10 = Server(SERVE, DB, MODEL, "--no-batch", log=T + "/s10.log")
+check("--no-batch: one query at a time", concurrent(s10) == 0)
+check("--no-batch: stops clean", s10.stop() == 0)
 
 # ---- image queries ----
 IMG = L + "/b/img00002.png"
