@@ -35,6 +35,7 @@
 #define BLIP_SERVE_MAX_UPLOAD (50 << 20) /* default upload cap */
 #define BLIP_SERVE_MAX_RESULTS 1000      /* offset + n */
 #define BLIP_SERVE_MAX_TEXTS 256         /* candidate texts of /api/rank-texts */
+#define BLIP_SERVE_THUMB_CACHE ((int64_t)512 << 20) /* default bound of DB/thumbs */
 
 typedef struct {
   const char *name; /* "/" for the page, "/app.js", ... */
@@ -56,6 +57,7 @@ typedef struct {
   double budget_s;         /* wait for the engine at most this long (0: 30) */
   size_t max_upload;       /* body cap in bytes (0: BLIP_SERVE_MAX_UPLOAD) */
   int batch;               /* text queries waiting together share one encoder call */
+  int64_t thumb_cache;     /* bytes DB/thumbs may hold (0: BLIP_SERVE_THUMB_CACHE) */
   const blip_serve_asset *assets;
   int n_assets;
   FILE *log; /* one line a request; NULL = stderr */

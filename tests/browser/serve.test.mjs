@@ -1,13 +1,13 @@
 // Real-browser test of blip-serve's page, one scenario for two browsers:
 // Debian's chromium (over CDP) and firefox-esr (over WebDriver BiDi), both
 // driven by puppeteer-core. Usage:
-//   node serve.test.mjs chromium|firefox BASE_URL EMPTY_URL LIB SHOTDIR
-// (two servers started by tests/test_serve_browser.sh). Prints one FAIL line
+//   BLIP_TEST_TOKEN=T node serve.test.mjs chromium|firefox BASE_URL EMPTY_URL TOKEN_URL LIB SHOTDIR
+// (three servers started by tests/test_serve_browser.sh; TOKEN_URL's wants token T). Prints one FAIL line
 // per failed check and exits 1 on any failure, or when the browser cannot run.
 import path from "node:path";
 import puppeteer from "puppeteer-core";
 
-const [which, base, emptyBase, lib, shots] = process.argv.slice(2);
+const [which, base, emptyBase, tokenBase, lib, shots] = process.argv.slice(2);
 const BROWSERS = {
   chromium: { browser: "chrome", executablePath: process.env.BLIP_CHROMIUM || "/usr/bin/chromium",
               args: ["--no-sandbox", "--disable-gpu"] },
@@ -195,6 +195,29 @@ try {
   check("empty index explained", /run blip-index/.test(await text("#message")));
   await shot("empty.png");
   check("no page errors (CSP, script)", errors.length === 0, errors);
+  errors.length = 0;
+
+  // a server with a token: the page asks for it and trades it for a session cookie no script can read
+  page = await browser.newPage();
+  watch(page);
+  await page.goto(tokenBase + "/");
+  await waitFor(() => !document.getElementById("token-form").hidden);
+  await page.type("#token", "not-the-token-0123456789");
+  await page.keyboard.press("Enter");
+  await waitFor(() => /token was refused/.test(document.getElementById("message").textContent));
+  check("token: a wrong one is refused", !(await page.evaluate(() => document.getElementById("token-form").hidden)));
+  await page.click("#token", { count: 3 });
+  await page.type("#token", process.env.BLIP_TEST_TOKEN);
+  await page.keyboard.press("Enter");
+  await waitFor(() => /46 photos/.test(document.getElementById("status").textContent));
+  check("token: accepted, the form goes", await page.evaluate(() => document.getElementById("token-form").hidden));
+  const cookie = await page.evaluate(() => document.cookie);
+  check("token: the cookie is HttpOnly (no script sees it)", cookie === "", cookie);
+  await typeQuery("a photo");
+  await waitResults(); // the thumbnails' requests carry the cookie
+  check("token: search and thumbnails with the cookie", (await names()).length === 40);
+  // the 401s the page met before it had the token are expected
+  check("no page errors with a token (CSP, script)", errors.filter((e) => !/\b401\b/.test(e)).length === 0, errors);
 } catch (e) {
   check("browser run: " + e.message.split("\n")[0], false);
   await shot("failure.png").catch(() => {});
