@@ -8,10 +8,11 @@
  * for NQ queries (perturbed held-out points), by streaming the chunks.
  * For each index: build time (train on a sample, add chunk by chunk, as
  * blipsearch fills it), bytes on disk, recall@10 and ms per single query at
- * several nprobe, with and without an exact re-score of the top 4k (what
- * blipsearch does with the SQLite features), and the query process's resident
+ * several nprobe (the last, starred, is blipsearch's nlist/16), raw and after
+ * an exact re-score of the top 40, 100 and 250 (blipsearch re-scores its
+ * candidates from the SQLite features), and the query process's resident
  * memory after loading the file memory-mapped and answering the queries.
- * Usage: bench_faiss_pq [--sizes 1000000,10000000] [--nq 100] [--threads N] [--no-opq] */
+ * Usage: bench_faiss_pq [--sizes 1000000,10000000] [--nq 100] [--threads N] [--pq 32,64] [--no-opq] */
 #include <getopt.h>
 #include <math.h>
 #include <stdint.h>
@@ -30,7 +31,8 @@
 
 #include "blip_kern.h"
 
-enum { E = 256, K = 10, CHUNK = 65536, REFINE = 4 };
+enum { E = 256, K = 10, CHUNK = 65536, NDEPTH = 3 };
+static const int depths[NDEPTH] = {4, 10, 25}; /* exact re-score of depth*K candidates (blipsearch: 4) */
 #define IO_FLAG_MMAP_REAL (8 | 0x646f0000) /* faiss::IO_FLAG_MMAP; the 1.7.3 C header's value is stale */
 
 static uint64_t mix(uint64_t z) {
@@ -118,13 +120,14 @@ static double ground_truth(const dataset *d, const float *q, int nq, int64_t *gt
   return dt;
 }
 
-/* exact re-score of the kk candidates of each query (blipsearch reads their features from SQLite) */
-static void refine(const dataset *d, const float *q, int nq, const int64_t *cand, int kk, int64_t *out) {
+/* exact re-score of the first depth of the kk candidates of each query
+ * (blipsearch reads their features from SQLite) */
+static void refine(const dataset *d, const float *q, int nq, const int64_t *cand, int kk, int depth, int64_t *out) {
   float v[E];
   for (int qi = 0; qi < nq; qi++) {
     float bs[K];
     for (int j = 0; j < K; j++) bs[j] = -1e30f, out[qi * K + j] = -1;
-    for (int c = 0; c < kk; c++) {
+    for (int c = 0; c < depth; c++) {
       int64_t id = cand[(size_t)qi * kk + c];
       if (id < 0) continue;
       point(d, id, v);
@@ -183,21 +186,24 @@ static void run(const dataset *d, const char *desc, const float *q, int nq, cons
   fclose(f);
   printf("%-22s train %6.1f s (%lld pts)  add %6.1f s  file %7.1f MB (%.1f B/vector)\n", desc, t_train,
          (long long)ntrain, t_add, bytes / 1e6, (double)bytes / d->n);
-  int kk = K * REFINE;
+  int kk = K * depths[NDEPTH - 1];
   int64_t *lab = malloc(sizeof(int64_t) * nq * kk), *ref = malloc(sizeof(int64_t) * nq * K);
   float *dis = malloc(sizeof(float) * nq * kk);
-  static const int probes[] = {8, 32, 128};
-  for (int p = 0; p < (ivf ? 3 : 1); p++) {
+  const int probes[] = {8, 32, 128, nlist / 16 > 8 ? (int)nlist / 16 : 8}; /* the last: blipsearch's nprobe */
+  for (int p = 0; p < (ivf ? 4 : 1); p++) {
     FaissIndexIVF *r = faiss_IndexIVF_cast(rd);
     if (r) faiss_IndexIVF_set_nprobe(r, (size_t)probes[p]);
     t0 = now();
     for (int qi = 0; qi < nq; qi++) faiss_Index_search(rd, 1, q + (size_t)qi * E, kk, dis + qi * kk, lab + (size_t)qi * kk);
     double ms = (now() - t0) / nq * 1e3;
-    t0 = now();
-    refine(d, q, nq, lab, kk, ref);
-    double ms_ref = (now() - t0) / nq * 1e3;
-    printf("  nprobe %4d: %7.2f ms/query  recall@10 %.3f   + exact re-score of top %d: %.3f (+%.2f ms)\n",
-           r ? probes[p] : 0, ms, recall(lab, kk, gt, nq), kk, recall(ref, K, gt, nq), ms_ref);
+    printf("  nprobe %4d%s: %7.2f ms/query  recall@10 %.3f;  exact re-score of top", r ? probes[p] : 0,
+           p == 3 ? "*" : " ", ms, recall(lab, kk, gt, nq));
+    for (int di = 0; di < NDEPTH; di++) {
+      t0 = now();
+      refine(d, q, nq, lab, kk, K * depths[di], ref);
+      printf(" %d: %.3f (+%.2f ms)", K * depths[di], recall(ref, K, gt, nq), (now() - t0) / nq * 1e3);
+    }
+    printf("\n");
   }
   rss(&a1, &f1);
   printf("  query process resident after load + %d queries: anon %+.1f MB, file-backed %+.1f MB "
@@ -212,8 +218,8 @@ static void run(const dataset *d, const char *desc, const float *q, int nq, cons
 
 int main(int argc, char **argv) {
   int64_t sizes[8] = {1000000, 10000000};
-  int ns = 2, nq = 100, threads = 0, opq = 1;
-  static const struct option lo[] = {{"sizes", 1, 0, 's'}, {"nq", 1, 0, 'q'}, {"threads", 1, 0, 't'}, {"no-opq", 0, 0, 'o'}, {"help", 0, 0, 'h'}, {0}};
+  int ns = 2, nq = 100, threads = 0, opq = 1, pqs[4] = {32, 64}, npq = 2;
+  static const struct option lo[] = {{"sizes", 1, 0, 's'}, {"nq", 1, 0, 'q'}, {"threads", 1, 0, 't'}, {"no-opq", 0, 0, 'o'}, {"pq", 1, 0, 'p'}, {"help", 0, 0, 'h'}, {0}};
   for (int c; (c = getopt_long(argc, argv, "", lo, NULL)) != -1;) {
     if (c == 's') {
       ns = 0;
@@ -221,8 +227,12 @@ int main(int argc, char **argv) {
     } else if (c == 'q') nq = atoi(optarg);
     else if (c == 't') threads = atoi(optarg);
     else if (c == 'o') opq = 0;
+    else if (c == 'p') {
+      npq = 0;
+      for (char *t = strtok(optarg, ","); t && npq < 4; t = strtok(NULL, ",")) pqs[npq++] = atoi(t);
+    }
     else {
-      printf("usage: bench_faiss_pq [--sizes 1000000,10000000] [--nq 100] [--threads N] [--no-opq]\n");
+      printf("usage: bench_faiss_pq [--sizes 1000000,10000000] [--nq 100] [--threads N] [--pq 32,64] [--no-opq]\n");
       return c == 'h' ? 0 : 2;
     }
   }
@@ -258,10 +268,12 @@ int main(int argc, char **argv) {
       snprintf(desc, sizeof desc, "IVF%d,Flat", nlist);
       run(&d, desc, q, nq, gt, dir);
     }
-    snprintf(desc, sizeof desc, "IVF%d,PQ32", nlist);
-    run(&d, desc, q, nq, gt, dir);
-    snprintf(desc, sizeof desc, "OPQ32,IVF%d,PQ32", nlist);
-    if (opq) run(&d, desc, q, nq, gt, dir);
+    for (int pi = 0; pi < npq; pi++) {
+      snprintf(desc, sizeof desc, "IVF%d,PQ%d", nlist, pqs[pi]);
+      run(&d, desc, q, nq, gt, dir);
+      snprintf(desc, sizeof desc, "OPQ%d,IVF%d,PQ%d", pqs[pi], nlist, pqs[pi]);
+      if (opq) run(&d, desc, q, nq, gt, dir);
+    }
     free(q);
     free(gt);
     free(d.cent);

@@ -33,8 +33,12 @@ static const char USAGE[] =
     "  --precision P       f32, bf16 or int8 (default: the index's)\n"
     "  --max-conns N       connection cap (default 64)\n"
     "  --timeout S         close idle connections after S seconds (default 15)\n"
-    "  --budget S          answer 503 when a request waited S seconds for the engine (default 30)\n"
+    "  --budget S          seconds a search may take once its request (body included) is in:\n"
+    "                      decoding an upload, the queue and the engine's work; then 503 (default 30).\n"
+    "                      A model call past it runs on, its result dropped (it cannot be cut short)\n"
     "  --max-upload MB     request body cap (default 50)\n"
+    "  --thumb-cache-mb MB bound of the thumbnail cache DB/thumbs (default 512): least recently\n"
+    "                      used thumbnails out first, and those of photos no longer indexed\n"
     "  --no-batch          answer text queries one at a time (default: the text queries waiting\n"
     "                      together share the text-encoder and ITM rerank calls; --batch)\n"
     "  --help              this text\n"
@@ -42,7 +46,7 @@ static const char USAGE[] =
     "Logs one line a request on stderr: METHOD PATH STATUS MS. Stops on SIGINT/SIGTERM.\n";
 
 enum { O_DB = 256, O_MODEL, O_LISTEN, O_TOKEN, O_INSECURE, O_CORS, O_THREADS, O_PREC, O_CONNS, O_TIMEOUT, O_BUDGET,
-       O_UPLOAD, O_BATCH, O_NOBATCH, O_HELP };
+       O_UPLOAD, O_BATCH, O_NOBATCH, O_THUMBS, O_HELP };
 
 static int read_token(const char *path, char *tok, size_t cap) {
   FILE *f = fopen(path, "r");
@@ -65,8 +69,8 @@ int main(int argc, char **argv) {
       {"db", 1, 0, O_DB},           {"model", 1, 0, O_MODEL},     {"listen", 1, 0, O_LISTEN},
       {"token-file", 1, 0, O_TOKEN}, {"insecure-no-auth", 0, 0, O_INSECURE}, {"cors", 1, 0, O_CORS},
       {"threads", 1, 0, O_THREADS}, {"precision", 1, 0, O_PREC}, {"max-conns", 1, 0, O_CONNS},
-      {"timeout", 1, 0, O_TIMEOUT}, {"budget", 1, 0, O_BUDGET},  {"max-upload", 1, 0, O_UPLOAD}, {"batch", 0, 0, O_BATCH}, {"no-batch", 0, 0, O_NOBATCH},
-      {"help", 0, 0, O_HELP},       {0, 0, 0, 0}};
+      {"timeout", 1, 0, O_TIMEOUT}, {"budget", 1, 0, O_BUDGET},  {"max-upload", 1, 0, O_UPLOAD}, {"batch", 0, 0, O_BATCH},
+      {"no-batch", 0, 0, O_NOBATCH}, {"thumb-cache-mb", 1, 0, O_THUMBS}, {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
   char dbdir[PATH_MAX] = "", token[1024];
   blip_serve_opts o = {.batch = 1};
   o.assets = blip_serve_web;
@@ -95,6 +99,12 @@ int main(int argc, char **argv) {
       double mb;
       if (blip_arg_real("--max-upload", optarg, 0.001, 4096, &mb)) return bad_arg();
       o.max_upload = (size_t)(mb * 1048576);
+      break;
+    }
+    case O_THUMBS: {
+      double mb;
+      if (blip_arg_real("--thumb-cache-mb", optarg, 0.001, 1 << 24, &mb)) return bad_arg();
+      o.thumb_cache = (int64_t)(mb * 1048576);
       break;
     }
     case O_BATCH: o.batch = 1; break;

@@ -15,10 +15,10 @@ PKGS=(build-essential cmake pkg-config git ca-certificates curl
       clang libclang-rt-14-dev dpkg-dev python3
       python3-pil python3-numpy  # scripts/gen-pil-cases.py: PIL's reference values
       strace                     # fault injection in the tests (strace -e inject=)
-      libmicrohttpd-dev chromium wrk   # blip-serve and its browser and load tests
+      libmicrohttpd-dev chromium firefox-esr wrk   # blip-serve and its browser and load tests
       slurm-wlm munge)                 # tests/test_slurm.sh runs a real local Slurm cluster
-# blip-serve's browser test drives chromium with playwright-core (npm): Debian's
-# node and npm unless some node is installed already
+# blip-serve's browser test drives chromium and firefox-esr with puppeteer-core
+# (npm): Debian's node and npm unless some node is installed already
 command -v npm >/dev/null || PKGS+=(nodejs npm)
 PREFIX=${BLIP_DEPS_PREFIX:-/usr/local}
 SUDO=""
@@ -40,9 +40,9 @@ for alt in libblas.so.3-x86_64-linux-gnu liblapack.so.3-x86_64-linux-gnu; do
   [ -n "$cand" ] && $SUDO update-alternatives --set "$alt" "$cand" >/dev/null
 done
 
-# tests/browser: playwright-core at the version the lockfile pins
+# tests/browser: puppeteer-core at the version the lockfile pins
 root=$(cd "$(dirname "$0")/.." && pwd)
-if [ ! -f "$root/tests/browser/node_modules/playwright-core/package.json" ] ||
+if [ ! -f "$root/tests/browser/node_modules/puppeteer-core/package.json" ] ||
    [ "$root/tests/browser/package-lock.json" -nt "$root/tests/browser/node_modules" ]; then
   (cd "$root/tests/browser" && npm ci --no-audit --no-fund --loglevel=error)
 fi

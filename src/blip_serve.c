@@ -17,7 +17,11 @@
  *   a file swapped for a symlink or another file since indexing is refused.
  * - Thumbnails: vips thumbnail (shrink-on-load, EXIF orientation, sRGB) of
  *   the verified descriptor, JPEG, cached as DB/thumbs/<size>/<id>-<fp>.jpg
- *   (temp file + rename, so readers see whole files only); ETag = fp+size. */
+ *   (temp file + rename, so readers see whole files only); ETag = fp+size.
+ *   The cache is bounded (blip_tcache: least recently used out, and the
+ *   thumbnails of photos gone from the index or changed); a fresh thumbnail
+ *   is served from the descriptor it was written through, so a sweep
+ *   between its rename and its answer cannot lose it. */
 #include "blip_serve.h"
 
 #include <arpa/inet.h>
@@ -37,6 +41,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -55,6 +60,7 @@
 #include "blip_out.h"
 #include "blip_store.h"
 #include "blip_tar.h"
+#include "blip_tcache.h"
 
 #define MAX_ARGS 32
 #define BATCH_MAX 16 /* text queries per batch (text encoder and ITM rerank) */
@@ -404,6 +410,7 @@ typedef struct job {
 struct blip_serve {
   blip_serve_opts o;
   char *db_dir, *model_dir, *token, *cors, *thumb_dir;
+  char session[65]; /* with a token: the page's cookie value (random, hex), so the token never sits in a cookie */
   const char *model_name;
   struct MHD_Daemon *d;
   int port;
@@ -426,6 +433,7 @@ struct blip_serve {
   FILE *log;
   pthread_mutex_t logmu;
   sem_t thumbs; /* thumbnails being made at once: bounds decode memory under a burst of misses */
+  blip_tcache *tcache;
 };
 
 static double now_s(void) {
@@ -603,11 +611,12 @@ static int client_gone(int fd) {
   return r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
-/* Queue j and wait for it at most budget_s, watching the client's socket
- * fd. Returns 0 (j done), BLIP_EINTR (budget spent) or BLIP_ENOTFOUND (the
- * client left): then j is the engine's, which skips it if not started. */
-static int engine_call(blip_serve *sv, job *j, int fd) {
-  double end = now_s() + sv->o.budget_s;
+/* Queue j and wait for it until end (now_s() time: the request's budget),
+ * watching the client's socket fd; the wait covers j's time in the queue and
+ * its run. Returns 0 (j done), BLIP_EINTR (budget spent) or BLIP_ENOTFOUND
+ * (the client left): then j is the engine's, which skips it if not started
+ * and drops its result if running (a model call cannot be interrupted). */
+static int engine_call(blip_serve *sv, job *j, int fd, double end) {
   pthread_mutex_lock(&sv->qmu);
   j->refs = 2;
   j->next = NULL;
@@ -767,7 +776,7 @@ static int indexer_running(const blip_serve *sv) {
 /* ================= HTTP ================= */
 
 enum { R_NONE, R_ASSET, R_SEARCH, R_SEARCH_IMAGE, R_SIMILAR, R_RANK, R_PHOTO, R_THUMB, R_STATUS, R_KNN, R_INDICES,
-       R_OPTIONS };
+       R_OPTIONS, R_SESSION };
 
 typedef struct {
   unsigned char *p;
@@ -778,7 +787,7 @@ typedef struct {
   int route;
   int64_t id;
   const blip_serve_asset *asset;
-  double t0;
+  double t0, deadline; /* deadline: the body is in + budget_s (uploads decoded, engine job done) */
   int status;
   int too_big, multipart, bad_part;
   size_t got, max; /* body bytes received; the cap */
@@ -944,13 +953,14 @@ static json_t *result_json(blip_serve *sv, const job *j) {
 static enum MHD_Result answer_job(blip_serve *sv, struct MHD_Connection *c, req *q, job *j,
                                   json_t *(*fmt)(blip_serve *, const job *, const void *), const void *fctx) {
   const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
-  int rc = engine_call(sv, j, ci ? ci->connect_fd : -1);
+  int rc = engine_call(sv, j, ci ? ci->connect_fd : -1, q->deadline);
   if (rc == BLIP_ENOTFOUND) {
     q->status = 499; /* the client left: nobody to answer */
     return MHD_NO;
   }
   if (rc)
-    return respond_err(sv, c, q, 503, "the server is busy: the request waited %g s for the engine", sv->o.budget_s);
+    return respond_err(sv, c, q, 503, "the server is busy: the request spent its %g s budget waiting for the engine",
+                       sv->o.budget_s);
   enum MHD_Result ret;
   if (j->rc) ret = respond_err(sv, c, q, err_status(j->rc), "%s", j->err);
   else ret = respond_json(sv, c, q, 200, fmt ? fmt(sv, j, fctx) : result_json(sv, j));
@@ -961,11 +971,13 @@ static enum MHD_Result answer_job(blip_serve *sv, struct MHD_Connection *c, req 
 /* Decode an uploaded image as the indexer decodes a photo: its
  * preprocessing and guards, in a decoder process (the bytes go through a
  * memfd, which the decoder opens like a file). */
-static int decode_upload(blip_serve *sv, const unsigned char *p, size_t n, float **pix) {
+static int decode_upload(blip_serve *sv, const unsigned char *p, size_t n, double end, float **pix) {
   blip_img_opts io;
   blip_img_opts_default(&io);
   io.size = sv->S;
   io.autorotate = 1;
+  double left = end - now_s(); /* the request's budget: a slow decode is cut short */
+  if (left < io.time_budget_s) io.time_budget_s = left > 1e-6 ? left : 1e-6;
   if (!(*pix = malloc((size_t)3 * sv->S * sv->S * sizeof **pix))) return blip_err_set(BLIP_ENOMEM, "out of memory");
   int fd = memfd_create("blip-upload", MFD_CLOEXEC), rc = BLIP_OK;
   size_t off = 0;
@@ -1147,8 +1159,29 @@ static enum MHD_Result serve_photo(blip_serve *sv, struct MHD_Connection *c, req
   return respond_fd(sv, c, q, fd, st.st_size, etag, cache, type);
 }
 
-/* Make the thumbnail of the verified descriptor fd into cache file dst. */
-static int make_thumb(blip_serve *sv, int fd, int size, const char *dst) {
+/* blip_tcache's keep test: the thumbnail's photo is still indexed, with
+ * that fingerprint (unknown when the index cannot be read now: kept). */
+static int thumb_keep(void *ctx, int64_t id, uint64_t fp) {
+  blip_serve *sv = ctx;
+  sqlite3_stmt *st = NULL;
+  int keep = -1;
+  pthread_mutex_lock(&sv->dbmu);
+  sqlite3 *db = meta_db(sv);
+  if (db && sqlite3_prepare_v2(db, "SELECT fingerprint FROM images WHERE id=? AND state='ok' AND feat IS NOT NULL",
+                               -1, &st, NULL) == SQLITE_OK) {
+    sqlite3_bind_int64(st, 1, id);
+    int r = sqlite3_step(st);
+    if (r == SQLITE_ROW) keep = (uint64_t)sqlite3_column_int64(st, 0) == fp;
+    else if (r == SQLITE_DONE) keep = 0;
+  }
+  sqlite3_finalize(st);
+  pthread_mutex_unlock(&sv->dbmu);
+  return keep;
+}
+
+/* Make the thumbnail of the verified descriptor fd into cache file dst;
+ * *out: a descriptor of the file written, at offset 0. */
+static int make_thumb(blip_serve *sv, int fd, int size, const char *dst, int *out) {
   char src[64], tmp[PATH_MAX];
   snprintf(src, sizeof src, "/proc/self/fd/%d", fd);
   VipsImage *in = NULL, *t = NULL, *u = NULL;
@@ -1183,17 +1216,19 @@ static int make_thumb(blip_serve *sv, int fd, int size, const char *dst) {
   if (vips_cast_uchar(t, &u, NULL)) goto done;
   if (vips_jpegsave_buffer(u, &jpg, &len, "Q", 82, "strip", TRUE, NULL)) goto done;
   snprintf(tmp, sizeof tmp, "%s.%d.%lx.tmp", dst, (int)getpid(), (unsigned long)pthread_self());
-  int o = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int o = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (o < 0) {
     rc = BLIP_EIO;
     goto done;
   }
   ssize_t w = write(o, jpg, len);
-  if (close(o) || w != (ssize_t)len || rename(tmp, dst)) {
+  if (w != (ssize_t)len || rename(tmp, dst) || lseek(o, 0, SEEK_SET)) {
+    close(o);
     unlink(tmp);
     rc = BLIP_EIO;
     goto done;
   }
+  *out = o;
   rc = BLIP_OK;
 done:
   if (rc == BLIP_EFORMAT) blip_err_set(rc, "cannot make a thumbnail: %s", vips_error_buffer());
@@ -1224,29 +1259,30 @@ static enum MHD_Result serve_thumb(blip_serve *sv, struct MHD_Connection *c, req
     return not_modified(sv, c, q, etag, cache);
   }
   snprintf(path, sizeof path, "%s/%d/%" PRId64 "-%016" PRIx64 ".jpg", sv->thumb_dir, size, q->id, r.fp);
-  int tf = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (tf < 0) { /* miss: made by this connection's thread, nobody else waits */
+  int tf = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW), hit = tf >= 0;
+  if (!hit) { /* miss: made by this connection's thread, nobody else waits */
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%s/%d", sv->thumb_dir, size);
     mkdir(sv->thumb_dir, 0700);
     mkdir(dir, 0700);
     while (sem_wait(&sv->thumbs) && errno == EINTR) {
     }
-    int rc = make_thumb(sv, fd, size, path);
+    int rc = make_thumb(sv, fd, size, path, &tf);
     sem_post(&sv->thumbs);
     if (rc) {
       close(fd);
       return respond_err(sv, c, q, rc == BLIP_EIO ? 500 : 422, "photo %" PRId64 ": %s", q->id,
                          rc == BLIP_EIO ? "cannot write the thumbnail cache" : blip_err_last());
     }
-    tf = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   }
   close(fd);
   struct stat ts;
-  if (tf < 0 || fstat(tf, &ts)) {
-    if (tf >= 0) close(tf);
+  if (fstat(tf, &ts)) {
+    close(tf);
     return respond_err(sv, c, q, 500, "cannot read the thumbnail cache");
   }
+  if (hit) blip_tcache_hit(sv->tcache, tf);
+  else blip_tcache_added(sv->tcache, ts.st_size); /* may sweep, in this request's thread */
   return respond_fd(sv, c, q, tf, ts.st_size, etag, cache, "image/jpeg");
 }
 
@@ -1296,13 +1332,14 @@ static int route(blip_serve *sv, const char *method, const char *url, req *q) {
     if (!strcmp(url, "/api/search/image")) return R_SEARCH_IMAGE;
     if (!strcmp(url, "/api/rank-texts")) return R_RANK;
     if (!strcmp(url, "/knn-service")) return R_KNN;
+    if (!strcmp(url, "/api/session")) return R_SESSION;
   }
   return R_NONE;
 }
 
 static int known_path(const char *url) {
   static const char *const P[] = {"/api/search", "/api/status", "/indices-list", "/api/search/image",
-                                  "/api/rank-texts", "/knn-service"};
+                                  "/api/rank-texts", "/knn-service", "/api/session"};
   for (size_t i = 0; i < sizeof P / sizeof *P; i++)
     if (!strcmp(url, P[i])) return 1;
   return 0;
@@ -1436,7 +1473,13 @@ static enum MHD_Result handle_post(blip_serve *sv, struct MHD_Connection *c, req
       ret = respond_err(sv, c, q, 400, "no image in the request");
       goto out;
     }
-    int rc = decode_upload(sv, img, img_n, &j->pixels);
+    int rc = decode_upload(sv, img, img_n, q->deadline, &j->pixels);
+    if (rc == BLIP_EINTR) {
+      job_free(j);
+      ret = respond_err(sv, c, q, 503, "the server is busy: the request spent its %g s budget decoding the image",
+                        sv->o.budget_s);
+      goto out;
+    }
     if (rc) {
       job_free(j);
       ret = respond_err(sv, c, q, rc == BLIP_ETOOBIG ? 413 : rc == BLIP_ENOMEM ? 500 : 400, "the image: %s",
@@ -1457,6 +1500,7 @@ oom:
 
 static enum MHD_Result handle(blip_serve *sv, struct MHD_Connection *c, req *q) {
   char err[512];
+  q->deadline = now_s() + sv->o.budget_s;
   blip_serve_kv kv[MAX_ARGS + 1];
   int nargs = get_args(c, kv);
   if (nargs < 0) return respond_err(sv, c, q, 400, "too many query arguments (at most %d)", MAX_ARGS);
@@ -1500,6 +1544,17 @@ static enum MHD_Result handle(blip_serve *sv, struct MHD_Connection *c, req *q) 
   case R_SEARCH_IMAGE:
   case R_RANK:
   case R_KNN: return handle_post(sv, c, q, kv, nargs);
+  case R_SESSION: { /* the page traded the token (checked above) for its cookie */
+    struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    if (r && sv->token) {
+      /* HttpOnly: no script reads it; SameSite=Strict: no other site's page sends it. Not Secure: the
+       * server speaks plain http, and a Secure cookie would never come back over it */
+      char ck[128];
+      snprintf(ck, sizeof ck, "blip_session=%s; Path=/; HttpOnly; SameSite=Strict", sv->session);
+      MHD_add_response_header(r, "Set-Cookie", ck);
+    }
+    return respond(sv, c, q, 204, r, NULL);
+  }
   default: return respond_err(sv, c, q, 404, "not found");
   }
 }
@@ -1523,10 +1578,10 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *c, const char
     }
     if (sv->token && q->route != R_ASSET &&
         !blip_serve_token_ok(MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization"), sv->token)) {
-      const char *ck = MHD_lookup_connection_value(c, MHD_COOKIE_KIND, "blip_token");
+      const char *ck = MHD_lookup_connection_value(c, MHD_COOKIE_KIND, "blip_session");
       char hdr[1100];
       snprintf(hdr, sizeof hdr, "Bearer %s", ck ? ck : "");
-      if (!ck || strlen(ck) > 1000 || !blip_serve_token_ok(hdr, sv->token))
+      if (!ck || strlen(ck) > 1000 || !blip_serve_token_ok(hdr, sv->session))
         return respond_err(sv, c, q, 401, "missing or wrong bearer token");
     }
     if (q->route == R_NONE) {
@@ -1671,6 +1726,7 @@ static void serve_free(blip_serve *sv) {
   free(sv->token);
   free(sv->cors);
   free(sv->thumb_dir);
+  blip_tcache_close(sv->tcache);
   pthread_mutex_destroy(&sv->qmu);
   pthread_mutex_destroy(&sv->dbmu);
   pthread_mutex_destroy(&sv->logmu);
@@ -1715,6 +1771,15 @@ int blip_serve_start(const blip_serve_opts *o, blip_serve **out) {
     goto fail;
   }
   snprintf(sv->thumb_dir, tl, "%s/thumbs", o->db_dir);
+  unsigned char rnd[32];
+  if (sv->token && getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) {
+    rc = blip_err_set(BLIP_EIO, "cannot draw a session key: %s", strerror(errno));
+    goto fail;
+  }
+  for (size_t i = 0; sv->token && i < sizeof rnd; i++) snprintf(sv->session + 2 * i, 3, "%02x", rnd[i]);
+  if ((rc = blip_tcache_open(sv->thumb_dir, o->thumb_cache > 0 ? o->thumb_cache : BLIP_SERVE_THUMB_CACHE, thumb_keep,
+                             sv, &sv->tcache)))
+    goto fail;
   const char *slash = strrchr(sv->model_dir, '/');
   sv->model_name = slash && slash[1] ? slash + 1 : sv->model_dir;
 

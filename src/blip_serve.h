@@ -4,8 +4,11 @@
  * Threads: MHD runs one thread per connection (bounded by max_conns). All
  * model and blip_search work goes to ONE engine thread through a job queue
  * (the model and the search context are single-threaded, and one OpenMP
- * master keeps one thread team and oneDNN's primitive cache); a connection
- * waits for its job at most budget_s and then answers 503. Photos,
+ * master keeps one thread team and oneDNN's primitive cache). A search must
+ * be done budget_s after its request (body included) came in: an upload's
+ * decode gets what is left of it, then the connection waits for its job
+ * (queue + run) until the deadline and answers 503; a job running then
+ * runs on (a model call cannot be cut short) and its result is dropped. Photos,
  * thumbnails and status never enter the queue: they read row metadata
  * through a mutex-guarded read-only SQLite connection of their own, so a
  * thumbnail cache miss or a long rerank stalls nobody else. With batch on,
@@ -34,6 +37,7 @@
 #define BLIP_SERVE_MAX_UPLOAD (50 << 20) /* default upload cap */
 #define BLIP_SERVE_MAX_RESULTS 1000      /* offset + n */
 #define BLIP_SERVE_MAX_TEXTS 256         /* candidate texts of /api/rank-texts */
+#define BLIP_SERVE_THUMB_CACHE ((int64_t)512 << 20) /* default bound of DB/thumbs */
 
 typedef struct {
   const char *name; /* "/" for the page, "/app.js", ... */
@@ -52,9 +56,10 @@ typedef struct {
   int threads;             /* engine compute threads (0: all cores) */
   int max_conns;           /* connection cap (0: 64) */
   int conn_timeout_s;      /* idle connection timeout (0: 15) */
-  double budget_s;         /* wait for the engine at most this long (0: 30) */
+  double budget_s;         /* a search's time from its request in to its result (0: 30) */
   size_t max_upload;       /* body cap in bytes (0: BLIP_SERVE_MAX_UPLOAD) */
   int batch;               /* text queries waiting together share the encoder and ITM calls */
+  int64_t thumb_cache;     /* bytes DB/thumbs may hold (0: BLIP_SERVE_THUMB_CACHE) */
   const blip_serve_asset *assets;
   int n_assets;
   FILE *log; /* one line a request; NULL = stderr */

@@ -143,7 +143,7 @@ const char *blip_store_schema_sql(int v) { return v >= 1 && v <= NSCHEMA ? SCHEM
 /* ---- constants ---- */
 
 #define ALLOW_EXACT 4096 /* filtered search: exact dot products up to this many ids */
-#define REFINE 4         /* compressed index: candidates re-scored exactly per result wanted */
+#define REFINE 10        /* compressed index: candidates re-scored exactly per result wanted (blip_vcache.c) */
 
 enum { M_MODEL, M_PRECISION, M_PREPROCESS, M_EMBED_DIM, M_V_TOKENS, M_V_HIDDEN, M_TOKENS, NMETA };
 static const char *const META_KEYS[NMETA] = {"model", "precision", "preprocess", "embed_dim",

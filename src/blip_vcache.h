@@ -7,7 +7,7 @@
  * file is only ever replaced by temp file + fsync + rename, so a reader sees a
  * whole file or none. Kinds (see blip_vcache.c): IDMap2(FlatIP) below ivf_min
  * vectors, "IVF{4 sqrt N},Flat" below pq_min, then the compressed
- * "IVF{4 sqrt N},PQ{E/8}" (32 bytes a vector at E 256), whose results are
+ * "IVF{4 sqrt N},PQ{E/4}" (64 bytes a vector at E 256), whose results are
  * approximate: the owner re-scores its candidates exactly. Readers map the
  * inverted lists of a file read-only (shared page cache) instead of copying them. */
 #ifndef BLIP_VCACHE_H

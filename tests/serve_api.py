@@ -404,6 +404,17 @@ check("budget: 503 with a JSON error and Retry-After", st == 503 and "busy" in j
 st, h, j = s7.json("GET", "/api/status")
 check("budget: the server still answers", st == 200, st)
 check("budget: stops clean with an abandoned job", s7.stop() == 0)
+# the budget runs from the request's arrival (its body in): an upload's decode spends it too, and a decode
+# past it is cut short with 503 instead of answering late (5000x5000 PNG: far more than 20 ms to inflate)
+w = 5000
+write_png(T + "/big.png", w, w, bytes((x * 7) & 255 for x in range(w * 3)) * w)
+s7 = Server(SERVE, DB, MODEL, "--budget", "0.02", log=T + "/s7b.log")
+st, h, j = s7.json("POST", "/api/search/image", open(T + "/big.png", "rb").read())
+check("budget: a decode past it gets 503", st == 503 and "decoding" in j["error"] and h.get("retry-after"), (st, j))
+st, h, j = s7.json("GET", "/api/status")
+check("budget: answers after a cut decode", st == 200, st)
+check("budget: stops clean after a cut decode", s7.stop() == 0)
+os.unlink(T + "/big.png")
 
 # ---- CORS off by default; --cors ORIGIN allows exactly ORIGIN ----
 st, h, _ = s.get("/api/status", {"Origin": "http://evil.example"})
@@ -429,8 +440,20 @@ st, h, j = s4.json("GET", "/api/status", headers={"Authorization": "Bearer s3cre
 check("token: a prefix -> 401", st == 401, st)
 st, h, j = s4.json("GET", "/api/status", headers={"Authorization": "Bearer s3cret-token-0123456789abcdef"})
 check("token: right -> 200", st == 200, st)
-st, h, d = s4.get("/api/photo/%d" % pid, {"Cookie": "blip_token=s3cret-token-0123456789abcdef"})
-check("token: as the page's cookie -> 200", st == 200, st)
+# the page trades the token for a session cookie no script can read and no other site's page sends
+# (not Secure: plain http would never send it back)
+st, h, _ = s4.request("POST", "/api/session", headers={"Authorization": "Bearer s3cret-token-0123456789abcdef"})
+ck = h.get("set-cookie", "")
+attrs = [a.strip() for a in ck.split(";")]
+check("token: /api/session sets an HttpOnly SameSite=Strict cookie", st == 204 and "HttpOnly" in attrs and
+      "SameSite=Strict" in attrs and "Path=/" in attrs and "Secure" not in attrs, (st, ck))
+check("token: the cookie is a session key, not the token", "s3cret" not in ck and len(attrs[0]) > 30, ck)
+st, h, d = s4.get("/api/photo/%d" % pid, {"Cookie": attrs[0]})
+check("token: the session cookie -> 200", st == 200, st)
+st, h, d = s4.get("/api/photo/%d" % pid, {"Cookie": "blip_session=s3cret-token-0123456789abcdef"})
+check("token: the token as cookie -> 401", st == 401, st)
+st, h, _ = s4.request("POST", "/api/session", headers={"Authorization": "Bearer s3cret-token-0123456789abcdeX"})
+check("token: /api/session with a wrong token -> 401, no cookie", st == 401 and "set-cookie" not in h, (st, h))
 st, h, d = s4.get("/api/photo/%d" % pid)
 check("token: photo without it -> 401", st == 401 and d[:1] == b"{", st)
 st, h, d = s4.get("/")
@@ -445,6 +468,19 @@ s5 = Server(SERVE, DB, MODEL, "--listen", "0.0.0.0:0", "--insecure-no-auth", log
 st, _, _ = s5.get("/api/status")
 rc = s5.stop()
 check("0.0.0.0 with --insecure-no-auth: warns and serves", st == 200 and rc == 0 and "WARNING" in s5.log(), s5.log()[-300:])
+# IPv6: [::1] is loopback (no token), [::] is every address (a token, as 0.0.0.0)
+s5 = Server(SERVE, DB, MODEL, "--listen", "[::1]:0", log=T + "/s5v6.log")
+st, _, j = s5.json("GET", q({"q": QUERY, "n": 3}))
+check("[::1]: serves without a token", s5.host == "::1" and st == 200 and len(j["results"]) == 3, (s5.host, st))
+check("[::1]: stops clean", s5.stop() == 0)
+r = subprocess.run([SERVE, "--db", DB, "--model", MODEL, "--listen", "[::]:0"], capture_output=True, text=True,
+                   timeout=60)
+check("[::] without a token: refused", r.returncode == 2 and "loopback" in r.stderr, r.stderr)
+s5 = Server(SERVE, DB, MODEL, "--listen", "[::]:0", "--token-file", T + "/token", log=T + "/s5v6t.log")
+st, _, _ = s5.json("GET", "/api/status")
+st2, _, _ = s5.json("GET", "/api/status", headers={"Authorization": "Bearer s3cret-token-0123456789abcdef"})
+check("[::] with a token: 401 without it, 200 with it", (st, st2) == (401, 200), (st, st2))
+s5.stop()
 r = subprocess.run([SERVE, "--db", DB, "--model", MODEL, "--listen", "nonsense"], capture_output=True, text=True)
 check("bad --listen: exit 2", r.returncode == 2 and "listen" in r.stderr, r.stderr)
 os.makedirs(T + "/other", exist_ok=True)
@@ -493,6 +529,62 @@ with open(DB + "/lock", "a") as lk:
     check("status: (the lock is the writer's: blip-index waits or refuses)", r.returncode != 0, r.returncode)
 st, h, j = s.json("GET", "/api/status")
 check("status: indexer not running once the lock is free", j["indexer_running"] is False, j)
+
+# ---- thumbnail cache: bounded, least recently used out first, stale thumbnails dropped ----
+TD = DB + "/thumbs"
+
+
+def cached():
+    return {sub + "/" + f: os.path.getsize(TD + "/" + sub + "/" + f)
+            for sub in os.listdir(TD) for f in os.listdir(TD + "/" + sub) if f.endswith(".jpg")}
+
+
+rows = sqlite3.connect("file:%s/index.sqlite?mode=ro" % DB, uri=True).execute(
+    "SELECT id, fingerprint FROM images WHERE state='ok' AND feat IS NOT NULL").fetchall()
+ref = {(i, z): s.get("/api/thumb/%d?size=%d" % (i, z))[2] for i, _ in rows for z in (256, 1024)}  # unbounded server
+stale = ["256/999999-0123456789abcdef.jpg", "1024/%d-%016x.jpg" % (rows[0][0], (rows[0][1] & (2**64 - 1)) ^ 1)]
+for n in stale:
+    open(TD + "/" + n, "wb").write(b"\xff\xd8stale")
+open(TD + "/256/notes.txt", "w").write("not a thumbnail: left alone")
+CAP = 20000
+s9 = Server(SERVE, DB, MODEL, "--thumb-cache-mb", str(CAP / 1048576), log=T + "/s9.log")
+c = cached()
+check("thumb cache: at start, thumbnails of a gone id or another fingerprint dropped", not set(stale) & set(c), c)
+check("thumb cache: at start, within the bound; other files left alone",
+      sum(c.values()) <= CAP and os.path.exists(TD + "/256/notes.txt"), sum(c.values()))
+check("thumb cache: (the thumbnails exceed the bound)", sum(map(len, ref.values())) > 2 * CAP, sum(map(len, ref.values())))
+wrong, worst = [], 0
+for k in ref:
+    st, h, d = s9.get("/api/thumb/%d?size=%d" % k)
+    if st != 200 or d != ref[k]:
+        wrong.append((k, st))
+    worst = max(worst, sum(cached().values()))
+check("thumb cache: every thumbnail served right while evicting", not wrong, wrong)
+check("thumb cache: the bound holds after every request", worst <= CAP, (worst, CAP))
+# recency: the oldest file, once hit, outlives the others
+c = sorted(cached())
+now = time.time()
+for n, k in enumerate(c):
+    os.utime(TD + "/" + k, (now - 9000,) * 2 if n == 0 else (now - 7200 + n,) * 2)
+
+
+def key(f):
+    z, name = f.split("/")
+    return int(name.split("-")[0]), int(z)
+
+
+st, h, d = s9.get("/api/thumb/%d?size=%d" % key(c[0]))
+check("thumb cache: a hit refreshes the file's recency", st == 200 and d == ref[key(c[0])] and
+      os.path.getmtime(TD + "/" + c[0]) > now - 60, (st, os.path.getmtime(TD + "/" + c[0]) - now))
+for k in ref:
+    if c[1] not in cached():
+        break
+    if k not in map(key, cached()):
+        s9.get("/api/thumb/%d?size=%d" % k)
+after = cached()
+check("thumb cache: least recently used out first, the hit one kept", c[1] not in after and c[0] in after,
+      (c[:2], sorted(after)))
+check("thumb cache: stops clean", s9.stop() == 0)
 
 # ---- connection cap and idle timeout: slow clients cannot hold the server ----
 s8 = Server(SERVE, DB, MODEL, "--max-conns", "3", "--timeout", "1", log=T + "/s8.log")

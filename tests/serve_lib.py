@@ -47,10 +47,12 @@ class Server:
         if b"listening on" not in line:
             self.p.kill()
             raise RuntimeError("blip-serve did not start: %r, log: %s" % (line, open(self.log_path).read()[-2000:]))
-        self.port = int(line.split(b"http://")[1].split(b"/")[0].rsplit(b":", 1)[1])
+        host, port = line.split(b"http://")[1].split(b"/")[0].decode().rsplit(":", 1)
+        self.port = int(port)
+        self.host = "127.0.0.1" if host == "0.0.0.0" else "::1" if host == "[::]" else host.strip("[]")
 
     def request(self, method, path, body=None, headers=None, timeout=120):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        c = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         c.request(method, path, body=body, headers=headers or {})
         r = c.getresponse()
         data = r.read()

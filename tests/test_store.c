@@ -418,12 +418,12 @@ static void test_faiss_pq(void) {
   }
   for (int i = 0; i < N && st; i += 40) self += blip_store_search(st, feats + (size_t)i * E, 1, NULL, 0, wi, ws) == 1 && wi[0] == ids[i];
   double recall = (double)hits / (NQ * K);
-  printf("  IVF-PQ (4000 x %d, 2 sub-quantizers): recall@10 %.3f after exact re-score, self-hits %ld/100\n", E, recall, self);
+  printf("  IVF-PQ (4000 x %d, 4 sub-quantizers): recall@10 %.3f after exact re-score, self-hits %ld/100\n", E, recall, self);
   CHECK(exact_scores, "compressed index returned approximate scores");
   CHECK(same_reader, "memory-mapped reader differs from the writer");
   if (rd) CHECK_OK(blip_store_verify(rd)); /* --check on the compressed kind: no false damage */
-  CHECK(recall >= 0.9, "IVF-PQ recall@10 %.3f < 0.9", recall);
-  CHECK(self >= 95, "only %ld of 100 vectors find themselves", self);
+  CHECK(recall >= 0.98, "IVF-PQ recall@10 %.3f < 0.98", recall); /* E/8 codes, 4 per result: 0.944 */
+  CHECK(self >= 99, "only %ld of 100 vectors find themselves", self);
   blip_store_close(rd);
   blip_store_close(st);
   free(feats);

@@ -272,10 +272,17 @@ function init() {
     $("drop").hidden = true;
     if (e.dataTransfer && e.dataTransfer.files.length) searchImage(e.dataTransfer.files[0]);
   });
-  $("token-form").addEventListener("submit", (e) => {
+  $("token-form").addEventListener("submit", async (e) => {
     e.preventDefault();
+    // the server checks the token and answers with an HttpOnly session cookie: no script keeps the token
     const t = $("token").value.trim();
-    document.cookie = "blip_token=" + encodeURIComponent(t) + "; path=/; SameSite=Strict";
+    try {
+      await api("/api/session", { method: "POST", headers: { Authorization: "Bearer " + t } });
+    } catch (err) {
+      say("The token was refused: " + err.message, "error");
+      return;
+    }
+    $("token").value = "";
     $("token-form").hidden = true;
     say("");
     refreshStatus().then(() => run(true));
