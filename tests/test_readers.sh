@@ -4,7 +4,8 @@
 # sessions), also for real with a blip-index process deleting and re-adding
 # photos during a session; a --stdin session notices blip-index --rebuild and
 # answers from the new index; a read-only index directory (or one owned by
-# another user) can be queried.
+# another user) can be queried; a reader opening while a writer holds the
+# database lock waits for it instead of failing.
 set -u
 BIN=$(cd "${BLIP_BIN:-build}" && pwd)
 DATA=$(cd "${BLIP_TEST_DATA:-tests/data}" && pwd)
@@ -124,5 +125,31 @@ ask "$QUERY"
 eval "exec $qs_in>&-"
 wait $qs_pid || bad "read-only session exit $(cat "$T/im.err")"
 chmod -R u+w "$T/dbim"
+
+# ---- a reader opening while a writer holds the database lock ----
+# A writer's connection can hold SQLite's EXCLUSIVE file lock (the last
+# connection's checkpoint on close holds it; so does exclusive locking mode);
+# a reader whose first statement meets it must wait (busy timeout), not fail
+# with "database is locked". A helper holds the lock for 3 s, and the reader
+# starts only once the lock is held.
+cp -r "$T/db" "$T/dbl"
+q --paths -n 5 "$QUERY" >"$T/lk.want" 2>/dev/null
+python3 - "$T/dbl/index.sqlite" >"$T/lk.hold" 2>&1 <<'PY' &
+import sqlite3, sys, time
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("PRAGMA locking_mode=EXCLUSIVE")  # keeps the EXCLUSIVE lock until the connection closes
+c.execute("BEGIN EXCLUSIVE")
+c.execute("UPDATE meta SET value=value WHERE key='generation'")
+print("held", flush=True)
+time.sleep(3)
+c.execute("COMMIT")
+c.close()
+PY
+hpid=$!
+for _ in $(seq 600); do grep -q held "$T/lk.hold" && break; kill -0 $hpid 2>/dev/null || break; sleep 0.05; done
+grep -q held "$T/lk.hold" && ok || bad "lock holder did not start: $(cat "$T/lk.hold")"
+"$BIN/blip-query" --db "$T/dbl" --model "$MODEL" --paths -n 5 "$QUERY" >"$T/lk1" 2>"$T/lk1.err"; rc=$?
+wait $hpid || bad "lock holder failed: $(cat "$T/lk.hold")"
+[[ $rc == 0 ]] && cmp -s "$T/lk1" "$T/lk.want" && ok || bad "reader beside a held write lock: rc $rc $(cat "$T/lk1.err")"
 
 tally
