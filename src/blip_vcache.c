@@ -26,9 +26,9 @@
  * - Past PQ_MIN vectors the raw vectors stop fitting a query server's RAM
  *   comfortably (4 GB at 4M), and "IVF{4 sqrt N},PQ{E/4}" keeps E/4 bytes of
  *   code per vector (1/16 of f32); the owner re-scores 10 candidates per result
- *   exactly. benchmarks/bench_faiss_pq.c, 1M clustered vectors: recall@10
- *   0.994 after that re-score, where PQ32 (E/8) reached 0.865 (0.978 only at
- *   25 per result). Training takes an evenly spaced sample of 64 points per list (at
+ *   exactly. benchmarks/bench_faiss_pq.c, clustered vectors: recall@10 0.994
+ *   at 1M and 0.966 at 10M after that re-score; PQ32 (E/8) reached 0.865 at
+ *   1M (0.978 only at 25 per result). Training takes an evenly spaced sample of 64 points per list (at
  *   least 65536, for the PQ codebooks), so a rebuild streams the rows in
  *   chunks and never holds N*E floats.
  * - Readers load IVF files with faiss's IO_FLAG_MMAP: the inverted lists stay
