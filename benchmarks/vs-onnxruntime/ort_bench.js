@@ -7,7 +7,8 @@
 // Usage: node ort_bench.js MODEL.onnx INPUTS_DIR [THREADS]
 // Session: CPU (MLAS), graphOptimizationLevel "all", intra-op THREADS,
 // inter-op 1, sequential, no spinning (the machine is shared; blipsearch
-// runs with OMP_WAIT_POLICY=passive to match).
+// runs with OMP_WAIT_POLICY=passive to match), or ORT's default spinning
+// with ORT_BENCH_SPIN=1 (run.py --spin; blipsearch then spins briefly too).
 'use strict';
 const fs = require('fs');
 const path = require('path');
@@ -41,13 +42,14 @@ async function main() {
     process.exit(2);
   }
   const t0 = process.hrtime.bigint();
+  const spin = process.env.ORT_BENCH_SPIN === '1' ? '1' : '0';
   const sess = await ort.InferenceSession.create(model, {
     executionProviders: ['cpu'],
     graphOptimizationLevel: 'all',
     intraOpNumThreads: Number(threads),
     interOpNumThreads: 1,
     executionMode: 'sequential',
-    extra: { session: { intra_op: { allow_spinning: '0' }, inter_op: { allow_spinning: '0' } } },
+    extra: { session: { intra_op: { allow_spinning: spin }, inter_op: { allow_spinning: spin } } },
   });
   const px = readF32(path.join(inputs, 'pixels.f32'), 8 * 3 * S * S);
   const imgs = readF32(path.join(inputs, 'itm_images.f32'), KMAX * T * D);

@@ -78,13 +78,21 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--load", type=int, default=0, help="also run N busy-looping processes (a run under load)")
     ap.add_argument("--naive", action="store_true", help="also time blipsearch f32's unreassociated ITM")
+    ap.add_argument("--spin", action="store_true",
+                    help="both engines' threads spin briefly before sleeping (blipsearch: GOMP_SPINCOUNT=3000 instead of "
+                         "OMP_WAIT_POLICY=passive; ORT: allow_spinning 1, its default) instead of sleeping at once")
     ap.add_argument("--json", help="write all measurements here")
     a = ap.parse_args()
     if not os.path.exists(os.path.join(a.work, "blip_int8.onnx")):
         subprocess.run([sys.executable, os.path.join(HERE, "make_model.py"), a.work], check=True)
     if not os.path.isdir(os.path.join(HERE, "node_modules/onnxruntime-node")):
         raise SystemExit("run.py: onnxruntime-node is not installed: run benchmarks/vs-onnxruntime/setup.sh")
-    env = dict(os.environ, OMP_WAIT_POLICY="passive", OMP_NUM_THREADS=str(a.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    if a.spin:
+        env.pop("OMP_WAIT_POLICY", None)
+        env.update(GOMP_SPINCOUNT="3000", ORT_BENCH_SPIN="1")
+    else:
+        env.update(OMP_WAIT_POLICY="passive", ORT_BENCH_SPIN="0")
     inputs = os.path.join(a.work, "inputs")
     load_procs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(a.load)]
     workers = {}
@@ -144,7 +152,8 @@ def report(a, res):
     peak = {k: med([m[k] for m in mach]) for k in ("f32_gflops", "bf16_gflops", "int8_gops", "read_gb_s")}
     vis_gflop = mach[0]["vision_gflop"]
     print(f"blipsearch vs ONNX Runtime {res['hello']['ort_f32'].get('version', '?')}: BLIP base (ViT-B/16 384 px, BERT-base), "
-          f"same random weights, {a.threads} threads each, {a.reps} interleaved repetitions"
+          f"same random weights, {a.threads} threads each, {a.reps} interleaved repetitions, "
+          f"{'threads spin briefly before sleeping' if a.spin else 'threads sleep when idle (no spinning)'}"
           + (f", {a.load} busy-looping processes as load" if a.load else ""))
     print(f"load average at start {res['load_avg_start'][0]:.2f}, at end {res['load_avg_end'][0]:.2f}")
     print(f"machine, median of the repetitions: f32 FMA {peak['f32_gflops']:.0f} GFLOP/s, bf16 vdpbf16ps "
