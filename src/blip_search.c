@@ -725,23 +725,6 @@ static int encode_feats(blip_model *m, const int32_t *ids, const int *len, int n
   return rc;
 }
 
-int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
-                           float *feat) {
-  int rc = BLIP_OK;
-  for (int i = 0; i < n && !rc; i++)
-    rc = prepare_query(m, queries[i], ids + (size_t)i * BLIP_SEARCH_MAX_TOKENS, &len[i], &truncated[i]);
-  return rc ? rc : encode_feats(m, ids, len, n, feat);
-}
-
-int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
-                              const blip_search_opts *o, blip_search_result *res) {
-  memset(res, 0, sizeof *res);
-  int rc = blip_search_refresh(s, NULL);
-  if (!rc) rc = search_feat(s, feat, ids, len, o, res);
-  res->truncated = truncated;
-  return rc;
-}
-
 int blip_search_text_batch(blip_search *s, blip_search_query *q, int n) {
   const int T = BLIP_SEARCH_MAX_TOKENS;
   int rc = BLIP_OK;

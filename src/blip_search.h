@@ -117,14 +117,6 @@ typedef struct {
   char err[512];             /* out: its message when rc != BLIP_OK */
 } blip_search_query;
 int blip_search_text_batch(blip_search *s, blip_search_query *q, int n);
-/* The text search in two steps: blip_search_text_feats prepares n queries
- * (ids [n,35], len[n], truncated[n]; fails on the first refused one) and
- * computes their features [n,E] in one encoder call; blip_search_text_prepared
- * then searches and reranks one of them as blip_search_text does. */
-int blip_search_text_feats(blip_model *m, const char *const *queries, int n, int32_t *ids, int *len, int *truncated,
-                           float *feat);
-int blip_search_text_prepared(blip_search *s, const int32_t *ids, int len, int truncated, const float *feat,
-                              const blip_search_opts *o, blip_search_result *res);
 /* Image -> images by ITC (pixels [3,S,S] preprocessed). */
 int blip_search_image(blip_search *s, const float *pixels, const blip_search_opts *o, blip_search_result *res);
 /* Images by ITC against a feature [E] (L2-normalized by the caller): "more
