@@ -1281,7 +1281,7 @@ static enum MHD_Result serve_thumb(blip_serve *sv, struct MHD_Connection *c, req
     close(tf);
     return respond_err(sv, c, q, 500, "cannot read the thumbnail cache");
   }
-  if (hit) blip_tcache_hit(sv->tcache, tf);
+  if (hit) blip_tcache_hit(sv->tcache, tf, ts.st_mtime);
   else blip_tcache_added(sv->tcache, ts.st_size); /* may sweep, in this request's thread */
   return respond_fd(sv, c, q, tf, ts.st_size, etag, cache, "image/jpeg");
 }

@@ -96,7 +96,9 @@ static int scan_sub(blip_tcache *tc, const char *sub, entry **e, size_t *n, size
   return 0;
 }
 
-int64_t blip_tcache_sweep(blip_tcache *tc, int64_t target) {
+/* Drop what keep rejects, then the least recent files until the total is
+ * at most target bytes; the total becomes what is left. */
+static void sweep(blip_tcache *tc, int64_t target) {
   entry *e = NULL;
   size_t n = 0, cap = 0;
   int64_t total = 0;
@@ -117,9 +119,7 @@ int64_t blip_tcache_sweep(blip_tcache *tc, int64_t target) {
   free(e);
   pthread_mutex_lock(&tc->mu);
   if (!rc) tc->total = total;
-  total = tc->total;
   pthread_mutex_unlock(&tc->mu);
-  return total;
 }
 
 int blip_tcache_open(const char *dir, int64_t cap, blip_tcache_keep_fn keep, void *ctx, blip_tcache **out) {
@@ -134,7 +134,7 @@ int blip_tcache_open(const char *dir, int64_t cap, blip_tcache_keep_fn keep, voi
   tc->keep = keep;
   tc->ctx = ctx;
   pthread_mutex_init(&tc->mu, NULL);
-  blip_tcache_sweep(tc, cap);
+  sweep(tc, cap);
   *out = tc;
   return BLIP_OK;
 }
@@ -146,10 +146,9 @@ void blip_tcache_close(blip_tcache *tc) {
   free(tc);
 }
 
-void blip_tcache_hit(blip_tcache *tc, int fd) {
-  struct stat st;
+void blip_tcache_hit(blip_tcache *tc, int fd, time_t mtime) {
   (void)tc;
-  if (!fstat(fd, &st) && time(NULL) - st.st_mtime > BLIP_TCACHE_TOUCH_S) futimens(fd, NULL);
+  if (time(NULL) - mtime > BLIP_TCACHE_TOUCH_S) futimens(fd, NULL);
 }
 
 void blip_tcache_added(blip_tcache *tc, int64_t bytes) {
@@ -159,15 +158,8 @@ void blip_tcache_added(blip_tcache *tc, int64_t bytes) {
   if (go) tc->sweeping = 1;
   pthread_mutex_unlock(&tc->mu);
   if (!go) return;
-  blip_tcache_sweep(tc, tc->cap / 4 * 3);
+  sweep(tc, tc->cap / 4 * 3);
   pthread_mutex_lock(&tc->mu);
   tc->sweeping = 0;
   pthread_mutex_unlock(&tc->mu);
-}
-
-int64_t blip_tcache_bytes(blip_tcache *tc) {
-  pthread_mutex_lock(&tc->mu);
-  int64_t t = tc->total;
-  pthread_mutex_unlock(&tc->mu);
-  return t;
 }

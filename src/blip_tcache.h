@@ -19,6 +19,7 @@
 #define BLIP_TCACHE_H
 
 #include <stdint.h>
+#include <time.h>
 
 #define BLIP_TCACHE_TOUCH_S 600
 
@@ -31,14 +32,10 @@ typedef int (*blip_tcache_keep_fn)(void *ctx, int64_t id, uint64_t fp);
  * bytes; sweeps it once now (stale files out, the bound enforced). */
 int blip_tcache_open(const char *dir, int64_t cap, blip_tcache_keep_fn keep, void *ctx, blip_tcache **out);
 void blip_tcache_close(blip_tcache *tc);
-/* A hit on the open file fd: refresh its recency. */
-void blip_tcache_hit(blip_tcache *tc, int fd);
+/* A hit on the open file fd, last modified at mtime (the caller's fstat):
+ * refresh its recency. */
+void blip_tcache_hit(blip_tcache *tc, int fd, time_t mtime);
 /* The owner wrote a file of bytes: sweeps when the total passes cap. */
 void blip_tcache_added(blip_tcache *tc, int64_t bytes);
-/* Sweep now: drop what keep rejects, then the least recent files until the
- * total is at most target bytes. Returns the bytes kept (and sets the total). */
-int64_t blip_tcache_sweep(blip_tcache *tc, int64_t target);
-/* Bytes in the cache as tracked (exact after a sweep). */
-int64_t blip_tcache_bytes(blip_tcache *tc);
 
 #endif
