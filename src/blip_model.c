@@ -817,7 +817,7 @@ int blip_model_text(blip_model *m, const int32_t *ids, const int32_t *mask, int 
     for (size_t i = 0; i < M; i++) madd[i] = mask && !mask[i] ? -10000.0f : 0.0f;
     for (int b = 0; b <= n; b++) off[b] = b * L;
     text_embed(m, x, ids, n, L, 0);
-    TRY(text_encode(m, x, n, L, NULL, madd, NULL, NULL, 0, NULL, buf));
+    TRY(text_encode(m, x, n, L, off, madd, NULL, NULL, 0, NULL, buf));
   }
   if (embeds) memcpy(embeds, x, M * D * sizeof(float));
   if (feat) {

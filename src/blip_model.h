@@ -72,7 +72,8 @@ int blip_model_itm(blip_model *m, const int32_t *ids, int len, const float *cons
                    blip_itm_first first, int fast, float *logits, float *cls);
 
 /* ITM of n (caption, image) pairs, each with its own caption: ids [n, L],
- * row i holding lens[i] real tokens then anything (ignored), ids[i*L]
+ * row i holding lens[i] real tokens then padding (any in-vocabulary ids,
+ * checked like the tokens, not computed), ids[i*L]
  * replaced per `first`; images[i] as above. The captions run packed, without
  * padding: a pair costs what its own length costs. logits [n,2], cls [n,Dt]
  * (may be NULL). blip_model_itm is this with one caption repeated; the
