@@ -6,6 +6,7 @@
 #include "blip_err.h"
 #include "blip_pt.h"
 #include "blip_st.h"
+#include "fuzz_tensors.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -20,16 +21,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     free(buf);
     return 0;
   }
-  float tmp[64];
-  for (int i = 0; i < blip_st_count(st); i++) {
-    const blip_st_tensor *t = blip_st_at(st, i);
-    if ((size_t)t->numel * blip_dtype_size(t->dtype) != t->nbytes) abort();
-    volatile uint8_t acc = 0;
-    for (size_t b = 0; b < t->nbytes; b++) acc ^= ((const uint8_t *)t->data)[b];
-    (void)acc;
-    (void)blip_st_to_f32(t, tmp, t->numel < 64 ? t->numel : 64);
-    if (!blip_st_find(st, t->name)) abort();
-  }
+  fuzz_walk_tensors(st, NULL, 0);
   blip_st_close(st);
   free(buf);
   return 0;

@@ -5,6 +5,7 @@
  * out-of-bounds access). Seeds: tests/fuzz/corpus_st/. */
 #include "blip_err.h"
 #include "blip_st.h"
+#include "fuzz_tensors.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -20,18 +21,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     free(buf);
     return 0;
   }
-  float tmp[64];
-  for (int i = 0; i < blip_st_count(st); i++) {
-    const blip_st_tensor *t = blip_st_at(st, i);
-    const uint8_t *p = t->data;
-    if (p < buf || p + t->nbytes > buf + size) abort();
-    if ((size_t)t->numel * blip_dtype_size(t->dtype) != t->nbytes) abort();
-    volatile uint8_t acc = 0;
-    for (size_t b = 0; b < t->nbytes; b++) acc ^= p[b];
-    int64_t n = t->numel < 64 ? t->numel : 64;
-    (void)blip_st_to_f32(t, tmp, n);
-    if (blip_st_find(st, t->name) == NULL) abort();
-  }
+  fuzz_walk_tensors(st, buf, size);
   (void)blip_st_meta(st, "format");
   blip_st_close(st);
   free(buf);
