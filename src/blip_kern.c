@@ -9,7 +9,12 @@
 #include <omp.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 /* Runtime dispatch: oneDNN picks its kernels at run time; the row kernels
  * here (LayerNorm, softmax, bf16 rounding, int8 quantization and
@@ -24,6 +29,15 @@
 #define INLINE inline
 #define DISPATCH
 #endif
+
+/* Bytes per activation element on each side of a layer. */
+#define IN_SIZE(flags) ((flags) & BLIP_K_IN_BF16 ? 2 : 4)
+#define OUT_SIZE(flags) ((flags) & BLIP_K_OUT_BF16 ? 2 : 4)
+
+DISPATCH static void add_row(float *o, const float *a, int n) {
+#pragma omp simd
+  for (int j = 0; j < n; j++) o[j] += a[j];
+}
 
 void blip_k_set_threads(int n) {
   if (n <= 0) n = omp_get_num_procs();
@@ -104,6 +118,13 @@ typedef struct {
 struct blip_k_packed {
   blip_k_prec prec;
   int in, out, has_bias;
+  int ldd;                /* row stride of the output: out, or the whole layer's for a column part */
+  int n_part;             /* > 0: the layer is these column parts (blip_k_linear_pack_parts), nothing else here is set */
+  blip_k_linear *part;
+  int *c0;                /* first output column of each part */
+  void *stream;           /* a part's own stream (parts run concurrently) */
+  int32_t *acc;           /* a part's int8 accumulators when they cannot go to the output */
+  size_t acc_cap;
   dnnl_memory_desc_t wmd; /* the blocked layout oneDNN chose for the weights */
   void *w;                /* packed weights */
   size_t wbytes;
@@ -127,6 +148,17 @@ static int dnnl_fail(dnnl_status_t s, const char *what, const blip_k_packed *p, 
 }
 
 static dnnl_data_type_t src_type(blip_k_prec p) { return p == BLIP_K_F32 ? dnnl_f32 : p == BLIP_K_BF16 ? dnnl_bf16 : dnnl_u8; }
+static dnnl_data_type_t dst_type(blip_k_prec p, int flags) {
+  return p == BLIP_K_INT8 ? dnnl_s32 : (flags & BLIP_K_OUT_BF16) ? dnnl_bf16 : dnnl_f32;
+}
+/* Results go to a dense scratch of their own, then to out, for a column
+ * part (oneDNN's fast matmuls need a dense output; 2.7 otherwise falls back
+ * to its reference kernel, ~100x slower) and for int8 with ACCUM (out holds
+ * the residual) or OUT_BF16 (out is too narrow for s32). */
+static int own_acc(const blip_k_packed *p, int flags) {
+  return p->ldd != p->out || (p->prec == BLIP_K_INT8 && (flags & (BLIP_K_ACCUM | BLIP_K_OUT_BF16)));
+}
+static int dst_ld(const blip_k_packed *p, int flags) { return own_acc(p, flags) ? p->out : p->ldd; }
 
 /* The matmul for this layer at M rows; wmd NULL lets oneDNN choose the
  * weight layout (used once, at pack time). */
@@ -134,11 +166,11 @@ static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnn
                              dnnl_primitive_desc_t *pd) {
   const int q8 = p->prec == BLIP_K_INT8;
   dnnl_memory_desc_t s, w, b, d;
-  dnnl_dims_t sd = {M, p->in}, wd = {p->in, p->out}, bd = {1, p->out}, dd = {M, p->out};
+  dnnl_dims_t sd = {M, p->in}, wd = {p->in, p->out}, bd = {1, p->out}, dd = {M, p->out}, ds = {dst_ld(p, flags), 1};
   dnnl_status_t st;
   if ((st = dnnl_memory_desc_init_by_tag(&s, 2, sd, src_type(p->prec), dnnl_ab)) ||
       (st = dnnl_memory_desc_init_by_tag(&b, 2, bd, dnnl_f32, dnnl_ab)) ||
-      (st = dnnl_memory_desc_init_by_tag(&d, 2, dd, q8 ? dnnl_s32 : (flags & BLIP_K_OUT_BF16) ? dnnl_bf16 : dnnl_f32, dnnl_ab)))
+      (st = dnnl_memory_desc_init_by_strides(&d, 2, dd, dst_type(p->prec, flags), ds)))
     return st;
   if (wmd) w = *wmd;
   else if ((st = dnnl_memory_desc_init_by_tag(&w, 2, wd, q8 ? dnnl_s8 : src_type(p->prec), dnnl_format_tag_any)))
@@ -150,7 +182,7 @@ static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnn
   if ((st = dnnl_primitive_attr_create(&attr)) || (st = dnnl_post_ops_create(&po))) goto done;
   /* int8 applies scales, zero points, bias and flags in its own epilogue */
   if (!q8 && (flags & BLIP_K_GELU) && (st = dnnl_post_ops_append_eltwise(po, 1.0f, dnnl_eltwise_gelu_erf, 0, 0))) goto done;
-  if (!q8 && (flags & BLIP_K_ACCUM) && (st = dnnl_post_ops_append_sum(po, 1.0f))) goto done;
+  if (!q8 && (flags & BLIP_K_ACCUM) && !own_acc(p, flags) && (st = dnnl_post_ops_append_sum(po, 1.0f))) goto done;
   if ((st = dnnl_primitive_attr_set_post_ops(attr, po))) goto done;
   st = dnnl_primitive_desc_create(pd, &md, attr, g_engine, NULL);
 done:
@@ -299,6 +331,11 @@ done:
 void blip_k_linear_unpack(blip_k_linear *l) {
   blip_k_packed *p = l->packed;
   if (!p) return;
+  for (int i = 0; i < p->n_part; i++) blip_k_linear_unpack(&p->part[i]);
+  free(p->part);
+  free(p->c0);
+  if (p->stream) dnnl_stream_destroy(p->stream);
+  free(p->acc);
   for (int i = 0; i < p->n_slot; i++) dnnl_primitive_destroy(p->slot[i].prim);
   free(p->w);
   free(p->scale);
@@ -311,6 +348,11 @@ void blip_k_linear_unpack(blip_k_linear *l) {
 size_t blip_k_linear_packed_bytes(const blip_k_linear *l) {
   const blip_k_packed *p = l->packed;
   if (!p) return 0;
+  if (p->n_part) {
+    size_t n = 0;
+    for (int i = 0; i < p->n_part; i++) n += blip_k_linear_packed_bytes(&p->part[i]);
+    return n;
+  }
   return p->wbytes + (p->scale ? (size_t)p->out * (sizeof(float) + sizeof(int32_t)) : 0);
 }
 
@@ -324,7 +366,7 @@ int blip_k_linear_pack(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws) {
   p->prec = prec;
   p->has_bias = l->b != NULL;
   p->in = l->in;
-  p->out = l->out;
+  p->out = p->ldd = l->out;
   p->ws = ws;
   l->packed = p;
   const long n = (long)l->out * l->in;
@@ -365,6 +407,37 @@ oom:
 done:
   if (plain != l->w) free(plain);
   if (pd) dnnl_primitive_desc_destroy(pd);
+  if (rc) blip_k_linear_unpack(l);
+  return rc;
+}
+
+int blip_k_linear_pack_parts(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws, int parts) {
+  if (parts > l->out / 16) parts = l->out / 16;
+  if (parts <= 1) return blip_k_linear_pack(l, prec, ws);
+  blip_k_packed *p = calloc(1, sizeof *p);
+  if (!p) return blip_err_set(BLIP_ENOMEM, "out of memory packing a %dx%d layer", l->out, l->in);
+  *p = (blip_k_packed){.prec = prec, .in = l->in, .out = l->out, .ldd = l->out, .has_bias = l->b != NULL, .ws = ws};
+  l->packed = p;
+  p->part = calloc((size_t)parts, sizeof *p->part);
+  p->c0 = calloc((size_t)parts + 1, sizeof *p->c0);
+  if (!p->part || !p->c0) {
+    blip_k_linear_unpack(l);
+    return blip_err_set(BLIP_ENOMEM, "out of memory packing a %dx%d layer", l->out, l->in);
+  }
+  p->n_part = parts;
+  for (int i = 0; i <= parts; i++) p->c0[i] = (int)((long)l->out * i / parts / 16 * 16);
+  p->c0[parts] = l->out;
+  int rc = BLIP_OK;
+  for (int i = 0; i < parts && !rc; i++) {
+    const int c0 = p->c0[i];
+    p->part[i] = (blip_k_linear){.in = l->in, .out = p->c0[i + 1] - c0, .w = l->w + (size_t)c0 * l->in, .b = l->b ? l->b + c0 : NULL};
+    if (!(rc = blip_k_linear_pack(&p->part[i], prec, ws))) {
+      p->part[i].packed->ldd = l->out;
+      p->part[i].w = NULL;
+      if (dnnl_stream_create((dnnl_stream_t *)&p->part[i].packed->stream, g_engine, dnnl_stream_default_flags))
+        rc = blip_err_set(BLIP_ENOMEM, "oneDNN: cannot create a stream");
+    }
+  }
   if (rc) blip_k_linear_unpack(l);
   return rc;
 }
@@ -413,47 +486,66 @@ DISPATCH static void dequant_row_bf16(uint16_t *out, const int32_t *acc, int N, 
 #undef DQ
 }
 
-static int packed_rows(void *out, const void *in, const blip_k_linear *l, int M, int flags) {
-  blip_k_packed *p = l->packed;
-  const int K = p->in, N = p->out;
-  const size_t qbytes = ((size_t)M * K * (p->prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
-  const int own_acc = flags & (BLIP_K_ACCUM | BLIP_K_OUT_BF16); /* int8: s32 results cannot go to out */
-  size_t need = (p->prec == BLIP_K_F32 || (flags & BLIP_K_IN_BF16)) ? 0 : qbytes;
-  if (p->prec == BLIP_K_INT8) need += (size_t)M * 8 + (own_acc ? (size_t)M * N * 4 : 0);
-  char *w = need ? ws_get(p->ws, need) : NULL;
-  if (need && !w) return blip_err_set(BLIP_ENOMEM, "out of memory for a %dx%d activation", M, K);
+/* A packed layer's input as its matmul reads it: f32 as given, bf16, or
+ * u8 with a scale and zero point per row. Converted rows live in the
+ * model's workspace: prep_bytes of it, from its start. */
+typedef struct {
+  const void *src;
+  float *rs;
+  int32_t *zp;
+} mm_in;
+
+static size_t prep_bytes(blip_k_prec prec, int M, int K, int flags) {
+  if (prec == BLIP_K_F32 || (flags & BLIP_K_IN_BF16)) return 0;
+  const size_t q = ((size_t)M * K * (prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
+  return q + (prec == BLIP_K_INT8 ? (size_t)M * 8 : 0);
+}
+
+/* Where the input of M rows is read from: in itself, or converted in w. */
+static mm_in prep_at(blip_k_prec prec, char *w, const void *in, int M, int K, int flags) {
+  if (!prep_bytes(prec, M, K, flags)) return (mm_in){in, NULL, NULL};
+  const size_t q = ((size_t)M * K * (prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
+  if (prec == BLIP_K_BF16) return (mm_in){w, NULL, NULL};
+  float *rs = (float *)(void *)(w + q);
+  return (mm_in){w, rs, (int32_t *)(void *)(rs + M)};
+}
+
+/* Convert rows r0..r1 of the input into mi (a no-op when mi reads in). */
+static void prep_rows(const mm_in *mi, const void *in, int K, int r0, int r1) {
+  if (mi->src == in) return;
+  if (!mi->rs) {
+    to_bf16_run((uint16_t *)mi->src + (size_t)r0 * K, (const float *)in + (size_t)r0 * K, (long)(r1 - r0) * K);
+    return;
+  }
+  for (int i = r0; i < r1; i++)
+    blip_k_quant_row((uint8_t *)mi->src + (size_t)i * K, &mi->rs[i], &mi->zp[i], (const float *)in + (size_t)i * K, K);
+}
+
+/* The matmul of one packed layer (or column part) on prepared input, with
+ * the int8 epilogue; out's rows are p->ldd apart. acc: int8 scratch
+ * [M, p->out] when own_acc. threaded 0: inside a parallel region (oneDNN
+ * then runs on the calling thread, and so does the epilogue). */
+static int run_mm(blip_k_packed *p, const float *bias, void *out, const mm_in *mi, int32_t *acc, int M, int flags, void *stream,
+                  int threaded) {
+  const int K = p->in, N = p->out, ldd = p->ldd;
   dnnl_primitive_t prim = NULL;
   int rc = get_prim(p, M, flags, &prim);
   if (rc) return rc;
-  const void *src = in;
-  float *rs = NULL;
-  int32_t *zp = NULL, *acc = out;
-  if (p->prec == BLIP_K_BF16 && !(flags & BLIP_K_IN_BF16)) {
-    to_bf16((uint16_t *)(void *)w, in, (long)M * K);
-    src = w;
-  } else if (p->prec == BLIP_K_INT8) {
-    rs = (float *)(void *)(w + qbytes);
-    zp = (int32_t *)(void *)(rs + M);
-    if (own_acc) acc = zp + M;
-    const float *x = in;
-#pragma omp parallel for if ((long)M * K > 32768)
-    for (int i = 0; i < M; i++) blip_k_quant_row((uint8_t *)w + (size_t)i * K, &rs[i], &zp[i], x + (size_t)i * K, K);
-    src = w;
-  }
+  if (!own_acc(p, flags)) acc = out;
   dnnl_memory_desc_t smd, dmd, bmd;
-  dnnl_dims_t sd = {M, K}, dd = {M, N}, bd = {1, N};
+  dnnl_dims_t sd = {M, K}, dd = {M, N}, bd = {1, N}, ds = {dst_ld(p, flags), 1};
   dnnl_memory_t ms = NULL, mw = NULL, mb = NULL, md = NULL;
   dnnl_status_t st;
   if ((st = dnnl_memory_desc_init_by_tag(&smd, 2, sd, src_type(p->prec), dnnl_ab)) ||
-      (st = dnnl_memory_desc_init_by_tag(&dmd, 2, dd, p->prec == BLIP_K_INT8 ? dnnl_s32 : (flags & BLIP_K_OUT_BF16) ? dnnl_bf16 : dnnl_f32, dnnl_ab)) ||
+      (st = dnnl_memory_desc_init_by_strides(&dmd, 2, dd, dst_type(p->prec, flags), ds)) ||
       (st = dnnl_memory_desc_init_by_tag(&bmd, 2, bd, dnnl_f32, dnnl_ab)) ||
-      (st = dnnl_memory_create(&ms, &smd, g_engine, (void *)src)) || (st = dnnl_memory_create(&mw, &p->wmd, g_engine, p->w)) ||
-      (st = dnnl_memory_create(&mb, &bmd, g_engine, (void *)l->b)) || (st = dnnl_memory_create(&md, &dmd, g_engine, acc)))
+      (st = dnnl_memory_create(&ms, &smd, g_engine, (void *)mi->src)) || (st = dnnl_memory_create(&mw, &p->wmd, g_engine, p->w)) ||
+      (st = dnnl_memory_create(&mb, &bmd, g_engine, (void *)bias)) || (st = dnnl_memory_create(&md, &dmd, g_engine, acc)))
     goto done;
   {
     dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, ms}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DST, md}, {DNNL_ARG_BIAS, mb}};
-    int nargs = (p->prec == BLIP_K_INT8 || !l->b) ? 3 : 4;
-    if (!(st = dnnl_primitive_execute(prim, p->ws->stream, nargs, args))) st = dnnl_stream_wait(p->ws->stream);
+    int nargs = (p->prec == BLIP_K_INT8 || !bias) ? 3 : 4;
+    if (!(st = dnnl_primitive_execute(prim, stream, nargs, args))) st = dnnl_stream_wait(stream);
   }
 done:
   if (ms) dnnl_memory_destroy(ms);
@@ -462,16 +554,43 @@ done:
   if (md) dnnl_memory_destroy(md);
   if (st) return dnnl_fail(st, "matmul", p, M);
   if (p->prec == BLIP_K_INT8) {
-    const float *b = l->b ? l->b : p->zeros;
-#pragma omp parallel for if ((long)M * N > 32768)
+    const float *b = bias ? bias : p->zeros;
+    const int lda = dst_ld(p, flags);
+#pragma omp parallel for if (threaded && (long)M * N > 32768)
     for (int i = 0; i < M; i++) {
       if (flags & BLIP_K_OUT_BF16)
-        dequant_row_bf16((uint16_t *)out + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, b, flags);
+        dequant_row_bf16((uint16_t *)out + (size_t)i * ldd, acc + (size_t)i * lda, N, mi->rs[i], mi->zp[i], p->scale, p->colsum, b, flags);
       else
-        dequant_row((float *)out + (size_t)i * N, acc + (size_t)i * N, N, rs[i], zp[i], p->scale, p->colsum, b, flags);
+        dequant_row((float *)out + (size_t)i * ldd, acc + (size_t)i * lda, N, mi->rs[i], mi->zp[i], p->scale, p->colsum, b, flags);
+    }
+  } else if (own_acc(p, flags)) { /* a column part: its dense result into out's columns */
+    const size_t es = OUT_SIZE(flags);
+    for (int i = 0; i < M; i++) {
+      void *o = (char *)out + (size_t)i * ldd * es;
+      const void *a = (const char *)acc + (size_t)i * N * es;
+      if (flags & BLIP_K_ACCUM)
+        add_row(o, a, N);
+      else
+        memcpy(o, a, (size_t)N * es);
     }
   }
   return BLIP_OK;
+}
+
+static int packed_rows(void *out, const void *in, const blip_k_linear *l, int M, int flags) {
+  blip_k_packed *p = l->packed;
+  const int K = p->in;
+  const size_t pb = prep_bytes(p->prec, M, K, flags), need = pb + (own_acc(p, flags) ? (size_t)M * p->out * 4 : 0);
+  char *w = need ? ws_get(p->ws, need) : NULL;
+  if (need && !w) return blip_err_set(BLIP_ENOMEM, "out of memory for a %dx%d activation", M, K);
+  const mm_in mi = prep_at(p->prec, w, in, M, K, flags);
+  if (pb && !mi.rs)
+    to_bf16((uint16_t *)(void *)w, in, (long)M * K);
+  else if (pb) {
+#pragma omp parallel for if ((long)M * K > 32768)
+    for (int i = 0; i < M; i++) prep_rows(&mi, in, K, i, i + 1);
+  }
+  return run_mm(p, l->b, out, &mi, (int32_t *)(void *)(w + pb), M, flags, p->ws->stream, 1);
 }
 
 /* Large M (a vision batch: 8 x 577 rows) runs as near-equal row chunks of
@@ -485,11 +604,24 @@ static int chunk_rows(int M) {
   return (M + chunks - 1) / chunks;
 }
 
-/* Bytes per activation element on each side of a layer. */
-#define IN_SIZE(flags) ((flags) & BLIP_K_IN_BF16 ? 2 : 4)
-#define OUT_SIZE(flags) ((flags) & BLIP_K_OUT_BF16 ? 2 : 4)
+
+/* A layer in column parts, called outside a team: one region, a part per thread. */
+static int parted_fwd(void *out, const void *in, const blip_k_linear *l, int M, int flags) {
+  int rc = blip_k_linear_reserve(l, M, flags);
+  if (rc) return rc;
+  blip_k_team t;
+  blip_k_team_init(&t);
+#pragma omp parallel
+  {
+    int e = blip_k_team_sync(&t, blip_k_team_linear(&t, out, in, l, M, flags));
+#pragma omp master
+    rc = e;
+  }
+  return blip_k_team_error(&t, rc);
+}
 
 static int packed_fwd(void *out, const void *in, const blip_k_linear *l, int M, int flags) {
+  if (l->packed->n_part) return parted_fwd(out, in, l, M, flags);
   const int rows = chunk_rows(M);
   for (int r0 = 0; r0 < M; r0 += rows) {
     int n = M - r0 < rows ? M - r0 : rows;
@@ -503,6 +635,22 @@ static int packed_fwd(void *out, const void *in, const blip_k_linear *l, int M, 
 int blip_k_mlp(float *x, const void *h, int h_flags, const blip_k_linear *fc1, const blip_k_linear *fc2, int M, float *mid) {
   const int bf = fc1->packed && fc2->packed && fc1->packed->prec == BLIP_K_BF16 && fc2->packed->prec == BLIP_K_BF16;
   h_flags &= BLIP_K_IN_BF16;
+  if (fc1->packed && fc2->packed && (fc1->packed->n_part || fc2->packed->n_part)) { /* both layers in one region */
+    const int f1 = BLIP_K_GELU | h_flags | (bf ? BLIP_K_OUT_BF16 : 0), f2 = BLIP_K_ACCUM | (bf ? BLIP_K_IN_BF16 : 0);
+    int rc = blip_k_linear_reserve(fc1, M, f1);
+    if (!rc) rc = blip_k_linear_reserve(fc2, M, f2);
+    if (rc) return rc;
+    blip_k_team t;
+    blip_k_team_init(&t);
+#pragma omp parallel
+    {
+      int e = blip_k_team_sync(&t, blip_k_team_linear(&t, mid, h, fc1, M, f1));
+      if (!e) e = blip_k_team_sync(&t, blip_k_team_linear(&t, x, mid, fc2, M, f2));
+#pragma omp master
+      rc = e;
+    }
+    return blip_k_team_error(&t, rc);
+  }
   if (!bf) {
     int rc = blip_k_linear_fwd_ex(mid, h, fc1, M, BLIP_K_GELU | h_flags);
     return rc ? rc : blip_k_linear_fwd_ex(x, mid, fc2, M, BLIP_K_ACCUM);
@@ -966,4 +1114,125 @@ int blip_k_gemm_bf16(int tb, int M, int N, int K, const uint16_t *A, int lda, co
   if (mc) dnnl_memory_destroy(mc);
   if (st) return blip_err_set(st == dnnl_out_of_memory ? BLIP_ENOMEM : BLIP_EINVAL, "oneDNN bf16 gemm %dx%dx%d: status %d", M, N, K, (int)st);
   return BLIP_OK;
+}
+
+/* ---------- teams ---------- */
+
+/* Spin this many pauses (about 0.1 ms) before sleeping: the ops between
+ * barriers are balanced to a few microseconds, but a thread the
+ * scheduler took away should not be waited for by burning a core. */
+#define TEAM_SPIN 4096
+
+static long futex(int *addr, int op, int val) { return syscall(SYS_futex, addr, op, val, NULL, NULL, 0); }
+
+void blip_k_team_init(blip_k_team *t) { memset(t, 0, sizeof *t); }
+
+int blip_k_team_sync(blip_k_team *t, int rc) {
+  const int n = omp_get_num_threads();
+  const int g = __atomic_load_n(&t->gen, __ATOMIC_ACQUIRE), slot = g & 1;
+  if (rc) {
+    int z = 0;
+    if (__atomic_compare_exchange_n(&t->msg_set, &z, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+      snprintf(t->msg, sizeof t->msg, "%s", blip_err_last());
+    __atomic_compare_exchange_n(&t->err[slot], &z, rc, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+  }
+  if (n == 1 || __atomic_add_fetch(&t->count, 1, __ATOMIC_ACQ_REL) == n) {
+    /* last one in: reset for the next barrier (which uses the other error
+     * slot; this one is cleared by the barrier after it), then release */
+    __atomic_store_n(&t->count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->err[slot ^ 1], 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->gen, g + 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&t->sleepers, __ATOMIC_SEQ_CST)) futex(&t->gen, FUTEX_WAKE_PRIVATE, INT_MAX);
+  } else {
+    for (int i = 0; __atomic_load_n(&t->gen, __ATOMIC_ACQUIRE) == g; i++) {
+      if (i < TEAM_SPIN) {
+        __builtin_ia32_pause();
+        continue;
+      }
+      __atomic_add_fetch(&t->sleepers, 1, __ATOMIC_SEQ_CST);
+      futex(&t->gen, FUTEX_WAIT_PRIVATE, g); /* returns at once if gen moved on */
+      __atomic_sub_fetch(&t->sleepers, 1, __ATOMIC_SEQ_CST);
+    }
+  }
+  return __atomic_load_n(&t->err[slot], __ATOMIC_ACQUIRE);
+}
+
+int blip_k_team_error(const blip_k_team *t, int rc) { return rc && t->msg_set ? blip_err_set(rc, "%s", t->msg) : rc; }
+
+/* This thread's share [*r0, *r1) of n items. */
+static void share(int n, int *r0, int *r1) {
+  const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+  *r0 = (int)((long)n * id / nt);
+  *r1 = (int)((long)n * (id + 1) / nt);
+}
+
+/* A layer's parts: its own, or the layer as one part. */
+static blip_k_packed *part_of(const blip_k_linear *l, int i, const float **bias, int *c0) {
+  blip_k_packed *p = l->packed;
+  if (!p->n_part) {
+    *bias = l->b;
+    *c0 = 0;
+    return p;
+  }
+  *bias = p->part[i].b;
+  *c0 = p->c0[i];
+  return p->part[i].packed;
+}
+
+int blip_k_linear_reserve(const blip_k_linear *l, int M, int flags) {
+  const blip_k_packed *p = l->packed;
+  if (!p) return blip_err_set(BLIP_EINVAL, "linear %dx%d: a team needs a packed layer", l->out, l->in);
+  const size_t need = prep_bytes(p->prec, M, p->in, flags) + (!p->n_part && own_acc(p, flags) ? (size_t)M * p->out * 4 : 0);
+  return need && !ws_get(p->ws, need) ? blip_err_set(BLIP_ENOMEM, "out of memory for a %dx%d activation", M, p->in) : BLIP_OK;
+}
+
+int blip_k_team_linear(blip_k_team *t, void *out, const void *in, const blip_k_linear *l, int M, int flags) {
+  const blip_k_packed *p = l->packed;
+  const int K = p->in, parts = p->n_part ? p->n_part : 1;
+  const size_t pb = prep_bytes(p->prec, M, K, flags);
+  int rc = BLIP_OK, r0, r1;
+  if (pb + (!p->n_part && own_acc(p, flags) ? (size_t)M * p->out * 4 : 0) > p->ws->cap)
+    rc = blip_err_set(BLIP_EINVAL, "linear %dx%d: workspace not reserved for %d rows", l->out, K, M);
+  const mm_in mi = prep_at(p->prec, p->ws->p, in, M, K, flags);
+  share(M, &r0, &r1);
+  if (!rc) prep_rows(&mi, in, K, r0, r1);
+  if ((rc = blip_k_team_sync(t, rc))) return rc;
+  const int nt = omp_get_num_threads();
+  for (int i = omp_get_thread_num(); i < parts && !rc; i += nt) {
+    const float *bias;
+    int c0;
+    blip_k_packed *q = part_of(l, i, &bias, &c0);
+    int32_t *acc = q->n_part ? NULL : (int32_t *)(void *)((char *)p->ws->p + pb);
+    if (p->n_part && (size_t)M * q->out * 4 > q->acc_cap) {
+      free(q->acc);
+      q->acc_cap = 0;
+      if (!(q->acc = malloc((size_t)M * q->out * 4))) {
+        rc = blip_err_set(BLIP_ENOMEM, "out of memory for %dx%d accumulators", M, q->out);
+        break;
+      }
+      q->acc_cap = (size_t)M * q->out * 4;
+    }
+    if (p->n_part) acc = q->acc;
+    rc = run_mm(q, bias, (char *)out + (size_t)c0 * OUT_SIZE(flags), &mi, acc, M, flags, q->stream ? q->stream : p->ws->stream, 0);
+  }
+  return rc;
+}
+
+void blip_k_team_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
+  int r0, r1;
+  share(M, &r0, &r1);
+  for (int i = r0; i < r1; i++) ln_row(out + (size_t)i * N, in + (size_t)i * N, g, b, N, eps);
+}
+
+void blip_k_team_attention(float *out, int ldo, const float *q, const float *k, const float *v, int ld, int n, const int *off,
+                           int heads, int dh, float scale, const float *mask_add) {
+  float s[BLIP_K_TEAM_ATT_MAX];
+  int i0, i1;
+  share(n * heads, &i0, &i1);
+  for (int i = i0; i < i1; i++) {
+    const int r = i / heads, h = i % heads, L = off[r + 1] - off[r];
+    const size_t o = (size_t)off[r] * ld + (size_t)h * dh;
+    attention_direct(out + (size_t)off[r] * ldo + (size_t)h * dh, ldo, q + o, ld, k + o, ld, v + o, ld, L, L, 1, dh, scale,
+                     mask_add ? mask_add + off[r] : NULL, s);
+  }
 }

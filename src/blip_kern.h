@@ -75,6 +75,11 @@ int blip_k_linear_fwd(float *out, const float *in, const blip_k_linear *l, int M
  * flags in and out are f32. */
 enum { BLIP_K_GELU = 1, BLIP_K_ACCUM = 2, BLIP_K_IN_BF16 = 4, BLIP_K_OUT_BF16 = 8 };
 int blip_k_linear_fwd_ex(void *out, const void *in, const blip_k_linear *l, int M, int flags);
+/* The same layer packed as `parts` column slices (about out/parts columns
+ * each), one oneDNN matmul per slice, so that the threads of one OpenMP
+ * region each run a slice single-threaded (see teams below). Outside a
+ * team it runs like any packed layer (one region, a slice per thread). */
+int blip_k_linear_pack_parts(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws, int parts);
 /* Transformer MLP with residual: x += fc2(GELU(fc1(h))); h may be x (f32).
  * h_flags: 0 (h is f32) or BLIP_K_IN_BF16 (bf16 h, packed bf16 layers).
  * mid is scratch [M, fc1->out] floats. When both layers are packed bf16,
@@ -123,6 +128,41 @@ int blip_k_gemm_bf16(int tb, int M, int N, int K, const uint16_t *A, int lda, co
                      blip_k_ws *ws);
 /* f32 -> bf16, round to nearest even. */
 void blip_k_to_bf16(uint16_t *dst, const float *src, long n);
+
+/* ---------- teams ----------
+ * A text query's ops are microseconds each; opening an OpenMP region per
+ * op costs a thread wake-up per op (a third of a passive int8 text encode
+ * was the kernel waking threads). In a team the caller opens one region
+ * and every thread calls the same team ops in the same order, with
+ * blip_k_team_sync between an op and the next reader of its output. */
+typedef struct {
+  int count, gen, sleepers; /* barrier */
+  int err[2];               /* the first error code passed to the current barrier (by parity of gen) */
+  int msg_set;
+  char msg[256];            /* that error's message: it was recorded in its thread's last-error */
+} blip_k_team;
+void blip_k_team_init(blip_k_team *t);
+/* Barrier of all threads of the region (spins about 0.1 ms, then sleeps).
+ * Each thread passes its own result; every thread gets the same one back:
+ * 0, or an error code one of them passed. */
+int blip_k_team_sync(blip_k_team *t, int rc);
+/* After the region: rc with the failing thread's message set for this thread. */
+int blip_k_team_error(const blip_k_team *t, int rc);
+/* Grow the workspace to what blip_k_team_linear needs for M rows; call
+ * before the region (inside it the workspace must not move). */
+int blip_k_linear_reserve(const blip_k_linear *l, int M, int flags);
+/* The layer's forward (flags as blip_k_linear_fwd_ex) by the whole team:
+ * rows are converted in shares, then each thread runs its column parts.
+ * Contains one sync; call blip_k_team_sync before reading out. */
+int blip_k_team_linear(blip_k_team *t, void *out, const void *in, const blip_k_linear *l, int M, int flags);
+/* This thread's share of the rows of blip_k_layernorm. */
+void blip_k_team_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps);
+/* f32 self-attention of n sequences packed without padding (sequence r is
+ * rows off[r]..off[r+1] of q, k, v, out; at most BLIP_K_TEAM_ATT_MAX each),
+ * this thread's share of the (sequence, head) pairs. mask_add [off[n]] or NULL. */
+#define BLIP_K_TEAM_ATT_MAX 512
+void blip_k_team_attention(float *out, int ldo, const float *q, const float *k, const float *v, int ld, int n, const int *off,
+                           int heads, int dh, float scale, const float *mask_add);
 
 /* Vectorizable scalar functions, exposed for tests. */
 float blip_k_expf(float x);

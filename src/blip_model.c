@@ -218,9 +218,9 @@ static void release_f32(blip_model *m, blip_k_linear *l) {
  * (raw pixels in, 0.6% of the vision FLOPs, f32 packed); the
  * cross-attention key/value (the reassociated ITM multiplies by their
  * per-head slices in f32); the three heads (one row per call). */
-static int pack_list(blip_model *m, blip_k_linear **ls, int n, blip_k_prec prec) {
+static int pack_list(blip_model *m, blip_k_linear **ls, int n, blip_k_prec prec, int parts) {
   for (int j = 0; j < n; j++) {
-    int rc = blip_k_linear_pack(ls[j], prec, &m->ws);
+    int rc = blip_k_linear_pack_parts(ls[j], prec, &m->ws, parts);
     if (rc) return rc;
     release_f32(m, ls[j]);
   }
@@ -229,12 +229,14 @@ static int pack_list(blip_model *m, blip_k_linear **ls, int n, blip_k_prec prec)
 
 static int pack_vis_layer(blip_model *m, vis_layer *L) {
   blip_k_linear *ls[4] = {&L->qkv, &L->proj, &L->fc1, &L->fc2};
-  return pack_list(m, ls, 4, (blip_k_prec)m->opts.precision);
+  return pack_list(m, ls, 4, (blip_k_prec)m->opts.precision, 1);
 }
 
 /* Text layers: the self-attention q, k, v are packed as one [3D, D] layer
  * (a 12-token query is bound by reading weights and by per-call overhead:
- * one GEMM launch instead of three per layer). The captioner packs the
+ * one GEMM launch instead of three per layer), and every text layer in
+ * column parts, one per thread, for the team that runs the encoder (see
+ * text_encode). The captioner packs the
  * cross-attention key/value too: it projects each image once (no
  * reassociation reads their f32 weights). */
 static int pack_txt_layer(blip_model *m, txt_layer *L) {
@@ -251,7 +253,7 @@ static int pack_txt_layer(blip_model *m, txt_layer *L) {
     memcpy(b + (size_t)i * N, src[i]->b, sizeof(float) * N);
   }
   L->qkv = (blip_k_linear){.in = D, .out = 3 * N, .w = w, .b = b};
-  int rc = blip_k_linear_pack(&L->qkv, (blip_k_prec)m->opts.precision, &m->ws);
+  int rc = blip_k_linear_pack_parts(&L->qkv, (blip_k_prec)m->opts.precision, &m->ws, blip_k_threads());
   free(w);
   L->qkv.w = NULL;
   if (rc) return rc;
@@ -259,7 +261,7 @@ static int pack_txt_layer(blip_model *m, txt_layer *L) {
   release_f32(m, &L->k);
   release_f32(m, &L->v);
   blip_k_linear *ls[7] = {&L->o, &L->cq, &L->co, &L->ffn1, &L->ffn2, &L->ck, &L->cv};
-  return pack_list(m, ls, m->cfg.captioner ? 7 : 5, (blip_k_prec)m->opts.precision);
+  return pack_list(m, ls, m->cfg.captioner ? 7 : 5, (blip_k_prec)m->opts.precision, blip_k_threads());
 }
 
 /* LM head of the captioner. The bias is one Parameter under two names
@@ -280,7 +282,7 @@ static int bind_lm_head(blip_model *m) {
       (rc = bind(m, "text_decoder.cls.predictions.decoder.weight", 2, ds, &m->lm_dec.w)) ||
       (rc = bind_vec(m, bias, c->t_vocab, &m->lm_dec.b)))
     return rc;
-  return pack_list(m, ls, 2, (blip_k_prec)m->opts.precision);
+  return pack_list(m, ls, 2, (blip_k_prec)m->opts.precision, 1);
 }
 
 static int bind_all(blip_model *m) {
@@ -299,7 +301,7 @@ static int bind_all(blip_model *m) {
     m->patch.in = 3 * p * p;
     m->patch.out = Dv;
     blip_k_linear *pl = &m->patch;
-    if ((rc = pack_list(m, &pl, 1, BLIP_K_F32))) return rc;
+    if ((rc = pack_list(m, &pl, 1, BLIP_K_F32, 1))) return rc;
   }
   for (int i = 0; i < c->v_layers; i++) {
     vis_layer *L = &m->vl[i];
@@ -550,17 +552,6 @@ static float *arena(blip_model *m, size_t nfloats) {
   return m->arena;
 }
 
-/* Self-attention in the model's precision: f32 per head, or bf16 operands
- * (f32 softmax and accumulation) for the bf16 and int8 models. Texts
- * (up to 64 tokens) run f32 at every precision: their attention is a few
- * direct loops, cheaper than converting operands for GEMMs. */
-static int self_attn(blip_model *m, float *out, int ldo, const float *q, const float *k, const float *v, int ld, int L, int H,
-                     int dh, float scale, const float *mask_add) {
-  if (m->opts.precision == BLIP_PREC_F32 || L <= 64)
-    return blip_k_attention(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
-  return blip_k_attention_bf16(out, ldo, q, ld, k, ld, v, ld, L, L, H, dh, scale, mask_add, &m->ws);
-}
-
 #define TRY(x) do { if ((rc = (x)) != BLIP_OK) goto done; } while (0)
 
 /* ---------- vision ---------- */
@@ -713,15 +704,64 @@ static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int row
   return BLIP_OK;
 }
 
+/* The parts of text layers l0..l1 that need no image, run by one team (one
+ * OpenMP region, see blip_kern.h): the self-attention block and/or the
+ * feed-forward block of each layer. Self-attention is f32 direct loops at
+ * every precision (texts are short: converting operands costs more). */
+enum { TXT_SELF = 1, TXT_FFN = 2 };
+static int text_team(blip_model *m, int l0, int l1, int blocks, float *x, float *q, float *att, float *ff, int rows, const int *off,
+                     const float *mask_add) {
+  const blip_cfg *c = &m->cfg;
+  const int D = c->t_hidden, H = c->t_heads, M = off[rows];
+  const int bf = m->opts.precision == BLIP_PREC_BF16;
+  const int f1 = BLIP_K_GELU | (bf ? BLIP_K_OUT_BF16 : 0), f2 = BLIP_K_ACCUM | (bf ? BLIP_K_IN_BF16 : 0);
+  const float scale = 1.0f / sqrtf((float)(D / H));
+  const txt_layer *L0 = &m->tl[l0]; /* every layer has the same shapes */
+  int rc;
+  if ((rc = blip_k_linear_reserve(&L0->qkv, M, 0)) || (rc = blip_k_linear_reserve(&L0->o, M, BLIP_K_ACCUM)) ||
+      (rc = blip_k_linear_reserve(&L0->ffn1, M, f1)) || (rc = blip_k_linear_reserve(&L0->ffn2, M, f2)))
+    return rc;
+  for (int r = 0; r < rows; r++)
+    if (off[r + 1] - off[r] > BLIP_K_TEAM_ATT_MAX)
+      return blip_err_set(BLIP_EINVAL, "text: %d tokens exceed %d", off[r + 1] - off[r], BLIP_K_TEAM_ATT_MAX);
+  blip_k_team t;
+  blip_k_team_init(&t);
+#pragma omp parallel
+  {
+    int e = BLIP_OK;
+    for (int l = l0; l < l1 && !e; l++) {
+      const txt_layer *Ly = &m->tl[l];
+      if (blocks & TXT_SELF) {
+        if ((e = blip_k_team_sync(&t, blip_k_team_linear(&t, q, x, &Ly->qkv, M, 0)))) break; /* [M, 3D]: q|k|v */
+        blip_k_team_attention(att, D, q, q + D, q + 2 * D, 3 * D, rows, off, H, D / H, scale, mask_add);
+        blip_k_team_sync(&t, BLIP_OK);
+        if ((e = blip_k_team_sync(&t, blip_k_team_linear(&t, x, att, &Ly->o, M, BLIP_K_ACCUM)))) break;
+        blip_k_team_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
+        blip_k_team_sync(&t, BLIP_OK);
+      }
+      if (blocks & TXT_FFN) {
+        if ((e = blip_k_team_sync(&t, blip_k_team_linear(&t, ff, x, &Ly->ffn1, M, f1)))) break;
+        if ((e = blip_k_team_sync(&t, blip_k_team_linear(&t, x, ff, &Ly->ffn2, M, f2)))) break;
+        blip_k_team_layernorm(x, x, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
+        blip_k_team_sync(&t, BLIP_OK);
+      }
+    }
+#pragma omp master
+    rc = e;
+  }
+  return blip_k_team_error(&t, rc);
+}
+
 /* BERT encoder over `rows` sequences, x in/out [M, Dt]: of length L each
  * (off NULL; M = rows*L), or packed without padding, sequence r being rows
  * off[r]..off[r+1] (M = off[rows]). mask_add [M] or NULL. images NULL =
  * unimodal; else images[r] is the [T, Dx] token matrix that sequence r
- * cross-attends to. */
+ * cross-attends to. Unimodal, the whole encoder is one team; with
+ * cross-attention each layer's self and feed-forward blocks are. */
 static int text_encode(blip_model *m, float *x, int rows, int L, const int *off, const float *mask_add, const float *const *images,
                        const uint16_t *const *images16, int fast, const float *kvpre, float *buf) {
   const blip_cfg *c = &m->cfg;
-  const int D = c->t_hidden, H = c->t_heads, dh = D / H, T = c->v_tokens, Dx = c->t_enc_hidden;
+  const int D = c->t_hidden, H = c->t_heads, dh = D / H, T = c->v_tokens;
   int *uoff = NULL;
   if (!off) { /* uniform rows */
     if (!(uoff = malloc((size_t)(rows + 1) * sizeof *uoff))) return blip_err_set(BLIP_ENOMEM, "text: out of memory");
@@ -733,39 +773,32 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const int *off,
   float *ff = att + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
   const float scale = 1.0f / sqrtf((float)dh);
   int rc = BLIP_OK;
+  if (!images && !kvpre) {
+    rc = text_team(m, 0, c->t_layers, TXT_SELF | TXT_FFN, x, q, att, ff, rows, off, mask_add);
+    goto done;
+  }
   for (int l = 0; l < c->t_layers; l++) {
     const txt_layer *Ly = &m->tl[l];
-    TRY(blip_k_linear_fwd(q, x, &Ly->qkv, M)); /* [M, 3D] over q, k, v */
-    for (int r = 0; r < rows; r++) {
-      const float *qr = q + (size_t)off[r] * 3 * D;
-      TRY(self_attn(m, att + (size_t)off[r] * D, D, qr, qr + D, qr + 2 * D, 3 * D, off[r + 1] - off[r], H, dh, scale,
-                    mask_add ? mask_add + off[r] : NULL));
-    }
-    TRY(blip_k_linear_fwd_ex(x, att, &Ly->o, M, BLIP_K_ACCUM));
-    blip_k_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
+    TRY(text_team(m, l, l + 1, TXT_SELF, x, q, att, ff, rows, off, mask_add));
+    TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
     if (kvpre) { /* every row attends to one image whose K/V are projected: all M queries at once */
       const float *ik = kvpre + (size_t)l * 2 * T * D, *iv = ik + (size_t)T * D;
-      TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
       TRY(blip_k_attention(att, D, q, D, ik, D, iv, D, M, T, H, dh, scale, NULL, &m->ws));
-      TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
-      blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
-    } else if (images) {
-      TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
-      if (fast) TRY(cross_attn_reassoc(m, att, q, rows, off, images, images16, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
-      for (int r = 0; r < rows && !fast; r++) {
+    } else if (fast) {
+      TRY(cross_attn_reassoc(m, att, q, rows, off, images, images16, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
+    } else {
+      for (int r = 0; r < rows; r++) {
         size_t o = (size_t)off[r] * D;
         float *ik = ff, *iv = ff + (size_t)T * D;
         TRY(blip_k_linear_fwd(ik, images[r], &Ly->ck, T));
         TRY(blip_k_linear_fwd(iv, images[r], &Ly->cv, T));
         TRY(blip_k_attention(att + o, D, q + o, D, ik, D, iv, D, off[r + 1] - off[r], T, H, dh, scale, NULL, &m->ws));
       }
-      TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
-      blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
     }
-    TRY(blip_k_mlp(x, x, 0, &Ly->ffn1, &Ly->ffn2, M, ff));
-    blip_k_layernorm(x, x, Ly->ln_ffn.g, Ly->ln_ffn.b, M, D, c->t_eps);
+    TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
+    blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
+    TRY(text_team(m, l, l + 1, TXT_FFN, x, q, att, ff, rows, off, mask_add));
   }
-  (void)Dx;
 done:
   free(uoff);
   return rc;
