@@ -21,6 +21,7 @@
 
 #include <cpuid.h>
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,6 +78,8 @@ struct blip_model {
   float *arena;
   size_t arena_cap;
   blip_k_ws ws; /* scratch of the packed layers */
+  blip_k_ws *tws; /* one per thread of a text team (the cross-attention's own oneDNN calls) */
+  int n_tws;
   released rel[1024]; /* mmap ranges of dead tensors, dropped at the end of the load */
   int n_rel;
   char fingerprint[17];
@@ -411,6 +414,8 @@ void blip_model_free(blip_model *m) {
     }
   }
   blip_k_ws_free(&m->ws);
+  for (int i = 0; i < m->n_tws; i++) blip_k_ws_free(&m->tws[i]);
+  free(m->tws);
   for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
   free(m->owned);
   free(m->vl);
@@ -657,73 +662,110 @@ static void text_embed(const blip_model *m, float *x, const int32_t *ids, int ro
   blip_k_layernorm(x, x, m->emb_ln.g, m->emb_ln.b, rows * L, D, m->cfg.t_eps);
 }
 
+/* Floats of one thread's block of reassociation scratch for sequences of
+ * up to L tokens: A, P, C in f32, then A16 and P16 in bf16. */
+static size_t reassoc_block(const blip_cfg *c, int L) {
+  const size_t R = (size_t)c->t_heads * L, Dx = c->t_enc_hidden, T = c->v_tokens;
+  return (R * (2 * Dx + T) + (R * (Dx + T) + 1) / 2 + 15) & ~(size_t)15;
+}
+
 /* Reassociated cross-attention (see blip-reference.md), for `rows`
  * sequences of Lq queries, row r attending to image tokens X_r [T, Dx]:
  * scores_h = (q_h Wk_h) X^T (the key bias adds a per-row constant, which
  * softmax cancels), out_h = (P_h X) Wv_h^T + bv_h (rows of P sum to 1).
- * The image tokens are never projected. The products with the weights
- * run once per head over all rows (threaded GEMMs with M = rows*Lq); the
- * products with X run per sequence for all heads at once ([H*Lq, Dx] x
- * X^T, then [H*Lq, T] x X). Between the two, per-head blocks are
- * gathered/scattered: scr holds AC [H][M][Dx], then A_r, P_r, C_r.
- * Sequence r is rows off[r]..off[r+1] of q (its own length Lq). */
-static int cross_attn_reassoc(blip_model *m, float *out, const float *q, int rows, const int *off, const float *const *images,
-                              const uint16_t *const *images16, int T, const blip_k_linear *ck, const blip_k_linear *cv, int H,
-                              int dh, float scale, float *scr) {
-  const int Dt = H * dh, Dx = ck->in, M = off[rows];
+ * The image tokens are never projected. Run by a team: the products with
+ * the weights per head over all rows (M = rows*Lq), heads shared among
+ * the threads; the products with X per sequence for all heads at once
+ * ([H*Lq, Dx] x X^T, then [H*Lq, T] x X), sequences shared (or, with
+ * fewer sequences than threads, each sequence's rows). Between the two,
+ * per-head rows are gathered/scattered: scr holds AC [H][M][Dx], then
+ * each thread's A, P, C block (reassoc_block). Sequence r is rows
+ * off[r]..off[r+1] of q. Every thread's oneDNN calls use its own m->tws. */
+static int cross_attn_reassoc(blip_k_team *t, blip_model *m, float *out, const float *q, int rows, const int *off,
+                              const float *const *images, const uint16_t *const *images16, const blip_k_linear *ck,
+                              const blip_k_linear *cv, float *scr) {
+  const blip_cfg *c = &m->cfg;
+  const int H = c->t_heads, Dt = c->t_hidden, dh = Dt / H, Dx = ck->in, T = c->v_tokens, M = off[rows];
+  const int nt = omp_get_num_threads(), id = omp_get_thread_num(), by_seq = rows >= nt;
+  const float scale = 1.0f / sqrtf((float)dh);
   int Lmax = 0;
   for (int r = 0; r < rows; r++) Lmax = off[r + 1] - off[r] > Lmax ? off[r + 1] - off[r] : Lmax;
-  float *AC = scr, *A = AC + (size_t)H * M * Dx, *P = A + (size_t)H * Lmax * Dx, *C = P + (size_t)H * Lmax * T;
+  float *AC = scr, *A = AC + (size_t)H * M * Dx + (size_t)id * reassoc_block(c, Lmax);
+  float *P = A + (size_t)H * Lmax * Dx, *C = P + (size_t)H * Lmax * T;
   uint16_t *A16 = (uint16_t *)(void *)(C + (size_t)H * Lmax * Dx), *P16 = A16 + (size_t)H * Lmax * Dx;
+  blip_k_ws *ws = &m->tws[id];
   int rc = BLIP_OK;
-  for (int h = 0; h < H && !rc; h++) /* AC[h] = scale q_h Wk_h */
+  for (int h = id; h < H && !rc; h += nt) /* AC[h] = scale q_h Wk_h */
     rc = blip_k_gemm(0, 0, M, Dx, dh, scale, q + h * dh, Dt, ck->w + (size_t)h * dh * Dx, Dx, 0.0f, AC + (size_t)h * M * Dx, Dx);
-  for (int r = 0; r < rows && !rc; r++) {
-    const int R = H * (off[r + 1] - off[r]);
-    const size_t blk = (size_t)(off[r + 1] - off[r]) * Dx, at = (size_t)off[r] * Dx; /* one head's block of sequence r */
-    for (int h = 0; h < H; h++) memcpy(A + h * blk, AC + (size_t)h * M * Dx + at, blk * sizeof(float));
+  if ((rc = blip_k_team_sync(t, rc))) return rc;
+  for (int r = by_seq ? id : 0; r < rows && !rc; r += by_seq ? nt : 1) {
+    const int Lq = off[r + 1] - off[r], R = H * Lq;
+    const int i0 = by_seq ? 0 : (int)((long)R * id / nt), i1 = by_seq ? R : (int)((long)R * (id + 1) / nt), n = i1 - i0;
+    if (!n) continue;
+    for (int i = i0; i < i1; i++) /* row i is head i / Lq, token i % Lq */
+      memcpy(A + (size_t)(i - i0) * Dx, AC + ((size_t)(i / Lq) * M + off[r] + i % Lq) * Dx, (size_t)Dx * sizeof(float));
     if (images16) { /* bf16 and int8 models: both products with X in bf16 */
-      blip_k_to_bf16(A16, A, (long)R * Dx);
-      if ((rc = blip_k_gemm_bf16(1, R, T, Dx, A16, Dx, images16[r], Dx, P, T, &m->ws))) break;
-      blip_k_softmax(P, R, T);
-      blip_k_to_bf16(P16, P, (long)R * T);
-      if ((rc = blip_k_gemm_bf16(0, R, Dx, T, P16, T, images16[r], Dx, C, Dx, &m->ws))) break;
+      blip_k_to_bf16(A16, A, (long)n * Dx);
+      if ((rc = blip_k_gemm_bf16(1, n, T, Dx, A16, Dx, images16[r], Dx, P, T, ws))) break;
+      blip_k_softmax(P, n, T);
+      blip_k_to_bf16(P16, P, (long)n * T);
+      if ((rc = blip_k_gemm_bf16(0, n, Dx, T, P16, T, images16[r], Dx, C, Dx, ws))) break;
     } else {
-      if ((rc = blip_k_gemm(0, 1, R, T, Dx, 1.0f, A, Dx, images[r], Dx, 0.0f, P, T))) break;
-      blip_k_softmax(P, R, T);
-      if ((rc = blip_k_gemm(0, 0, R, Dx, T, 1.0f, P, T, images[r], Dx, 0.0f, C, Dx))) break;
+      if ((rc = blip_k_gemm(0, 1, n, T, Dx, 1.0f, A, Dx, images[r], Dx, 0.0f, P, T))) break;
+      blip_k_softmax(P, n, T);
+      if ((rc = blip_k_gemm(0, 0, n, Dx, T, 1.0f, P, T, images[r], Dx, 0.0f, C, Dx))) break;
     }
-    for (int h = 0; h < H; h++) memcpy(AC + (size_t)h * M * Dx + at, C + h * blk, blk * sizeof(float));
+    for (int i = i0; i < i1; i++)
+      memcpy(AC + ((size_t)(i / Lq) * M + off[r] + i % Lq) * Dx, C + (size_t)(i - i0) * Dx, (size_t)Dx * sizeof(float));
   }
-  for (int h = 0; h < H && !rc; h++) /* out_h = C_h Wv_h^T, all rows */
+  if ((rc = blip_k_team_sync(t, rc))) return rc;
+  for (int h = id; h < H && !rc; h += nt) { /* out_h = C_h Wv_h^T + bv_h, all rows */
     rc = blip_k_gemm(0, 1, M, dh, Dx, 1.0f, AC + (size_t)h * M * Dx, Dx, cv->w + (size_t)h * dh * Dx, Dx, 0.0f, out + h * dh, Dt);
-  if (rc) return rc;
-#pragma omp parallel for if ((long)M * Dt > 32768)
-  for (int i = 0; i < M; i++)
-    for (int j = 0; j < Dt; j++) out[(size_t)i * Dt + j] += cv->b[j];
-  return BLIP_OK;
+    for (int i = 0; i < M && !rc; i++)
+      for (int j = h * dh; j < (h + 1) * dh; j++) out[(size_t)i * Dt + j] += cv->b[j];
+  }
+  return blip_k_team_sync(t, rc);
 }
 
-/* The parts of text layers l0..l1 that need no image, run by one team (one
- * OpenMP region, see blip_kern.h): the self-attention block and/or the
- * feed-forward block of each layer. Self-attention is f32 direct loops at
- * every precision (texts are short: converting operands costs more). */
-enum { TXT_SELF = 1, TXT_FFN = 2 };
-static int text_team(blip_model *m, int l0, int l1, int blocks, float *x, float *q, float *att, float *ff, int rows, const int *off,
-                     const float *mask_add) {
+/* The activations and scratch of one text_encode call. */
+typedef struct {
+  float *x, *q, *att, *ff;
+  int rows;
+  const int *off;
+  const float *mask_add;
+  const float *const *images;      /* TXT_CROSS: the reassociated cross-attention's image tokens */
+  const uint16_t *const *images16; /* and their bf16 copies (bf16 and int8 models) */
+} txt_io;
+
+/* Blocks of text layers l0..l1 run by one team (one OpenMP region, see
+ * blip_kern.h): self-attention, cross-attention (reassociated) and/or
+ * feed-forward, in layer order. Self-attention is f32 direct loops at every
+ * precision (texts are short: converting operands costs more). */
+enum { TXT_SELF = 1, TXT_CROSS = 2, TXT_FFN = 4 };
+static int text_team(blip_model *m, int l0, int l1, int blocks, const txt_io *io) {
   const blip_cfg *c = &m->cfg;
-  const int D = c->t_hidden, H = c->t_heads, M = off[rows];
+  const int D = c->t_hidden, H = c->t_heads, rows = io->rows, M = io->off[rows];
   const int bf = m->opts.precision == BLIP_PREC_BF16;
   const int f1 = BLIP_K_GELU | (bf ? BLIP_K_OUT_BF16 : 0), f2 = BLIP_K_ACCUM | (bf ? BLIP_K_IN_BF16 : 0);
   const float scale = 1.0f / sqrtf((float)(D / H));
+  float *x = io->x, *q = io->q, *att = io->att, *ff = io->ff;
   const txt_layer *L0 = &m->tl[l0]; /* every layer has the same shapes */
   int rc;
   if ((rc = blip_k_linear_reserve(&L0->qkv, M, 0)) || (rc = blip_k_linear_reserve(&L0->o, M, BLIP_K_ACCUM)) ||
-      (rc = blip_k_linear_reserve(&L0->ffn1, M, f1)) || (rc = blip_k_linear_reserve(&L0->ffn2, M, f2)))
+      (rc = blip_k_linear_reserve(&L0->ffn1, M, f1)) || (rc = blip_k_linear_reserve(&L0->ffn2, M, f2)) ||
+      ((blocks & TXT_CROSS) && ((rc = blip_k_linear_reserve(&L0->cq, M, 0)) || (rc = blip_k_linear_reserve(&L0->co, M, BLIP_K_ACCUM)))))
     return rc;
   for (int r = 0; r < rows; r++)
-    if (off[r + 1] - off[r] > BLIP_K_TEAM_ATT_MAX)
-      return blip_err_set(BLIP_EINVAL, "text: %d tokens exceed %d", off[r + 1] - off[r], BLIP_K_TEAM_ATT_MAX);
+    if (io->off[r + 1] - io->off[r] > BLIP_K_TEAM_ATT_MAX)
+      return blip_err_set(BLIP_EINVAL, "text: %d tokens exceed %d", io->off[r + 1] - io->off[r], BLIP_K_TEAM_ATT_MAX);
+  const int nt = blip_k_threads();
+  if (nt > m->n_tws) { /* a oneDNN workspace per thread for the cross-attention */
+    blip_k_ws *w = realloc(m->tws, (size_t)nt * sizeof *w);
+    if (!w) return blip_err_set(BLIP_ENOMEM, "text: out of memory");
+    memset(w + m->n_tws, 0, (size_t)(nt - m->n_tws) * sizeof *w);
+    m->tws = w;
+    m->n_tws = nt;
+  }
   blip_k_team t;
   blip_k_team_init(&t);
 #pragma omp parallel
@@ -733,10 +775,17 @@ static int text_team(blip_model *m, int l0, int l1, int blocks, float *x, float 
       const txt_layer *Ly = &m->tl[l];
       if (blocks & TXT_SELF) {
         if ((e = blip_k_team_sync(&t, blip_k_team_linear(&t, q, x, &Ly->qkv, M, 0)))) break; /* [M, 3D]: q|k|v */
-        blip_k_team_attention(att, D, q, q + D, q + 2 * D, 3 * D, rows, off, H, D / H, scale, mask_add);
+        blip_k_team_attention(att, D, q, q + D, q + 2 * D, 3 * D, rows, io->off, H, D / H, scale, io->mask_add);
         blip_k_team_sync(&t, BLIP_OK);
         if ((e = blip_k_team_sync(&t, blip_k_team_linear(&t, x, att, &Ly->o, M, BLIP_K_ACCUM)))) break;
         blip_k_team_layernorm(x, x, Ly->ln_self.g, Ly->ln_self.b, M, D, c->t_eps);
+        blip_k_team_sync(&t, BLIP_OK);
+      }
+      if (blocks & TXT_CROSS) {
+        if ((e = blip_k_team_sync(&t, blip_k_team_linear(&t, q, x, &Ly->cq, M, 0)))) break;
+        if ((e = cross_attn_reassoc(&t, m, att, q, rows, io->off, io->images, io->images16, &Ly->ck, &Ly->cv, ff))) break;
+        if ((e = blip_k_team_sync(&t, blip_k_team_linear(&t, x, att, &Ly->co, M, BLIP_K_ACCUM)))) break;
+        blip_k_team_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
         blip_k_team_sync(&t, BLIP_OK);
       }
       if (blocks & TXT_FFN) {
@@ -756,8 +805,10 @@ static int text_team(blip_model *m, int l0, int l1, int blocks, float *x, float 
  * (off NULL; M = rows*L), or packed without padding, sequence r being rows
  * off[r]..off[r+1] (M = off[rows]). mask_add [M] or NULL. images NULL =
  * unimodal; else images[r] is the [T, Dx] token matrix that sequence r
- * cross-attends to. Unimodal, the whole encoder is one team; with
- * cross-attention each layer's self and feed-forward blocks are. */
+ * cross-attends to: reassociated (fast) in the team, or per sequence with
+ * projected keys and values (the naive reference), or kvpre: K/V of one
+ * image, already projected, for every row. Unimodal and reassociated, the
+ * whole encoder is one team. */
 static int text_encode(blip_model *m, float *x, int rows, int L, const int *off, const float *mask_add, const float *const *images,
                        const uint16_t *const *images16, int fast, const float *kvpre, float *buf) {
   const blip_cfg *c = &m->cfg;
@@ -771,21 +822,20 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const int *off,
   const int M = off[rows];
   float *q = buf, *att = q + (size_t)M * 3 * D; /* q: [M, 3D] self-attention q|k|v, then [M, D] cross queries */
   float *ff = att + (size_t)M * D; /* [M, t_mlp]; reused as image K/V or reassoc scratch */
+  const txt_io io = {x, q, att, ff, rows, off, mask_add, images, images16};
   const float scale = 1.0f / sqrtf((float)dh);
   int rc = BLIP_OK;
-  if (!images && !kvpre) {
-    rc = text_team(m, 0, c->t_layers, TXT_SELF | TXT_FFN, x, q, att, ff, rows, off, mask_add);
+  if (!kvpre && (!images || fast)) {
+    rc = text_team(m, 0, c->t_layers, TXT_SELF | (images ? TXT_CROSS : 0) | TXT_FFN, &io);
     goto done;
   }
   for (int l = 0; l < c->t_layers; l++) {
     const txt_layer *Ly = &m->tl[l];
-    TRY(text_team(m, l, l + 1, TXT_SELF, x, q, att, ff, rows, off, mask_add));
+    TRY(text_team(m, l, l + 1, TXT_SELF, &io));
     TRY(blip_k_linear_fwd(q, x, &Ly->cq, M));
     if (kvpre) { /* every row attends to one image whose K/V are projected: all M queries at once */
       const float *ik = kvpre + (size_t)l * 2 * T * D, *iv = ik + (size_t)T * D;
       TRY(blip_k_attention(att, D, q, D, ik, D, iv, D, M, T, H, dh, scale, NULL, &m->ws));
-    } else if (fast) {
-      TRY(cross_attn_reassoc(m, att, q, rows, off, images, images16, T, &Ly->ck, &Ly->cv, H, dh, scale, ff));
     } else {
       for (int r = 0; r < rows; r++) {
         size_t o = (size_t)off[r] * D;
@@ -797,7 +847,7 @@ static int text_encode(blip_model *m, float *x, int rows, int L, const int *off,
     }
     TRY(blip_k_linear_fwd_ex(x, att, &Ly->co, M, BLIP_K_ACCUM));
     blip_k_layernorm(x, x, Ly->ln_cross.g, Ly->ln_cross.b, M, D, c->t_eps);
-    TRY(text_team(m, l, l + 1, TXT_FFN, x, q, att, ff, rows, off, mask_add));
+    TRY(text_team(m, l, l + 1, TXT_FFN, &io));
   }
 done:
   free(uoff);
@@ -810,7 +860,7 @@ static size_t text_scratch(const blip_cfg *c, int rows, int L, int images) {
   size_t ff = M * c->t_mlp;
   if (images) {
     /* AC, A, P, C in floats, then A16 and P16 (bf16, rounded up to floats) */
-    size_t kv = 2 * T * D, re = (size_t)c->t_heads * (M * Dx + L * Dx * 2 + (size_t)L * T) + (size_t)c->t_heads * L * (Dx + T) / 2 + 1;
+    size_t kv = 2 * T * D, re = (size_t)c->t_heads * M * Dx + (size_t)blip_k_threads() * reassoc_block(c, L);
     if (kv > ff) ff = kv;
     if (re > ff) ff = re;
   }
