@@ -411,6 +411,19 @@ done:
   return rc;
 }
 
+const char *blip_k_linear_impl(const blip_k_linear *l, int M, int flags) {
+  blip_k_packed *p = l->packed;
+  if (!p) return "sgemm";
+  if (p->n_part) p = p->part[0].packed;
+  dnnl_primitive_t prim;
+  const_dnnl_primitive_desc_t pd;
+  const char *name = NULL;
+  if (get_prim(p, M, flags, &prim) || dnnl_primitive_get_primitive_desc(prim, &pd) ||
+      dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &name))
+    return NULL;
+  return name;
+}
+
 int blip_k_linear_pack_parts(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws, int parts) {
   if (parts > l->out / 16) parts = l->out / 16;
   if (parts <= 1) return blip_k_linear_pack(l, prec, ws);
@@ -1131,10 +1144,10 @@ int blip_k_team_sync(blip_k_team *t, int rc) {
   const int n = omp_get_num_threads();
   const int g = __atomic_load_n(&t->gen, __ATOMIC_ACQUIRE), slot = g & 1;
   if (rc) {
-    int z = 0;
-    if (__atomic_compare_exchange_n(&t->msg_set, &z, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+    int z0 = 0, z1 = 0;
+    if (__atomic_compare_exchange_n(&t->msg_set, &z0, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
       snprintf(t->msg, sizeof t->msg, "%s", blip_err_last());
-    __atomic_compare_exchange_n(&t->err[slot], &z, rc, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    __atomic_compare_exchange_n(&t->err[slot], &z1, rc, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
   }
   if (n == 1 || __atomic_add_fetch(&t->count, 1, __ATOMIC_ACQ_REL) == n) {
     /* last one in: reset for the next barrier (which uses the other error

@@ -80,6 +80,10 @@ int blip_k_linear_fwd_ex(void *out, const void *in, const blip_k_linear *l, int 
  * region each run a slice single-threaded (see teams below). Outside a
  * team it runs like any packed layer (one region, a slice per thread). */
 int blip_k_linear_pack_parts(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws, int parts);
+/* oneDNN's name for the kernel the layer runs at M rows (a part's, for a
+ * layer in parts), NULL on error; for tests: "ref..." is the ~100x slower
+ * reference that oneDNN falls back to for layouts its fast kernels lack. */
+const char *blip_k_linear_impl(const blip_k_linear *l, int M, int flags);
 /* Transformer MLP with residual: x += fc2(GELU(fc1(h))); h may be x (f32).
  * h_flags: 0 (h is f32) or BLIP_K_IN_BF16 (bf16 h, packed bf16 layers).
  * mid is scratch [M, fc1->out] floats. When both layers are packed bf16,

@@ -5,7 +5,11 @@
 #include "blip_kern.h"
 #include "check.h"
 
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <string.h>
+#include <unistd.h>
 
 static uint64_t g_rng = 12345;
 static float frand(void) { /* uniform [-1, 1) */
@@ -94,7 +98,7 @@ static void check_bf16(const char *label, const uint16_t *got, const float *ref,
  * double reference computed on the same rounded/quantized operands:
  * f32 exact inputs; bf16 inputs and weights rounded to bf16; int8 the
  * weights and rows quantized by the (separately tested) quantizers. */
-static void test_packed(blip_k_prec prec, int M, int in, int out, int flags, int bias) {
+static void test_packed(blip_k_prec prec, int M, int in, int out, int flags, int bias, int parts) {
   float *x = rnd((long)M * in, 2), *w = rnd((long)out * in, 0.3f), *b = rnd(out, 1);
   if (!bias) memset(b, 0, sizeof(float) * out); /* the reference adds zeros; the layer gets NULL */
   float *y = rnd((long)M * out, 1), *r = malloc(sizeof(float) * M * out);
@@ -125,14 +129,14 @@ static void test_packed(blip_k_prec prec, int M, int in, int out, int flags, int
     }
   blip_k_ws ws = {0};
   blip_k_linear l = {.in = in, .out = out, .w = w, .b = bias ? b : NULL};
-  CHECK(blip_k_linear_pack(&l, prec, &ws) == 0, "pack: %s", blip_err_last());
+  CHECK(blip_k_linear_pack_parts(&l, prec, &ws, parts) == 0, "pack: %s", blip_err_last());
   for (int rep = 0; rep < 2; rep++) { /* the second call reuses the cached primitive */
     float *yy = malloc(sizeof(float) * M * out);
     memcpy(yy, y, sizeof(float) * M * out);
     CHECK(blip_k_linear_fwd_ex(yy, x, &l, M, flags) == 0, "packed fwd: %s", blip_err_last());
     char label[80];
-    snprintf(label, sizeof label, "packed %s %dx%d->%d%s%s%s #%d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8",
-             M, in, out, bias ? "+b" : "", flags & BLIP_K_GELU ? " gelu" : "", flags & BLIP_K_ACCUM ? " accum" : "", rep);
+    snprintf(label, sizeof label, "packed %s %dx%d->%d%s%s%s parts %d #%d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8",
+             M, in, out, bias ? "+b" : "", flags & BLIP_K_GELU ? " gelu" : "", flags & BLIP_K_ACCUM ? " accum" : "", parts, rep);
     /* f32 accumulation of in terms; the quantized paths are exact on their operands up to f32 rounding */
     check_tensor(label, yy, r, (long)M * out, 1e-5 * sqrt(in));
     free(yy);
@@ -207,20 +211,22 @@ static void test_gemm_bf16(int M, int N, int K, int tb) {
 
 /* blip_k_mlp against the two separate fused calls it replaces, also with
  * h == x (the text encoder's use) and more rows than one chunk. */
-static void test_mlp(blip_k_prec prec, int M, int D, int F) {
+static void test_mlp(blip_k_prec prec, int M, int D, int F, int parts) {
   float *w1 = rnd((long)F * D, 0.3f), *b1 = rnd(F, 0.5f), *w2 = rnd((long)D * F, 0.1f), *b2 = rnd(D, 0.5f);
   float *x = rnd((long)M * D, 1), *x2 = malloc(sizeof(float) * M * D), *ref = malloc(sizeof(float) * M * D);
   float *mid = malloc(sizeof(float) * M * F);
   blip_k_ws ws = {0};
   blip_k_linear fc1 = {.in = D, .out = F, .w = w1, .b = b1}, fc2 = {.in = F, .out = D, .w = w2, .b = b2};
-  CHECK(blip_k_linear_pack(&fc1, prec, &ws) == 0 && blip_k_linear_pack(&fc2, prec, &ws) == 0, "pack: %s", blip_err_last());
+  CHECK(blip_k_linear_pack_parts(&fc1, prec, &ws, parts) == 0 && blip_k_linear_pack_parts(&fc2, prec, &ws, parts) == 0, "pack: %s",
+        blip_err_last());
   memcpy(ref, x, sizeof(float) * M * D);
   memcpy(x2, x, sizeof(float) * M * D);
   CHECK(blip_k_linear_fwd_ex(mid, x, &fc1, M, BLIP_K_GELU) == 0 && blip_k_linear_fwd_ex(ref, mid, &fc2, M, BLIP_K_ACCUM) == 0,
         "two-step mlp: %s", blip_err_last());
   CHECK(blip_k_mlp(x2, x, 0, &fc1, &fc2, M, mid) == 0, "mlp: %s", blip_err_last());
   char label[64];
-  snprintf(label, sizeof label, "mlp %s M=%d %d->%d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8", M, D, F);
+  snprintf(label, sizeof label, "mlp %s M=%d %d->%d parts %d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8", M, D, F,
+           parts);
   check_tensor(label, x2, ref, (long)M * D, 1e-5);
   if (prec == BLIP_K_BF16) { /* h given as bf16: the same as f32 h, which fc1 rounds to bf16 itself */
     uint16_t *h16 = malloc(2 * (size_t)M * D);
@@ -386,6 +392,136 @@ static void test_attention(int Lq, int Lk, int H, int dh, int masked, int bf16) 
   free(q), free(kv), free(mask), free(out), free(r), free(sc);
 }
 
+/* Column parts (blip_k_linear_pack_parts) give the unparted layer's
+ * result for every flag and I/O type, called alone (a region of their
+ * own) and by teams of 1-3 threads (fewer or more threads than parts);
+ * and each part runs one of oneDNN's fast kernels, not its reference
+ * (which a strided output once selected: same result, ~100x slower). */
+static void test_parts(blip_k_prec prec, int M, int in, int out, int parts) {
+  float *x = rnd((long)M * in, 2), *w = rnd((long)out * in, 0.3f), *b = rnd(out, 1), *y0 = rnd((long)M * out, 1);
+  float *ref = malloc(sizeof(float) * M * out), *got = malloc(sizeof(float) * M * out);
+  uint16_t *x16 = malloc(2 * (size_t)M * in), *r16 = malloc(2 * (size_t)M * out), *g16 = malloc(2 * (size_t)M * out);
+  blip_k_to_bf16(x16, x, (long)M * in);
+  blip_k_ws ws = {0};
+  blip_k_linear whole = {.in = in, .out = out, .w = w, .b = b}, part = whole;
+  CHECK(blip_k_linear_pack(&whole, prec, &ws) == 0 && blip_k_linear_pack_parts(&part, prec, &ws, parts) == 0, "pack: %s", blip_err_last());
+  const int fl[] = {0, BLIP_K_GELU, BLIP_K_ACCUM, BLIP_K_GELU | BLIP_K_ACCUM, BLIP_K_OUT_BF16, BLIP_K_GELU | BLIP_K_OUT_BF16,
+                    BLIP_K_IN_BF16, BLIP_K_IN_BF16 | BLIP_K_OUT_BF16};
+  for (int f = 0; f < 8; f++) {
+    const int flags = fl[f], o16 = flags & BLIP_K_OUT_BF16, i16 = flags & BLIP_K_IN_BF16;
+    if ((o16 && prec == BLIP_K_F32) || (i16 && prec != BLIP_K_BF16)) continue;
+    const void *in_ = i16 ? (const void *)x16 : x;
+    char label[96];
+    snprintf(label, sizeof label, "parts %s M%d %dx%d/%d flags %d", prec == BLIP_K_F32 ? "f32" : prec == BLIP_K_BF16 ? "bf16" : "int8", M, in,
+             out, parts, flags);
+    memcpy(ref, y0, sizeof(float) * M * out);
+    CHECK(blip_k_linear_fwd_ex(o16 ? (void *)r16 : ref, in_, &whole, M, flags) == 0, "%s: whole: %s", label, blip_err_last());
+    const char *impl = blip_k_linear_impl(&part, M, flags);
+    CHECK(impl && strncmp(impl, "ref", 3) != 0, "%s: oneDNN kernel %s", label, impl ? impl : "(none)");
+    for (int nt = 0; nt <= 3; nt++) { /* 0: alone; else a team of nt */
+      memcpy(got, y0, sizeof(float) * M * out);
+      void *dst = o16 ? (void *)g16 : got;
+      int rc = 0;
+      if (!nt) {
+        rc = blip_k_linear_fwd_ex(dst, in_, &part, M, flags);
+      } else {
+        blip_k_team t;
+        blip_k_team_init(&t);
+        rc = blip_k_linear_reserve(&part, M, flags);
+#pragma omp parallel num_threads(nt)
+        {
+          int e = blip_k_team_sync(&t, blip_k_team_linear(&t, dst, in_, &part, M, flags));
+#pragma omp master
+          rc = rc ? rc : e;
+        }
+      }
+      CHECK(rc == 0, "%s team %d: %s", label, nt, blip_err_last());
+      /* parts and whole accumulate in different orders: f32 rounding apart */
+      if (o16) {
+        int bad = 0;
+        for (long i = 0; i < (long)M * out; i++) {
+          uint32_t a = (uint32_t)r16[i] << 16, c = (uint32_t)g16[i] << 16;
+          float fa, fc;
+          memcpy(&fa, &a, 4), memcpy(&fc, &c, 4);
+          bad += fabsf(fa - fc) > 8e-3f * (1 + fabsf(fa));
+        }
+        CHECK(!bad, "%s team %d: %d bf16 outputs differ", label, nt, bad);
+      } else {
+        check_tensor(label, got, ref, (long)M * out, 2e-5 * sqrt(in));
+      }
+    }
+  }
+  CHECK(blip_k_linear_packed_bytes(&part) >= blip_k_linear_packed_bytes(&whole) - (size_t)parts * 4096, "parts' size");
+  blip_k_linear_unpack(&whole);
+  blip_k_linear_unpack(&part);
+  CHECK(part.packed == NULL, "unpack parts");
+  blip_k_ws_free(&ws);
+  free(x), free(w), free(b), free(y0), free(ref), free(got), free(x16), free(r16), free(g16);
+}
+
+/* The team barrier hands every thread the same result, 0 or an error one
+ * thread passed, at every barrier (the error slots alternate), with the
+ * failing thread's message; a thread arriving after the spin (sleepers
+ * on the futex) still releases the others. */
+static void test_team_sync(void) {
+  for (int nt = 1; nt <= 3; nt++) {
+    blip_k_team t;
+    blip_k_team_init(&t);
+    int wrong = 0, rc = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : wrong)
+    {
+      const int id = omp_get_thread_num();
+      for (int i = 0; i < 2000; i++) {
+        const int fail = i % 7 == 3 ? i % nt : -1; /* thread that fails at barrier i */
+        if (i % 500 == 1 && id == nt - 1) usleep(3000); /* past the spin: the others sleep */
+        int mine = id == fail ? (blip_err_set(BLIP_EIO, "thread %d failed at %d", id, i), BLIP_EIO) : 0;
+        int got = blip_k_team_sync(&t, mine);
+        wrong += got != (fail >= 0 ? BLIP_EIO : 0);
+      }
+      int e = blip_k_team_sync(&t, id == nt - 1 ? blip_err_set(BLIP_ENOMEM, "last thread") : 0);
+#pragma omp master
+      rc = e;
+    }
+    CHECK(!wrong, "team of %d: %d barriers returned the wrong result", nt, wrong);
+    CHECK(rc == BLIP_ENOMEM, "team of %d: final error %d", nt, rc);
+    blip_err_set(BLIP_OK, "cleared");
+    CHECK(blip_k_team_error(&t, rc) == BLIP_ENOMEM && strstr(blip_err_last(), "failed at 3"),
+          "team of %d: message \"%s\" (the first failure's)", nt, blip_err_last());
+  }
+}
+
+/* Team attention over sequences of different lengths (packed without
+ * padding) and team LayerNorm equal the kernels they share out. */
+static void test_team_ops(int heads, int dh, int masked) {
+  const int lens[4] = {1, 12, 35, 7}, n = 4, D = heads * dh, ld = 3 * D;
+  int off[5] = {0};
+  for (int r = 0; r < n; r++) off[r + 1] = off[r] + lens[r];
+  const int M = off[n];
+  float *qkv = rnd((long)M * ld, 1), *mask = rnd(M, 3), *ref = malloc(sizeof(float) * M * D), *got = malloc(sizeof(float) * M * D);
+  float *g = rnd(D, 1), *b = rnd(D, 1), *lr = malloc(sizeof(float) * M * D), *lg = malloc(sizeof(float) * M * D);
+  const float scale = 1.0f / sqrtf((float)dh);
+  for (int r = 0; r < n; r++)
+    CHECK(blip_k_attention(ref + (size_t)off[r] * D, D, qkv + (size_t)off[r] * ld, ld, qkv + (size_t)off[r] * ld + D, ld,
+                           qkv + (size_t)off[r] * ld + 2 * D, ld, lens[r], lens[r], heads, dh, scale, masked ? mask + off[r] : NULL,
+                           NULL) == 0,
+          "attention: %s", blip_err_last());
+  blip_k_layernorm(lr, qkv, g, b, M, D, 1e-12f);
+  for (int nt = 1; nt <= 3; nt++) {
+    memset(got, 0, sizeof(float) * M * D);
+#pragma omp parallel num_threads(nt)
+    {
+      blip_k_team_attention(got, D, qkv, qkv + D, qkv + 2 * D, ld, n, off, heads, dh, scale, masked ? mask : NULL);
+      blip_k_team_layernorm(lg, qkv, g, b, M, D, 1e-12f);
+    }
+    char label[64];
+    snprintf(label, sizeof label, "team attention H%d dh%d%s, %d threads", heads, dh, masked ? " masked" : "", nt);
+    check_tensor(label, got, ref, (long)M * D, 1e-6);
+    snprintf(label, sizeof label, "team layernorm, %d threads", nt);
+    check_tensor(label, lg, lr, (long)M * D, 1e-6);
+  }
+  free(qkv), free(mask), free(ref), free(got), free(g), free(b), free(lr), free(lg);
+}
+
 int main(void) {
   blip_k_set_threads(2);
   test_scalar_fns();
@@ -402,22 +538,31 @@ int main(void) {
   test_gemm_bf16(29, 37, 53, 1);
   test_gemm_bf16(144, 97, 130, 0);
   for (int p = BLIP_K_F32; p <= BLIP_K_INT8; p++) {
-    test_packed(p, 1, 7, 3, 0, 1);
-    test_packed(p, 37, 97, 131, BLIP_K_GELU, 1);
-    test_packed(p, 19, 65, 33, BLIP_K_ACCUM, 0);
-    test_packed(p, 45, 129, 61, BLIP_K_GELU | BLIP_K_ACCUM, 1);
-    test_packed(p, 3, 50, 17, BLIP_K_GELU, 0);
-    test_packed(p, 1601, 40, 24, BLIP_K_GELU | BLIP_K_ACCUM, 1); /* 3 row chunks */
-    test_mlp(p, 7, 33, 65);
+    for (int parts = 1; parts <= 3; parts += 2) { /* 3 parts where out allows, else fewer */
+      test_packed(p, 1, 7, 3, 0, 1, parts);
+      test_packed(p, 37, 97, 131, BLIP_K_GELU, 1, parts);
+      test_packed(p, 19, 65, 33, BLIP_K_ACCUM, 0, parts);
+      test_packed(p, 45, 129, 61, BLIP_K_GELU | BLIP_K_ACCUM, 1, parts);
+      test_packed(p, 3, 50, 17, BLIP_K_GELU, 0, parts);
+      test_packed(p, 1601, 40, 24, BLIP_K_GELU | BLIP_K_ACCUM, 1, parts); /* 3 row chunks */
+    }
+    test_parts(p, 12, 64, 96, 2);
+    test_parts(p, 37, 97, 131, 3);
+    test_parts(p, 300, 128, 200, 2);
+    test_mlp(p, 7, 33, 65, 1);
+    test_mlp(p, 12, 48, 96, 2);
     if (p != BLIP_K_F32) {
       test_packed_bf16io(p, 37, 97, 131, 0);
       test_packed_bf16io(p, 1601, 40, 24, BLIP_K_GELU); /* 3 row chunks */
     }
-    test_mlp(p, 1601, 24, 40);
+    test_mlp(p, 1601, 24, 40, 1);
   }
   test_layernorm(1, 7);
   test_layernorm(53, 771);
   test_gelu_softmax();
+  test_team_sync();
+  test_team_ops(3, 8, 0);
+  test_team_ops(12, 64, 1);
   for (int bf = 0; bf < 4; bf++) {
     test_attention(1, 1, 1, 1, 0, bf);
     test_attention(13, 13, 3, 7, 1, bf);

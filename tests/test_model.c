@@ -128,6 +128,11 @@ static void run_parity(const char *file, const char *prefix, double tol, int ful
     CHECK_OK(blip_model_itm_captions(m, cut, lc, NT, kv, BLIP_ITM_ENC, lgb));
     for (int j = 0; j < NT; j++) CHECK_OK(blip_model_itm(m, cut + j * lc, lc, imgs + NI - 1, 1, BLIP_ITM_ENC, 0, lgn + 2 * j, NULL));
     check_tensor("by-image ITM, 6 captions in one batch vs naive", lgb, lgn, NT * 2, 1e-5);
+    /* one candidate, reassociated: fewer sequences than threads, so the
+     * team shares each sequence's rows instead of whole sequences */
+    float lg1[NT * 2];
+    for (int j = 0; j < NT; j++) CHECK_OK(blip_model_itm(m, cut + j * lc, lc, imgs + NI - 1, 1, BLIP_ITM_ENC, 1, lg1 + 2 * j, NULL));
+    check_tensor("reassociated ITM, one candidate (rows shared) vs naive", lg1, lgn, NT * 2, 1e-5);
     free(kv);
   }
   if (full) { /* the BLIP retrieval score = ITM match logit ([ENC]) + ITC cosine */
