@@ -451,7 +451,7 @@ static void test_parts(blip_k_prec prec, int M, int in, int out, int parts) {
       }
     }
   }
-  CHECK(blip_k_linear_packed_bytes(&part) >= blip_k_linear_packed_bytes(&whole) - (size_t)parts * 4096, "parts' size");
+  CHECK(blip_k_linear_packed_bytes(&part) + (size_t)parts * 4096 >= blip_k_linear_packed_bytes(&whole), "parts' size: %zu vs %zu", blip_k_linear_packed_bytes(&part), blip_k_linear_packed_bytes(&whole));
   blip_k_linear_unpack(&whole);
   blip_k_linear_unpack(&part);
   CHECK(part.packed == NULL, "unpack parts");
@@ -557,6 +557,25 @@ int main(void) {
     }
     test_mlp(p, 1601, 24, 40, 1);
   }
+  /* int8 shapes the VNNI kernel takes (parts, K % 4 == 0, on CPUs with it):
+   * every row count of its 12-row tile, column tails, 192-row chunks; its
+   * bf16 output and its agreement with oneDNN are in test_parts */
+  {
+    blip_k_ws ws = {0};
+    blip_k_linear l = {.in = 64, .out = 40, .w = rnd(64 * 40, 0.3f)};
+    CHECK(blip_k_linear_pack_parts(&l, BLIP_K_INT8, &ws, 2) == 0, "pack: %s", blip_err_last());
+    const char *impl = blip_k_linear_impl(&l, 12, 0);
+    __builtin_cpu_init();
+    const int vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && !getenv("BLIP_INT8_ONEDNN");
+    CHECK(impl && (strcmp(impl, "blip:vnni") == 0) == vnni, "int8 K=64 runs %s (CPU has VNNI: %d)", impl ? impl : "(none)", vnni);
+    blip_k_linear_unpack(&l);
+    blip_k_ws_free(&ws);
+    free((void *)l.w);
+  }
+  for (int M = 1; M <= 13; M++) test_packed(BLIP_K_INT8, M, 64, 40, M % 2 ? BLIP_K_GELU : BLIP_K_ACCUM, M % 3 != 0, 2);
+  test_packed(BLIP_K_INT8, 577, 128, 97, BLIP_K_GELU | BLIP_K_ACCUM, 1, 2);
+  test_packed(BLIP_K_INT8, 401, 128, 97, 0, 0, 3);
+  test_mlp(BLIP_K_INT8, 25, 64, 128, 2);
   test_layernorm(1, 7);
   test_layernorm(53, 771);
   test_gelu_softmax();
