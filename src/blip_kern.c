@@ -761,7 +761,6 @@ static int chunk_rows(int M) {
   return (M + chunks - 1) / chunks;
 }
 
-
 /* A layer in column parts, called outside a team: one region, a part per thread. */
 static int parted_fwd(void *out, const void *in, const blip_k_linear *l, int M, int flags) {
   int rc = blip_k_linear_reserve(l, M, flags);
@@ -1160,28 +1159,6 @@ done:
   return BLIP_OK;
 }
 
-static void rows_to_bf16(uint16_t *d, const float *s, int rows, int cols, int ld) {
-#pragma omp parallel for if ((long)rows * cols > 65536)
-  for (int i = 0; i < rows; i++) to_bf16(d + (size_t)i * cols, s + (size_t)i * ld, cols);
-}
-
-int blip_k_attention_bf16(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
-                          int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws) {
-  int rc = stream_ready(ws);
-  if (rc) return rc;
-  const int D = heads * dh;
-  const size_t nq = (size_t)Lq * D, nk = (size_t)Lk * D, ns = (size_t)heads * Lq * Lk, ops = ((nq + 2 * nk) * 2 + 63) / 64 * 64;
-  char *w = ws_get(ws, ops + ns * 4 + ns * 2);
-  if (!w) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %dx%d scores", Lq, Lk);
-  uint16_t *q16 = (uint16_t *)(void *)w, *k16 = q16 + nq, *v16 = k16 + nk;
-  float *S = (float *)(void *)(w + ops);
-  rows_to_bf16(q16, q, Lq, D, ldq);
-  rows_to_bf16(k16, k, Lk, D, ldk);
-  rows_to_bf16(v16, v, Lk, D, ldv);
-  att_shape sh = {Lq, Lk, heads, dh, D, D, D, ldo, 0};
-  return att_bf16_run(out, q16, k16, v16, &sh, scale, mask_add, S, (uint16_t *)(void *)(S + ns), ws);
-}
-
 int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q, int ldq, const uint16_t *k, int ldk,
                             const uint16_t *v, int ldv, int Lq, int Lk, int heads, int dh, float scale, const float *mask_add,
                             blip_k_ws *ws) {
@@ -1360,7 +1337,7 @@ int blip_k_team_linear(blip_k_team *t, void *out, const void *in, const blip_k_l
     int c0;
     blip_k_packed *q = part_of(l, i, &bias, &c0);
     int32_t *acc = q->n_part ? NULL : (int32_t *)(void *)((char *)p->ws->p + pb);
-    if (p->n_part && (size_t)M * q->out * 4 > q->acc_cap) {
+    if (p->n_part && !q->vnni && (size_t)M * q->out * 4 > q->acc_cap) { /* the VNNI kernel needs none */
       free(q->acc);
       q->acc_cap = 0;
       if (!(q->acc = malloc((size_t)M * q->out * 4))) {

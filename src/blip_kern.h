@@ -8,13 +8,16 @@
  * exact-erf GELU and the residual add are fused: as oneDNN post-ops in
  * f32/bf16, in the dequantizing epilogue in int8. Primitives are cached
  * per row count; more than 768 rows run in row chunks (cache locality).
+ * Layers packed in column parts (the text encoder's) run a part per
+ * thread inside one OpenMP region (teams, below); their int8 parts use
+ * the project's own VNNI kernel where the CPU has it.
  * f32 attention and unpacked layers go to dnnl_sgemm (inside an OpenMP
  * parallel region oneDNN runs single-threaded, which the attention kernel
  * relies on); bf16 attention and blip_k_gemm_bf16 to oneDNN matmul.
  * Everything else is OpenMP. One thread count for the whole engine:
  * blip_k_set_threads(). Kernels never allocate except to grow a workspace
- * (blip_k_ws), for primitive caches, and for attention scores when given
- * no workspace (all checked; BLIP_ENOMEM). */
+ * (blip_k_ws) or a column part's result buffer, for primitive caches, and
+ * for attention scores when given no workspace (all checked; BLIP_ENOMEM). */
 #ifndef BLIP_KERN_H
 #define BLIP_KERN_H
 
@@ -34,7 +37,7 @@ typedef struct {
   void *p;
   size_t cap;
   void *stream; /* the oneDNN stream the model's layers run on */
-  void *att;    /* blip_k_attention_bf16's primitive cache */
+  void *att;    /* blip_k_attention_bf16in's primitive cache */
   void *gemm;   /* blip_k_gemm_bf16's primitive cache */
 } blip_k_ws;
 void blip_k_ws_free(blip_k_ws *ws);
@@ -112,16 +115,11 @@ void blip_k_l2norm(float *x, int rows, int cols);
 int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
                      int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
 
-/* The same attention with bf16 operands: q, k, v and the softmax
- * probabilities are rounded to bf16; scores, softmax and accumulation stay
- * f32. All heads go through two batched oneDNN matmuls. ws is required
- * (converted operands, scores, and the primitives per shape). */
-int blip_k_attention_bf16(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
-                          int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
-
-/* The same attention on operands already in bf16 (e.g. a packed layer's
- * BLIP_K_OUT_BF16 output, strided like the vision qkv rows); out is bf16
- * when out_bf16, else f32. Only the scores and probabilities use ws. */
+/* The same attention on bf16 operands (e.g. a packed layer's
+ * BLIP_K_OUT_BF16 output, strided like the vision qkv rows): scores,
+ * softmax and accumulation in f32, probabilities rounded to bf16, all
+ * heads in two batched oneDNN matmuls; out is bf16 when out_bf16, else
+ * f32. ws is required (scores, probabilities, primitives per shape). */
 int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q, int ldq, const uint16_t *k, int ldk,
                             const uint16_t *v, int ldv, int Lq, int Lk, int heads, int dh, float scale, const float *mask_add,
                             blip_k_ws *ws);
