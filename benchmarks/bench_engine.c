@@ -383,11 +383,62 @@ done:
   return rc;
 }
 
+/* --gemm: one linear layer [N, K] on M rows, per precision, packed whole
+ * (oneDNN) and in column parts run by a team (int8 parts: the VNNI kernel
+ * where the CPU has it), best of reps, against the measured peak. Few rows
+ * cycle through enough copies of the layer (>= 64 MB) that the weights come
+ * from memory, as in a text query. */
+static int run_gemm(const char *spec, int threads, int reps, const double *peaks, int json) {
+  int M, K, N;
+  if (sscanf(spec, "%d,%d,%d", &M, &K, &N) != 3 || M < 1 || K < 1 || N < 16 || (double)M * K > 1e8 || (double)K * N > 1e8)
+    return blip_err_set(BLIP_EINVAL, "--gemm wants M,K,N (rows, inputs, outputs), got '%s'", spec);
+  const double wbytes = 4.0 * K * N;
+  const int nl = M <= 64 ? (int)(64e6 / wbytes) + 1 : 1;
+  float *x = malloc(sizeof(float) * M * K), *y = malloc(sizeof(float) * M * N), *w = malloc(sizeof(float) * K * N);
+  blip_k_linear *l = calloc((size_t)nl * 2, sizeof *l);
+  blip_k_ws ws = {0};
+  int rc = !x || !y || !w || !l ? blip_err_set(BLIP_ENOMEM, "--gemm: out of memory") : BLIP_OK;
+  for (long i = 0; !rc && i < (long)M * K; i++) x[i] = (float)((i * 2654435761u) % 1000) / 500.0f - 1.0f;
+  for (long i = 0; !rc && i < (long)K * N; i++) w[i] = (float)((i * 40503u) % 1000) / 5000.0f - 0.1f;
+  const char *name[3] = {"f32", "bf16", "int8"};
+  if (json) printf("{\"M\":%d,\"K\":%d,\"N\":%d,\"layers\":%d,\"results\":[", M, K, N, nl);
+  else printf("gemm %dx%d -> %d, %d threads, %d layer cop%s, best of %d\n", M, K, N, threads, nl, nl > 1 ? "ies" : "y", reps);
+  for (int p = 0; p < 3 && !rc; p++)
+    for (int parts = 0; parts < 2 && !rc; parts++) {
+      for (int i = 0; i < nl && !rc; i++) {
+        l[i] = (blip_k_linear){.in = K, .out = N, .w = w};
+        rc = parts ? blip_k_linear_pack_parts(&l[i], (blip_k_prec)p, &ws, threads) : blip_k_linear_pack(&l[i], (blip_k_prec)p, &ws);
+      }
+      double best = 1e30;
+      for (int r = 0; r <= reps && !rc; r++) { /* round 0 builds the primitives */
+        double t0 = now();
+        for (int i = 0; i < nl && !rc; i++) rc = blip_k_linear_fwd(y, x, &l[i], M);
+        double dt = (now() - t0) / nl;
+        if (r && dt < best) best = dt;
+      }
+      const char *impl = rc ? NULL : blip_k_linear_impl(&l[0], M, 0);
+      for (int i = 0; i < nl; i++) blip_k_linear_unpack(&l[i]);
+      if (rc) break;
+      const double f = 2.0 * M * K * N / best;
+      if (json)
+        printf("%s{\"precision\":\"%s\",\"packing\":\"%s\",\"kernel\":\"%s\",\"ms\":%.4f,\"gflops\":%.1f,\"share_of_peak\":%.3f}",
+               p || parts ? "," : "", name[p], parts ? "parts" : "whole", impl ? impl : "?", best * 1e3, f / 1e9, f / peaks[p]);
+      else
+        printf("  %-4s %-5s %-24s %8.3f ms %7.1f GFLOP/s %4.0f%% of the %s peak\n", name[p], parts ? "parts" : "whole", impl ? impl : "?",
+               best * 1e3, f / 1e9, 100 * f / peaks[p], name[p]);
+    }
+  if (json && !rc) printf("]}\n");
+  blip_k_ws_free(&ws);
+  free(x), free(y), free(w), free(l);
+  return rc;
+}
+
 static void usage(FILE *f) {
   fprintf(f,
           "usage: bench_engine [--precision all|f32|bf16|int8] [--large] [--threads N] [--reps N] [--naive] [--json]\n"
           "       bench_engine --memory index|query --precision f32|bf16|int8 [--large] [--json]\n"
           "       bench_engine --serve --model DIR --inputs DIR --precision f32|bf16|int8 [--threads N]\n"
+          "       bench_engine --gemm M,K,N [--threads N] [--reps N] [--json]\n"
           "Engine speed at the real BLIP base (or large) geometry with random weights, per precision,\n"
           "in one process, precisions interleaved round by round, best of N: vision images/s at batch 1 and 8, text encoder ms (12 tokens), ITM rerank ms\n"
           "(reassociated; --naive adds the unreassociated one) for k = 1, 16, 32, the share of the\n"
@@ -395,6 +446,8 @@ static void usage(FILE *f) {
           "--memory: peak RSS of one indexing (vision, batch 8) or query (text + ITM k=32) workload.\n"
           "--serve: load DIR's model, answer commands on stdin with JSON lines (vision B, text, itm K [naive],\n"
           "peaks, bandwidth, rss, quit) for a driver that interleaves engines (benchmarks/vs-onnxruntime).\n"
+          "--gemm: one [N,K] layer on M rows per precision, packed whole (oneDNN) and in column parts\n"
+          "(int8: the VNNI kernel), ms, GFLOP/s and share of the measured peak.\n"
           "On a machine shared with other jobs, run with OMP_WAIT_POLICY=passive: spinning OpenMP\n"
           "threads otherwise steal the cores they wait for (measured 4x slower tests under load).\n");
 }
@@ -407,12 +460,13 @@ static int parse_prec(const char *s) {
 
 int main(int argc, char **argv) {
   int large = 0, threads = 2, reps = 3, json = 0, naive = 0, prec = 3;
-  const char *memory = NULL, *model_dir = NULL, *inputs = NULL;
+  const char *memory = NULL, *model_dir = NULL, *inputs = NULL, *gemm = NULL;
   int serve_mode = 0;
   static struct option lo[] = {{"large", 0, 0, 'l'}, {"threads", 1, 0, 't'}, {"reps", 1, 0, 'r'}, {"json", 0, 0, 'j'},
                                {"help", 0, 0, 'h'},  {"precision", 1, 0, 'p'}, {"naive", 0, 0, 'n'}, {"memory", 1, 0, 'm'},
-                               {"serve", 0, 0, 's'}, {"model", 1, 0, 'M'}, {"inputs", 1, 0, 'I'}, {0, 0, 0, 0}};
-  for (int c; (c = getopt_long(argc, argv, "lt:r:jhp:nm:sM:I:", lo, NULL)) != -1;) {
+                               {"serve", 0, 0, 's'}, {"model", 1, 0, 'M'}, {"inputs", 1, 0, 'I'}, {"gemm", 1, 0, 'g'},
+                               {0, 0, 0, 0}};
+  for (int c; (c = getopt_long(argc, argv, "lt:r:jhp:nm:sM:I:g:", lo, NULL)) != -1;) {
     if (c == 'l') large = 1;
     else if (c == 't') threads = (int)blip_arg_must("bench_engine", "--threads", optarg, 1, blip_arg_max_threads());
     else if (c == 'r') reps = (int)blip_arg_must("bench_engine", "--reps", optarg, 1, 1000000);
@@ -422,6 +476,7 @@ int main(int argc, char **argv) {
     else if (c == 's') serve_mode = 1;
     else if (c == 'M') model_dir = optarg;
     else if (c == 'I') inputs = optarg;
+    else if (c == 'g') gemm = optarg;
     else if (c == 'p') {
       if ((prec = parse_prec(optarg)) < 0) { fprintf(stderr, "bench_engine: unknown precision '%s'\n", optarg); return 2; }
     } else { usage(c == 'h' ? stdout : stderr); return c == 'h' ? 0 : 2; }
@@ -443,6 +498,10 @@ int main(int argc, char **argv) {
     return 0;
   }
   double peaks[3] = {peak_f32(threads, 3), peak_bf16(threads, 3), peak_int8(threads, 3)};
+  if (gemm) {
+    if (run_gemm(gemm, threads, reps, peaks, json)) { fprintf(stderr, "bench_engine: %s\n", blip_err_last()); return 1; }
+    return 0;
+  }
   const int S = c.image_size, T = c.v_tokens;
   float *px = malloc(sizeof(float) * 8 * 3 * S * S), *emb = malloc(sizeof(float) * 32 * T * c.v_hidden);
   if (!px || !emb) { fprintf(stderr, "bench_engine: out of memory\n"); return 1; }

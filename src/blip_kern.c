@@ -358,10 +358,10 @@ size_t blip_k_linear_packed_bytes(const blip_k_linear *l) {
 }
 
 /* ---------- int8 GEMM with VNNI ----------
- * oneDNN 2.7's int8 matmul reaches about half of vpdpbusd's peak on this
- * project's AMD hosts (6.7 ms for the 577x768x3072 vision MLP, 2 threads:
- * 47 %, against 80 % for its bf16 and 90 % for its f32 matmul), and less
- * at a text query's 12 rows, so int8 text layers (packed in parts) run
+ * At a text query's 12 rows oneDNN 2.7's int8 matmul reaches 30 % of the
+ * vpdpbusd peak, this kernel 64 % (`bench_engine --gemm 12,768,3072`, 2
+ * threads, weights from memory); at the vision encoder's 577 rows oneDNN
+ * is ahead, 82 % against 68 %. So int8 text layers (packed in parts) run
  * this kernel where the CPU has AVX512-VNNI and K % 4 == 0.
  * Weights are panels of 32 output columns, K/4 steps of 128 bytes (16
  * columns x 4 consecutive k, twice): one vpdpbusd per 16 columns, 4 k and
@@ -441,9 +441,7 @@ static void vn_pack(int8_t *dst, const int8_t *q, int out, int in) {
 }
 
 /* vnni: int8 with the VNNI kernel where the CPU allows (column parts:
- * text layers, where it beats oneDNN at a query's few rows, 4.7 against
- * 7.0 ms for a 12-token int8 text encode; at the vision encoder's 577 rows
- * oneDNN is faster, 236 against 292 ms an image). */
+ * text layers; see above). */
 static int pack(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws, int vnni) {
   pthread_once(&g_engine_once, engine_init);
   if (!g_engine) return blip_err_set(BLIP_EINVAL, "oneDNN: no CPU engine");
