@@ -86,7 +86,7 @@ __attribute__((target("avx512f,avx512vnni"))) static double peak_int8(int thread
   double best = 0;
   for (int rep = 0; rep < reps; rep++) {
     double t0 = now();
-    int sink = 0;
+    unsigned sink = 0; /* wraps: only there so the loop is not optimized away */
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
     {
       const __m512i b = _mm512_set1_epi8(1), c = _mm512_set1_epi8(-1);
@@ -96,7 +96,7 @@ __attribute__((target("avx512f,avx512vnni"))) static double peak_int8(int thread
 #define STEPI(i) a##i = _mm512_dpbusd_epi32(a##i, b, c);
         FMA16(STEPI)
       }
-#define SUMI(i) sink += _mm512_reduce_add_epi32(a##i);
+#define SUMI(i) sink += (unsigned)_mm512_reduce_add_epi32(a##i);
       FMA16(SUMI)
     }
     double dt = now() - t0, f = (double)threads * iters * 16 * 128 / dt;

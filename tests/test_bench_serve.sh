@@ -52,12 +52,12 @@ check "missing input file: named" grep -q "itm_images.f32: expected" "$tmp/err"
 "$B/bench_engine" --serve --model "$D/blip-tiny" --precision f32 </dev/null >/dev/null 2>&1
 check "--serve without --inputs: usage (exit 2)" test $? -eq 2
 # --gemm: every precision, whole and in parts, each a kernel name and a time
-"$B/bench_engine" --gemm 13,64,48 --reps 1 --json >"$tmp/gemm.json" 2>"$tmp/err"
+"$B/bench_engine" --gemm 65,64,48 --reps 1 --json >"$tmp/gemm.json" 2>"$tmp/err"
 check "--gemm: exit 0" test $? -eq 0
 python3 - "$tmp/gemm.json" <<'EOF' && ok || bad "--gemm: 6 results with kernels and times"
 import json, sys
 r = json.load(open(sys.argv[1]))
-assert (r["M"], r["K"], r["N"]) == (13, 64, 48) and len(r["results"]) == 6
+assert (r["M"], r["K"], r["N"], r["layers"]) == (65, 64, 48, 1) and len(r["results"]) == 6
 assert {(x["precision"], x["packing"]) for x in r["results"]} == {(p, k) for p in ("f32", "bf16", "int8") for k in ("whole", "parts")}
 assert all(x["ms"] > 0 and x["gflops"] > 0 and x["kernel"] not in ("?", "") and not x["kernel"].startswith("ref") for x in r["results"])
 EOF
