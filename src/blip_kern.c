@@ -8,10 +8,10 @@
 #include <math.h>
 #include <omp.h>
 #include <pthread.h>
-#include <stdlib.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -124,7 +124,7 @@ struct blip_k_packed {
   int *c0;                /* first output column of each part */
   void *stream;           /* a part's own stream (parts run concurrently) */
   int vnni;               /* int8 weights in the VNNI panel layout for vnni_mm (not oneDNN's) */
-  int32_t *acc;           /* a part's int8 accumulators when they cannot go to the output */
+  int32_t *acc;           /* a part's dense result before it goes to its columns of the output (own_acc) */
   size_t acc_cap;
   dnnl_memory_desc_t wmd; /* the blocked layout oneDNN chose for the weights */
   void *w;                /* packed weights */
@@ -460,27 +460,6 @@ static int pack(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws, int vnni) {
   int rc = BLIP_OK;
   dnnl_primitive_desc_t pd = NULL;
   dnnl_status_t st;
-  p->vnni = vnni && prec == BLIP_K_INT8 && l->in % 4 == 0 && vnni_usable();
-  if (p->vnni) {
-    p->wbytes = (size_t)((l->out + VN_COLS - 1) / VN_COLS) * (l->in / 4) * 128;
-    p->w = aligned_alloc(64, p->wbytes);
-    p->scale = malloc((size_t)l->out * sizeof *p->scale);
-    p->colsum = malloc((size_t)l->out * sizeof *p->colsum);
-    if (!l->b && !(p->zeros = calloc((size_t)l->out, sizeof *p->zeros))) goto oom;
-    if (!p->w || !(plain = malloc((size_t)n)) || !p->scale || !p->colsum) goto oom;
-    blip_k_quant_w(plain, p->scale, p->colsum, l->w, l->out, l->in);
-    vn_pack(p->w, plain, l->out, l->in);
-    goto done;
-  }
-  if ((st = make_pd(p, 256, 0, NULL, &pd))) {
-    rc = dnnl_fail(st, "matmul descriptor", p, 256);
-    goto done;
-  }
-  p->wmd = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
-  p->wbytes = dnnl_memory_desc_get_size(&p->wmd);
-  p->w = aligned_alloc(64, (p->wbytes + 63) & ~(size_t)63);
-  if (!p->w) goto oom;
-  dnnl_data_type_t wt = prec == BLIP_K_INT8 ? dnnl_s8 : src_type(prec);
   if (prec == BLIP_K_F32) {
     plain = (void *)l->w;
   } else if (prec == BLIP_K_BF16) {
@@ -493,6 +472,22 @@ static int pack(blip_k_linear *l, blip_k_prec prec, blip_k_ws *ws, int vnni) {
     if (!(plain = malloc((size_t)n)) || !p->scale || !p->colsum) goto oom;
     blip_k_quant_w(plain, p->scale, p->colsum, l->w, l->out, l->in);
   }
+  p->vnni = vnni && prec == BLIP_K_INT8 && l->in % 4 == 0 && vnni_usable();
+  if (p->vnni) {
+    p->wbytes = (size_t)((l->out + VN_COLS - 1) / VN_COLS) * (l->in / 4) * 128;
+    if (!(p->w = aligned_alloc(64, p->wbytes))) goto oom;
+    vn_pack(p->w, plain, l->out, l->in);
+    goto done;
+  }
+  if ((st = make_pd(p, 256, 0, NULL, &pd))) {
+    rc = dnnl_fail(st, "matmul descriptor", p, 256);
+    goto done;
+  }
+  p->wmd = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+  p->wbytes = dnnl_memory_desc_get_size(&p->wmd);
+  p->w = aligned_alloc(64, (p->wbytes + 63) & ~(size_t)63);
+  if (!p->w) goto oom;
+  dnnl_data_type_t wt = prec == BLIP_K_INT8 ? dnnl_s8 : src_type(prec);
   dnnl_memory_desc_t pmd; /* W [out,in] row-major is the [in,out] matrix in "ba" order */
   dnnl_dims_t wd = {l->in, l->out};
   if ((st = dnnl_memory_desc_init_by_tag(&pmd, 2, wd, wt, dnnl_ba)) || (st = reorder(&pmd, plain, &p->wmd, p->w, ws->stream))) {
@@ -609,16 +604,20 @@ typedef struct {
   int32_t *zp;
 } mm_in;
 
+/* Bytes of the converted rows (bf16 or u8), rounded up to a cache line. */
+static size_t conv_bytes(blip_k_prec prec, int M, int K) {
+  return ((size_t)M * K * (prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
+}
+
 static size_t prep_bytes(blip_k_prec prec, int M, int K, int flags) {
   if (prec == BLIP_K_F32 || (flags & BLIP_K_IN_BF16)) return 0;
-  const size_t q = ((size_t)M * K * (prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
-  return q + (prec == BLIP_K_INT8 ? (size_t)M * 8 : 0);
+  return conv_bytes(prec, M, K) + (prec == BLIP_K_INT8 ? (size_t)M * 8 : 0);
 }
 
 /* Where the input of M rows is read from: in itself, or converted in w. */
 static mm_in prep_at(blip_k_prec prec, char *w, const void *in, int M, int K, int flags) {
   if (!prep_bytes(prec, M, K, flags)) return (mm_in){in, NULL, NULL};
-  const size_t q = ((size_t)M * K * (prec == BLIP_K_BF16 ? 2 : 1) + 63) & ~(size_t)63;
+  const size_t q = conv_bytes(prec, M, K);
   if (prec == BLIP_K_BF16) return (mm_in){w, NULL, NULL};
   float *rs = (float *)(void *)(w + q);
   return (mm_in){w, rs, (int32_t *)(void *)(rs + M)};

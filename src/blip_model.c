@@ -759,7 +759,7 @@ static int text_team(blip_model *m, int l0, int l1, int blocks, const txt_io *io
     if (io->off[r + 1] - io->off[r] > BLIP_K_TEAM_ATT_MAX)
       return blip_err_set(BLIP_EINVAL, "text: %d tokens exceed %d", io->off[r + 1] - io->off[r], BLIP_K_TEAM_ATT_MAX);
   const int nt = blip_k_threads();
-  if (nt > m->n_tws) { /* a oneDNN workspace per thread for the cross-attention */
+  if ((blocks & TXT_CROSS) && nt > m->n_tws) { /* a oneDNN workspace per thread for the cross-attention */
     blip_k_ws *w = realloc(m->tws, (size_t)nt * sizeof *w);
     if (!w) return blip_err_set(BLIP_ENOMEM, "text: out of memory");
     memset(w + m->n_tws, 0, (size_t)(nt - m->n_tws) * sizeof *w);

@@ -596,9 +596,12 @@ static int rerank_batch(blip_search *s, squery *q, int n) {
     tmp = t;
     for (int i = 0; i < qq->kr; i++) {
       int r = st[qq->off + i];
-      if (r) qq->res->vanished += r == BLIP_ENOTFOUND;
-      if (r) tmp[qq->kr - 1 - bad++] = hits[i];
-      else tmp[ok++] = hits[i];
+      if (!r) {
+        tmp[ok++] = hits[i];
+        continue;
+      }
+      qq->res->vanished += r == BLIP_ENOTFOUND;
+      tmp[qq->kr - 1 - bad++] = hits[i];
     }
     memcpy(hits, tmp, (size_t)qq->kr * sizeof *hits);
     qq->dropped = bad;
