@@ -389,8 +389,8 @@ done:
  * cycle through enough copies of the layer (>= 64 MB) that the weights come
  * from memory, as in a text query. */
 static int run_gemm(const char *spec, int threads, int reps, const double *peaks, int json) {
-  int M, K, N;
-  if (sscanf(spec, "%d,%d,%d", &M, &K, &N) != 3 || M < 1 || K < 1 || N < 16 || (double)M * K > 1e8 || (double)K * N > 1e8)
+  int M, K, N, end = 0;
+  if (sscanf(spec, "%d,%d,%d%n", &M, &K, &N, &end) != 3 || spec[end] || M < 1 || K < 1 || N < 16 || (double)M * K > 1e8 || (double)K * N > 1e8)
     return blip_err_set(BLIP_EINVAL, "--gemm wants M,K,N (rows, inputs, outputs), got '%s'", spec);
   const double wbytes = 4.0 * K * N;
   const int nl = M <= 64 ? (int)(64e6 / wbytes) + 1 : 1;

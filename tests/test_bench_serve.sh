@@ -64,4 +64,7 @@ EOF
 "$B/bench_engine" --gemm 13,64 >/dev/null 2>"$tmp/err"
 check "--gemm without N: exit 1" test $? -eq 1
 check "--gemm without N: says so" grep -q "wants M,K,N" "$tmp/err"
+"$B/bench_engine" --gemm 65,64,48x >/dev/null 2>"$tmp/err"
+check "--gemm with trailing text: exit 1" test $? -eq 1
+check "--gemm with trailing text: says so" grep -q "wants M,K,N" "$tmp/err"
 tally
