@@ -951,6 +951,263 @@ void blip_k_l2norm(float *x, int rows, int cols) {
   }
 }
 
+/* ---------- fused attention (AVX-512) ----------
+ * One head and one block of FA_ROWS query rows at a time: the block's
+ * scores stay in L1/L2 ([FA_ROWS, Lk] f32), where the batched path writes
+ * an [H, Lq, Lk] score matrix (16 MB for a vision layer) to memory and
+ * reads it back twice. Each thread packs K and V of the heads it works on
+ * into panels of FA_COLS output columns (K by key, V by head dimension),
+ * then runs one register tile of FA_ROWS x FA_COLS accumulators (24 zmm)
+ * per panel, for q k^T and for p v. bf16 operands multiply pairs of the
+ * inner dimension with vdpbf16ps (CPUs with AVX512-BF16; probabilities
+ * rounded to bf16 as in the batched path); f32 operands use FMA, and each
+ * output row is scaled by 1/sum at the end. */
+#define FA_ROWS 12
+#define FA_COLS 32
+#define FA_ROUND(n) (((size_t)(n) + 63) & ~(size_t)63)
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* Per-thread scratch: packed K, packed V, scores, bf16 probabilities. */
+typedef struct {
+  int bf, Lk, dh, kpan, vpan, kin, vin, ls, lp;
+  size_t kb, vb, sb, pb;
+} fa_dims;
+
+static fa_dims fa_dims_of(int bf, int Lk, int dh) {
+  fa_dims d = {bf, Lk, dh, (Lk + FA_COLS - 1) / FA_COLS, (dh + FA_COLS - 1) / FA_COLS, 0, 0, 0, 0, 0, 0, 0, 0};
+  d.kin = bf ? dh / 2 : dh;             /* inner steps of q k^T (pairs for bf16) */
+  d.vin = bf ? (Lk + 1) / 2 : Lk;       /* inner steps of p v */
+  d.ls = d.kpan * FA_COLS;              /* score row stride */
+  d.lp = bf ? 2 * d.vin : d.ls;         /* probability row stride (f32: in the scores) */
+  const size_t step = (size_t)FA_COLS * 4; /* bytes of one inner step of a panel: 32 f32 or 32 bf16 pairs */
+  d.kb = FA_ROUND((size_t)d.kpan * d.kin * step);
+  d.vb = FA_ROUND((size_t)d.vpan * d.vin * step);
+  d.sb = FA_ROUND((size_t)FA_ROWS * d.ls * 4);
+  d.pb = bf ? FA_ROUND((size_t)FA_ROWS * d.lp * 2) : 0;
+  return d;
+}
+
+#define FA_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+/* K [Lk, dh] (rows ldk elements apart) -> panels [kpan][kin][FA_COLS keys]
+ * of 32-bit words (an f32, or a pair of bf16): word t of 16 keys per
+ * gather; keys past Lk are zero. */
+static FA_TARGET void fa_pack_k(void *dst, const void *k, int ldk, const fa_dims *d) {
+  const int es = d->bf ? 2 : 4;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int j0 = 0; j0 < d->kpan * FA_COLS; j0 += 16) {
+    const __mmask16 m = j0 >= d->Lk ? 0 : d->Lk - j0 >= 16 ? 0xffff : (__mmask16)((1u << (d->Lk - j0)) - 1);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(j0)), _mm512_set1_epi32(ldk * es));
+    int32_t *o = (int32_t *)dst + (size_t)(j0 / FA_COLS) * d->kin * FA_COLS + j0 % FA_COLS;
+    for (int t = 0; t < d->kin; t++)
+      _mm512_storeu_si512((void *)(o + (size_t)t * FA_COLS),
+                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, (const char *)k + (size_t)t * 4, 1));
+  }
+}
+
+/* V [Lk, dh] -> panels [vpan][vin][FA_COLS dims]: f32 rows, or bf16 pairs
+ * of consecutive keys (two rows interleaved); past Lk and dh zero. */
+static FA_TARGET void fa_pack_v(void *dst, const void *v, int ldv, const fa_dims *d) {
+  const __m512i lo = _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006, 0x270007, 0x280008,
+                                       0x290009, 0x2a000a, 0x2b000b, 0x2c000c, 0x2d000d, 0x2e000e, 0x2f000f);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int p = 0; p < d->vpan; p++) {
+    const int c0 = p * FA_COLS, nc = d->dh - c0 < FA_COLS ? d->dh - c0 : FA_COLS;
+    for (int t = 0; t < d->vin; t++) {
+      if (d->bf) {
+        const __mmask32 m = nc == 32 ? 0xffffffffu : (__mmask32)((1u << nc) - 1);
+        const uint16_t *r0 = (const uint16_t *)v + (size_t)2 * t * ldv + c0;
+        const __m512i a = _mm512_maskz_loadu_epi16(m, r0), b = 2 * t + 1 < d->Lk ? _mm512_maskz_loadu_epi16(m, r0 + ldv) : _mm512_setzero_si512();
+        uint16_t *o = (uint16_t *)dst + ((size_t)p * d->vin + t) * 2 * FA_COLS;
+        _mm512_storeu_si512((void *)o, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512((void *)(o + FA_COLS), _mm512_permutex2var_epi16(a, hi, b));
+      } else {
+        float *o = (float *)dst + ((size_t)p * d->vin + t) * FA_COLS;
+        memcpy(o, (const float *)v + (size_t)t * ldv + c0, (size_t)nc * 4);
+        memset(o + nc, 0, (size_t)(FA_COLS - nc) * 4);
+      }
+    }
+  }
+}
+
+/* exp(x) for x <= 0 (a softmax's shifted scores): exp_approx with
+ * vscalefps applying 2^n (it flushes very negative x to 0, so no clamp).
+ * A shorter polynomial (Taylor to r^4, 4e-5 relative) was measured: it
+ * flips the bf16 rounding of some probabilities, and with them a tiny
+ * model's greedy caption (test_caption_index). */
+static inline __attribute__((always_inline)) FA_TARGET __m512 fa_exp(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* One score row s[0..n) -> exp(sc s + mask - max) in place (f32), or the
+ * normalized probabilities rounded to bf16 into pr (bf16: pr[n] = 0 when
+ * the row stride has room for it); returns 1/sum (bf16: 1, applied). */
+static FA_TARGET float fa_softmax(float *s, int n, float sc, const float *mask, uint16_t *pr, int pad) {
+  __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+    __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+    if (mask) _mm512_mask_storeu_ps(s + j, m, x = _mm512_fmadd_ps(x, _mm512_set1_ps(sc), _mm512_maskz_loadu_ps(m, mask + j)));
+    mx = _mm512_mask_max_ps(mx, m, mx, x);
+  }
+  if (mask) sc = 1;
+  const __m512 scv = _mm512_set1_ps(sc), off = _mm512_set1_ps(-_mm512_reduce_max_ps(mx) * sc);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+    const __m512 e = fa_exp(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, s + j), scv, off));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+  if (!pr) return inv;
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+    _mm256_mask_storeu_epi16(pr + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), iv)));
+  }
+  if (pad) pr[n] = 0;
+  return 1;
+}
+
+/* c[r][0..31] (rows ldc apart) = a[r] . panel b, mr rows of a (lda apart),
+ * n inner steps: f32 (bf 0) or bf16 pairs (bf 1). */
+static inline __attribute__((always_inline)) FA_TARGET void fa_tile(float *c_out, int ldc, const void *a, int lda, const void *b, int n,
+                                                                    const int mr, const int bf) {
+  __m512 c[FA_ROWS][2];
+#pragma GCC unroll 12
+  for (int r = 0; r < mr; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
+  const char *bp = b;
+  for (int t = 0; t < n; t++, bp += FA_COLS * 4) {
+    const __m512 w0 = _mm512_loadu_ps((const void *)bp), w1 = _mm512_loadu_ps((const void *)(bp + 64));
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++) {
+      if (bf) {
+        int32_t x;
+        memcpy(&x, (const uint16_t *)a + (size_t)r * lda + 2 * t, 4);
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(x);
+        c[r][0] = _mm512_dpbf16_ps(c[r][0], xb, (__m512bh)w0);
+        c[r][1] = _mm512_dpbf16_ps(c[r][1], xb, (__m512bh)w1);
+      } else {
+        const __m512 x = _mm512_set1_ps(((const float *)a)[(size_t)r * lda + t]);
+        c[r][0] = _mm512_fmadd_ps(x, w0, c[r][0]);
+        c[r][1] = _mm512_fmadd_ps(x, w1, c[r][1]);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < mr; r++) {
+    _mm512_storeu_ps(c_out + (size_t)r * ldc, c[r][0]);
+    _mm512_storeu_ps(c_out + (size_t)r * ldc + 16, c[r][1]);
+  }
+}
+
+static FA_TARGET void fa_tile_any(float *c, int ldc, const void *a, int lda, const void *b, int n, int mr, int bf) {
+  switch (mr + FA_ROWS * bf) { /* each row count its own unrolled body */
+#define FA_CASE(m) \
+  case m: fa_tile(c, ldc, a, lda, b, n, m, 0); break; \
+  case m + FA_ROWS: fa_tile(c, ldc, a, lda, b, n, m, 1); break;
+    FA_CASE(1) FA_CASE(2) FA_CASE(3) FA_CASE(4) FA_CASE(5) FA_CASE(6) FA_CASE(7) FA_CASE(8) FA_CASE(9) FA_CASE(10) FA_CASE(11)
+#undef FA_CASE
+    default:
+      if (bf) fa_tile(c, ldc, a, lda, b, n, FA_ROWS, 1);
+      else fa_tile(c, ldc, a, lda, b, n, FA_ROWS, 0);
+  }
+}
+
+/* One head's rows r0..r0+mr: out = softmax(scale q k^T + mask) v. */
+static FA_TARGET void fa_block(void *out, int ldo, int obf16, const void *q, int ldq, const void *kp, const void *vp,
+                               const fa_dims *d, int mr, float scale, const float *mask, float *S, uint16_t *P) {
+  const size_t step = (size_t)FA_COLS * 4;
+  for (int p = 0; p < d->kpan; p++)
+    fa_tile_any(S + p * FA_COLS, d->ls, q, ldq, (const char *)kp + (size_t)p * d->kin * step, d->kin, mr, d->bf);
+  float inv[FA_ROWS];
+  for (int r = 0; r < mr; r++)
+    inv[r] = fa_softmax(S + (size_t)r * d->ls, d->Lk, scale, mask, d->bf ? P + (size_t)r * d->lp : NULL, d->lp > d->Lk);
+  float acc[FA_ROWS * FA_COLS];
+  const void *pa = d->bf ? (const void *)P : (const void *)S;
+  for (int p = 0; p < d->vpan; p++) {
+    const int c0 = p * FA_COLS, nc = d->dh - c0 < FA_COLS ? d->dh - c0 : FA_COLS;
+    fa_tile_any(acc, FA_COLS, pa, d->lp, (const char *)vp + (size_t)p * d->vin * step, d->vin, mr, d->bf);
+    for (int r = 0; r < mr; r++) {
+      const float *ar = acc + r * FA_COLS, f = inv[r];
+      if (obf16) {
+        uint16_t *o = (uint16_t *)out + (size_t)r * ldo + c0;
+#pragma omp simd
+        for (int c = 0; c < nc; c++) o[c] = bf16_rne(ar[c] * f);
+      } else {
+        float *o = (float *)out + (size_t)r * ldo + c0;
+#pragma omp simd
+        for (int c = 0; c < nc; c++) o[c] = ar[c] * f;
+      }
+    }
+  }
+}
+
+/* bf: bf16 operands need AVX512-BF16 and an even head size (pairs); K's
+ * byte offsets must fit the gathers' 32-bit indices. */
+static int fa_usable(int bf, int dh, int Lk, int ldk) {
+  static int f32 = -1, b16 = -1;
+  if (f32 < 0) {
+    __builtin_cpu_init();
+    f32 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    b16 = f32 && __builtin_cpu_supports("avx512bf16");
+  }
+  const char *e = getenv("BLIP_ATTENTION_ONEDNN"); /* 1: the batched oneDNN path (comparisons, tests) */
+  if (e && *e && strcmp(e, "0")) return 0;
+  if ((long)Lk * ldk * (bf ? 2 : 4) > INT_MAX) return 0;
+  return bf ? b16 && dh % 2 == 0 : f32;
+}
+
+/* All heads, the (head, row block) pairs split in order over the threads:
+ * each packs a head's K and V once for all its blocks of that head. */
+static int fa_run(void *out, int ldo, int obf16, const void *q, int ldq, const void *k, int ldk, const void *v, int ldv, int Lq, int Lk,
+                  int H, int dh, float scale, const float *mask, blip_k_ws *ws, int bf) {
+  const fa_dims d = fa_dims_of(bf, Lk, dh);
+  const int blocks = (Lq + FA_ROWS - 1) / FA_ROWS, items = H * blocks;
+  int nt = omp_get_max_threads();
+  if (nt > items) nt = items;
+  const size_t per = d.kb + d.vb + d.sb + d.pb, es = bf ? 2 : 4, oes = obf16 ? 2 : 4;
+  char *scr = ws ? ws_get(ws, per * nt) : aligned_alloc(64, per * nt);
+  if (!scr) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %d threads' %dx%d blocks", nt, FA_ROWS, Lk);
+#pragma omp parallel num_threads(nt)
+  {
+    const int id = omp_get_thread_num(), n = omp_get_num_threads();
+    char *my = scr + per * id;
+    void *kp = my, *vp = my + d.kb;
+    float *S = (float *)(void *)(my + d.kb + d.vb);
+    uint16_t *P = (uint16_t *)(void *)(my + d.kb + d.vb + d.sb);
+    int packed = -1;
+    for (int it = (int)((long)items * id / n); it < (int)((long)items * (id + 1) / n); it++) {
+      const int h = it / blocks, r0 = it % blocks * FA_ROWS, mr = Lq - r0 < FA_ROWS ? Lq - r0 : FA_ROWS;
+      if (h != packed) {
+        fa_pack_k(kp, (const char *)k + (size_t)h * dh * es, ldk, &d);
+        fa_pack_v(vp, (const char *)v + (size_t)h * dh * es, ldv, &d);
+        packed = h;
+      }
+      fa_block((char *)out + ((size_t)r0 * ldo + (size_t)h * dh) * oes, ldo, obf16, (const char *)q + ((size_t)r0 * ldq + (size_t)h * dh) * es,
+               ldq, kp, vp, &d, mr, scale, mask, S, P);
+    }
+  }
+  if (!ws) free(scr);
+  return BLIP_OK;
+}
+#else
+static int fa_usable(int bf, int dh, int Lk, int ldk) { return (void)bf, (void)dh, (void)Lk, (void)ldk, 0; }
+static int fa_run(void *out, int ldo, int obf16, const void *q, int ldq, const void *k, int ldk, const void *v, int ldv, int Lq, int Lk,
+                  int H, int dh, float scale, const float *mask, blip_k_ws *ws, int bf) {
+  return blip_err_set(BLIP_EINVAL, "fused attention: not built for this CPU");
+}
+#endif
+
 /* Attention small enough (the text encoder's 12 tokens: 0.1 M multiply-adds)
  * that GEMM calls and a parallel region cost more than the arithmetic:
  * direct loops on one thread, s = one score row. */
@@ -988,6 +1245,8 @@ int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *
     if (!ws) free(s);
     return BLIP_OK;
   }
+  if (Lq >= FA_ROWS && fa_usable(0, dh, Lk, ldk)) /* fewer rows (a decoding step) do not repay packing K and V */
+    return fa_run(out, ldo, 0, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, mask_add, ws, 0);
   int nt = omp_get_max_threads();
   if (nt > heads) nt = heads;
   const size_t bytes = (size_t)nt * Lq * Lk * sizeof(float);
@@ -1159,6 +1418,7 @@ done:
 int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q, int ldq, const uint16_t *k, int ldk,
                             const uint16_t *v, int ldv, int Lq, int Lk, int heads, int dh, float scale, const float *mask_add,
                             blip_k_ws *ws) {
+  if (fa_usable(1, dh, Lk, ldk)) return fa_run(out, ldo, out_bf16, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, mask_add, ws, 1);
   int rc = stream_ready(ws);
   if (rc) return rc;
   const size_t ns = (size_t)heads * Lq * Lk;

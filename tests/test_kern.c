@@ -581,11 +581,22 @@ int main(void) {
   test_team_sync();
   test_team_ops(3, 8, 0);
   test_team_ops(12, 64, 1);
-  for (int bf = 0; bf < 4; bf += 1 + (bf == 0)) { /* f32, bf16 in, bf16 in and out */
-    test_attention(1, 1, 1, 1, 0, bf);
-    test_attention(13, 13, 3, 7, 1, bf);
-    test_attention(5, 131, 4, 16, 0, bf);
-    test_attention(97, 97, 5, 9, 0, bf);
+  /* the fused kernel where the CPU has it, then the batched oneDNN path;
+   * shapes cover odd head sizes, row blocks of 12 with tails, key panels
+   * of 32 with tails (33: one key in the last), head sizes past a panel */
+  for (int onednn = 0; onednn < 2; onednn++) {
+    if (onednn) setenv("BLIP_ATTENTION_ONEDNN", "1", 1);
+    printf("  -- attention, %s\n", onednn ? "batched oneDNN" : "fused where the CPU allows");
+    for (int bf = 0; bf < 4; bf += 1 + (bf == 0)) { /* f32, bf16 in, bf16 in and out */
+      test_attention(1, 1, 1, 1, 0, bf);
+      test_attention(13, 13, 3, 7, 1, bf);
+      test_attention(5, 131, 4, 16, 0, bf);
+      test_attention(97, 97, 5, 9, 0, bf);
+      test_attention(25, 33, 3, 64, 1, bf);
+      test_attention(37, 70, 2, 40, 0, bf);
+      test_attention(12, 577, 2, 64, 0, bf);
+    }
   }
+  unsetenv("BLIP_ATTENTION_ONEDNN");
   return check_summary();
 }
