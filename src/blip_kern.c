@@ -1152,58 +1152,240 @@ static FA_TARGET void fa_block(void *out, int ldo, int obf16, const void *q, int
   }
 }
 
-/* bf: bf16 operands need AVX512-BF16 and an even head size (pairs); K's
+/* ---------- int8 fused attention (AVX512-VNNI) ----------
+ * The int8 model's attention, on its bf16 q, k, v: the same blocks as
+ * above with vpdpbusd tiles (vn_tile), at twice the bf16 rate. Scales are
+ * symmetric per (row, head) for q, per (key, head) for k and per (head,
+ * column) for v; q is stored as u8 with +128 (its offset is removed with
+ * each key's sum); the probabilities exp(s - max) in [0, 1] are stored as
+ * u8 x 255 and the output divided by their u8 sum, so the weights that
+ * multiply v sum to exactly one. */
+#define FA8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
+
+typedef struct {
+  int Lk, dh, kpan, vpan, kq, vq, ls, lp;
+  size_t kb, vb, sb, pb;
+} fa8_dims;
+
+static fa8_dims fa8_dims_of(int Lk, int dh) {
+  fa8_dims d = {Lk, dh, (Lk + FA_COLS - 1) / FA_COLS, (dh + FA_COLS - 1) / FA_COLS, dh / 4, (Lk + 3) / 4, 0, 0, 0, 0, 0, 0};
+  d.ls = d.kpan * FA_COLS;
+  d.lp = 4 * d.vq;
+  d.kb = FA_ROUND((size_t)d.kpan * d.kq * 128 + (size_t)d.ls * 8); /* panels, then per key: scale, offset term */
+  d.vb = FA_ROUND((size_t)d.vpan * d.vq * 128 + (size_t)d.vpan * FA_COLS * 4); /* panels, then per column: scale */
+  d.sb = FA_ROUND((size_t)FA_ROWS * d.ls * 4);
+  d.pb = FA_ROUND((size_t)FA_ROWS * d.lp + (size_t)FA_ROWS * d.dh);
+  return d;
+}
+
+static inline __attribute__((always_inline)) FA8_TARGET __m512 fa8_load16(const uint16_t *p) { /* 16 bf16 -> f32 */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
+}
+
+/* Row x[0..dh) (bf16, dh % 16 == 0) -> s8 in o (16 bytes per chunk, chunk
+ * c at o + c * ostep); returns the scale, *sum = the s8 sum. */
+static inline __attribute__((always_inline)) FA8_TARGET float fa8_quant_row(int8_t *o, size_t ostep, const uint16_t *x, int dh, int *sum) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int c = 0; c < dh; c += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(fa8_load16(x + c)));
+  const float m = _mm512_reduce_max_ps(mx), sc = m > 0 ? m / 127 : 1;
+  const __m512 inv = _mm512_set1_ps(1 / sc);
+  __m512i s = _mm512_setzero_si512();
+  for (int c = 0; c < dh; c += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(fa8_load16(x + c), inv)); /* |q| <= 127 */
+    s = _mm512_add_epi32(s, q);
+    _mm_storeu_si128((void *)(o + (size_t)(c / 16) * ostep), _mm512_cvtsepi32_epi8(q));
+  }
+  *sum = _mm512_reduce_add_epi32(s);
+  return sc;
+}
+
+/* K -> VNNI panels [kpan][kq][32 keys][4] (keys past Lk zero), and per key
+ * its scale and -128 x scale x sum (the u8 offset of q). */
+static FA8_TARGET void fa8_pack_k(void *dst, const uint16_t *k, int ldk, const fa8_dims *d) {
+  int8_t *w = dst;
+  float *ks = (float *)(void *)(w + (size_t)d->kpan * d->kq * 128), *ko = ks + d->ls;
+  memset(w, 0, (size_t)d->kpan * d->kq * 128);
+  memset(ks + d->Lk, 0, sizeof(float) * (size_t)(d->ls - d->Lk));
+  memset(ko + d->Lk, 0, sizeof(float) * (size_t)(d->ls - d->Lk));
+  int8_t row[512]; /* dh <= 512 */
+  for (int j = 0; j < d->Lk; j++) {
+    int sum;
+    ks[j] = fa8_quant_row(row, 16, k + (size_t)j * ldk, d->dh, &sum);
+    ko[j] = -128.0f * (float)sum * ks[j];
+    int8_t *o = w + (size_t)(j / FA_COLS) * d->kq * 128 + (size_t)(j % FA_COLS) * 4;
+    for (int t = 0; t < d->kq; t++) memcpy(o + (size_t)t * 128, row + 4 * t, 4);
+  }
+}
+
+/* V -> VNNI panels [vpan][vq][32 columns][4 keys] (keys past Lk zero) and
+ * a scale per column (the head's max over all keys). */
+static FA8_TARGET void fa8_pack_v(void *dst, const uint16_t *v, int ldv, const fa8_dims *d) {
+  int8_t *w = dst;
+  float *vs = (float *)(void *)(w + (size_t)d->vpan * d->vq * 128);
+  if (d->dh % FA_COLS) memset(w, 0, (size_t)d->vpan * d->vq * 128); /* the last panel's columns past dh */
+  for (int c = 0; c < d->dh; c += 16) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int j = 0; j < d->Lk; j++) mx = _mm512_max_ps(mx, _mm512_abs_ps(fa8_load16(v + (size_t)j * ldv + c)));
+    const __mmask16 z = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    _mm512_storeu_ps(vs + c, _mm512_mask_blend_ps(z, _mm512_div_ps(mx, _mm512_set1_ps(127)), _mm512_set1_ps(1)));
+  }
+  for (int c = 0; c < d->dh; c += 16) {
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1), _mm512_loadu_ps(vs + c));
+    int8_t *o = w + ((size_t)(c / FA_COLS) * d->vq) * 128 + (size_t)(c % FA_COLS) * 4;
+    for (int j0 = 0; j0 < d->Lk; j0 += 4, o += 128) {
+      __m128i r[4];
+      for (int t = 0; t < 4; t++)
+        r[t] = j0 + t < d->Lk ? _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(fa8_load16(v + (size_t)(j0 + t) * ldv + c), inv)))
+                              : _mm_setzero_si128();
+      const __m128i a = _mm_unpacklo_epi8(r[0], r[1]), b = _mm_unpackhi_epi8(r[0], r[1]), e = _mm_unpacklo_epi8(r[2], r[3]),
+                    f = _mm_unpackhi_epi8(r[2], r[3]);
+      _mm_storeu_si128((void *)o, _mm_unpacklo_epi16(a, e)); /* columns c..c+3, 4 keys each */
+      _mm_storeu_si128((void *)(o + 16), _mm_unpackhi_epi16(a, e));
+      _mm_storeu_si128((void *)(o + 32), _mm_unpacklo_epi16(b, f));
+      _mm_storeu_si128((void *)(o + 48), _mm_unpackhi_epi16(b, f));
+    }
+  }
+}
+
+/* 255 exp(x) given t = x log2(e) <= 0: 2^f for f = t - rint(t) in
+ * [-1/2, 1/2] by Taylor to f^4 (4e-5 relative, a tenth of a u8 step at the
+ * top), 2^rint(t) by vscalefps. */
+static inline __attribute__((always_inline)) FA8_TARGET __m512 fa8_exp255(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(255 * 9.6181291e-3f), f, _mm512_set1_ps(255 * 5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(255 * 2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(255 * 6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(255));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* Score row s[0..n) (scaled by sc) -> u8 probabilities x 255 in pr (zero
+ * to lp); returns 1 / their sum. */
+static FA8_TARGET float fa8_softmax(const float *s, int n, float sc, uint8_t *pr, int lp) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, s + j));
+  }
+  sc *= 1.44269504088896341f;
+  const __m512 scv = _mm512_set1_ps(sc), off = _mm512_set1_ps(-_mm512_reduce_max_ps(mx) * sc);
+  __m512i sum = _mm512_setzero_si512();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+    const __m512i p = _mm512_maskz_cvtps_epi32(m, fa8_exp255(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, s + j), scv, off)));
+    sum = _mm512_add_epi32(sum, p);
+    _mm_mask_storeu_epi8(pr + j, m, _mm512_cvtepi32_epi8(p));
+  }
+  memset(pr + n, 0, (size_t)(lp - n));
+  return 1.0f / (float)_mm512_reduce_add_epi32(sum); /* >= 255: the max itself */
+}
+
+static FA8_TARGET void fa8_block(float *out, int ldo, const uint16_t *q, int ldq, const void *kp, const void *vp, const fa8_dims *d, int mr,
+                                 float scale, float *S, uint8_t *P) {
+  uint8_t *qu = P + (size_t)FA_ROWS * d->lp;
+  float qs[FA_ROWS], inv[FA_ROWS];
+  for (int r = 0; r < mr; r++) { /* q as u8 = s8 + 128 */
+    int sum;
+    qs[r] = fa8_quant_row((int8_t *)qu + (size_t)r * d->dh, 16, q + (size_t)r * ldq, d->dh, &sum);
+    for (int c = 0; c < d->dh; c += 16) {
+      __m128i *x = (__m128i *)(void *)(qu + (size_t)r * d->dh + c);
+      _mm_storeu_si128(x, _mm_xor_si128(_mm_loadu_si128(x), _mm_set1_epi8((char)0x80)));
+    }
+  }
+  const int8_t *kw = kp;
+  const float *ks = (const float *)(const void *)(kw + (size_t)d->kpan * d->kq * 128), *ko = ks + d->ls;
+  int32_t acc[VN_ROWS * VN_COLS] __attribute__((aligned(64)));
+  for (int p = 0; p < d->kpan; p++) {
+    vn_tile_any(acc, qu, d->dh, kw + (size_t)p * d->kq * 128, d->kq, mr);
+    for (int r = 0; r < mr; r++)
+      for (int h = 0; h < FA_COLS; h += 16) {
+        const int j = p * FA_COLS + h;
+        _mm512_storeu_ps(S + (size_t)r * d->ls + j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(acc + r * VN_COLS + h))),
+                                                                    _mm512_loadu_ps(ks + j), _mm512_loadu_ps(ko + j)));
+      }
+  }
+  for (int r = 0; r < mr; r++) inv[r] = fa8_softmax(S + (size_t)r * d->ls, d->Lk, qs[r] * scale, P + (size_t)r * d->lp, d->lp);
+  const int8_t *vw = vp;
+  const float *vs = (const float *)(const void *)(vw + (size_t)d->vpan * d->vq * 128);
+  for (int p = 0; p < d->vpan; p++) {
+    const int c0 = p * FA_COLS, nc = d->dh - c0 < FA_COLS ? d->dh - c0 : FA_COLS;
+    vn_tile_any(acc, P, d->lp, vw + (size_t)p * d->vq * 128, d->vq, mr);
+    for (int r = 0; r < mr; r++) {
+      float *o = out + (size_t)r * ldo + c0;
+      const float f = inv[r];
+#pragma omp simd
+      for (int c = 0; c < nc; c++) o[c] = (float)acc[r * VN_COLS + c] * vs[c0 + c] * f;
+    }
+  }
+}
+
+/* Which fused kernel a call can use: f32 needs AVX-512; bf16 operands
+ * AVX512-BF16 and an even head size (pairs); int8 also AVX512-VNNI, a
+ * head size that is a multiple of 16 and at most 512, and no mask. K's
  * byte offsets must fit the gathers' 32-bit indices. */
-static int fa_usable(int bf, int dh, int Lk, int ldk) {
-  static int f32 = -1, b16 = -1;
+enum { FA_F32, FA_BF16, FA_INT8 };
+
+static int fa_usable(int mode, int dh, int Lk, int ldk, const float *mask) {
+  static int f32 = -1, b16 = -1, i8 = -1;
   if (f32 < 0) {
     __builtin_cpu_init();
     f32 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
     b16 = f32 && __builtin_cpu_supports("avx512bf16");
+    i8 = b16 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
   }
   const char *e = getenv("BLIP_ATTENTION_ONEDNN"); /* 1: the batched oneDNN path (comparisons, tests) */
   if (e && *e && strcmp(e, "0")) return 0;
-  if ((long)Lk * ldk * (bf ? 2 : 4) > INT_MAX) return 0;
-  return bf ? b16 && dh % 2 == 0 : f32;
+  if ((long)Lk * ldk * (mode == FA_F32 ? 4 : 2) > INT_MAX) return 0;
+  if (mode == FA_INT8) return i8 && dh % 16 == 0 && dh <= 512 && !mask;
+  return mode == FA_BF16 ? b16 && dh % 2 == 0 : f32;
 }
 
 /* All heads, the (head, row block) pairs split in order over the threads:
  * each packs a head's K and V once for all its blocks of that head. */
 static int fa_run(void *out, int ldo, int obf16, const void *q, int ldq, const void *k, int ldk, const void *v, int ldv, int Lq, int Lk,
-                  int H, int dh, float scale, const float *mask, blip_k_ws *ws, int bf) {
-  const fa_dims d = fa_dims_of(bf, Lk, dh);
-  const int blocks = (Lq + FA_ROWS - 1) / FA_ROWS, items = H * blocks;
+                  int H, int dh, float scale, const float *mask, blip_k_ws *ws, int mode) {
+  const fa_dims d = fa_dims_of(mode == FA_BF16, Lk, dh);
+  const fa8_dims d8 = fa8_dims_of(Lk, dh);
+  const int i8 = mode == FA_INT8, blocks = (Lq + FA_ROWS - 1) / FA_ROWS, items = H * blocks;
   int nt = omp_get_max_threads();
   if (nt > items) nt = items;
-  const size_t per = d.kb + d.vb + d.sb + d.pb, es = bf ? 2 : 4, oes = obf16 ? 2 : 4;
+  const size_t kb = i8 ? d8.kb : d.kb, vb = i8 ? d8.vb : d.vb, sb = i8 ? d8.sb : d.sb, per = kb + vb + sb + (i8 ? d8.pb : d.pb);
+  const size_t es = mode == FA_F32 ? 4 : 2, oes = obf16 ? 2 : 4;
   char *scr = ws ? ws_get(ws, per * nt) : aligned_alloc(64, per * nt);
   if (!scr) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %d threads' %dx%d blocks", nt, FA_ROWS, Lk);
 #pragma omp parallel num_threads(nt)
   {
     const int id = omp_get_thread_num(), n = omp_get_num_threads();
-    char *my = scr + per * id;
-    void *kp = my, *vp = my + d.kb;
-    float *S = (float *)(void *)(my + d.kb + d.vb);
-    uint16_t *P = (uint16_t *)(void *)(my + d.kb + d.vb + d.sb);
+    char *my = scr + per * id, *kp = my, *vp = my + kb, *P = my + kb + vb + sb;
+    float *S = (float *)(void *)(my + kb + vb);
     int packed = -1;
     for (int it = (int)((long)items * id / n); it < (int)((long)items * (id + 1) / n); it++) {
       const int h = it / blocks, r0 = it % blocks * FA_ROWS, mr = Lq - r0 < FA_ROWS ? Lq - r0 : FA_ROWS;
+      const char *kh = (const char *)k + (size_t)h * dh * es, *vh = (const char *)v + (size_t)h * dh * es;
+      const char *qb = (const char *)q + ((size_t)r0 * ldq + (size_t)h * dh) * es;
+      char *ob = (char *)out + ((size_t)r0 * ldo + (size_t)h * dh) * oes;
       if (h != packed) {
-        fa_pack_k(kp, (const char *)k + (size_t)h * dh * es, ldk, &d);
-        fa_pack_v(vp, (const char *)v + (size_t)h * dh * es, ldv, &d);
+        if (i8) {
+          fa8_pack_k(kp, (const uint16_t *)(const void *)kh, ldk, &d8);
+          fa8_pack_v(vp, (const uint16_t *)(const void *)vh, ldv, &d8);
+        } else {
+          fa_pack_k(kp, kh, ldk, &d);
+          fa_pack_v(vp, vh, ldv, &d);
+        }
         packed = h;
       }
-      fa_block((char *)out + ((size_t)r0 * ldo + (size_t)h * dh) * oes, ldo, obf16, (const char *)q + ((size_t)r0 * ldq + (size_t)h * dh) * es,
-               ldq, kp, vp, &d, mr, scale, mask, S, P);
+      if (i8) fa8_block((float *)(void *)ob, ldo, (const uint16_t *)(const void *)qb, ldq, kp, vp, &d8, mr, scale, S, (uint8_t *)P);
+      else fa_block(ob, ldo, obf16, qb, ldq, kp, vp, &d, mr, scale, mask, S, (uint16_t *)(void *)P);
     }
   }
   if (!ws) free(scr);
   return BLIP_OK;
 }
 #else
-static int fa_usable(int bf, int dh, int Lk, int ldk) { return (void)bf, (void)dh, (void)Lk, (void)ldk, 0; }
+enum { FA_F32, FA_BF16, FA_INT8 };
+static int fa_usable(int mode, int dh, int Lk, int ldk, const float *mask) { return (void)mode, (void)dh, (void)Lk, (void)ldk, (void)mask, 0; }
 static int fa_run(void *out, int ldo, int obf16, const void *q, int ldq, const void *k, int ldk, const void *v, int ldv, int Lq, int Lk,
-                  int H, int dh, float scale, const float *mask, blip_k_ws *ws, int bf) {
+                  int H, int dh, float scale, const float *mask, blip_k_ws *ws, int mode) {
   return blip_err_set(BLIP_EINVAL, "fused attention: not built for this CPU");
 }
 #endif
@@ -1245,8 +1427,8 @@ int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *
     if (!ws) free(s);
     return BLIP_OK;
   }
-  if (Lq >= FA_ROWS && fa_usable(0, dh, Lk, ldk)) /* fewer rows (a decoding step) do not repay packing K and V */
-    return fa_run(out, ldo, 0, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, mask_add, ws, 0);
+  if (Lq >= FA_ROWS && fa_usable(FA_F32, dh, Lk, ldk, mask_add)) /* fewer rows (a decoding step) do not repay packing K and V */
+    return fa_run(out, ldo, 0, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, mask_add, ws, FA_F32);
   int nt = omp_get_max_threads();
   if (nt > heads) nt = heads;
   const size_t bytes = (size_t)nt * Lq * Lk * sizeof(float);
@@ -1418,7 +1600,8 @@ done:
 int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q, int ldq, const uint16_t *k, int ldk,
                             const uint16_t *v, int ldv, int Lq, int Lk, int heads, int dh, float scale, const float *mask_add,
                             blip_k_ws *ws) {
-  if (fa_usable(1, dh, Lk, ldk)) return fa_run(out, ldo, out_bf16, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, mask_add, ws, 1);
+  if (fa_usable(FA_BF16, dh, Lk, ldk, mask_add))
+    return fa_run(out, ldo, out_bf16, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, mask_add, ws, FA_BF16);
   int rc = stream_ready(ws);
   if (rc) return rc;
   const size_t ns = (size_t)heads * Lq * Lk;
@@ -1426,6 +1609,13 @@ int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q,
   if (!S) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %dx%d scores", Lq, Lk);
   att_shape sh = {Lq, Lk, heads, dh, ldq, ldk, ldv, ldo, out_bf16 != 0};
   return att_bf16_run(out, q, k, v, &sh, scale, mask_add, S, (uint16_t *)(void *)(S + ns), ws);
+}
+
+int blip_k_attention_int8(float *out, int ldo, const uint16_t *q, int ldq, const uint16_t *k, int ldk, const uint16_t *v, int ldv, int Lq,
+                          int Lk, int heads, int dh, float scale, blip_k_ws *ws) {
+  if (fa_usable(FA_INT8, dh, Lk, ldk, NULL))
+    return fa_run(out, ldo, 0, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, NULL, ws, FA_INT8);
+  return blip_k_attention_bf16in(out, ldo, 0, q, ldq, k, ldk, v, ldv, Lq, Lk, heads, dh, scale, NULL, ws);
 }
 
 /* ---------- bf16 GEMM with cached primitives ---------- */

@@ -108,21 +108,32 @@ void blip_k_softmax(float *x, int rows, int cols);
 void blip_k_l2norm(float *x, int rows, int cols);
 
 /* Multi-head attention for one sequence: for each head h (columns h*dh..),
- * out_h = softmax(scale * q_h k_h^T + mask) v_h. mask_add [Lk] is added to
- * every score row (NULL = none). Parallel over heads. The score rows live
- * in ws (the model's scratch, so repeated calls do not fault in fresh
- * pages); ws NULL allocates them for this call. */
+ * out_h = softmax(scale * q_h k_h^T + mask) v_h, scale > 0. mask_add [Lk]
+ * is added to every score row (NULL = none). With 12+ query rows on an
+ * AVX-512 CPU: fused, parallel over (head, block of 12 rows), scores never
+ * leaving cache; else parallel over heads with GEMM calls. Scratch lives in
+ * ws (the model's, so repeated calls do not fault in fresh pages); ws NULL
+ * allocates it for this call. */
 int blip_k_attention(float *out, int ldo, const float *q, int ldq, const float *k, int ldk, const float *v, int ldv,
                      int Lq, int Lk, int heads, int dh, float scale, const float *mask_add, blip_k_ws *ws);
 
 /* The same attention on bf16 operands (e.g. a packed layer's
  * BLIP_K_OUT_BF16 output, strided like the vision qkv rows): scores,
- * softmax and accumulation in f32, probabilities rounded to bf16, all
- * heads in two batched oneDNN matmuls; out is bf16 when out_bf16, else
- * f32. ws is required (scores, probabilities, primitives per shape). */
+ * softmax and accumulation in f32, probabilities rounded to bf16; out is
+ * bf16 when out_bf16, else f32. Fused where the CPU has AVX512-BF16 and dh
+ * is even, else all heads in two batched oneDNN matmuls. ws is required.
+ * BLIP_ATTENTION_ONEDNN=1 in the environment turns the fused kernels off
+ * (comparisons, tests). */
 int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q, int ldq, const uint16_t *k, int ldk,
                             const uint16_t *v, int ldv, int Lq, int Lk, int heads, int dh, float scale, const float *mask_add,
                             blip_k_ws *ws);
+
+/* The int8 model's attention on bf16 operands, f32 out, no mask: int8
+ * products (q per row and head, k per key and head, v per head column,
+ * probabilities as u8 x 255) where the CPU has AVX512-VNNI and BF16 and
+ * dh % 16 == 0; else blip_k_attention_bf16in. */
+int blip_k_attention_int8(float *out, int ldo, const uint16_t *q, int ldq, const uint16_t *k, int ldk, const uint16_t *v, int ldv, int Lq,
+                          int Lk, int heads, int dh, float scale, blip_k_ws *ws);
 
 /* C[M,N] = A op(B) with bf16 operands and f32 accumulation/output,
  * row-major; tb = 1: B is stored [N,K]. Primitives cached per shape in ws. */

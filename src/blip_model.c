@@ -599,8 +599,8 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
   const float scale = 1.0f / sqrtf((float)dh);
   /* bf16 model: LayerNorm -> qkv -> attention -> projection and LayerNorm ->
    * MLP hand over bf16 (no f32 round trips, no conversion passes); int8
-   * model: qkv's epilogue writes the bf16 that attention reads. The bf16
-   * buffers live in the f32 ones (half their size). */
+   * model: qkv's epilogue writes the bf16 that attention quantizes for its
+   * int8 products. The bf16 buffers live in the f32 ones (half their size). */
   const int bf = m->opts.precision == BLIP_PREC_BF16, lp = m->opts.precision != BLIP_PREC_F32;
   const int in16 = bf ? BLIP_K_IN_BF16 : 0;
   uint16_t *h16 = (uint16_t *)(void *)h, *qkv16 = (uint16_t *)(void *)qkv, *att16 = (uint16_t *)(void *)att;
@@ -611,10 +611,12 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
     TRY(blip_k_linear_fwd_ex(lp ? (void *)qkv16 : qkv, bf ? (void *)h16 : h, &L->qkv, M, in16 | (lp ? BLIP_K_OUT_BF16 : 0)));
     for (int b = 0; b < n; b++) {
       const size_t o = (size_t)b * T * D;
-      if (lp) {
+      if (bf) {
         const uint16_t *q = qkv16 + 3 * o;
-        TRY(blip_k_attention_bf16in(bf ? (void *)(att16 + o) : (void *)(att + o), D, bf, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H,
-                                    dh, scale, NULL, &m->ws));
+        TRY(blip_k_attention_bf16in(att16 + o, D, 1, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, NULL, &m->ws));
+      } else if (lp) {
+        const uint16_t *q = qkv16 + 3 * o;
+        TRY(blip_k_attention_int8(att + o, D, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, &m->ws));
       } else {
         const float *q = qkv + 3 * o;
         TRY(blip_k_attention(att + o, D, q, 3 * D, q + D, 3 * D, q + 2 * D, 3 * D, T, T, H, dh, scale, NULL, &m->ws));

@@ -391,6 +391,75 @@ static void test_attention(int Lq, int Lk, int H, int dh, int masked, int bf16) 
   free(q), free(kv), free(mask), free(out), free(r), free(sc);
 }
 
+/* blip_k_attention_int8 against a naive reference of the same
+ * quantization (symmetric s8 for q per row and head, k per key and head, v
+ * per head column; probabilities rint(255 exp(s - max)), divided by their
+ * sum): only exp's approximation differs, so a probability may move by
+ * one u8 step, an output by at most max|v| / sum <= 1/255 (fused 0: the
+ * bf16 fallback, not compared with it). And
+ * against the f32 attention: the quantization error. */
+static void test_attention_int8(int Lq, int Lk, int H, int dh, int fused) {
+  const int D = H * dh, ld = 3 * D + 16;
+  float *x = rnd((long)(Lq > Lk ? Lq : Lk) * ld, 1), *ref = malloc(sizeof(float) * Lq * D), *f32 = malloc(sizeof(float) * Lq * D);
+  float *got = malloc(sizeof(float) * Lq * D), *xr = malloc(sizeof(float) * (Lq > Lk ? Lq : Lk) * ld);
+  const long nx = (long)(Lq > Lk ? Lq : Lk) * ld;
+  uint16_t *x16 = malloc(2 * (size_t)nx);
+  blip_k_to_bf16(x16, x, nx);
+  for (long i = 0; i < nx; i++) xr[i] = bf16_round(x[i]);
+  const float scale = 1.0f / sqrtf((float)dh);
+  int *qq = malloc(sizeof(int) * dh), *kq = malloc(sizeof(int) * Lk * dh), *vq = malloc(sizeof(int) * Lk * dh);
+  float *ks = malloc(sizeof(float) * Lk), *vs = malloc(sizeof(float) * dh);
+  double *p = malloc(sizeof(double) * Lk);
+#define QSCALE(m) ((m) > 0 ? (m) / 127.0f : 1.0f)
+  for (int h = 0; h < H; h++) {
+    for (int j = 0; j < Lk; j++) {
+      float m = 0;
+      for (int d = 0; d < dh; d++) m = fmaxf(m, fabsf(xr[(long)j * ld + D + h * dh + d]));
+      ks[j] = QSCALE(m);
+      for (int d = 0; d < dh; d++) kq[j * dh + d] = (int)rintf(xr[(long)j * ld + D + h * dh + d] * (1.0f / ks[j]));
+    }
+    for (int d = 0; d < dh; d++) {
+      float m = 0;
+      for (int j = 0; j < Lk; j++) m = fmaxf(m, fabsf(xr[(long)j * ld + 2 * D + h * dh + d]));
+      vs[d] = QSCALE(m);
+      for (int j = 0; j < Lk; j++) vq[j * dh + d] = (int)rintf(xr[(long)j * ld + 2 * D + h * dh + d] * (1.0f / vs[d]));
+    }
+    for (int i = 0; i < Lq; i++) {
+      float m = 0;
+      for (int d = 0; d < dh; d++) m = fmaxf(m, fabsf(xr[(long)i * ld + h * dh + d]));
+      const float qs = QSCALE(m);
+      for (int d = 0; d < dh; d++) qq[d] = (int)rintf(xr[(long)i * ld + h * dh + d] * (1.0f / qs));
+      double mx = -1e300, sum = 0;
+      for (int j = 0; j < Lk; j++) {
+        long dot = 0;
+        for (int d = 0; d < dh; d++) dot += (long)qq[d] * kq[j * dh + d];
+        p[j] = (double)qs * ks[j] * dot * scale;
+        mx = fmax(mx, p[j]);
+      }
+      for (int j = 0; j < Lk; j++) sum += (p[j] = rint(255 * exp(p[j] - mx)));
+      for (int d = 0; d < dh; d++) {
+        double o = 0;
+        for (int j = 0; j < Lk; j++) o += p[j] * vq[j * dh + d];
+        ref[(long)i * D + h * dh + d] = (float)(o * vs[d] / sum);
+      }
+    }
+  }
+#undef QSCALE
+  blip_k_ws ws = {0};
+  CHECK(blip_k_attention_int8(got, D, x16, ld, x16 + D, ld, x16 + 2 * D, ld, Lq, Lk, H, dh, scale, &ws) == 0, "int8 attention: %s",
+        blip_err_last());
+  CHECK(blip_k_attention(f32, D, xr, ld, xr + D, ld, xr + 2 * D, ld, Lq, Lk, H, dh, scale, NULL, NULL) == 0, "attention: %s", blip_err_last());
+  blip_k_ws_free(&ws);
+  char label[80];
+  snprintf(label, sizeof label, "attention int8 Lq%d Lk%d H%d dh%d", Lq, Lk, H, dh);
+  if (fused) check_tensor(label, got, ref, (long)Lq * D, 1.0 / 255);
+  double num = 0, da = 0, db = 0;
+  for (long i = 0; i < (long)Lq * D; i++) num += (double)got[i] * f32[i], da += (double)got[i] * got[i], db += (double)f32[i] * f32[i];
+  snprintf(label, sizeof label, "  ... against f32 (cos %.6f)", num / sqrt(da * db));
+  check_tensor(label, got, f32, (long)Lq * D, 0.01);
+  free(x), free(ref), free(f32), free(got), free(xr), free(x16), free(qq), free(kq), free(vq), free(ks), free(vs), free(p);
+}
+
 /* Column parts (blip_k_linear_pack_parts) give the unparted layer's
  * result for every flag and I/O type, called alone (a region of their
  * own) and by teams of 1-3 threads (fewer or more threads than parts);
@@ -596,6 +665,11 @@ int main(void) {
       test_attention(37, 70, 2, 40, 0, bf);
       test_attention(12, 577, 2, 64, 0, bf);
     }
+    const int vnni = !onednn && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
+    test_attention_int8(25, 33, 3, 64, vnni);
+    test_attention_int8(37, 70, 2, 16, vnni);
+    test_attention_int8(1, 5, 1, 16, vnni);
+    test_attention_int8(12, 577, 2, 64, vnni);
   }
   unsetenv("BLIP_ATTENTION_ONEDNN");
   return check_summary();
