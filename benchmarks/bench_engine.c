@@ -18,7 +18,15 @@
 #include <stdlib.h>
 #include <sys/resource.h>
 #include <string.h>
+#include <math.h>
 #include <time.h>
+
+static float bf16_f32(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
 
 static double now(void) {
   struct timespec t;
@@ -433,12 +441,68 @@ static int run_gemm(const char *spec, int threads, int reps, const double *peaks
   return rc;
 }
 
+/* --attention: the vision encoder's self-attention (577 tokens, every
+ * head) per precision, fused and batched (BLIP_ATTENTION_ONEDNN=1), the
+ * two alternated call by call, best of reps, against the measured peak
+ * (int8: the vpdpbusd peak), and how far apart their outputs are. */
+static int run_attention(int large, int reps, const double *peaks, int json) {
+  const int T = 577, H = large ? 16 : 12, dh = 64, D = H * dh, ld = 3 * D;
+  float *x = malloc(sizeof(float) * T * ld), *o[2] = {malloc(sizeof(float) * T * D), malloc(sizeof(float) * T * D)};
+  uint16_t *x16 = malloc(2 * (size_t)T * ld), *o16[2] = {malloc(2 * (size_t)T * D), malloc(2 * (size_t)T * D)};
+  blip_k_ws ws = {0};
+  int rc = !x || !o[0] || !o[1] || !x16 || !o16[0] || !o16[1] ? blip_err_set(BLIP_ENOMEM, "--attention: out of memory") : BLIP_OK;
+  for (long i = 0; !rc && i < (long)T * ld; i++) x[i] = (float)((i * 2654435761u) % 1000) / 250.0f - 2.0f;
+  if (!rc) blip_k_to_bf16(x16, x, (long)T * ld);
+  const char *name[3] = {"f32", "bf16", "int8"}, *kern[3][2];
+  double best[3][2], diff[3] = {0};
+  for (int p = 0; p < 3; p++) best[p][0] = best[p][1] = 1e30;
+  for (int r = 0; r <= reps && !rc; r++) /* round 0 warms up */
+    for (int p = 0; p < 3 && !rc; p++)
+      for (int b = 0; b < 2 && !rc; b++) {
+        if (b) setenv("BLIP_ATTENTION_ONEDNN", "1", 1);
+        else unsetenv("BLIP_ATTENTION_ONEDNN");
+        kern[p][b] = blip_k_attention_kernel((blip_k_prec)p, T, T, H, dh, ld);
+        const double t0 = now();
+        rc = p == 0   ? blip_k_attention(o[b], D, x, ld, x + D, ld, x + 2 * D, ld, T, T, H, dh, 0.125f, NULL, &ws)
+             : p == 1 ? blip_k_attention_bf16in(o16[b], D, 1, x16, ld, x16 + D, ld, x16 + 2 * D, ld, T, T, H, dh, 0.125f, NULL, &ws)
+                      : blip_k_attention_int8(o[b], D, x16, ld, x16 + D, ld, x16 + 2 * D, ld, T, T, H, dh, 0.125f, &ws);
+        const double dt = now() - t0;
+        if (r && dt < best[p][b]) best[p][b] = dt;
+        if (r == 1 && b == 1)
+          for (long i = 0; i < (long)T * D; i++) {
+            const double d = p == 1 ? fabs((double)bf16_f32(o16[0][i]) - bf16_f32(o16[1][i])) : fabs((double)o[0][i] - o[1][i]);
+            if (!(d <= diff[p])) diff[p] = d;
+          }
+      }
+  unsetenv("BLIP_ATTENTION_ONEDNN");
+  const double fl = 4.0 * T * T * dh * H;
+  if (!rc) {
+    if (json) printf("{\"tokens\":%d,\"heads\":%d,\"dh\":%d,\"results\":[", T, H, dh);
+    else printf("attention, %d tokens x %d heads x %d, best of %d\n", T, H, dh, reps);
+    for (int p = 0; p < 3; p++) {
+      const double sf = fl / best[p][0] / peaks[p], sb = fl / best[p][1] / peaks[p];
+      if (json)
+        printf("%s{\"precision\":\"%s\",\"fused\":\"%s\",\"fused_ms\":%.4f,\"fused_share\":%.3f,\"batched\":\"%s\",\"batched_ms\":%.4f,"
+               "\"batched_share\":%.3f,\"speedup\":%.3f,\"max_diff\":%.3g}",
+               p ? "," : "", name[p], kern[p][0], best[p][0] * 1e3, sf, kern[p][1], best[p][1] * 1e3, sb, best[p][1] / best[p][0], diff[p]);
+      else
+        printf("  %-4s %-10s %7.3f ms %3.0f%% of the %s peak | %-12s %7.3f ms %3.0f%% | %.2fx, outputs %.2g apart\n", name[p], kern[p][0],
+               best[p][0] * 1e3, 100 * sf, name[p], kern[p][1], best[p][1] * 1e3, 100 * sb, best[p][1] / best[p][0], diff[p]);
+    }
+    if (json) printf("]}\n");
+  }
+  blip_k_ws_free(&ws);
+  free(x), free(o[0]), free(o[1]), free(x16), free(o16[0]), free(o16[1]);
+  return rc;
+}
+
 static void usage(FILE *f) {
   fprintf(f,
           "usage: bench_engine [--precision all|f32|bf16|int8] [--large] [--threads N] [--reps N] [--naive] [--json]\n"
           "       bench_engine --memory index|query --precision f32|bf16|int8 [--large] [--json]\n"
           "       bench_engine --serve --model DIR --inputs DIR --precision f32|bf16|int8 [--threads N]\n"
           "       bench_engine --gemm M,K,N [--threads N] [--reps N] [--json]\n"
+          "       bench_engine --attention [--large] [--threads N] [--reps N] [--json]\n"
           "Engine speed at the real BLIP base (or large) geometry with random weights, per precision,\n"
           "in one process, precisions interleaved round by round, best of N: vision images/s at batch 1 and 8, text encoder ms (12 tokens), ITM rerank ms\n"
           "(reassociated; --naive adds the unreassociated one) for k = 1, 16, 32, the share of the\n"
@@ -448,6 +512,8 @@ static void usage(FILE *f) {
           "peaks, bandwidth, rss, quit) for a driver that interleaves engines (benchmarks/vs-onnxruntime).\n"
           "--gemm: one [N,K] layer on M rows per precision, packed whole (oneDNN) and in column parts\n"
           "(int8: the VNNI kernel), ms, GFLOP/s and share of the measured peak.\n"
+          "--attention: the vision encoder's self-attention per precision, fused and batched (oneDNN),\n"
+          "ms, share of the measured peak, speed-up, and how far apart their outputs are.\n"
           "On a machine shared with other jobs, run with OMP_WAIT_POLICY=passive: spinning OpenMP\n"
           "threads otherwise steal the cores they wait for (measured 4x slower tests under load).\n");
 }
@@ -461,12 +527,12 @@ static int parse_prec(const char *s) {
 int main(int argc, char **argv) {
   int large = 0, threads = 2, reps = 3, json = 0, naive = 0, prec = 3;
   const char *memory = NULL, *model_dir = NULL, *inputs = NULL, *gemm = NULL;
-  int serve_mode = 0;
+  int serve_mode = 0, attention = 0;
   static struct option lo[] = {{"large", 0, 0, 'l'}, {"threads", 1, 0, 't'}, {"reps", 1, 0, 'r'}, {"json", 0, 0, 'j'},
                                {"help", 0, 0, 'h'},  {"precision", 1, 0, 'p'}, {"naive", 0, 0, 'n'}, {"memory", 1, 0, 'm'},
                                {"serve", 0, 0, 's'}, {"model", 1, 0, 'M'}, {"inputs", 1, 0, 'I'}, {"gemm", 1, 0, 'g'},
-                               {0, 0, 0, 0}};
-  for (int c; (c = getopt_long(argc, argv, "lt:r:jhp:nm:sM:I:g:", lo, NULL)) != -1;) {
+                               {"attention", 0, 0, 'a'}, {0, 0, 0, 0}};
+  for (int c; (c = getopt_long(argc, argv, "lt:r:jhp:nm:sM:I:g:a", lo, NULL)) != -1;) {
     if (c == 'l') large = 1;
     else if (c == 't') threads = (int)blip_arg_must("bench_engine", "--threads", optarg, 1, blip_arg_max_threads());
     else if (c == 'r') reps = (int)blip_arg_must("bench_engine", "--reps", optarg, 1, 1000000);
@@ -477,6 +543,7 @@ int main(int argc, char **argv) {
     else if (c == 'M') model_dir = optarg;
     else if (c == 'I') inputs = optarg;
     else if (c == 'g') gemm = optarg;
+    else if (c == 'a') attention = 1;
     else if (c == 'p') {
       if ((prec = parse_prec(optarg)) < 0) { fprintf(stderr, "bench_engine: unknown precision '%s'\n", optarg); return 2; }
     } else { usage(c == 'h' ? stdout : stderr); return c == 'h' ? 0 : 2; }
@@ -500,6 +567,10 @@ int main(int argc, char **argv) {
   double peaks[3] = {peak_f32(threads, 3), peak_bf16(threads, 3), peak_int8(threads, 3)};
   if (gemm) {
     if (run_gemm(gemm, threads, reps, peaks, json)) { fprintf(stderr, "bench_engine: %s\n", blip_err_last()); return 1; }
+    return 0;
+  }
+  if (attention) {
+    if (run_attention(large, reps, peaks, json)) { fprintf(stderr, "bench_engine: %s\n", blip_err_last()); return 1; }
     return 0;
   }
   const int S = c.image_size, T = c.v_tokens;

@@ -1611,6 +1611,13 @@ int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q,
   return att_bf16_run(out, q, k, v, &sh, scale, mask_add, S, (uint16_t *)(void *)(S + ns), ws);
 }
 
+const char *blip_k_attention_kernel(blip_k_prec prec, int Lq, int Lk, int heads, int dh, int ldk) {
+  if (prec == BLIP_K_INT8 && fa_usable(FA_INT8, dh, Lk, ldk, NULL)) return "fused int8";
+  if (prec != BLIP_K_F32) return fa_usable(FA_BF16, dh, Lk, ldk, NULL) ? "fused bf16" : "batched bf16";
+  if ((long)Lq * Lk * heads * dh <= ATT_DIRECT_MAX) return "direct f32";
+  return Lq >= FA_ROWS && fa_usable(FA_F32, dh, Lk, ldk, NULL) ? "fused f32" : "batched f32";
+}
+
 int blip_k_attention_int8(float *out, int ldo, const uint16_t *q, int ldq, const uint16_t *k, int ldk, const uint16_t *v, int ldv, int Lq,
                           int Lk, int heads, int dh, float scale, blip_k_ws *ws) {
   if (fa_usable(FA_INT8, dh, Lk, ldk, NULL))

@@ -135,6 +135,11 @@ int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q,
 int blip_k_attention_int8(float *out, int ldo, const uint16_t *q, int ldq, const uint16_t *k, int ldk, const uint16_t *v, int ldv, int Lq,
                           int Lk, int heads, int dh, float scale, blip_k_ws *ws);
 
+/* Which kernel the attention of that precision (bf16: blip_k_attention_bf16in,
+ * int8: blip_k_attention_int8) runs for a shape without a mask, e.g.
+ * "fused int8", "batched bf16", "direct f32" (benchmarks, tests). */
+const char *blip_k_attention_kernel(blip_k_prec prec, int Lq, int Lk, int heads, int dh, int ldk);
+
 /* C[M,N] = A op(B) with bf16 operands and f32 accumulation/output,
  * row-major; tb = 1: B is stored [N,K]. Primitives cached per shape in ws. */
 int blip_k_gemm_bf16(int tb, int M, int N, int K, const uint16_t *A, int lda, const uint16_t *B, int ldb, float *C, int ldc,

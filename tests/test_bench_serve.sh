@@ -3,7 +3,8 @@
 # benchmarks/vs-onnxruntime/run.py drives beside ONNX Runtime, on the
 # blip-tiny fixture: every command answers one JSON line with the outputs
 # the driver compares (unit-norm features, batch-independent vision, the
-# reassociated ITM equal to the naive one), bad commands and inputs fail cleanly.
+# reassociated ITM equal to the naive one), bad commands and inputs fail cleanly;
+# and the --gemm and --attention reports.
 set -u
 B=${BLIP_BIN:-build}; D=${BLIP_TEST_DATA:-tests/data}
 . "$(dirname "${BASH_SOURCE[0]}")/tally.sh"
@@ -60,6 +61,26 @@ r = json.load(open(sys.argv[1]))
 assert (r["M"], r["K"], r["N"], r["layers"]) == (65, 64, 48, 1) and len(r["results"]) == 6
 assert {(x["precision"], x["packing"]) for x in r["results"]} == {(p, k) for p in ("f32", "bf16", "int8") for k in ("whole", "parts")}
 assert all(x["ms"] > 0 and x["gflops"] > 0 and x["kernel"] not in ("?", "") and not x["kernel"].startswith("ref") for x in r["results"])
+EOF
+# --attention: the fused kernels where the CPU has them (f32: AVX-512; bf16: AVX512-BF16; int8: and
+# VNNI), agreeing with the batched path at the vision encoder's full shape
+"$B/bench_engine" --attention --reps 1 --json >"$tmp/att.json" 2>"$tmp/err"
+check "--attention: exit 0" test $? -eq 0
+python3 - "$tmp/att.json" <<'EOF' && ok || bad "--attention: fused kernels, agreeing with the batched ones"
+import json, sys
+r = json.load(open(sys.argv[1]))
+flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+f32 = "avx512f" in flags and "avx512bw" in flags
+bf = f32 and "avx512_bf16" in flags
+i8 = bf and "avx512_vnni" in flags and "avx512vl" in flags
+res = {x["precision"]: x for x in r["results"]}
+assert (r["tokens"], r["heads"], r["dh"]) == (577, 12, 64) and sorted(res) == ["bf16", "f32", "int8"]
+assert res["f32"]["fused"] == ("fused f32" if f32 else "batched f32")
+assert res["bf16"]["fused"] == ("fused bf16" if bf else "batched bf16")
+assert res["int8"]["fused"] == ("fused int8" if i8 else res["bf16"]["fused"])
+assert all(x["batched"].startswith("batched") and x["fused_ms"] > 0 and x["batched_ms"] > 0 for x in res.values())
+# f32: float rounding; bf16: one bf16 step of the outputs; int8: its quantization
+assert res["f32"]["max_diff"] < 1e-4 and res["bf16"]["max_diff"] < 0.05 and res["int8"]["max_diff"] < 0.1, res
 EOF
 "$B/bench_engine" --gemm 13,64 >/dev/null 2>"$tmp/err"
 check "--gemm without N: exit 1" test $? -eq 1
