@@ -987,7 +987,7 @@ static fa_dims fa_dims_of(int bf, int Lk, int dh) {
   return d;
 }
 
-#define FA_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define FA_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 /* K [Lk, dh] (rows ldk elements apart) -> panels [kpan][kin][FA_COLS keys]
  * of 32-bit words (an f32, or a pair of bf16): word t of 16 keys per
@@ -1319,7 +1319,7 @@ static FA8_TARGET void fa8_block(float *out, int ldo, const uint16_t *q, int ldq
   }
 }
 
-/* Which fused kernel a call can use: f32 needs AVX-512; bf16 operands
+/* Which fused kernel a call can use: f32 needs AVX-512 (F, BW, VL); bf16 operands
  * AVX512-BF16 and an even head size (pairs); int8 also AVX512-VNNI, a
  * head size that is a multiple of 16 and at most 512, and no mask. K's
  * byte offsets must fit the gathers' 32-bit indices. */
@@ -1329,9 +1329,9 @@ static int fa_usable(int mode, int dh, int Lk, int ldk, const float *mask) {
   static int f32 = -1, b16 = -1, i8 = -1;
   if (f32 < 0) {
     __builtin_cpu_init();
-    f32 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    f32 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
     b16 = f32 && __builtin_cpu_supports("avx512bf16");
-    i8 = b16 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+    i8 = b16 && __builtin_cpu_supports("avx512vnni");
   }
   const char *e = getenv("BLIP_ATTENTION_ONEDNN"); /* 1: the batched oneDNN path (comparisons, tests) */
   if (e && *e && strcmp(e, "0")) return 0;
