@@ -560,7 +560,7 @@ static INLINE float dq1(const int32_t *acc, int32_t comp, float scale, float bia
 /* int8 epilogue for one row: y = (acc - zp colsum) rs cs + b, then flags.
  * acc may be out itself: each element is read (memcpy: no aliasing UB)
  * before it is written. One loop per flag set, so each vectorizes. */
-DISPATCH static void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
+static INLINE void dequant_row(float *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
                         const float *b, int flags) {
 #define DQ(j) dq1(acc + (j), zp * colsum[j], rs * cs[j], b[j])
   switch (flags & (BLIP_K_GELU | BLIP_K_ACCUM)) {
@@ -583,7 +583,7 @@ DISPATCH static void dequant_row(float *out, const int32_t *acc, int N, float rs
 }
 
 /* The same epilogue writing bf16 (no residual: flags is 0 or BLIP_K_GELU). */
-DISPATCH static void dequant_row_bf16(uint16_t *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
+static INLINE void dequant_row_bf16(uint16_t *out, const int32_t *acc, int N, float rs, int32_t zp, const float *cs, const int32_t *colsum,
                              const float *b, int flags) {
   if (flags & BLIP_K_GELU) {
 #pragma omp simd
@@ -593,6 +593,19 @@ DISPATCH static void dequant_row_bf16(uint16_t *out, const int32_t *acc, int N, 
     for (int j = 0; j < N; j++) out[j] = bf16_rne(DQ(j));
   }
 #undef DQ
+}
+
+/* The epilogue on `rows` rows of acc (lda apart) into out (ldo apart, bf16
+ * with BLIP_K_OUT_BF16): one call per VNNI tile or per row of a oneDNN
+ * result, so that the per-call cost is paid once for the tile's rows. */
+DISPATCH static void dequant_rows(void *out, size_t ldo, const int32_t *acc, size_t lda, int rows, int N, const float *rs, const int32_t *zp,
+                                  const float *cs, const int32_t *colsum, const float *b, int flags) {
+  for (int i = 0; i < rows; i++) {
+    if (flags & BLIP_K_OUT_BF16)
+      dequant_row_bf16((uint16_t *)out + i * ldo, acc + i * lda, N, rs[i], zp[i], cs, colsum, b, flags);
+    else
+      dequant_row((float *)out + i * ldo, acc + i * lda, N, rs[i], zp[i], cs, colsum, b, flags);
+  }
 }
 
 /* A packed layer's input as its matmul reads it: f32 as given, bf16, or
@@ -645,13 +658,8 @@ static void vnni_panels(const blip_k_packed *p, const float *b, void *out, const
     for (int r = r0; r < r1; r += VN_ROWS) {
       const int mr = r1 - r < VN_ROWS ? r1 - r : VN_ROWS;
       vn_tile_any(acc, a + (size_t)r * K, K, w, kq, mr);
-      for (int i = 0; i < mr; i++) {
-        char *o = (char *)out + ((size_t)(r + i) * p->ldd + c0) * es;
-        if (flags & BLIP_K_OUT_BF16)
-          dequant_row_bf16((uint16_t *)(void *)o, acc + i * VN_COLS, nc, mi->rs[r + i], mi->zp[r + i], p->scale + c0, p->colsum + c0, b + c0, flags);
-        else
-          dequant_row((float *)(void *)o, acc + i * VN_COLS, nc, mi->rs[r + i], mi->zp[r + i], p->scale + c0, p->colsum + c0, b + c0, flags);
-      }
+      dequant_rows((char *)out + ((size_t)r * p->ldd + c0) * es, p->ldd, acc, VN_COLS, mr, nc, mi->rs + r, mi->zp + r, p->scale + c0,
+                   p->colsum + c0, b + c0, flags);
     }
   }
 }
@@ -712,10 +720,8 @@ done:
     const int lda = dst_ld(p, flags);
 #pragma omp parallel for if (threaded && (long)M * N > 32768)
     for (int i = 0; i < M; i++) {
-      if (flags & BLIP_K_OUT_BF16)
-        dequant_row_bf16((uint16_t *)out + (size_t)i * ldd, acc + (size_t)i * lda, N, mi->rs[i], mi->zp[i], p->scale, p->colsum, b, flags);
-      else
-        dequant_row((float *)out + (size_t)i * ldd, acc + (size_t)i * lda, N, mi->rs[i], mi->zp[i], p->scale, p->colsum, b, flags);
+      dequant_rows((char *)out + (size_t)i * ldd * OUT_SIZE(flags), ldd, acc + (size_t)i * lda, lda, 1, N, mi->rs + i, mi->zp + i, p->scale,
+                   p->colsum, b, flags);
     }
   } else if (own_acc(p, flags)) { /* a column part: its dense result into out's columns */
     const size_t es = OUT_SIZE(flags);
