@@ -161,6 +161,11 @@ static int own_acc(const blip_k_packed *p, int flags) {
 }
 static int dst_ld(const blip_k_packed *p, int flags) { return own_acc(p, flags) ? p->out : p->ldd; }
 
+/* Internal flag: a matmul with a user scratchpad (row-split teams run one
+ * matmul from several threads at once, each with its own scratchpad; the
+ * library's is per creating thread). */
+#define K_USER_SCRATCH 256
+
 /* The matmul for this layer at M rows; wmd NULL lets oneDNN choose the
  * weight layout (used once, at pack time). */
 static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnnl_memory_desc_t *wmd,
@@ -185,6 +190,7 @@ static dnnl_status_t make_pd(const blip_k_packed *p, int M, int flags, const dnn
   if (!q8 && (flags & BLIP_K_GELU) && (st = dnnl_post_ops_append_eltwise(po, 1.0f, dnnl_eltwise_gelu_erf, 0, 0))) goto done;
   if (!q8 && (flags & BLIP_K_ACCUM) && !own_acc(p, flags) && (st = dnnl_post_ops_append_sum(po, 1.0f))) goto done;
   if ((st = dnnl_primitive_attr_set_post_ops(attr, po))) goto done;
+  if ((flags & K_USER_SCRATCH) && (st = dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user))) goto done;
   st = dnnl_primitive_desc_create(pd, &md, attr, g_engine, NULL);
 done:
   if (po) dnnl_post_ops_destroy(po);
@@ -216,6 +222,23 @@ static int get_prim(blip_k_packed *p, int M, int flags, dnnl_primitive_t *out) {
   p->slot[i] = (prim_slot){M, flags, prim};
   *out = prim;
   return BLIP_OK;
+}
+
+/* A matmul get_prim made before, without making one (several threads at once). */
+static int find_prim(const blip_k_packed *p, int M, int flags, dnnl_primitive_t *out) {
+  for (int i = 0; i < p->n_slot; i++)
+    if (p->slot[i].M == M && p->slot[i].flags == flags) {
+      *out = p->slot[i].prim;
+      return BLIP_OK;
+    }
+  return blip_err_set(BLIP_EINVAL, "linear %dx%d: no matmul prepared for %d rows", p->out, p->in, M);
+}
+
+/* Bytes of a K_USER_SCRATCH matmul's scratchpad. */
+static size_t prim_scratch(dnnl_primitive_t prim) {
+  const_dnnl_primitive_desc_t pd;
+  if (dnnl_primitive_get_primitive_desc(prim, &pd)) return 0;
+  return dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
 }
 
 static void *ws_get(blip_k_ws *ws, size_t bytes) {
@@ -615,6 +638,7 @@ typedef struct {
   const void *src;
   float *rs;
   int32_t *zp;
+  void *scratch; /* K_USER_SCRATCH: the matmul's scratchpad */
 } mm_in;
 
 /* Bytes of the converted rows (bf16 or u8), rounded up to a cache line. */
@@ -629,11 +653,11 @@ static size_t prep_bytes(blip_k_prec prec, int M, int K, int flags) {
 
 /* Where the input of M rows is read from: in itself, or converted in w. */
 static mm_in prep_at(blip_k_prec prec, char *w, const void *in, int M, int K, int flags) {
-  if (!prep_bytes(prec, M, K, flags)) return (mm_in){in, NULL, NULL};
+  if (!prep_bytes(prec, M, K, flags)) return (mm_in){in, NULL, NULL, NULL};
   const size_t q = conv_bytes(prec, M, K);
-  if (prec == BLIP_K_BF16) return (mm_in){w, NULL, NULL};
+  if (prec == BLIP_K_BF16) return (mm_in){w, NULL, NULL, NULL};
   float *rs = (float *)(void *)(w + q);
-  return (mm_in){w, rs, (int32_t *)(void *)(rs + M)};
+  return (mm_in){w, rs, (int32_t *)(void *)(rs + M), NULL};
 }
 
 /* Convert rows r0..r1 of the input into mi (a no-op when mi reads in). */
@@ -685,19 +709,26 @@ static int vnni_mm(const blip_k_packed *p, const float *bias, void *out, const m
 /* The matmul of one packed layer (or column part) on prepared input, with
  * the int8 epilogue; out's rows are p->ldd apart. acc: int8 scratch
  * [M, p->out] when own_acc. threaded 0: inside a parallel region (oneDNN
- * then runs on the calling thread, and so does the epilogue). */
+ * then runs on the calling thread, and so does the epilogue); -1: the
+ * same, with other threads running this layer on other rows, so its
+ * matmul for M rows must exist already (blip_k_rows_prepare). */
 static int run_mm(blip_k_packed *p, const float *bias, void *out, const mm_in *mi, int32_t *acc, int M, int flags, void *stream,
                   int threaded) {
-  if (p->vnni) return vnni_mm(p, bias, out, mi, M, flags, threaded);
+  if (p->vnni) return vnni_mm(p, bias, out, mi, M, flags, threaded > 0);
   const int K = p->in, N = p->out, ldd = p->ldd;
   dnnl_primitive_t prim = NULL;
-  int rc = get_prim(p, M, flags, &prim);
+  int rc = threaded >= 0 ? get_prim(p, M, flags, &prim) : find_prim(p, M, flags, &prim);
   if (rc) return rc;
   if (!own_acc(p, flags)) acc = out;
   dnnl_memory_desc_t smd, dmd, bmd;
   dnnl_dims_t sd = {M, K}, dd = {M, N}, bd = {1, N}, ds = {dst_ld(p, flags), 1};
-  dnnl_memory_t ms = NULL, mw = NULL, mb = NULL, md = NULL;
+  dnnl_memory_t ms = NULL, mw = NULL, mb = NULL, md = NULL, msc = NULL;
   dnnl_status_t st;
+  const_dnnl_primitive_desc_t cpd;
+  if ((flags & K_USER_SCRATCH) &&
+      ((st = dnnl_primitive_get_primitive_desc(prim, &cpd)) ||
+       (st = dnnl_memory_create(&msc, dnnl_primitive_desc_query_md(cpd, dnnl_query_scratchpad_md, 0), g_engine, mi->scratch))))
+    goto done;
   if ((st = dnnl_memory_desc_init_by_tag(&smd, 2, sd, src_type(p->prec), dnnl_ab)) ||
       (st = dnnl_memory_desc_init_by_strides(&dmd, 2, dd, dst_type(p->prec, flags), ds)) ||
       (st = dnnl_memory_desc_init_by_tag(&bmd, 2, bd, dnnl_f32, dnnl_ab)) ||
@@ -705,8 +736,9 @@ static int run_mm(blip_k_packed *p, const float *bias, void *out, const mm_in *m
       (st = dnnl_memory_create(&mb, &bmd, g_engine, (void *)bias)) || (st = dnnl_memory_create(&md, &dmd, g_engine, acc)))
     goto done;
   {
-    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, ms}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DST, md}, {DNNL_ARG_BIAS, mb}};
+    dnnl_exec_arg_t args[5] = {{DNNL_ARG_SRC, ms}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DST, md}, {DNNL_ARG_BIAS, mb}};
     int nargs = (p->prec == BLIP_K_INT8 || !bias) ? 3 : 4;
+    if (msc) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, msc};
     if (!(st = dnnl_primitive_execute(prim, stream, nargs, args))) st = dnnl_stream_wait(stream);
   }
 done:
@@ -714,11 +746,12 @@ done:
   if (mw) dnnl_memory_destroy(mw);
   if (mb) dnnl_memory_destroy(mb);
   if (md) dnnl_memory_destroy(md);
+  if (msc) dnnl_memory_destroy(msc);
   if (st) return dnnl_fail(st, "matmul", p, M);
   if (p->prec == BLIP_K_INT8) {
     const float *b = bias ? bias : p->zeros;
     const int lda = dst_ld(p, flags);
-#pragma omp parallel for if (threaded && (long)M * N > 32768)
+#pragma omp parallel for if (threaded > 0 && (long)M * N > 32768)
     for (int i = 0; i < M; i++) {
       dequant_rows((char *)out + (size_t)i * ldd * OUT_SIZE(flags), ldd, acc + (size_t)i * lda, lda, 1, N, mi->rs + i, mi->zp + i, p->scale,
                    p->colsum, b, flags);
@@ -1346,49 +1379,69 @@ static int fa_usable(int mode, int dh, int Lk, int ldk, const float *mask) {
   return mode == FA_BF16 ? b16 && dh % 2 == 0 : f32;
 }
 
-/* All heads, the (head, row block) pairs split in order over the threads:
- * each packs a head's K and V once for all its blocks of that head. */
-static int fa_run(void *out, int ldo, int obf16, const void *q, int ldq, const void *k, int ldk, const void *v, int ldv, int Lq, int Lk,
-                  int H, int dh, float scale, const float *mask, blip_k_ws *ws, int mode) {
+/* Scratch bytes of one thread. */
+static size_t fa_bytes(int mode, int Lk, int dh) {
+  if (mode == FA_INT8) {
+    const fa8_dims d = fa8_dims_of(Lk, dh);
+    return d.kb + d.vb + d.sb + d.pb;
+  }
+  const fa_dims d = fa_dims_of(mode == FA_BF16, Lk, dh);
+  return d.kb + d.vb + d.sb + d.pb;
+}
+
+/* Thread id of n's share of all heads' (head, row block) pairs, split in
+ * order: it packs a head's K and V once for all its blocks of that head.
+ * scr holds the n threads' scratch. */
+static void fa_items(int id, int n, char *scr, void *out, int ldo, int obf16, const void *q, int ldq, const void *k, int ldk, const void *v,
+                     int ldv, int Lq, int Lk, int H, int dh, float scale, const float *mask, int mode) {
   const fa_dims d = fa_dims_of(mode == FA_BF16, Lk, dh);
   const fa8_dims d8 = fa8_dims_of(Lk, dh);
   const int i8 = mode == FA_INT8, blocks = (Lq + FA_ROWS - 1) / FA_ROWS, items = H * blocks;
+  const size_t kb = i8 ? d8.kb : d.kb, vb = i8 ? d8.vb : d.vb, sb = i8 ? d8.sb : d.sb, es = mode == FA_F32 ? 4 : 2, oes = obf16 ? 2 : 4;
+  char *my = scr + fa_bytes(mode, Lk, dh) * id, *kp = my, *vp = my + kb, *P = my + kb + vb + sb;
+  float *S = (float *)(void *)(my + kb + vb);
+  int packed = -1;
+  for (int it = (int)((long)items * id / n); it < (int)((long)items * (id + 1) / n); it++) {
+    const int h = it / blocks, r0 = it % blocks * FA_ROWS, mr = Lq - r0 < FA_ROWS ? Lq - r0 : FA_ROWS;
+    const char *kh = (const char *)k + (size_t)h * dh * es, *vh = (const char *)v + (size_t)h * dh * es;
+    const char *qb = (const char *)q + ((size_t)r0 * ldq + (size_t)h * dh) * es;
+    char *ob = (char *)out + ((size_t)r0 * ldo + (size_t)h * dh) * oes;
+    if (h != packed) {
+      if (i8) {
+        fa8_pack_k(kp, (const uint16_t *)(const void *)kh, ldk, &d8);
+        fa8_pack_v(vp, (const uint16_t *)(const void *)vh, ldv, &d8);
+      } else {
+        fa_pack_k(kp, kh, ldk, &d);
+        fa_pack_v(vp, vh, ldv, &d);
+      }
+      packed = h;
+    }
+    if (i8) fa8_block((float *)(void *)ob, ldo, (const uint16_t *)(const void *)qb, ldq, kp, vp, &d8, mr, scale, S, (uint8_t *)P);
+    else fa_block(ob, ldo, obf16, qb, ldq, kp, vp, &d, mr, scale, mask, S, (uint16_t *)(void *)P);
+  }
+}
+
+static int fa_run(void *out, int ldo, int obf16, const void *q, int ldq, const void *k, int ldk, const void *v, int ldv, int Lq, int Lk,
+                  int H, int dh, float scale, const float *mask, blip_k_ws *ws, int mode) {
+  const int items = H * ((Lq + FA_ROWS - 1) / FA_ROWS);
   int nt = omp_get_max_threads();
   if (nt > items) nt = items;
-  const size_t kb = i8 ? d8.kb : d.kb, vb = i8 ? d8.vb : d.vb, sb = i8 ? d8.sb : d.sb, per = kb + vb + sb + (i8 ? d8.pb : d.pb);
-  const size_t es = mode == FA_F32 ? 4 : 2, oes = obf16 ? 2 : 4;
-  char *scr = ws ? ws_get(ws, per * nt) : aligned_alloc(64, per * nt);
+  const size_t bytes = fa_bytes(mode, Lk, dh) * nt;
+  char *scr = ws ? ws_get(ws, bytes) : aligned_alloc(64, bytes);
   if (!scr) return blip_err_set(BLIP_ENOMEM, "attention: out of memory for %d threads' %dx%d blocks", nt, FA_ROWS, Lk);
 #pragma omp parallel num_threads(nt)
-  {
-    const int id = omp_get_thread_num(), n = omp_get_num_threads();
-    char *my = scr + per * id, *kp = my, *vp = my + kb, *P = my + kb + vb + sb;
-    float *S = (float *)(void *)(my + kb + vb);
-    int packed = -1;
-    for (int it = (int)((long)items * id / n); it < (int)((long)items * (id + 1) / n); it++) {
-      const int h = it / blocks, r0 = it % blocks * FA_ROWS, mr = Lq - r0 < FA_ROWS ? Lq - r0 : FA_ROWS;
-      const char *kh = (const char *)k + (size_t)h * dh * es, *vh = (const char *)v + (size_t)h * dh * es;
-      const char *qb = (const char *)q + ((size_t)r0 * ldq + (size_t)h * dh) * es;
-      char *ob = (char *)out + ((size_t)r0 * ldo + (size_t)h * dh) * oes;
-      if (h != packed) {
-        if (i8) {
-          fa8_pack_k(kp, (const uint16_t *)(const void *)kh, ldk, &d8);
-          fa8_pack_v(vp, (const uint16_t *)(const void *)vh, ldv, &d8);
-        } else {
-          fa_pack_k(kp, kh, ldk, &d);
-          fa_pack_v(vp, vh, ldv, &d);
-        }
-        packed = h;
-      }
-      if (i8) fa8_block((float *)(void *)ob, ldo, (const uint16_t *)(const void *)qb, ldq, kp, vp, &d8, mr, scale, S, (uint8_t *)P);
-      else fa_block(ob, ldo, obf16, qb, ldq, kp, vp, &d, mr, scale, mask, S, (uint16_t *)(void *)P);
-    }
-  }
+  fa_items(omp_get_thread_num(), omp_get_num_threads(), scr, out, ldo, obf16, q, ldq, k, ldk, v, ldv, Lq, Lk, H, dh, scale, mask, mode);
   if (!ws) free(scr);
   return BLIP_OK;
 }
 #else
 enum { FA_F32, FA_BF16, FA_INT8 };
+static size_t fa_bytes(int mode, int Lk, int dh) { return (void)mode, (void)Lk, (void)dh, 0; }
+static void fa_items(int id, int n, char *scr, void *out, int ldo, int obf16, const void *q, int ldq, const void *k, int ldk, const void *v,
+                     int ldv, int Lq, int Lk, int H, int dh, float scale, const float *mask, int mode) {
+  (void)id, (void)n, (void)scr, (void)out, (void)ldo, (void)obf16, (void)q, (void)ldq, (void)k, (void)ldk, (void)v, (void)ldv, (void)Lq;
+  (void)Lk, (void)H, (void)dh, (void)scale, (void)mask, (void)mode;
+}
 static int fa_usable(int mode, int dh, int Lk, int ldk, const float *mask) { return (void)mode, (void)dh, (void)Lk, (void)ldk, (void)mask, 0; }
 static int fa_run(void *out, int ldo, int obf16, const void *q, int ldq, const void *k, int ldk, const void *v, int ldv, int Lq, int Lk,
                   int H, int dh, float scale, const float *mask, blip_k_ws *ws, int mode) {
@@ -1812,10 +1865,90 @@ int blip_k_team_linear(blip_k_team *t, void *out, const void *in, const blip_k_l
   return rc;
 }
 
+/* Row counts of thread id's chunks in a row-split team of nt: its share
+ * of M in chunks as packed_fwd's. */
+static int rows_chunks(int M, int id, int nt, int *first, int *r0) {
+  *r0 = (int)((long)M * id / nt);
+  const int n = (int)((long)M * (id + 1) / nt) - *r0;
+  *first = chunk_rows(n);
+  return n;
+}
+
+/* The matmuls are created inside a parallel region, as a team's own (one
+ * created outside splits its work for every thread, and run by one thread
+ * inside a region it would do only that thread's part), with a user
+ * scratchpad (K_USER_SCRATCH). */
+int blip_k_rows_prepare(const blip_k_linear *l, int M, int flags) {
+  blip_k_packed *p = l->packed;
+  if (!p || p->n_part || p->vnni) return blip_err_set(BLIP_EINVAL, "linear %dx%d: row-split teams need a whole oneDNN layer", l->out, l->in);
+  const int nt = blip_k_threads();
+  int rc = BLIP_OK;
+#pragma omp parallel
+#pragma omp single
+  for (int id = 0; id < nt && !rc; id++) {
+    int rows, r0;
+    const int n = rows_chunks(M, id, nt, &rows, &r0);
+    for (int c = 0; c < n && !rc; c += rows) {
+      dnnl_primitive_t prim;
+      rc = get_prim(p, n - c < rows ? n - c : rows, flags | K_USER_SCRATCH, &prim);
+    }
+  }
+  return rc;
+}
+
+int blip_k_rows_linear(void *out, const void *in, const blip_k_linear *l, int M, int flags, blip_k_ws *tws) {
+  blip_k_packed *p = l->packed;
+  int rc = stream_ready(tws), rows, r0;
+  const int n = rows_chunks(M, omp_get_thread_num(), omp_get_num_threads(), &rows, &r0), K = p->in;
+  for (int c = 0; c < n && !rc; c += rows) {
+    const int m = n - c < rows ? n - c : rows, r = r0 + c;
+    const void *ir = (const char *)in + (size_t)r * K * IN_SIZE(flags);
+    dnnl_primitive_t prim;
+    if ((rc = find_prim(p, m, flags | K_USER_SCRATCH, &prim))) break;
+    const size_t pb = prep_bytes(p->prec, m, K, flags), ab = own_acc(p, flags) ? (size_t)m * p->out * 4 : 0;
+    const size_t sb = (prim_scratch(prim) + 63) & ~(size_t)63;
+    char *w = ws_get(tws, pb + ab + sb + 64);
+    if (!w) {
+      rc = blip_err_set(BLIP_ENOMEM, "out of memory for a %dx%d activation", m, K);
+      break;
+    }
+    mm_in mi = prep_at(p->prec, w, ir, m, K, flags);
+    mi.scratch = (void *)(((uintptr_t)(w + pb + ab) + 63) & ~(uintptr_t)63);
+    prep_rows(&mi, ir, K, 0, m);
+    rc = run_mm(p, l->b, (char *)out + (size_t)r * p->ldd * OUT_SIZE(flags), &mi, (int32_t *)(void *)(w + pb), m, flags | K_USER_SCRATCH,
+                tws->stream, -1);
+  }
+  return rc;
+}
+
 void blip_k_team_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
   int r0, r1;
   share(M, &r0, &r1);
   for (int i = r0; i < r1; i++) ln_row(out + (size_t)i * N, in + (size_t)i * N, g, b, N, eps);
+}
+
+void blip_k_team_layernorm_bf16(uint16_t *out, const float *in, const float *g, const float *b, int M, int N, float eps) {
+  int r0, r1;
+  share(M, &r0, &r1);
+  for (int i = r0; i < r1; i++) ln_row_bf16(out + (size_t)i * N, in + (size_t)i * N, g, b, N, eps);
+}
+
+static int fa_mode(blip_k_prec prec) { return prec == BLIP_K_INT8 ? FA_INT8 : prec == BLIP_K_BF16 ? FA_BF16 : FA_F32; }
+
+int blip_k_team_attention_fusable(blip_k_prec prec, int L, int dh, int ld) { return fa_usable(fa_mode(prec), dh, L, ld, NULL); }
+
+int blip_k_team_attention_reserve(blip_k_ws *ws, blip_k_prec prec, int L, int dh) {
+  return ws_get(ws, fa_bytes(fa_mode(prec), L, dh) * blip_k_threads()) ? BLIP_OK
+                                                                           : blip_err_set(BLIP_ENOMEM, "attention: out of memory for %d keys", L);
+}
+
+int blip_k_team_attention_fused(void *out, int ldo, const void *q, const void *k, const void *v, int ld, int L, int heads, int dh, float scale,
+                                blip_k_prec prec, const blip_k_ws *ws) {
+  const int mode = fa_mode(prec), n = omp_get_num_threads();
+  if (!fa_usable(mode, dh, L, ld, NULL) || fa_bytes(mode, L, dh) * n > ws->cap)
+    return blip_err_set(BLIP_EINVAL, "team attention: no fused kernel for this CPU or shape, or scratch not reserved");
+  fa_items(omp_get_thread_num(), n, ws->p, out, ldo, mode == FA_BF16, q, ld, k, ld, v, ld, L, L, heads, dh, scale, NULL, mode);
+  return BLIP_OK;
 }
 
 void blip_k_team_attention(float *out, int ldo, const float *q, const float *k, const float *v, int ld, int n, const int *off,

@@ -173,8 +173,29 @@ int blip_k_linear_reserve(const blip_k_linear *l, int M, int flags);
  * rows are converted in shares, then each thread runs its column parts.
  * Contains one sync; call blip_k_team_sync before reading out. */
 int blip_k_team_linear(blip_k_team *t, void *out, const void *in, const blip_k_linear *l, int M, int flags);
-/* This thread's share of the rows of blip_k_layernorm. */
+/* This thread's share of the rows of blip_k_layernorm (and of its bf16-out form). */
 void blip_k_team_layernorm(float *out, const float *in, const float *g, const float *b, int M, int N, float eps);
+void blip_k_team_layernorm_bf16(uint16_t *out, const float *in, const float *g, const float *b, int M, int N, float eps);
+
+/* Row-split teams (the vision encoder): each thread runs a whole packed
+ * layer (blip_k_linear_pack) on the same share of the rows as
+ * blip_k_team_layernorm's, converting its input rows and finishing its
+ * output rows itself, in its own workspace tws, with oneDNN on the calling
+ * thread: no sync, and a thread's rows stay in its cache from op to op.
+ * blip_k_rows_prepare, before the team, creates the layer's matmuls for
+ * the row counts each thread will use (inside, the layer is shared). */
+int blip_k_rows_prepare(const blip_k_linear *l, int M, int flags);
+int blip_k_rows_linear(void *out, const void *in, const blip_k_linear *l, int M, int flags, blip_k_ws *tws);
+/* Self-attention of one sequence of L tokens (q, k, v rows ld apart, no
+ * mask) by the fused kernels, this thread taking its share of the (head,
+ * block of rows) pairs: prec F32 is f32 in and out, BF16 bf16 in and out,
+ * INT8 bf16 in, int8 products, f32 out. Only where
+ * blip_k_team_attention_fusable says so, with scratch reserved in ws by
+ * blip_k_team_attention_reserve before the team starts. No sync. */
+int blip_k_team_attention_fusable(blip_k_prec prec, int L, int dh, int ld);
+int blip_k_team_attention_reserve(blip_k_ws *ws, blip_k_prec prec, int L, int dh);
+int blip_k_team_attention_fused(void *out, int ldo, const void *q, const void *k, const void *v, int ld, int L, int heads, int dh, float scale,
+                                blip_k_prec prec, const blip_k_ws *ws);
 /* f32 self-attention of n sequences packed without padding (sequence r is
  * rows off[r]..off[r+1] of q, k, v, out; at most BLIP_K_TEAM_ATT_MAX each),
  * this thread's share of the (sequence, head) pairs. mask_add [off[n]] or NULL. */

@@ -78,8 +78,9 @@ struct blip_model {
   float *arena;
   size_t arena_cap;
   blip_k_ws ws; /* scratch of the packed layers */
-  blip_k_ws *tws; /* one per thread of a text team (the cross-attention's own oneDNN calls) */
+  blip_k_ws *tws; /* one per thread of a team, for its own oneDNN calls and scratch */
   int n_tws;
+  int vteam; /* the vision encoder runs as a row-split team (vision_team) */
   released rel[1024]; /* mmap ranges of dead tensors, dropped at the end of the load */
   int n_rel;
   char fingerprint[17];
@@ -232,6 +233,10 @@ static int pack_list(blip_model *m, blip_k_linear **ls, int n, blip_k_prec prec,
 
 static int pack_vis_layer(blip_model *m, vis_layer *L) {
   blip_k_linear *ls[4] = {&L->qkv, &L->proj, &L->fc1, &L->fc2};
+  const blip_cfg *c = &m->cfg;
+  const char *e = getenv("BLIP_VISION_PER_OP"); /* 1: a region per op (comparisons, tests) */
+  m->vteam = !(e && *e && strcmp(e, "0")) && blip_k_threads() > 1 &&
+             blip_k_team_attention_fusable((blip_k_prec)m->opts.precision, c->v_tokens, c->v_hidden / c->v_heads, 3 * c->v_hidden);
   return pack_list(m, ls, 4, (blip_k_prec)m->opts.precision, 1);
 }
 
@@ -542,6 +547,7 @@ const char *blip_model_precision_name(blip_prec p) {
 }
 
 blip_prec blip_model_precision(const blip_model *m) { return m->opts.precision; }
+int blip_model_vision_team(const blip_model *m) { return m->vteam; }
 const char *blip_model_fingerprint(const blip_model *m) { return m->fingerprint; }
 
 /* ---------- scratch ---------- */
@@ -559,6 +565,18 @@ static float *arena(blip_model *m, size_t nfloats) {
 
 #define TRY(x) do { if ((rc = (x)) != BLIP_OK) goto done; } while (0)
 
+/* A workspace per thread of a team (m->tws), for its own oneDNN calls. */
+static int thread_ws(blip_model *m) {
+  const int nt = blip_k_threads();
+  if (nt <= m->n_tws) return BLIP_OK;
+  blip_k_ws *w = realloc(m->tws, (size_t)nt * sizeof *w);
+  if (!w) return blip_err_set(BLIP_ENOMEM, "out of memory for %d threads' workspaces", nt);
+  memset(w + m->n_tws, 0, (size_t)(nt - m->n_tws) * sizeof *w);
+  m->tws = w;
+  m->n_tws = nt;
+  return BLIP_OK;
+}
+
 /* ---------- vision ---------- */
 
 /* pixels [3,S,S] -> patches [G*G, 3*p*p] in (c, ky, kx) order = conv weight order. */
@@ -573,6 +591,61 @@ static void im2patch(float *dst, const float *px, int S, int p) {
           d += p;
         }
     }
+}
+
+/* The encoder layers of blip_model_vision as one team, on CPUs with the
+ * fused attention kernels: each thread takes the same share of the rows
+ * through LayerNorm, its layers' matmuls (oneDNN on the thread, the int8
+ * conversions and epilogues with them) and the residuals, and its share of
+ * the attention's (head, row block) pairs. Threads meet twice a layer:
+ * before attention (it reads every row) and after (its output rows come
+ * from both). Against an OpenMP region per op (up to 14 a layer at int8,
+ * each waking the sleeping thread) and oneDNN's own 2-thread split. */
+static int vision_team(blip_model *m, float *x, int n, float *h, float *qkv, float *att, float *mlp) {
+  const blip_cfg *c = &m->cfg;
+  const int T = c->v_tokens, D = c->v_hidden, H = c->v_heads, dh = D / H, M = n * T;
+  const blip_k_prec prec = (blip_k_prec)m->opts.precision;
+  const int bf = prec == BLIP_K_BF16, lp = prec != BLIP_K_F32, in16 = bf ? BLIP_K_IN_BF16 : 0;
+  const int fq = in16 | (lp ? BLIP_K_OUT_BF16 : 0), fo = BLIP_K_ACCUM | in16, f1 = BLIP_K_GELU | in16 | (bf ? BLIP_K_OUT_BF16 : 0);
+  const size_t es = lp ? 2 : 4;
+  const float scale = 1.0f / sqrtf((float)dh);
+  void *hh = h, *qq = qkv, *aa = att; /* bf16 buffers live in the f32 ones */
+  int rc = thread_ws(m);
+  for (int l = 0; l < c->v_layers && !rc; l++) {
+    const vis_layer *L = &m->vl[l];
+    if (!(rc = blip_k_rows_prepare(&L->qkv, M, fq)) && !(rc = blip_k_rows_prepare(&L->proj, M, fo)) &&
+        !(rc = blip_k_rows_prepare(&L->fc1, M, f1)))
+      rc = blip_k_rows_prepare(&L->fc2, M, fo);
+  }
+  if (rc || (rc = blip_k_team_attention_reserve(&m->ws, prec, T, dh))) return rc;
+  blip_k_team t;
+  blip_k_team_init(&t);
+#pragma omp parallel num_threads(blip_k_threads()) /* the row split the matmuls were prepared for */
+  {
+    blip_k_ws *tw = &m->tws[omp_get_thread_num()];
+    int e = BLIP_OK;
+    for (int l = 0; l < c->v_layers; l++) { /* e is the same on every thread after a sync: all break together */
+      const vis_layer *L = &m->vl[l];
+      if (!e && bf) blip_k_team_layernorm_bf16(hh, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
+      else if (!e) blip_k_team_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
+      if ((e = blip_k_team_sync(&t, e ? e : blip_k_rows_linear(qq, hh, &L->qkv, M, fq, tw)))) break;
+      for (int b = 0; b < n && !e; b++) {
+        const char *q = (const char *)qq + (size_t)b * T * 3 * D * es;
+        e = blip_k_team_attention_fused((char *)aa + (size_t)b * T * D * (bf ? 2 : 4), D, q, q + D * es, q + 2 * D * es, 3 * D, T, H, dh,
+                                        scale, prec, &m->ws);
+      }
+      if ((e = blip_k_team_sync(&t, e))) break;
+      e = blip_k_rows_linear(x, aa, &L->proj, M, fo, tw); /* from here on, this thread's rows only */
+      if (bf) blip_k_team_layernorm_bf16(hh, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+      else blip_k_team_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+      if (!e) e = blip_k_rows_linear(mlp, hh, &L->fc1, M, f1, tw);
+      if (!e) e = blip_k_rows_linear(x, mlp, &L->fc2, M, fo, tw);
+    }
+    e = blip_k_team_sync(&t, e); /* the last layer's rows, and errors after the last meeting */
+#pragma omp master
+    rc = e;
+  }
+  return blip_k_team_error(&t, rc);
 }
 
 int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, float *feat) {
@@ -604,7 +677,8 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
   const int bf = m->opts.precision == BLIP_PREC_BF16, lp = m->opts.precision != BLIP_PREC_F32;
   const int in16 = bf ? BLIP_K_IN_BF16 : 0;
   uint16_t *h16 = (uint16_t *)(void *)h, *qkv16 = (uint16_t *)(void *)qkv, *att16 = (uint16_t *)(void *)att;
-  for (int l = 0; l < c->v_layers; l++) {
+  if (m->vteam) TRY(vision_team(m, x, n, h, qkv, att, mlp));
+  for (int l = 0; l < c->v_layers && !m->vteam; l++) {
     const vis_layer *L = &m->vl[l];
     if (bf) blip_k_layernorm_bf16(h16, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
     else blip_k_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
@@ -760,14 +834,7 @@ static int text_team(blip_model *m, int l0, int l1, int blocks, const txt_io *io
   for (int r = 0; r < rows; r++)
     if (io->off[r + 1] - io->off[r] > BLIP_K_TEAM_ATT_MAX)
       return blip_err_set(BLIP_EINVAL, "text: %d tokens exceed %d", io->off[r + 1] - io->off[r], BLIP_K_TEAM_ATT_MAX);
-  const int nt = blip_k_threads();
-  if ((blocks & TXT_CROSS) && nt > m->n_tws) { /* a oneDNN workspace per thread for the cross-attention */
-    blip_k_ws *w = realloc(m->tws, (size_t)nt * sizeof *w);
-    if (!w) return blip_err_set(BLIP_ENOMEM, "text: out of memory");
-    memset(w + m->n_tws, 0, (size_t)(nt - m->n_tws) * sizeof *w);
-    m->tws = w;
-    m->n_tws = nt;
-  }
+  if ((blocks & TXT_CROSS) && (rc = thread_ws(m))) return rc; /* the cross-attention's own oneDNN calls */
   blip_k_team t;
   blip_k_team_init(&t);
 #pragma omp parallel

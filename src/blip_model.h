@@ -44,6 +44,10 @@ void blip_model_free(blip_model *m);
 const blip_cfg *blip_model_cfg(const blip_model *m);
 const blip_tok *blip_model_tok(const blip_model *m); /* NULL for random models */
 blip_prec blip_model_precision(const blip_model *m);
+/* 1 when the vision encoder runs as one row-split team (CPUs with the fused
+ * attention kernels, 2+ threads at load, BLIP_VISION_PER_OP unset), 0 when
+ * it opens a parallel region per op. */
+int blip_model_vision_team(const blip_model *m);
 /* "f32" | "bf16" | "int8" <-> blip_prec (every tool's --precision); "auto"
  * parses as blip_model_auto_precision(). */
 int blip_model_parse_precision(const char *name, blip_prec *out);

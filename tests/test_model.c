@@ -250,6 +250,37 @@ static void run_pairs(blip_prec p) {
   blip_model_free(m);
 }
 
+/* The vision encoder as one row-split team against a region per op
+ * (BLIP_VISION_PER_OP=1 at load), on batches whose rows split inside an
+ * image (4 x 17 rows: 34 per thread) and inside the only one (17: 8 + 9).
+ * f32 differs only in summation order; bf16 also in bf16 roundings. The
+ * team must be the path taken where the fused attention runs. */
+static void run_vision_paths(blip_prec p) {
+  blip_model_opts o = {.precision = p};
+  blip_model *m[2] = {NULL, NULL};
+  CHECK_OK(blip_model_load(test_data("blip-tiny"), &o, &m[0]));
+  setenv("BLIP_VISION_PER_OP", "1", 1);
+  CHECK_OK(blip_model_load(test_data("blip-tiny"), &o, &m[1]));
+  unsetenv("BLIP_VISION_PER_OP");
+  if (!m[0] || !m[1]) return;
+  const blip_cfg *c = blip_model_cfg(m[0]);
+  const int T = c->v_tokens, Dv = c->v_hidden;
+  const int fused = blip_k_team_attention_fusable((blip_k_prec)p, T, Dv / c->v_heads, 3 * Dv);
+  CHECK(blip_model_vision_team(m[0]) == fused && !blip_model_vision_team(m[1]), "%s vision team: %d (fused attention: %d), per op: %d",
+        blip_model_precision_name(p), blip_model_vision_team(m[0]), fused, blip_model_vision_team(m[1]));
+  float *e[2] = {malloc(sizeof(float) * NI * T * Dv), malloc(sizeof(float) * NI * T * Dv)};
+  const float *px = golden_f32(g_gold, "pixel_values", NI * 3 * 32 * 32);
+  for (int n = NI; n >= 1; n -= NI - 1) {
+    for (int k = 0; k < 2; k++) CHECK_OK(blip_model_vision(m[k], px, n, e[k], NULL));
+    char label[64];
+    snprintf(label, sizeof label, "vision %s team vs per op, batch %d", blip_model_precision_name(p), n);
+    check_tensor(label, e[0], e[1], (long)n * T * Dv, p == BLIP_PREC_F32 ? 1e-5 : 0.05);
+  }
+  free(e[0]), free(e[1]);
+  blip_model_free(m[0]);
+  blip_model_free(m[1]);
+}
+
 int main(void) {
   blip_k_set_threads(2);
   if (blip_st_open(test_data("blip-tiny/golden.safetensors"), &g_gold)) {
@@ -265,6 +296,7 @@ int main(void) {
   run_pairs(BLIP_PREC_F32);
   run_pairs(BLIP_PREC_BF16);
   run_pairs(BLIP_PREC_INT8);
+  for (int p = 0; p < 3; p++) run_vision_paths((blip_prec)p);
   blip_st_close(g_gold);
   return check_summary();
 }

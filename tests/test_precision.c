@@ -113,6 +113,7 @@ enum { NQ = 100, QL = 16, NIMG = 1000, NVIS = 2, KITM = 2 };
 
 typedef struct {
   float *img, *tfeat, *vfeat, itm[KITM * 2];
+  int team; /* blip_model_vision_team */
 } base_out;
 
 static uint64_t g_rng;
@@ -144,6 +145,7 @@ static int run_base(const blip_cfg *c, blip_prec p, uint64_t seed, const float *
   o->vfeat = malloc(sizeof(float) * NVIS * c->embed_dim);
   o->tfeat = malloc(sizeof(float) * NQ * c->embed_dim);
   if (!o->img || !o->vfeat || !o->tfeat) rc = blip_err_set(BLIP_ENOMEM, "out of memory");
+  o->team = blip_model_vision_team(m);
   if (!rc) rc = blip_model_vision(m, px, NVIS, o->img, o->vfeat);
   if (!rc) rc = blip_model_text(m, ids, mask, NQ, QL, NULL, o->tfeat);
   /* ITM: the first query against the real image tokens and a shifted copy */
@@ -161,6 +163,35 @@ static int run_base(const blip_cfg *c, blip_prec p, uint64_t seed, const float *
   }
   blip_model_free(m);
   return rc;
+}
+
+/* The vision encoder at base geometry through a region per op
+ * (BLIP_VISION_PER_OP=1) against the row-split team that run_base used:
+ * int8 products are exact and every row op is the same, so int8 must
+ * agree to float rounding; f32 and bf16 matmuls split their sums another
+ * way on one thread than on two. */
+static void check_vision_per_op(const blip_cfg *c, blip_prec p, uint64_t seed, const float *px, const base_out *o) {
+  const float *team = o->img;
+  const int fusable = blip_k_team_attention_fusable((blip_k_prec)p, c->v_tokens, c->v_hidden / c->v_heads, 3 * c->v_hidden);
+  blip_model_opts opts = {.precision = p};
+  blip_model *m = NULL;
+  setenv("BLIP_VISION_PER_OP", "1", 1);
+  CHECK_OK(blip_model_random(c, &opts, seed, &m));
+  unsetenv("BLIP_VISION_PER_OP");
+  CHECK(o->team == fusable && m && !blip_model_vision_team(m), "base %s: team %d (fusable %d), per op %d", blip_model_precision_name(p), o->team,
+        fusable, m ? blip_model_vision_team(m) : -1);
+  const size_t n = (size_t)NVIS * c->v_tokens * c->v_hidden;
+  float *img = malloc(sizeof(float) * n);
+  if (m && img) {
+    CHECK_OK(blip_model_vision(m, px, NVIS, img, NULL));
+    double d = max_abs(img, team, (long)n), mx = 0;
+    for (size_t i = 0; i < n; i++) mx = fmax(mx, fabs(team[i]));
+    printf("  base seed %llu %-4s: vision team vs per op max diff %.3g (max |x| %.3g)\n", (unsigned long long)seed,
+           blip_model_precision_name(p), d, mx);
+    CHECK(d <= mx * (p == BLIP_PREC_BF16 ? 2e-2 : 1e-5), "base %s vision team vs per op: %g", blip_model_precision_name(p), d);
+  }
+  free(img);
+  blip_model_free(m);
 }
 
 static void free_base(base_out *o) {
@@ -222,6 +253,8 @@ static void test_base(uint64_t seed) {
     CHECK(eitm <= (p == 1 ? 5e-2 : 1e-1), "base %s ITM logit error %g", blip_model_precision_name(p), eitm);
     CHECK(ov >= (p == 1 ? 0.9 : 0.8), "base %s top-10 overlap %f", blip_model_precision_name(p), ov);
   }
+  if (seed == 1)
+    for (int p = 0; p < 3; p++) check_vision_per_op(&c, (blip_prec)p, seed, px, &out[p]);
   for (int p = 0; p < 3; p++) free_base(&out[p]);
   free(px);
   free(imgs);
