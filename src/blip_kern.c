@@ -1246,7 +1246,7 @@ static FA8_TARGET void fa8_pack_k(void *dst, const uint16_t *k, int ldk, const f
   memset(w, 0, (size_t)d->kpan * d->kq * 128);
   memset(ks + d->Lk, 0, sizeof(float) * (size_t)(d->ls - d->Lk));
   memset(ko + d->Lk, 0, sizeof(float) * (size_t)(d->ls - d->Lk));
-  int8_t row[512]; /* dh <= 512 */
+  int8_t row[1024]; /* dh <= 1024 */
   for (int j = 0; j < d->Lk; j++) {
     int sum;
     ks[j] = fa8_quant_row(row, 16, k + (size_t)j * ldk, d->dh, &sum);
@@ -1360,7 +1360,7 @@ static FA8_TARGET void fa8_block(float *out, int ldo, const uint16_t *q, int ldq
 
 /* Which fused kernel a call can use: f32 needs AVX-512 (F, BW, VL); bf16 operands
  * AVX512-BF16 and an even head size (pairs); int8 also AVX512-VNNI, a
- * head size that is a multiple of 16 and at most 512, and no mask. K's
+ * head size that is a multiple of 16 and at most 1024, and no mask. K's
  * byte offsets must fit the gathers' 32-bit indices. */
 enum { FA_F32, FA_BF16, FA_INT8 };
 
@@ -1375,7 +1375,7 @@ static int fa_usable(int mode, int dh, int Lk, int ldk, const float *mask) {
   const char *e = getenv("BLIP_ATTENTION_ONEDNN"); /* 1: the batched oneDNN path (comparisons, tests) */
   if (e && *e && strcmp(e, "0")) return 0;
   if ((long)Lk * ldk * (mode == FA_F32 ? 4 : 2) > INT_MAX) return 0;
-  if (mode == FA_INT8) return i8 && dh % 16 == 0 && dh <= 512 && !mask;
+  if (mode == FA_INT8) return i8 && dh % 16 == 0 && dh <= 1024 && !mask;
   return mode == FA_BF16 ? b16 && dh % 2 == 0 : f32;
 }
 

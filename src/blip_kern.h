@@ -130,8 +130,8 @@ int blip_k_attention_bf16in(void *out, int ldo, int out_bf16, const uint16_t *q,
 
 /* The int8 model's attention on bf16 operands, f32 out, no mask: int8
  * products (q per row and head, k per key and head, v per head column,
- * probabilities as u8 x 255) where the CPU has AVX512-VNNI and BF16 and
- * dh % 16 == 0; else blip_k_attention_bf16in. */
+ * probabilities as u8 x 255) where the CPU has AVX512-VNNI and BF16,
+ * dh % 16 == 0 and dh <= 1024; else blip_k_attention_bf16in. */
 int blip_k_attention_int8(float *out, int ldo, const uint16_t *q, int ldq, const uint16_t *k, int ldk, const uint16_t *v, int ldv, int Lq,
                           int Lk, int heads, int dh, float scale, blip_k_ws *ws);
 

@@ -780,7 +780,13 @@ static int cross_attn_reassoc(blip_k_team *t, blip_model *m, float *out, const f
     if (!n) continue;
     for (int i = i0; i < i1; i++) /* row i is head i / Lq, token i % Lq */
       memcpy(A + (size_t)(i - i0) * Dx, AC + ((size_t)(i / Lq) * M + off[r] + i % Lq) * Dx, (size_t)Dx * sizeof(float));
-    if (images16) { /* bf16 and int8 models: both products with X in bf16 */
+    if (images16 && m->opts.precision == BLIP_PREC_INT8) {
+      /* int8 model: both products with X in int8, as one attention head of
+       * size Dx (X quantized per token for the scores, per channel for the
+       * weighted sum; where the CPU lacks VNNI, the bf16 kernels) */
+      blip_k_to_bf16(A16, A, (long)n * Dx);
+      if ((rc = blip_k_attention_int8(C, Dx, A16, Dx, images16[r], Dx, images16[r], Dx, n, T, 1, Dx, 1.0f, ws))) break;
+    } else if (images16) { /* bf16 model: both products with X in bf16 */
       blip_k_to_bf16(A16, A, (long)n * Dx);
       if ((rc = blip_k_gemm_bf16(1, n, T, Dx, A16, Dx, images16[r], Dx, P, T, ws))) break;
       blip_k_softmax(P, n, T);

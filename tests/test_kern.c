@@ -670,6 +670,7 @@ int main(void) {
     test_attention_int8(37, 70, 2, 16, vnni);
     test_attention_int8(1, 5, 1, 16, vnni);
     test_attention_int8(12, 577, 2, 64, vnni);
+    test_attention_int8(25, 70, 1, 768, vnni); /* ITM's products with the image tokens: one head of their width */
   }
   unsetenv("BLIP_ATTENTION_ONEDNN");
   return check_summary();
