@@ -198,12 +198,15 @@ done:
   return st;
 }
 
-static int get_prim(blip_k_packed *p, int M, int flags, dnnl_primitive_t *out) {
+/* The layer's cached matmul for M rows and flags, or NULL. */
+static dnnl_primitive_t cached_prim(const blip_k_packed *p, int M, int flags) {
   for (int i = 0; i < p->n_slot; i++)
-    if (p->slot[i].M == M && p->slot[i].flags == flags) {
-      *out = p->slot[i].prim;
-      return BLIP_OK;
-    }
+    if (p->slot[i].M == M && p->slot[i].flags == flags) return p->slot[i].prim;
+  return NULL;
+}
+
+static int get_prim(blip_k_packed *p, int M, int flags, dnnl_primitive_t *out) {
+  if ((*out = cached_prim(p, M, flags))) return BLIP_OK;
   dnnl_primitive_desc_t pd;
   dnnl_primitive_t prim;
   dnnl_status_t st = make_pd(p, M, flags, &p->wmd, &pd);
@@ -226,19 +229,14 @@ static int get_prim(blip_k_packed *p, int M, int flags, dnnl_primitive_t *out) {
 
 /* A matmul get_prim made before, without making one (several threads at once). */
 static int find_prim(const blip_k_packed *p, int M, int flags, dnnl_primitive_t *out) {
-  for (int i = 0; i < p->n_slot; i++)
-    if (p->slot[i].M == M && p->slot[i].flags == flags) {
-      *out = p->slot[i].prim;
-      return BLIP_OK;
-    }
+  if ((*out = cached_prim(p, M, flags))) return BLIP_OK;
   return blip_err_set(BLIP_EINVAL, "linear %dx%d: no matmul prepared for %d rows", p->out, p->in, M);
 }
 
-/* Bytes of a K_USER_SCRATCH matmul's scratchpad. */
-static size_t prim_scratch(dnnl_primitive_t prim) {
+/* A K_USER_SCRATCH matmul's scratchpad (NULL if oneDNN cannot say). */
+static const dnnl_memory_desc_t *scratch_md(dnnl_primitive_t prim) {
   const_dnnl_primitive_desc_t pd;
-  if (dnnl_primitive_get_primitive_desc(prim, &pd)) return 0;
-  return dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
+  return dnnl_primitive_get_primitive_desc(prim, &pd) ? NULL : dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
 }
 
 static void *ws_get(blip_k_ws *ws, size_t bytes) {
@@ -724,11 +722,7 @@ static int run_mm(blip_k_packed *p, const float *bias, void *out, const mm_in *m
   dnnl_dims_t sd = {M, K}, dd = {M, N}, bd = {1, N}, ds = {dst_ld(p, flags), 1};
   dnnl_memory_t ms = NULL, mw = NULL, mb = NULL, md = NULL, msc = NULL;
   dnnl_status_t st;
-  const_dnnl_primitive_desc_t cpd;
-  if ((flags & K_USER_SCRATCH) &&
-      ((st = dnnl_primitive_get_primitive_desc(prim, &cpd)) ||
-       (st = dnnl_memory_create(&msc, dnnl_primitive_desc_query_md(cpd, dnnl_query_scratchpad_md, 0), g_engine, mi->scratch))))
-    goto done;
+  if ((flags & K_USER_SCRATCH) && (st = dnnl_memory_create(&msc, scratch_md(prim), g_engine, mi->scratch))) goto done;
   if ((st = dnnl_memory_desc_init_by_tag(&smd, 2, sd, src_type(p->prec), dnnl_ab)) ||
       (st = dnnl_memory_desc_init_by_strides(&dmd, 2, dd, dst_type(p->prec, flags), ds)) ||
       (st = dnnl_memory_desc_init_by_tag(&bmd, 2, bd, dnnl_f32, dnnl_ab)) ||
@@ -1874,25 +1868,36 @@ static int rows_chunks(int M, int id, int nt, int *first, int *r0) {
   return n;
 }
 
+/* The row-split matmuls of a team of nt: make 0 counts the missing ones,
+ * make 1 creates them (returns an error code). */
+static int rows_prims(blip_k_packed *p, int M, int flags, int nt, int make) {
+  int r = 0;
+  for (int id = 0; id < nt && !(make && r); id++) {
+    int rows, r0;
+    const int n = rows_chunks(M, id, nt, &rows, &r0);
+    for (int c = 0; c < n && !(make && r); c += rows) {
+      const int m = n - c < rows ? n - c : rows;
+      dnnl_primitive_t prim;
+      r = make ? get_prim(p, m, flags | K_USER_SCRATCH, &prim) : r + !cached_prim(p, m, flags | K_USER_SCRATCH);
+    }
+  }
+  return r;
+}
+
 /* The matmuls are created inside a parallel region, as a team's own (one
  * created outside splits its work for every thread, and run by one thread
  * inside a region it would do only that thread's part), with a user
- * scratchpad (K_USER_SCRATCH). */
+ * scratchpad (K_USER_SCRATCH); once made, no region is opened (it would
+ * wake the sleeping threads for nothing, at every call). */
 int blip_k_rows_prepare(const blip_k_linear *l, int M, int flags) {
   blip_k_packed *p = l->packed;
   if (!p || p->n_part || p->vnni) return blip_err_set(BLIP_EINVAL, "linear %dx%d: row-split teams need a whole oneDNN layer", l->out, l->in);
   const int nt = blip_k_threads();
+  if (!rows_prims(p, M, flags, nt, 0)) return BLIP_OK;
   int rc = BLIP_OK;
 #pragma omp parallel
 #pragma omp single
-  for (int id = 0; id < nt && !rc; id++) {
-    int rows, r0;
-    const int n = rows_chunks(M, id, nt, &rows, &r0);
-    for (int c = 0; c < n && !rc; c += rows) {
-      dnnl_primitive_t prim;
-      rc = get_prim(p, n - c < rows ? n - c : rows, flags | K_USER_SCRATCH, &prim);
-    }
-  }
+  rc = rows_prims(p, M, flags, nt, 1);
   return rc;
 }
 
@@ -1906,7 +1911,8 @@ int blip_k_rows_linear(void *out, const void *in, const blip_k_linear *l, int M,
     dnnl_primitive_t prim;
     if ((rc = find_prim(p, m, flags | K_USER_SCRATCH, &prim))) break;
     const size_t pb = prep_bytes(p->prec, m, K, flags), ab = own_acc(p, flags) ? (size_t)m * p->out * 4 : 0;
-    const size_t sb = (prim_scratch(prim) + 63) & ~(size_t)63;
+    const dnnl_memory_desc_t *smd = scratch_md(prim);
+    const size_t sb = ((smd ? dnnl_memory_desc_get_size(smd) : 0) + 63) & ~(size_t)63;
     char *w = ws_get(tws, pb + ab + sb + 64);
     if (!w) {
       rc = blip_err_set(BLIP_ENOMEM, "out of memory for a %dx%d activation", m, K);
