@@ -307,10 +307,22 @@ static void print_floats(const char *key, const float *v, int n) {
   printf("]");
 }
 
+/* "vision B prof": ms per phase of the encoder and the GFLOP each does. */
+static void print_phases(const blip_cfg *c, int n, const double *ms) {
+  static const char *name[BLIP_VP_N] = {"embed", "layernorm", "qkv", "attention", "proj", "fc1", "fc2", "wait", "rest"};
+  const double T = c->v_tokens, D = c->v_hidden, F = c->v_mlp, l = c->v_layers * n * 1e-9;
+  const double gf[BLIP_VP_N] = {2 * (T - 1) * 3.0 * c->patch * c->patch * D * n * 1e-9, 0, l * 2 * T * D * 3 * D, l * 4 * T * T * D,
+                                l * 2 * T * D * D, l * 2 * T * D * F, l * 2 * T * F * D, 0, 0};
+  printf(",\"phases\":{");
+  for (int i = 0; i < BLIP_VP_N; i++) printf("%s\"%s\":{\"ms\":%.3f,\"gflop\":%.6g}", i ? "," : "", name[i], ms[i], gf[i]);
+  printf("}");
+}
+
 /* --serve: one model from files, commands on stdin, one JSON line each on
  * stdout, so that a driver can interleave this engine with another one
  * call by call (benchmarks/vs-onnxruntime/run.py). Commands:
- *   vision B | text | itm K [naive] : one timed call (ms, CPU s, outputs)
+ *   vision B [prof] | text | itm K [naive] : one timed call (ms, CPU s,
+ *     outputs; prof: where the encoder's time goes, per phase)
  *   peaks | bandwidth | rss | quit
  * Inputs: DIR/pixels.f32 [8,3,S,S] and DIR/itm_images.f32 [16,T,Dv]. The
  * peak-RSS mark is reset after the load, so "peak" is the workloads'. */
@@ -335,8 +347,8 @@ static int serve(const char *model_dir, const char *inputs, blip_prec prec, int 
   long load_rss, load_hwm;
   proc_mem(&load_rss, &load_hwm);
   int reset = reset_hwm() == 0;
-  printf("{\"engine\":\"blipsearch\",\"precision\":\"%s\",\"load_s\":%.3f,\"load_peak_rss_mib\":%.1f}\n", blip_model_precision_name(prec),
-         load_s, load_hwm / 1024.0);
+  printf("{\"engine\":\"blipsearch\",\"precision\":\"%s\",\"load_s\":%.3f,\"load_peak_rss_mib\":%.1f,\"vision_team\":%s}\n",
+         blip_model_precision_name(prec), load_s, load_hwm / 1024.0, blip_model_vision_team(m) ? "true" : "false");
   fflush(stdout);
   const int32_t ids[12] = {101, 1037, 3899, 2770, 2006, 1037, 3509, 2007, 2019, 4399, 2067, 102};
   const int32_t mask[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
@@ -351,8 +363,10 @@ static int serve(const char *model_dir, const char *inputs, blip_prec prec, int 
     double w0 = now(), c0 = cpu_s();
     int e = 0, nout = 0;
     const float *out = NULL;
+    double ph[BLIP_VP_N] = {0};
+    const int prof = !strcmp(cmd, "vision") && !strcmp(opt, "prof");
     if (!strcmp(cmd, "vision") && arg >= 1 && arg <= 8) {
-      e = blip_model_vision(m, px, arg, NULL, feat);
+      e = prof ? blip_model_vision_profile(m, px, arg, feat, ph) : blip_model_vision(m, px, arg, NULL, feat);
       out = feat, nout = arg * E;
     } else if (!strcmp(cmd, "text")) {
       e = blip_model_text(m, ids, mask, 1, 12, NULL, feat);
@@ -377,6 +391,7 @@ static int serve(const char *model_dir, const char *inputs, blip_prec prec, int 
     if (e) printf("{\"error\":\"%s\"}\n", blip_err_last());
     else if (out) {
       printf("{\"ms\":%.3f,\"cpu_s\":%.4f", (now() - w0) * 1e3, cpu_s() - c0);
+      if (prof) print_phases(c, arg, ph);
       print_floats("out", out, nout);
       printf("}\n");
     }
@@ -508,7 +523,7 @@ static void usage(FILE *f) {
           "(reassociated; --naive adds the unreassociated one) for k = 1, 16, 32, the share of the\n"
           "precision's peak (measured in the same run) and the speed-up over f32.\n"
           "--memory: peak RSS of one indexing (vision, batch 8) or query (text + ITM k=32) workload.\n"
-          "--serve: load DIR's model, answer commands on stdin with JSON lines (vision B, text, itm K [naive],\n"
+          "--serve: load DIR's model, answer commands on stdin with JSON lines (vision B [prof], text, itm K [naive],\n"
           "peaks, bandwidth, rss, quit) for a driver that interleaves engines (benchmarks/vs-onnxruntime).\n"
           "--gemm: one [N,K] layer on M rows per precision, packed whole (oneDNN) and in column parts\n"
           "(int8: the VNNI kernel), ms, GFLOP/s and share of the measured peak.\n"

@@ -81,6 +81,7 @@ struct blip_model {
   blip_k_ws *tws; /* one per thread of a team, for its own oneDNN calls and scratch */
   int n_tws;
   int vteam; /* the vision encoder runs as a row-split team (vision_team) */
+  double *vprof; /* blip_model_vision_profile's ms[] during its call, else NULL */
   released rel[1024]; /* mmap ranges of dead tensors, dropped at the end of the load */
   int n_rel;
   char fingerprint[17];
@@ -624,24 +625,42 @@ static int vision_team(blip_model *m, float *x, int n, float *h, float *qkv, flo
   {
     blip_k_ws *tw = &m->tws[omp_get_thread_num()];
     int e = BLIP_OK;
+    double *pf = omp_get_thread_num() ? NULL : m->vprof, tp = pf ? omp_get_wtime() : 0;
+#define PHASE(k) \
+  if (pf) { \
+    const double t_ = omp_get_wtime(); \
+    pf[k] += (t_ - tp) * 1e3, tp = t_; \
+  }
     for (int l = 0; l < c->v_layers; l++) { /* e is the same on every thread after a sync: all break together */
       const vis_layer *L = &m->vl[l];
       if (!e && bf) blip_k_team_layernorm_bf16(hh, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
       else if (!e) blip_k_team_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
-      if ((e = blip_k_team_sync(&t, e ? e : blip_k_rows_linear(qq, hh, &L->qkv, M, fq, tw)))) break;
+      PHASE(BLIP_VP_LN);
+      if (!e) e = blip_k_rows_linear(qq, hh, &L->qkv, M, fq, tw);
+      PHASE(BLIP_VP_QKV);
+      if ((e = blip_k_team_sync(&t, e))) break;
+      PHASE(BLIP_VP_WAIT);
       for (int b = 0; b < n && !e; b++) {
         const char *q = (const char *)qq + (size_t)b * T * 3 * D * es;
         e = blip_k_team_attention_fused((char *)aa + (size_t)b * T * D * (bf ? 2 : 4), D, q, q + D * es, q + 2 * D * es, 3 * D, T, H, dh,
                                         scale, prec, &m->ws);
       }
+      PHASE(BLIP_VP_ATTN);
       if ((e = blip_k_team_sync(&t, e))) break;
+      PHASE(BLIP_VP_WAIT);
       e = blip_k_rows_linear(x, aa, &L->proj, M, fo, tw); /* from here on, this thread's rows only */
+      PHASE(BLIP_VP_PROJ);
       if (bf) blip_k_team_layernorm_bf16(hh, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
       else blip_k_team_layernorm(h, x, L->ln2.g, L->ln2.b, M, D, c->v_eps);
+      PHASE(BLIP_VP_LN);
       if (!e) e = blip_k_rows_linear(mlp, hh, &L->fc1, M, f1, tw);
+      PHASE(BLIP_VP_FC1);
       if (!e) e = blip_k_rows_linear(x, mlp, &L->fc2, M, fo, tw);
+      PHASE(BLIP_VP_FC2);
     }
     e = blip_k_team_sync(&t, e); /* the last layer's rows, and errors after the last meeting */
+    PHASE(BLIP_VP_WAIT);
+#undef PHASE
 #pragma omp master
     rc = e;
   }
@@ -660,6 +679,7 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
   float *x = a, *h = x + (size_t)M * D, *att = h + (size_t)M * D, *qkv = att + (size_t)M * D;
   float *mlp = qkv + (size_t)M * 3 * D, *patches = mlp + (size_t)M * c->v_mlp;
   int rc = BLIP_OK;
+  double tp = omp_get_wtime();
 
   /* embeddings: [CLS] + patch projections, plus positions */
   for (int b = 0; b < n; b++) {
@@ -677,7 +697,9 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
   const int bf = m->opts.precision == BLIP_PREC_BF16, lp = m->opts.precision != BLIP_PREC_F32;
   const int in16 = bf ? BLIP_K_IN_BF16 : 0;
   uint16_t *h16 = (uint16_t *)(void *)h, *qkv16 = (uint16_t *)(void *)qkv, *att16 = (uint16_t *)(void *)att;
+  if (m->vprof) m->vprof[BLIP_VP_EMBED] += (omp_get_wtime() - tp) * 1e3;
   if (m->vteam) TRY(vision_team(m, x, n, h, qkv, att, mlp));
+  tp = omp_get_wtime();
   for (int l = 0; l < c->v_layers && !m->vteam; l++) {
     const vis_layer *L = &m->vl[l];
     if (bf) blip_k_layernorm_bf16(h16, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
@@ -707,7 +729,16 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
     for (int b = 0; b < n; b++) TRY(blip_k_linear_fwd(feat + (size_t)b * c->embed_dim, x + (size_t)b * T * D, &m->vision_proj, 1));
     blip_k_l2norm(feat, n, c->embed_dim);
   }
+  if (m->vprof) m->vprof[BLIP_VP_REST] += (omp_get_wtime() - tp) * 1e3;
 done:
+  return rc;
+}
+
+int blip_model_vision_profile(blip_model *m, const float *pixels, int n, float *feat, double ms[BLIP_VP_N]) {
+  if (!m->vteam) return blip_err_set(BLIP_EINVAL, "vision profile: the encoder runs an op at a time here, not as a team");
+  m->vprof = ms;
+  const int rc = blip_model_vision(m, pixels, n, NULL, feat);
+  m->vprof = NULL;
   return rc;
 }
 

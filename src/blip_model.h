@@ -60,6 +60,13 @@ const char *blip_model_fingerprint(const blip_model *m);
 
 /* pixels [n,3,S,S] -> embeds [n,T,Dv] (may be NULL), feat [n,E] L2-normalized (may be NULL). */
 int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, float *feat);
+/* blip_model_vision with where its time goes, in ms added to ms[]: per
+ * phase, as the first thread of the team sees it (each thread runs its
+ * share of the rows through the same phases); WAIT is the two meetings a
+ * layer, REST what lies outside the layers (final LayerNorm, projection).
+ * BLIP_EINVAL when the encoder does not run as a team. */
+enum { BLIP_VP_EMBED, BLIP_VP_LN, BLIP_VP_QKV, BLIP_VP_ATTN, BLIP_VP_PROJ, BLIP_VP_FC1, BLIP_VP_FC2, BLIP_VP_WAIT, BLIP_VP_REST, BLIP_VP_N };
+int blip_model_vision_profile(blip_model *m, const float *pixels, int n, float *feat, double ms[BLIP_VP_N]);
 
 /* Unimodal text encoder. ids/mask [n,L] (mask 1 = real token); embeds [n,L,Dt]
  * (may be NULL; padded rows computed as upstream does), feat [n,E] L2-normalized (may be NULL).

@@ -19,14 +19,14 @@ for name, n in (("pixels.f32", 8 * 3 * 32 * 32), ("itm_images.f32", 16 * 17 * 32
         f.write(struct.pack(f"<{n}f", *(random.uniform(-1, 1) for _ in range(n))))
 EOF
 for p in f32 bf16 int8; do
-  printf 'vision 1\nvision 8\ntext\nitm 16\nitm 16 naive\nrss\nbogus\nvision 9\nquit\n' |
+  printf 'vision 1\nvision 8\ntext\nitm 16\nitm 16 naive\nrss\nbogus\nvision 9\nvision 2 prof\nquit\n' |
     "$B/bench_engine" --serve --model "$D/blip-tiny" --inputs "$tmp" --precision $p >"$tmp/$p.out" 2>"$tmp/$p.err"
   check "$p: serve exits 0 ($(head -c 200 "$tmp/$p.err"))" test $? -eq 0
   python3 - "$tmp/$p.out" "$p" <<'EOF' && ok || bad "$p: replies"
 import json, sys
 r = [json.loads(l) for l in open(sys.argv[1])]
-assert len(r) == 9, len(r)
-hello, v1, v8, text, fast, naive, rss, bogus, v9 = r
+assert len(r) == 10, len(r)
+hello, v1, v8, text, fast, naive, rss, bogus, v9, prof = r
 assert hello["engine"] == "blipsearch" and hello["precision"] == sys.argv[2], hello
 E = 16
 norm = lambda v: sum(x * x for x in v) ** 0.5
@@ -38,6 +38,19 @@ assert len(fast["out"]) == 32 and max(abs(a - b) for a, b in zip(fast["out"], na
 assert all(x["ms"] > 0 and x["cpu_s"] >= 0 for x in (v1, v8, text, fast, naive))
 assert rss["peak_rss_mib"] >= rss["rss_mib"] > 0
 assert bogus == {"error": "unknown command"} and v9 == {"error": "unknown command"}, (bogus, v9)
+# prof: where a team's time goes, phase by phase, with the same outputs; without a team, an error
+if hello["vision_team"]:
+    ph = prof["phases"]
+    assert list(ph) == ["embed", "layernorm", "qkv", "attention", "proj", "fc1", "fc2", "wait", "rest"], list(ph)
+    assert prof["out"] == v8["out"][:2 * E], "prof changes the features"
+    assert 0 < sum(x["ms"] for x in ph.values()) <= prof["ms"] and all(ph[k]["ms"] > 0 for k in ("qkv", "attention", "fc1", "fc2"))
+    # tiny geometry: 17 tokens of 32, MLP 64, 8x8 patches, 2 layers, batch 2
+    T, D, F, L = 17, 32, 64, 2
+    want = {"embed": 2 * 16 * 192 * D, "qkv": L * 2 * T * D * 3 * D, "attention": L * 4 * T * T * D, "proj": L * 2 * T * D * D,
+            "fc1": L * 2 * T * D * F, "fc2": L * 2 * T * F * D}
+    assert all(abs(ph[k]["gflop"] * 1e9 - 2 * want.get(k, 0)) <= 1e-5 * want.get(k, 0) for k in ph), ph
+else:
+    assert "not as a team" in prof["error"], prof
 EOF
 done
 # the f32 reassociated ITM equals the naive one to float rounding

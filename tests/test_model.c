@@ -11,6 +11,7 @@
 #include "check.h"
 #include "golden.h"
 
+#include <omp.h>
 #include <stdint.h>
 
 static blip_st *g_gold;
@@ -276,6 +277,27 @@ static void run_vision_paths(blip_prec p) {
     snprintf(label, sizeof label, "vision %s team vs per op, batch %d", blip_model_precision_name(p), n);
     check_tensor(label, e[0], e[1], (long)n * T * Dv, p == BLIP_PREC_F32 ? 1e-5 : 0.05);
   }
+  /* the profile: the same features, every phase timed, the phases within the call */
+  const int E = c->embed_dim;
+  float *f[2] = {malloc(sizeof(float) * NI * E), malloc(sizeof(float) * NI * E)};
+  double ms[BLIP_VP_N] = {0};
+  CHECK_OK(blip_model_vision(m[0], px, NI, NULL, f[0]));
+  const double t0 = omp_get_wtime();
+  const int prc = blip_model_vision_profile(m[0], px, NI, f[1], ms);
+  const double wall = (omp_get_wtime() - t0) * 1e3;
+  if (fused) {
+    CHECK(prc == BLIP_OK, "vision profile: %s", blip_err_last());
+    CHECK(!memcmp(f[0], f[1], sizeof(float) * NI * E), "%s vision profile: features differ from blip_model_vision", blip_model_precision_name(p));
+    double sum = 0;
+    for (int i = 0; i < BLIP_VP_N; i++) sum += ms[i];
+    for (int i = BLIP_VP_EMBED; i <= BLIP_VP_FC2; i++) CHECK(ms[i] > 0, "vision profile: phase %d took %g ms", i, ms[i]);
+    CHECK(sum <= wall * 1.001 && sum >= wall * 0.5, "vision profile: phases %g ms, the call %g ms", sum, wall);
+  } else {
+    CHECK(prc == BLIP_EINVAL, "vision profile without a team: %d", prc);
+  }
+  CHECK(blip_model_vision_profile(m[1], px, NI, f[1], ms) == BLIP_EINVAL && strstr(blip_err_last(), "not as a team"),
+        "vision profile per op: %s", blip_err_last());
+  free(f[0]), free(f[1]);
   free(e[0]), free(e[1]);
   blip_model_free(m[0]);
   blip_model_free(m[1]);

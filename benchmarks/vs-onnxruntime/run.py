@@ -122,7 +122,7 @@ def main():
 def run(a, workers):
     names = list(workers)
     res = {"load_avg_start": os.getloadavg(), "threads": a.threads, "reps": a.reps, "machine": [], "ms": {},
-           "cpu_s": {}, "out": {}, "hello": {n: w.hello for n, w in workers.items()}}
+           "cpu_s": {}, "out": {}, "phases": {}, "hello": {n: w.hello for n, w in workers.items()}}
     measures = MEASURES + ([("itm16_naive", "itm 16 naive", 16)] if a.naive else [])
     t0 = time.time()
     for rep in range(a.reps + 1):  # round 0 warms up (primitives, page faults); not counted
@@ -135,8 +135,11 @@ def run(a, workers):
             for n in order:
                 if label == "itm16_naive" and n != "bs_f32":
                     continue
-                r = workers[n].call(cmd)
+                prof = label == "vision_b1" and workers[n].hello.get("vision_team")
+                r = workers[n].call(cmd + " prof" if prof else cmd)
                 if rep:
+                    if prof:
+                        res["phases"].setdefault(n, []).append(r["phases"])
                     res["ms"].setdefault(n, {}).setdefault(label, []).append(r["ms"])
                     res["cpu_s"].setdefault(n, {}).setdefault(label, []).append(r["cpu_s"])
                 res["out"].setdefault(n, {})[label] = r["out"]
@@ -194,6 +197,8 @@ def report(a, res):
               f"{tx:.1f} ({busy('text'):.2f}) | {it:.0f} ({busy('itm16'):.2f}) | {100 * share:.0f}% of the {prec} peak | "
               f"{100 * bound_ms / tx:.0f}% ({bound_ms:.1f} ms to read {text_mb_f32 * wbytes[prec] / 4:.0f} MB) |")
 
+    phases(res, peak, vis_gflop)
+
     print("\nMemory, MiB (peak since the load = the workloads above; load peak includes weight conversion):")
     print("| engine | resident after the run | peak since the load | load peak |")
     print("|---|---|---|---|")
@@ -216,6 +221,39 @@ def report(a, res):
         print(f"  {a_} vs {b_}: " + "; ".join(cells))
     print("f32 engines agree" if ok else "ERROR: the f32 engines disagree beyond float rounding")
     return ok
+
+
+LINEARS = ("qkv", "proj", "fc1", "fc2")
+
+
+def phases(res, peak, vis_gflop):
+    """Where blipsearch's vision batch-1 time goes, and the fastest it could
+    be with its matmuls as they run: those matmuls' time plus attention at
+    100% of the peak, nothing else. A target above that bound is beyond these
+    matmul kernels on this machine."""
+    if not res["phases"]:
+        return
+    med = st.median
+    print("\nWhere blipsearch's vision batch-1 time goes (the first thread's clock, medians; share of the precision's peak):")
+    print("| precision | call ms | linear layers ms | attention ms | LayerNorm, embedding, waits ms | bound: linears + attention at "
+          "100% of peak | bound's share of peak | ORT time / bound [target] |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, ort, key in (("bs_f32", "ort_f32", "f32_gflops"), ("bs_bf16", "ort_f32", "bf16_gflops"),
+                        ("bs_int8", "ort_int8", "int8_gops")):
+        ph = res["phases"].get(n)
+        if not ph:
+            continue
+        pk = peak[key]
+        lin = med([sum(p[k]["ms"] for k in LINEARS) for p in ph])
+        lin_gf = sum(ph[0][k]["gflop"] for k in LINEARS)
+        att, att_gf = med([p["attention"]["ms"] for p in ph]), ph[0]["attention"]["gflop"]
+        other = med([sum(v["ms"] for k, v in p.items() if k not in LINEARS + ("attention",)) for p in ph])
+        bound = lin + att_gf / pk * 1e3
+        ort_ms = med(res["ms"][ort]["vision_b1"])
+        t = TARGETS.get((n, "vision_b1"))
+        print(f"| {n.replace('bs_', '')} | {med(res['ms'][n]['vision_b1']):.0f} | {lin:.0f} ({100 * lin_gf / lin / pk * 1e3:.0f}%) | "
+              f"{att:.1f} ({100 * att_gf / att / pk * 1e3:.0f}%) | {other:.1f} | {bound:.0f} | {100 * vis_gflop / bound / pk * 1e3:.0f}% | "
+              f"{ort_ms / bound:.2f} [>={t}] |")
 
 
 if __name__ == "__main__":
