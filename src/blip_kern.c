@@ -1029,8 +1029,10 @@ static fa_dims fa_dims_of(int bf, int Lk, int dh) {
  * f32 attention and from 14% to 10% of the int8 one. */
 #define FA_AHEAD 16
 
-static inline __attribute__((always_inline)) FA_TARGET void fa_prefetch(const char *row, size_t bytes) {
-  for (size_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+/* Rows j0..j1 (of n) of `bytes` each, ld bytes apart from base. */
+static inline __attribute__((always_inline)) void fa_prefetch(const char *base, size_t ld, size_t bytes, int j0, int j1, int n) {
+  for (int j = j0; j < j1 && j < n; j++)
+    for (size_t b = 0; b < bytes; b += 64) _mm_prefetch(base + j * ld + b, _MM_HINT_T0);
 }
 
 /* r[0..16) -> its transpose, as 16 x 16 32-bit words. */
@@ -1061,9 +1063,9 @@ static inline __attribute__((always_inline)) FA_TARGET void fa_tr16(__m512i r[16
  * j / FA_COLS (panels pstride words apart); rows n..pad are zero. In
  * 16 x 16 blocks. */
 static FA_TARGET void fa_tr_rows(int32_t *dst, size_t pstride, const char *rows, size_t ld, int n, int pad, int words) {
-  for (int j = 0; j < FA_AHEAD && j < n; j++) fa_prefetch(rows + j * ld, (size_t)words * 4);
+  fa_prefetch(rows, ld, (size_t)words * 4, 0, FA_AHEAD, n);
   for (int j0 = 0; j0 < pad; j0 += 16) {
-    for (int j = j0 + FA_AHEAD; j < j0 + 16 + FA_AHEAD && j < n; j++) fa_prefetch(rows + j * ld, (size_t)words * 4);
+    fa_prefetch(rows, ld, (size_t)words * 4, j0 + FA_AHEAD, j0 + 16 + FA_AHEAD, n);
     int32_t *o = dst + (size_t)(j0 / FA_COLS) * pstride + j0 % FA_COLS;
     for (int t0 = 0; t0 < words; t0 += 16) {
       const int nw = words - t0 < 16 ? words - t0 : 16;
@@ -1091,13 +1093,13 @@ static FA_TARGET void fa_pack_v(void *dst, const void *v, int ldv, const fa_dims
   const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   const int rows = d->bf ? 2 : 1; /* keys per step */
   const size_t row = (size_t)ldv * (d->bf ? 2 : 4), bytes = (size_t)d->dh * (d->bf ? 2 : 4);
-  for (int j = 0; j < FA_AHEAD && j < d->Lk; j++) fa_prefetch((const char *)v + j * row, bytes);
+  fa_prefetch(v, row, bytes, 0, FA_AHEAD, d->Lk);
   for (int t = 0; t < d->vin; t++) {
-    for (int j = t * rows + FA_AHEAD; j < (t + 1) * rows + FA_AHEAD && j < d->Lk; j++) fa_prefetch((const char *)v + j * row, bytes);
+    fa_prefetch(v, row, bytes, t * rows + FA_AHEAD, (t + 1) * rows + FA_AHEAD, d->Lk);
     for (int p = 0; p < d->vpan; p++) {
       const int c0 = p * FA_COLS, nc = d->dh - c0 < FA_COLS ? d->dh - c0 : FA_COLS;
+      const __mmask32 m = nc == 32 ? 0xffffffffu : (__mmask32)((1u << nc) - 1);
       if (d->bf) {
-        const __mmask32 m = nc == 32 ? 0xffffffffu : (__mmask32)((1u << nc) - 1);
         const uint16_t *r0 = (const uint16_t *)v + (size_t)2 * t * ldv + c0;
         const __m512i a = _mm512_maskz_loadu_epi16(m, r0), b = 2 * t + 1 < d->Lk ? _mm512_maskz_loadu_epi16(m, r0 + ldv) : _mm512_setzero_si512();
         uint16_t *o = (uint16_t *)dst + ((size_t)p * d->vin + t) * 2 * FA_COLS;
@@ -1106,9 +1108,8 @@ static FA_TARGET void fa_pack_v(void *dst, const void *v, int ldv, const fa_dims
       } else {
         const float *r0 = (const float *)v + (size_t)t * ldv + c0;
         float *o = (float *)dst + ((size_t)p * d->vin + t) * FA_COLS;
-        const __mmask16 m0 = nc >= 16 ? 0xffff : (__mmask16)((1u << nc) - 1), m1 = nc <= 16 ? 0 : nc == 32 ? 0xffff : (__mmask16)((1u << (nc - 16)) - 1);
-        _mm512_storeu_ps(o, _mm512_maskz_loadu_ps(m0, r0));
-        _mm512_storeu_ps(o + 16, _mm512_maskz_loadu_ps(m1, r0 + 16));
+        _mm512_storeu_ps(o, _mm512_maskz_loadu_ps((__mmask16)m, r0));
+        _mm512_storeu_ps(o + 16, _mm512_maskz_loadu_ps((__mmask16)(m >> 16), r0 + 16));
       }
     }
   }
@@ -1277,9 +1278,7 @@ static inline __attribute__((always_inline)) FA8_TARGET float fa8_quant_row(int8
   for (int c = 0; c < dh; c += 16) {
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(fa8_load16(x + c), inv)); /* |q| <= 127 */
     s = _mm512_add_epi32(s, q);
-    __m128i b = _mm512_cvtsepi32_epi8(q);
-    __asm__("" : "+x"(b)); /* no vpmovsdb to memory: slow on Zen 4 */
-    _mm_storeu_si128((void *)(o + (size_t)(c / 16) * ostep), b);
+    _mm_storeu_si128((void *)(o + (size_t)(c / 16) * ostep), _mm512_cvtsepi32_epi8(q));
   }
   *sum = _mm512_reduce_add_epi32(s);
   return sc;
@@ -1293,9 +1292,10 @@ static FA8_TARGET void fa8_pack_k(void *dst, const uint16_t *k, int ldk, const f
   memset(ks + d->Lk, 0, sizeof(float) * (size_t)(d->ls - d->Lk));
   memset(ko + d->Lk, 0, sizeof(float) * (size_t)(d->ls - d->Lk));
   int8_t rows[16 * 1024] __attribute__((aligned(64))); /* 16 keys, dh <= 1024 */
-  for (int j = 0; j < FA_AHEAD && j < d->Lk; j++) fa_prefetch((const char *)(k + (size_t)j * ldk), (size_t)d->dh * 2);
+  const size_t row = (size_t)ldk * 2;
+  fa_prefetch((const char *)k, row, (size_t)d->dh * 2, 0, FA_AHEAD, d->Lk);
   for (int j0 = 0; j0 < d->kpan * FA_COLS; j0 += 16) { /* 16 keys quantized, then transposed into their panel */
-    for (int j = j0 + FA_AHEAD; j < j0 + 16 + FA_AHEAD && j < d->Lk; j++) fa_prefetch((const char *)(k + (size_t)j * ldk), (size_t)d->dh * 2);
+    fa_prefetch((const char *)k, row, (size_t)d->dh * 2, j0 + FA_AHEAD, j0 + 16 + FA_AHEAD, d->Lk);
     const int n = d->Lk - j0 < 16 ? (d->Lk > j0 ? d->Lk - j0 : 0) : 16;
     for (int i = 0; i < n; i++) {
       int sum;
@@ -1313,9 +1313,9 @@ static FA8_TARGET void fa8_pack_v(void *dst, const uint16_t *v, int ldv, const f
   float *vs = (float *)(void *)(w + (size_t)d->vpan * d->vq * 128);
   if (d->dh % FA_COLS) memset(w, 0, (size_t)d->vpan * d->vq * 128); /* the last panel's columns past dh */
   memset(vs, 0, sizeof(float) * (size_t)d->dh);
-  for (int j = 0; j < FA_AHEAD && j < d->Lk; j++) fa_prefetch((const char *)(v + (size_t)j * ldv), (size_t)d->dh * 2);
+  fa_prefetch((const char *)v, (size_t)ldv * 2, (size_t)d->dh * 2, 0, FA_AHEAD, d->Lk);
   for (int j = 0; j < d->Lk; j++) { /* key by key (see FA_AHEAD), the max of each column */
-    if (j + FA_AHEAD < d->Lk) fa_prefetch((const char *)(v + (size_t)(j + FA_AHEAD) * ldv), (size_t)d->dh * 2);
+    fa_prefetch((const char *)v, (size_t)ldv * 2, (size_t)d->dh * 2, j + FA_AHEAD, j + FA_AHEAD + 1, d->Lk);
     for (int c = 0; c < d->dh; c += 16)
       _mm512_storeu_ps(vs + c, _mm512_max_ps(_mm512_loadu_ps(vs + c), _mm512_abs_ps(fa8_load16(v + (size_t)j * ldv + c))));
   }
@@ -1416,8 +1416,9 @@ static FA8_TARGET void fa8_block(float *out, int ldo, const uint16_t *q, int ldq
 
 /* Which fused kernel a call can use: f32 needs AVX-512 (F, BW, VL); bf16 operands
  * AVX512-BF16 and an even head size (pairs); int8 also AVX512-VNNI, a
- * head size that is a multiple of 16 and at most 1024, and no mask. K's
- * byte offsets must fit the gathers' 32-bit indices. */
+ * head size that is a multiple of 16 and at most 1024, and no mask. K
+ * within 2 GB: the bound of the gathers that packed K before the
+ * transposes, kept as it was. */
 enum { FA_F32, FA_BF16, FA_INT8 };
 
 static int fa_usable(int mode, int dh, int Lk, int ldk, const float *mask) {

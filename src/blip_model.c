@@ -234,10 +234,6 @@ static int pack_list(blip_model *m, blip_k_linear **ls, int n, blip_k_prec prec,
 
 static int pack_vis_layer(blip_model *m, vis_layer *L) {
   blip_k_linear *ls[4] = {&L->qkv, &L->proj, &L->fc1, &L->fc2};
-  const blip_cfg *c = &m->cfg;
-  const char *e = getenv("BLIP_VISION_PER_OP"); /* 1: a region per op (comparisons, tests) */
-  m->vteam = !(e && *e && strcmp(e, "0")) && blip_k_threads() > 1 &&
-             blip_k_team_attention_fusable((blip_k_prec)m->opts.precision, c->v_tokens, c->v_hidden / c->v_heads, 3 * c->v_hidden);
   return pack_list(m, ls, 4, (blip_k_prec)m->opts.precision, 1);
 }
 
@@ -322,6 +318,9 @@ static int bind_all(blip_model *m) {
       return rc;
 #undef VP
   }
+  const char *e = getenv("BLIP_VISION_PER_OP"); /* 1: a region per op (comparisons, tests) */
+  m->vteam = !(e && *e && strcmp(e, "0")) && blip_k_threads() > 1 &&
+             blip_k_team_attention_fusable((blip_k_prec)m->opts.precision, c->v_tokens, Dv / c->v_heads, 3 * Dv);
   if ((rc = bind_ln(m, &m->post_ln, "vision_model.post_layernorm", Dv))) return rc;
   {
     int64_t ws[2] = {c->t_vocab, Dt}, ps[2] = {c->t_max_pos, Dt};
@@ -700,7 +699,7 @@ int blip_model_vision(blip_model *m, const float *pixels, int n, float *embeds, 
   if (m->vprof) m->vprof[BLIP_VP_EMBED] += (omp_get_wtime() - tp) * 1e3;
   if (m->vteam) TRY(vision_team(m, x, n, h, qkv, att, mlp));
   tp = omp_get_wtime();
-  for (int l = 0; l < c->v_layers && !m->vteam; l++) {
+  for (int l = 0; l < c->v_layers && !m->vteam; l++) { /* a region per op */
     const vis_layer *L = &m->vl[l];
     if (bf) blip_k_layernorm_bf16(h16, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
     else blip_k_layernorm(h, x, L->ln1.g, L->ln1.b, M, D, c->v_eps);
